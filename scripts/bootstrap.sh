@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything moetp needs to build and test from Debian's packages. Idempotent: packages
+# already present are not reinstalled, and nothing is downloaded at configure or build time.
+set -euo pipefail
+
+pkgs=(
+  build-essential cmake ninja-build git pkg-config
+  openmpi-bin libopenmpi-dev
+  libopenblas-dev
+  nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
+  googletest libgtest-dev libgmock-dev libbenchmark-dev
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "bootstrap: all ${#pkgs[@]} packages present"
+  exit 0
+fi
+
+echo "bootstrap: installing ${missing[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+echo "bootstrap: done"

@@ -1,0 +1,91 @@
+// moetp command line: the only place that parses argv. Subcommands dispatch into the library;
+// any moetp::Error is printed as "[rank r] message" and the whole MPI job is aborted so that no
+// rank waits forever on a peer that failed.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <string>
+
+#include "comm/mesh.h"
+#include "comm/mpi_comm.h"
+#include "core/log.h"
+
+#ifdef MOETP_HAVE_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
+
+namespace {
+
+std::string build_info() {
+#ifdef MOETP_HAVE_CUDA
+  const int gpus = moetp::cuda::device_count();
+  return fmt::format("moetp {} (CUDA backend built for sm_90a; {} GPU(s) visible)", MOETP_VERSION, gpus);
+#else
+  return fmt::format("moetp {} (CPU only: built without CUDA)", MOETP_VERSION);
+#endif
+}
+
+// Prints every rank's mesh coordinates and group memberships, gathered to rank 0 in rank order.
+int run_mesh(moetp::comm::Comm& world, int ep, int etp) {
+  moetp::comm::Mesh mesh(world, ep, etp);
+  const std::string line = fmt::format(
+      "{} | ep_etp rank {}/{} ep rank {}/{} etp rank {}/{} expert_dp rank {}/{}", mesh.describe(),
+      mesh.ep_etp().rank(), mesh.ep_etp().size(), mesh.ep().rank(), mesh.ep().size(), mesh.etp().rank(),
+      mesh.etp().size(), mesh.expert_dp().rank(), mesh.expert_dp().size());
+  // Gather the fixed-width lines as bytes.
+  constexpr int64_t kWidth = 160;
+  moetp::Tensor mine = moetp::Tensor::zeros({1, kWidth}, moetp::DType::kI32);
+  for (size_t i = 0; i < line.size() && i < static_cast<size_t>(kWidth); ++i) mine.data<int32_t>()[i] = line[i];
+  moetp::Tensor all = moetp::Tensor::empty({world.size(), kWidth}, moetp::DType::kI32);
+  world.all_gather(mine, all);
+  if (world.rank() == 0) {
+    std::printf("%s\n", build_info().c_str());
+    const int32_t* p = all.data<int32_t>();
+    for (int r = 0; r < world.size(); ++r) {
+      std::string s;
+      for (int64_t i = 0; i < kWidth && p[r * kWidth + i] != 0; ++i) s.push_back(static_cast<char>(p[r * kWidth + i]));
+      std::printf("%s\n", s.c_str());
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moetp::comm::MpiRuntime mpi(&argc, &argv);
+  int rank = 0;
+  try {
+    auto world = moetp::comm::MpiComm::world();
+    rank = world->rank();
+    moetp::log::init(world->rank(), world->size());
+
+    CLI::App app{"moetp: Mixture-of-Experts training with expert parallel x expert tensor parallel"};
+    app.require_subcommand(1);
+    app.add_subcommand("version", "print the version and the build's backends");
+    int ep = 1;
+    int etp = 1;
+    auto* mesh_cmd = app.add_subcommand("mesh", "print the process mesh of this mpirun job");
+    mesh_cmd->add_option("--ep", ep, "expert-parallel degree P")->capture_default_str();
+    mesh_cmd->add_option("--etp", etp, "expert tensor-parallel degree T")->capture_default_str();
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      return rank == 0 ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : 1);
+    }
+    if (app.got_subcommand("version")) {
+      if (rank == 0) std::printf("%s\n", build_info().c_str());
+      return 0;
+    }
+    if (app.got_subcommand("mesh")) return run_mesh(*world, ep, etp);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[rank %d] error: %s\n", rank, e.what());
+    std::fflush(stderr);
+    int size = 1;
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+  }
+}

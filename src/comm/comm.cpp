@@ -1,0 +1,50 @@
+#include "comm/comm.h"
+
+#include <algorithm>
+#include <bit>
+
+namespace moetp::comm {
+
+int64_t sum_counts(std::span<const int64_t> counts) {
+  int64_t s = 0;
+  for (int64_t c : counts) s += c;
+  return s;
+}
+
+int64_t Comm::all_reduce_scalar(int64_t v, ReduceOp op) {
+  Tensor t = Tensor::from_vector<int64_t>({v}, {1}).to(device());
+  all_reduce(t, op);
+  return t.to_vector<int64_t>()[0];
+}
+
+double Comm::all_reduce_scalar(double v, ReduceOp op) {
+  // Gather every rank's value and reduce in rank order: exact in double and identical on all ranks,
+  // whatever reduction tree the backend would use.
+  const std::vector<int64_t> bits = all_gather_scalar(std::bit_cast<int64_t>(v));
+  double acc = std::bit_cast<double>(bits[0]);
+  for (size_t r = 1; r < bits.size(); ++r) {
+    const double x = std::bit_cast<double>(bits[r]);
+    acc = op == ReduceOp::kSum ? acc + x : std::max(acc, x);
+  }
+  return acc;
+}
+
+std::vector<int64_t> Comm::all_gather_scalar(int64_t v) {
+  Tensor in = Tensor::from_vector<int64_t>({v}, {1}).to(device());
+  Tensor out = Tensor::empty({size()}, DType::kI64, device());
+  all_gather(in, out);
+  return out.to_vector<int64_t>();
+}
+
+std::vector<int64_t> Comm::exchange_counts(std::span<const int64_t> send_counts) {
+  MOETP_CHECK(static_cast<int>(send_counts.size()) == size(),
+              "exchange_counts on {}: {} counts for a group of {}", name(), send_counts.size(), size());
+  Tensor in = Tensor::from_vector<int64_t>(std::vector<int64_t>(send_counts.begin(), send_counts.end()),
+                                           {size()}).to(device());
+  Tensor out = Tensor::empty({size()}, DType::kI64, device());
+  const std::vector<int64_t> ones(size(), 1);
+  all_to_all_v(in, ones, out, ones);
+  return out.to_vector<int64_t>();
+}
+
+}  // namespace moetp::comm

@@ -1,0 +1,112 @@
+// Shared test helpers: the one tolerance table and the comparison helpers every test uses.
+//   - data movement and file round trips: bit-exact (expect_bit_equal)
+//   - arithmetic: max relative error (|a-b| / max(|b|, floor)) plus max-abs, printing the first
+//     mismatches with their coordinates (expect_close)
+// Comparisons assert the reference is not all zeros, so a test cannot pass on empty output.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace moetp::testing {
+
+// The tolerance table.
+struct Tolerance {
+  double rel;    // max |a - b| / max(|b|, abs_floor)
+  double abs_floor;
+};
+inline constexpr Tolerance kF32Exactish{1e-6, 1e-6};  // same math, different summation order
+inline constexpr Tolerance kF32Parallel{1e-5, 1e-4};  // parallel layouts vs single rank (ETP_SPEC)
+inline constexpr Tolerance kBF16{2e-2, 1e-2};         // bf16 storage, f32 accumulation
+
+// Flat index -> "[i, j, k]".
+inline std::string coords_str(const Shape& shape, int64_t flat) {
+  std::vector<int64_t> c(shape.size());
+  for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
+    c[d] = shape[d] == 0 ? 0 : flat % shape[d];
+    flat = shape[d] == 0 ? 0 : flat / shape[d];
+  }
+  std::string s = "[";
+  for (size_t i = 0; i < c.size(); ++i) s += (i ? ", " : "") + std::to_string(c[i]);
+  return s + "]";
+}
+
+inline bool all_zero(const std::vector<float>& v) {
+  for (float x : v) {
+    if (x != 0.0f) return false;
+  }
+  return true;
+}
+
+// Bit-exact comparison of two tensors of any dtype (same shape and dtype required).
+inline ::testing::AssertionResult bit_equal(const Tensor& actual, const Tensor& expected) {
+  if (actual.shape() != expected.shape() || actual.dtype() != expected.dtype()) {
+    return ::testing::AssertionFailure() << "shape/dtype differ: " << actual.describe() << " vs "
+                                         << expected.describe();
+  }
+  Tensor a = actual.to(Device::kCpu).contiguous();
+  Tensor b = expected.to(Device::kCpu).contiguous();
+  const size_t es = a.element_size();
+  const char* pa = static_cast<const char*>(a.raw_data());
+  const char* pb = static_cast<const char*>(b.raw_data());
+  int shown = 0;
+  int64_t mismatches = 0;
+  std::string detail;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    if (std::memcmp(pa + i * es, pb + i * es, es) != 0) {
+      ++mismatches;
+      if (shown++ < 5) detail += " at " + coords_str(a.shape(), i);
+    }
+  }
+  if (mismatches == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << mismatches << " of " << a.numel() << " elements differ" << detail;
+}
+
+// Relative-error comparison of f32 (or bf16, converted) tensors; reference must not be all zeros.
+inline ::testing::AssertionResult close(const Tensor& actual, const Tensor& expected, Tolerance tol) {
+  if (actual.shape() != expected.shape()) {
+    return ::testing::AssertionFailure() << "shape differs: " << actual.describe() << " vs " << expected.describe();
+  }
+  auto as_f32 = [](const Tensor& t) {
+    Tensor c = t.to(Device::kCpu);
+    return c.dtype() == DType::kF32 ? c.to_vector<float>() : c.to(DType::kF32).to_vector<float>();
+  };
+  const std::vector<float> a = as_f32(actual);
+  const std::vector<float> b = as_f32(expected);
+  if (!b.empty() && all_zero(b)) return ::testing::AssertionFailure() << "reference is all zeros";
+  double max_rel = 0, max_abs = 0;
+  int64_t bad = 0;
+  std::string detail;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double diff = std::fabs(static_cast<double>(a[i]) - b[i]);
+    const double rel = diff / std::max(std::fabs(static_cast<double>(b[i])), tol.abs_floor);
+    max_abs = std::max(max_abs, diff);
+    if (!(rel <= tol.rel)) {  // NaN counts as a mismatch
+      if (bad++ < 5) {
+        detail += " " + coords_str(actual.shape(), static_cast<int64_t>(i)) + ": " + std::to_string(a[i]) +
+                  " vs " + std::to_string(b[i]) + ";";
+      }
+    }
+    if (rel > max_rel || std::isnan(rel)) max_rel = std::isnan(rel) ? INFINITY : rel;
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << bad << " of " << a.size() << " elements beyond rel " << tol.rel
+                                       << " (max rel " << max_rel << ", max abs " << max_abs << "):" << detail;
+}
+
+// Random f32 tensor from the counter RNG (never zeros: values in [lo, hi) with lo < hi).
+inline Tensor random_tensor(Shape shape, uint64_t seed, uint64_t stream, float lo = -1.0f, float hi = 1.0f) {
+  Tensor t = Tensor::empty(std::move(shape), DType::kF32);
+  fill_uniform(std::span<float>(t.data<float>(), static_cast<size_t>(t.numel())), CounterRng(seed, stream), 0, lo,
+               hi);
+  return t;
+}
+
+}  // namespace moetp::testing
