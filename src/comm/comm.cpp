@@ -47,4 +47,24 @@ std::vector<int64_t> Comm::exchange_counts(std::span<const int64_t> send_counts)
   return out.to_vector<int64_t>();
 }
 
+void Comm::raise_if_any(const std::string& local_error, const char* what) {
+  const std::vector<int64_t> lens = all_gather_scalar(static_cast<int64_t>(local_error.size()));
+  if (sum_counts(lens) == 0) return;
+  std::vector<int32_t> chars(local_error.begin(), local_error.end());
+  Tensor in = Tensor::from_vector<int32_t>(chars, {static_cast<int64_t>(chars.size())}).to(device());
+  Tensor out = Tensor::empty({sum_counts(lens)}, DType::kI32, device());
+  all_gather_v(in, out, lens);
+  const std::vector<int32_t> all = out.to_vector<int32_t>();
+  std::string msg = fmt::format("{} failed on group '{}'", what, name());
+  int64_t off = 0;
+  for (size_t r = 0; r < lens.size(); ++r) {
+    if (lens[r] > 0) {
+      std::string m(all.begin() + off, all.begin() + off + lens[r]);
+      msg += fmt::format("; rank {}: {}", r, m);
+    }
+    off += lens[r];
+  }
+  MOETP_FAIL("{}", msg);
+}
+
 }  // namespace moetp::comm

@@ -58,6 +58,21 @@ class Comm {
   std::vector<int64_t> all_gather_scalar(int64_t v);
   // Exchanges per-destination counts: returns recv_counts (recv[q] = what q sends to me).
   std::vector<int64_t> exchange_counts(std::span<const int64_t> send_counts);
+  // Collective error agreement: every member passes its local error ("" when fine). If any member
+  // has one, every member throws the same moetp::Error listing each failing rank's message, so a
+  // failure on one rank (NaN logits, bad input) stops the whole group instead of hanging it.
+  void raise_if_any(const std::string& local_error, const char* what);
+  // Runs fn(); a moetp::Error it throws on any member is re-thrown on every member (see above).
+  template <typename Fn>
+  void run_collectively(const char* what, Fn&& fn) {
+    std::string err;
+    try {
+      fn();
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    raise_if_any(err, what);
+  }
 };
 
 int64_t sum_counts(std::span<const int64_t> counts);

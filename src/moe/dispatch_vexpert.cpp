@@ -1,0 +1,152 @@
+// `vexpert`: virtual experts on the flat ep_etp group (ETP_SPEC §5.4). Expert e becomes T virtual
+// experts v(e, t) owned by ep_etp rank p(e)·T + t. One row goes to each (token, destination rank)
+// pair, with the token's K·T virtual entries re-expressed for that destination: the local expert
+// id where the destination owns the entry, -1 elsewhere, and the weights repeated with no 1/T.
+// The receiver folds its partials with those weights; combine sums what comes back.
+#include "moe/dispatch_common.h"
+#include "moe/row_ops.h"
+
+namespace moetp::moe::detail {
+
+namespace {
+
+struct VExpertState : DispatchState {
+  int64_t num_tokens = 0;
+  int64_t num_entries = 0;           // K·T
+  std::vector<int64_t> send_token;   // token of each sent row (rows sorted by destination, token)
+  std::vector<int64_t> send_counts;  // rows to each ep_etp rank
+  std::vector<int64_t> recv_counts;  // rows from each ep_etp rank
+  std::vector<int64_t> row_recv;     // expert-order row i = received row row_recv[i] ...
+  std::vector<int64_t> row_entry;    // ... entry row_entry[i] of its K·T entries
+  Tensor recv_weight_RC;             // (M_recv, K·T) weights of the received rows (0 where not ours)
+  Tensor y_MH;
+};
+
+class VExpertDispatcher final : public Dispatcher {
+ public:
+  VExpertDispatcher(const comm::Mesh& mesh, const DispatcherConfig& cfg)
+      : mesh_(mesh), cfg_(cfg), num_local_(cfg.num_experts / mesh.ep_size()) {}
+  std::string name() const override { return "vexpert"; }
+
+  Dispatched dispatch(const Tensor& x_NH, const Tensor& idx, const Tensor& w,
+                      std::unique_ptr<DispatchState>& state) override {
+    comm::Comm& g = mesh_.ep_etp();
+    validate_routing(g, x_NH, idx, w, cfg_);
+    auto s = std::make_unique<VExpertState>();
+    const int64_t n_tok = x_NH.size(0), K = cfg_.top_k, T = mesh_.etp_size(), L = num_local_;
+    const int64_t C = K * T;
+    const int R = g.size();
+    s->num_tokens = n_tok;
+    s->num_entries = C;
+    const std::vector<int32_t> vid = expand_topk_for_tp(idx, cfg_.num_experts, mesh_.ep_size(),
+                                                        mesh_.etp_size()).to_vector<int32_t>();
+    const std::vector<float> wv = w.to_vector<float>();
+
+    // Sent rows: for each destination rank, every token with at least one entry there.
+    std::vector<int32_t> meta;  // (rows, C) local ids or -1
+    std::vector<float> meta_w;  // (rows, C)
+    s->send_counts.assign(R, 0);
+    for (int dst = 0; dst < R; ++dst) {
+      for (int64_t n = 0; n < n_tok; ++n) {
+        bool any = false;
+        for (int64_t c = 0; c < C; ++c) any = any || vid[n * C + c] / L == dst;
+        if (!any) continue;
+        ++s->send_counts[dst];
+        s->send_token.push_back(n);
+        for (int64_t c = 0; c < C; ++c) {
+          const bool ours = vid[n * C + c] / L == dst;
+          meta.push_back(ours ? static_cast<int32_t>(vid[n * C + c] - dst * L) : -1);
+          meta_w.push_back(ours ? wv[n * K + c / T] : 0.0f);
+        }
+      }
+    }
+    const int64_t num_sent = static_cast<int64_t>(s->send_token.size());
+    s->recv_counts = g.exchange_counts(s->send_counts);
+    const int64_t num_recv = comm::sum_counts(s->recv_counts);
+
+    Tensor recv_x = Tensor::empty({num_recv, x_NH.size(1)}, DType::kF32);
+    g.all_to_all_v(gather_rows(x_NH, s->send_token), s->send_counts, recv_x, s->recv_counts);
+    Tensor recv_meta = Tensor::empty({num_recv, C}, DType::kI32);
+    g.all_to_all_v(Tensor::from_vector<int32_t>(meta, {num_sent, C}), s->send_counts, recv_meta, s->recv_counts);
+    s->recv_weight_RC = Tensor::empty({num_recv, C}, DType::kF32);
+    g.all_to_all_v(Tensor::from_vector<float>(meta_w, {num_sent, C}), s->send_counts, s->recv_weight_RC,
+                   s->recv_counts);
+
+    // Expert order: local expert, then received row (= source rank, token), then entry (= slot).
+    const std::vector<int32_t> m = recv_meta.to_vector<int32_t>();
+    std::vector<int64_t> offsets(L + 1, 0);
+    for (int64_t j = 0; j < L; ++j) {
+      for (int64_t q = 0; q < num_recv; ++q) {
+        for (int64_t c = 0; c < C; ++c) {
+          if (m[q * C + c] != j) continue;
+          s->row_recv.push_back(q);
+          s->row_entry.push_back(c);
+        }
+      }
+      offsets[j + 1] = static_cast<int64_t>(s->row_recv.size());
+    }
+    Dispatched d{gather_rows(recv_x, s->row_recv), offsets};
+    state = std::move(s);
+    return d;
+  }
+
+  Tensor combine(const Tensor& y_MH, DispatchState& state) override {
+    auto& s = state_as<VExpertState>(state, "vexpert");
+    s.y_MH = y_MH;
+    Tensor z = Tensor::zeros({s.recv_weight_RC.size(0), y_MH.size(1)}, DType::kF32);
+    fold_weighted(y_MH, s.row_recv, s.row_entry, s.recv_weight_RC, z);
+    return sum_back(z, s);
+  }
+
+  CombineGrads combine_backward(const Tensor& dout_NH, DispatchState& state) override {
+    auto& s = state_as<VExpertState>(state, "vexpert");
+    comm::Comm& g = mesh_.ep_etp();
+    Tensor dz = Tensor::empty({s.recv_weight_RC.size(0), dout_NH.size(1)}, DType::kF32);
+    g.all_to_all_v(gather_rows(dout_NH.contiguous(), s.send_token), s.send_counts, dz, s.recv_counts);
+    CombineGrads out;
+    out.dy_MH = weighted_gather(dz, s.row_recv, s.row_entry, s.recv_weight_RC);
+    Tensor dw_recv = Tensor::zeros(s.recv_weight_RC.shape(), DType::kF32);
+    dot_rows(dz, s.row_recv, s.row_entry, s.y_MH, dw_recv);
+    Tensor dw_sent = Tensor::empty({static_cast<int64_t>(s.send_token.size()), s.num_entries}, DType::kF32);
+    g.all_to_all_v(dw_recv, s.recv_counts, dw_sent, s.send_counts);
+    // The T copies of slot k sum into dw[n, k] (the backward of repeating the weights).
+    const int64_t K = cfg_.top_k, T = mesh_.etp_size();
+    out.dtopk_weight_NK = Tensor::zeros({s.num_tokens, K}, DType::kF32);
+    float* dw = out.dtopk_weight_NK.data<float>();
+    const float* sent = dw_sent.data<float>();
+    for (size_t row = 0; row < s.send_token.size(); ++row) {
+      for (int64_t c = 0; c < s.num_entries; ++c) dw[s.send_token[row] * K + c / T] += sent[row * s.num_entries + c];
+    }
+    return out;
+  }
+
+  Tensor dispatch_backward(const Tensor& dx_MH, DispatchState& state) override {
+    auto& s = state_as<VExpertState>(state, "vexpert");
+    Tensor dq = Tensor::zeros({s.recv_weight_RC.size(0), dx_MH.size(1)}, DType::kF32);
+    scatter_add_rows(dx_MH, s.row_recv, dq);
+    return sum_back(dq, s);
+  }
+
+ private:
+  // Reverse all-to-all of per-received-row values, summed into the source tokens.
+  Tensor sum_back(const Tensor& per_recv_RH, const VExpertState& s) const {
+    const int64_t h = per_recv_RH.size(1);
+    Tensor back = Tensor::empty({static_cast<int64_t>(s.send_token.size()), h}, DType::kF32);
+    mesh_.ep_etp().all_to_all_v(per_recv_RH, s.recv_counts, back, s.send_counts);
+    Tensor out = Tensor::zeros({s.num_tokens, h}, DType::kF32);
+    scatter_add_rows(back, s.send_token, out);
+    return out;
+  }
+
+  const comm::Mesh& mesh_;
+  DispatcherConfig cfg_;
+  int64_t num_local_;
+};
+
+}  // namespace
+
+std::unique_ptr<Dispatcher> make_vexpert(const comm::Mesh& mesh, const DispatcherConfig& cfg) {
+  return std::make_unique<VExpertDispatcher>(mesh, cfg);
+}
+
+}  // namespace moetp::moe::detail
