@@ -1,1 +1,0 @@
-// Placeholder until the shard layer lands.
