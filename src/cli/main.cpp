@@ -7,7 +7,9 @@
 #include <cstdio>
 #include <string>
 
+#include "cli/train_cmd.h"
 #include "comm/mesh.h"
+#include "config/train_config.h"
 #include "comm/mpi_comm.h"
 #include "core/log.h"
 
@@ -69,6 +71,12 @@ int main(int argc, char** argv) {
     auto* mesh_cmd = app.add_subcommand("mesh", "print the process mesh of this mpirun job");
     mesh_cmd->add_option("--ep", ep, "expert-parallel degree P")->capture_default_str();
     mesh_cmd->add_option("--etp", etp, "expert tensor-parallel degree T")->capture_default_str();
+    moetp::cli::TrainArgs train_args;
+    auto* train_cmd = app.add_subcommand("train", "train a Qwen3-MoE model (no arguments: the CPU demo)");
+    train_cmd->add_option("--config", train_args.config_files, "training config JSON file(s), applied in order");
+    train_cmd->add_option("--set", train_args.overrides, "override one field: --set train.steps=30 (repeatable)");
+    train_cmd->add_option("--run-dir", train_args.run_dir, "run directory (default runs/<timestamp>)");
+    train_cmd->footer("Config fields (--set key=value):\n" + moetp::config::help_text());
     try {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -79,6 +87,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (app.got_subcommand("mesh")) return run_mesh(*world, ep, etp);
+    if (app.got_subcommand("train")) return moetp::cli::run_train(train_args, *world);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "[rank %d] error: %s\n", rank, e.what());

@@ -1,0 +1,81 @@
+#include "cli/train_cmd.h"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+
+#include "config/model_config.h"
+#include "config/train_config.h"
+#include "core/log.h"
+#include "data/token_file.h"
+#include "train/report.h"
+#include "train/trainer.h"
+
+namespace moetp::cli {
+
+int run_train(const TrainArgs& args, comm::Comm& world) {
+  config::TrainConfig cfg;
+  for (const std::string& f : args.config_files) config::apply_json_file(cfg, f);
+  for (const std::string& o : args.overrides) config::apply_override(cfg, o);
+  if (!args.run_dir.empty()) cfg.run.dir = args.run_dir;
+  if (cfg.run.dir.empty()) {
+    // Every rank must agree on the directory: rank 0's clock decides.
+    Tensor stamp = Tensor::from_vector<int64_t>({static_cast<int64_t>(std::time(nullptr))}, {1});
+    world.broadcast(stamp, 0);
+    const std::time_t t = static_cast<std::time_t>(stamp.data<int64_t>()[0]);
+    char buf[32];
+    std::strftime(buf, sizeof(buf), "%Y%m%d-%H%M%S", std::localtime(&t));
+    cfg.run.dir = std::string("runs/") + buf;
+  }
+  config::validate(cfg);
+  const config::ModelConfig model_cfg = config::ModelConfig::load(cfg.model.config);
+  config::validate_with_model(cfg, model_cfg, world.size());
+  MOETP_CHECK(std::filesystem::exists(cfg.data.path),
+              "data file '{}' not found (data.path; run from the repository root, or --set data.path=FILE)",
+              cfg.data.path);
+
+  const bool lead = world.rank() == 0;
+  if (lead) {
+    std::printf("moetp train: %d rank(s), model %s, data %s\n", world.size(), cfg.model.config.c_str(),
+                cfg.data.path.c_str());
+    std::printf("%s", config::format_table(config::rows(cfg)).c_str());
+    std::printf("  (dispatcher resolved to '%s'; model: %lld layers, %lld experts, top-%lld, %.2fM parameters, %.2fM active)\n",
+                config::resolved_dispatcher(cfg).c_str(), static_cast<long long>(model_cfg.num_hidden_layers),
+                static_cast<long long>(model_cfg.num_experts), static_cast<long long>(model_cfg.num_experts_per_tok),
+                static_cast<double>(model_cfg.num_params()) / 1e6, static_cast<double>(model_cfg.num_active_params()) / 1e6);
+    std::filesystem::create_directories(cfg.run.dir);
+    nlohmann::json saved = {{"train", config::to_json(cfg)}, {"model", model_cfg.to_hf_json()}, {"world_size", world.size()}};
+    std::ofstream(cfg.run.dir + "/config.json") << saved.dump(2) << '\n';
+    std::fflush(stdout);
+  }
+
+  train::Trainer trainer(cfg, model_cfg, world, data::TokenFile::open(cfg.data.path));
+  std::unique_ptr<train::MetricsWriter> metrics;
+  if (lead) metrics = std::make_unique<train::MetricsWriter>(cfg.run.dir + "/metrics.jsonl");
+  std::vector<train::StepResult> history;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t s = 0; s < cfg.train.steps; ++s) {
+    train::StepResult r = trainer.step();
+    if (!lead) continue;
+    metrics->write(r);
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (r.step == 1 || r.step % cfg.train.log_every == 0 || r.step == cfg.train.steps) {
+      std::printf("%s\n", train::progress_line(r, cfg.train.steps, elapsed).c_str());
+      std::fflush(stdout);
+    }
+    history.push_back(std::move(r));
+  }
+  if (lead && !history.empty()) {
+    train::write_loss_svg(cfg.run.dir + "/loss.svg", history);
+    train::write_expert_load_svg(cfg.run.dir + "/expert_load.svg", history);
+    std::printf("done: loss %.4f -> %.4f over %lld steps; run directory %s (metrics.jsonl, loss.svg, expert_load.svg)\n",
+                history.front().loss, history.back().loss, static_cast<long long>(history.size()), cfg.run.dir.c_str());
+  }
+  return 0;
+}
+
+}  // namespace moetp::cli

@@ -1,0 +1,90 @@
+// Qwen3-MoE decoder, CPU f32 reference: parameters with their shard specs, and one micro-batch's
+// forward + backward composed from the kernels (no autograd: each layer saves what its backward
+// needs and the model runs the layers in order and in reverse).
+//
+// Parameters are named as in Hugging Face transformers, except the routed experts of a layer,
+// which are two fused tensors in global (HF-equivalent) coordinates (ETP_SPEC §3):
+//   model.layers.{l}.mlp.experts.w13  [E·2I, H]  stripes gate_0, up_0, gate_1, ...  (InterleavedShard)
+//   model.layers.{l}.mlp.experts.w2   [E·H, I]   down_proj of expert e = rows [e·H, (e+1)·H)
+// Every other parameter is replicated on every rank. Initial values are a pure function of
+// (seed, name, global index), so every layout starts from the same global model.
+//
+// Legend: B sequences, S sequence length, N = B·S tokens on this rank, H hidden, V vocab,
+// Hq/Hkv query/kv heads, D head_dim, E experts, I expert FFN width.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/mesh.h"
+#include "config/model_config.h"
+#include "moe/moe_block.h"
+#include "shard/layout.h"
+
+namespace moetp::model {
+
+enum class ParamKind {
+  kReplicated,  // identical on every rank; gradients all-reduced over world
+  kExpert,      // one shard per (p, t); gradients all-reduced over expert_dp
+};
+
+struct Param {
+  std::string name;
+  ParamKind kind = ParamKind::kReplicated;
+  shard::ShardSpec spec;  // this rank's shard of the global tensor
+  bool decay = true;      // AdamW weight decay (off for norm weights)
+  Tensor value;           // f32, local shape of `spec` (2-D for matrices, 1-D for norms)
+  Tensor grad;            // same shape; accumulated by forward_backward
+};
+
+// Statistics of one micro-batch on this rank (the trainer reduces them).
+struct MicroStats {
+  double ce_sum = 0;                          // Σ of per-target cross-entropy on this rank
+  int64_t num_targets = 0;                    // targets on this rank
+  double aux = 0;                             // aux loss of the micro-batch (global, no coefficient)
+  std::vector<std::vector<float>> expert_counts;  // per MoE layer: global tokens per expert
+};
+
+class Qwen3MoeModel {
+ public:
+  // Collective over the mesh when the model has MoE layers. `dispatcher` is a concrete name
+  // (local, allgather, all2all, vexpert).
+  Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, const std::string& dispatcher,
+                uint64_t seed);
+  ~Qwen3MoeModel();
+  Qwen3MoeModel(const Qwen3MoeModel&) = delete;
+  Qwen3MoeModel& operator=(const Qwen3MoeModel&) = delete;
+
+  const config::ModelConfig& config() const { return cfg_; }
+  const comm::Mesh& mesh() const { return mesh_; }
+  std::vector<Param>& params() { return params_; }
+  const std::vector<Param>& params() const { return params_; }
+  Param& param(const std::string& name);
+  void zero_grads();
+
+  // One micro-batch: forward, loss, backward; gradients accumulate into Param::grad.
+  //   tokens_BS1 [IN] i32 (B, S + 1): inputs are [:, :S], targets [:, 1:]
+  //   ce_scale   gradient scale of the summed cross-entropy (1 / global targets of the step)
+  //   aux_scale  gradient scale of the aux loss (router_aux_loss_coef / micro-batches)
+  // Collective (aux statistics over world; dispatchers over ep_etp).
+  MicroStats forward_backward(const Tensor& tokens_BS1, double ce_scale, double aux_scale);
+  // Forward only; writes logits (N, V) when `logits` is non-null.
+  MicroStats forward(const Tensor& tokens_BS1, Tensor* logits);
+
+ private:
+  struct Layer;
+  struct Saved;
+  MicroStats run(const Tensor& tokens_BS1, bool backward, double ce_scale, double aux_scale, Tensor* logits);
+  size_t add_param(const std::string& name, ParamKind kind, shard::ShardSpec spec, bool decay, float init_std,
+                   bool ones = false);
+
+  config::ModelConfig cfg_;
+  const comm::Mesh& mesh_;
+  uint64_t seed_;
+  std::vector<Param> params_;
+  std::vector<Layer> layers_;
+  size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;
+};
+
+}  // namespace moetp::model

@@ -1,0 +1,71 @@
+#include "train/optim.h"
+
+#include <cmath>
+
+namespace moetp::train {
+
+void reduce_grads(std::vector<model::Param>& params, const comm::Mesh& mesh) {
+  for (model::Param& p : params) {
+    comm::Comm& group = p.kind == model::ParamKind::kExpert ? mesh.expert_dp() : mesh.world();
+    if (group.size() > 1) group.all_reduce(p.grad, comm::ReduceOp::kSum);
+  }
+}
+
+double global_grad_norm(const std::vector<model::Param>& params, const comm::Mesh& mesh) {
+  double replicated = 0, expert = 0;
+  for (const model::Param& p : params) {
+    const float* g = p.grad.data<float>();
+    double s = 0;
+    for (int64_t i = 0; i < p.grad.numel(); ++i) s += static_cast<double>(g[i]) * g[i];
+    (p.kind == model::ParamKind::kExpert ? expert : replicated) += s;
+  }
+  // Expert shards partition the expert tensors over ep_etp; sum in rank order for determinism.
+  if (mesh.ep_etp().size() > 1) expert = mesh.ep_etp().all_reduce_scalar(expert, comm::ReduceOp::kSum);
+  return std::sqrt(replicated + expert);
+}
+
+void scale_grads(std::vector<model::Param>& params, float scale) {
+  for (model::Param& p : params) {
+    float* g = p.grad.data<float>();
+    for (int64_t i = 0; i < p.grad.numel(); ++i) g[i] *= scale;
+  }
+}
+
+AdamW::AdamW(const std::vector<model::Param>& params, const AdamWConfig& cfg) : cfg_(cfg) {
+  for (const model::Param& p : params) {
+    m_.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
+    v_.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
+  }
+}
+
+void AdamW::step(std::vector<model::Param>& params, double lr, int64_t step) {
+  MOETP_CHECK(step >= 1, "AdamW step counts from 1, got {}", step);
+  MOETP_CHECK(params.size() == m_.size(), "AdamW built for {} parameters, stepped with {}", m_.size(), params.size());
+  const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(step));
+  const float b1 = static_cast<float>(cfg_.beta1), b2 = static_cast<float>(cfg_.beta2);
+  for (size_t i = 0; i < params.size(); ++i) {
+    model::Param& p = params[i];
+    float* w = p.value.data<float>();
+    const float* g = p.grad.data<float>();
+    float* m = m_[i].data<float>();
+    float* v = v_[i].data<float>();
+    const double decay = p.decay ? lr * cfg_.weight_decay : 0.0;
+    for (int64_t k = 0; k < p.value.numel(); ++k) {
+      m[k] = b1 * m[k] + (1.0f - b1) * g[k];
+      v[k] = b2 * v[k] + (1.0f - b2) * g[k] * g[k];
+      const double update = (m[k] / bc1) / (std::sqrt(v[k] / bc2) + cfg_.eps);
+      w[k] = static_cast<float>(w[k] - decay * w[k] - lr * update);
+    }
+  }
+}
+
+double lr_at(int64_t step, int64_t total_steps, int64_t warmup_steps, double lr, double min_lr) {
+  if (warmup_steps > 0 && step <= warmup_steps) return lr * static_cast<double>(step) / static_cast<double>(warmup_steps);
+  if (total_steps <= warmup_steps) return lr;
+  const double progress =
+      std::min(1.0, static_cast<double>(step - warmup_steps) / static_cast<double>(total_steps - warmup_steps));
+  return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+}  // namespace moetp::train
