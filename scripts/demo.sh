@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Quick-start command 1: installs dependencies, builds, and runs the main job on this machine.
-# Today that is a 4-rank job that prints the version and the process mesh (ep=2 x etp=2);
-# the trainer issue turns it into the default training demo.
+# Quick-start command 1: installs dependencies, builds, and runs the default training demo: the
+# tiny Qwen3-MoE model (configs/tiny-moe.json) on the bundled King James corpus, on CPU, as a
+# 4-rank MPI job with expert parallel 2 x expert tensor parallel 2. Extra arguments go to
+# `moetp train` (e.g. --set train.steps=50). Set NP=1 for a single-process run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 scripts/build.sh >/dev/null
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
-exec mpirun -np 4 --oversubscribe --bind-to none --mca btl self,vader --mca btl_vader_single_copy_mechanism none \
-  "${BUILD_DIR:-build}/moetp" mesh --ep 2 --etp 2
+np=${NP:-4}
+layout=()
+if [ "$np" = 4 ]; then layout=(--set parallel.ep=2 --set parallel.etp=2); fi
+exec mpirun -np "$np" --oversubscribe --bind-to none --mca btl self,vader --mca btl_vader_single_copy_mechanism none \
+  "${BUILD_DIR:-build}/moetp" train "${layout[@]}" "$@"

@@ -57,7 +57,7 @@ std::string polyline(const std::vector<double>& xs, const std::vector<double>& y
 }  // namespace
 
 void write_loss_svg(const std::string& path, const std::vector<StepResult>& history) {
-  constexpr int kW = 720, kH = 400, kX0 = 60, kY0 = 30, kPw = 620, kPh = 320;
+  constexpr int kW = 740, kH = 400, kX0 = 60, kY0 = 30, kPw = 620, kPh = 320;
   std::vector<double> xs, loss, aux;
   for (const StepResult& r : history) {
     xs.push_back(static_cast<double>(r.step));
@@ -72,8 +72,10 @@ void write_loss_svg(const std::string& path, const std::vector<StepResult>& hist
     const auto [amin, amax] = std::minmax_element(aux.begin(), aux.end());
     s += polyline(xs, loss, xs.front(), xs.back(), *lmin, *lmax, kX0, kY0, kPw, kPh, "#1f77b4");
     s += polyline(xs, aux, xs.front(), xs.back(), *amin, *amax, kX0, kY0, kPw, kPh, "#ff7f0e");
-    s += fmt::format("<text x=\"4\" y=\"{}\">{:.3f}</text>\n<text x=\"4\" y=\"{}\">{:.3f}</text>\n", kY0 + 10, *lmax,
-                     kY0 + kPh, *lmin);
+    s += fmt::format("<text x=\"4\" y=\"{}\" fill=\"#1f77b4\">{:.3f}</text>\n<text x=\"4\" y=\"{}\" fill=\"#1f77b4\">{:.3f}</text>\n",
+                     kY0 + 10, *lmax, kY0 + kPh, *lmin);
+    s += fmt::format("<text x=\"{}\" y=\"{}\" fill=\"#ff7f0e\">{:.3f}</text>\n<text x=\"{}\" y=\"{}\" fill=\"#ff7f0e\">{:.3f}</text>\n",
+                     kX0 + kPw + 4, kY0 + 10, *amax, kX0 + kPw + 4, kY0 + kPh, *amin);
     s += fmt::format("<text x=\"{}\" y=\"{}\">step {}</text>\n<text x=\"{}\" y=\"{}\">step {}</text>\n", kX0, kY0 + kPh + 16,
                      history.front().step, kX0 + kPw - 50, kY0 + kPh + 16, history.back().step);
   }
@@ -93,7 +95,8 @@ void write_expert_load_svg(const std::string& path, const std::vector<StepResult
   if (num_layers == 0) s += "<text x=\"60\" y=\"50\">no MoE layers</text>\n";
   for (size_t l = 0; l < num_layers; ++l) {
     const int y0 = 40 + static_cast<int>(l) * (panel_h + kGap);
-    s += fmt::format("<text x=\"4\" y=\"{}\">MoE {}</text>\n", y0 + 12, l);
+    s += fmt::format("<text x=\"4\" y=\"{}\">MoE {}</text>\n<text x=\"4\" y=\"{}\" font-size=\"10\">e0..e{}</text>\n",
+                     y0 + 12, l, y0 + 26, num_experts - 1);
     for (size_t i = 0; i < history.size(); ++i) {
       const std::vector<float>& c = history[i].expert_counts[l];
       double total = 0;

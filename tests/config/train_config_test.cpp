@@ -43,8 +43,8 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.moe.dispatcher, "auto");
   EXPECT_FALSE(c.moe.force_balance);
   EXPECT_EQ(c.train.steps, 200);
-  EXPECT_EQ(c.train.global_batch_size, 8);
-  EXPECT_EQ(c.train.seq_len, 64);
+  EXPECT_EQ(c.train.global_batch_size, 16);
+  EXPECT_EQ(c.train.seq_len, 128);
   EXPECT_EQ(c.train.micro_batches, 1);
   EXPECT_EQ(c.train.seed, 1234);
   EXPECT_EQ(c.train.log_every, 1);
@@ -83,7 +83,7 @@ TEST(TrainConfig, AppliesNestedAndDottedJson) {
   EXPECT_TRUE(c.moe.force_balance);
   EXPECT_EQ(c.parallel.ep, 2);
   EXPECT_EQ(c.run.dir, "runs/x");
-  EXPECT_EQ(c.train.global_batch_size, 8);  // untouched
+  EXPECT_EQ(c.train.global_batch_size, 16);  // untouched
 }
 
 TEST(TrainConfig, JsonFileErrorsNameThePath) {
