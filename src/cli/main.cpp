@@ -12,6 +12,8 @@
 #include "config/train_config.h"
 #include "comm/mpi_comm.h"
 #include "core/log.h"
+#include "data/token_file.h"
+#include "data/tokenizer.h"
 
 #ifdef MOETP_HAVE_CUDA
 #include "kernels/cuda/runtime.h"
@@ -77,6 +79,10 @@ int main(int argc, char** argv) {
     train_cmd->add_option("--set", train_args.overrides, "override one field: --set train.steps=30 (repeatable)");
     train_cmd->add_option("--run-dir", train_args.run_dir, "run directory (default runs/<timestamp>)");
     train_cmd->footer("Config fields (--set key=value):\n" + moetp::config::help_text());
+    std::string text_in, tokens_out;
+    auto* tok_cmd = app.add_subcommand("tokenize", "convert a text file to a token file (byte-level tokenizer, docs/data.md)");
+    tok_cmd->add_option("input", text_in, "text file")->required();
+    tok_cmd->add_option("output", tokens_out, "token file to write (atomically)")->required();
     try {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -88,6 +94,15 @@ int main(int argc, char** argv) {
     }
     if (app.got_subcommand("mesh")) return run_mesh(*world, ep, etp);
     if (app.got_subcommand("train")) return moetp::cli::run_train(train_args, *world);
+    if (app.got_subcommand("tokenize")) {
+      if (rank == 0) {
+        moetp::data::convert_text_file(text_in, tokens_out);
+        const auto f = moetp::data::TokenFile::open(tokens_out);
+        std::printf("%s: %llu tokens, vocab %u\n", tokens_out.c_str(), static_cast<unsigned long long>(f.num_tokens()),
+                    f.vocab_size());
+      }
+      return 0;
+    }
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "[rank %d] error: %s\n", rank, e.what());

@@ -259,6 +259,7 @@ TEST(TrainConfig, ValidateWithModelChecksTheMesh) {
   c.parallel.etp = 3;
   expect_error([&] { validate_with_model(c, m, 3); }, {"moe_intermediate_size (32) % parallel.etp (3) != 0"});
   c = TrainConfig{};
+  c.train.global_batch_size = 8;
   c.train.micro_batches = 2;
   expect_error([&] { validate_with_model(c, m, 8); },
                {"train.global_batch_size (8) % (world size (8) * train.micro_batches (2)) != 0"});
