@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <string>
 
+#include "cli/tools_cmd.h"
 #include "cli/train_cmd.h"
 #include "comm/mesh.h"
 #include "config/train_config.h"
@@ -78,11 +79,35 @@ int main(int argc, char** argv) {
     train_cmd->add_option("--config", train_args.config_files, "training config JSON file(s), applied in order");
     train_cmd->add_option("--set", train_args.overrides, "override one field: --set train.steps=30 (repeatable)");
     train_cmd->add_option("--run-dir", train_args.run_dir, "run directory (default runs/<timestamp>)");
+    train_cmd->add_option("--resume", train_args.resume,
+                          "resume from a native checkpoint directory, or 'auto' for the latest under the checkpoint root");
+    train_cmd->add_option("--init-from-hf", train_args.init_from_hf, "start from a Hugging Face checkpoint directory");
     train_cmd->footer("Config fields (--set key=value):\n" + moetp::config::help_text());
     std::string text_in, tokens_out;
     auto* tok_cmd = app.add_subcommand("tokenize", "convert a text file to a token file (byte-level tokenizer, docs/data.md)");
     tok_cmd->add_option("input", text_in, "text file")->required();
     tok_cmd->add_option("output", tokens_out, "token file to write (atomically)")->required();
+    std::string inspect_path;
+    auto* inspect_cmd = app.add_subcommand("inspect", "list the tensors of a .safetensors file or checkpoint directory");
+    inspect_cmd->add_option("path", inspect_path, "file or directory")->required();
+    moetp::cli::ConvertArgs conv;
+    auto* conv_cmd = app.add_subcommand("convert", "convert a checkpoint between Hugging Face and native formats");
+    conv_cmd->add_option("--from", conv.from, "hf | native")->capture_default_str();
+    conv_cmd->add_option("--to", conv.to, "hf | native")->capture_default_str();
+    conv_cmd->add_option("input", conv.input, "input checkpoint directory")->required();
+    conv_cmd->add_option("output", conv.output, "output checkpoint directory (written atomically)")->required();
+    conv_cmd->add_option("--ep", conv.ep, "expert-parallel degree to load at")->capture_default_str();
+    conv_cmd->add_option("--etp", conv.etp, "expert tensor-parallel degree to load at")->capture_default_str();
+    moetp::cli::EvalArgs ev;
+    auto* eval_cmd = app.add_subcommand("eval", "forward only: mean loss and aux loss of a checkpoint on a token file");
+    eval_cmd->add_option("--model", ev.model_dir, "HF or native checkpoint directory")->required();
+    eval_cmd->add_option("--data", ev.data, "token file")->required();
+    eval_cmd->add_option("--seq-len", ev.seq_len, "tokens per sequence")->capture_default_str();
+    eval_cmd->add_option("--num-sequences", ev.num_sequences, "first N sequences of the file")->capture_default_str();
+    eval_cmd->add_option("--dump-logits", ev.dump_logits, "write the logits to this .safetensors file");
+    eval_cmd->add_option("--ep", ev.ep, "expert-parallel degree")->capture_default_str();
+    eval_cmd->add_option("--etp", ev.etp, "expert tensor-parallel degree")->capture_default_str();
+    eval_cmd->add_option("--dispatcher", ev.dispatcher, "auto | local | allgather | all2all | vexpert")->capture_default_str();
     try {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -94,6 +119,9 @@ int main(int argc, char** argv) {
     }
     if (app.got_subcommand("mesh")) return run_mesh(*world, ep, etp);
     if (app.got_subcommand("train")) return moetp::cli::run_train(train_args, *world);
+    if (app.got_subcommand("inspect")) return rank == 0 ? moetp::cli::run_inspect(inspect_path) : 0;
+    if (app.got_subcommand("convert")) return moetp::cli::run_convert(conv, *world);
+    if (app.got_subcommand("eval")) return moetp::cli::run_eval(ev, *world);
     if (app.got_subcommand("tokenize")) {
       if (rank == 0) {
         moetp::data::convert_text_file(text_in, tokens_out);

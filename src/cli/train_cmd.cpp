@@ -12,6 +12,7 @@
 #include "config/train_config.h"
 #include "core/log.h"
 #include "data/token_file.h"
+#include "io/checkpoint.h"
 #include "train/report.h"
 #include "train/trainer.h"
 
@@ -54,12 +55,36 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
   }
 
   train::Trainer trainer(cfg, model_cfg, world, data::TokenFile::open(cfg.data.path));
+  const std::string ckpt_root = cfg.checkpoint.dir.empty() ? cfg.run.dir + "/checkpoints" : cfg.checkpoint.dir;
+  MOETP_CHECK(args.resume.empty() || args.init_from_hf.empty(), "--resume and --init-from-hf exclude each other");
+  if (!args.init_from_hf.empty()) {
+    trainer.init_from_hf(args.init_from_hf);
+    if (lead) std::printf("initialised from Hugging Face checkpoint %s\n", args.init_from_hf.c_str());
+  }
+  if (!args.resume.empty()) {
+    std::string dir = args.resume;
+    if (dir == "auto") {
+      const std::vector<std::string> all = io::list_checkpoints(ckpt_root);
+      dir = all.empty() ? "" : all.back();
+      if (lead && dir.empty()) std::printf("--resume auto: no checkpoint under %s, starting from step 0\n", ckpt_root.c_str());
+    }
+    if (!dir.empty()) {
+      trainer.load_checkpoint(dir);
+      if (lead) std::printf("resumed from %s at step %lld\n", dir.c_str(), static_cast<long long>(trainer.current_step()));
+    }
+  }
   std::unique_ptr<train::MetricsWriter> metrics;
   if (lead) metrics = std::make_unique<train::MetricsWriter>(cfg.run.dir + "/metrics.jsonl");
   std::vector<train::StepResult> history;
   const auto start = std::chrono::steady_clock::now();
-  for (int64_t s = 0; s < cfg.train.steps; ++s) {
+  while (trainer.current_step() < cfg.train.steps) {
     train::StepResult r = trainer.step();
+    const bool save = cfg.checkpoint.every > 0 &&
+                      (r.step % cfg.checkpoint.every == 0 || r.step == cfg.train.steps);
+    if (save) {
+      trainer.save_checkpoint(fmt::format("{}/step-{:08d}", ckpt_root, r.step));
+      if (lead) io::prune_checkpoints(ckpt_root, cfg.checkpoint.keep);
+    }
     if (!lead) continue;
     metrics->write(r);
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -14,6 +14,8 @@ struct TrainArgs {
   std::vector<std::string> config_files;
   std::vector<std::string> overrides;  // key=value
   std::string run_dir;                 // overrides run.dir
+  std::string resume;                  // native checkpoint dir, or "auto" (latest under the checkpoint root)
+  std::string init_from_hf;            // HF checkpoint dir to start from
 };
 
 int run_train(const TrainArgs& args, comm::Comm& world);

@@ -3,6 +3,8 @@
 #include <chrono>
 #include <cmath>
 
+#include "io/checkpoint.h"
+
 namespace moetp::train {
 
 Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& model_cfg, comm::Comm& world,
@@ -69,5 +71,31 @@ StepResult Trainer::step() {
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }
+
+void Trainer::save_checkpoint(const std::string& dir) const {
+  const nlohmann::json state = {{"format", "moetp-native"},
+                                {"version", 1},
+                                {"step", step_},
+                                {"seed", cfg_.train.seed},
+                                {"layout", {{"dp", mesh_->dp_size()}, {"ep", mesh_->ep_size()}, {"etp", mesh_->etp_size()}}},
+                                {"train_config", config::to_json(cfg_)}};
+  io::save_native(*model_, {{"optim.exp_avg.", &optim_->exp_avg()}, {"optim.exp_avg_sq.", &optim_->exp_avg_sq()}},
+                  state, dir, {io::HfExpertLayout::kPerExpert, world_.rank() == 0});
+}
+
+void Trainer::load_checkpoint(const std::string& dir) {
+  const nlohmann::json state = io::load_native(
+      *model_, {{"optim.exp_avg.", &optim_->exp_avg()}, {"optim.exp_avg_sq.", &optim_->exp_avg_sq()}}, dir);
+  MOETP_CHECK(state.value("format", "") == "moetp-native" && state.value("version", 0) == 1,
+              "{}: not a moetp native checkpoint of version 1 (format '{}', version {})", dir,
+              state.value("format", ""), state.value("version", 0));
+  const int64_t seed = state.value("seed", int64_t{-1});
+  MOETP_CHECK(seed == cfg_.train.seed,
+              "{}: checkpoint was trained with train.seed = {}, this run has {} (the data order would change)", dir,
+              seed, cfg_.train.seed);
+  step_ = state.at("step").get<int64_t>();
+}
+
+void Trainer::init_from_hf(const std::string& dir) { io::load_hf(*model_, dir); }
 
 }  // namespace moetp::train

@@ -37,6 +37,14 @@ class Trainer {
   // Runs step current_step() + 1. Throws (on every rank alike) on a non-finite loss or gradient.
   StepResult step();
   int64_t current_step() const { return step_; }
+
+  // Native checkpoint (collective): parameters, AdamW moments, step and configs in global
+  // coordinates, so it loads at any layout. The data order and LR schedule are pure functions of
+  // (seed, step), so restoring the step restores them.
+  void save_checkpoint(const std::string& dir) const;
+  void load_checkpoint(const std::string& dir);
+  // Starts from Hugging Face weights (collective); optimizer state stays at zero.
+  void init_from_hf(const std::string& dir);
   model::Qwen3MoeModel& model() { return *model_; }
   const comm::Mesh& mesh() const { return *mesh_; }
   const config::TrainConfig& config() const { return cfg_; }

@@ -15,3 +15,126 @@ cudaError_t cast_f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStr
 cudaError_t cast_bf16_to_f32(const uint16_t* src, float* dst, int64_t n, cudaStream_t stream);
 
 }  // namespace moetp::cuda::launch
+
+// ---- attention (attention.cu; contract in attention.h) ------------------------------------------
+// Causal grouped-query attention, bf16 storage with f32 math. Layouts: q/out/dout (B, S, Hq, D),
+// k/v/dk/dv (B, S, Hkv, D), lse/delta (B, Hq, S) f32, dq_accum (B, S, Hq, D) f32. Requirements
+// (checked by the host wrapper): 8 <= D <= 128, D % 8 == 0, Hq % Hkv == 0, 16-byte aligned rows.
+namespace moetp::cuda::launch {
+
+// out = softmax(scale · q·kᵀ + causal mask) · v, lse = natural-log row log-sum-exp of the scaled scores.
+cudaError_t attention_forward(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
+                              int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                              cudaStream_t stream);
+// delta[b, h, s] = Σ_d dout[b, s, h, d] · out[b, s, h, d] (f32).
+cudaError_t attention_backward_delta(const uint16_t* dout, const uint16_t* out, float* delta, int64_t B, int64_t S,
+                                     int64_t Hq, int64_t D, cudaStream_t stream);
+// dk, dv (bf16, overwritten) and dq_accum += dq (f32, zeroed by the caller beforehand).
+cudaError_t attention_backward(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                               const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
+                               int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                               cudaStream_t stream);
+
+}  // namespace moetp::cuda::launch
+// ---- end attention ------------------------------------------------------------------------------
+
+// ---- ops (ops_*.cu; contract in ops.h) ----------------------------------------------------------
+// Embedding, RMSNorm, RoPE, SwiGLU, router, row movement, cross-entropy, AdamW. bf16 tensors are
+// passed as raw uint16_t bits. Kernels that read an index never touch memory out of bounds: a bad
+// index is skipped (documented per op) and recorded in an IndexFault the host reads later.
+namespace moetp::cuda::launch {
+
+enum class IndexOp : int32_t {
+  kNone = 0,
+  kEmbeddingForward,   // token id not in [0, V)
+  kEmbeddingBackward,  // token id not in [0, V)
+  kRopePosition,       // negative position
+  kGatherRows,         // rows[i] not in [0, R)
+  kScatterAddRows,     // rows[i] not in [0, R)
+  kFoldWeightedRows,   // rows[i] not in [0, R)
+  kFoldWeightedCols,   // cols[i] not in [0, C)
+  kRouterTopkIdx,      // topk_idx not in [0, E)
+  kCrossEntropyTarget  // target neither in [0, V) nor -100
+};
+
+// First bad index seen since the last reset (count == 0: none). Lives in device memory.
+struct IndexFault {
+  unsigned long long count;  // bad indices seen (all ops)
+  int32_t op;                // IndexOp of the first one
+  int32_t reserved;
+  int64_t position;          // its position in the index tensor
+  int64_t value;             // the bad value
+  int64_t limit;             // the exclusive bound it broke
+};
+
+// y[n] = table[ids[n]] (rows of H bf16); a bad id gives a zero row.
+cudaError_t embedding_forward(const int32_t* ids, const uint16_t* table, uint16_t* y, int64_t N, int64_t V, int64_t H,
+                              IndexFault* fault, cudaStream_t stream);
+
+// Deterministic scatter-add: sort (key, position) pairs by key (stable), then one block per distinct
+// key adds its rows into dst in position order. workspace_bytes for M rows with i32 or i64 keys.
+size_t sorted_accumulate_workspace_bytes(int64_t M, bool key64);
+// dtable[ids[n]] += f32(dy[n]); bad ids are skipped.
+cudaError_t embedding_backward(const int32_t* ids, const uint16_t* dy, float* dtable, int64_t N, int64_t V, int64_t H,
+                               void* workspace, size_t workspace_bytes, IndexFault* fault, cudaStream_t stream);
+// dst[rows[i]] += src[i]; src is bf16 (src_bf16) or f32. Bad rows are skipped.
+cudaError_t scatter_add_rows(const void* src, bool src_bf16, const int64_t* rows, float* dst, int64_t M, int64_t R,
+                             int64_t H, void* workspace, size_t workspace_bytes, IndexFault* fault,
+                             cudaStream_t stream);
+// dst[rows[i]] += w[rows[i], cols[i]] · y[i]; y is bf16 (y_bf16) or f32. Bad rows/cols are skipped.
+cudaError_t fold_weighted(const void* y, bool y_bf16, const int64_t* rows, const int64_t* cols, const float* w,
+                          int64_t C, float* dst, int64_t M, int64_t R, int64_t H, void* workspace,
+                          size_t workspace_bytes, IndexFault* fault, cudaStream_t stream);
+// out[i] = src[rows[i]] (rows of row_bytes bytes, any dtype); a bad row gives a zero row.
+cudaError_t gather_rows(const void* src, void* out, const int64_t* rows, int64_t M, int64_t R, int64_t row_bytes,
+                        IndexFault* fault, cudaStream_t stream);
+
+// One warp per row. rstd may be null.
+cudaError_t rmsnorm_forward(const uint16_t* x, const uint16_t* w, float eps, uint16_t* y, float* rstd, int64_t R,
+                            int64_t D, cudaStream_t stream);
+// Rows of partial dw sums the backward needs as workspace: (rmsnorm_dw_chunks(R), D) f32.
+int64_t rmsnorm_dw_chunks(int64_t R);
+cudaError_t rmsnorm_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* w, const float* rstd,
+                             uint16_t* dx, float* dw, float* dw_partial, int64_t R, int64_t D, cudaStream_t stream);
+
+// In-place rotation of (N, h, D) by angle sign · positions[n] · theta^(−2j/D); negative positions
+// leave the token untouched.
+cudaError_t rope(uint16_t* x, const int32_t* positions, int64_t N, int64_t h, int64_t D, double theta, double sign,
+                 IndexFault* fault, cudaStream_t stream);
+
+cudaError_t swiglu_forward(const uint16_t* h, uint16_t* a, int64_t M, int64_t i, cudaStream_t stream);
+cudaError_t swiglu_backward(const uint16_t* h, const uint16_t* da, uint16_t* dh, int64_t M, int64_t i,
+                            cudaStream_t stream);
+
+// One warp per token; 1 <= K <= E <= kRouterMaxExperts.
+inline constexpr int64_t kRouterMaxExperts = 1024;
+cudaError_t router_forward(const float* logits, float* probs, int32_t* topk_idx, float* topk_weight, int64_t N,
+                           int64_t E, int64_t K, bool norm_topk_prob, cudaStream_t stream);
+// d_topk_weight and d_probs may be null (zero).
+cudaError_t router_logits_grad(const float* probs, const int32_t* topk_idx, const float* topk_weight,
+                               const float* d_topk_weight, const float* d_probs, float* dlogits, int64_t N, int64_t E,
+                               int64_t K, bool norm_topk_prob, IndexFault* fault, cudaStream_t stream);
+
+// One block per row; logits and dlogits are bf16 (logits_bf16) or f32; dlogits may be null.
+cudaError_t cross_entropy_forward(const void* logits, bool logits_bf16, const int32_t* targets, float* loss,
+                                  void* dlogits, float grad_scale, int64_t N, int64_t V, IndexFault* fault,
+                                  cudaStream_t stream);
+
+// AdamW scalars, prepared on the host in double exactly as train::AdamW::step does.
+struct AdamWArgs {
+  float beta1, beta2;       // f32 copies of the betas (the moments are updated in f32)
+  double bias_correction1;  // 1 − beta1^step
+  double bias_correction2;  // 1 − beta2^step
+  double eps, lr;
+  double decay;  // lr · weight_decay (0: no decay)
+};
+// w_bf16 may be null.
+cudaError_t adamw_step(float* w, const float* g, float* m, float* v, uint16_t* w_bf16, int64_t n,
+                       const AdamWArgs& args, cudaStream_t stream);
+
+// Per-block partial sums of g² in double; the host adds the partials in order.
+int sum_of_squares_num_partials(int64_t n);
+cudaError_t sum_of_squares_partials(const float* g, int64_t n, double* partials, cudaStream_t stream);
+
+}  // namespace moetp::cuda::launch
+// ---- end ops ------------------------------------------------------------------------------------

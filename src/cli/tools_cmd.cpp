@@ -1,0 +1,114 @@
+#include "cli/tools_cmd.h"
+
+#include <cstdio>
+#include <filesystem>
+
+#include "comm/mesh.h"
+#include "config/model_config.h"
+#include "data/loader.h"
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+#include "model/model.h"
+
+namespace moetp::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+uint64_t fnv1a(std::span<const std::byte> bytes) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (std::byte b : bytes) {
+    h ^= static_cast<uint64_t>(b);
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+std::string dispatcher_for(const std::string& name, int ep, int etp) {
+  if (name != "auto") return name;
+  return ep * etp == 1 ? "local" : "all2all";
+}
+
+bool is_native(const std::string& dir) { return fs::exists(fs::path(dir) / "trainer_state.json"); }
+
+}  // namespace
+
+int run_inspect(const std::string& path) {
+  const io::SafetensorsDir dir = io::SafetensorsDir::open(path);
+  uint64_t total = 0;
+  std::printf("%-64s %-5s %-22s %12s  %s\n", "tensor", "dtype", "shape", "bytes", "fnv1a64");
+  for (const std::string& name : dir.names()) {
+    const io::SafetensorsFile& f = dir.file_of(name);
+    const io::TensorInfo& info = f.info(name);
+    const auto raw = f.raw(name);
+    total += raw.size();
+    std::printf("%-64s %-5s %-22s %12zu  %016llx\n", name.c_str(), info.dtype.c_str(), shape_str(info.shape).c_str(),
+                raw.size(), static_cast<unsigned long long>(fnv1a(raw)));
+  }
+  std::printf("%zu tensors, %llu bytes\n", dir.names().size(), static_cast<unsigned long long>(total));
+  return 0;
+}
+
+int run_convert(const ConvertArgs& a, comm::Comm& world) {
+  MOETP_CHECK((a.from == "hf" || a.from == "native") && (a.to == "hf" || a.to == "native"),
+              "convert --from/--to take hf or native, got '{}' -> '{}'", a.from, a.to);
+  const config::ModelConfig cfg = config::ModelConfig::load(a.input + "/config.json");
+  comm::Mesh mesh(world, a.ep, a.etp);
+  model::Qwen3MoeModel model(cfg, mesh, dispatcher_for("auto", a.ep, a.etp), 0);
+  std::vector<Tensor> m, v;
+  for (const model::Param& p : model.params()) {
+    m.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
+    v.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
+  }
+  const std::vector<io::ExtraState> extras = {{"optim.exp_avg.", &m}, {"optim.exp_avg_sq.", &v}};
+  nlohmann::json state = {{"format", "moetp-native"}, {"version", 1}, {"step", 0}, {"seed", 1234}};
+  if (a.from == "hf") {
+    io::load_hf(model, a.input);
+  } else {
+    state = io::load_native(model, extras, a.input);
+  }
+  if (a.to == "hf") {
+    io::save_hf(model, a.output, {io::HfExpertLayout::kPerExpert, world.rank() == 0});
+  } else {
+    io::save_native(model, extras, state, a.output, {io::HfExpertLayout::kPerExpert, world.rank() == 0});
+  }
+  return 0;
+}
+
+int run_eval(const EvalArgs& a, comm::Comm& world) {
+  const config::ModelConfig cfg = config::ModelConfig::load(a.model_dir + "/config.json");
+  comm::Mesh mesh(world, a.ep, a.etp);
+  model::Qwen3MoeModel model(cfg, mesh, dispatcher_for(a.dispatcher, a.ep, a.etp), 0);
+  if (is_native(a.model_dir)) {
+    io::load_native(model, {}, a.model_dir);
+  } else {
+    io::load_hf(model, a.model_dir);
+  }
+  const data::Batches batches(data::TokenFile::open(a.data), a.seq_len, a.num_sequences, 0);
+  MOETP_CHECK(a.num_sequences % world.size() == 0, "eval: --num-sequences ({}) % world size ({}) != 0",
+              a.num_sequences, world.size());
+  const int64_t per_rank = a.num_sequences / world.size();
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < per_rank; ++i) ids.push_back(world.rank() * per_rank + i);  // file order, not shuffled
+  Tensor logits;
+  const model::MicroStats st = model.forward(batches.tokens(ids), a.dump_logits.empty() ? nullptr : &logits);
+  const double ce = world.all_reduce_scalar(st.ce_sum, comm::ReduceOp::kSum);
+  const int64_t n = world.all_reduce_scalar(st.num_targets, comm::ReduceOp::kSum);
+  if (!a.dump_logits.empty()) {
+    const std::vector<int64_t> counts = world.all_gather_scalar(logits.rows());
+    Tensor all = Tensor::empty({comm::sum_counts(counts), cfg.vocab_size}, DType::kF32);
+    world.all_gather_v(logits, all, counts);
+    if (world.rank() == 0) {
+      io::write_safetensors(a.dump_logits, {{"logits", all.view({a.num_sequences, a.seq_len, cfg.vocab_size}), "F32"}});
+    }
+  }
+  if (world.rank() == 0) {
+    std::printf("eval %s on %s: %lld sequences x %lld tokens: loss %.6f aux_loss %.6f\n", a.model_dir.c_str(),
+                a.data.c_str(), static_cast<long long>(a.num_sequences), static_cast<long long>(a.seq_len),
+                ce / static_cast<double>(n), st.aux);
+  }
+  return 0;
+}
+
+}  // namespace moetp::cli

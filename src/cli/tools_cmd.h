@@ -1,0 +1,34 @@
+// `moetp inspect`, `moetp convert`, `moetp eval`: checkpoint tools for checking a converted or
+// trained model against another framework.
+#pragma once
+
+#include <string>
+
+#include "comm/comm.h"
+
+namespace moetp::cli {
+
+// Lists tensors (name, dtype, shape, bytes, FNV-1a checksum of the raw bytes) of a .safetensors
+// file or a checkpoint directory. Rank 0 only.
+int run_inspect(const std::string& path);
+
+struct ConvertArgs {
+  std::string from = "hf";  // hf | native
+  std::string to = "native";
+  std::string input, output;
+  int ep = 1, etp = 1;  // the layout to load at (any layout gives the same files)
+};
+int run_convert(const ConvertArgs& args, comm::Comm& world);
+
+struct EvalArgs {
+  std::string model_dir;    // HF or native checkpoint directory
+  std::string data;         // token file
+  int64_t seq_len = 128;
+  int64_t num_sequences = 8;  // the first sequences of the file (packed as in training)
+  std::string dump_logits;  // optional .safetensors path (rank 0 writes all logits, f32)
+  int ep = 1, etp = 1;
+  std::string dispatcher = "auto";
+};
+int run_eval(const EvalArgs& args, comm::Comm& world);
+
+}  // namespace moetp::cli

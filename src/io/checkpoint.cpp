@@ -1,0 +1,345 @@
+#include "io/checkpoint.h"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "io/safetensors.h"
+
+namespace moetp::io {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+enum class Naming { kHfPerExpert, kHfStacked, kNative };
+
+// A contiguous range of a parameter's global rows stored as one tensor on disk.
+struct Block {
+  std::string tensor;
+  int64_t first_row = 0;    // global row of the parameter where the block starts
+  int64_t rows = 0;
+  int64_t stacked = -1;     // >= 0: the block is index `stacked` of dim 0 of a stacked tensor
+  Shape disk_shape;         // expected shape of the tensor on disk
+};
+
+bool is_expert_w13(const model::Param& p) { return p.kind == model::ParamKind::kExpert && p.name.ends_with(".w13"); }
+
+// "model.layers.{l}.mlp.experts.w13" -> "model.layers.{l}.mlp.experts."
+std::string experts_prefix(const model::Param& p) { return p.name.substr(0, p.name.rfind('.') + 1); }
+
+std::vector<Block> blocks_of(const model::Param& p, const config::ModelConfig& cfg, Naming naming,
+                             const std::string& prefix) {
+  const Shape& g = p.spec.global_shape;
+  if (p.kind == model::ParamKind::kReplicated) return {Block{prefix + p.name, 0, g[0], -1, g}};
+  const int64_t E = cfg.num_experts, I = cfg.moe_intermediate_size, H = cfg.hidden_size;
+  const std::string ex = experts_prefix(p);
+  const bool w13 = is_expert_w13(p);
+  std::vector<Block> blocks;
+  for (int64_t e = 0; e < E; ++e) {
+    switch (naming) {
+      case Naming::kHfPerExpert:
+        if (w13) {
+          blocks.push_back({fmt::format("{}{}.gate_proj.weight", ex, e), e * 2 * I, I, -1, {I, H}});
+          blocks.push_back({fmt::format("{}{}.up_proj.weight", ex, e), e * 2 * I + I, I, -1, {I, H}});
+        } else {
+          blocks.push_back({fmt::format("{}{}.down_proj.weight", ex, e), e * H, H, -1, {H, I}});
+        }
+        break;
+      case Naming::kHfStacked:
+        blocks.push_back(w13 ? Block{ex + "gate_up_proj", e * 2 * I, 2 * I, e, {E, 2 * I, H}}
+                             : Block{ex + "down_proj", e * H, H, e, {E, H, I}});
+        break;
+      case Naming::kNative:
+        blocks.push_back(w13 ? Block{fmt::format("{}{}.{}", prefix, p.name, e), e * 2 * I, 2 * I, -1, {2 * I, H}}
+                             : Block{fmt::format("{}{}.{}", prefix, p.name, e), e * H, H, -1, {H, I}});
+        break;
+    }
+  }
+  return blocks;
+}
+
+void copy_rows_into(const Tensor& src, Tensor& dst, int64_t dst_row) {
+  dst.narrow_rows(dst_row, src.rows()).copy_from(src.view(dst.narrow_rows(dst_row, src.rows()).shape()));
+}
+
+// Reads this rank's shard of one parameter (or of an extra tensor with the same layout).
+Tensor load_shard(const SafetensorsDir& dir, const model::Param& p, const std::vector<Block>& blocks) {
+  for (const Block& b : blocks) {
+    MOETP_CHECK(dir.contains(b.tensor), "checkpoint {}: tensor '{}' (for parameter '{}') is missing", dir.dir(),
+                b.tensor, p.name);
+    const TensorInfo& info = dir.file_of(b.tensor).info(b.tensor);
+    MOETP_CHECK(info.shape == b.disk_shape, "checkpoint {}: tensor '{}' has shape {}, the model needs {}",
+                dir.file_of(b.tensor).path(), b.tensor, shape_str(info.shape), shape_str(b.disk_shape));
+  }
+  Tensor local = Tensor::empty(p.value.shape(), DType::kF32);
+  if (p.value.ndim() == 1) {
+    local.copy_from(dir.read(blocks.front().tensor));
+    return local;
+  }
+  const shard::ColumnRange cols = shard::column_range(p.spec);
+  for (const shard::Run& run : shard::compute_runs(p.spec)) {
+    int64_t g = run.global_row, l = run.local_row, left = run.length;
+    size_t bi = 0;
+    while (left > 0) {
+      while (g >= blocks[bi].first_row + blocks[bi].rows) ++bi;
+      const Block& b = blocks[bi];
+      const int64_t len = std::min(left, b.first_row + b.rows - g);
+      Tensor piece;
+      if (b.stacked < 0) {
+        piece = dir.read_rows(b.tensor, g - b.first_row, len, cols.begin, cols.end);
+      } else {
+        // dim 0 = expert; the block's rows are dim 1; columns (dim 2) sliced in memory.
+        piece = dir.read_rows(b.tensor, b.stacked, 1, g - b.first_row, g - b.first_row + len)
+                    .view({len, b.disk_shape[2]})
+                    .slice(1, cols.begin, cols.end)
+                    .contiguous();
+      }
+      copy_rows_into(piece, local, l);
+      g += len;
+      l += len;
+      left -= len;
+    }
+  }
+  return local;
+}
+
+// The rows [base, base + count) of a parameter's global tensor, all columns, rebuilt on a
+// member of the etp group from every TP rank's shard (collective over etp).
+Tensor ep_block(const model::Param& p, const Tensor& local, const comm::Mesh& mesh, const config::ModelConfig& cfg,
+                int64_t base, int64_t count) {
+  const int T = mesh.etp_size();
+  Tensor all = Tensor::empty({T, local.numel()}, DType::kF32);
+  mesh.etp().all_gather(local.contiguous().view({1, local.numel()}), all);
+  const int64_t ncols = p.spec.global_shape.size() > 1 ? p.spec.global_shape[1] : 1;
+  Tensor out = Tensor::zeros({count, ncols}, DType::kF32);
+  const auto [d, pp, t_me] = mesh.coords();
+  (void)d;
+  (void)t_me;
+  for (int t = 0; t < T; ++t) {
+    const shard::ShardSpec spec =
+        is_expert_w13(p) ? shard::w13_spec(cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size,
+                                           mesh.ep_size(), pp, T, t)
+                         : shard::w2_spec(cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size, mesh.ep_size(),
+                                          pp, T, t);
+    const shard::ColumnRange cols = shard::column_range(spec);
+    const Tensor src = all.narrow_rows(t, 1).view(shard::local_shape(spec));
+    for (const shard::Run& run : shard::compute_runs(spec)) {
+      out.slice(0, run.global_row - base, run.global_row - base + run.length)
+          .slice(1, cols.begin, cols.end)
+          .copy_from(src.narrow_rows(run.local_row, run.length));
+    }
+  }
+  return out;
+}
+
+std::string file_name(int p, int num_files) {
+  return fmt::format("model-{:05d}-of-{:05d}.safetensors", p + 1, num_files);
+}
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    MOETP_CHECK(f.good(), "cannot open {} for writing", tmp);
+    f << j.dump(2) << '\n';
+    f.flush();
+    MOETP_CHECK(f.good(), "write to {} failed", tmp);
+  }
+  fs::rename(tmp, path);
+}
+
+struct Source {
+  const model::Param* param;
+  const Tensor* local;
+  std::string prefix;
+};
+
+void save_impl(const model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras, Naming naming,
+               const std::string& dir, const nlohmann::json* state, const SaveOptions& opts) {
+  const comm::Mesh& mesh = model.mesh();
+  comm::Comm& world = mesh.world();
+  const config::ModelConfig& cfg = model.config();
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string tmp = dir + ".tmp";
+  world.run_collectively("checkpoint save (prepare)", [&] {
+    if (world.rank() == 0) {
+      fs::remove_all(tmp);
+      fs::create_directories(tmp);
+    }
+  });
+  world.barrier();
+
+  std::vector<Source> sources;
+  const auto& params = model.params();
+  for (size_t i = 0; i < params.size(); ++i) sources.push_back({&params[i], &params[i].value, ""});
+  for (const ExtraState& x : extras) {
+    MOETP_CHECK(x.tensors->size() == params.size(), "extra state '{}' has {} tensors for {} parameters", x.prefix,
+                x.tensors->size(), params.size());
+    for (size_t i = 0; i < params.size(); ++i) sources.push_back({&params[i], &(*x.tensors)[i], x.prefix});
+  }
+
+  const auto [d, p, t] = mesh.coords();
+  const bool writer = d == 0 && t == 0;
+  const int64_t L = cfg.num_experts > 0 ? cfg.num_experts / mesh.ep_size() : 0;
+  std::vector<WriteTensor> out;
+  uint64_t bytes = 0;
+  world.run_collectively("checkpoint save (write)", [&] {
+    for (const Source& s : sources) {
+      const std::vector<Block> blocks = blocks_of(*s.param, cfg, naming, s.prefix);
+      if (s.param->kind == model::ParamKind::kReplicated) {
+        if (world.rank() == 0) out.push_back({blocks.front().tensor, s.local->clone(), "F32"});
+        continue;
+      }
+      const int64_t per_expert = blocks.back().first_row + blocks.back().rows - (blocks.size() > 1 ? blocks[blocks.size() - 1].first_row : 0);
+      (void)per_expert;
+      const int64_t rows_per_expert = s.param->spec.global_shape[0] / cfg.num_experts;
+      const int64_t base = p * L * rows_per_expert;
+      const Tensor block = ep_block(*s.param, *s.local, mesh, cfg, base, L * rows_per_expert);
+      if (!writer) continue;
+      if (naming == Naming::kHfStacked) MOETP_FAIL("stacked expert tensors are written only by save_hf");
+      for (const Block& b : blocks) {
+        if (b.first_row < base || b.first_row >= base + L * rows_per_expert) continue;
+        out.push_back({b.tensor, block.narrow_rows(b.first_row - base, b.rows).contiguous(), "F32"});
+      }
+    }
+    if (writer || world.rank() == 0) {
+      for (const WriteTensor& w : out) bytes += w.value.num_bytes();
+      write_safetensors(tmp + "/" + file_name(p, mesh.ep_size()), out, {{"format", "pt"}});
+    }
+  });
+  world.barrier();
+  const uint64_t total = static_cast<uint64_t>(world.all_reduce_scalar(static_cast<int64_t>(bytes), comm::ReduceOp::kSum));
+
+  world.run_collectively("checkpoint save (finish)", [&] {
+    if (world.rank() != 0) return;
+    IndexFile index;
+    index.metadata["total_size"] = total;
+    for (const Source& s : sources) {
+      for (const Block& b : blocks_of(*s.param, cfg, naming, s.prefix)) {
+        const int ep_rank = s.param->kind == model::ParamKind::kReplicated
+                                ? 0
+                                : static_cast<int>(b.first_row / (s.param->spec.global_shape[0] / cfg.num_experts) / L);
+        index.weight_map[b.tensor] = file_name(ep_rank, mesh.ep_size());
+      }
+    }
+    write_index(tmp + "/model.safetensors.index.json", index);
+    write_json(tmp + "/config.json", cfg.to_hf_json());
+    if (state != nullptr) write_json(tmp + "/trainer_state.json", *state);  // written last: the completion marker
+    if (const char* crash = std::getenv("MOETP_TEST_CRASH_IN_SAVE")) {
+      if (std::string(crash) == "1") std::_Exit(3);  // test hook: die with the new checkpoint half-done
+    }
+    const std::string old = dir + ".old";
+    fs::remove_all(old);
+    if (fs::exists(dir)) fs::rename(dir, old);
+    fs::rename(tmp, dir);
+    fs::remove_all(old);
+    if (opts.show_progress) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::printf("saved %s: %zu tensors, %.1f MB in %.2f s (%.1f MB/s)\n", dir.c_str(), index.weight_map.size(),
+                  static_cast<double>(total) / 1e6, s, static_cast<double>(total) / 1e6 / std::max(s, 1e-9));
+      std::fflush(stdout);
+    }
+  });
+  world.barrier();
+}
+
+Naming detect_hf_naming(const SafetensorsDir& dir, const model::Qwen3MoeModel& model) {
+  for (const model::Param& p : model.params()) {
+    if (p.kind != model::ParamKind::kExpert) continue;
+    const std::string ex = experts_prefix(p);
+    if (dir.contains(ex + "0.gate_proj.weight")) return Naming::kHfPerExpert;
+    if (dir.contains(ex + "gate_up_proj")) return Naming::kHfStacked;
+    MOETP_FAIL("checkpoint {}: no expert tensors for '{}' (looked for '{}0.gate_proj.weight' and '{}gate_up_proj')",
+               dir.dir(), p.name, ex, ex);
+  }
+  return Naming::kHfPerExpert;
+}
+
+void load_impl(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras, const std::string& path,
+               bool native) {
+  comm::Comm& world = model.mesh().world();
+  std::vector<Tensor> staged;
+  world.run_collectively(native ? "native checkpoint load" : "HF checkpoint load", [&] {
+    MOETP_CHECK(fs::is_directory(path), "checkpoint directory '{}' does not exist", path);
+    const config::ModelConfig on_disk = config::ModelConfig::load(path + "/config.json");
+    MOETP_CHECK(on_disk == model.config(),
+                "checkpoint {}: its config.json describes a different model than the one being loaded "
+                "(hidden {} vs {}, layers {} vs {}, experts {} vs {}, vocab {} vs {})",
+                path, on_disk.hidden_size, model.config().hidden_size, on_disk.num_hidden_layers,
+                model.config().num_hidden_layers, on_disk.num_experts, model.config().num_experts,
+                on_disk.vocab_size, model.config().vocab_size);
+    const SafetensorsDir dir = SafetensorsDir::open(path);
+    const Naming naming = native ? Naming::kNative : detect_hf_naming(dir, model);
+    for (const model::Param& p : model.params()) staged.push_back(load_shard(dir, p, blocks_of(p, model.config(), naming, "")));
+    for (const ExtraState& x : extras) {
+      for (const model::Param& p : model.params()) {
+        staged.push_back(load_shard(dir, p, blocks_of(p, model.config(), naming, x.prefix)));
+      }
+    }
+  });
+  // Everything loaded on every rank: commit.
+  size_t k = 0;
+  for (model::Param& p : model.params()) p.value.copy_from(staged[k++]);
+  for (const ExtraState& x : extras) {
+    for (Tensor& tns : *x.tensors) tns.copy_from(staged[k++]);
+  }
+}
+
+}  // namespace
+
+void save_hf(const model::Qwen3MoeModel& model, const std::string& dir, const SaveOptions& opts) {
+  if (opts.expert_layout == HfExpertLayout::kStacked) {
+    MOETP_FAIL("writing stacked expert tensors is not implemented yet; save per-expert (the default)");
+  }
+  save_impl(model, {}, Naming::kHfPerExpert, dir, nullptr, opts);
+}
+
+void load_hf(model::Qwen3MoeModel& model, const std::string& dir) { load_impl(model, {}, dir, false); }
+
+void save_native(const model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
+                 const nlohmann::json& state, const std::string& dir, const SaveOptions& opts) {
+  save_impl(model, extras, Naming::kNative, dir, &state, opts);
+}
+
+nlohmann::json load_native(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
+                           const std::string& dir) {
+  const std::string state_path = dir + "/trainer_state.json";
+  nlohmann::json state;
+  model.mesh().world().run_collectively("native checkpoint state", [&] {
+    std::ifstream f(state_path);
+    MOETP_CHECK(f.good(), "checkpoint {} is incomplete or not a moetp checkpoint: {} is missing", dir, state_path);
+    try {
+      state = nlohmann::json::parse(f);
+    } catch (const nlohmann::json::exception& e) {
+      MOETP_FAIL("{}: invalid JSON: {}", state_path, e.what());
+    }
+  });
+  load_impl(model, extras, dir, true);
+  return state;
+}
+
+std::vector<std::string> list_checkpoints(const std::string& root) {
+  std::vector<std::string> out;
+  if (!fs::is_directory(root)) return out;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    const std::string name = entry.path().filename().string();
+    if (entry.is_directory() && name.starts_with("step-") && !name.ends_with(".tmp") && !name.ends_with(".old") &&
+        fs::exists(entry.path() / "trainer_state.json")) {
+      out.push_back(entry.path().string());
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void prune_checkpoints(const std::string& root, int keep) {
+  std::vector<std::string> all = list_checkpoints(root);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(all[i]);
+}
+
+}  // namespace moetp::io

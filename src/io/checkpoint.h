@@ -1,0 +1,60 @@
+// Checkpoints in global coordinates, for any layout (ETP_SPEC §8):
+//   - Hugging Face: config.json, model-XXXXX-of-YYYYY.safetensors, model.safetensors.index.json,
+//     tensor names as transformers' Qwen3-MoE; routed experts per expert
+//     (mlp.experts.{e}.{gate,up,down}_proj.weight) or, on load only... and on request on save,
+//     stacked (mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I]).
+//   - native (resume): the same files with moetp's parameter names (experts stored per expert as
+//     "<param>.{e}"), the AdamW moments under "optim.exp_avg." / "optim.exp_avg_sq.", and
+//     trainer_state.json (step, configs, layout, format version).
+// Loading reads, on each rank, only the byte ranges of the rows it owns (shard::compute_runs), so
+// an expert tensor is never materialised on a rank that does not own part of it. Saving writes
+// whole tensors in parallel: rank (d = 0, p, t = 0) gathers its EP group's TP slices and writes
+// the experts of EP rank p; rank 0 also writes the replicated tensors, the index and the JSON.
+// A save goes to "<dir>.tmp" and is renamed into place only when complete: an interrupted save
+// never replaces a good checkpoint. All functions are collective over the model's mesh.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+
+namespace moetp::io {
+
+enum class HfExpertLayout { kPerExpert, kStacked };
+
+struct SaveOptions {
+  HfExpertLayout expert_layout = HfExpertLayout::kPerExpert;
+  bool show_progress = true;  // rank 0 prints tensors/bytes done and the rate
+};
+
+// HF checkpoint of the model's parameters (values only).
+void save_hf(const model::Qwen3MoeModel& model, const std::string& dir, const SaveOptions& opts = {});
+// Loads an HF checkpoint (per-expert or stacked expert tensors, detected) into the model's shards.
+// Checks config.json against the model config and every tensor's presence, dtype and shape;
+// errors name the file and the tensor. Nothing is written into the model unless all of it loads.
+void load_hf(model::Qwen3MoeModel& model, const std::string& dir);
+
+// Extra tensors saved next to the parameters, in the parameters' global coordinates: one local
+// tensor per parameter (same shape as Param::value), e.g. AdamW moments.
+struct ExtraState {
+  std::string prefix;         // e.g. "optim.exp_avg."
+  std::vector<Tensor>* tensors;  // one per model param, in model.params() order
+};
+
+// Native checkpoint: parameters, extra per-parameter tensors, and a JSON state object.
+void save_native(const model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
+                 const nlohmann::json& state, const std::string& dir, const SaveOptions& opts = {});
+// Loads into the model's shards and into `extras`; returns the state object. The checkpoint may
+// come from any layout.
+nlohmann::json load_native(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
+                           const std::string& dir);
+
+// Checkpoint directories "<root>/step-XXXXXXXX" that are complete (their trainer_state.json
+// exists), oldest first.
+std::vector<std::string> list_checkpoints(const std::string& root);
+// Removes all but the newest `keep` complete checkpoints under root (rank 0 only calls this).
+void prune_checkpoints(const std::string& root, int keep);
+
+}  // namespace moetp::io

@@ -1,0 +1,46 @@
+// Causal grouped-query self-attention on the GPU: fused flash-attention-2 style forward and backward
+// that never materialise the S × S score matrix. Same math as the CPU reference
+// (kernels/cpu/attention.h, the executable spec): softmax(q·kᵀ · scale + causal mask) · v with
+// scale = 1 / sqrt(D); query head h reads key/value head h / (Q / G). Runs after the q/k norms and
+// RoPE, before o_proj. Storage is bf16, all arithmetic f32.
+//
+// Shape legend: B sequences, S tokens per sequence, Q query heads (Hq), G key/value heads (Hkv),
+// D head_dim. Supported: 8 <= D <= 128 with D % 8 == 0 (64 and 128 are the tuned cases); other D
+// are rejected with an error naming D.
+//
+// Stream semantics: work is enqueued on `stream` (nullptr = legacy default stream) and the call
+// returns without waiting. Outputs are allocated with cudaMalloc (through core's hooks); temporaries
+// are released by cudaFree, which waits for the device, so they never die under a running kernel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "core/tensor.h"
+
+namespace moetp::cuda {
+
+// Forward.
+//   q_BSQD  [IN]  (B, S, Q, D) bf16, CUDA, contiguous
+//   k_BSGD  [IN]  (B, S, G, D) bf16, CUDA, contiguous; Q % G == 0
+//   v_BSGD  [IN]  (B, S, G, D) bf16, CUDA, contiguous
+//   lse_BQS [OUT] may be null; else (re)assigned a fresh (B, Q, S) f32 CUDA tensor holding the
+//                 natural-log Σ_{j <= i} exp(scale · q_i · k_j) per query row (cpu::AttentionSaved)
+//   returns out_BSQD (B, S, Q, D) bf16, freshly allocated
+Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD, Tensor* lse_BQS,
+                         cudaStream_t stream = nullptr);
+
+// Backward (the flash-attention-2 backward: delta = rowsum(dout ⊙ out) in f32, P recomputed from
+// lse, dq accumulated in f32 and rounded once at the end, dk/dv summed over the group's query heads).
+//   dout_BSQD [IN]  (B, S, Q, D) bf16, dLoss/dout
+//   q_BSQD, k_BSGD, v_BSGD [IN] as in forward
+//   out_BSQD  [IN]  (B, S, Q, D) bf16, the forward's output on the same inputs
+//   lse_BQS   [IN]  (B, Q, S) f32, the forward's lse on the same inputs
+//   dq_BSQD   [OUT] (B, S, Q, D) bf16, OVERWRITTEN (allocated when undefined)
+//   dk_BSGD, dv_BSGD [OUT] (B, S, G, D) bf16, OVERWRITTEN (allocated when undefined)
+// Outputs must not alias each other or any input. dq's f32 accumulation uses atomics, so dq is not
+// bitwise reproducible run to run (dk and dv are).
+void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD,
+                        const Tensor& out_BSQD, const Tensor& lse_BQS, Tensor& dq_BSQD, Tensor& dk_BSGD,
+                        Tensor& dv_BSGD, cudaStream_t stream = nullptr);
+
+}  // namespace moetp::cuda

@@ -1,0 +1,271 @@
+// CUDA causal grouped-query attention against the CPU reference (kernels/cpu/attention.h) run on the
+// same bf16-rounded inputs in f32: forward output (bf16, testing::kBF16) and saved lse (f32, 1e-3
+// relative). Backward: dq, dk, dv (bf16, written over NaN-filled buffers) against an fp64
+// flash-attention-2 reference that takes delta = rowsum(dout ⊙ out) from the GPU's bf16 `out`, as the
+// kernel does (testing::kBF16), and against the CPU spec, whose delta is rowsum(P ⊙ dP) of the exact
+// softmax, within kFlashVsSpec (see there). Causality: changing a future key/value leaves every
+// earlier output and lse bit-identical. Errors name the unsupported head_dim. Label `cuda`: skips
+// with a message where no GPU is visible.
+// Cases: GQA, MHA, MQA, S = 1, S not a multiple of the 64-row tile, D = 64 / 128 / 40 (padded tile).
+//
+// Shape legend: B sequences, S tokens per sequence, Q query heads, G key/value heads, D head_dim.
+#include "kernels/cuda/attention.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cuda/runtime.h"
+#include "testing.h"
+
+namespace moetp {
+namespace {
+
+using moetp::testing::close;
+using moetp::testing::random_tensor;
+using moetp::testing::Tolerance;
+
+// The saved log-sum-exp is f32 on both sides; only the summation order differs.
+constexpr Tolerance kLse{1e-3, 1e-3};
+// GPU gradients vs the CPU spec. Flash-attention-2 takes delta = rowsum(dout ⊙ out) from the bf16
+// `out` (relative error 2^-9 per element), where the spec uses rowsum(P ⊙ dP) of the exact softmax;
+// dS = P ⊙ (dP − delta) then carries an error P · O(2^-9 · |dout| · |out| · sqrt(D)) that does not
+// cancel the way dS's rows do: small dq/dk elements are off by up to 0.13 · 2% of the tensor's largest
+// element (H100, these cases). Bounded here by 2% of max(|ref|, 0.01, 0.3 · max |ref|); the kernel's
+// own arithmetic is held to testing::kBF16 against fa2_reference, where every case passes unscaled.
+constexpr Tolerance kFlashVsSpec{2e-2, 1e-2, 0.3};
+
+struct AttnCase {
+  std::string name;
+  int64_t B, S, Q, G, D;
+};
+void PrintTo(const AttnCase& c, std::ostream* os) { *os << c.name; }
+
+// f32 CPU tensor -> the same values rounded through bf16 (what the GPU sees), still f32.
+Tensor round_bf16(const Tensor& t) { return t.to(DType::kBF16).to(DType::kF32); }
+Tensor to_gpu_bf16(const Tensor& t) { return t.to(DType::kBF16).to(Device::kCuda); }
+Tensor nan_gpu_bf16(Shape shape) {
+  return to_gpu_bf16(Tensor::full<float>(std::move(shape), std::numeric_limits<float>::quiet_NaN()));
+}
+
+struct Inputs {
+  Tensor q, k, v, dout;  // f32 CPU, already bf16-rounded
+};
+
+Inputs make_inputs(const AttnCase& c, uint64_t seed) {
+  Inputs in;
+  // Scores q·k·scale of standard deviation ~1.3: softmax rows that are neither flat nor one-hot.
+  in.q = round_bf16(random_tensor({c.B, c.S, c.Q, c.D}, seed, 1, -2.0f, 2.0f));
+  in.k = round_bf16(random_tensor({c.B, c.S, c.G, c.D}, seed, 2, -2.0f, 2.0f));
+  in.v = round_bf16(random_tensor({c.B, c.S, c.G, c.D}, seed, 3));
+  in.dout = round_bf16(random_tensor({c.B, c.S, c.Q, c.D}, seed, 4));
+  return in;
+}
+
+struct Grads {
+  Tensor dq, dk, dv;  // f32 CPU, shapes of q, k, v
+};
+
+// fp64 flash-attention-2 backward on f32 inputs: the exact causal softmax P, dP = dout · vᵀ, and
+// dS = P ⊙ (dP − delta) with delta = rowsum(dout ⊙ out) taken from the given `out_BSQD` (the GPU's
+// bf16 forward output), as the CUDA kernel computes it.
+Grads fa2_reference(const AttnCase& c, const Inputs& in, const Tensor& out_BSQD) {
+  const int64_t B = c.B, S = c.S, Q = c.Q, G = c.G, D = c.D, group = c.Q / c.G;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const std::vector<float> q = in.q.to_vector<float>(), k = in.k.to_vector<float>(), v = in.v.to_vector<float>();
+  const std::vector<float> dout = in.dout.to_vector<float>();
+  const std::vector<float> out = out_BSQD.to(Device::kCpu).to(DType::kF32).to_vector<float>();
+  std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
+  auto qi_at = [&](int64_t b, int64_t s, int64_t h) { return ((b * S + s) * Q + h) * D; };
+  auto kj_at = [&](int64_t b, int64_t s, int64_t g) { return ((b * S + s) * G + g) * D; };
+  std::vector<double> p(static_cast<size_t>(S)), dp(static_cast<size_t>(S));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Q; ++h) {
+      const int64_t g = h / group;
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t qo = qi_at(b, i, h);
+        double row_max = -INFINITY, sum = 0.0, delta = 0.0;
+        for (int64_t j = 0; j <= i; ++j) {
+          const int64_t ko = kj_at(b, j, g);
+          double s_ij = 0.0, dp_ij = 0.0;
+          for (int64_t d = 0; d < D; ++d) {
+            s_ij += static_cast<double>(q[qo + d]) * k[ko + d];
+            dp_ij += static_cast<double>(dout[qo + d]) * v[ko + d];
+          }
+          p[j] = s_ij * scale;
+          dp[j] = dp_ij;
+          row_max = std::max(row_max, p[j]);
+        }
+        for (int64_t j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - row_max));
+        for (int64_t d = 0; d < D; ++d) delta += static_cast<double>(dout[qo + d]) * out[qo + d];
+        for (int64_t j = 0; j <= i; ++j) {
+          const int64_t ko = kj_at(b, j, g);
+          const double p_ij = p[j] / sum;
+          const double ds = p_ij * (dp[j] - delta);
+          for (int64_t d = 0; d < D; ++d) {
+            dq[qo + d] += scale * ds * k[ko + d];
+            dk[ko + d] += scale * ds * q[qo + d];
+            dv[ko + d] += p_ij * dout[qo + d];
+          }
+        }
+      }
+    }
+  }
+  auto to_f32 = [](const std::vector<double>& x, const Shape& shape) {
+    return Tensor::from_vector(std::vector<float>(x.begin(), x.end()), shape);
+  };
+  return {to_f32(dq, in.q.shape()), to_f32(dk, in.k.shape()), to_f32(dv, in.v.shape())};
+}
+
+// close(), except that an all-zero reference (dq and dk when S = 1: one key, P = 1, dS = 0) asks for
+// |actual| <= 1e-4 instead.
+::testing::AssertionResult close_or_zero(const Tensor& actual, const Tensor& expected, Tolerance tol) {
+  if (!testing::all_zero(expected.to_vector<float>())) return close(actual, expected, tol);
+  const std::vector<float> a = actual.to(Device::kCpu).to(DType::kF32).to_vector<float>();
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!(std::fabs(a[i]) <= 1e-4f)) {
+      return ::testing::AssertionFailure() << "reference is zero but element " << i << " is " << a[i];
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+class CudaAttention : public ::testing::TestWithParam<AttnCase> {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "CUDA test skipped: " << cuda::unavailable_reason();
+    cuda::init(0);
+  }
+};
+
+TEST_P(CudaAttention, ForwardMatchesCpu) {
+  const AttnCase c = GetParam();
+  const Inputs in = make_inputs(c, 11);
+  cpu::AttentionSaved saved;
+  const Tensor ref = cpu::attention_forward(in.q, in.k, in.v, &saved);
+
+  Tensor lse;
+  const Tensor out = cuda::attention_forward(to_gpu_bf16(in.q), to_gpu_bf16(in.k), to_gpu_bf16(in.v), &lse);
+  ASSERT_EQ(out.dtype(), DType::kBF16);
+  ASSERT_EQ(out.device(), Device::kCuda);
+  EXPECT_TRUE(close(out, ref, testing::kBF16)) << c.name << " out";
+  ASSERT_TRUE(lse.defined());
+  EXPECT_TRUE(close(lse, saved.lse_BQS, kLse)) << c.name << " lse";
+
+  // lse may be omitted.
+  const Tensor out2 = cuda::attention_forward(to_gpu_bf16(in.q), to_gpu_bf16(in.k), to_gpu_bf16(in.v), nullptr);
+  EXPECT_TRUE(testing::bit_equal(out2, out)) << c.name;
+}
+
+TEST_P(CudaAttention, BackwardMatchesCpu) {
+  const AttnCase c = GetParam();
+  const Inputs in = make_inputs(c, 23);
+  cpu::AttentionSaved saved;
+  cpu::attention_forward(in.q, in.k, in.v, &saved);
+  Tensor dq_ref, dk_ref, dv_ref;
+  cpu::attention_backward(in.dout, in.q, in.k, in.v, saved, dq_ref, dk_ref, dv_ref);
+
+  const Tensor q = to_gpu_bf16(in.q), k = to_gpu_bf16(in.k), v = to_gpu_bf16(in.v), dout = to_gpu_bf16(in.dout);
+  Tensor lse;
+  const Tensor out = cuda::attention_forward(q, k, v, &lse);
+  // Preallocated outputs full of NaN: every element must be overwritten.
+  Tensor dq = nan_gpu_bf16(q.shape()), dk = nan_gpu_bf16(k.shape()), dv = nan_gpu_bf16(v.shape());
+  cuda::attention_backward(dout, q, k, v, out, lse, dq, dk, dv);
+  const Grads fa2 = fa2_reference(c, in, out);
+  EXPECT_TRUE(close_or_zero(dq, fa2.dq, testing::kBF16)) << c.name << " dq vs fa2_reference";
+  EXPECT_TRUE(close_or_zero(dk, fa2.dk, testing::kBF16)) << c.name << " dk vs fa2_reference";
+  EXPECT_TRUE(close(dv, fa2.dv, testing::kBF16)) << c.name << " dv vs fa2_reference";
+  EXPECT_TRUE(close_or_zero(dq, dq_ref, kFlashVsSpec)) << c.name << " dq vs cpu";
+  EXPECT_TRUE(close_or_zero(dk, dk_ref, kFlashVsSpec)) << c.name << " dk vs cpu";
+  EXPECT_TRUE(close(dv, dv_ref, testing::kBF16)) << c.name << " dv vs cpu";
+
+  // Undefined outputs are allocated; dk and dv (no atomics) are reproducible bit for bit.
+  Tensor dq2, dk2, dv2;
+  cuda::attention_backward(dout, q, k, v, out, lse, dq2, dk2, dv2);
+  ASSERT_TRUE(dq2.defined() && dk2.defined() && dv2.defined());
+  EXPECT_EQ(dq2.dtype(), DType::kBF16);
+  EXPECT_TRUE(close_or_zero(dq2, fa2.dq, testing::kBF16)) << c.name << " dq (allocated)";
+  EXPECT_TRUE(testing::bit_equal(dk2, dk)) << c.name;
+  EXPECT_TRUE(testing::bit_equal(dv2, dv)) << c.name;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaAttention,
+                         ::testing::Values(AttnCase{"B2_S37_Q4_G2_D64", 2, 37, 4, 2, 64},
+                                           AttnCase{"B1_S128_Q8_G8_D128", 1, 128, 8, 8, 128},
+                                           AttnCase{"B1_S1_Q2_G1_D64", 1, 1, 2, 1, 64},
+                                           AttnCase{"B2_S200_Q4_G1_D128", 2, 200, 4, 1, 128},
+                                           AttnCase{"B1_S70_Q2_G1_D40", 1, 70, 2, 1, 40}),
+                         [](const ::testing::TestParamInfo<AttnCase>& info) { return info.param.name; });
+
+class CudaAttentionRules : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "CUDA test skipped: " << cuda::unavailable_reason();
+    cuda::init(0);
+  }
+};
+
+// Rows before `t` (in a tile shared with t, and in earlier tiles) must not see key/value t.
+TEST_F(CudaAttentionRules, FutureKeysDoNotChangeEarlierRows) {
+  const AttnCase c{"B2_S150_Q4_G2_D64", 2, 150, 4, 2, 64};
+  const int64_t t = 100;
+  Inputs in = make_inputs(c, 5);
+  Tensor lse1, lse2;
+  const Tensor q = to_gpu_bf16(in.q);
+  const Tensor out1 = cuda::attention_forward(q, to_gpu_bf16(in.k), to_gpu_bf16(in.v), &lse1).to(Device::kCpu);
+  float* kp = in.k.data<float>();
+  float* vp = in.v.data<float>();
+  for (int64_t b = 0; b < c.B; ++b) {
+    for (int64_t e = 0; e < c.G * c.D; ++e) {
+      kp[(b * c.S + t) * c.G * c.D + e] = 3.0f;
+      vp[(b * c.S + t) * c.G * c.D + e] = -5.0f;
+    }
+  }
+  const Tensor out2 = cuda::attention_forward(q, to_gpu_bf16(in.k), to_gpu_bf16(in.v), &lse2).to(Device::kCpu);
+  for (int64_t b = 0; b < c.B; ++b) {
+    EXPECT_TRUE(testing::bit_equal(out2.slice(0, b, b + 1).slice(1, 0, t).contiguous(),
+                                   out1.slice(0, b, b + 1).slice(1, 0, t).contiguous()))
+        << "b=" << b;
+    EXPECT_FALSE(testing::bit_equal(out2.slice(0, b, b + 1).slice(1, t, c.S).contiguous(),
+                                    out1.slice(0, b, b + 1).slice(1, t, c.S).contiguous()))
+        << "b=" << b << ": rows >= t should see the change";
+  }
+  const Tensor l1 = lse1.to(Device::kCpu), l2 = lse2.to(Device::kCpu);
+  EXPECT_TRUE(testing::bit_equal(l2.slice(2, 0, t).contiguous(), l1.slice(2, 0, t).contiguous()));
+}
+
+TEST_F(CudaAttentionRules, RejectsUnsupportedHeadDim) {
+  for (int64_t D : {int64_t{136}, int64_t{12}, int64_t{4}}) {
+    const Tensor q = Tensor::zeros({1, 4, 2, D}, DType::kBF16, Device::kCuda);
+    const Tensor kv = Tensor::zeros({1, 4, 1, D}, DType::kBF16, Device::kCuda);
+    try {
+      cuda::attention_forward(q, kv, kv, nullptr);
+      ADD_FAILURE() << "D=" << D << ": expected moetp::Error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("head_dim D = " + std::to_string(D)), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST_F(CudaAttentionRules, RejectsF32AndMismatchedHeads) {
+  const Tensor q32 = Tensor::zeros({1, 4, 2, 64}, DType::kF32, Device::kCuda);
+  const Tensor kv = Tensor::zeros({1, 4, 1, 64}, DType::kBF16, Device::kCuda);
+  EXPECT_THROW(cuda::attention_forward(q32, kv, kv, nullptr), Error);
+  const Tensor q3 = Tensor::zeros({1, 4, 3, 64}, DType::kBF16, Device::kCuda);
+  const Tensor kv2 = Tensor::zeros({1, 4, 2, 64}, DType::kBF16, Device::kCuda);
+  try {
+    cuda::attention_forward(q3, kv2, kv2, nullptr);
+    ADD_FAILURE() << "expected moetp::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("Q (3) must be a multiple of num_kv_heads G (2)"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace moetp
