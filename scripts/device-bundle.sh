@@ -25,12 +25,17 @@ done | sort -u | grep -vE '/(libc|libm|libdl|libpthread|librt|ld-linux|libgcc_s|
 for l in libstdc++.so.6 libgcc_s.so.1; do cp -L "$(ldconfig -p | awk -v l=$l '$1==l {print $NF; exit}')" "$stage/lib/"; done
 # OpenMPI's plugins, needed by mpirun-launched binaries.
 if [ -d /usr/lib/x86_64-linux-gnu/openmpi ]; then cp -a /usr/lib/x86_64-linux-gnu/openmpi "$stage/lib/openmpi"; fi
+if [ -d /usr/lib/x86_64-linux-gnu/pmix2 ]; then cp -a /usr/lib/x86_64-linux-gnu/pmix2 "$stage/lib/pmix2"; fi
 cat > "$stage/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs a bundled command with the bundled libraries: run.sh cuda_ops_test [args]
 here=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}"
 export NCCL_NVLS_ENABLE=0
+# A single process initialises MPI as a singleton; point Open MPI and PMIx at the bundled plugins.
+export OMPI_MCA_mca_base_component_path="$here/lib/openmpi/lib/openmpi3"
+export PMIX_MCA_mca_base_component_path="$here/lib/pmix2/lib/pmix"
+export OMPI_MCA_mca_base_component_show_load_errors=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 cmd=$1; shift
 exec "$here/bin/$cmd" "$@"
 RUN

@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 
 #include "comm/mesh.h"
 #include "config/model_config.h"
@@ -35,18 +36,28 @@ bool is_native(const std::string& dir) { return fs::exists(fs::path(dir) / "trai
 }  // namespace
 
 int run_inspect(const std::string& path) {
-  const io::SafetensorsDir dir = io::SafetensorsDir::open(path);
+  // A single .safetensors file, or a checkpoint directory (single file or sharded with an index).
+  std::optional<io::SafetensorsFile> single;
+  std::optional<io::SafetensorsDir> dir;
+  std::vector<std::string> names;
+  if (fs::is_regular_file(path)) {
+    single.emplace(io::SafetensorsFile::open(path));
+    for (const io::TensorInfo& t : single->tensors()) names.push_back(t.name);
+  } else {
+    dir.emplace(io::SafetensorsDir::open(path));
+    names = dir->names();
+  }
   uint64_t total = 0;
   std::printf("%-64s %-5s %-22s %12s  %s\n", "tensor", "dtype", "shape", "bytes", "fnv1a64");
-  for (const std::string& name : dir.names()) {
-    const io::SafetensorsFile& f = dir.file_of(name);
+  for (const std::string& name : names) {
+    const io::SafetensorsFile& f = single ? *single : dir->file_of(name);
     const io::TensorInfo& info = f.info(name);
     const auto raw = f.raw(name);
     total += raw.size();
     std::printf("%-64s %-5s %-22s %12zu  %016llx\n", name.c_str(), info.dtype.c_str(), shape_str(info.shape).c_str(),
                 raw.size(), static_cast<unsigned long long>(fnv1a(raw)));
   }
-  std::printf("%zu tensors, %llu bytes\n", dir.names().size(), static_cast<unsigned long long>(total));
+  std::printf("%zu tensors, %llu bytes\n", names.size(), static_cast<unsigned long long>(total));
   return 0;
 }
 
