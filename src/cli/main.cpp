@@ -98,6 +98,8 @@ int main(int argc, char** argv) {
     conv_cmd->add_option("output", conv.output, "output checkpoint directory (written atomically)")->required();
     conv_cmd->add_option("--ep", conv.ep, "expert-parallel degree to load at")->capture_default_str();
     conv_cmd->add_option("--etp", conv.etp, "expert tensor-parallel degree to load at")->capture_default_str();
+    conv_cmd->add_flag("--stacked", conv.stacked,
+                       "with --to hf: stacked expert tensors (experts.gate_up_proj, experts.down_proj)");
     moetp::cli::EvalArgs ev;
     auto* eval_cmd = app.add_subcommand("eval", "forward only: mean loss and aux loss of a checkpoint on a token file");
     eval_cmd->add_option("--model", ev.model_dir, "HF or native checkpoint directory")->required();

@@ -80,7 +80,8 @@ int run_convert(const ConvertArgs& a, comm::Comm& world) {
     state = io::load_native(model, extras, a.input);
   }
   if (a.to == "hf") {
-    io::save_hf(model, a.output, {io::HfExpertLayout::kPerExpert, world.rank() == 0});
+    io::save_hf(model, a.output,
+                {a.stacked ? io::HfExpertLayout::kStacked : io::HfExpertLayout::kPerExpert, world.rank() == 0});
   } else {
     io::save_native(model, extras, state, a.output, {io::HfExpertLayout::kPerExpert, world.rank() == 0});
   }

@@ -17,6 +17,7 @@ struct ConvertArgs {
   std::string to = "native";
   std::string input, output;
   int ep = 1, etp = 1;  // the layout to load at (any layout gives the same files)
+  bool stacked = false;  // --to hf: write stacked expert tensors instead of per-expert ones
 };
 int run_convert(const ConvertArgs& args, comm::Comm& world);
 

@@ -18,6 +18,37 @@ namespace {
 
 enum class Naming { kHfPerExpert, kHfStacked, kNative };
 
+// Rank 0's progress of a long load: a line every 5 s (tensors done, bytes, rate) and a summary.
+class Progress {
+ public:
+  Progress(bool enabled, std::string what, size_t total)
+      : enabled_(enabled), what_(std::move(what)), total_(total), start_(std::chrono::steady_clock::now()), last_(start_) {}
+  void add(uint64_t bytes) {
+    ++done_;
+    bytes_ += bytes;
+    const auto now = std::chrono::steady_clock::now();
+    if (enabled_ && std::chrono::duration<double>(now - last_).count() > 5.0) {
+      last_ = now;
+      print("");
+    }
+  }
+  void finish() { print(" done"); }
+
+ private:
+  void print(const char* suffix) {
+    if (!enabled_) return;
+    const double s = std::max(1e-9, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+    std::printf("%s: %zu/%zu tensors, %.1f MB (this rank's shards) in %.2f s, %.1f MB/s%s\n", what_.c_str(), done_, total_,
+                static_cast<double>(bytes_) / 1e6, s, static_cast<double>(bytes_) / 1e6 / s, suffix);
+    std::fflush(stdout);
+  }
+  bool enabled_;
+  std::string what_;
+  size_t total_, done_ = 0;
+  uint64_t bytes_ = 0;
+  std::chrono::steady_clock::time_point start_, last_;
+};
+
 // A contiguous range of a parameter's global rows stored as one tensor on disk.
 struct Block {
   std::string tensor;
@@ -195,13 +226,16 @@ void save_impl(const model::Qwen3MoeModel& model, const std::vector<ExtraState>&
         if (world.rank() == 0) out.push_back({blocks.front().tensor, s.local->clone(), "F32"});
         continue;
       }
-      const int64_t per_expert = blocks.back().first_row + blocks.back().rows - (blocks.size() > 1 ? blocks[blocks.size() - 1].first_row : 0);
-      (void)per_expert;
+      if (naming == Naming::kHfStacked) {
+        // One tensor holds every expert: gather it whole (on request only; per-expert is the default).
+        const Tensor full = shard::gather_full(*s.local, s.param->spec, mesh.ep_etp());
+        if (world.rank() == 0) out.push_back({blocks.front().tensor, full.view(blocks.front().disk_shape), "F32"});
+        continue;
+      }
       const int64_t rows_per_expert = s.param->spec.global_shape[0] / cfg.num_experts;
       const int64_t base = p * L * rows_per_expert;
       const Tensor block = ep_block(*s.param, *s.local, mesh, cfg, base, L * rows_per_expert);
       if (!writer) continue;
-      if (naming == Naming::kHfStacked) MOETP_FAIL("stacked expert tensors are written only by save_hf");
       for (const Block& b : blocks) {
         if (b.first_row < base || b.first_row >= base + L * rows_per_expert) continue;
         out.push_back({b.tensor, block.narrow_rows(b.first_row - base, b.rows).contiguous(), "F32"});
@@ -221,7 +255,7 @@ void save_impl(const model::Qwen3MoeModel& model, const std::vector<ExtraState>&
     index.metadata["total_size"] = total;
     for (const Source& s : sources) {
       for (const Block& b : blocks_of(*s.param, cfg, naming, s.prefix)) {
-        const int ep_rank = s.param->kind == model::ParamKind::kReplicated
+        const int ep_rank = s.param->kind == model::ParamKind::kReplicated || naming == Naming::kHfStacked
                                 ? 0
                                 : static_cast<int>(b.first_row / (s.param->spec.global_shape[0] / cfg.num_experts) / L);
         index.weight_map[b.tensor] = file_name(ep_rank, mesh.ep_size());
@@ -275,12 +309,18 @@ void load_impl(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extra
                 on_disk.vocab_size, model.config().vocab_size);
     const SafetensorsDir dir = SafetensorsDir::open(path);
     const Naming naming = native ? Naming::kNative : detect_hf_naming(dir, model);
-    for (const model::Param& p : model.params()) staged.push_back(load_shard(dir, p, blocks_of(p, model.config(), naming, "")));
+    Progress progress(world.rank() == 0, "loading " + path, model.params().size() * (1 + extras.size()));
+    for (const model::Param& p : model.params()) {
+      staged.push_back(load_shard(dir, p, blocks_of(p, model.config(), naming, "")));
+      progress.add(staged.back().num_bytes());
+    }
     for (const ExtraState& x : extras) {
       for (const model::Param& p : model.params()) {
         staged.push_back(load_shard(dir, p, blocks_of(p, model.config(), naming, x.prefix)));
+        progress.add(staged.back().num_bytes());
       }
     }
+    progress.finish();
   });
   // Everything loaded on every rank: commit.
   size_t k = 0;
@@ -293,10 +333,8 @@ void load_impl(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extra
 }  // namespace
 
 void save_hf(const model::Qwen3MoeModel& model, const std::string& dir, const SaveOptions& opts) {
-  if (opts.expert_layout == HfExpertLayout::kStacked) {
-    MOETP_FAIL("writing stacked expert tensors is not implemented yet; save per-expert (the default)");
-  }
-  save_impl(model, {}, Naming::kHfPerExpert, dir, nullptr, opts);
+  save_impl(model, {}, opts.expert_layout == HfExpertLayout::kStacked ? Naming::kHfStacked : Naming::kHfPerExpert,
+            dir, nullptr, opts);
 }
 
 void load_hf(model::Qwen3MoeModel& model, const std::string& dir) { load_impl(model, {}, dir, false); }

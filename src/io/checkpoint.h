@@ -1,8 +1,8 @@
 // Checkpoints in global coordinates, for any layout (ETP_SPEC §8):
 //   - Hugging Face: config.json, model-XXXXX-of-YYYYY.safetensors, model.safetensors.index.json,
 //     tensor names as transformers' Qwen3-MoE; routed experts per expert
-//     (mlp.experts.{e}.{gate,up,down}_proj.weight) or, on load only... and on request on save,
-//     stacked (mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I]).
+//     (mlp.experts.{e}.{gate,up,down}_proj.weight, the default) or stacked
+//     (mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I]); both load.
 //   - native (resume): the same files with moetp's parameter names (experts stored per expert as
 //     "<param>.{e}"), the AdamW moments under "optim.exp_avg." / "optim.exp_avg_sq.", and
 //     trainer_state.json (step, configs, layout, format version).

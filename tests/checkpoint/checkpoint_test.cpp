@@ -102,6 +102,34 @@ void save_load_roundtrip(bool native) {
 TEST(CheckpointHf, SaveLoadBitExactBetweenLayouts) { save_load_roundtrip(false); }
 TEST(CheckpointNative, SaveLoadBitExactBetweenLayouts) { save_load_roundtrip(true); }
 
+TEST(CheckpointHf, StackedExpertTensorsRoundTripAcrossLayouts) {
+  auto& w = world();
+  const std::string dir = shared_dir("stacked");
+  const int ep = w.size() % 2 == 0 ? 2 : 1;
+  const int etp = w.size() % 4 == 0 ? 2 : 1;
+  {
+    comm::Mesh mesh(w, ep, etp);
+    model::Qwen3MoeModel m(tiny_model(), mesh, ep * etp == 1 ? "local" : "all2all", 5);
+    io::save_hf(m, dir, {io::HfExpertLayout::kStacked, false});
+  }
+  if (w.rank() == 0) {
+    const io::SafetensorsDir d = io::SafetensorsDir::open(dir);
+    EXPECT_TRUE(d.contains("model.layers.0.mlp.experts.gate_up_proj"));
+    EXPECT_TRUE(d.contains("model.layers.0.mlp.experts.down_proj"));
+    EXPECT_FALSE(d.contains("model.layers.0.mlp.experts.0.gate_proj.weight"));
+    EXPECT_EQ(d.file_of("model.layers.0.mlp.experts.down_proj").info("model.layers.0.mlp.experts.down_proj").shape,
+              (Shape{8, 32, 16}));
+  }
+  // Load at the transposed layout (etp and ep swapped where possible).
+  comm::Mesh mesh(w, etp, ep);
+  model::Qwen3MoeModel loaded(tiny_model(), mesh, ep * etp == 1 ? "local" : "vexpert", 77);
+  io::load_hf(loaded, dir);
+  model::Qwen3MoeModel expected(tiny_model(), mesh, ep * etp == 1 ? "local" : "vexpert", 5);
+  EXPECT_TRUE(all_params_equal(loaded, expected));
+  w.barrier();
+  if (w.rank() == 0) fs::remove_all(dir);
+}
+
 TEST(CheckpointHf, FilesUseTransformersNamesPerExpert) {
   auto& w = world();
   const std::string dir = shared_dir("names");
