@@ -27,23 +27,23 @@ std::string mpi_error_string(int code) {
 
 // Status checks inside NcclComm members: the message names the call, the group, this rank, the
 // device and `context` (the tensors and counts; an expression evaluated only on failure).
-#define MOETP_NCCL_OP(call, context)                                                                     \
-  do {                                                                                                 \
-    const ncclResult_t moetp_nccl_ = (call);                                                           \
-    if (moetp_nccl_ != ncclSuccess) [[unlikely]] {                                                     \
-      ::moetp::detail::throw_error(                                                                    \
-          __FILE__, __LINE__,                                                                          \
-          failure(#call, fmt::format("{} ({})", ncclGetErrorString(moetp_nccl_), ncclGetLastError(comm_)), \
-                  context));                                                                           \
-    }                                                                                                  \
+#define MOETP_NCCL_OP(call, context)                                                                 \
+  do {                                                                                             \
+    const ncclResult_t moetp_nccl_ = (call);                                                       \
+    if (moetp_nccl_ != ncclSuccess) [[unlikely]] {                                                 \
+      const std::string moetp_status_ =                                                            \
+          fmt::format("{} ({})", ncclGetErrorString(moetp_nccl_), ncclGetLastError(comm_));        \
+      ::moetp::detail::throw_error(__FILE__, __LINE__, failure(#call, moetp_status_, context));    \
+    }                                                                                              \
   } while (0)
 
-#define MOETP_CUDA_OP(call, context)                                                                     \
-  do {                                                                                                 \
-    const cudaError_t moetp_cuda_ = (call);                                                            \
-    if (moetp_cuda_ != cudaSuccess) [[unlikely]] {                                                     \
-      ::moetp::detail::throw_error(__FILE__, __LINE__, failure(#call, cudaGetErrorString(moetp_cuda_), context)); \
-    }                                                                                                  \
+#define MOETP_CUDA_OP(call, context)                                                               \
+  do {                                                                                             \
+    const cudaError_t moetp_cuda_ = (call);                                                        \
+    if (moetp_cuda_ != cudaSuccess) [[unlikely]] {                                                 \
+      const std::string moetp_status_ = cudaGetErrorString(moetp_cuda_);                           \
+      ::moetp::detail::throw_error(__FILE__, __LINE__, failure(#call, moetp_status_, context));    \
+    }                                                                                              \
   } while (0)
 
 namespace {
@@ -548,13 +548,13 @@ void NcclComm::all_to_all_v(const Tensor& in, std::span<const int64_t> send_coun
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
       if (send_counts[q] > 0) {
-        MOETP_NCCL_OP(ncclSend(row_ptr(in, send_offsets[q], row_bytes), static_cast<size_t>(send_counts[q]) * row_bytes,
-                               ncclUint8, q, comm_, stream_),
+        const size_t num_bytes = static_cast<size_t>(send_counts[q]) * row_bytes;
+        MOETP_NCCL_OP(ncclSend(row_ptr(in, send_offsets[q], row_bytes), num_bytes, ncclUint8, q, comm_, stream_),
                       fmt::format("send of {} rows to rank {}; {}", send_counts[q], q, describe_call()));
       }
       if (recv_counts[q] > 0) {
-        MOETP_NCCL_OP(ncclRecv(row_ptr(out, recv_offsets[q], row_bytes), static_cast<size_t>(recv_counts[q]) * row_bytes,
-                               ncclUint8, q, comm_, stream_),
+        const size_t num_bytes = static_cast<size_t>(recv_counts[q]) * row_bytes;
+        MOETP_NCCL_OP(ncclRecv(row_ptr(out, recv_offsets[q], row_bytes), num_bytes, ncclUint8, q, comm_, stream_),
                       fmt::format("receive of {} rows from rank {}; {}", recv_counts[q], q, describe_call()));
       }
     }
@@ -562,8 +562,10 @@ void NcclComm::all_to_all_v(const Tensor& in, std::span<const int64_t> send_coun
     MOETP_NCCL_OP(ncclGroupEnd(), describe_call());
   }
   if (send_counts[rank_] > 0) {
-    MOETP_CUDA_OP(cudaMemcpyAsync(row_ptr(out, recv_offsets[rank_], row_bytes), row_ptr(in, send_offsets[rank_], row_bytes),
-                                  static_cast<size_t>(send_counts[rank_]) * row_bytes, cudaMemcpyDeviceToDevice, stream_),
+    void* dst = row_ptr(out, recv_offsets[rank_], row_bytes);
+    const void* src = row_ptr(in, send_offsets[rank_], row_bytes);
+    const size_t num_bytes = static_cast<size_t>(send_counts[rank_]) * row_bytes;
+    MOETP_CUDA_OP(cudaMemcpyAsync(dst, src, num_bytes, cudaMemcpyDeviceToDevice, stream_),
                   fmt::format("copy of {} rows to itself; {}", send_counts[rank_], describe_call()));
   }
   leave_stream();
@@ -582,7 +584,8 @@ std::unique_ptr<Comm> NcclComm::split(int color, int key, std::string name) {
   sub_host.release();
   std::unique_ptr<MpiComm> sub_host_mpi(sub_mpi);
   ncclComm_t sub = nullptr;
-  MOETP_NCCL_OP(ncclCommSplit(comm_, color, key, &sub, nullptr), fmt::format("split '{}', color {}, key {}", name, color, key));
+  MOETP_NCCL_OP(ncclCommSplit(comm_, color, key, &sub, nullptr),
+                fmt::format("split '{}', color {}, key {}", name, color, key));
   std::unique_ptr<NcclComm> result(new NcclComm(std::move(sub_host_mpi), sub, std::move(name)));
   result->validate_ = validate_;
   result->compute_stream_ = compute_stream_;
