@@ -11,7 +11,7 @@ out=.device-bundle
 stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib" "$out"
 bins=("$build/moetp")
-while IFS= read -r f; do bins+=("$f"); done < <(find "$build/tests" "$build/bench" -type f -perm -u+x \( -name 'cuda_*' -o -name '*_bench' \) 2>/dev/null)
+while IFS= read -r f; do bins+=("$f"); done < <(find "$build/tests" "$build/bench" -type f -perm -u+x \( -name 'cuda_*' -o -name '*_bench' -o -name 'comm_nccl_*' \) 2>/dev/null)
 for b in "${bins[@]}"; do
   cp "$b" "$stage/bin/"
   strip --strip-unneeded "$stage/bin/$(basename "$b")" 2>/dev/null || true
@@ -26,9 +26,13 @@ for l in libstdc++.so.6 libgcc_s.so.1; do cp -L "$(ldconfig -p | awk -v l=$l '$1
 # OpenMPI's plugins, needed by mpirun-launched binaries.
 if [ -d /usr/lib/x86_64-linux-gnu/openmpi ]; then cp -a /usr/lib/x86_64-linux-gnu/openmpi "$stage/lib/openmpi"; fi
 if [ -d /usr/lib/x86_64-linux-gnu/pmix2 ]; then cp -a /usr/lib/x86_64-linux-gnu/pmix2 "$stage/lib/pmix2"; fi
+# Open MPI's launcher (single node: it forks the ranks itself) and its help texts.
+for b in orterun orted; do [ -x /usr/bin/$b ] && cp -L /usr/bin/$b "$stage/bin/"; done
+[ -d /usr/share/openmpi ] && cp -a /usr/share/openmpi "$stage/share-openmpi"
 cat > "$stage/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs a bundled command with the bundled libraries: run.sh cuda_ops_test [args]
+# Multi-rank: run.sh orterun -np 4 --oversubscribe "$here/run.sh" comm_nccl_collectives_test
 here=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}"
 export NCCL_NVLS_ENABLE=0
@@ -36,6 +40,7 @@ export NCCL_NVLS_ENABLE=0
 export OMPI_MCA_mca_base_component_path="$here/lib/openmpi/lib/openmpi3"
 export PMIX_MCA_mca_base_component_path="$here/lib/pmix2/lib/pmix"
 export OMPI_MCA_mca_base_component_show_load_errors=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OPAL_PKGDATADIR="$here/share-openmpi" PATH="$here/bin:$PATH"
 cmd=$1; shift
 exec "$here/bin/$cmd" "$@"
 RUN
