@@ -20,12 +20,13 @@
 
 namespace moetp::moe::launch {
 
-// Scratch bytes routing_plan needs for M = N·K rows (M <= INT32_MAX).
+// Scratch bytes routing_plan needs for M = N·K rows (M <= INT32_MAX), for any E <= 1024.
 size_t routing_plan_workspace_bytes(int64_t M);
 
 // A stable radix sort of the M (token, slot) pairs by expert id, so rows come out sorted by expert,
 // then token, then slot (the pairs start in n·K + k order).
-//   topk_idx_NK [IN]  (N, K) i32, every id in [0, E) (not checked: ids come from the router)
+//   topk_idx_NK [IN]  (N, K) i32, every id in [0, E) (not checked: ids come from the router);
+//                     1 <= E <= 1024 (the router's limit), else cudaErrorInvalidValue
 //   flat_M      [OUT] (M) i32: row i holds pair n·K + k
 //   token_M     [OUT] (M) i64: row i holds token n (the gather index of cuda::gather_rows)
 //   pos_NK      [OUT] (N, K) i32: pair (n, k) went to row pos[n, k] (the inverse of flat_M)

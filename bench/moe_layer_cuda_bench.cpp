@@ -1,0 +1,268 @@
+// GPU benchmark of one MoE layer (moe/cuda_moe.h), forward + backward on one GPU (expert parallel
+// 1), at the Qwen3-30B-A3B layer shape: H = 2048, E = 128, K = 8, N = 8192 tokens, with I = 768 (the
+// full expert width) and 384, 192 (its ETP shards at T = 2, 4); routing either real (random router
+// weights, top-K of the softmax) or forced balance (token n slot k -> expert (n·K + k) % E).
+//
+// Timing: CUDA events around each iteration's forward and backward, after warm-up; the median over
+// the iterations. Inputs alternate between two sets. Per case one line: forward, backward and total
+// ms, the expert-GEMM rate (2·N·K·(2I·H + I·H) FLOPs forward, three times that forward + backward),
+// tokens/s, and the routing's load imbalance (largest expert count / mean).
+//
+// Baseline: the same computation in PyTorch (bench/torch_moe_layer.py: torch._grouped_mm experts,
+// autograd backward), run separately on the same card; with its JSON the table gains torch_ms and
+// torch_ms / moetp_ms (> 1: moetp faster):
+//   python3 bench/torch_moe_layer.py --json torch.json
+//   ./moe_layer_cuda_bench --torch-results torch.json [--iters 30] [--warmup 5] [--tokens 8192]
+//                          [--expert-streams 1,4] [--json moetp.json]
+// Each case runs once per --expert-streams value (CudaMoeOptions::expert_streams; rows of values
+// other than 1 carry the suffix _sS and the same torch baseline).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/bf16.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/runtime.h"
+#include "moe/cuda_moe.h"
+
+namespace moetp {
+namespace {
+
+constexpr int64_t kH = 2048, kE = 128, kK = 8;
+constexpr int64_t kIntermediates[] = {768, 384, 192};
+
+struct Args {
+  std::string torch_results, json_out;
+  int iters = 30, warmup = 5;
+  int64_t tokens = 8192;
+  std::vector<int> expert_streams = {1, 4};
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      MOETP_CHECK(i + 1 < argc, "{} needs a value", arg);
+      return argv[++i];
+    };
+    if (arg == "--torch-results") {
+      a.torch_results = value();
+    } else if (arg == "--json") {
+      a.json_out = value();
+    } else if (arg == "--iters") {
+      a.iters = std::stoi(value());
+    } else if (arg == "--warmup") {
+      a.warmup = std::stoi(value());
+    } else if (arg == "--tokens") {
+      a.tokens = std::stoll(value());
+    } else if (arg == "--expert-streams") {
+      a.expert_streams.clear();
+      const std::string list = value();
+      for (size_t pos = 0; pos <= list.size();) {
+        const size_t comma = std::min(list.find(',', pos), list.size());
+        a.expert_streams.push_back(std::stoi(list.substr(pos, comma - pos)));
+        pos = comma + 1;
+      }
+    } else {
+      MOETP_FAIL(
+          "unknown argument '{}' (valid: --torch-results FILE, --json FILE, --iters N, --warmup N, --tokens N, "
+          "--expert-streams 1,4)",
+          arg);
+    }
+  }
+  MOETP_CHECK(a.iters >= 1 && a.warmup >= 0 && a.tokens >= 1, "bad --iters ({}), --warmup ({}) or --tokens ({})",
+              a.iters, a.warmup, a.tokens);
+  MOETP_CHECK(!a.expert_streams.empty() && *std::min_element(a.expert_streams.begin(), a.expert_streams.end()) >= 1,
+              "--expert-streams needs values >= 1");
+  return a;
+}
+
+// Uniform bf16 values in [-a, a) from a counter hash (splitmix64): fast enough for the 600M
+// expert-weight values at I = 768, and never zeros (METHOD: zeros can run faster).
+Tensor random_bf16(Shape shape, uint64_t seed, float a) {
+  Tensor t = Tensor::empty(std::move(shape), DType::kBF16);
+  bf16* p = t.data<bf16>();
+  const int64_t n = t.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    p[i] = f32_to_bf16((2.0f * u - 1.0f) * a);
+  }
+  return t;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 == 1 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+struct Result {
+  std::string name, torch_name;  // torch_name: the case without the expert_streams suffix
+  int64_t I = 0;
+  bool balanced = false;
+  int expert_streams = 1;
+  double fwd_ms = 0, bwd_ms = 0, ms = 0, imbalance = 0;
+};
+
+std::string case_name(int64_t N, int64_t I, bool balanced) {
+  return fmt::format("N{}_H{}_E{}_K{}_I{}_{}", N, kH, kE, kK, I, balanced ? "balanced" : "random");
+}
+
+Result run_case(const Args& args, int64_t I, bool balanced, int expert_streams, const moe::MoeParams& host_params,
+                const std::vector<Tensor>& x, const std::vector<Tensor>& dout) {
+  const int64_t N = args.tokens;
+  moe::CudaMoeOptions opts;
+  opts.force_balance = balanced;
+  opts.expert_streams = expert_streams;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&opts.stream, cudaStreamNonBlocking));
+  Result r;
+  r.torch_name = case_name(N, I, balanced);
+  r.name = expert_streams == 1 ? r.torch_name : fmt::format("{}_s{}", r.torch_name, expert_streams);
+  r.I = I;
+  r.balanced = balanced;
+  r.expert_streams = expert_streams;
+  {
+    moe::CudaMoeLayer layer({kH, kE, kK, I, true, "local"}, opts);
+    layer.set_params(host_params);
+    Tensor out, dx;
+    auto step = [&](int it) {
+      layer.forward_into(x[it % x.size()], out);
+      layer.backward_into(dout[it % dout.size()], Tensor(), dx);
+    };
+    for (int it = 0; it < args.warmup; ++it) step(it);
+    CUDA_CHECK(cudaStreamSynchronize(opts.stream));
+
+    const int n = args.iters;
+    std::vector<cudaEvent_t> ev(3 * static_cast<size_t>(n));
+    for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+    for (int it = 0; it < n; ++it) {
+      CUDA_CHECK(cudaEventRecord(ev[3 * it], opts.stream));
+      layer.forward_into(x[it % x.size()], out);
+      CUDA_CHECK(cudaEventRecord(ev[3 * it + 1], opts.stream));
+      layer.backward_into(dout[it % dout.size()], Tensor(), dx);
+      CUDA_CHECK(cudaEventRecord(ev[3 * it + 2], opts.stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(opts.stream));
+    std::vector<double> fwd, bwd, total;
+    for (int it = 0; it < n; ++it) {
+      float a = 0, b = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&a, ev[3 * it], ev[3 * it + 1]));
+      CUDA_CHECK(cudaEventElapsedTime(&b, ev[3 * it + 1], ev[3 * it + 2]));
+      fwd.push_back(a);
+      bwd.push_back(b);
+      total.push_back(static_cast<double>(a) + b);
+    }
+    for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventDestroy(e));
+    r.fwd_ms = median(fwd);
+    r.bwd_ms = median(bwd);
+    r.ms = median(total);
+    const std::vector<int64_t>& counts = layer.counts_E();
+    const double mean = static_cast<double>(N * kK) / static_cast<double>(kE);
+    r.imbalance = static_cast<double>(*std::max_element(counts.begin(), counts.end())) / mean;
+  }
+  CUDA_CHECK(cudaStreamDestroy(opts.stream));
+  return r;
+}
+
+// torch_moe_layer.py --json: {"cases": [{"name": ..., "ms": ...}, ...], ...}
+std::map<std::string, double> read_torch_results(const std::string& path) {
+  std::ifstream f(path);
+  MOETP_CHECK(f.good(), "cannot open --torch-results file '{}'", path);
+  const nlohmann::json j = nlohmann::json::parse(f);
+  std::map<std::string, double> ms;
+  for (const auto& c : j.at("cases")) ms[c.at("name").get<std::string>()] = c.at("ms").get<double>();
+  return ms;
+}
+
+int run(int argc, char** argv) {
+  const Args args = parse_args(argc, argv);
+  const std::map<std::string, double> torch_ms =
+      args.torch_results.empty() ? std::map<std::string, double>{} : read_torch_results(args.torch_results);
+  std::printf("torch baseline: %zu cases from %s\n", torch_ms.size(),
+              args.torch_results.empty() ? "(none: --torch-results not given)" : args.torch_results.c_str());
+  MOETP_CHECK(cuda::device_count() > 0, "moe_layer_cuda_bench needs a GPU: {}", cuda::unavailable_reason());
+  cuda::init(0);
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int64_t N = args.tokens;
+
+  // Logits of std ~1 for x ~ U(-1, 1): var = H · (1/3) · (a²/3).
+  const float a_router = 3.0f / std::sqrt(static_cast<float>(kH));
+  std::vector<Tensor> x, dout;
+  for (uint64_t s = 0; s < 2; ++s) {
+    x.push_back(random_bf16({N, kH}, 100 + s, 1.0f).to(Device::kCuda));
+    dout.push_back(random_bf16({N, kH}, 200 + s, 1.0f).to(Device::kCuda));
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());  // the layers run on non-blocking streams
+
+  std::printf(
+      "moe_layer_cuda_bench: %s (%d SMs); N=%lld H=%lld E=%lld K=%lld; median of %d iterations after %d "
+      "warm-up\n",
+      prop.name, prop.multiProcessorCount, static_cast<long long>(N), static_cast<long long>(kH),
+      static_cast<long long>(kE), static_cast<long long>(kK), args.iters, args.warmup);
+  std::printf("%-36s %8s %8s %9s %14s %12s %9s %9s %12s\n", "case", "fwd_ms", "bwd_ms", "total_ms", "expert_TFLOP/s",
+              "tokens/s", "max/mean", "torch_ms", "torch/moetp");
+  nlohmann::json out_json;
+  out_json["device"] = prop.name;
+  out_json["cases"] = nlohmann::json::array();
+  for (const int64_t I : kIntermediates) {
+    moe::MoeParams host{random_bf16({kE, kH}, 1, a_router),
+                        random_bf16({kE, 2 * I, kH}, 2, 1.0f / std::sqrt(static_cast<float>(kH))),
+                        random_bf16({kE, kH, I}, 3, 1.0f / std::sqrt(static_cast<float>(I)))};
+    for (const bool balanced : {false, true}) {
+      for (const int streams : args.expert_streams) {
+        const Result r = run_case(args, I, balanced, streams, host, x, dout);
+        const double flops = 3.0 * 2.0 * static_cast<double>(N * kK) * static_cast<double>(3 * I * kH);
+        const double tflops = flops / (r.ms * 1e-3) / 1e12;
+        const double tokens_per_s = static_cast<double>(N) / (r.ms * 1e-3);
+        std::string torch_col = "-", ratio_col = "-";
+        if (const auto it = torch_ms.find(r.torch_name); it != torch_ms.end()) {
+          torch_col = fmt::format("{:.3f}", it->second);
+          ratio_col = fmt::format("{:.2f}", it->second / r.ms);
+        }
+        std::printf("%-36s %8.3f %8.3f %9.3f %14.1f %12.4g %9.2f %9s %12s\n", r.name.c_str(), r.fwd_ms, r.bwd_ms, r.ms,
+                    tflops, tokens_per_s, r.imbalance, torch_col.c_str(), ratio_col.c_str());
+        std::fflush(stdout);
+        out_json["cases"].push_back({{"name", r.name},
+                                     {"expert_streams", r.expert_streams},
+                                     {"fwd_ms", r.fwd_ms},
+                                     {"bwd_ms", r.bwd_ms},
+                                     {"ms", r.ms},
+                                     {"expert_tflops", tflops},
+                                     {"tokens_per_s", tokens_per_s},
+                                     {"max_over_mean_load", r.imbalance}});
+      }
+    }
+  }
+  if (!args.json_out.empty()) {
+    std::ofstream f(args.json_out);
+    MOETP_CHECK(f.good(), "cannot write --json file '{}'", args.json_out);
+    f << out_json.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace moetp
+
+int main(int argc, char** argv) {
+  try {
+    return moetp::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe_layer_cuda_bench: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,337 @@
+// The single-GPU MoE layer (contract in cuda_moe.h): argument checks, the layer's buffers, and the
+// sequence of kernels. The op kernels are called through their launchers (kernels/cuda/launch.h)
+// with the layer's own buffers, so a steady-state step allocates nothing (the ops.h wrappers return
+// fresh tensors, and every cudaFree synchronises the device); the indices they read are produced
+// here and are in range by construction, so no index-fault record is passed.
+#include "moe/cuda_moe.h"
+
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "kernels/cuda/cast.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/launch.h"
+#include "moe/cuda_moe_kernels.h"
+
+namespace moetp::moe {
+
+namespace {
+
+const uint16_t* bits(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data<bf16>()); }
+uint16_t* bits(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data<bf16>()); }
+
+Tensor device_empty(Shape shape, DType dtype) { return Tensor::empty(std::move(shape), dtype, Device::kCuda); }
+
+// A defined, contiguous CUDA tensor of `dtype` and `shape`.
+void check_cuda_tensor(const Tensor& t, DType dtype, std::initializer_list<int64_t> shape, const char* name) {
+  MOETP_CHECK(t.defined(), "{}: tensor is undefined (expected {} {})", name, dtype_name(dtype),
+              shape_str(std::vector<int64_t>(shape)));
+  check_dtype(t, dtype, name);
+  check_device(t, Device::kCuda, name);
+  check_contiguous(t, name);
+  check_shape(t, shape, name);
+}
+
+// `out` becomes a (rows, cols) bf16 CUDA tensor: kept when it already is one, else allocated.
+void ensure_output(Tensor& out, int64_t rows, int64_t cols) {
+  if (out.defined() && out.dtype() == DType::kBF16 && out.device() == Device::kCuda && out.is_contiguous() &&
+      out.shape() == Shape{rows, cols}) {
+    return;
+  }
+  out = device_empty({rows, cols}, DType::kBF16);
+}
+
+// Column-major C (m × n, ldc) f32 = op(A) · op(B) with bf16 A and B, f32 accumulation, through the
+// layer stream's cuBLAS handle (gemm.h: reductions never in reduced precision). The callers map
+// their row-major products onto this as gemm.cpp does.
+void gemm_f32_out(const char* what, cudaStream_t stream, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m,
+                  int64_t n, int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, float* C, int64_t ldc) {
+  MOETP_CHECK(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "{}: GEMM sizes exceed int32 (m = {}, n = {}, k = {})",
+              what, m, n, k);
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t status = cublasGemmEx(
+      cuda::cublas_handle(stream), op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, A,
+      CUDA_R_16BF, static_cast<int>(lda), B, CUDA_R_16BF, static_cast<int>(ldb), &beta, C, CUDA_R_32F,
+      static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  MOETP_CHECK(status == CUBLAS_STATUS_SUCCESS, "{}: cublasGemmEx(m = {}, n = {}, k = {}) failed: {}", what, m, n, k,
+              cublasGetStatusString(status));
+}
+
+}  // namespace
+
+void CudaMoeLayer::PinnedDeleter::operator()(int32_t* p) const { cudaFreeHost(p); }
+
+CudaMoeLayer::Streams::~Streams() {
+  for (cudaEvent_t e : join) cudaEventDestroy(e);
+  if (fork != nullptr) cudaEventDestroy(fork);
+  for (cudaStream_t st : side) cudaStreamDestroy(st);
+}
+
+CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg), opts_(opts) {
+  const int64_t H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.intermediate;
+  MOETP_CHECK(H >= 1 && I >= 1, "CudaMoeLayer: hidden ({}) and moe_intermediate_size ({}) must be >= 1", H, I);
+  MOETP_CHECK(E >= 1 && E <= cuda::launch::kRouterMaxExperts,
+              "CudaMoeLayer: num_experts ({}) must be in [1, {}] (the CUDA router's limit)", E,
+              cuda::launch::kRouterMaxExperts);
+  MOETP_CHECK(K >= 1 && K <= E, "CudaMoeLayer: top_k ({}) must be in [1, num_experts ({})]", K, E);
+  MOETP_CHECK(opts.expert_streams >= 1, "CudaMoeLayer: expert_streams ({}) must be >= 1", opts.expert_streams);
+  if (opts.expert_streams > 1) {
+    CUDA_CHECK(cudaEventCreateWithFlags(&streams_.fork, cudaEventDisableTiming));
+    for (int c = 0; c < opts.expert_streams; ++c) {
+      streams_.side.push_back(nullptr);
+      CUDA_CHECK(cudaStreamCreateWithFlags(&streams_.side.back(), cudaStreamNonBlocking));
+      streams_.join.push_back(nullptr);
+      CUDA_CHECK(cudaEventCreateWithFlags(&streams_.join.back(), cudaEventDisableTiming));
+    }
+  }
+  params_ = {Tensor::zeros({E, H}, DType::kBF16, Device::kCuda),
+             Tensor::zeros({E, 2 * I, H}, DType::kBF16, Device::kCuda),
+             Tensor::zeros({E, H, I}, DType::kBF16, Device::kCuda)};
+  grads_ = {Tensor::zeros({E, H}, DType::kF32, Device::kCuda), Tensor::zeros({E, 2 * I, H}, DType::kF32, Device::kCuda),
+            Tensor::zeros({E, H, I}, DType::kF32, Device::kCuda)};
+  counts_dev_E_ = device_empty({E}, DType::kI32);
+  int32_t* pinned = nullptr;
+  CUDA_CHECK(cudaMallocHost(&pinned, static_cast<size_t>(E) * sizeof(int32_t)));
+  counts_host_.reset(pinned);
+  // The zeros above went through the legacy default stream, which a non-blocking layer stream does
+  // not wait for.
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+CudaMoeLayer::~CudaMoeLayer() = default;
+
+void CudaMoeLayer::set_params(const MoeParams& src) {
+  auto load = [](const Tensor& from, Tensor& to, const char* name) {
+    MOETP_CHECK(from.defined() && from.shape() == to.shape(), "CudaMoeLayer::set_params: {} must be {}, got {}", name,
+                shape_str(to.shape()), from.defined() ? from.describe() : std::string("undefined"));
+    MOETP_CHECK(from.dtype() == DType::kF32 || from.dtype() == DType::kBF16,
+                "CudaMoeLayer::set_params: {} must be f32 or bf16, got {}", name, from.describe());
+    Tensor b;
+    if (from.device() == Device::kCpu) {
+      b = from.contiguous();
+      if (b.dtype() != DType::kBF16) b = b.to(DType::kBF16);
+    } else {
+      check_contiguous(from, name);
+      b = cuda::cast(from, DType::kBF16);
+    }
+    to.copy_from(b);
+  };
+  load(src.wg_EH, params_.wg_EH, "wg_EH");
+  load(src.w13_L2iH, params_.w13_L2iH, "w13 (E, 2I, H)");
+  load(src.w2_LHi, params_.w2_LHi, "w2 (E, H, I)");
+  // A pageable host-to-device cudaMemcpy may return before its DMA lands, and a non-blocking layer
+  // stream does not wait for the legacy default stream.
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void CudaMoeLayer::zero_grads() {
+  for (Tensor* g : {&grads_.wg_EH, &grads_.w13_L2iH, &grads_.w2_LHi}) {
+    CUDA_CHECK(cudaMemsetAsync(g->raw_data(), 0, g->num_bytes(), opts_.stream));
+  }
+}
+
+void CudaMoeLayer::reserve(int64_t N) {
+  if (N == num_tokens_) return;
+  const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k, I = cfg_.intermediate, M = N * K;
+  MOETP_CHECK(M <= INT32_MAX, "CudaMoeLayer: N·K = {}·{} = {} dispatched rows exceed the int32 row indices", N, K, M);
+  // Old buffers go first (their cudaFree waits for work in flight).
+  saved_ = CudaMoeSaved{};
+  CudaMoeSaved& s = saved_;
+  s.logits_NE = device_empty({N, E}, DType::kF32);
+  s.probs_NE = device_empty({N, E}, DType::kF32);
+  s.topk_idx_NK = device_empty({N, K}, DType::kI32);
+  s.topk_weight_NK = device_empty({N, K}, DType::kF32);
+  s.flat_M = device_empty({M}, DType::kI32);
+  s.token_M = device_empty({M}, DType::kI64);
+  s.pos_NK = device_empty({N, K}, DType::kI32);
+  s.x_MH = device_empty({M, H}, DType::kBF16);
+  s.h_M2I = device_empty({M, 2 * I}, DType::kBF16);
+  s.a_MI = device_empty({M, I}, DType::kBF16);
+  s.y_MH = device_empty({M, H}, DType::kBF16);
+  const size_t plan_bytes = launch::routing_plan_workspace_bytes(M);
+  plan_workspace_ = device_empty({static_cast<int64_t>((plan_bytes + 7) / 8) + 1}, DType::kI64);
+  dtopk_weight_NK_ = device_empty({N, K}, DType::kF32);
+  dy_MH_ = device_empty({M, H}, DType::kBF16);
+  da_MI_ = device_empty({M, I}, DType::kBF16);
+  dh_M2I_ = device_empty({M, 2 * I}, DType::kBF16);
+  dlogits_NE_ = device_empty({N, E}, DType::kF32);
+  dlogits_bf16_NE_ = device_empty({N, E}, DType::kBF16);
+  dx_router_NH_ = device_empty({N, H}, DType::kF32);
+  num_tokens_ = N;
+}
+
+void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
+  const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k;
+  MOETP_CHECK(x_NH.defined() && x_NH.ndim() == 2 && x_NH.size(1) == H,
+              "CudaMoeLayer::forward: x must be (N, {}), got {}", H,
+              x_NH.defined() ? x_NH.describe() : std::string("undefined"));
+  const int64_t N = x_NH.size(0), M = N * K;
+  check_cuda_tensor(x_NH, DType::kBF16, {N, H}, "CudaMoeLayer::forward x_NH");
+  has_forward_ = false;
+  reserve(N);
+  CudaMoeSaved& s = saved_;
+  s.x_NH = x_NH;
+  ensure_output(out_NH, N, H);
+  s.counts_E.assign(static_cast<size_t>(E), 0);
+  s.offsets.assign(static_cast<size_t>(E) + 1, 0);
+  if (N == 0) {
+    has_forward_ = true;
+    return;
+  }
+  const cudaStream_t stream = opts_.stream;
+
+  // Router logits in f32: row-major logits (N, E) = x · wgᵀ  <=>  column-major logitsᵀ (E × N) =
+  // op_T(wg as column-major H × E) · x (H × N).
+  gemm_f32_out("CudaMoeLayer router logits", stream, CUBLAS_OP_T, CUBLAS_OP_N, E, N, H, params_.wg_EH.raw_data(), H,
+               x_NH.raw_data(), H, s.logits_NE.data<float>(), E);
+  CUDA_CHECK(cuda::launch::router_forward(s.logits_NE.data<float>(), s.probs_NE.data<float>(),
+                                          s.topk_idx_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), N, E, K,
+                                          cfg_.norm_topk_prob, stream));
+  if (opts_.force_balance) {
+    CUDA_CHECK(
+        launch::force_balance_routing(s.topk_idx_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), N, K, E, stream));
+  }
+
+  // The plan on the GPU; only the per-expert counts come back (the grouped GEMMs take host offsets).
+  CUDA_CHECK(launch::routing_plan(s.topk_idx_NK.data<int32_t>(), N, K, E, plan_workspace_.raw_data(),
+                                  plan_workspace_.num_bytes(), s.flat_M.data<int32_t>(), s.token_M.data<int64_t>(),
+                                  s.pos_NK.data<int32_t>(), counts_dev_E_.data<int32_t>(), stream));
+  CUDA_CHECK(cudaMemcpyAsync(counts_host_.get(), counts_dev_E_.raw_data(), static_cast<size_t>(E) * sizeof(int32_t),
+                             cudaMemcpyDeviceToHost, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int64_t e = 0; e < E; ++e) {
+    s.counts_E[e] = counts_host_.get()[e];
+    s.offsets[e + 1] = s.offsets[e] + s.counts_E[e];
+  }
+  // Every id from the router is in [0, E); a shortfall means a broken plan, not bad input.
+  MOETP_CHECK(s.offsets[E] == M, "CudaMoeLayer: per-expert counts sum to {}, expected N·K = {}", s.offsets[E], M);
+
+  CUDA_CHECK(cuda::launch::gather_rows(x_NH.raw_data(), s.x_MH.raw_data(), s.token_M.data<int64_t>(), M, N,
+                                       H * static_cast<int64_t>(sizeof(bf16)), nullptr, stream));
+  for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_forward(e0, e1, st); });
+  CUDA_CHECK(launch::combine_rows(bits(s.y_MH), s.pos_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), nullptr,
+                                  bits(out_NH), N, K, H, stream));
+  has_forward_ = true;
+}
+
+void CudaMoeLayer::for_expert_chunks(const std::function<void(int64_t, int64_t, cudaStream_t)>& fn) {
+  const int64_t E = cfg_.num_experts;
+  const int64_t S = static_cast<int64_t>(streams_.side.size());
+  if (S <= 1) {
+    fn(0, E, opts_.stream);
+    return;
+  }
+  // Chunk c ends at the first expert whose rows start at or after c/S of all rows.
+  const std::vector<int64_t>& off = saved_.offsets;
+  const int64_t M = off[E];
+  std::vector<int64_t> bounds{0};
+  for (int64_t c = 1; c < S; ++c) {
+    const int64_t target = c * M / S;
+    const int64_t e = std::lower_bound(off.begin(), off.end(), target) - off.begin();
+    bounds.push_back(std::clamp(e, bounds.back(), E));
+  }
+  bounds.push_back(E);
+  CUDA_CHECK(cudaEventRecord(streams_.fork, opts_.stream));
+  for (int64_t c = 0; c < S; ++c) {
+    if (off[bounds[c + 1]] == off[bounds[c]]) continue;  // no rows
+    cudaStream_t side = streams_.side[c];
+    CUDA_CHECK(cudaStreamWaitEvent(side, streams_.fork, 0));
+    fn(bounds[c], bounds[c + 1], side);
+    CUDA_CHECK(cudaEventRecord(streams_.join[c], side));
+    CUDA_CHECK(cudaStreamWaitEvent(opts_.stream, streams_.join[c], 0));
+  }
+}
+
+namespace {
+// Offsets of experts [e0, e1] relative to their first row.
+std::vector<int64_t> chunk_offsets(const std::vector<int64_t>& off, int64_t e0, int64_t e1) {
+  std::vector<int64_t> sub(off.begin() + e0, off.begin() + e1 + 1);
+  for (int64_t& o : sub) o -= off[e0];
+  return sub;
+}
+}  // namespace
+
+void CudaMoeLayer::experts_forward(int64_t e0, int64_t e1, cudaStream_t stream) {
+  CudaMoeSaved& s = saved_;
+  const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, I = cfg_.intermediate;
+  if (rows == 0) return;
+  const std::vector<int64_t> off = chunk_offsets(s.offsets, e0, e1);
+  const Tensor x = s.x_MH.narrow_rows(r0, rows);
+  Tensor h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows), y = s.y_MH.narrow_rows(r0, rows);
+  cuda::grouped_linear(x, off, params_.w13_L2iH.narrow_rows(e0, e1 - e0), h, stream);
+  CUDA_CHECK(cuda::launch::swiglu_forward(bits(h), bits(a), rows, I, stream));
+  cuda::grouped_linear(a, off, params_.w2_LHi.narrow_rows(e0, e1 - e0), y, stream);
+}
+
+void CudaMoeLayer::experts_backward(int64_t e0, int64_t e1, cudaStream_t stream) {
+  CudaMoeSaved& s = saved_;
+  const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, I = cfg_.intermediate;
+  if (rows == 0) return;
+  const std::vector<int64_t> off = chunk_offsets(s.offsets, e0, e1);
+  const Tensor w13 = params_.w13_L2iH.narrow_rows(e0, e1 - e0), w2 = params_.w2_LHi.narrow_rows(e0, e1 - e0);
+  Tensor dw13 = grads_.w13_L2iH.narrow_rows(e0, e1 - e0), dw2 = grads_.w2_LHi.narrow_rows(e0, e1 - e0);
+  const Tensor x = s.x_MH.narrow_rows(r0, rows), h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows);
+  Tensor dy = dy_MH_.narrow_rows(r0, rows), da = da_MI_.narrow_rows(r0, rows), dh = dh_M2I_.narrow_rows(r0, rows);
+  cuda::grouped_linear_backward(dy, a, off, w2, &da, &dw2, stream);
+  CUDA_CHECK(cuda::launch::swiglu_backward(bits(h), bits(da), bits(dh), rows, I, stream));
+  // dx_MH goes into dy's rows: the w2 backward above has consumed them (same stream).
+  cuda::grouped_linear_backward(dh, x, off, w13, &dy, &dw13, stream);
+}
+
+Tensor CudaMoeLayer::forward(const Tensor& x_NH) {
+  Tensor out;
+  forward_into(x_NH, out);
+  return out;
+}
+
+void CudaMoeLayer::backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE, Tensor& dx_NH) {
+  MOETP_CHECK(has_forward_, "CudaMoeLayer::backward needs a forward first (each forward allows one backward)");
+  const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k;
+  CudaMoeSaved& s = saved_;
+  const int64_t N = s.x_NH.size(0), M = N * K;
+  check_cuda_tensor(dout_NH, DType::kBF16, {N, H}, "CudaMoeLayer::backward dout_NH");
+  if (d_probs_NE.defined()) check_cuda_tensor(d_probs_NE, DType::kF32, {N, E}, "CudaMoeLayer::backward d_probs_NE");
+  has_forward_ = false;
+  ensure_output(dx_NH, N, H);
+  if (N == 0) return;
+  const cudaStream_t stream = opts_.stream;
+  // Forced routing weights are constants: only an aux-loss gradient reaches the router then.
+  const bool routed_grad = !opts_.force_balance;
+  const bool router_grad = routed_grad || d_probs_NE.defined();
+
+  // Combine backward: dy = w · dout[token], and the routing-weight gradient <dout[n], y[i]>.
+  float* dtopk = routed_grad ? dtopk_weight_NK_.data<float>() : nullptr;
+  CUDA_CHECK(launch::combine_backward(bits(dout_NH), bits(s.y_MH), s.flat_M.data<int32_t>(),
+                                      s.topk_weight_NK.data<float>(), bits(dy_MH_), dtopk, M, K, H, stream));
+  for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_backward(e0, e1, st); });
+  const Tensor& dx_MH = dy_MH_;  // experts_backward overwrites dy with dx_MH
+
+  const float* dx_router = nullptr;
+  if (router_grad) {
+    CUDA_CHECK(cuda::launch::router_logits_grad(
+        s.probs_NE.data<float>(), s.topk_idx_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), dtopk,
+        d_probs_NE.defined() ? d_probs_NE.data<float>() : nullptr, dlogits_NE_.data<float>(), N, E, K,
+        cfg_.norm_topk_prob, nullptr, stream));
+    // The router GEMMs take bf16 operands: dlogits is rounded once.
+    CUDA_CHECK(cuda::launch::cast_f32_to_bf16(dlogits_NE_.data<float>(), bits(dlogits_bf16_NE_), N * E, stream));
+    cuda::linear_backward(dlogits_bf16_NE_, s.x_NH, params_.wg_EH, nullptr, &grads_.wg_EH, stream);
+    // Row-major dx_router (N, H) = dlogits (N, E) · wg (E, H)  <=>  column-major dxᵀ (H × N) =
+    // wg (H × E) · dlogitsᵀ (E × N); kept in f32 and added to the expert part before rounding.
+    gemm_f32_out("CudaMoeLayer router dx", stream, CUBLAS_OP_N, CUBLAS_OP_N, H, N, E, params_.wg_EH.raw_data(), H,
+                 dlogits_bf16_NE_.raw_data(), E, dx_router_NH_.data<float>(), H);
+    dx_router = dx_router_NH_.data<float>();
+  }
+  CUDA_CHECK(
+      launch::combine_rows(bits(dx_MH), s.pos_NK.data<int32_t>(), nullptr, dx_router, bits(dx_NH), N, K, H, stream));
+}
+
+Tensor CudaMoeLayer::backward(const Tensor& dout_NH, const Tensor& d_probs_NE) {
+  Tensor dx;
+  backward_into(dout_NH, d_probs_NE, dx);
+  return dx;
+}
+
+}  // namespace moetp::moe

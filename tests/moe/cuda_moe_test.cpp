@@ -1,0 +1,349 @@
+// The single-GPU MoE layer (moe/cuda_moe.h) against the CPU MoE block (moe/moe_block.h at one rank,
+// dispatcher `local`). Parameters, inputs and upstream gradients are drawn in f32 and rounded to
+// bf16; the GPU takes the bf16 values, the CPU block computes in f32 from the same rounded values.
+//
+// Checked per case: the top-k ids (exact: both sides select on f32 probabilities of the same bf16
+// operands; a failure here names a near-tie, not an arithmetic error), the routing weights (f32),
+// the per-expert counts (exact), the dispatched row order (expert, then token, then slot, with x_MH
+// rows bit-exact copies of x rows), and out, dx, dwg, dw13, dw2 with the tolerance below.
+//
+// Tolerance (kGlobalRel, kBlockRel): the GPU rounds to bf16 where the CPU keeps f32 (h, a, y and
+// out forward; dy, da, dh, dx_MH, dlogits and dx backward), each a relative error of at most 2^-9
+// (RMS about 1.1e-3); a chain of about six such roundings gives about 3e-3 relative in the L2 norm.
+//   - no NaN or Inf;
+//   - ‖a − b‖₂ / ‖b‖₂ <= 1e-2 over the whole tensor (bf16 operands land in 1e-3..1e-2);
+//   - the same per block (a row of out, dx and dwg; one expert's slab of dw13 and dw2) <= 3e-2, so a
+//     wrong row or expert cannot hide in the global norm; a block whose reference is exactly zero (an
+//     expert that got no tokens) must be exactly zero.
+// A CPU emulation of the GPU's rounding points on these cases (seed 11) measured 1.5e-3..5.3e-3
+// globally and at most 8.3e-3 per block. An element-wise relative bound does not fit: elements near
+// zero through cancellation in the long sums have unbounded relative error. Each comparison prints
+// its measured errors (the margins).
+//
+// Runs under mpirun -np 1 (the CPU block needs a one-rank mesh); the GPU part skips without a GPU.
+#include "moe/cuda_moe.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "comm/mesh.h"
+#include "dist/mpi_env.h"
+#include "kernels/cpu/experts.h"
+#include "kernels/cuda/runtime.h"
+#include "moe/moe_block.h"
+#include "moe/row_ops.h"
+#include "testing.h"
+
+namespace moetp {
+namespace {
+
+constexpr double kGlobalRel = 1e-2;
+constexpr double kBlockRel = 3e-2;
+// Routing weights: f32 softmax of logits from two f32 GEMMs with different summation orders
+// (about 1e-6 apart), expf vs exp in double.
+constexpr testing::Tolerance kRoutingWeight{1e-4, 1e-6};
+
+enum class Routing { kRandom, kSkewed };
+
+struct Case {
+  const char* name;
+  int64_t N, H, E, K, I;
+  bool norm_topk_prob;
+  Routing routing;
+  bool aux_grad;  // pass a d_probs_NE (the aux-loss gradient) to backward
+};
+
+// Skewed: expert 0 is every token's first choice, expert E-1 nobody's (an expert with no tokens).
+// Ragged: sizes that are no multiple of 8 (the scalar paths of the row kernels). Smallest: N = 1.
+const Case kCases[] = {
+    {"skewed_N32_H16_E8_K2_I8", 32, 16, 8, 2, 8, true, Routing::kSkewed, false},
+    {"ragged_N7_H36_E6_K3_I20", 7, 36, 6, 3, 20, false, Routing::kRandom, false},
+    {"smallest_N1_H8_E2_K1_I8", 1, 8, 2, 1, 8, false, Routing::kRandom, false},
+    {"real_N512_H256_E16_K4_I128", 512, 256, 16, 4, 128, true, Routing::kRandom, true},
+};
+
+Tensor rounded(const Tensor& f32) { return f32.to(DType::kBF16).to(DType::kF32); }
+Tensor gpu_bf16(const Tensor& f32) { return f32.to(DType::kBF16).to(Device::kCuda); }
+Tensor host(const Tensor& t) { return t.to(Device::kCpu); }
+std::vector<float> host_f32(const Tensor& t) {
+  Tensor c = t.to(Device::kCpu);
+  return (c.dtype() == DType::kF32 ? c : c.to(DType::kF32)).to_vector<float>();
+}
+
+struct Inputs {
+  moe::MoeParams params;  // f32, bf16-representable
+  Tensor x_NH, dout_NH;   // f32, bf16-representable
+  Tensor d_probs_NE;      // f32 or undefined
+};
+
+Inputs make_inputs(const Case& c, uint64_t seed) {
+  const float a_in = 2.0f / std::sqrt(static_cast<float>(c.H)), a_ffn = 2.0f / std::sqrt(static_cast<float>(c.I));
+  Inputs in;
+  const bool skewed = c.routing == Routing::kSkewed;
+  in.x_NH = rounded(testing::random_tensor({c.N, c.H}, seed, 1, skewed ? 0.0f : -1.0f, 1.0f));
+  Tensor wg = testing::random_tensor({c.E, c.H}, seed, 2, -a_in, a_in);
+  if (skewed) {  // x >= 0, so these shift the logits by about ±5 (the others spread about ±0.7)
+    const float bias = 10.0f / static_cast<float>(c.H);
+    for (int64_t h = 0; h < c.H; ++h) {
+      wg.data<float>()[h] += bias;
+      wg.data<float>()[(c.E - 1) * c.H + h] -= bias;
+    }
+  }
+  in.params.wg_EH = rounded(wg);
+  in.params.w13_L2iH = rounded(testing::random_tensor({c.E, 2 * c.I, c.H}, seed, 3, -a_in, a_in));
+  in.params.w2_LHi = rounded(testing::random_tensor({c.E, c.H, c.I}, seed, 4, -a_ffn, a_ffn));
+  in.dout_NH = rounded(testing::random_tensor({c.N, c.H}, seed, 5));
+  if (c.aux_grad) in.d_probs_NE = testing::random_tensor({c.N, c.E}, seed, 6, -0.05f, 0.05f);
+  return in;
+}
+
+// The norm-wise comparison of the file header. `block` = elements per block.
+::testing::AssertionResult layer_close(const char* what, const Tensor& actual, const Tensor& expected, int64_t block) {
+  if (actual.shape() != expected.shape()) {
+    return ::testing::AssertionFailure() << what << ": shape " << actual.describe() << " vs " << expected.describe();
+  }
+  const std::vector<float> a = host_f32(actual), b = host_f32(expected);
+  if (testing::all_zero(b)) return ::testing::AssertionFailure() << what << ": reference is all zeros";
+  double diff2 = 0, ref2 = 0, worst = 0;
+  int64_t worst_block = -1;
+  const int64_t n = static_cast<int64_t>(b.size());
+  // A block far below the tensor's typical block (e.g. the router row of an expert that almost
+  // never wins, whose gradient is cancellation of small terms) is judged against a floor of 0.1 x
+  // the typical block norm instead of its own norm, where bf16 rounding of the inputs is unbounded
+  // in relative terms.
+  double total2 = 0;
+  for (float v : b) total2 += static_cast<double>(v) * v;
+  const double floor2 = 0.01 * total2 / static_cast<double>((n + block - 1) / block);
+  for (int64_t start = 0; start < n; start += block) {
+    double d2 = 0, r2 = 0;
+    for (int64_t i = start; i < std::min(n, start + block); ++i) {
+      if (!std::isfinite(a[i])) {
+        return ::testing::AssertionFailure()
+               << what << ": non-finite " << a[i] << " at " << testing::coords_str(actual.shape(), i);
+      }
+      const double d = static_cast<double>(a[i]) - b[i];
+      d2 += d * d;
+      r2 += static_cast<double>(b[i]) * b[i];
+    }
+    diff2 += d2;
+    ref2 += r2;
+    if (r2 == 0.0 && d2 != 0.0) {
+      return ::testing::AssertionFailure()
+             << what << ": block " << start / block << " should be exactly zero (its reference is), |diff|² = " << d2;
+    }
+    const double rel = r2 == 0.0 ? 0.0 : std::sqrt(d2 / std::max(r2, floor2));
+    if (rel > worst) {
+      worst = rel;
+      worst_block = start / block;
+    }
+  }
+  const double global = std::sqrt(diff2 / ref2);
+  std::printf("    %-5s rel L2 %.2e (limit %.0e), worst block %lld: %.2e (limit %.0e)\n", what, global, kGlobalRel,
+              static_cast<long long>(worst_block), worst, kBlockRel);
+  if (global <= kGlobalRel && worst <= kBlockRel) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": rel L2 " << global << " (limit " << kGlobalRel << "), block "
+                                       << worst_block << " of " << block << " elements at " << worst << " (limit "
+                                       << kBlockRel << ")";
+}
+
+class CudaMoeLayer : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "CUDA test skipped: " << cuda::unavailable_reason();
+    cuda::init(0);
+  }
+};
+
+// Rows of the dispatched order are sorted by (expert, token, slot) and counted per expert; x_MH rows
+// are bit-exact copies of their tokens' rows.
+void check_dispatch_order(const moe::CudaMoeSaved& s, const Tensor& x_NH, int64_t K) {
+  const std::vector<int32_t> flat = host(s.flat_M).to_vector<int32_t>();
+  const std::vector<int32_t> idx = host(s.topk_idx_NK).to_vector<int32_t>();
+  const std::vector<int64_t> token = host(s.token_M).to_vector<int64_t>();
+  const std::vector<int32_t> pos = host(s.pos_NK).to_vector<int32_t>();
+  ASSERT_EQ(flat.size(), idx.size());
+  std::vector<int64_t> rows(flat.size());
+  for (size_t i = 0; i < flat.size(); ++i) {
+    const int32_t f = flat[i], e = idx[f];
+    ASSERT_GE(static_cast<int64_t>(i), s.offsets[e]) << "row " << i << " (expert " << e << ") before its expert's rows";
+    ASSERT_LT(static_cast<int64_t>(i), s.offsets[e + 1])
+        << "row " << i << " (expert " << e << ") after its expert's rows";
+    if (i > 0) {
+      const int32_t pf = flat[i - 1];
+      ASSERT_TRUE(idx[pf] < e || (idx[pf] == e && pf < f)) << "rows " << i - 1 << " and " << i << " out of order";
+    }
+    ASSERT_EQ(token[i], f / K) << "token of row " << i;
+    ASSERT_EQ(pos[f], static_cast<int32_t>(i)) << "pos of pair " << f;
+    rows[i] = f / K;
+  }
+  EXPECT_TRUE(testing::bit_equal(s.x_MH, moe::gather_rows(x_NH, rows).to(DType::kBF16))) << "x_MH";
+}
+
+TEST_F(CudaMoeLayer, MatchesCpuBlock) {
+  auto& world = testing::world();
+  comm::Mesh mesh(world, 1, 1);
+  for (const Case& c : kCases) {
+    SCOPED_TRACE(c.name);
+    std::printf("  %s\n", c.name);
+    const Inputs in = make_inputs(c, 11);
+    const moe::MoeConfig cfg{c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"};
+
+    moe::MoeBlock block(cfg, mesh);
+    moe::MoeSaved cpu_saved;
+    const Tensor cpu_out = block.forward(in.x_NH, in.params, cpu_saved);
+    const Tensor cpu_idx = cpu_saved.router.topk_idx_NK.clone();
+    const Tensor cpu_weight = cpu_saved.router.topk_weight_NK.clone();
+    const std::vector<float> cpu_counts = cpu_saved.counts_E.to_vector<float>();
+    moe::MoeParams cpu_grads = block.zeros_like_params();
+    const Tensor cpu_dx = block.backward(in.dout_NH, in.d_probs_NE, in.params, cpu_saved, cpu_grads);
+
+    // expert_streams = 3: the experts in three chunks on side streams (the same function).
+    for (const int streams : {1, 3}) {
+      SCOPED_TRACE(fmt::format("expert_streams = {}", streams));
+      std::printf("   expert_streams = %d\n", streams);
+      moe::CudaMoeOptions opts;
+      opts.expert_streams = streams;
+      moe::CudaMoeLayer layer(cfg, opts);
+      layer.set_params(in.params);
+      const Tensor x = gpu_bf16(in.x_NH);
+      const Tensor out = layer.forward(x);
+      const moe::CudaMoeSaved& s = layer.saved();
+      ASSERT_TRUE(testing::bit_equal(s.topk_idx_NK, cpu_idx)) << "top-k ids differ (a near-tie in the probabilities?)";
+      EXPECT_TRUE(testing::close(s.topk_weight_NK, cpu_weight, kRoutingWeight)) << "routing weights";
+      ASSERT_EQ(layer.counts_E().size(), cpu_counts.size());
+      for (size_t e = 0; e < cpu_counts.size(); ++e) {
+        EXPECT_EQ(layer.counts_E()[e], static_cast<int64_t>(cpu_counts[e])) << "expert " << e;
+      }
+      if (c.routing == Routing::kSkewed) {
+        EXPECT_EQ(layer.counts_E()[0], c.N) << "expert 0 should get every token";
+        EXPECT_EQ(layer.counts_E()[c.E - 1], 0) << "expert E-1 should get no token";
+      }
+      check_dispatch_order(s, in.x_NH, c.K);
+
+      Tensor d_probs = in.d_probs_NE.defined() ? in.d_probs_NE.to(Device::kCuda) : Tensor();
+      const Tensor dx = layer.backward(gpu_bf16(in.dout_NH), d_probs);
+      EXPECT_TRUE(layer_close("out", out, cpu_out, c.H));
+      EXPECT_TRUE(layer_close("dx", dx, cpu_dx, c.H));
+      EXPECT_TRUE(layer_close("dwg", layer.grads().wg_EH, cpu_grads.wg_EH, c.H));
+      EXPECT_TRUE(layer_close("dw13", layer.grads().w13_L2iH, cpu_grads.w13_L2iH, 2 * c.I * c.H));
+      EXPECT_TRUE(layer_close("dw2", layer.grads().w2_LHi, cpu_grads.w2_LHi, c.H * c.I));
+    }
+  }
+}
+
+// Gradients accumulate: two backward passes give twice one (to f32 rounding of the sum).
+TEST_F(CudaMoeLayer, GradientsAccumulate) {
+  const Case c = kCases[3];
+  const Inputs in = make_inputs(c, 12);
+  moe::CudaMoeLayer layer({c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"});
+  layer.set_params(in.params);
+  const Tensor x = gpu_bf16(in.x_NH), dout = gpu_bf16(in.dout_NH);
+  layer.forward(x);
+  layer.backward(dout);
+  const Tensor once = host(layer.grads().w13_L2iH);
+  layer.forward(x);
+  layer.backward(dout);
+  std::vector<float> twice_expected = once.to_vector<float>();
+  for (float& v : twice_expected) v *= 2.0f;
+  EXPECT_TRUE(testing::close(layer.grads().w13_L2iH, Tensor::from_vector<float>(twice_expected, once.shape()),
+                             testing::kF32Exactish));
+  layer.zero_grads();
+  EXPECT_TRUE(testing::all_zero(host_f32(layer.grads().w13_L2iH)));
+}
+
+// Forced balance: token n slot k -> expert (n·K + k) % E, weight 1/K. The reference is the CPU
+// pipeline of the `local` dispatcher with that routing (row ops + cpu experts), and the router gets
+// no gradient.
+TEST_F(CudaMoeLayer, ForceBalanceRoundRobin) {
+  const int64_t N = 64, H = 32, E = 8, K = 2, I = 16;
+  const Case c{"balanced", N, H, E, K, I, true, Routing::kRandom, false};
+  const Inputs in = make_inputs(c, 13);
+  moe::CudaMoeOptions opts;
+  opts.force_balance = true;
+  opts.expert_streams = 4;  // four chunks of two experts
+  moe::CudaMoeLayer layer({H, E, K, I, true, "local"}, opts);
+  layer.set_params(in.params);
+  const Tensor out = layer.forward(gpu_bf16(in.x_NH));
+  for (int64_t e = 0; e < E; ++e) EXPECT_EQ(layer.counts_E()[e], N * K / E) << "expert " << e;
+  check_dispatch_order(layer.saved(), in.x_NH, K);
+  const Tensor dx = layer.backward(gpu_bf16(in.dout_NH));
+
+  // CPU reference: rows sorted by expert, then token, then slot.
+  std::vector<int64_t> token, slot, offsets(1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < K; ++k) {
+        if ((n * K + k) % E != e) continue;
+        token.push_back(n);
+        slot.push_back(k);
+      }
+    }
+    offsets.push_back(static_cast<int64_t>(token.size()));
+  }
+  const Tensor w_NK = Tensor::full<float>({N, K}, 1.0f / static_cast<float>(K));
+  const Tensor x_MH = moe::gather_rows(in.x_NH, token);
+  cpu::ExpertsSaved saved;
+  const Tensor y_MH = cpu::experts_forward(x_MH, offsets, in.params.w13_L2iH, in.params.w2_LHi, &saved);
+  Tensor ref_out = Tensor::zeros({N, H}, DType::kF32);
+  moe::fold_weighted(y_MH, token, slot, w_NK, ref_out);
+  const Tensor dy_MH = moe::weighted_gather(in.dout_NH, token, slot, w_NK);
+  Tensor dx_MH, dw13 = Tensor::zeros({E, 2 * I, H}, DType::kF32), dw2 = Tensor::zeros({E, H, I}, DType::kF32);
+  cpu::experts_backward(dy_MH, x_MH, offsets, in.params.w13_L2iH, in.params.w2_LHi, saved, dx_MH, dw13, dw2);
+  Tensor ref_dx = Tensor::zeros({N, H}, DType::kF32);
+  moe::scatter_add_rows(dx_MH, token, ref_dx);
+
+  EXPECT_TRUE(layer_close("out", out, ref_out, H));
+  EXPECT_TRUE(layer_close("dx", dx, ref_dx, H));
+  EXPECT_TRUE(layer_close("dw13", layer.grads().w13_L2iH, dw13, 2 * I * H));
+  EXPECT_TRUE(layer_close("dw2", layer.grads().w2_LHi, dw2, H * I));
+  EXPECT_TRUE(testing::all_zero(host_f32(layer.grads().wg_EH))) << "forced routing must not reach the router";
+}
+
+TEST_F(CudaMoeLayer, ForceBalanceRaggedCounts) {
+  // 7·2 = 14 rows over 4 experts: pairs 0..13 go to j % 4, so experts 0, 1 get 4 and 2, 3 get 3.
+  const Case c{"balanced_ragged", 7, 16, 4, 2, 8, true, Routing::kRandom, false};
+  const Inputs in = make_inputs(c, 14);
+  moe::CudaMoeOptions opts;
+  opts.force_balance = true;
+  moe::CudaMoeLayer layer({c.H, c.E, c.K, c.I, true, "local"}, opts);
+  layer.set_params(in.params);
+  layer.forward(gpu_bf16(in.x_NH));
+  EXPECT_EQ(layer.counts_E(), (std::vector<int64_t>{4, 4, 3, 3}));
+}
+
+TEST_F(CudaMoeLayer, RejectsBadCallsWithTheValues) {
+  auto message = [](auto&& fn) {
+    try {
+      fn();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(message([] { moe::CudaMoeLayer l({16, 4, 5, 8, true, "local"}); }).find("top_k (5)"), std::string::npos);
+  EXPECT_NE(message([] {
+              moe::CudaMoeLayer l({16, 2000, 2, 8, true, "local"});
+            }).find("num_experts (2000)"),
+            std::string::npos);
+  moe::CudaMoeLayer layer({16, 4, 2, 8, true, "local"});
+  const Tensor wrong = gpu_bf16(testing::random_tensor({3, 12}, 1, 1));
+  EXPECT_NE(message([&] { layer.forward(wrong); }).find("(N, 16)"), std::string::npos);
+  EXPECT_NE(message([&] {
+              layer.backward(gpu_bf16(testing::random_tensor({3, 16}, 1, 2)));
+            }).find("forward first"),
+            std::string::npos);
+  const Tensor x = gpu_bf16(testing::random_tensor({3, 16}, 1, 3));
+  layer.forward(x);
+  layer.backward(gpu_bf16(testing::random_tensor({3, 16}, 1, 4)));
+  EXPECT_NE(message([&] {
+              layer.backward(gpu_bf16(testing::random_tensor({3, 16}, 1, 4)));
+            }).find("forward first"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace moetp
