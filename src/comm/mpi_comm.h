@@ -10,6 +10,10 @@
 
 #include "comm/comm.h"
 
+namespace moetp::comm::detail {
+struct Agreement;
+}
+
 namespace moetp::comm {
 
 // Initialises MPI (MPI_THREAD_FUNNELED) for the life of the object; finalises on destruction.
@@ -53,10 +57,8 @@ class MpiComm final : public Comm {
   std::unique_ptr<Comm> split(int color, int key, std::string name) override;
 
  private:
-  struct Agreement;
-  // Exchanges each rank's `words` (same length everywhere) and throws on every rank if any rank
-  // reported a local error or `check` finds an inconsistency in the gathered table.
-  void agree(const char* op, Agreement& a);
+  // detail::agree over this communicator (see comm/agreement.h).
+  void agree(const char* op, detail::Agreement& a);
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::string name_;

@@ -1,7 +1,9 @@
 // NCCL backend of Comm (see nccl_comm.h for the mapping onto NCCL, the argument agreement and the
-// stream semantics). The argument checks mirror mpi_comm.cpp word for word, so a bad call reads the
-// same on both backends; only the device wording differs.
+// stream semantics). The argument rules are comm/agreement.h's, shared with the MPI backend, so a
+// bad call reads the same on both; only the device wording differs.
 #include "comm/nccl_comm.h"
+
+#include "comm/agreement.h"
 
 #include <fmt/ranges.h>
 
@@ -11,19 +13,6 @@
 #include "kernels/cuda/cuda_check.h"
 
 namespace moetp::comm {
-
-namespace {
-
-std::string mpi_error_string(int code) {
-  char buf[MPI_MAX_ERROR_STRING];
-  int len = 0;
-  MPI_Error_string(code, buf, &len);
-  return std::string(buf, static_cast<size_t>(len));
-}
-
-#define MPI_CHECK(call) MOETP_STATUS_CHECK(call, MPI_SUCCESS, mpi_error_string)
-
-}  // namespace
 
 // Status checks inside NcclComm members: the message names the call, the group, this rank, the
 // device and `context` (the tensors and counts; an expression evaluated only on failure).
@@ -58,6 +47,10 @@ ncclDataType_t nccl_type(DType d) {
   MOETP_FAIL("dtype {} has no NCCL type", static_cast<int>(d));
 }
 
+using detail::Agreement;
+
+const detail::BackendTraits kNccl{Device::kCuda, "the NCCL backend takes CUDA tensors", true, "NCCL"};
+
 ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::kSum ? ncclSum : ncclMax; }
 
 // Pointer to row `row` of a contiguous tensor whose rows are `row_bytes` long.
@@ -68,61 +61,6 @@ char* row_ptr(const Tensor& t, int64_t row, size_t row_bytes) {
 size_t row_bytes_of(const Tensor& t) { return static_cast<size_t>(t.row_numel()) * t.element_size(); }
 
 std::string counts_str(std::span<const int64_t> counts) { return fmt::format("[{}]", fmt::join(counts, ", ")); }
-
-// ---- local checks (the same as mpi_comm.cpp's, with the device wording of this backend) ----
-
-std::string local_tensor_error(const Tensor& t, const char* name) {
-  if (!t.defined()) return fmt::format("{} is undefined", name);
-  if (t.device() != Device::kCuda) {
-    return fmt::format("{} is {}, but the NCCL backend takes CUDA tensors", name, t.describe());
-  }
-  if (!t.is_contiguous()) return fmt::format("{} ({}) is not contiguous", name, t.describe());
-  return "";
-}
-
-std::string same_kind_error(const Tensor& in, const Tensor& out) {
-  if (in.dtype() != out.dtype()) {
-    return fmt::format("input {} and output {} differ in dtype", in.describe(), out.describe());
-  }
-  if (in.row_numel() != out.row_numel()) {
-    return fmt::format("input {} and output {} differ in row width ({} vs {} elements)", in.describe(),
-                       out.describe(), in.row_numel(), out.row_numel());
-  }
-  return "";
-}
-
-std::string counts_error(std::span<const int64_t> counts, int size, const char* what) {
-  if (static_cast<int>(counts.size()) != size) {
-    return fmt::format("{} has {} entries for a group of {}", what, counts.size(), size);
-  }
-  for (size_t i = 0; i < counts.size(); ++i) {
-    if (counts[i] < 0) return fmt::format("{}[{}] = {} is negative", what, i, counts[i]);
-  }
-  return "";
-}
-
-std::string first_of(std::initializer_list<std::string> errors) {
-  for (const std::string& e : errors) {
-    if (!e.empty()) return e;
-  }
-  return "";
-}
-
-// Checks that words[r][0..n) are equal on every rank; names the first disagreement.
-std::string all_equal(const std::vector<std::vector<int64_t>>& words, size_t n,
-                      const std::vector<std::string>& labels) {
-  for (size_t r = 1; r < words.size(); ++r) {
-    for (size_t i = 0; i < n; ++i) {
-      if (words[r][i] != words[0][i]) {
-        const std::string label = i < labels.size() ? labels[i] : fmt::format("count[{}]", i - labels.size());
-        return fmt::format("ranks disagree on {}: rank 0 has {}, rank {} has {}", label, words[0][i], r,
-                           words[r][i]);
-      }
-    }
-  }
-  return "";
-}
-const std::vector<std::string> kKindLabels = {"dtype", "row width"};
 
 std::vector<int64_t> offsets_of(std::span<const int64_t> counts) {
   std::vector<int64_t> off(counts.size(), 0);
@@ -166,8 +104,8 @@ std::unique_ptr<NcclComm> NcclComm::create(MpiComm& host, std::string name) {
   ncclUniqueId id{};
   int status = ncclSuccess;
   if (own->rank() == 0) status = ncclGetUniqueId(&id);
-  MPI_CHECK(MPI_Bcast(&status, 1, MPI_INT, 0, own->raw()));
-  MPI_CHECK(MPI_Bcast(&id, static_cast<int>(sizeof(id)), MPI_BYTE, 0, own->raw()));
+  MOETP_MPI_CHECK(MPI_Bcast(&status, 1, MPI_INT, 0, own->raw()));
+  MOETP_MPI_CHECK(MPI_Bcast(&id, static_cast<int>(sizeof(id)), MPI_BYTE, 0, own->raw()));
   MOETP_CHECK(status == ncclSuccess, "NcclComm::create on group '{}': ncclGetUniqueId failed on rank 0: {}", name,
               ncclGetErrorString(static_cast<ncclResult_t>(status)));
 
@@ -239,14 +177,6 @@ std::string NcclComm::failure(const char* call, const std::string& status, const
 
 // ---- agreement ----
 
-struct NcclComm::Agreement {
-  std::string local_error;     // non-empty when this rank's own arguments are invalid
-  std::vector<int64_t> words;  // padded/truncated to num_words; same layout on every rank
-  size_t num_words = 0;
-  // Given words[r] of every rank r, returns "" when consistent or a message naming the values.
-  std::function<std::string(const std::vector<std::vector<int64_t>>&)> check;
-};
-
 std::string NcclComm::local_state_error() const {
   int current = -1;
   if (const cudaError_t err = cudaGetDevice(&current); err != cudaSuccess) {
@@ -266,49 +196,17 @@ std::string NcclComm::local_state_error() const {
   return "";
 }
 
-// The same protocol as MpiComm::agree (one MPI_Allgather of [ok, words...] per rank; the failing
-// ranks' messages follow only when some rank failed), so the errors read the same.
+// detail::agree over the host communicator, after this member's own state checks; with
+// validation off, only a local error is raised, locally.
 void NcclComm::agree(const char* op, Agreement& a) {
-  a.local_error = first_of({local_state_error(), a.local_error});
+  const std::string state = local_state_error();
+  if (!state.empty()) a.local_error = state;
   if (!validate_) {
     MOETP_CHECK(a.local_error.empty(), "{} on group '{}' (size {}): invalid arguments; rank {}: {}", op, name_,
                 size_, rank_, a.local_error);
     return;
   }
-  const size_t stride = a.num_words + 1;
-  std::vector<int64_t> mine(stride, 0);
-  mine[0] = a.local_error.empty() ? 1 : 0;
-  for (size_t i = 0; i < a.num_words && i < a.words.size(); ++i) mine[i + 1] = a.words[i];
-  std::vector<int64_t> table(stride * static_cast<size_t>(size_));
-  MPI_Comm mpi = host_->raw();
-  MPI_CHECK(MPI_Allgather(mine.data(), static_cast<int>(stride), MPI_INT64_T, table.data(),
-                          static_cast<int>(stride), MPI_INT64_T, mpi));
-
-  bool all_ok = true;
-  for (int r = 0; r < size_; ++r) all_ok = all_ok && table[r * stride] == 1;
-  if (!all_ok) {
-    int len = static_cast<int>(a.local_error.size());
-    std::vector<int> lens(size_);
-    MPI_CHECK(MPI_Allgather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, mpi));
-    std::vector<int> displs(size_, 0);
-    for (int r = 1; r < size_; ++r) displs[r] = displs[r - 1] + lens[r - 1];
-    std::string all(static_cast<size_t>(displs.back() + lens.back()), '\0');
-    MPI_CHECK(MPI_Allgatherv(a.local_error.data(), len, MPI_CHAR, all.data(), lens.data(), displs.data(), MPI_CHAR,
-                             mpi));
-    std::string msg = fmt::format("{} on group '{}' (size {}): invalid arguments", op, name_, size_);
-    for (int r = 0; r < size_; ++r) {
-      if (lens[r] > 0) msg += fmt::format("; rank {}: {}", r, all.substr(displs[r], lens[r]));
-    }
-    MOETP_FAIL("{}", msg);
-  }
-  std::vector<std::vector<int64_t>> words(size_);
-  for (int r = 0; r < size_; ++r) {
-    words[r].assign(table.begin() + r * stride + 1, table.begin() + (r + 1) * stride);
-  }
-  if (a.check) {
-    const std::string err = a.check(words);
-    MOETP_CHECK(err.empty(), "{} on group '{}' (size {}): {}", op, name_, size_, err);
-  }
+  detail::agree(host_->raw(), name_, op, a);
 }
 
 // ---- streams ----
@@ -338,12 +236,7 @@ void NcclComm::barrier() {
 }
 
 void NcclComm::broadcast(Tensor& t, int root) {
-  Agreement a;
-  a.local_error = first_of({local_tensor_error(t, "tensor"),
-                            (root < 0 || root >= size_) ? fmt::format("root {} out of range", root) : ""});
-  a.num_words = 3;
-  if (a.local_error.empty()) a.words = {static_cast<int64_t>(t.dtype()), t.numel(), root};
-  a.check = [](const auto& w) { return all_equal(w, 3, {"dtype", "element count", "root"}); };
+  Agreement a = detail::broadcast_args(kNccl, size_, t, root);
   agree("broadcast", a);
   if (t.num_bytes() == 0) return;
   enter_stream();
@@ -353,11 +246,7 @@ void NcclComm::broadcast(Tensor& t, int root) {
 }
 
 void NcclComm::all_reduce(Tensor& t, ReduceOp op) {
-  Agreement a;
-  a.local_error = local_tensor_error(t, "tensor");
-  a.num_words = 3;
-  if (a.local_error.empty()) a.words = {static_cast<int64_t>(t.dtype()), t.numel(), static_cast<int64_t>(op)};
-  a.check = [](const auto& w) { return all_equal(w, 3, {"dtype", "element count", "reduce op"}); };
+  Agreement a = detail::all_reduce_args(kNccl, t, op);
   agree("all_reduce", a);
   if (t.numel() == 0) return;
   enter_stream();
@@ -368,16 +257,7 @@ void NcclComm::all_reduce(Tensor& t, ReduceOp op) {
 }
 
 void NcclComm::all_gather(const Tensor& in, Tensor& out) {
-  Agreement a;
-  a.local_error = first_of({local_tensor_error(in, "input"), local_tensor_error(out, "output")});
-  if (a.local_error.empty()) a.local_error = same_kind_error(in, out);
-  if (a.local_error.empty() && out.rows() != in.rows() * size_) {
-    a.local_error = fmt::format("output has {} rows, expected {} ranks x {} input rows = {}", out.rows(), size_,
-                                in.rows(), in.rows() * size_);
-  }
-  a.num_words = 3;
-  if (a.local_error.empty()) a.words = {static_cast<int64_t>(in.dtype()), in.row_numel(), in.rows()};
-  a.check = [](const auto& w) { return all_equal(w, 3, {"dtype", "row width", "input rows"}); };
+  Agreement a = detail::all_gather_args(kNccl, size_, in, out);
   agree("all_gather", a);
   if (in.num_bytes() == 0) return;
   enter_stream();
@@ -387,23 +267,7 @@ void NcclComm::all_gather(const Tensor& in, Tensor& out) {
 }
 
 void NcclComm::all_gather_v(const Tensor& in, Tensor& out, std::span<const int64_t> counts) {
-  Agreement a;
-  a.local_error = first_of({local_tensor_error(in, "input"), local_tensor_error(out, "output"),
-                            counts_error(counts, size_, "counts")});
-  if (a.local_error.empty()) a.local_error = same_kind_error(in, out);
-  if (a.local_error.empty() && counts[rank_] != in.rows()) {
-    a.local_error = fmt::format("counts[{}] = {} but the input has {} rows", rank_, counts[rank_], in.rows());
-  }
-  if (a.local_error.empty() && out.rows() != sum_counts(counts)) {
-    a.local_error = fmt::format("output has {} rows, counts sum to {}", out.rows(), sum_counts(counts));
-  }
-  a.num_words = 2 + static_cast<size_t>(size_);
-  if (a.local_error.empty()) {
-    a.words = {static_cast<int64_t>(in.dtype()), in.row_numel()};
-    a.words.insert(a.words.end(), counts.begin(), counts.end());
-  }
-  const size_t n = a.num_words;
-  a.check = [n](const auto& w) { return all_equal(w, n, kKindLabels); };
+  Agreement a = detail::all_gather_v_args(kNccl, rank_, size_, in, out, counts);
   agree("all_gather_v", a);
   if (in.row_numel() == 0 || out.rows() == 0) return;
   // One broadcast per rank with rows, rooted there; on the other ranks the send buffer is the
@@ -430,16 +294,7 @@ void NcclComm::all_gather_v(const Tensor& in, Tensor& out, std::span<const int64
 }
 
 void NcclComm::reduce_scatter(const Tensor& in, Tensor& out) {
-  Agreement a;
-  a.local_error = first_of({local_tensor_error(in, "input"), local_tensor_error(out, "output")});
-  if (a.local_error.empty()) a.local_error = same_kind_error(in, out);
-  if (a.local_error.empty() && in.rows() != out.rows() * size_) {
-    a.local_error = fmt::format("input has {} rows, expected {} ranks x {} output rows = {}", in.rows(), size_,
-                                out.rows(), out.rows() * size_);
-  }
-  a.num_words = 3;
-  if (a.local_error.empty()) a.words = {static_cast<int64_t>(in.dtype()), in.row_numel(), out.rows()};
-  a.check = [](const auto& w) { return all_equal(w, 3, {"dtype", "row width", "output rows"}); };
+  Agreement a = detail::reduce_scatter_args(kNccl, size_, in, out);
   agree("reduce_scatter", a);
   if (out.numel() == 0) return;
   enter_stream();
@@ -450,23 +305,7 @@ void NcclComm::reduce_scatter(const Tensor& in, Tensor& out) {
 }
 
 void NcclComm::reduce_scatter_v(const Tensor& in, Tensor& out, std::span<const int64_t> counts) {
-  Agreement a;
-  a.local_error = first_of({local_tensor_error(in, "input"), local_tensor_error(out, "output"),
-                            counts_error(counts, size_, "counts")});
-  if (a.local_error.empty()) a.local_error = same_kind_error(in, out);
-  if (a.local_error.empty() && in.rows() != sum_counts(counts)) {
-    a.local_error = fmt::format("input has {} rows, counts sum to {}", in.rows(), sum_counts(counts));
-  }
-  if (a.local_error.empty() && out.rows() != counts[rank_]) {
-    a.local_error = fmt::format("output has {} rows but counts[{}] = {}", out.rows(), rank_, counts[rank_]);
-  }
-  a.num_words = 2 + static_cast<size_t>(size_);
-  if (a.local_error.empty()) {
-    a.words = {static_cast<int64_t>(in.dtype()), in.row_numel()};
-    a.words.insert(a.words.end(), counts.begin(), counts.end());
-  }
-  const size_t n = a.num_words;
-  a.check = [n](const auto& w) { return all_equal(w, n, kKindLabels); };
+  Agreement a = detail::reduce_scatter_v_args(kNccl, rank_, size_, in, out, counts);
   agree("reduce_scatter_v", a);
   if (in.row_numel() == 0 || in.rows() == 0) return;
   // One reduce per destination block, rooted at its owner (the receive buffer matters on the root
@@ -495,39 +334,7 @@ void NcclComm::reduce_scatter_v(const Tensor& in, Tensor& out, std::span<const i
 
 void NcclComm::all_to_all_v(const Tensor& in, std::span<const int64_t> send_counts, Tensor& out,
                             std::span<const int64_t> recv_counts) {
-  Agreement a;
-  a.local_error = first_of({local_tensor_error(in, "input"), local_tensor_error(out, "output"),
-                            counts_error(send_counts, size_, "send_counts"),
-                            counts_error(recv_counts, size_, "recv_counts")});
-  if (a.local_error.empty()) a.local_error = same_kind_error(in, out);
-  if (a.local_error.empty() && in.rows() != sum_counts(send_counts)) {
-    a.local_error = fmt::format("input has {} rows, send_counts sum to {}", in.rows(), sum_counts(send_counts));
-  }
-  if (a.local_error.empty() && out.rows() != sum_counts(recv_counts)) {
-    a.local_error = fmt::format("output has {} rows, recv_counts sum to {}", out.rows(), sum_counts(recv_counts));
-  }
-  const size_t w = static_cast<size_t>(size_);
-  a.num_words = 2 + 2 * w;
-  if (a.local_error.empty()) {
-    a.words = {static_cast<int64_t>(in.dtype()), in.row_numel()};
-    a.words.insert(a.words.end(), send_counts.begin(), send_counts.end());
-    a.words.insert(a.words.end(), recv_counts.begin(), recv_counts.end());
-  }
-  a.check = [w](const std::vector<std::vector<int64_t>>& words) {
-    std::string e = all_equal(words, 2, kKindLabels);
-    if (!e.empty()) return e;
-    for (size_t src = 0; src < w; ++src) {
-      for (size_t dst = 0; dst < w; ++dst) {
-        const int64_t sent = words[src][2 + dst];
-        const int64_t expected = words[dst][2 + w + src];
-        if (sent != expected) {
-          return fmt::format("rank {} sends {} rows to rank {}, which expects {} (send_counts[{}] vs recv_counts[{}])",
-                             src, sent, dst, expected, dst, src);
-        }
-      }
-    }
-    return std::string();
-  };
+  Agreement a = detail::all_to_all_v_args(kNccl, size_, in, send_counts, out, recv_counts);
   agree("all_to_all_v", a);
   if (in.row_numel() == 0) return;
   // The agreement has checked this already; without it, the copy to itself must still fit.
@@ -572,9 +379,7 @@ void NcclComm::all_to_all_v(const Tensor& in, std::span<const int64_t> send_coun
 }
 
 std::unique_ptr<Comm> NcclComm::split(int color, int key, std::string name) {
-  Agreement a;
-  if (color < 0) a.local_error = fmt::format("color {} is negative", color);
-  a.num_words = 0;
+  Agreement a = detail::split_args(color);
   agree("split", a);
   // Host first (MPI_Comm_split orders by (key, rank) as ncclCommSplit does; the constructor checks
   // that the two agree), then the device communicator.

@@ -53,6 +53,10 @@
 #include "comm/comm.h"
 #include "comm/mpi_comm.h"
 
+namespace moetp::comm::detail {
+struct Agreement;
+}
+
 namespace moetp::comm {
 
 class NcclComm final : public Comm {
@@ -105,8 +109,6 @@ class NcclComm final : public Comm {
   std::unique_ptr<Comm> split(int color, int key, std::string name) override;
 
  private:
-  struct Agreement;
-
   // Takes ownership of `host` (same members and order as `comm`) and of `comm`.
   NcclComm(std::unique_ptr<MpiComm> host, ncclComm_t comm, std::string name);
 
@@ -114,7 +116,7 @@ class NcclComm final : public Comm {
   std::string local_state_error() const;
   // Throws the same error on every rank when any rank's arguments are invalid or disagree (see
   // MpiComm::agree); with validation off, throws only a local error, locally.
-  void agree(const char* op, Agreement& a);
+  void agree(const char* op, detail::Agreement& a);
   // Orders the communication stream after the compute stream, and back (see the header comment).
   void enter_stream();
   void leave_stream();
