@@ -1,0 +1,117 @@
+// Qwen3-MoE decoder on ONE GPU (expert parallel = expert tensor parallel = 1): one micro-batch's
+// forward + backward composed from the CUDA kernels (kernels/cuda/{ops,attention,gemm}.h) and the
+// single-GPU MoE layer (moe/cuda_moe.h), in exactly the layer order of the CPU model
+// (model/model.h, the executable spec), which tests/model/cuda_model_test.cpp holds it to.
+//
+// Storage: per parameter an f32 master, a bf16 working copy (what the kernels read) and an f32
+// gradient (accumulated, +=). Activations are bf16, every accumulation f32. The residual stream is
+// bf16 (each residual add is an f32 add rounded once to bf16). The routed experts and router of a
+// MoE layer keep their bf16 copy and f32 gradient inside their moe::CudaMoeLayer; the model's
+// gradient tensors for them are views of the layer's.
+//
+// Parameters are the CPU model's, in the same order, with the same names and shapes (params()[i]
+// corresponds to Qwen3MoeModel::params()[i]). The dense MLP's gate and up weights are rows [0, F)
+// and [F, 2F) of one (2F, H) buffer (master, working copy and gradient alike), so one GEMM gives the
+// SwiGLU input gate | up.
+//
+// Loss: cross-entropy on the LM head's bf16 logits, computed in chunks of rows (tokens) so that at
+// most kLogitChunkElems logits (bf16) exist at a time, whatever N·V; the aux loss from the MoE
+// layers' statistics as moe::aux_loss on one rank. The per-layer probability sums are taken on
+// the host from a copy of the (N, E) f32 probabilities (small; a device reduction would avoid it).
+//
+// Streams: everything runs on the legacy default stream; forward_backward synchronises (the MoE
+// layers' per-expert counts, the loss sums, the aux statistics).
+//
+// Legend: B sequences, S sequence length, N = B·S tokens, H hidden, V vocab, Hq/Hkv query/kv heads,
+// D head_dim, E experts, I expert FFN width, F dense FFN width.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "config/model_config.h"
+#include "core/tensor.h"
+#include "model/model.h"
+
+namespace moetp::moe {
+class CudaMoeLayer;
+}
+
+namespace moetp::model {
+
+struct CudaParam {
+  std::string name;   // the CPU model's (HF) name
+  bool decay = true;  // AdamW weight decay (off for norm weights)
+  Tensor master;      // f32, CUDA, the CPU model's shape
+  Tensor work;        // bf16, CUDA, same shape; undefined for MoE parameters (their layer holds the copy)
+  Tensor grad;        // f32, CUDA, same shape; ACCUMULATED by forward_backward
+  Tensor exp_avg, exp_avg_sq;  // f32 AdamW moments, allocated by the first adamw_step
+};
+
+// AdamW hyper-parameters (train::AdamWConfig's fields; this library does not depend on train).
+struct CudaAdamWConfig {
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+};
+
+class CudaQwen3MoeModel {
+ public:
+  // Rows per cross-entropy chunk: as many as keep chunk_rows · V <= kLogitChunkElems (at least 1).
+  static constexpr int64_t kLogitChunkElems = int64_t{1} << 26;  // 128 MiB of bf16 logits
+
+  // Initial values exactly as the CPU model built with the same (cfg, seed) at P = T = 1 (the same
+  // pure function of (seed, name, global index)); needs no MPI. Needs cuda::init() to have run.
+  CudaQwen3MoeModel(const config::ModelConfig& cfg, uint64_t seed);
+  // The CPU model's current values (f32, exactly; bf16 copies rounded from them). The CPU model must
+  // be a one-rank layout (ep = etp = 1) so its expert tensors are whole.
+  static std::unique_ptr<CudaQwen3MoeModel> from_cpu(const Qwen3MoeModel& cpu);
+  ~CudaQwen3MoeModel();
+  CudaQwen3MoeModel(const CudaQwen3MoeModel&) = delete;
+  CudaQwen3MoeModel& operator=(const CudaQwen3MoeModel&) = delete;
+
+  const config::ModelConfig& config() const { return cfg_; }
+  std::vector<CudaParam>& params() { return params_; }
+  const std::vector<CudaParam>& params() const { return params_; }
+  void zero_grads();
+
+  // One micro-batch, the CPU model's semantics (Qwen3MoeModel::forward_backward):
+  //   tokens_BS1 [IN] i32 (B, S + 1), host: inputs [:, :S], targets [:, 1:]
+  //   ce_scale   gradient scale of the summed cross-entropy (1 / targets of the step)
+  //   aux_scale  gradient scale of the aux loss (router_aux_loss_coef / micro-batches)
+  // Gradients accumulate (+=) into params()[i].grad. Synchronous (returns with the work done).
+  MicroStats forward_backward(const Tensor& tokens_BS1, double ce_scale, double aux_scale);
+  // Forward only (loss and statistics), no gradients.
+  MicroStats forward(const Tensor& tokens_BS1);
+
+  // The MoE layer of decoder layer `layer_idx` (null for a dense layer): routing, probabilities
+  // and counts of the last forward (tests use them to check routing margins).
+  const moe::CudaMoeLayer* moe_layer(int64_t layer_idx) const;
+
+  // Downloads the f32 gradients into cpu.params()[i].grad (OVERWRITTEN), so the CPU optimiser and
+  // tests can be reused. Names and shapes must match (checked).
+  void copy_grads_to(Qwen3MoeModel& cpu) const;
+  // Downloads the f32 masters into cpu.params()[i].value (OVERWRITTEN).
+  void copy_params_to(Qwen3MoeModel& cpu) const;
+
+  // One AdamW step on the f32 masters (cuda::adamw_step: train::AdamW::step's formula, element by
+  // element; decay only where CudaParam::decay), then refreshes every bf16 working copy.
+  //   step counts from 1. Synchronous.
+  void adamw_step(const CudaAdamWConfig& cfg, double lr, int64_t step);
+
+ private:
+  struct Layer;
+  struct ParamInit;
+  CudaQwen3MoeModel(const config::ModelConfig& cfg, const std::vector<Tensor>& host_values);
+  static std::vector<ParamInit> param_list(const config::ModelConfig& cfg);
+  void build(const std::vector<Tensor>& host_values);
+  void refresh_moe_params();
+  MicroStats run(const Tensor& tokens_BS1, bool backward, double ce_scale, double aux_scale);
+
+  config::ModelConfig cfg_;
+  std::vector<CudaParam> params_;
+  std::vector<Layer> layers_;
+  size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;
+};
+
+}  // namespace moetp::model

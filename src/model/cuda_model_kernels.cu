@@ -1,0 +1,41 @@
+// The one element-wise op the CUDA model (model/cuda_model.h) needs that kernels/cuda does not
+// have: the residual add of bf16 tensors, out = bf16(f32(a) + f32(b) [+ f32(c)]), one rounding (RNE).
+// CPU reference: the f32 add_into of model/model.cpp. Raw pointers only; the host wrapper in
+// cuda_model.cpp checks shapes, dtypes and devices before launching.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moetp::model::launch {
+
+namespace {
+
+__global__ void add_bf16_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* c,
+                                __nv_bfloat16* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = __bfloat162float(a[i]) + __bfloat162float(b[i]);
+    if (c != nullptr) s += __bfloat162float(c[i]);
+    out[i] = __float2bfloat16_rn(s);
+  }
+}
+
+}  // namespace
+
+// a, b, c (nullable), out: n bf16 values each (raw uint16_t bits); out may alias a, b or c
+// (each element is read before it is written, by the same thread).
+cudaError_t add_bf16(const uint16_t* a, const uint16_t* b, const uint16_t* c, uint16_t* out, int64_t n,
+                     cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const int threads = 256;
+  const int64_t want = (n + threads - 1) / threads;
+  const int blocks = static_cast<int>(want < 65535 ? want : 65535);
+  add_bf16_kernel<<<blocks, threads, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(a),
+                                                  reinterpret_cast<const __nv_bfloat16*>(b),
+                                                  reinterpret_cast<const __nv_bfloat16*>(c),
+                                                  reinterpret_cast<__nv_bfloat16*>(out), n);
+  return cudaGetLastError();
+}
+
+}  // namespace moetp::model::launch

@@ -1,0 +1,237 @@
+// The one-GPU model (model/cuda_model.h) against the CPU model (model/model.h, the spec) on tiny
+// Qwen3-MoE configs: 3 layers with a dense one in the middle (mlp_only_layers), and 2 layers with
+// tied embeddings; 8 experts top-2, head_dim 16, vocab 96, hidden 64, B = 2, S = 16.
+//
+// The CPU model's initial values are rounded to bf16 first, so both sides start from the same
+// weights and the comparison measures only the GPU's bf16 activations (the CPU keeps f32).
+//
+// Routing: top-k is discontinuous. The GPU's router input differs from the CPU's by its bf16
+// rounding (relative ~3e-3, so logit differences of ~5e-4 at these logit scales); a token whose
+// K-th and (K+1)-th probabilities are closer than that may pick another expert on each side,
+// which changes that token's whole path. The test therefore picks, among token seeds 1..256, the
+// first batch whose GPU routing margin (p_K − p_{K+1}) / p_K is >= kMinMargin = 2e-3 on every token
+// of every MoE layer (about 4x that estimate of the logit error), prints it, and then requires the
+// per-layer expert counts to agree exactly.
+//
+// Tolerances:
+//   - cross-entropy mean: relative 1e-3 (logits are bf16 on the GPU: ~2^-9 relative per logit, the
+//     mean over 32 targets of logsumexp − logit averages them out; an H100 measured 1.6e-5);
+//   - aux loss: relative 1e-3 (same counts; probability sums of f32 softmaxes of bf16-input logits;
+//     an H100 measured 1.5e-5..3.3e-5);
+//   - every gradient: norm-wise ‖g_gpu − g_cpu‖₂ / ‖g_cpu‖₂ <= 5e-2. The GPU rounds each activation
+//     and each activation gradient to bf16 (relative 2^-9 each, RMS ~1.1e-3) along a chain of ~10
+//     roundings per layer across 2-3 layers, forward and backward, so errors of ~1e-2 are expected;
+//     5e-2 leaves room while a wrong op (transposed weight, missing residual, wrong norm) gives O(1).
+//     Each tensor's error is printed (an H100 measured 3e-3..1.6e-2). The reference must be non-zero.
+// AdamW: three steps on the same batch with the CPU optimiser (train::AdamW) and the GPU one; the
+// losses after each step agree within 2e-2 relative, and the loss falls on both.
+//
+// Runs under mpirun -np 1 (the CPU model needs a one-rank mesh); skips without a GPU.
+#include "model/cuda_model.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "comm/mesh.h"
+#include "dist/mpi_env.h"
+#include "kernels/cuda/runtime.h"
+#include "moe/cuda_moe.h"
+#include "testing.h"
+#include "train/optim.h"
+
+namespace moetp {
+namespace {
+
+constexpr double kMinMargin = 2e-3;
+constexpr double kCeRel = 1e-3;
+constexpr double kAuxRel = 1e-3;
+constexpr double kGradRel = 5e-2;
+constexpr double kAdamLossRel = 2e-2;
+constexpr int64_t kB = 2, kS = 16;
+
+config::ModelConfig tiny_config(bool tied) {
+  config::ModelConfig c;
+  c.vocab_size = 96;
+  c.hidden_size = 64;
+  c.intermediate_size = 96;
+  c.moe_intermediate_size = 32;
+  c.num_hidden_layers = tied ? 2 : 3;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.num_experts = 8;
+  c.num_experts_per_tok = 2;
+  c.norm_topk_prob = true;
+  c.mlp_only_layers = tied ? std::vector<int64_t>{0} : std::vector<int64_t>{1};
+  c.tie_word_embeddings = tied;
+  c.router_aux_loss_coef = 0.1;  // larger than HF's 0.001 so the aux gradient shows in the router's
+  c.max_position_embeddings = 64;
+  c.validate("tiny_config");
+  return c;
+}
+
+void round_to_bf16(model::Qwen3MoeModel& m) {
+  for (model::Param& p : m.params()) p.value.copy_from(p.value.to(DType::kBF16).to(DType::kF32));
+}
+
+Tensor random_tokens(int64_t V, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(V - 1));
+  std::vector<int32_t> v(static_cast<size_t>(kB * (kS + 1)));
+  for (int32_t& t : v) t = pick(rng);
+  return Tensor::from_vector<int32_t>(v, {kB, kS + 1});
+}
+
+// Smallest (p_K − p_{K+1}) / p_K over tokens and MoE layers of the GPU model's last forward.
+double routing_margin(const model::CudaQwen3MoeModel& m) {
+  const config::ModelConfig& c = m.config();
+  const int64_t E = c.num_experts, K = c.num_experts_per_tok;
+  double margin = 1.0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const moe::CudaMoeLayer* layer = m.moe_layer(l);
+    if (layer == nullptr || K == E) continue;
+    const std::vector<float> probs = layer->saved().probs_NE.to_vector<float>();
+    for (size_t n = 0; n * E < probs.size(); ++n) {
+      std::vector<float> row(probs.begin() + n * E, probs.begin() + (n + 1) * E);
+      std::sort(row.begin(), row.end(), std::greater<float>());
+      margin = std::min(margin, static_cast<double>(row[K - 1] - row[K]) / row[K - 1]);
+    }
+  }
+  return margin;
+}
+
+double rel_l2(const Tensor& actual, const Tensor& expected, double* ref_norm) {
+  const std::vector<float> a = actual.to_vector<float>(), b = expected.to_vector<float>();
+  double d2 = 0, r2 = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    d2 += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    r2 += static_cast<double>(b[i]) * b[i];
+  }
+  *ref_norm = std::sqrt(r2);
+  return r2 == 0 ? (d2 == 0 ? 0.0 : INFINITY) : std::sqrt(d2 / r2);
+}
+
+class CudaModel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "CUDA test skipped: " << cuda::unavailable_reason();
+    cuda::init(0);
+  }
+};
+
+// The seed constructor draws exactly the CPU model's initial values (bit-exact masters).
+TEST_F(CudaModel, FromSeedMatchesCpuInit) {
+  comm::Mesh mesh(testing::world(), 1, 1);
+  for (const bool tied : {false, true}) {
+    const config::ModelConfig cfg = tiny_config(tied);
+    model::Qwen3MoeModel cpu(cfg, mesh, "local", 5);
+    model::CudaQwen3MoeModel gpu(cfg, 5);
+    ASSERT_EQ(gpu.params().size(), cpu.params().size());
+    for (size_t i = 0; i < cpu.params().size(); ++i) {
+      EXPECT_EQ(gpu.params()[i].name, cpu.params()[i].name);
+      EXPECT_TRUE(testing::bit_equal(gpu.params()[i].master.to(Device::kCpu), cpu.params()[i].value))
+          << cpu.params()[i].name;
+    }
+  }
+}
+
+// Picks the token batch (see the file header) after a GPU forward on each candidate.
+Tensor pick_tokens(model::CudaQwen3MoeModel& gpu, double* margin) {
+  for (uint64_t seed = 1; seed <= 256; ++seed) {
+    const Tensor tokens = random_tokens(gpu.config().vocab_size, seed);
+    gpu.forward(tokens);
+    *margin = routing_margin(gpu);
+    if (*margin >= kMinMargin) {
+      std::printf("  token seed %llu: routing margin %.2e (min %.0e)\n", static_cast<unsigned long long>(seed),
+                  *margin, kMinMargin);
+      return tokens;
+    }
+  }
+  return Tensor();
+}
+
+TEST_F(CudaModel, MatchesCpuModel) {
+  comm::Mesh mesh(testing::world(), 1, 1);
+  for (const bool tied : {false, true}) {
+    SCOPED_TRACE(tied ? "tied_L2" : "untied_L3");
+    std::printf(" %s\n", tied ? "tied, 2 layers (0 dense)" : "untied, 3 layers (1 dense)");
+    const config::ModelConfig cfg = tiny_config(tied);
+    model::Qwen3MoeModel cpu(cfg, mesh, "local", 7);
+    round_to_bf16(cpu);
+    const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu);
+    double margin = 0;
+    const Tensor tokens = pick_tokens(*gpu, &margin);
+    ASSERT_TRUE(tokens.defined()) << "no token seed in 1..256 with a routing margin >= " << kMinMargin;
+    const int64_t targets = kB * kS;
+    const double ce_scale = 1.0 / static_cast<double>(targets), aux_scale = cfg.router_aux_loss_coef;
+
+    cpu.zero_grads();
+    const model::MicroStats ref = cpu.forward_backward(tokens, ce_scale, aux_scale);
+    gpu->zero_grads();
+    const model::MicroStats got = gpu->forward_backward(tokens, ce_scale, aux_scale);
+
+    EXPECT_EQ(got.num_targets, ref.num_targets);
+    const double ce_ref = ref.ce_sum / static_cast<double>(ref.num_targets);
+    const double ce_got = got.ce_sum / static_cast<double>(got.num_targets);
+    std::printf("  ce %.6f vs cpu %.6f (rel %.2e, limit %.0e); aux %.6f vs cpu %.6f (rel %.2e, limit %.0e)\n", ce_got,
+                ce_ref, std::fabs(ce_got - ce_ref) / ce_ref, kCeRel, got.aux, ref.aux,
+                std::fabs(got.aux - ref.aux) / ref.aux, kAuxRel);
+    EXPECT_NEAR(ce_got, ce_ref, kCeRel * ce_ref) << "cross-entropy mean";
+    EXPECT_GT(ref.aux, 0.0);
+    EXPECT_NEAR(got.aux, ref.aux, kAuxRel * ref.aux) << "aux loss";
+    EXPECT_EQ(got.expert_counts, ref.expert_counts) << "per-layer expert counts";
+
+    std::vector<Tensor> ref_grads;
+    for (const model::Param& p : cpu.params()) ref_grads.push_back(p.grad.clone());
+    gpu->copy_grads_to(cpu);  // overwrites the CPU model's gradients with the GPU's
+    for (size_t i = 0; i < ref_grads.size(); ++i) {
+      const model::Param& p = cpu.params()[i];
+      double norm = 0;
+      const double err = rel_l2(p.grad, ref_grads[i], &norm);
+      std::printf("    %-45s rel L2 %.2e (|ref| %.3e)\n", p.name.c_str(), err, norm);
+      EXPECT_GT(norm, 0.0) << p.name << ": reference gradient is all zeros";
+      EXPECT_LE(err, kGradRel) << "gradient of " << p.name;
+    }
+  }
+}
+
+TEST_F(CudaModel, AdamWStepsTrackCpu) {
+  comm::Mesh mesh(testing::world(), 1, 1);
+  const config::ModelConfig cfg = tiny_config(false);
+  model::Qwen3MoeModel cpu(cfg, mesh, "local", 9);
+  round_to_bf16(cpu);
+  const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu);
+  double margin = 0;
+  const Tensor tokens = pick_tokens(*gpu, &margin);
+  ASSERT_TRUE(tokens.defined());
+  const double ce_scale = 1.0 / static_cast<double>(kB * kS), aux_scale = cfg.router_aux_loss_coef, lr = 3e-3;
+  train::AdamWConfig acfg;
+  train::AdamW opt(cpu.params(), acfg);
+  const model::CudaAdamWConfig gcfg{acfg.beta1, acfg.beta2, acfg.eps, acfg.weight_decay};
+  std::vector<double> cpu_loss, gpu_loss;
+  for (int64_t step = 1; step <= 4; ++step) {
+    cpu.zero_grads();
+    gpu->zero_grads();
+    const model::MicroStats r = cpu.forward_backward(tokens, ce_scale, aux_scale);
+    const model::MicroStats g = gpu->forward_backward(tokens, ce_scale, aux_scale);
+    cpu_loss.push_back(r.ce_sum * ce_scale + aux_scale * r.aux);
+    gpu_loss.push_back(g.ce_sum * ce_scale + aux_scale * g.aux);
+    std::printf("  step %lld: loss %.6f vs cpu %.6f\n", static_cast<long long>(step), gpu_loss.back(),
+                cpu_loss.back());
+    EXPECT_NEAR(gpu_loss.back(), cpu_loss.back(), kAdamLossRel * cpu_loss.back()) << "step " << step;
+    if (step == 4) break;  // the 4th forward measures the 3rd update
+    opt.step(cpu.params(), lr, step);
+    gpu->adamw_step(gcfg, lr, step);
+  }
+  EXPECT_LT(cpu_loss.back(), cpu_loss.front()) << "CPU loss should fall on a repeated batch";
+  EXPECT_LT(gpu_loss.back(), gpu_loss.front()) << "GPU loss should fall on a repeated batch";
+}
+
+}  // namespace
+}  // namespace moetp
