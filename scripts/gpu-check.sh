@@ -12,13 +12,24 @@ run=/tmp/moetp-bundle/run.sh
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 declare -a rows
-for t in cuda_cast_test cuda_ops_test cuda_attention_test cuda_gemm_test; do
+gpus=$(nvidia-smi -L | wc -l)
+tests=$(cd /tmp/moetp-bundle/bin && ls | grep -E '^cuda_.*_test$|_cuda_test$' | sort)
+for t in $tests comm_nccl_collectives_test; do
   start=$SECONDS
-  "$run" "$t" >"$out/$t.log" 2>&1
+  if [ "$t" = comm_nccl_collectives_test ]; then
+    [ "$gpus" -ge 2 ] || continue
+    np=$(( gpus >= 4 ? 4 : 2 ))
+    "$run" orterun -np "$np" --oversubscribe --bind-to none --mca btl self,vader \
+      --mca btl_vader_single_copy_mechanism none "$run" "$t" >"$out/$t.log" 2>&1
+    t="$t (np $np)"
+  else
+    "$run" "$t" >"$out/$t.log" 2>&1
+  fi
   rc=$?
   secs=$((SECONDS - start))
-  summary=$(grep -E "^\[  (PASSED|FAILED)  \]|tests ran" "$out/$t.log" | tr '\n' ' ')
-  rows+=("$(printf '%-22s rc=%d %4ds  %s' "$t" "$rc" "$secs" "$summary")")
+  log="$out/${t%% *}.log"
+  summary=$(grep -E "PASSED|FAILED  \]" "$log" | sed 's/\x1b\[[0-9;]*m//g' | sort -u | tr '\n' ' ')
+  rows+=("$(printf '%-36s rc=%d %4ds  %s' "$t" "$rc" "$secs" "$summary")")
 done
 if [ "${SKIP_FIXTURE:-0}" != 1 ]; then
   fx=/tmp/moetp-fixture
