@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/grad_check.h"
 #include "testing.h"
 
 namespace moetp {
@@ -22,21 +23,16 @@ namespace {
 using moetp::testing::close;
 using moetp::testing::random_tensor;
 using moetp::testing::Tolerance;
+using moetp::testing::central_diff;
+using moetp::testing::expect_error;
+using moetp::testing::kGradCheck;
+using moetp::testing::to_double;
+using moetp::testing::to_tensor;
 
 // f32 GEMM chains (reductions over H and i) vs fp64: absolute 2e-5 below magnitude 1, relative above.
 constexpr Tolerance kF32Dot{2e-5, 1.0};
 // f32 kernel gradient vs central differences of the fp64 function (whose own error is ~1e-9):
 // relative 1e-4, or absolute 1e-6 where the gradient is below 1e-2.
-constexpr Tolerance kGradCheck{1e-4, 1e-2};
-
-std::vector<double> to_double(const Tensor& t) {
-  const std::vector<float> v = t.to_vector<float>();
-  return std::vector<double>(v.begin(), v.end());
-}
-
-Tensor to_tensor(const std::vector<double>& v, Shape shape) {
-  return Tensor::from_vector(std::vector<float>(v.begin(), v.end()), std::move(shape));
-}
 
 struct ExpertsCase {
   std::string name;
@@ -279,16 +275,6 @@ TEST(CpuExperts, SwigluBackwardMatchesFiniteDifferences) {
 
 // ---------------------------------------------------------------------------------------------
 // Errors quote the values.
-
-template <typename Fn>
-void expect_error(Fn&& fn, const std::vector<std::string>& substrings) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected moetp::Error";
-  } catch (const Error& e) {
-    for (const std::string& s : substrings) EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << e.what();
-  }
-}
 
 TEST(CpuExperts, RejectsBadArguments) {
   const Tensor x = random_tensor({7, 5}, 45, 1);

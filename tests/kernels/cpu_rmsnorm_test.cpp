@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/grad_check.h"
 #include "testing.h"
 
 namespace moetp {
@@ -20,46 +21,14 @@ namespace {
 using moetp::testing::close;
 using moetp::testing::random_tensor;
 using moetp::testing::Tolerance;
+using moetp::testing::central_diff;
+using moetp::testing::expect_error;
+using moetp::testing::kGradCheck;
+using moetp::testing::to_double;
+using moetp::testing::to_tensor;
 
 // f32 kernel vs fp64: a few f32 roundings per element.
 constexpr Tolerance kF32Elementwise{2e-6, 1e-3};
-// f32 kernel gradient vs central differences of the fp64 function: relative 1e-4 (absolute 1e-6
-// below 1e-2).
-constexpr Tolerance kGradCheck{1e-4, 1e-2};
-
-std::vector<double> to_double(const Tensor& t) {
-  const std::vector<float> v = t.to_vector<float>();
-  return std::vector<double>(v.begin(), v.end());
-}
-
-Tensor to_tensor(const std::vector<double>& v, Shape shape) {
-  return Tensor::from_vector(std::vector<float>(v.begin(), v.end()), std::move(shape));
-}
-
-template <typename Loss>
-std::vector<double> central_diff(std::vector<double>& p, Loss&& loss) {
-  std::vector<double> g(p.size());
-  for (size_t c = 0; c < p.size(); ++c) {
-    const double saved = p[c], h = 1e-6 * std::max(1.0, std::fabs(saved));
-    p[c] = saved + h;
-    const double plus = loss();
-    p[c] = saved - h;
-    const double minus = loss();
-    p[c] = saved;
-    g[c] = (plus - minus) / (2 * h);
-  }
-  return g;
-}
-
-template <typename Fn>
-void expect_error(Fn&& fn, const std::vector<std::string>& substrings) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected moetp::Error";
-  } catch (const Error& e) {
-    for (const std::string& s : substrings) EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << e.what();
-  }
-}
 
 // fp64 Qwen3RMSNorm; rstd_out (when given) receives the per-row rstd.
 std::vector<double> ref_rmsnorm(const std::vector<double>& x, const std::vector<double>& w, int64_t R, int64_t D,
