@@ -1,0 +1,474 @@
+// GPU benchmark of one full training step of the one-GPU model (model/cuda_model.h,
+// CudaQwen3MoeModel): zero_grads, forward_backward of one micro-batch (B, S), adamw_step.
+//
+// Cases (default): configs/tiny-moe.json at S = 128, B = 16, and configs/qwen3-30b-a3b-l4.json
+// (Qwen3-30B-A3B layer dims, 4 layers, vocab 2048) at S = 4096, B = 2 (8192 tokens). --config
+// replaces the list (repeatable); --seq-len / --batch override S / B of every case (a --config
+// without them gets S = 128, B = 16, except the two default files, which keep their defaults).
+// Case name: <config file stem>_B<B>_S<S>, as bench/torch_train_step.py names it.
+//
+// Step: zero_grads; forward_backward(tokens, ce_scale = 1/(B·S), aux_scale = router_aux_loss_coef);
+// adamw_step(beta1 0.9, beta2 0.95, eps 1e-8, weight decay 0.1; lr 1e-4; step t counting from 1).
+// Tokens: host i32 (B, S + 1), uniform ids < vocab from a fixed seed (inputs [:, :S], targets
+// [:, 1:]), the same tokens every step. Model: CudaQwen3MoeModel(cfg, seed 1234) (random init).
+//
+// Timing: W warm-up steps, then N timed steps; per step a CUDA event pair on the legacy default
+// stream (the stream the model runs on) around the whole step, plus host wall time (steady_clock;
+// the step ends in a device synchronisation, so the two agree up to launch latency). Medians.
+//
+// Model FLOPs per step (the "6·N·P + attention" convention; no recomputation counted):
+//   matmul  = 6 · P_active · T,  T = B·S tokens, P_active = cfg.num_active_params() minus the
+//             embedding table V·H (a lookup, not a matmul; with tied embeddings the table is the LM
+//             head and stays). P_active keeps the LM head, the router and K of E experts per MoE
+//             layer (and the tiny norm weights, which are not matmuls: negligible).
+//   attention (fwd + bwd, per sequence) = 3 (fwd + 2×fwd for bwd) · 2 (QKᵀ and PV) · 2 (mul + add)
+//             · Hq · D · S² / 2 (causal) · L  =  6 · L · Hq · D · S²;  times B sequences.
+//   TFLOP/s = (matmul + attention) / median step time.
+//
+// Memory, two numbers per case:
+//   peak_alloc_GB: the peak of bytes live in tensors allocated through core's CUDA hooks, from this
+//     program's wrapper of those hooks (exact, every alloc/free counted, max over the whole case:
+//     model construction, warm-up and timed steps). Comparable to torch.cuda.max_memory_allocated.
+//     Excludes the few raw cudaMalloc's outside the hooks (cuBLAS workspace, small flags).
+//   dev_used_GB: cudaMemGetInfo (total - free) sampled after each step, max over the case's steps;
+//     includes the CUDA context, cuBLAS workspace and anything else resident, but misses
+//     transient intra-step peaks (the tensor allocator frees them before the step returns).
+//
+// Loss: mean cross-entropy over the B·S targets + router_aux_loss_coef · aux (what HF's
+// Qwen3MoeForCausalLM returns as .loss with output_router_logits=True), of the first and last
+// timed step (sanity: finite; falling is not required).
+//
+// Baseline: bench/torch_train_step.py (HF transformers Qwen3MoeForCausalLM, bf16, sdpa, fused AdamW
+// on bf16 parameters), run separately on the same card; with its JSON the table gains torch_ms and
+// torch_ms / moetp_ms (> 1: moetp faster). Note torch keeps bf16 master weights and bf16 AdamW
+// state, while moetp keeps f32 masters, f32 moments and f32 gradients: torch does less optimizer
+// work and holds less memory per parameter.
+//   python3 bench/torch_train_step.py --json torch_step.json
+//   ./train_step_cuda_bench --torch-results torch_step.json [--steps 10] [--warmup 3] [--json F]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "config/model_config.h"
+#include "core/tensor.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/runtime.h"
+#include "model/cuda_model.h"
+
+#ifndef MOETP_SOURCE_DIR
+#define MOETP_SOURCE_DIR "."
+#endif
+
+namespace moetp {
+namespace {
+
+constexpr uint64_t kModelSeed = 1234;
+constexpr uint64_t kTokenSeed = 4321;
+constexpr double kLr = 1e-4;
+
+// ---- Counting wrapper of core's CUDA hooks (same behaviour as kernels/cuda/runtime.cpp's). ----
+struct AllocStats {
+  std::mutex mu;
+  std::unordered_map<void*, size_t> live;
+  size_t current = 0, peak = 0;
+};
+AllocStats& alloc_stats() {
+  static AllocStats s;
+  return s;
+}
+
+void* counting_alloc(size_t num_bytes) {
+  void* p = nullptr;
+  const size_t n = num_bytes == 0 ? 1 : num_bytes;
+  const cudaError_t err = cudaMalloc(&p, n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    int dev = -1;
+    cudaGetDevice(&dev);
+    MOETP_FAIL("cudaMalloc of {} bytes on device {} failed: {} ({} bytes free of {})", num_bytes, dev,
+               cudaGetErrorString(err), free_bytes, total_bytes);
+  }
+  AllocStats& s = alloc_stats();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.live[p] = n;
+  s.current += n;
+  s.peak = std::max(s.peak, s.current);
+  return p;
+}
+
+void counting_free(void* p) {
+  {
+    AllocStats& s = alloc_stats();
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (const auto it = s.live.find(p); it != s.live.end()) {
+      s.current -= it->second;
+      s.live.erase(it);
+    }
+  }
+  cudaFree(p);
+}
+
+void counting_copy(void* dst, Device dst_device, const void* src, Device src_device, size_t num_bytes) {
+  cudaMemcpyKind kind = cudaMemcpyDefault;
+  if (dst_device == Device::kCuda && src_device == Device::kCpu) kind = cudaMemcpyHostToDevice;
+  if (dst_device == Device::kCpu && src_device == Device::kCuda) kind = cudaMemcpyDeviceToHost;
+  if (dst_device == Device::kCuda && src_device == Device::kCuda) kind = cudaMemcpyDeviceToDevice;
+  CUDA_CHECK(cudaMemcpy(dst, src, num_bytes, kind));
+}
+
+void counting_memset_zero(void* dst, size_t num_bytes) { CUDA_CHECK(cudaMemset(dst, 0, num_bytes)); }
+
+void install_counting_hooks() {
+  DeviceHooks hooks;
+  hooks.alloc = counting_alloc;
+  hooks.free = counting_free;
+  hooks.copy = counting_copy;
+  hooks.memset_zero = counting_memset_zero;
+  register_device_hooks(Device::kCuda, hooks);
+}
+
+void reset_peak() {
+  AllocStats& s = alloc_stats();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.peak = s.current;
+}
+
+size_t peak_bytes() {
+  AllocStats& s = alloc_stats();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.peak;
+}
+
+size_t device_used_bytes() {
+  size_t free_bytes = 0, total_bytes = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return total_bytes - free_bytes;
+}
+
+// ---- Arguments and cases. ----
+struct Case {
+  std::string config_path;
+  int64_t seq_len = 128, batch = 16;
+};
+
+struct Args {
+  std::vector<std::string> configs;
+  int64_t seq_len = 0, batch = 0;  // 0: the case's default
+  int steps = 10, warmup = 3;
+  std::string torch_results, json_out;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      MOETP_CHECK(i + 1 < argc, "{} needs a value", arg);
+      return argv[++i];
+    };
+    if (arg == "--config") {
+      a.configs.push_back(value());
+    } else if (arg == "--seq-len") {
+      a.seq_len = std::stoll(value());
+    } else if (arg == "--batch") {
+      a.batch = std::stoll(value());
+    } else if (arg == "--steps") {
+      a.steps = std::stoi(value());
+    } else if (arg == "--warmup") {
+      a.warmup = std::stoi(value());
+    } else if (arg == "--torch-results") {
+      a.torch_results = value();
+    } else if (arg == "--json") {
+      a.json_out = value();
+    } else {
+      MOETP_FAIL(
+          "unknown argument '{}' (valid: --config PATH (repeatable), --seq-len S, --batch B, --steps N, --warmup W, "
+          "--torch-results FILE, --json FILE)",
+          arg);
+    }
+  }
+  MOETP_CHECK(a.steps >= 1 && a.warmup >= 0, "bad --steps ({}) or --warmup ({})", a.steps, a.warmup);
+  MOETP_CHECK(a.seq_len >= 0 && a.batch >= 0, "bad --seq-len ({}) or --batch ({})", a.seq_len, a.batch);
+  return a;
+}
+
+std::string stem(const std::string& path) { return std::filesystem::path(path).stem().string(); }
+
+// The default (S, B) of a config file: the two default cases by file name, else S = 128, B = 16.
+std::pair<int64_t, int64_t> default_shape(const std::string& path) {
+  const std::string s = stem(path);
+  if (s == "qwen3-30b-a3b-l4") return {4096, 2};
+  return {128, 16};
+}
+
+std::vector<Case> make_cases(const Args& args) {
+  std::vector<std::string> paths = args.configs;
+  if (paths.empty()) {
+    for (const char* rel : {"configs/tiny-moe.json", "configs/qwen3-30b-a3b-l4.json"}) {
+      // From the working directory if it is there, else from the source tree.
+      const std::filesystem::path p(rel);
+      paths.push_back(std::filesystem::exists(p) ? p.string() : (std::filesystem::path(MOETP_SOURCE_DIR) / p).string());
+    }
+  }
+  std::vector<Case> cases;
+  for (const std::string& p : paths) {
+    auto [S, B] = default_shape(p);
+    if (args.seq_len > 0) S = args.seq_len;
+    if (args.batch > 0) B = args.batch;
+    cases.push_back({p, S, B});
+  }
+  return cases;
+}
+
+std::string case_name(const Case& c) { return fmt::format("{}_B{}_S{}", stem(c.config_path), c.batch, c.seq_len); }
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 == 1 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+// FLOPs of one training step (see the header comment).
+struct StepFlops {
+  int64_t active_matmul_params = 0;
+  double matmul = 0, attention = 0;
+  double total() const { return matmul + attention; }
+};
+
+StepFlops step_flops(const config::ModelConfig& cfg, int64_t B, int64_t S) {
+  StepFlops f;
+  const int64_t embed = cfg.tie_word_embeddings ? 0 : cfg.vocab_size * cfg.hidden_size;
+  f.active_matmul_params = cfg.num_active_params() - embed;
+  const double T = static_cast<double>(B) * static_cast<double>(S);
+  f.matmul = 6.0 * static_cast<double>(f.active_matmul_params) * T;
+  // 3 (fwd + bwd) · 2 (QKᵀ, PV) · 2 (mul + add) · Hq · D · S² / 2 (causal) · L, per sequence.
+  const double per_seq = 3.0 * 2.0 * 2.0 * static_cast<double>(cfg.num_attention_heads) *
+                         static_cast<double>(cfg.head_dim) * static_cast<double>(S) * static_cast<double>(S) / 2.0 *
+                         static_cast<double>(cfg.num_hidden_layers);
+  f.attention = per_seq * static_cast<double>(B);
+  return f;
+}
+
+struct Result {
+  std::string name;
+  bool ok = false;
+  std::string error;
+  int64_t B = 0, S = 0;
+  int64_t total_params = 0, active_matmul_params = 0;
+  double ms = 0, wall_ms = 0, tokens_per_s = 0, tflops = 0;
+  double peak_alloc_gb = 0, dev_used_gb = 0;
+  double loss_first = 0, loss_last = 0;
+};
+
+bool is_oom(const std::string& msg) {
+  return msg.find("out of memory") != std::string::npos || msg.find("cudaMalloc") != std::string::npos ||
+         msg.find("ALLOC_FAILED") != std::string::npos;
+}
+
+Result run_case(const Args& args, const Case& c) {
+  Result r;
+  r.name = case_name(c);
+  r.B = c.batch;
+  r.S = c.seq_len;
+  const config::ModelConfig cfg = config::ModelConfig::load(c.config_path);
+  r.total_params = cfg.num_params();
+  const StepFlops flops = step_flops(cfg, c.batch, c.seq_len);
+  r.active_matmul_params = flops.active_matmul_params;
+
+  // Tokens: host i32 (B, S + 1), uniform in [0, V).
+  Tensor tokens = Tensor::empty({c.batch, c.seq_len + 1}, DType::kI32);
+  {
+    std::mt19937_64 rng(kTokenSeed);
+    std::uniform_int_distribution<int32_t> dist(0, static_cast<int32_t>(cfg.vocab_size - 1));
+    int32_t* p = tokens.data<int32_t>();
+    for (int64_t i = 0; i < tokens.numel(); ++i) p[i] = dist(rng);
+  }
+  const double ce_scale = 1.0 / static_cast<double>(c.batch * c.seq_len);
+  const double aux_scale = cfg.router_aux_loss_coef;
+  const model::CudaAdamWConfig opt;
+
+  reset_peak();
+  size_t dev_used = 0;
+  try {
+    auto model = std::make_unique<model::CudaQwen3MoeModel>(cfg, kModelSeed);
+    int64_t step_no = 0;
+    auto step = [&]() -> double {
+      model->zero_grads();
+      const model::MicroStats st = model->forward_backward(tokens, ce_scale, aux_scale);
+      model->adamw_step(opt, kLr, ++step_no);
+      return st.ce_sum / static_cast<double>(std::max<int64_t>(st.num_targets, 1)) + cfg.router_aux_loss_coef * st.aux;
+    };
+    for (int i = 0; i < args.warmup; ++i) {
+      step();
+      dev_used = std::max(dev_used, device_used_bytes());
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    cudaEvent_t ev0 = nullptr, ev1 = nullptr;
+    CUDA_CHECK(cudaEventCreate(&ev0));
+    CUDA_CHECK(cudaEventCreate(&ev1));
+    std::vector<double> ms, wall;
+    for (int i = 0; i < args.steps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      CUDA_CHECK(cudaEventRecord(ev0, 0));
+      const double loss = step();
+      CUDA_CHECK(cudaEventRecord(ev1, 0));
+      CUDA_CHECK(cudaEventSynchronize(ev1));
+      const auto t1 = std::chrono::steady_clock::now();
+      float e = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&e, ev0, ev1));
+      ms.push_back(e);
+      wall.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      if (i == 0) r.loss_first = loss;
+      r.loss_last = loss;
+      dev_used = std::max(dev_used, device_used_bytes());
+    }
+    CUDA_CHECK(cudaEventDestroy(ev0));
+    CUDA_CHECK(cudaEventDestroy(ev1));
+    r.ms = median(ms);
+    r.wall_ms = median(wall);
+  } catch (const std::exception& e) {
+    const std::string msg = e.what();
+    cudaGetLastError();  // clear a (non-sticky) allocation error
+    if (!is_oom(msg)) throw;
+    r.ok = false;
+    r.error = "out of memory: " + msg;
+    r.peak_alloc_gb = static_cast<double>(peak_bytes()) / 1e9;
+    return r;
+  }
+  r.ok = true;
+  r.tokens_per_s = static_cast<double>(c.batch * c.seq_len) / (r.ms * 1e-3);
+  r.tflops = flops.total() / (r.ms * 1e-3) / 1e12;
+  r.peak_alloc_gb = static_cast<double>(peak_bytes()) / 1e9;
+  r.dev_used_gb = static_cast<double>(dev_used) / 1e9;
+  return r;
+}
+
+// torch_train_step.py --json: {"cases": [{"case": ..., "ms": ..., "tokens_per_s": ..., "peak_mem_gb": ...}]}
+// (a bare list of those objects is accepted too).
+struct TorchResult {
+  double ms = 0, tokens_per_s = 0, peak_mem_gb = 0;
+};
+
+std::map<std::string, TorchResult> read_torch_results(const std::string& path) {
+  std::ifstream f(path);
+  MOETP_CHECK(f.good(), "cannot open --torch-results file '{}'", path);
+  const nlohmann::json j = nlohmann::json::parse(f);
+  const nlohmann::json& list = j.is_array() ? j : j.at("cases");
+  std::map<std::string, TorchResult> out;
+  for (const auto& c : list) {
+    if (!c.contains("ms") || c.at("ms").is_null()) continue;  // a case torch could not run (OOM)
+    TorchResult t;
+    t.ms = c.at("ms").get<double>();
+    t.tokens_per_s = c.value("tokens_per_s", 0.0);
+    t.peak_mem_gb = c.contains("peak_mem_gb") && !c.at("peak_mem_gb").is_null() ? c.at("peak_mem_gb").get<double>() : 0.0;
+    out[c.at("case").get<std::string>()] = t;
+  }
+  return out;
+}
+
+int run(int argc, char** argv) {
+  const Args args = parse_args(argc, argv);
+  const std::vector<Case> cases = make_cases(args);
+  const std::map<std::string, TorchResult> torch =
+      args.torch_results.empty() ? std::map<std::string, TorchResult>{} : read_torch_results(args.torch_results);
+  std::printf("torch baseline: %zu cases from %s\n", torch.size(),
+              args.torch_results.empty() ? "(none: --torch-results not given)" : args.torch_results.c_str());
+  MOETP_CHECK(cuda::device_count() > 0, "train_step_cuda_bench needs a GPU: {}", cuda::unavailable_reason());
+  cuda::init(0);
+  install_counting_hooks();  // after init: replaces its hooks with the counting ones
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+
+  std::printf(
+      "train_step_cuda_bench: %s (%d SMs); one step = zero_grads + forward_backward + adamw_step (lr %g, f32 "
+      "masters/moments/grads); median of %d steps after %d warm-up\n",
+      prop.name, prop.multiProcessorCount, kLr, args.steps, args.warmup);
+  std::printf(
+      "  TFLOP/s = (6·P_active·T + attn) / time; P_active = num_active_params - embedding table (LM head kept); "
+      "T = B·S;\n  attn = B · 3 (fwd+bwd) · 2 (QK^T, PV) · 2 (mul+add) · Hq · D · S^2 / 2 (causal) · L\n"
+      "  ms: CUDA events around the step (wall_ms: host clock); peak_alloc_GB: peak of tensor bytes through the "
+      "CUDA hooks;\n  dev_used_GB: max of cudaMemGetInfo total-free after each step (context included, intra-step "
+      "peaks missed)\n");
+  std::printf("%-28s %10s %10s %10s %12s %8s %10s %12s %12s %12s %9s %9s %11s\n", "case", "P_active", "ms", "wall_ms",
+              "tokens/s", "TFLOP/s", "peak_GB", "dev_used_GB", "loss_first", "loss_last", "torch_ms", "torch_GB",
+              "torch/moetp");
+  nlohmann::json out_json;
+  out_json["device"] = prop.name;
+  out_json["cases"] = nlohmann::json::array();
+  int failures = 0;
+  for (const Case& c : cases) {
+    const Result r = run_case(args, c);
+    std::string torch_col = "-", torch_gb = "-", ratio_col = "-";
+    if (const auto it = torch.find(r.name); it != torch.end()) {
+      torch_col = fmt::format("{:.2f}", it->second.ms);
+      torch_gb = fmt::format("{:.2f}", it->second.peak_mem_gb);
+      if (r.ok) ratio_col = fmt::format("{:.2f}", it->second.ms / r.ms);
+    }
+    if (!r.ok) {
+      ++failures;
+      std::printf("%-28s %10.4g  FAILED: %s (peak tensor bytes before the failure: %.2f GB); torch_ms %s\n",
+                  r.name.c_str(), static_cast<double>(r.active_matmul_params), r.error.c_str(), r.peak_alloc_gb,
+                  torch_col.c_str());
+      std::fflush(stdout);
+      out_json["cases"].push_back({{"case", r.name}, {"error", r.error}});
+      continue;
+    }
+    const bool finite = std::isfinite(r.loss_first) && std::isfinite(r.loss_last);
+    std::printf("%-28s %10.4g %10.2f %10.2f %12.4g %8.1f %10.2f %12.2f %12.5f %12.5f %9s %9s %11s%s\n", r.name.c_str(),
+                static_cast<double>(r.active_matmul_params), r.ms, r.wall_ms, r.tokens_per_s, r.tflops,
+                r.peak_alloc_gb, r.dev_used_gb, r.loss_first, r.loss_last, torch_col.c_str(), torch_gb.c_str(),
+                ratio_col.c_str(), finite ? "" : "  NON-FINITE LOSS");
+    std::fflush(stdout);
+    if (!finite) ++failures;
+    out_json["cases"].push_back({{"case", r.name},
+                                 {"batch", r.B},
+                                 {"seq_len", r.S},
+                                 {"params", r.total_params},
+                                 {"active_matmul_params", r.active_matmul_params},
+                                 {"ms", r.ms},
+                                 {"wall_ms", r.wall_ms},
+                                 {"tokens_per_s", r.tokens_per_s},
+                                 {"tflops", r.tflops},
+                                 {"peak_mem_gb", r.peak_alloc_gb},
+                                 {"dev_used_gb", r.dev_used_gb},
+                                 {"loss_first", r.loss_first},
+                                 {"loss_last", r.loss_last}});
+  }
+  std::printf(
+      "note: torch keeps bf16 master weights and bf16 AdamW state (fused AdamW on bf16 parameters); moetp keeps f32 "
+      "masters, f32 moments and f32 gradients, so torch does less optimizer work and holds less memory.\n");
+  if (!args.json_out.empty()) {
+    std::ofstream f(args.json_out);
+    MOETP_CHECK(f.good(), "cannot write --json file '{}'", args.json_out);
+    f << out_json.dump(2) << "\n";
+  }
+  return failures == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace moetp
+
+int main(int argc, char** argv) {
+  try {
+    return moetp::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "train_step_cuda_bench: %s\n", e.what());
+    return 1;
+  }
+}
