@@ -16,62 +16,19 @@
 #include <vector>
 
 #include "core/check.h"
+#include "testing_files.h"
 
 namespace moetp::io::testing {
 
-// A fresh directory under the system temp dir, removed (with its contents) at scope exit.
-class ScratchDir {
+// The shared file helpers (tests/testing_files.h), under this namespace's names.
+class ScratchDir : public ::moetp::testing::ScratchDir {
  public:
-  ScratchDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = std::filesystem::temp_directory_path() /
-           ("moetp_io_" + std::string(info->test_suite_name()) + "_" + info->name() + "_" + std::to_string(::getpid()));
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
-  ScratchDir(const ScratchDir&) = delete;
-  ScratchDir& operator=(const ScratchDir&) = delete;
-
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-  std::string str() const { return dir_.string(); }
-
- private:
-  std::filesystem::path dir_;
+  ScratchDir() : ::moetp::testing::ScratchDir("moetp_io") {}
 };
-
-// The moetp::Error message of fn(), or "<no error>" when it does not throw.
-inline std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const moetp::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-// Passes when `message` contains every one of `parts`.
-inline ::testing::AssertionResult contains_all(const std::string& message, std::initializer_list<std::string> parts) {
-  for (const std::string& part : parts) {
-    if (message.find(part) == std::string::npos) {
-      return ::testing::AssertionFailure() << "\"" << message << "\" lacks \"" << part << "\"";
-    }
-  }
-  return ::testing::AssertionSuccess();
-}
-
-inline std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-inline void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
+using ::moetp::testing::contains_all;
+using ::moetp::testing::error_of;
+using ::moetp::testing::read_bytes;
+using ::moetp::testing::write_bytes;
 
 // 8-byte little-endian u64.
 inline std::string u64_le(uint64_t v) {
