@@ -55,6 +55,10 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
   }
 
   train::Trainer trainer(cfg, model_cfg, world, data::TokenFile::open(cfg.data.path));
+  if (lead) {
+    std::printf("device: %s (%s)\n", trainer.device().c_str(), trainer.device_reason().c_str());
+    std::fflush(stdout);
+  }
   const std::string ckpt_root = cfg.checkpoint.dir.empty() ? cfg.run.dir + "/checkpoints" : cfg.checkpoint.dir;
   MOETP_CHECK(args.resume.empty() || args.init_from_hf.empty(), "--resume and --init-from-hf exclude each other");
   if (!args.init_from_hf.empty()) {

@@ -88,6 +88,8 @@ const std::vector<Field>& fields() {
       field("train.micro_batches", &C::train, &C::Train::micro_batches, 1, "gradient accumulation steps per step"),
       field("train.seed", &C::train, &C::Train::seed, int64_t{1234}, "seed of initialisation and data order"),
       field("train.log_every", &C::train, &C::Train::log_every, 1, "log metrics every N steps"),
+      field("train.device", &C::train, &C::Train::device, "auto",
+            "auto (cuda when this build has CUDA and a GPU is visible, else cpu) | cpu | cuda (one GPU per rank)"),
       field("optim.lr", &C::optim, &C::Optim::lr, 3e-3, "peak learning rate (after warmup)"),
       field("optim.min_lr", &C::optim, &C::Optim::min_lr, 3e-4, "learning rate at the end of the cosine decay"),
       field("optim.warmup_steps", &C::optim, &C::Optim::warmup_steps, 20, "linear warmup steps"),
@@ -365,6 +367,8 @@ void validate(const TrainConfig& c) {
               c.train.micro_batches);
   MOETP_CHECK(c.train.seed >= 0, "train.seed ({}) must be >= 0", c.train.seed);
   MOETP_CHECK(c.train.log_every >= 1, "train.log_every ({}) must be >= 1", c.train.log_every);
+  MOETP_CHECK(c.train.device == "auto" || c.train.device == "cpu" || c.train.device == "cuda",
+              "train.device '{}' is unknown (valid: auto, cpu, cuda)", c.train.device);
   MOETP_CHECK(c.optim.min_lr >= 0 && c.optim.lr >= c.optim.min_lr,
               "need optim.lr ({}) >= optim.min_lr ({}) >= 0", c.optim.lr, c.optim.min_lr);
   MOETP_CHECK(c.optim.lr > 0, "optim.lr ({}) must be > 0", c.optim.lr);

@@ -41,6 +41,7 @@ struct TrainConfig {
     int micro_batches = 0;  // gradient accumulation steps per step
     int64_t seed = 0;
     int log_every = 0;
+    std::string device;  // auto | cpu | cuda
     bool operator==(const Train&) const = default;
   };
   struct Optim {

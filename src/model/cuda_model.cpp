@@ -3,7 +3,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 
+#include "comm/nccl_comm.h"
 #include "kernels/cpu/router.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cast.h"
@@ -12,6 +14,7 @@
 #include "kernels/cuda/ops.h"
 #include "moe/cuda_moe.h"
 #include "moe/moe_block.h"
+#include "shard/layout.h"
 
 namespace moetp::model {
 
@@ -19,6 +22,7 @@ namespace launch {
 // cuda_model_kernels.cu
 cudaError_t add_bf16(const uint16_t* a, const uint16_t* b, const uint16_t* c, uint16_t* out, int64_t n,
                      cudaStream_t stream);
+cudaError_t scale_f32(float* x, float s, int64_t n, cudaStream_t stream);
 }  // namespace launch
 
 namespace {
@@ -54,9 +58,11 @@ Tensor upload_i32(const std::vector<int32_t>& v) {
 
 struct CudaQwen3MoeModel::ParamInit {
   std::string name;
-  Shape shape;
+  Shape shape;  // local (shard) shape
   bool decay = true;
   bool ones = false;
+  ParamKind kind = ParamKind::kReplicated;
+  shard::ShardSpec spec;
 };
 
 // Everything one layer's backward needs from its forward (bf16 unless noted).
@@ -79,88 +85,95 @@ struct CudaQwen3MoeModel::Layer {
   std::unique_ptr<moe::CudaMoeLayer> moe;
 };
 
-// The CPU model's parameter list, in its order (model.cpp's constructor).
-std::vector<CudaQwen3MoeModel::ParamInit> CudaQwen3MoeModel::param_list(const config::ModelConfig& cfg) {
+// The CPU model's parameter list, in its order (model.cpp's constructor), with this rank's shard
+// specs (one GPU: every spec the whole tensor).
+std::vector<CudaQwen3MoeModel::ParamInit> CudaQwen3MoeModel::param_list() const {
+  const config::ModelConfig& cfg = cfg_;
   const int64_t H = cfg.hidden_size, V = cfg.vocab_size, D = cfg.head_dim;
   const int64_t hq = cfg.num_attention_heads * D, hkv = cfg.num_key_value_heads * D;
   std::vector<ParamInit> out;
-  out.push_back({"model.embed_tokens.weight", {V, H}, true, false});
+  auto rep = [&](std::string name, Shape shape, bool decay, bool ones) {
+    shard::ShardSpec spec{shape, {}, 0, -1};
+    out.push_back({std::move(name), std::move(shape), decay, ones, ParamKind::kReplicated, std::move(spec)});
+  };
+  rep("model.embed_tokens.weight", {V, H}, true, false);
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     const std::string p = fmt::format("model.layers.{}.", l);
-    out.push_back({p + "input_layernorm.weight", {H}, false, true});
-    out.push_back({p + "self_attn.q_proj.weight", {hq, H}, true, false});
-    out.push_back({p + "self_attn.k_proj.weight", {hkv, H}, true, false});
-    out.push_back({p + "self_attn.v_proj.weight", {hkv, H}, true, false});
-    out.push_back({p + "self_attn.o_proj.weight", {H, hq}, true, false});
-    out.push_back({p + "self_attn.q_norm.weight", {D}, false, true});
-    out.push_back({p + "self_attn.k_norm.weight", {D}, false, true});
-    out.push_back({p + "post_attention_layernorm.weight", {H}, false, true});
+    rep(p + "input_layernorm.weight", {H}, false, true);
+    rep(p + "self_attn.q_proj.weight", {hq, H}, true, false);
+    rep(p + "self_attn.k_proj.weight", {hkv, H}, true, false);
+    rep(p + "self_attn.v_proj.weight", {hkv, H}, true, false);
+    rep(p + "self_attn.o_proj.weight", {H, hq}, true, false);
+    rep(p + "self_attn.q_norm.weight", {D}, false, true);
+    rep(p + "self_attn.k_norm.weight", {D}, false, true);
+    rep(p + "post_attention_layernorm.weight", {H}, false, true);
     if (cfg.is_moe_layer(l)) {
       const int64_t E = cfg.num_experts, I = cfg.moe_intermediate_size;
-      out.push_back({p + "mlp.gate.weight", {E, H}, true, false});
-      out.push_back({p + "mlp.experts.w13", {E * 2 * I, H}, true, false});
-      out.push_back({p + "mlp.experts.w2", {E * H, I}, true, false});
+      rep(p + "mlp.gate.weight", {E, H}, true, false);
+      const int P = opts_.mesh ? opts_.mesh->ep_size() : 1, T = opts_.mesh ? opts_.mesh->etp_size() : 1;
+      const int pc = opts_.mesh ? opts_.mesh->coords().p : 0, tc = opts_.mesh ? opts_.mesh->coords().t : 0;
+      for (auto [name, spec] : {std::pair{p + "mlp.experts.w13", shard::w13_spec(E, I, H, P, pc, T, tc)},
+                                std::pair{p + "mlp.experts.w2", shard::w2_spec(E, I, H, P, pc, T, tc)}}) {
+        out.push_back({name, shard::local_shape(spec), true, false, ParamKind::kExpert, spec});
+      }
     } else {
       const int64_t F = cfg.intermediate_size;
-      out.push_back({p + "mlp.gate_proj.weight", {F, H}, true, false});
-      out.push_back({p + "mlp.up_proj.weight", {F, H}, true, false});
-      out.push_back({p + "mlp.down_proj.weight", {H, F}, true, false});
+      rep(p + "mlp.gate_proj.weight", {F, H}, true, false);
+      rep(p + "mlp.up_proj.weight", {F, H}, true, false);
+      rep(p + "mlp.down_proj.weight", {H, F}, true, false);
     }
   }
-  out.push_back({"model.norm.weight", {H}, false, true});
-  if (!cfg.tie_word_embeddings) out.push_back({"lm_head.weight", {V, H}, true, false});
+  rep("model.norm.weight", {H}, false, true);
+  if (!cfg.tie_word_embeddings) rep("lm_head.weight", {V, H}, true, false);
   return out;
 }
 
-// At P = T = 1 every shard is the whole global tensor in global order, so a replicated spec of the
-// global shape draws the same values as the CPU model's expert shard specs.
-CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, uint64_t seed) : cfg_(cfg) {
+// The same pure function of (seed, name, global index) as the CPU model, shard by shard.
+CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, uint64_t seed, CudaModelOptions opts)
+    : cfg_(cfg), opts_(std::move(opts)) {
   std::vector<Tensor> values;
-  for (const ParamInit& p : param_list(cfg)) {
+  for (const ParamInit& p : param_list()) {
     if (p.ones) {
       values.push_back(Tensor::full<float>(p.shape, 1.0f));
     } else {
-      values.push_back(moe::init_normal(shard::ShardSpec{p.shape, {}, 0, -1}, seed, p.name, kInitStd));
+      values.push_back(moe::init_normal(p.spec, seed, p.name, kInitStd));
     }
   }
   build(values);
 }
 
-CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, const std::vector<Tensor>& host_values)
-    : cfg_(cfg) {
+CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, const std::vector<Tensor>& host_values,
+                                     CudaModelOptions opts)
+    : cfg_(cfg), opts_(std::move(opts)) {
   build(host_values);
 }
 
-std::unique_ptr<CudaQwen3MoeModel> CudaQwen3MoeModel::from_cpu(const Qwen3MoeModel& cpu) {
-  MOETP_CHECK(cpu.mesh().ep_size() == 1 && cpu.mesh().etp_size() == 1,
-              "CudaQwen3MoeModel::from_cpu needs a one-rank expert layout, got ep {} etp {}", cpu.mesh().ep_size(),
-              cpu.mesh().etp_size());
-  const std::vector<ParamInit> list = param_list(cpu.config());
-  MOETP_CHECK(list.size() == cpu.params().size(), "CudaQwen3MoeModel::from_cpu: {} parameters expected, CPU has {}",
-              list.size(), cpu.params().size());
+std::unique_ptr<CudaQwen3MoeModel> CudaQwen3MoeModel::from_cpu(const Qwen3MoeModel& cpu, CudaModelOptions opts) {
+  const int P = opts.mesh ? opts.mesh->ep_size() : 1, T = opts.mesh ? opts.mesh->etp_size() : 1;
+  MOETP_CHECK(cpu.mesh().ep_size() == P && cpu.mesh().etp_size() == T,
+              "CudaQwen3MoeModel::from_cpu: the CPU model's expert layout is ep {} x etp {}, the GPU model's ep {} x "
+              "etp {}",
+              cpu.mesh().ep_size(), cpu.mesh().etp_size(), P, T);
   std::vector<Tensor> values;
-  for (size_t i = 0; i < list.size(); ++i) {
-    const Param& p = cpu.params()[i];
-    MOETP_CHECK(p.name == list[i].name && p.value.shape() == list[i].shape,
-                "CudaQwen3MoeModel::from_cpu: parameter {} is '{}' {}, expected '{}' {}", i, p.name,
-                p.value.describe(), list[i].name, shape_str(list[i].shape));
-    values.push_back(p.value);
-  }
-  return std::unique_ptr<CudaQwen3MoeModel>(new CudaQwen3MoeModel(cpu.config(), values));
+  for (const Param& p : cpu.params()) values.push_back(p.value);
+  return std::unique_ptr<CudaQwen3MoeModel>(new CudaQwen3MoeModel(cpu.config(), values, std::move(opts)));
 }
 
 CudaQwen3MoeModel::~CudaQwen3MoeModel() = default;
 
 void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
-  const std::vector<ParamInit> list = param_list(cfg_);
+  const std::vector<ParamInit> list = param_list();
   MOETP_CHECK(host_values.size() == list.size(), "CudaQwen3MoeModel: {} initial values for {} parameters",
               host_values.size(), list.size());
   params_.resize(list.size());
   for (size_t i = 0; i < list.size(); ++i) {
     CudaParam& p = params_[i];
     p.name = list[i].name;
+    p.kind = list[i].kind;
     p.decay = list[i].decay;
     check_dtype(host_values[i], DType::kF32, p.name.c_str());
+    MOETP_CHECK(host_values[i].shape() == list[i].shape, "CudaQwen3MoeModel: parameter {} '{}' is {}, expected {}", i,
+                p.name, host_values[i].describe(), shape_str(list[i].shape));
     p.master = host_values[i].contiguous().to(Device::kCuda);
   }
   const int64_t H = cfg_.hidden_size;
@@ -186,15 +199,20 @@ void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
     L.is_moe = cfg_.is_moe_layer(l);
     if (L.is_moe) {
       const int64_t E = cfg_.num_experts, I = cfg_.moe_intermediate_size;
+      moe::CudaMoeOptions mo;
+      mo.force_balance = opts_.force_balance;
+      mo.expert_streams = opts_.expert_streams;
+      mo.mesh = opts_.mesh;
       L.moe = std::make_unique<moe::CudaMoeLayer>(
-          moe::MoeConfig{H, E, cfg_.num_experts_per_tok, I, cfg_.norm_topk_prob, "local"});
+          moe::MoeConfig{H, E, cfg_.num_experts_per_tok, I, cfg_.norm_topk_prob, opts_.mesh ? opts_.dispatcher : "local"},
+          mo);
       L.router = idx++;
       L.w13 = idx++;
       L.w2 = idx++;
       moe::MoeParams& g = L.moe->grads();
       params_[L.router].grad = g.wg_EH;
-      params_[L.w13].grad = g.w13_L2iH.view({E * 2 * I, H});
-      params_[L.w2].grad = g.w2_LHi.view({E * H, I});
+      params_[L.w13].grad = g.w13_L2iH.view(params_[L.w13].master.shape());
+      params_[L.w2].grad = g.w2_LHi.view(params_[L.w2].master.shape());
     } else {
       const int64_t F = cfg_.intermediate_size;
       L.gate = idx++;
@@ -221,11 +239,11 @@ void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
 }
 
 void CudaQwen3MoeModel::refresh_moe_params() {
-  const int64_t H = cfg_.hidden_size, E = cfg_.num_experts, I = cfg_.moe_intermediate_size;
   for (Layer& L : layers_) {
     if (!L.is_moe) continue;
-    L.moe->set_params({params_[L.router].master, params_[L.w13].master.view({E, 2 * I, H}),
-                       params_[L.w2].master.view({E, H, I})});
+    const moe::MoeParams& shapes = L.moe->params();
+    L.moe->set_params({params_[L.router].master, params_[L.w13].master.view(shapes.w13_L2iH.shape()),
+                       params_[L.w2].master.view(shapes.w2_LHi.shape())});
   }
 }
 
@@ -328,36 +346,49 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
   stats.ce_sum = ce_sum;
   for (int32_t t : targets_host) stats.num_targets += t != -100 ? 1 : 0;
 
-  // ---- aux loss: moe::aux_loss on one rank (statistics summed over MoE layers in f32) ----
+  // ---- aux loss: moe::aux_loss's statistics (summed over MoE layers in f32, then over world) ----
   Tensor d_probs_NE;
   std::vector<size_t> moe_layers;
   for (size_t l = 0; l < layers_.size(); ++l) {
     if (layers_[l].is_moe) moe_layers.push_back(l);
   }
   if (!moe_layers.empty()) {
-    Tensor counts = Tensor::zeros({E}, DType::kF32), prob_sum = Tensor::zeros({E}, DType::kF32);
-    for (size_t l : moe_layers) {
-      const moe::CudaMoeLayer& layer = *layers_[l].moe;
-      std::vector<float> layer_counts(static_cast<size_t>(E));
+    const int64_t num_layers = static_cast<int64_t>(moe_layers.size());
+    // Rows [0, num_layers): per-layer counts; row num_layers: counts summed; row num_layers + 1: prob sums.
+    Tensor stats_t = Tensor::zeros({num_layers + 2, E}, DType::kF32);
+    float* counts = stats_t.data<float>() + num_layers * E;
+    float* prob_sum = counts + E;
+    for (size_t li = 0; li < moe_layers.size(); ++li) {
+      const moe::CudaMoeLayer& layer = *layers_[moe_layers[li]].moe;
+      float* layer_counts = stats_t.data<float>() + static_cast<int64_t>(li) * E;
       for (int64_t e = 0; e < E; ++e) layer_counts[e] = static_cast<float>(layer.counts_E()[static_cast<size_t>(e)]);
       // Host copy of the (N, E) probabilities; per-layer sums in double rounded to f32 (cpu::router_stats).
-      const std::vector<float> probs = layer.saved().probs_NE.to_vector<float>();
+      const std::vector<float> probs = N > 0 ? layer.saved().probs_NE.to_vector<float>() : std::vector<float>();
       std::vector<double> layer_prob(static_cast<size_t>(E), 0.0);
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t e = 0; e < E; ++e) layer_prob[e] += probs[static_cast<size_t>(n * E + e)];
       }
       for (int64_t e = 0; e < E; ++e) {
-        counts.data<float>()[e] += layer_counts[e];
-        prob_sum.data<float>()[e] += static_cast<float>(layer_prob[e]);
+        counts[e] += layer_counts[e];
+        prob_sum[e] += static_cast<float>(layer_prob[e]);
       }
-      stats.expert_counts.push_back(layer_counts);
     }
-    const int64_t num_layers = static_cast<int64_t>(moe_layers.size());
-    if (N > 0) {
-      stats.aux = cpu::aux_loss_from_stats(counts, prob_sum, num_layers, N);
+    int64_t global_tokens = N;
+    if (opts_.mesh != nullptr && opts_.mesh->world().size() > 1) {
+      comm::MpiComm& host = static_cast<comm::NcclComm&>(opts_.mesh->world()).host();
+      host.all_reduce(stats_t, comm::ReduceOp::kSum);
+      global_tokens = host.all_reduce_scalar(N, comm::ReduceOp::kSum);
+    }
+    for (int64_t li = 0; li < num_layers; ++li) {
+      stats.expert_counts.push_back(stats_t.narrow_rows(li, 1).contiguous().to_vector<float>());
+    }
+    if (global_tokens > 0) {
+      const Tensor counts_t = stats_t.narrow_rows(num_layers, 1).view({E}).contiguous();
+      const Tensor prob_t = stats_t.narrow_rows(num_layers + 1, 1).view({E}).contiguous();
+      stats.aux = cpu::aux_loss_from_stats(counts_t, prob_t, num_layers, global_tokens);
       // Every layer's d_probs is the same (global counts): one upload serves all.
-      if (backward) {
-        d_probs_NE = cpu::aux_loss_grad_probs(counts, E, num_layers, N, static_cast<float>(aux_scale), N)
+      if (backward && N > 0) {
+        d_probs_NE = cpu::aux_loss_grad_probs(counts_t, E, num_layers, global_tokens, static_cast<float>(aux_scale), N)
                          .to(Device::kCuda);
       }
     }
@@ -444,11 +475,8 @@ void CudaQwen3MoeModel::copy_params_to(Qwen3MoeModel& cpu) const {
 
 void CudaQwen3MoeModel::adamw_step(const CudaAdamWConfig& cfg, double lr, int64_t step) {
   MOETP_CHECK(step >= 1, "AdamW step counts from 1, got {}", step);
+  ensure_moments();
   for (CudaParam& p : params_) {
-    if (!p.exp_avg.defined()) {
-      p.exp_avg = Tensor::zeros(p.master.shape(), DType::kF32, Device::kCuda);
-      p.exp_avg_sq = Tensor::zeros(p.master.shape(), DType::kF32, Device::kCuda);
-    }
     cuda::AdamWHyper hyper;
     hyper.lr = lr;
     hyper.beta1 = cfg.beta1;
@@ -460,6 +488,95 @@ void CudaQwen3MoeModel::adamw_step(const CudaAdamWConfig& cfg, double lr, int64_
   }
   CUDA_CHECK(cudaDeviceSynchronize());
   refresh_moe_params();  // the MoE layers keep their own bf16 copies
+}
+
+void CudaQwen3MoeModel::reduce_grads() {
+  if (opts_.mesh == nullptr) return;
+  const comm::Mesh& mesh = *opts_.mesh;
+  for (CudaParam& p : params_) {
+    comm::Comm& group = p.kind == ParamKind::kExpert ? mesh.expert_dp() : mesh.world();
+    // The dense gate and up gradients are row views of one buffer: each is reduced on its own.
+    if (group.size() > 1) group.all_reduce(p.grad, comm::ReduceOp::kSum);
+  }
+}
+
+double CudaQwen3MoeModel::grad_norm() {
+  double replicated = 0, expert = 0;
+  for (const CudaParam& p : params_) {
+    (p.kind == ParamKind::kExpert ? expert : replicated) += cuda::sum_of_squares(p.grad);
+  }
+  // Expert shards partition the expert tensors over ep_etp (rank-order sum: identical everywhere).
+  if (opts_.mesh != nullptr && opts_.mesh->ep_etp().size() > 1) {
+    expert = static_cast<comm::NcclComm&>(opts_.mesh->ep_etp()).host().all_reduce_scalar(expert, comm::ReduceOp::kSum);
+  }
+  return std::sqrt(replicated + expert);
+}
+
+void CudaQwen3MoeModel::scale_grads(float scale) {
+  for (CudaParam& p : params_) {
+    check_dtype(p.grad, DType::kF32, p.name.c_str());
+    check_contiguous(p.grad, p.name.c_str());
+    CUDA_CHECK(launch::scale_f32(p.grad.data<float>(), scale, p.grad.numel(), nullptr));
+  }
+}
+
+void CudaQwen3MoeModel::load_params_from(const Qwen3MoeModel& cpu) {
+  MOETP_CHECK(cpu.params().size() == params_.size(), "load_params_from: CPU model has {} parameters, GPU {}",
+              cpu.params().size(), params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Param& p = cpu.params()[i];
+    MOETP_CHECK(p.name == params_[i].name && p.value.shape() == params_[i].master.shape(),
+                "load_params_from: parameter {} is '{}' {} on the CPU, '{}' {} on the GPU", i, p.name,
+                p.value.describe(), params_[i].name, params_[i].master.describe());
+    params_[i].master.copy_from(p.value);
+  }
+  for (CudaParam& p : params_) {
+    if (p.work.defined()) p.work.copy_from(cuda::cast(p.master, DType::kBF16));
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());
+  refresh_moe_params();
+}
+
+void CudaQwen3MoeModel::ensure_moments() {
+  for (CudaParam& p : params_) {
+    if (p.exp_avg.defined()) continue;
+    p.exp_avg = Tensor::zeros(p.master.shape(), DType::kF32, Device::kCuda);
+    p.exp_avg_sq = Tensor::zeros(p.master.shape(), DType::kF32, Device::kCuda);
+  }
+}
+
+void CudaQwen3MoeModel::copy_moments_to(std::vector<Tensor>& exp_avg, std::vector<Tensor>& exp_avg_sq) const {
+  MOETP_CHECK(exp_avg.size() == params_.size() && exp_avg_sq.size() == params_.size(),
+              "copy_moments_to: {} and {} tensors for {} parameters", exp_avg.size(), exp_avg_sq.size(), params_.size());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const CudaParam& p = params_[i];
+    for (auto [dst, src] : {std::pair{&exp_avg[i], &p.exp_avg}, std::pair{&exp_avg_sq[i], &p.exp_avg_sq}}) {
+      MOETP_CHECK(dst->shape() == p.master.shape(), "copy_moments_to: parameter '{}' is {}, host tensor {}", p.name,
+                  p.master.describe(), dst->describe());
+      if (src->defined()) {
+        dst->copy_from(*src);
+      } else {
+        dst->zero_();
+      }
+    }
+  }
+}
+
+void CudaQwen3MoeModel::load_moments_from(const std::vector<Tensor>& exp_avg, const std::vector<Tensor>& exp_avg_sq) {
+  MOETP_CHECK(exp_avg.size() == params_.size() && exp_avg_sq.size() == params_.size(),
+              "load_moments_from: {} and {} tensors for {} parameters", exp_avg.size(), exp_avg_sq.size(),
+              params_.size());
+  ensure_moments();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    CudaParam& p = params_[i];
+    MOETP_CHECK(exp_avg[i].shape() == p.master.shape() && exp_avg_sq[i].shape() == p.master.shape(),
+                "load_moments_from: parameter '{}' is {}, moments {} and {}", p.name, p.master.describe(),
+                exp_avg[i].describe(), exp_avg_sq[i].describe());
+    p.exp_avg.copy_from(exp_avg[i]);
+    p.exp_avg_sq.copy_from(exp_avg_sq[i]);
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 }  // namespace moetp::model

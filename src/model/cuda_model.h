@@ -1,7 +1,15 @@
-// Qwen3-MoE decoder on ONE GPU (expert parallel = expert tensor parallel = 1): one micro-batch's
-// forward + backward composed from the CUDA kernels (kernels/cuda/{ops,attention,gemm}.h) and the
-// single-GPU MoE layer (moe/cuda_moe.h), in exactly the layer order of the CPU model
-// (model/model.h, the executable spec), which tests/model/cuda_model_test.cpp holds it to.
+// Qwen3-MoE decoder on the GPU: one micro-batch's forward + backward composed from the CUDA kernels
+// (kernels/cuda/{ops,attention,gemm}.h) and the CUDA MoE layer (moe/cuda_moe.h), in exactly the
+// layer order of the CPU model (model/model.h, the executable spec), which
+// tests/model/cuda_model_test.cpp holds it to on one GPU and tests/model/cuda_model_dist_test.cpp
+// holds the 2- and 4-GPU layouts to the one-GPU model.
+//
+// Layouts: one GPU (no mesh), or one process per GPU over a mesh of NCCL communicators
+// (CudaModelOptions::mesh; ETP_SPEC §2): every non-expert parameter replicated on every rank (data
+// parallel over world), the routed experts sharded over (ep, etp) exactly as the CPU model shards
+// them (the same names, ShardSpecs and initial values), each rank running its own tokens.
+// Gradients: reduce_grads() sums replicated gradients over world and expert shards over expert_dp
+// (NCCL all-reduce, f32), grad_norm() counts every unique element once (ETP_SPEC §7).
 //
 // Storage: per parameter an f32 master, a bf16 working copy (what the kernels read) and an f32
 // gradient (accumulated, +=). Activations are bf16, every accumulation f32. The residual stream is
@@ -19,7 +27,8 @@
 // layers' statistics as moe::aux_loss on one rank. The per-layer probability sums are taken on
 // the host from a copy of the (N, E) f32 probabilities (small; a device reduction would avoid it).
 //
-// Streams: everything runs on the legacy default stream; forward_backward synchronises (the MoE
+// Streams: everything runs on the legacy default stream (the NCCL collectives on their
+// communicators' streams, ordered against it with events); forward_backward synchronises (the MoE
 // layers' per-expert counts, the loss sums, the aux statistics).
 //
 // Legend: B sequences, S sequence length, N = B·S tokens, H hidden, V vocab, Hq/Hkv query/kv heads,
@@ -31,6 +40,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/mesh.h"
 #include "config/model_config.h"
 #include "core/tensor.h"
 #include "model/model.h"
@@ -43,8 +53,9 @@ namespace moetp::model {
 
 struct CudaParam {
   std::string name;   // the CPU model's (HF) name
+  ParamKind kind = ParamKind::kReplicated;
   bool decay = true;  // AdamW weight decay (off for norm weights)
-  Tensor master;      // f32, CUDA, the CPU model's shape
+  Tensor master;      // f32, CUDA, the CPU model's (local shard) shape
   Tensor work;        // bf16, CUDA, same shape; undefined for MoE parameters (their layer holds the copy)
   Tensor grad;        // f32, CUDA, same shape; ACCUMULATED by forward_backward
   Tensor exp_avg, exp_avg_sq;  // f32 AdamW moments, allocated by the first adamw_step
@@ -55,17 +66,27 @@ struct CudaAdamWConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
 };
 
+struct CudaModelOptions {
+  // One process per GPU over this mesh (every group a comm::NcclComm whose compute stream is the
+  // legacy default stream; must outlive the model), or null: one GPU, every expert local.
+  const comm::Mesh* mesh = nullptr;
+  std::string dispatcher = "all2all";  // with a mesh: the CUDA dispatcher (moe/cuda_moe.h)
+  bool force_balance = false;          // round-robin routing (moe.force_balance; benchmarks)
+  int expert_streams = 1;              // moe::CudaMoeOptions::expert_streams
+};
+
 class CudaQwen3MoeModel {
  public:
   // Rows per cross-entropy chunk: as many as keep chunk_rows · V <= kLogitChunkElems (at least 1).
   static constexpr int64_t kLogitChunkElems = int64_t{1} << 26;  // 128 MiB of bf16 logits
 
-  // Initial values exactly as the CPU model built with the same (cfg, seed) at P = T = 1 (the same
-  // pure function of (seed, name, global index)); needs no MPI. Needs cuda::init() to have run.
-  CudaQwen3MoeModel(const config::ModelConfig& cfg, uint64_t seed);
-  // The CPU model's current values (f32, exactly; bf16 copies rounded from them). The CPU model must
-  // be a one-rank layout (ep = etp = 1) so its expert tensors are whole.
-  static std::unique_ptr<CudaQwen3MoeModel> from_cpu(const Qwen3MoeModel& cpu);
+  // Initial values exactly as the CPU model built with the same (cfg, seed) and layout (the same
+  // pure function of (seed, name, global index)). Needs cuda::init() to have run. Without a mesh it
+  // needs no MPI; with one, construction is local (no collective).
+  CudaQwen3MoeModel(const config::ModelConfig& cfg, uint64_t seed, CudaModelOptions opts = {});
+  // The CPU model's current values (f32, exactly; bf16 copies rounded from them). The CPU model's
+  // expert layout (ep, etp) must be the mesh's (one rank: 1 x 1), so its shards are ours.
+  static std::unique_ptr<CudaQwen3MoeModel> from_cpu(const Qwen3MoeModel& cpu, CudaModelOptions opts = {});
   ~CudaQwen3MoeModel();
   CudaQwen3MoeModel(const CudaQwen3MoeModel&) = delete;
   CudaQwen3MoeModel& operator=(const CudaQwen3MoeModel&) = delete;
@@ -88,11 +109,25 @@ class CudaQwen3MoeModel {
   // and counts of the last forward (tests use them to check routing margins).
   const moe::CudaMoeLayer* moe_layer(int64_t layer_idx) const;
 
+  // Mesh: sums replicated gradients over world and expert shards over expert_dp (NCCL, f32, in
+  // place); no-op on one GPU. Collective.
+  void reduce_grads();
+  // sqrt(Σ replicated g² + Σ over ep_etp of expert-shard g²), identical on every rank after
+  // reduce_grads(). Collective (one host all-reduce over ep_etp); synchronises.
+  double grad_norm();
+  void scale_grads(float scale);
+
   // Downloads the f32 gradients into cpu.params()[i].grad (OVERWRITTEN), so the CPU optimiser and
   // tests can be reused. Names and shapes must match (checked).
   void copy_grads_to(Qwen3MoeModel& cpu) const;
   // Downloads the f32 masters into cpu.params()[i].value (OVERWRITTEN).
   void copy_params_to(Qwen3MoeModel& cpu) const;
+  // Uploads cpu.params()[i].value into the masters and refreshes every bf16 copy (checkpoint load).
+  void load_params_from(const Qwen3MoeModel& cpu);
+  // AdamW moments to or from host tensors of the parameters' shapes, in params() order (checkpoint
+  // save and load). Before the first adamw_step the moments are zero.
+  void copy_moments_to(std::vector<Tensor>& exp_avg, std::vector<Tensor>& exp_avg_sq) const;
+  void load_moments_from(const std::vector<Tensor>& exp_avg, const std::vector<Tensor>& exp_avg_sq);
 
   // One AdamW step on the f32 masters (cuda::adamw_step: train::AdamW::step's formula, element by
   // element; decay only where CudaParam::decay), then refreshes every bf16 working copy.
@@ -102,13 +137,15 @@ class CudaQwen3MoeModel {
  private:
   struct Layer;
   struct ParamInit;
-  CudaQwen3MoeModel(const config::ModelConfig& cfg, const std::vector<Tensor>& host_values);
-  static std::vector<ParamInit> param_list(const config::ModelConfig& cfg);
+  CudaQwen3MoeModel(const config::ModelConfig& cfg, const std::vector<Tensor>& host_values, CudaModelOptions opts);
+  std::vector<ParamInit> param_list() const;
+  void ensure_moments();
   void build(const std::vector<Tensor>& host_values);
   void refresh_moe_params();
   MicroStats run(const Tensor& tokens_BS1, bool backward, double ce_scale, double aux_scale);
 
   config::ModelConfig cfg_;
+  CudaModelOptions opts_;
   std::vector<CudaParam> params_;
   std::vector<Layer> layers_;
   size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;

@@ -1,6 +1,7 @@
-// The one element-wise op the CUDA model (model/cuda_model.h) needs that kernels/cuda does not
-// have: the residual add of bf16 tensors, out = bf16(f32(a) + f32(b) [+ f32(c)]), one rounding (RNE).
-// CPU reference: the f32 add_into of model/model.cpp. Raw pointers only; the host wrapper in
+// The element-wise ops the CUDA model (model/cuda_model.h) needs that kernels/cuda does not have:
+// the residual add of bf16 tensors, out = bf16(f32(a) + f32(b) [+ f32(c)]), one rounding (RNE)
+// (CPU reference: the f32 add_into of model/model.cpp), and the gradient scale of clipping
+// (x *= s in f32, as train::scale_grads). Raw pointers only; the host wrapper in
 // cuda_model.cpp checks shapes, dtypes and devices before launching.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -21,7 +22,25 @@ __global__ void add_bf16_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, 
   }
 }
 
+__global__ void scale_f32_kernel(float* x, float s, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    x[i] *= s;
+  }
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t want = (n + threads - 1) / threads;
+  return static_cast<int>(want < 65535 ? want : 65535);
+}
+
 }  // namespace
+
+cudaError_t scale_f32(float* x, float s, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  scale_f32_kernel<<<grid_for(n, 256), 256, 0, stream>>>(x, s, n);
+  return cudaGetLastError();
+}
 
 // a, b, c (nullable), out: n bf16 values each (raw uint16_t bits); out may alias a, b or c
 // (each element is read before it is written, by the same thread).

@@ -1,4 +1,4 @@
-// The single-GPU MoE layer (contract in cuda_moe.h): argument checks, the layer's buffers, and the
+// The CUDA MoE layer (contract in cuda_moe.h): argument checks, the layer's buffers, and the
 // sequence of kernels. The op kernels are called through their launchers (kernels/cuda/launch.h)
 // with the layer's own buffers, so a steady-state step allocates nothing (the ops.h wrappers return
 // fresh tensors, and every cudaFree synchronises the device); the indices they read are produced
@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "comm/nccl_comm.h"
 #include "kernels/cuda/cast.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm.h"
@@ -60,6 +61,19 @@ void gemm_f32_out(const char* what, cudaStream_t stream, cublasOperation_t op_a,
               cublasGetStatusString(status));
 }
 
+// The NCCL communicator behind a mesh group (checked at construction).
+comm::NcclComm& nccl(comm::Comm& c) { return static_cast<comm::NcclComm&>(c); }
+
+void check_nccl_group(comm::Comm& c, cudaStream_t stream) {
+  auto* n = dynamic_cast<comm::NcclComm*>(&c);
+  MOETP_CHECK(n != nullptr, "CudaMoeLayer: mesh group '{}' is a {} communicator; the CUDA layer needs NCCL (comm::NcclComm)",
+              c.name(), c.device() == Device::kCuda ? "CUDA" : "host");
+  MOETP_CHECK(n->compute_stream() == stream,
+              "CudaMoeLayer: mesh group '{}' orders its collectives against another stream than the layer's "
+              "(set_compute_stream to CudaMoeOptions::stream)",
+              c.name());
+}
+
 }  // namespace
 
 void CudaMoeLayer::PinnedDeleter::operator()(int32_t* p) const { cudaFreeHost(p); }
@@ -78,6 +92,21 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
               cuda::launch::kRouterMaxExperts);
   MOETP_CHECK(K >= 1 && K <= E, "CudaMoeLayer: top_k ({}) must be in [1, num_experts ({})]", K, E);
   MOETP_CHECK(opts.expert_streams >= 1, "CudaMoeLayer: expert_streams ({}) must be >= 1", opts.expert_streams);
+  L_ = E;
+  i_ = I;
+  if (opts.mesh != nullptr) {
+    const comm::Mesh& mesh = *opts.mesh;
+    const int P = mesh.ep_size(), T = mesh.etp_size();
+    MOETP_CHECK(cfg.dispatcher == "all2all",
+                "CudaMoeLayer: dispatcher '{}' is not implemented on the CUDA backend; use 'all2all' (ep {} x etp {})",
+                cfg.dispatcher, P, T);
+    MOETP_CHECK(E % P == 0, "CudaMoeLayer: num_experts ({}) % ep ({}) = {} != 0", E, P, E % P);
+    MOETP_CHECK(I % T == 0, "CudaMoeLayer: moe_intermediate_size ({}) % etp ({}) = {} != 0", I, T, I % T);
+    check_nccl_group(mesh.ep(), opts.stream);
+    check_nccl_group(mesh.etp(), opts.stream);
+    L_ = E / P;
+    i_ = I / T;
+  }
   if (opts.expert_streams > 1) {
     CUDA_CHECK(cudaEventCreateWithFlags(&streams_.fork, cudaEventDisableTiming));
     for (int c = 0; c < opts.expert_streams; ++c) {
@@ -88,10 +117,11 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
     }
   }
   params_ = {Tensor::zeros({E, H}, DType::kBF16, Device::kCuda),
-             Tensor::zeros({E, 2 * I, H}, DType::kBF16, Device::kCuda),
-             Tensor::zeros({E, H, I}, DType::kBF16, Device::kCuda)};
-  grads_ = {Tensor::zeros({E, H}, DType::kF32, Device::kCuda), Tensor::zeros({E, 2 * I, H}, DType::kF32, Device::kCuda),
-            Tensor::zeros({E, H, I}, DType::kF32, Device::kCuda)};
+             Tensor::zeros({L_, 2 * i_, H}, DType::kBF16, Device::kCuda),
+             Tensor::zeros({L_, H, i_}, DType::kBF16, Device::kCuda)};
+  grads_ = {Tensor::zeros({E, H}, DType::kF32, Device::kCuda),
+            Tensor::zeros({L_, 2 * i_, H}, DType::kF32, Device::kCuda),
+            Tensor::zeros({L_, H, i_}, DType::kF32, Device::kCuda)};
   counts_dev_E_ = device_empty({E}, DType::kI32);
   int32_t* pinned = nullptr;
   CUDA_CHECK(cudaMallocHost(&pinned, static_cast<size_t>(E) * sizeof(int32_t)));
@@ -102,6 +132,9 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
 }
 
 CudaMoeLayer::~CudaMoeLayer() = default;
+
+int64_t CudaMoeLayer::num_local_experts() const { return L_; }
+int64_t CudaMoeLayer::local_intermediate() const { return i_; }
 
 void CudaMoeLayer::set_params(const MoeParams& src) {
   auto load = [](const Tensor& from, Tensor& to, const char* name) {
@@ -120,8 +153,8 @@ void CudaMoeLayer::set_params(const MoeParams& src) {
     to.copy_from(b);
   };
   load(src.wg_EH, params_.wg_EH, "wg_EH");
-  load(src.w13_L2iH, params_.w13_L2iH, "w13 (E, 2I, H)");
-  load(src.w2_LHi, params_.w2_LHi, "w2 (E, H, I)");
+  load(src.w13_L2iH, params_.w13_L2iH, "w13 (L, 2i, H)");
+  load(src.w2_LHi, params_.w2_LHi, "w2 (L, H, i)");
   // A pageable host-to-device cudaMemcpy may return before its DMA lands, and a non-blocking layer
   // stream does not wait for the legacy default stream.
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -135,7 +168,7 @@ void CudaMoeLayer::zero_grads() {
 
 void CudaMoeLayer::reserve(int64_t N) {
   if (N == num_tokens_) return;
-  const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k, I = cfg_.intermediate, M = N * K;
+  const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k, M = N * K;
   MOETP_CHECK(M <= INT32_MAX, "CudaMoeLayer: N·K = {}·{} = {} dispatched rows exceed the int32 row indices", N, K, M);
   // Old buffers go first (their cudaFree waits for work in flight).
   saved_ = CudaMoeSaved{};
@@ -148,19 +181,153 @@ void CudaMoeLayer::reserve(int64_t N) {
   s.token_M = device_empty({M}, DType::kI64);
   s.pos_NK = device_empty({N, K}, DType::kI32);
   s.x_MH = device_empty({M, H}, DType::kBF16);
-  s.h_M2I = device_empty({M, 2 * I}, DType::kBF16);
-  s.a_MI = device_empty({M, I}, DType::kBF16);
   s.y_MH = device_empty({M, H}, DType::kBF16);
   const size_t plan_bytes = launch::routing_plan_workspace_bytes(M);
   plan_workspace_ = device_empty({static_cast<int64_t>((plan_bytes + 7) / 8) + 1}, DType::kI64);
   dtopk_weight_NK_ = device_empty({N, K}, DType::kF32);
   dy_MH_ = device_empty({M, H}, DType::kBF16);
-  da_MI_ = device_empty({M, I}, DType::kBF16);
-  dh_M2I_ = device_empty({M, 2 * I}, DType::kBF16);
   dlogits_NE_ = device_empty({N, E}, DType::kF32);
   dlogits_bf16_NE_ = device_empty({N, E}, DType::kBF16);
   dx_router_NH_ = device_empty({N, H}, DType::kF32);
   num_tokens_ = N;
+  if (!distributed()) exp_capacity_ = -1;  // the expert side is sized by M: re-derived below
+}
+
+void CudaMoeLayer::reserve_expert_side(int64_t R) {
+  const int64_t H = cfg_.hidden, i = i_;
+  CudaMoeSaved& s = saved_;
+  if (R > exp_capacity_) {
+    // One GPU: R = M exactly, every step. A mesh: R follows the routing; grow with slack so that a
+    // slightly larger step does not reallocate (every cudaFree synchronises the device).
+    const int64_t cap = distributed() ? std::max<int64_t>(R + R / 4, 64) : R;
+    MOETP_CHECK(cap <= INT32_MAX, "CudaMoeLayer: {} expert-side rows exceed the int32 row indices", cap);
+    for (Tensor* t : {&cap_x_, &cap_h_, &cap_a_, &cap_y_, &cap_dy_, &cap_da_, &cap_dh_, &cap_recv_, &cap_gath_,
+                      &cap_perm_, &cap_inv_perm_}) {
+      *t = Tensor();
+    }
+    cap_h_ = device_empty({cap, 2 * i}, DType::kBF16);
+    cap_a_ = device_empty({cap, i}, DType::kBF16);
+    cap_da_ = device_empty({cap, i}, DType::kBF16);
+    cap_dh_ = device_empty({cap, 2 * i}, DType::kBF16);
+    if (distributed()) {
+      cap_x_ = device_empty({cap, H}, DType::kBF16);
+      cap_y_ = device_empty({cap, H}, DType::kBF16);
+      cap_dy_ = device_empty({cap, H}, DType::kBF16);
+      cap_recv_ = device_empty({cap, H}, DType::kBF16);
+      if (opts_.mesh->etp_size() > 1) cap_gath_ = device_empty({cap, H}, DType::kBF16);
+      cap_perm_ = device_empty({cap}, DType::kI64);
+      cap_inv_perm_ = device_empty({cap}, DType::kI64);
+    }
+    exp_capacity_ = cap;
+  }
+  s.h_M2I = cap_h_.narrow_rows(0, R);
+  s.a_MI = cap_a_.narrow_rows(0, R);
+  da_MI_ = cap_da_.narrow_rows(0, R);
+  dh_M2I_ = cap_dh_.narrow_rows(0, R);
+  if (distributed()) {
+    s.x_RH = cap_x_.narrow_rows(0, R);
+    s.y_RH = cap_y_.narrow_rows(0, R);
+    dy_RH_ = cap_dy_.narrow_rows(0, R);
+  } else {
+    s.x_RH = s.x_MH;
+    s.y_RH = s.y_MH;
+    dy_RH_ = dy_MH_;
+  }
+}
+
+void CudaMoeLayer::plan_exchange() {
+  const comm::Mesh& mesh = *opts_.mesh;
+  const int P = mesh.ep_size(), T = mesh.etp_size(), t_me = mesh.coords().t;
+  const int64_t E = cfg_.num_experts, L = L_;
+  CudaMoeSaved& s = saved_;
+  // Counts per (source ep rank, local expert), then gathered over etp: cnt[t'][q'][j] (host MPI;
+  // the NCCL communicators' own host groups, same members and order).
+  Tensor cnt_send = Tensor::from_vector<int64_t>(s.counts_E, {E, 1});
+  Tensor cnt_recv = Tensor::empty({P * L, 1}, DType::kI64);
+  const std::vector<int64_t> l_each(static_cast<size_t>(P), L);
+  nccl(mesh.ep()).host().all_to_all_v(cnt_send, l_each, cnt_recv, l_each);
+  Tensor cnt_all = Tensor::empty({T * P * L, 1}, DType::kI64);
+  nccl(mesh.etp()).host().all_gather(cnt_recv, cnt_all);
+  const std::vector<int64_t> cnt = cnt_all.to_vector<int64_t>();
+
+  ex_.send_counts.assign(static_cast<size_t>(P), 0);
+  for (int64_t e = 0; e < E; ++e) ex_.send_counts[static_cast<size_t>(e / L)] += s.counts_E[static_cast<size_t>(e)];
+  ex_.recv_counts.assign(static_cast<size_t>(P), 0);
+  ex_.tp_counts.assign(static_cast<size_t>(T), 0);
+  for (int t = 0; t < T; ++t) {
+    for (int q = 0; q < P; ++q) {
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t c = cnt[static_cast<size_t>((static_cast<int64_t>(t) * P + q) * L + j)];
+        ex_.tp_counts[static_cast<size_t>(t)] += c;
+        if (t == t_me) ex_.recv_counts[static_cast<size_t>(q)] += c;
+      }
+    }
+  }
+  ex_.num_recv = comm::sum_counts(ex_.recv_counts);
+  ex_.num_rows = comm::sum_counts(ex_.tp_counts);
+
+  // Gathered rows come as blocks (t', q', j); the expert order is (j, q', t') (moe/dispatcher.h).
+  std::vector<int64_t> block_off(cnt.size() + 1, 0);
+  for (size_t b = 0; b < cnt.size(); ++b) block_off[b + 1] = block_off[b] + cnt[b];
+  const int64_t R = ex_.num_rows;
+  perm_host_.resize(static_cast<size_t>(2 * R));
+  int64_t* perm = perm_host_.data();
+  int64_t* inv = perm + R;
+  s.offsets.assign(static_cast<size_t>(L) + 1, 0);
+  int64_t row = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    for (int q = 0; q < P; ++q) {
+      for (int t = 0; t < T; ++t) {
+        const size_t b = static_cast<size_t>((static_cast<int64_t>(t) * P + q) * L + j);
+        for (int64_t g = block_off[b]; g < block_off[b + 1]; ++g) {
+          perm[row] = g;
+          inv[g] = row;
+          ++row;
+        }
+      }
+    }
+    s.offsets[static_cast<size_t>(j) + 1] = row;
+  }
+  reserve_expert_side(R);
+  if (R > 0) {
+    // Pageable host memory: the copy stages the source before returning, ordered on the stream.
+    CUDA_CHECK(cudaMemcpyAsync(cap_perm_.raw_data(), perm, static_cast<size_t>(R) * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, opts_.stream));
+    CUDA_CHECK(cudaMemcpyAsync(cap_inv_perm_.raw_data(), inv, static_cast<size_t>(R) * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, opts_.stream));
+  }
+}
+
+void CudaMoeLayer::move_to_experts(const Tensor& slot_MH, Tensor& exp_RH) {
+  const comm::Mesh& mesh = *opts_.mesh;
+  const int64_t H = cfg_.hidden, R = ex_.num_rows;
+  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
+  Tensor recv = cap_recv_.narrow_rows(0, ex_.num_recv);
+  mesh.ep().all_to_all_v(slot_MH, ex_.send_counts, recv, ex_.recv_counts);
+  Tensor gathered = recv;
+  if (mesh.etp_size() > 1) {
+    gathered = cap_gath_.narrow_rows(0, R);
+    mesh.etp().all_gather_v(recv, gathered, ex_.tp_counts);
+  }
+  if (R == 0) return;
+  CUDA_CHECK(cuda::launch::gather_rows(gathered.raw_data(), exp_RH.raw_data(), cap_perm_.data<int64_t>(), R, R,
+                                       row_bytes, nullptr, opts_.stream));
+}
+
+void CudaMoeLayer::move_to_slots(const Tensor& exp_RH, Tensor& slot_MH) {
+  const comm::Mesh& mesh = *opts_.mesh;
+  const int64_t H = cfg_.hidden, R = ex_.num_rows;
+  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
+  const bool tp = mesh.etp_size() > 1;
+  Tensor recv = cap_recv_.narrow_rows(0, ex_.num_recv);
+  Tensor gathered = tp ? cap_gath_.narrow_rows(0, R) : recv;
+  if (R > 0) {
+    CUDA_CHECK(cuda::launch::gather_rows(exp_RH.raw_data(), gathered.raw_data(), cap_inv_perm_.data<int64_t>(), R, R,
+                                         row_bytes, nullptr, opts_.stream));
+  }
+  // The etp partials summed (bf16, NCCL's order) into the rows this rank received.
+  if (tp) mesh.etp().reduce_scatter_v(gathered, recv, ex_.tp_counts);
+  mesh.ep().all_to_all_v(recv, ex_.recv_counts, slot_MH, ex_.send_counts);
 }
 
 void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
@@ -176,64 +343,68 @@ void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
   s.x_NH = x_NH;
   ensure_output(out_NH, N, H);
   s.counts_E.assign(static_cast<size_t>(E), 0);
-  s.offsets.assign(static_cast<size_t>(E) + 1, 0);
-  if (N == 0) {
-    has_forward_ = true;
-    return;
-  }
   const cudaStream_t stream = opts_.stream;
 
-  // Router logits in f32: row-major logits (N, E) = x · wgᵀ  <=>  column-major logitsᵀ (E × N) =
-  // op_T(wg as column-major H × E) · x (H × N).
-  gemm_f32_out("CudaMoeLayer router logits", stream, CUBLAS_OP_T, CUBLAS_OP_N, E, N, H, params_.wg_EH.raw_data(), H,
-               x_NH.raw_data(), H, s.logits_NE.data<float>(), E);
-  CUDA_CHECK(cuda::launch::router_forward(s.logits_NE.data<float>(), s.probs_NE.data<float>(),
-                                          s.topk_idx_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), N, E, K,
-                                          cfg_.norm_topk_prob, stream));
-  if (opts_.force_balance) {
-    CUDA_CHECK(
-        launch::force_balance_routing(s.topk_idx_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), N, K, E, stream));
+  if (N > 0) {
+    // Router logits in f32: row-major logits (N, E) = x · wgᵀ  <=>  column-major logitsᵀ (E × N) =
+    // op_T(wg as column-major H × E) · x (H × N).
+    gemm_f32_out("CudaMoeLayer router logits", stream, CUBLAS_OP_T, CUBLAS_OP_N, E, N, H, params_.wg_EH.raw_data(), H,
+                 x_NH.raw_data(), H, s.logits_NE.data<float>(), E);
+    CUDA_CHECK(cuda::launch::router_forward(s.logits_NE.data<float>(), s.probs_NE.data<float>(),
+                                            s.topk_idx_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), N, E, K,
+                                            cfg_.norm_topk_prob, stream));
+    if (opts_.force_balance) {
+      CUDA_CHECK(launch::force_balance_routing(s.topk_idx_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), N, K,
+                                               E, stream));
+    }
+    // The plan on the GPU; only the per-expert counts come back (collective sizes, GEMM offsets).
+    CUDA_CHECK(launch::routing_plan(s.topk_idx_NK.data<int32_t>(), N, K, E, plan_workspace_.raw_data(),
+                                    plan_workspace_.num_bytes(), s.flat_M.data<int32_t>(), s.token_M.data<int64_t>(),
+                                    s.pos_NK.data<int32_t>(), counts_dev_E_.data<int32_t>(), stream));
+    CUDA_CHECK(cudaMemcpyAsync(counts_host_.get(), counts_dev_E_.raw_data(), static_cast<size_t>(E) * sizeof(int32_t),
+                               cudaMemcpyDeviceToHost, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (int64_t e = 0; e < E; ++e) s.counts_E[static_cast<size_t>(e)] = counts_host_.get()[e];
+    // Every id from the router is in [0, E); a shortfall means a broken plan, not bad input.
+    MOETP_CHECK(comm::sum_counts(s.counts_E) == M, "CudaMoeLayer: per-expert counts sum to {}, expected N·K = {}",
+                comm::sum_counts(s.counts_E), M);
+    CUDA_CHECK(cuda::launch::gather_rows(x_NH.raw_data(), s.x_MH.raw_data(), s.token_M.data<int64_t>(), M, N,
+                                         H * static_cast<int64_t>(sizeof(bf16)), nullptr, stream));
   }
-
-  // The plan on the GPU; only the per-expert counts come back (the grouped GEMMs take host offsets).
-  CUDA_CHECK(launch::routing_plan(s.topk_idx_NK.data<int32_t>(), N, K, E, plan_workspace_.raw_data(),
-                                  plan_workspace_.num_bytes(), s.flat_M.data<int32_t>(), s.token_M.data<int64_t>(),
-                                  s.pos_NK.data<int32_t>(), counts_dev_E_.data<int32_t>(), stream));
-  CUDA_CHECK(cudaMemcpyAsync(counts_host_.get(), counts_dev_E_.raw_data(), static_cast<size_t>(E) * sizeof(int32_t),
-                             cudaMemcpyDeviceToHost, stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));
-  for (int64_t e = 0; e < E; ++e) {
-    s.counts_E[e] = counts_host_.get()[e];
-    s.offsets[e + 1] = s.offsets[e] + s.counts_E[e];
+  if (distributed()) {
+    plan_exchange();  // collective even when this rank has no tokens
+    move_to_experts(s.x_MH, s.x_RH);
+  } else {
+    s.offsets.assign(static_cast<size_t>(E) + 1, 0);
+    for (int64_t e = 0; e < E; ++e) s.offsets[e + 1] = s.offsets[e] + s.counts_E[static_cast<size_t>(e)];
+    reserve_expert_side(M);
   }
-  // Every id from the router is in [0, E); a shortfall means a broken plan, not bad input.
-  MOETP_CHECK(s.offsets[E] == M, "CudaMoeLayer: per-expert counts sum to {}, expected N·K = {}", s.offsets[E], M);
-
-  CUDA_CHECK(cuda::launch::gather_rows(x_NH.raw_data(), s.x_MH.raw_data(), s.token_M.data<int64_t>(), M, N,
-                                       H * static_cast<int64_t>(sizeof(bf16)), nullptr, stream));
   for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_forward(e0, e1, st); });
-  CUDA_CHECK(launch::combine_rows(bits(s.y_MH), s.pos_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), nullptr,
-                                  bits(out_NH), N, K, H, stream));
+  if (distributed()) move_to_slots(s.y_RH, s.y_MH);
+  if (N > 0) {
+    CUDA_CHECK(launch::combine_rows(bits(s.y_MH), s.pos_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), nullptr,
+                                    bits(out_NH), N, K, H, stream));
+  }
   has_forward_ = true;
 }
 
 void CudaMoeLayer::for_expert_chunks(const std::function<void(int64_t, int64_t, cudaStream_t)>& fn) {
-  const int64_t E = cfg_.num_experts;
+  const int64_t L = L_;
   const int64_t S = static_cast<int64_t>(streams_.side.size());
   if (S <= 1) {
-    fn(0, E, opts_.stream);
+    fn(0, L, opts_.stream);
     return;
   }
   // Chunk c ends at the first expert whose rows start at or after c/S of all rows.
   const std::vector<int64_t>& off = saved_.offsets;
-  const int64_t M = off[E];
+  const int64_t R = off[L];
   std::vector<int64_t> bounds{0};
   for (int64_t c = 1; c < S; ++c) {
-    const int64_t target = c * M / S;
+    const int64_t target = c * R / S;
     const int64_t e = std::lower_bound(off.begin(), off.end(), target) - off.begin();
-    bounds.push_back(std::clamp(e, bounds.back(), E));
+    bounds.push_back(std::clamp(e, bounds.back(), L));
   }
-  bounds.push_back(E);
+  bounds.push_back(L);
   CUDA_CHECK(cudaEventRecord(streams_.fork, opts_.stream));
   for (int64_t c = 0; c < S; ++c) {
     if (off[bounds[c + 1]] == off[bounds[c]]) continue;  // no rows
@@ -256,28 +427,28 @@ std::vector<int64_t> chunk_offsets(const std::vector<int64_t>& off, int64_t e0, 
 
 void CudaMoeLayer::experts_forward(int64_t e0, int64_t e1, cudaStream_t stream) {
   CudaMoeSaved& s = saved_;
-  const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, I = cfg_.intermediate;
+  const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, i = i_;
   if (rows == 0) return;
   const std::vector<int64_t> off = chunk_offsets(s.offsets, e0, e1);
-  const Tensor x = s.x_MH.narrow_rows(r0, rows);
-  Tensor h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows), y = s.y_MH.narrow_rows(r0, rows);
+  const Tensor x = s.x_RH.narrow_rows(r0, rows);
+  Tensor h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows), y = s.y_RH.narrow_rows(r0, rows);
   cuda::grouped_linear(x, off, params_.w13_L2iH.narrow_rows(e0, e1 - e0), h, stream);
-  CUDA_CHECK(cuda::launch::swiglu_forward(bits(h), bits(a), rows, I, stream));
+  CUDA_CHECK(cuda::launch::swiglu_forward(bits(h), bits(a), rows, i, stream));
   cuda::grouped_linear(a, off, params_.w2_LHi.narrow_rows(e0, e1 - e0), y, stream);
 }
 
 void CudaMoeLayer::experts_backward(int64_t e0, int64_t e1, cudaStream_t stream) {
   CudaMoeSaved& s = saved_;
-  const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, I = cfg_.intermediate;
+  const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, i = i_;
   if (rows == 0) return;
   const std::vector<int64_t> off = chunk_offsets(s.offsets, e0, e1);
   const Tensor w13 = params_.w13_L2iH.narrow_rows(e0, e1 - e0), w2 = params_.w2_LHi.narrow_rows(e0, e1 - e0);
   Tensor dw13 = grads_.w13_L2iH.narrow_rows(e0, e1 - e0), dw2 = grads_.w2_LHi.narrow_rows(e0, e1 - e0);
-  const Tensor x = s.x_MH.narrow_rows(r0, rows), h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows);
-  Tensor dy = dy_MH_.narrow_rows(r0, rows), da = da_MI_.narrow_rows(r0, rows), dh = dh_M2I_.narrow_rows(r0, rows);
+  const Tensor x = s.x_RH.narrow_rows(r0, rows), h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows);
+  Tensor dy = dy_RH_.narrow_rows(r0, rows), da = da_MI_.narrow_rows(r0, rows), dh = dh_M2I_.narrow_rows(r0, rows);
   cuda::grouped_linear_backward(dy, a, off, w2, &da, &dw2, stream);
-  CUDA_CHECK(cuda::launch::swiglu_backward(bits(h), bits(da), bits(dh), rows, I, stream));
-  // dx_MH goes into dy's rows: the w2 backward above has consumed them (same stream).
+  CUDA_CHECK(cuda::launch::swiglu_backward(bits(h), bits(da), bits(dh), rows, i, stream));
+  // dx_RH goes into dy's rows: the w2 backward above has consumed them (same stream).
   cuda::grouped_linear_backward(dh, x, off, w13, &dy, &dw13, stream);
 }
 
@@ -296,7 +467,6 @@ void CudaMoeLayer::backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE
   if (d_probs_NE.defined()) check_cuda_tensor(d_probs_NE, DType::kF32, {N, E}, "CudaMoeLayer::backward d_probs_NE");
   has_forward_ = false;
   ensure_output(dx_NH, N, H);
-  if (N == 0) return;
   const cudaStream_t stream = opts_.stream;
   // Forced routing weights are constants: only an aux-loss gradient reaches the router then.
   const bool routed_grad = !opts_.force_balance;
@@ -304,10 +474,16 @@ void CudaMoeLayer::backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE
 
   // Combine backward: dy = w · dout[token], and the routing-weight gradient <dout[n], y[i]>.
   float* dtopk = routed_grad ? dtopk_weight_NK_.data<float>() : nullptr;
-  CUDA_CHECK(launch::combine_backward(bits(dout_NH), bits(s.y_MH), s.flat_M.data<int32_t>(),
-                                      s.topk_weight_NK.data<float>(), bits(dy_MH_), dtopk, M, K, H, stream));
+  if (N > 0) {
+    CUDA_CHECK(launch::combine_backward(bits(dout_NH), bits(s.y_MH), s.flat_M.data<int32_t>(),
+                                        s.topk_weight_NK.data<float>(), bits(dy_MH_), dtopk, M, K, H, stream));
+  }
+  if (distributed()) move_to_experts(dy_MH_, dy_RH_);
   for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_backward(e0, e1, st); });
-  const Tensor& dx_MH = dy_MH_;  // experts_backward overwrites dy with dx_MH
+  // experts_backward overwrites dy_RH with dx_RH; on a mesh it comes back into dy_MH's rows.
+  if (distributed()) move_to_slots(dy_RH_, dy_MH_);
+  if (N == 0) return;
+  const Tensor& dx_MH = dy_MH_;
 
   const float* dx_router = nullptr;
   if (router_grad) {

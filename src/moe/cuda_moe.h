@@ -1,31 +1,48 @@
-// The MoE block of one Qwen3-MoE layer on one GPU: expert parallel 1, every expert local (the
-// `local` dispatcher), forward and backward, bf16 parameters and activations with f32 accumulation.
-// It is the CUDA counterpart of moe::MoeBlock at P = T = 1 (ETP_SPEC §3-§5) and is held to it by
-// tests/moe/cuda_moe_test.cpp. Not collective: no communication.
+// The MoE block of one Qwen3-MoE layer on the GPU, forward and backward, bf16 parameters and
+// activations with f32 accumulation. The CUDA counterpart of moe::MoeBlock (ETP_SPEC §3-§5), held
+// to it by tests/moe/cuda_moe_test.cpp (one GPU) and tests/moe/cuda_moe_dist_test.cpp (2 and 4 GPUs).
 //
-// Legend: N tokens, H hidden, E experts, K top-k, I expert FFN width (moe_intermediate_size),
-// M = N·K dispatched rows.
+// Layouts: without a mesh, one GPU holds every expert (the `local` dispatcher, no communication).
+// With a mesh of NCCL communicators (comm::NcclComm, one GPU per rank), rank (p, t) holds the
+// L = E/P experts [p·L, (p+1)·L) and the t-th slice of width i = I/T of each (ETP_SPEC §3), and the
+// rows move as the `all2all` dispatcher does (ETP_SPEC §5.3, moe/dispatch_all2all.cpp): EP
+// all-to-all by owning rank, then a TP all-gather inside the etp group; back by a TP reduce-scatter
+// of the partial outputs and the reverse all-to-all. The row order on the expert side is the
+// dispatcher contract of moe/dispatcher.h (local expert, source rank, token, slot), so the CPU
+// dispatcher over MPI and this layer over NCCL produce bit-identical dispatched rows.
+//
+// Legend: N tokens on this rank, H hidden, E experts, K top-k, I expert FFN width
+// (moe_intermediate_size), M = N·K "slot rows" (this rank's (token, slot) pairs), L local experts,
+// i = I/T, R rows the local experts process (R = M with one GPU).
 //
 // Forward (one layer):
 //   logits_NE = x · wgᵀ                 cuBLAS, bf16 operands, f32 output (the router needs f32)
 //   probs, topk_idx, topk_weight        cuda router kernel (softmax, top-K, renormalisation)
-//   routing plan                        rows sorted by expert, then token, then slot: the row order
-//                                       of moe/dispatcher.h; per-expert counts copied to the host
-//                                       (moe/cuda_moe_kernels.h, as the combines below)
+//   routing plan                        slot rows sorted by global expert, then token, then slot;
+//                                       per-expert counts copied to the host (the one host sync of
+//                                       the layer: row counts decide the collective sizes and the
+//                                       grouped GEMMs take host offsets)
 //   x_MH = x[token]                     cuda gather
-//   h_M2I = grouped(x_MH, w13)          cuBLAS, one GEMM per non-empty expert (gemm.h)
-//   a_MI = silu(h[:, :I]) ⊙ h[:, I:]
-//   y_MH = grouped(a_MI, w2)
-//   out[n] = Σ_k w[n, k] · y[pos(n, k)]  f32 sum, one bf16 rounding
-// Backward: the combine backward (dy = w · dout[token], dw_topk = <dout, y>), the two grouped GEMM
-// backwards and the SwiGLU backward, the router's logits gradient and GEMMs, and
-// dx[n] = Σ_k dx_MH[pos(n, k)] + dx_router[n].
+//   [mesh] counts exchanged over the host communicators (MPI, a few hundred bytes), the expert-side
+//          order computed on the host and uploaded; x_RH = all2all(x_MH) then all-gather over etp,
+//          permuted into expert order
+//   h_R2i = grouped(x_RH, w13)          cuBLAS, one GEMM per non-empty local expert (gemm.h)
+//   a_Ri = silu(h[:, :i]) ⊙ h[:, i:]
+//   y_RH = grouped(a_Ri, w2)            TP partial
+//   [mesh] y_MH = reverse all2all(reduce-scatter over etp (bf16 sum) of y_RH in gathered order)
+//   out[n] = Σ_k w[n, k] · y_MH[pos(n, k)]  f32 sum, one bf16 rounding
+// Backward: the combine backward (dy_MH = w · dout[token], dw_topk = <dout, y_MH>), dy moved to the
+// expert side like x, the two grouped GEMM backwards and the SwiGLU backward, dx_RH moved back like
+// y, the router's logits gradient and GEMMs, and dx[n] = Σ_k dx_MH[pos(n, k)] + dx_router[n].
 //
-// Streams and synchronisation: everything is enqueued on the layer's stream; the caller makes sure
-// x and dout are ready on it (a non-blocking stream does not wait for the legacy one). forward()
-// synchronises that stream once (the per-expert counts: the grouped GEMMs take host offsets);
-// backward() does not synchronise. The layer owns its activation buffers, sized for the last N
-// (reallocated when N changes), so steady-state calls allocate nothing.
+// Streams and synchronisation: everything is enqueued on the layer's stream (the NCCL collectives
+// on the communicator's stream, ordered against the layer's stream with events by NcclComm: the
+// communicators' compute stream must be the layer's stream, checked); the caller makes sure x and
+// dout are ready on it (a non-blocking stream does not wait for the legacy one). forward()
+// synchronises that stream once (the per-expert counts); backward() does not synchronise. The
+// layer owns its buffers: the slot-side ones sized for the last N, the expert-side ones (whose row
+// count R changes with the routing every step) grown to 1.25× the largest R seen and used through
+// views, so a steady-state step allocates nothing (core's cudaFree would synchronise the device).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,6 +52,7 @@
 #include <memory>
 #include <vector>
 
+#include "comm/mesh.h"
 #include "core/tensor.h"
 #include "moe/moe_block.h"
 
@@ -53,6 +71,10 @@ struct CudaMoeOptions {
   // GPU; chunks on separate streams run side by side. 1: everything on `stream`. Results are the
   // same function either way (each expert's GEMMs are the same calls).
   int expert_streams = 1;
+  // Expert parallel layout, or null: one GPU with every expert. Every communicator of the mesh must
+  // be a comm::NcclComm (checked) whose compute stream is `stream`; the mesh must outlive the layer.
+  // MoeConfig::dispatcher must then be "all2all" (the CUDA dispatcher; others are rejected).
+  const comm::Mesh* mesh = nullptr;
 };
 
 // What backward needs from forward (all on the GPU unless noted). Shapes for the last forward.
@@ -62,22 +84,27 @@ struct CudaMoeSaved {
   Tensor probs_NE;        // (N, E) f32
   Tensor topk_idx_NK;     // (N, K) i32
   Tensor topk_weight_NK;  // (N, K) f32
-  Tensor flat_M;          // (M) i32: dispatched row i carries pair n·K + k
+  Tensor flat_M;          // (M) i32: slot row j carries pair n·K + k
   Tensor token_M;         // (M) i64: its token n
-  Tensor pos_NK;          // (N, K) i32: the dispatched row of pair (n, k)
-  Tensor x_MH;            // (M, H) bf16
-  Tensor h_M2I;           // (M, 2I) bf16, gate | up
-  Tensor a_MI;            // (M, I) bf16
-  Tensor y_MH;            // (M, H) bf16
-  std::vector<int64_t> counts_E;  // host: rows per expert
-  std::vector<int64_t> offsets;   // host, E + 1: expert e owns rows [offsets[e], offsets[e + 1])
+  Tensor pos_NK;          // (N, K) i32: the slot row of pair (n, k)
+  Tensor x_MH;            // (M, H) bf16 slot rows: x[token_M], sorted by global expert, token, slot
+  Tensor y_MH;            // (M, H) bf16 slot rows: the experts' outputs (summed over the etp group)
+  // Expert side: the R rows this rank's L local experts process, in dispatcher order (moe/dispatcher.h).
+  // With one GPU these are the slot rows themselves (x_RH is x_MH, y_RH is y_MH).
+  Tensor x_RH;            // (R, H) bf16
+  Tensor h_M2I;           // (R, 2i) bf16, gate | up
+  Tensor a_MI;            // (R, i) bf16
+  Tensor y_RH;            // (R, H) bf16, this rank's TP partial
+  std::vector<int64_t> counts_E;  // host: slot rows per global expert (this rank's tokens)
+  std::vector<int64_t> offsets;   // host, L + 1: local expert j owns expert-side rows [offsets[j], offsets[j + 1])
 };
 
 class CudaMoeLayer {
  public:
-  // Validates the config (sizes >= 1, 1 <= K <= E <= 1024); errors name the values. cfg.dispatcher
-  // is not read (always `local`). Parameters and gradients start at zero (set_params loads the
-  // parameters). Needs cuda::init() to have run.
+  // Validates the config (sizes >= 1, 1 <= K <= E <= 1024, E % P == 0, I % T == 0, the dispatcher)
+  // and the mesh; errors name the values. Without a mesh cfg.dispatcher is not read (always
+  // `local`). Parameters and gradients start at zero (set_params loads the parameters). Needs
+  // cuda::init() to have run. Not collective.
   explicit CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts = {});
   ~CudaMoeLayer();
   CudaMoeLayer(const CudaMoeLayer&) = delete;
@@ -86,8 +113,9 @@ class CudaMoeLayer {
   const MoeConfig& config() const { return cfg_; }
   const CudaMoeOptions& options() const { return opts_; }
 
-  // Parameters, bf16 on the GPU, shapes of MoeParams with L = E, i = I: wg_EH (E, H),
-  // w13_L2iH (E, 2I, H) with gate rows [0, I) and up rows [I, 2I) of each expert, w2_LHi (E, H, I).
+  // Parameters, bf16 on the GPU, this rank's shards in the shapes of MoeParams: wg_EH (E, H),
+  // w13_L2iH (L, 2i, H) with gate rows [0, i) and up rows [i, 2i) of each local expert,
+  // w2_LHi (L, H, i). With one GPU L = E and i = I.
   const MoeParams& params() const { return params_; }
   // Copies `src` (CPU f32 or bf16, or CUDA bf16 or f32, the shapes above) into the parameters,
   // rounding f32 to bf16 (round to nearest even). Synchronous.
@@ -99,6 +127,7 @@ class CudaMoeLayer {
 
   //   x_NH   [IN]  (N, H) bf16, CUDA, contiguous; kept (not copied) for backward
   //   out_NH [OUT] (N, H) bf16, OVERWRITTEN (allocated when undefined or of another shape)
+  // Collective over the mesh's ep and etp groups (every member calls it; N may differ by rank).
   void forward_into(const Tensor& x_NH, Tensor& out_NH);
   Tensor forward(const Tensor& x_NH);
 
@@ -107,17 +136,28 @@ class CudaMoeLayer {
   //   d_probs_NE [IN]  (N, E) f32, CUDA: extra gradient w.r.t. the router probabilities (the aux
   //                    loss, moe::aux_loss); undefined = zero
   //   dx_NH      [OUT] (N, H) bf16, OVERWRITTEN (allocated when undefined or of another shape)
-  // Accumulates into grads().
+  // Accumulates into grads(). Collective like forward.
   void backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE, Tensor& dx_NH);
   Tensor backward(const Tensor& dout_NH, const Tensor& d_probs_NE = Tensor());
 
+  int64_t num_local_experts() const;   // L
+  int64_t local_intermediate() const;  // i
   // The last forward's activations and routing (counts_E: telemetry and the aux-loss counts).
   const CudaMoeSaved& saved() const { return saved_; }
   const std::vector<int64_t>& counts_E() const { return saved_.counts_E; }
 
  private:
+  bool distributed() const { return opts_.mesh != nullptr; }
   void reserve(int64_t N);
-  // Calls fn(first_expert, end_expert, stream) once per non-empty chunk of experts (see
+  // Expert-side buffers for R rows (grown with slack on a mesh, see the header comment).
+  void reserve_expert_side(int64_t R);
+  // Mesh only: exchanges the per-expert counts over the host communicators and computes the
+  // expert-side order (ex_, saved_.offsets), uploading the permutations. Collective.
+  void plan_exchange();
+  // Mesh only: slot rows (M, H) -> expert side (R, H), and back (summing the etp partials).
+  void move_to_experts(const Tensor& slot_MH, Tensor& exp_RH);
+  void move_to_slots(const Tensor& exp_RH, Tensor& slot_MH);
+  // Calls fn(first_expert, end_expert, stream) once per non-empty chunk of local experts (see
   // CudaMoeOptions::expert_streams), ordered after the work already on the layer stream and before
   // the work queued on it afterwards.
   void for_expert_chunks(const std::function<void(int64_t, int64_t, cudaStream_t)>& fn);
@@ -126,6 +166,7 @@ class CudaMoeLayer {
 
   MoeConfig cfg_;
   CudaMoeOptions opts_;
+  int64_t L_ = 0, i_ = 0;  // local experts, local expert FFN width
   MoeParams params_;  // bf16
   MoeParams grads_;   // f32
   CudaMoeSaved saved_;
@@ -136,12 +177,27 @@ class CudaMoeLayer {
   Tensor plan_workspace_;   // routing_plan's sort scratch
   Tensor counts_dev_E_;     // (E) i32
   Tensor dtopk_weight_NK_;  // (N, K) f32
-  Tensor dy_MH_;            // (M, H) bf16; reused for dx_MH once dy is consumed
-  Tensor da_MI_;            // (M, I) bf16
-  Tensor dh_M2I_;           // (M, 2I) bf16
+  Tensor dy_MH_;            // (M, H) bf16 slot rows; reused for dx_MH once dy is consumed
   Tensor dlogits_NE_;       // (N, E) f32
   Tensor dlogits_bf16_NE_;  // (N, E) bf16, the operand of the router GEMMs
   Tensor dx_router_NH_;     // (N, H) f32
+
+  // Expert side: capacity buffers (rows = exp_capacity_) and the views of the last forward.
+  int64_t exp_capacity_ = -1;
+  Tensor cap_x_, cap_h_, cap_a_, cap_y_, cap_dy_, cap_da_, cap_dh_;  // mesh: x, y, dy own buffers
+  Tensor cap_recv_, cap_gath_;  // mesh: the all-to-all output; the etp all-gather output (T > 1)
+  Tensor cap_perm_, cap_inv_perm_;  // mesh: (R) i64 expert order <- gathered order, and its inverse
+  Tensor dy_RH_, da_MI_, dh_M2I_;   // views of the last forward: (R, H), (R, i), (R, 2i)
+
+  // Mesh: what the counts exchange decided for the last forward.
+  struct Exchange {
+    std::vector<int64_t> send_counts;  // slot rows to each ep rank
+    std::vector<int64_t> recv_counts;  // rows from each ep rank
+    std::vector<int64_t> tp_counts;    // rows each etp rank received (the all-gather counts)
+    int64_t num_recv = 0;              // Σ recv_counts
+    int64_t num_rows = 0;              // R = Σ tp_counts
+  } ex_;
+  std::vector<int64_t> perm_host_;     // pinned staging would be nicer; uploaded once per forward
 
   struct PinnedDeleter {
     void operator()(int32_t* p) const;

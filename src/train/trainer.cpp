@@ -1,11 +1,73 @@
 #include "train/trainer.h"
 
+#include <mpi.h>
+
 #include <chrono>
 #include <cmath>
 
+#include "comm/mpi_comm.h"
 #include "io/checkpoint.h"
+#if MOETP_HAVE_CUDA
+#include "comm/nccl_comm.h"
+#include "kernels/cuda/runtime.h"
+#include "model/cuda_model.h"
+#endif
 
 namespace moetp::train {
+
+#if MOETP_HAVE_CUDA
+struct Trainer::Gpu {
+  std::unique_ptr<comm::NcclComm> world;
+  std::unique_ptr<comm::Mesh> mesh;
+  std::unique_ptr<model::CudaQwen3MoeModel> model;
+};
+#else
+struct Trainer::Gpu {};
+#endif
+
+namespace {
+
+// This rank's index among the ranks of its node, and how many there are (MPI shared-memory split).
+std::pair<int, int> node_local_rank(comm::Comm& world) {
+  auto* mpi = dynamic_cast<comm::MpiComm*>(&world);
+  MOETP_CHECK(mpi != nullptr, "Trainer: the world communicator must be an MPI communicator, got '{}'", world.name());
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_Comm_split_type(mpi->raw(), MPI_COMM_TYPE_SHARED, world.rank(), MPI_INFO_NULL, &node);
+  int rank = 0, size = 1;
+  MPI_Comm_rank(node, &rank);
+  MPI_Comm_size(node, &size);
+  MPI_Comm_free(&node);
+  return {rank, size};
+}
+
+// (device, reason) for train.device; collective (every rank decides alike).
+std::pair<std::string, std::string> pick_device(const std::string& want, comm::Comm& world) {
+  const auto [local_rank, local_size] = node_local_rank(world);
+#if MOETP_HAVE_CUDA
+  const int gpus = cuda::device_count();
+  const std::string why_not = gpus == 0 ? cuda::unavailable_reason() : "";
+#else
+  const int gpus = 0;
+  const std::string why_not = "this build has no CUDA backend";
+#endif
+  // The fewest GPUs per rank anywhere decides, so that every rank picks the same device.
+  const int64_t enough = world.all_reduce_scalar(int64_t{gpus >= local_size ? 1 : 0}, comm::ReduceOp::kSum);
+  const bool all_enough = enough == world.size();
+  const std::string counts = fmt::format("{} GPU(s) visible for {} rank(s) on rank {}'s node", gpus, local_size,
+                                         world.rank());
+  if (want == "cpu") return {"cpu", "train.device = cpu"};
+  if (want == "cuda") {
+    world.raise_if_any(gpus >= local_size ? "" : fmt::format("train.device = cuda needs one GPU per rank: {}{}", counts,
+                                                                  why_not.empty() ? "" : " (" + why_not + ")"),
+                       "train.device");
+    return {"cuda", fmt::format("train.device = cuda, rank {} on GPU {}", world.rank(), local_rank)};
+  }
+  if (all_enough) return {"cuda", fmt::format("train.device = auto: one GPU per rank ({})", counts)};
+  return {"cpu", fmt::format("train.device = auto: not every rank has a GPU ({}{})", counts,
+                             why_not.empty() ? "" : ", " + why_not)};
+}
+
+}  // namespace
 
 Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& model_cfg, comm::Comm& world,
                  data::TokenFile data)
@@ -18,11 +80,31 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   MOETP_CHECK(batches_.file().vocab_size() <= model_cfg_.vocab_size,
               "data file {} has vocabulary size {} but the model's vocab_size is {}", batches_.file().path(),
               batches_.file().vocab_size(), model_cfg_.vocab_size);
+  std::tie(device_, device_reason_) = pick_device(cfg_.train.device, world_);
+  MOETP_CHECK(!cfg_.moe.force_balance || device_ == "cuda",
+              "moe.force_balance is implemented on the CUDA device only (train.device resolved to '{}': {})", device_,
+              device_reason_);
   mesh_ = std::make_unique<comm::Mesh>(world_, cfg_.parallel.ep, cfg_.parallel.etp);
   model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, *mesh_, config::resolved_dispatcher(cfg_),
                                                   static_cast<uint64_t>(cfg_.train.seed));
   optim_ = std::make_unique<AdamW>(model_->params(), AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps,
                                                                  cfg_.optim.weight_decay});
+#if MOETP_HAVE_CUDA
+  if (device_ == "cuda") {
+    const std::string dispatcher = config::resolved_dispatcher(cfg_);
+    MOETP_CHECK(dispatcher == "local" || dispatcher == "all2all",
+                "moe.dispatcher '{}' is not implemented on the CUDA device; use all2all (or auto)", dispatcher);
+    gpu_ = std::make_unique<Gpu>();
+    world_.run_collectively("selecting this rank's GPU", [&] { cuda::init(node_local_rank(world_).first); });
+    gpu_->world = comm::NcclComm::create(dynamic_cast<comm::MpiComm&>(world_), "world");
+    gpu_->mesh = std::make_unique<comm::Mesh>(*gpu_->world, cfg_.parallel.ep, cfg_.parallel.etp);
+    model::CudaModelOptions opts;
+    opts.mesh = world_.size() > 1 ? gpu_->mesh.get() : nullptr;
+    opts.dispatcher = "all2all";
+    opts.force_balance = cfg_.moe.force_balance;
+    world_.run_collectively("building the CUDA model", [&] { gpu_->model = model::CudaQwen3MoeModel::from_cpu(*model_, opts); });
+  }
+#endif
 }
 
 Trainer::~Trainer() = default;
@@ -36,6 +118,7 @@ StepResult Trainer::step() {
   const int64_t global_targets = static_cast<int64_t>(cfg_.train.global_batch_size) * S;
   r.tokens = global_targets;
   const std::vector<int64_t> slice = batches_.rank_slice(step_, world_.rank(), world_.size());
+  if (gpu_) return step_gpu(std::move(r), slice);
   model_->zero_grads();
   double ce_sum = 0, aux_sum = 0;
   for (int micro = 0; micro < num_micro; ++micro) {
@@ -72,7 +155,69 @@ StepResult Trainer::step() {
   return r;
 }
 
+StepResult Trainer::step_gpu(StepResult r, const std::vector<int64_t>& slice) {
+#if MOETP_HAVE_CUDA
+  const auto t0 = std::chrono::steady_clock::now();
+  model::CudaQwen3MoeModel& m = *gpu_->model;
+  const int num_micro = cfg_.train.micro_batches;
+  const int64_t global_targets = r.tokens;
+  m.zero_grads();
+  double ce_sum = 0, aux_sum = 0;
+  for (int micro = 0; micro < num_micro; ++micro) {
+    const std::vector<int64_t> ids = data::micro_slice(slice, micro, num_micro);
+    const model::MicroStats ms = m.forward_backward(batches_.tokens(ids), 1.0 / static_cast<double>(global_targets),
+                                                    model_cfg_.router_aux_loss_coef / num_micro);
+    ce_sum += ms.ce_sum;
+    aux_sum += ms.aux;
+    if (micro == 0) {
+      r.expert_counts = ms.expert_counts;
+    } else {
+      for (size_t l = 0; l < ms.expert_counts.size(); ++l) {
+        for (size_t e = 0; e < ms.expert_counts[l].size(); ++e) r.expert_counts[l][e] += ms.expert_counts[l][e];
+      }
+    }
+  }
+  r.ce_loss = world_.all_reduce_scalar(ce_sum, comm::ReduceOp::kSum) / static_cast<double>(global_targets);
+  r.aux_loss = aux_sum / num_micro;
+  r.loss = r.ce_loss + model_cfg_.router_aux_loss_coef * r.aux_loss;
+  MOETP_CHECK(std::isfinite(r.loss), "step {}: loss is {} (cross-entropy {}, aux {}) on rank {}", r.step, r.loss,
+              r.ce_loss, r.aux_loss, world_.rank());
+  m.reduce_grads();
+  r.grad_norm = m.grad_norm();
+  MOETP_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} on rank {} (loss {})", r.step, r.grad_norm,
+              world_.rank(), r.loss);
+  if (cfg_.optim.grad_clip > 0 && r.grad_norm > cfg_.optim.grad_clip) {
+    m.scale_grads(static_cast<float>(cfg_.optim.grad_clip / (r.grad_norm + 1e-6)));
+  }
+  r.lr = lr_at(r.step, cfg_.train.steps, cfg_.optim.warmup_steps, cfg_.optim.lr, cfg_.optim.min_lr);
+  m.adamw_step({cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay}, r.lr, r.step);
+  step_ = r.step;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+#else
+  (void)slice;
+  MOETP_FAIL("Trainer: step {} asked for the CUDA device in a build without CUDA", r.step);
+#endif
+}
+
+void Trainer::pull_from_gpu() const {
+#if MOETP_HAVE_CUDA
+  if (!gpu_) return;
+  gpu_->model->copy_params_to(*model_);
+  gpu_->model->copy_moments_to(optim_->exp_avg(), optim_->exp_avg_sq());
+#endif
+}
+
+void Trainer::push_to_gpu() {
+#if MOETP_HAVE_CUDA
+  if (!gpu_) return;
+  gpu_->model->load_params_from(*model_);
+  gpu_->model->load_moments_from(optim_->exp_avg(), optim_->exp_avg_sq());
+#endif
+}
+
 void Trainer::save_checkpoint(const std::string& dir) const {
+  pull_from_gpu();
   const nlohmann::json state = {{"format", "moetp-native"},
                                 {"version", 1},
                                 {"step", step_},
@@ -94,8 +239,12 @@ void Trainer::load_checkpoint(const std::string& dir) {
               "{}: checkpoint was trained with train.seed = {}, this run has {} (the data order would change)", dir,
               seed, cfg_.train.seed);
   step_ = state.at("step").get<int64_t>();
+  push_to_gpu();
 }
 
-void Trainer::init_from_hf(const std::string& dir) { io::load_hf(*model_, dir); }
+void Trainer::init_from_hf(const std::string& dir) {
+  io::load_hf(*model_, dir);
+  push_to_gpu();
+}
 
 }  // namespace moetp::train

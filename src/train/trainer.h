@@ -1,6 +1,14 @@
 // The training loop of one rank: global batch -> this rank's slice -> micro-batches ->
 // forward/backward -> gradient reduction (ETP_SPEC §7) -> global norm, clipping -> AdamW.
 // Collective: every rank of `world` constructs a Trainer and calls step() in lockstep.
+//
+// Devices (train.device): "cpu" runs the CPU model (model/model.h) with MPI collectives; "cuda"
+// runs one GPU per rank (the node-local rank picks the GPU): the CUDA model (model/cuda_model.h)
+// over NCCL communicators, with f32 masters, gradients and AdamW moments on the GPU. The CPU model
+// is still built on the GPU path: it supplies the initial values (so both devices start from the
+// identical model) and is the staging area of checkpoint save/load and Hugging Face import; its
+// values are only current right after those calls. "auto" picks cuda when this build has CUDA and
+// every rank of the node has a GPU, else cpu; device() says which was picked and why.
 #pragma once
 
 #include <memory>
@@ -45,6 +53,10 @@ class Trainer {
   void load_checkpoint(const std::string& dir);
   // Starts from Hugging Face weights (collective); optimizer state stays at zero.
   void init_from_hf(const std::string& dir);
+  // "cpu" or "cuda", and a line saying why (for the run's banner).
+  const std::string& device() const { return device_; }
+  const std::string& device_reason() const { return device_reason_; }
+  // The CPU model: the trained values on the CPU device; on cuda, the staging copy (see above).
   model::Qwen3MoeModel& model() { return *model_; }
   const comm::Mesh& mesh() const { return *mesh_; }
   const config::TrainConfig& config() const { return cfg_; }
@@ -58,6 +70,13 @@ class Trainer {
   data::Batches batches_;
   std::unique_ptr<AdamW> optim_;
   int64_t step_ = 0;
+  std::string device_, device_reason_;
+  struct Gpu;  // NCCL communicators, mesh and CUDA model (trainer.cpp; CUDA builds only)
+  std::unique_ptr<Gpu> gpu_;
+  StepResult step_gpu(StepResult r, const std::vector<int64_t>& slice);
+  // cuda: GPU values -> CPU model and optimizer state (before a save), and back (after a load).
+  void pull_from_gpu() const;
+  void push_to_gpu();
 };
 
 }  // namespace moetp::train

@@ -48,6 +48,7 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.train.micro_batches, 1);
   EXPECT_EQ(c.train.seed, 1234);
   EXPECT_EQ(c.train.log_every, 1);
+  EXPECT_EQ(c.train.device, "auto");
   EXPECT_EQ(c.optim.lr, 3e-3);
   EXPECT_EQ(c.optim.min_lr, 3e-4);
   EXPECT_EQ(c.optim.warmup_steps, 20);
@@ -63,7 +64,7 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.checkpoint.every, 0);
   EXPECT_EQ(c.checkpoint.keep, 3);
   EXPECT_NO_THROW(validate(c));
-  EXPECT_EQ(field_names().size(), 25u);
+  EXPECT_EQ(field_names().size(), 26u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {
@@ -103,7 +104,7 @@ TEST(TrainConfig, JsonUnknownKeysListTheSection) {
   TrainConfig c;
   expect_error([&] { apply_json(c, json{{"train", {{"stepz", 3}}}}, "run.json"); },
                {"run.json", "unknown config key 'train.stepz'", "did you mean 'train.steps'?",
-                "valid keys in section 'train': steps, global_batch_size, seq_len, micro_batches, seed, log_every"});
+                "valid keys in section 'train': steps, global_batch_size, seq_len, micro_batches, seed, log_every, device"});
   expect_error([&] { apply_json(c, json{{"optim.learning_rate", 0.1}}, "run.json"); },
                {"unknown config key 'optim.learning_rate'", "valid keys in section 'optim': lr, min_lr"});
   expect_error([&] { apply_json(c, json{{"trian", {{"steps", 3}}}}, "run.json"); },
@@ -239,6 +240,7 @@ TEST(TrainConfig, ValidateNamesValues) {
   expect_error([&] { validate(with("checkpoint.every=-1")); }, {"checkpoint.every (-1)"});
   expect_error([&] { validate(with("checkpoint.keep=0")); }, {"checkpoint.keep (0)"});
   expect_error([&] { validate(with("data.path=")); }, {"data.path"});
+  expect_error([&] { validate(with("train.device=gpu")); }, {"train.device 'gpu' is unknown", "auto, cpu, cuda"});
 }
 
 TEST(TrainConfig, ValidateWithModelChecksTheMesh) {

@@ -21,6 +21,7 @@
 #include "comm/nccl_comm.h"
 #include "core/bf16.h"
 #include "dist/mpi_env.h"
+#include "dist/nccl_env.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
 #include "testing.h"
@@ -34,49 +35,10 @@ using testing::world;
 
 constexpr int64_t kCols = 3;
 
-// ---- one NCCL communicator over the MPI world for the whole binary ----
-
-class NcclEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override {
-    auto& w = world();
-    // Decided together: a rank that skipped would leave the others waiting in a collective.
-    const int64_t fewest = -w.all_reduce_scalar(int64_t{-cuda::device_count()}, ReduceOp::kMax);
-    if (fewest < w.size()) {
-      skip_reason_ = fmt::format("needs one GPU per rank: {} ranks, but a rank sees {} GPU(s){}", w.size(), fewest,
-                                 fewest == 0 ? " (" + cuda::unavailable_reason() + ")" : "");
-      return;
-    }
-    try {
-      w.run_collectively("cuda::init", [&] { cuda::init(w.rank()); });
-      comm_ = NcclComm::create(w, "nccl_world");
-    } catch (const Error& e) {
-      error_ = e.what();
-    }
-  }
-  void TearDown() override { comm_.reset(); }
-
-  const std::string& skip_reason() const { return skip_reason_; }
-  const std::string& error() const { return error_; }
-  NcclComm* comm() const { return comm_.get(); }
-
- private:
-  std::string skip_reason_;
-  std::string error_;
-  std::unique_ptr<NcclComm> comm_;
-};
-
-NcclEnvironment* const g_env =
-    static_cast<NcclEnvironment*>(::testing::AddGlobalTestEnvironment(new NcclEnvironment));
-
 class NcclTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    if (!g_env->skip_reason().empty()) GTEST_SKIP() << g_env->skip_reason();
-    ASSERT_TRUE(g_env->error().empty()) << g_env->error();
-    ASSERT_NE(g_env->comm(), nullptr);
-  }
-  static NcclComm& nccl() { return *g_env->comm(); }
+  void SetUp() override { MOETP_REQUIRE_NCCL(); }
+  static NcclComm& nccl() { return *testing::nccl_env().comm(); }
 };
 
 // ---- payloads ----

@@ -27,6 +27,19 @@
 // losses after each step agree within 2e-2 relative, and the loss falls on both.
 //
 // Runs under mpirun -np 1 (the CPU model needs a one-rank mesh); skips without a GPU.
+//
+// 2 and 4 GPUs (CudaModelDist, mpirun -np 2 / -np 4, one GPU per rank over NCCL), every layout
+// (ep, etp) with ep·etp dividing the world size (the rest is data parallel), each rank with its
+// own B×S tokens. Two references from the same bf16-rounded initial values:
+//   - the CPU model at the same layout over MPI (the spec of that layout, itself held to one rank
+//     by tests/train/trainer_test.cpp): cross-entropy mean over the global batch, aux loss, expert
+//     counts (exact), every gradient of this rank after the gradient reduction (norm-wise, as
+//     above) and the global gradient norm (relative 2e-2);
+//   - the one-GPU model on the whole global batch (every rank's sequences, in rank order) on this
+//     rank's GPU: the same losses and counts, and every gradient (replicated ones after the
+//     all-reduce, expert shards against this rank's slice of the full gradient).
+// Then three AdamW steps on the GPU layout and the CPU layout track each other (losses within
+// 2e-2) and fall. The routing-margin rule above applies to every rank's tokens.
 #include "model/cuda_model.h"
 
 #include <gtest/gtest.h>
@@ -39,8 +52,10 @@
 
 #include "comm/mesh.h"
 #include "dist/mpi_env.h"
+#include "dist/nccl_env.h"
 #include "kernels/cuda/runtime.h"
 #include "moe/cuda_moe.h"
+#include "shard/layout.h"
 #include "testing.h"
 #include "train/optim.h"
 
@@ -120,6 +135,7 @@ double rel_l2(const Tensor& actual, const Tensor& expected, double* ref_norm) {
 class CudaModel : public ::testing::Test {
  protected:
   void SetUp() override {
+    MOETP_REQUIRE_WORLD_SIZE(1);
     if (cuda::device_count() == 0) GTEST_SKIP() << "CUDA test skipped: " << cuda::unavailable_reason();
     cuda::init(0);
   }
@@ -232,6 +248,161 @@ TEST_F(CudaModel, AdamWStepsTrackCpu) {
   EXPECT_LT(cpu_loss.back(), cpu_loss.front()) << "CPU loss should fall on a repeated batch";
   EXPECT_LT(gpu_loss.back(), gpu_loss.front()) << "GPU loss should fall on a repeated batch";
 }
+
+
+// ---- expert parallel on 2 and 4 GPUs ----
+
+struct Layout {
+  int P, T;
+};
+
+class CudaModelDist : public ::testing::TestWithParam<Layout> {
+ protected:
+  void SetUp() override {
+    auto& w = testing::world();
+    if (w.size() < 2) GTEST_SKIP() << "needs 2 or more ranks";
+    const Layout l = GetParam();
+    if (w.size() % (l.P * l.T) != 0) GTEST_SKIP() << "world size " << w.size() << " is no multiple of ep·etp";
+    MOETP_REQUIRE_NCCL();
+  }
+};
+
+// Tokens of rank q for a candidate seed (every rank can draw every rank's).
+Tensor rank_tokens(int64_t V, uint64_t seed, int q) { return random_tokens(V, seed * 131 + static_cast<uint64_t>(q)); }
+
+Tensor concat_batches(const std::vector<Tensor>& parts) {
+  std::vector<int32_t> all;
+  int64_t B = 0, cols = 0;
+  for (const Tensor& t : parts) {
+    const std::vector<int32_t> v = t.to_vector<int32_t>();
+    all.insert(all.end(), v.begin(), v.end());
+    B += t.size(0);
+    cols = t.size(1);
+  }
+  return Tensor::from_vector<int32_t>(all, {B, cols});
+}
+
+void expect_grads_close(const std::vector<Tensor>& actual, const std::vector<Tensor>& expected,
+                        const std::vector<model::Param>& params, const char* against) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    double norm = 0;
+    const double err = rel_l2(actual[i], expected[i], &norm);
+    if (testing::world().rank() == 0) {
+      std::printf("    vs %-8s %-45s rel L2 %.2e (|ref| %.3e)\n", against, params[i].name.c_str(), err, norm);
+    }
+    EXPECT_GT(norm, 0.0) << params[i].name << ": reference gradient is all zeros (" << against << ")";
+    EXPECT_LE(err, kGradRel) << "gradient of " << params[i].name << " against " << against;
+  }
+}
+
+TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
+  const Layout l = GetParam();
+  auto& w = testing::world();
+  const int W = w.size(), r = w.rank();
+  comm::NcclComm& nccl = *testing::nccl_env().comm();
+  comm::Mesh cpu_mesh(w, l.P, l.T), gpu_mesh(nccl, l.P, l.T);
+  std::unique_ptr<comm::Comm> self = w.split(r, 0, "self");
+  comm::Mesh self_mesh(*self, 1, 1);
+  const config::ModelConfig cfg = tiny_config(false);
+  const std::string dispatcher = "all2all";
+  model::Qwen3MoeModel cpu(cfg, cpu_mesh, dispatcher, 7);
+  round_to_bf16(cpu);
+  model::Qwen3MoeModel cpu_one(cfg, self_mesh, "local", 7);
+  round_to_bf16(cpu_one);
+  model::CudaModelOptions opts;
+  opts.mesh = &gpu_mesh;
+  const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu, opts);
+  const std::unique_ptr<model::CudaQwen3MoeModel> one = model::CudaQwen3MoeModel::from_cpu(cpu_one);
+
+  // A seed whose routing margin holds on every rank (decided together).
+  uint64_t seed = 0;
+  for (uint64_t cand = 1; cand <= 256 && seed == 0; ++cand) {
+    gpu->forward(rank_tokens(cfg.vocab_size, cand, r));
+    const double worst = -w.all_reduce_scalar(-routing_margin(*gpu), comm::ReduceOp::kMax);
+    if (worst >= kMinMargin) seed = cand;
+  }
+  ASSERT_NE(seed, 0u) << "no token seed in 1..256 with a routing margin >= " << kMinMargin << " on every rank";
+  const Tensor tokens = rank_tokens(cfg.vocab_size, seed, r);
+  std::vector<Tensor> parts;
+  for (int q = 0; q < W; ++q) parts.push_back(rank_tokens(cfg.vocab_size, seed, q));
+  const Tensor all_tokens = concat_batches(parts);
+  const int64_t global_targets = kB * kS * W;
+  const double ce_scale = 1.0 / static_cast<double>(global_targets), aux_scale = cfg.router_aux_loss_coef;
+
+  cpu.zero_grads();
+  const model::MicroStats ref = cpu.forward_backward(tokens, ce_scale, aux_scale);
+  train::reduce_grads(cpu.params(), cpu_mesh);
+  const double ref_norm = train::global_grad_norm(cpu.params(), cpu_mesh);
+  gpu->zero_grads();
+  const model::MicroStats got = gpu->forward_backward(tokens, ce_scale, aux_scale);
+  gpu->reduce_grads();
+  const double got_norm = gpu->grad_norm();
+  one->zero_grads();
+  const model::MicroStats ref1 = one->forward_backward(all_tokens, ce_scale, aux_scale);
+
+  const double ce_ref = w.all_reduce_scalar(ref.ce_sum, comm::ReduceOp::kSum) * ce_scale;
+  const double ce_got = w.all_reduce_scalar(got.ce_sum, comm::ReduceOp::kSum) * ce_scale;
+  const double ce_one = ref1.ce_sum * ce_scale;
+  if (r == 0) {
+    std::printf("  ep %d x etp %d (W %d), token seed %llu: ce %.6f vs cpu layout %.6f vs one GPU %.6f; aux %.6f vs %.6f "
+                "vs %.6f; grad norm %.6f vs cpu layout %.6f\n",
+                l.P, l.T, W, static_cast<unsigned long long>(seed), ce_got, ce_ref, ce_one, got.aux, ref.aux, ref1.aux,
+                got_norm, ref_norm);
+  }
+  EXPECT_NEAR(ce_got, ce_ref, kCeRel * ce_ref) << "cross-entropy mean vs the CPU layout";
+  EXPECT_NEAR(ce_got, ce_one, kCeRel * ce_one) << "cross-entropy mean vs one GPU";
+  EXPECT_NEAR(got.aux, ref.aux, kAuxRel * ref.aux) << "aux loss vs the CPU layout";
+  EXPECT_NEAR(got.aux, ref1.aux, kAuxRel * ref1.aux) << "aux loss vs one GPU";
+  EXPECT_EQ(got.expert_counts, ref.expert_counts) << "per-layer expert counts vs the CPU layout";
+  EXPECT_EQ(got.expert_counts, ref1.expert_counts) << "per-layer expert counts vs one GPU";
+  EXPECT_NEAR(got_norm, ref_norm, 2e-2 * ref_norm) << "global gradient norm";
+
+  // Against the CPU layout: this rank's reduced gradients.
+  std::vector<Tensor> cpu_grads, gpu_grads, one_grads;
+  for (const model::Param& p : cpu.params()) cpu_grads.push_back(p.grad.clone());
+  gpu->copy_grads_to(cpu);
+  for (const model::Param& p : cpu.params()) gpu_grads.push_back(p.grad.clone());
+  expect_grads_close(gpu_grads, cpu_grads, cpu.params(), "cpu");
+  // Against one GPU: replicated gradients whole, expert gradients this rank's slice.
+  one->copy_grads_to(cpu_one);
+  for (size_t i = 0; i < cpu.params().size(); ++i) {
+    const model::Param& p = cpu.params()[i];
+    one_grads.push_back(p.kind == model::ParamKind::kExpert ? shard::extract_local(cpu_one.params()[i].grad, p.spec)
+                                                            : cpu_one.params()[i].grad.clone());
+  }
+  expect_grads_close(gpu_grads, one_grads, cpu.params(), "one GPU");
+
+  // Three AdamW steps on the same batch: GPU layout vs CPU layout.
+  train::AdamWConfig acfg;
+  train::AdamW opt(cpu.params(), acfg);
+  const model::CudaAdamWConfig gcfg{acfg.beta1, acfg.beta2, acfg.eps, acfg.weight_decay};
+  const double lr = 3e-3;
+  std::vector<double> cpu_loss, gpu_loss;
+  for (int64_t step = 1; step <= 4; ++step) {
+    cpu.zero_grads();
+    gpu->zero_grads();
+    const model::MicroStats a = cpu.forward_backward(tokens, ce_scale, aux_scale);
+    const model::MicroStats b = gpu->forward_backward(tokens, ce_scale, aux_scale);
+    cpu_loss.push_back(w.all_reduce_scalar(a.ce_sum, comm::ReduceOp::kSum) * ce_scale + aux_scale * a.aux);
+    gpu_loss.push_back(w.all_reduce_scalar(b.ce_sum, comm::ReduceOp::kSum) * ce_scale + aux_scale * b.aux);
+    if (r == 0) {
+      std::printf("    step %lld: loss %.6f vs cpu layout %.6f\n", static_cast<long long>(step), gpu_loss.back(),
+                  cpu_loss.back());
+    }
+    EXPECT_NEAR(gpu_loss.back(), cpu_loss.back(), kAdamLossRel * cpu_loss.back()) << "step " << step;
+    if (step == 4) break;
+    train::reduce_grads(cpu.params(), cpu_mesh);
+    gpu->reduce_grads();
+    opt.step(cpu.params(), lr, step);
+    gpu->adamw_step(gcfg, lr, step);
+  }
+  EXPECT_LT(gpu_loss.back(), gpu_loss.front()) << "GPU loss should fall on a repeated batch";
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, CudaModelDist,
+                         ::testing::Values(Layout{1, 1}, Layout{2, 1}, Layout{1, 2}, Layout{4, 1}, Layout{2, 2},
+                                           Layout{1, 4}),
+                         [](const auto& info) { return fmt::format("ep{}_etp{}", info.param.P, info.param.T); });
 
 }  // namespace
 }  // namespace moetp

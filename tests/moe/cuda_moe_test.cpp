@@ -21,6 +21,19 @@
 // its measured errors (the margins).
 //
 // Runs under mpirun -np 1 (the CPU block needs a one-rank mesh); the GPU part skips without a GPU.
+//
+// The expert-parallel layer on 2 and 4 GPUs (CudaMoeLayerDist, mpirun -np 2 / -np 4, one GPU per
+// rank, NCCL) at every (ep, etp) with ep·etp = world size, ragged token counts per rank (one rank
+// with none in one case) and skewed routing (an expert nobody picks):
+//   - dispatch on NCCL against dispatch on MPI, bit-exact: the CPU `all2all` dispatcher
+//     (moe/dispatch_all2all.cpp over MPI) given the GPU's routing produces exactly the GPU layer's
+//     expert-side rows x_RH and offsets;
+//   - against one GPU: every rank also runs the one-GPU layer on the whole batch (every rank's
+//     tokens, concatenated in rank order) with the full weights: the top-k ids of its own tokens
+//     are identical, and out, dx (its rows), dwg (summed over ranks), dw13 and dw2 (its shard of the
+//     full gradients) agree within the tolerance above. The layouts add roundings the one-GPU layer
+//     has not (each etp partial of y and dx is rounded to bf16 and the partials are summed in bf16
+//     by NCCL), within the same budget.
 #include "moe/cuda_moe.h"
 
 #include <gtest/gtest.h>
@@ -32,10 +45,12 @@
 
 #include "comm/mesh.h"
 #include "dist/mpi_env.h"
+#include "dist/nccl_env.h"
 #include "kernels/cpu/experts.h"
 #include "kernels/cuda/runtime.h"
 #include "moe/moe_block.h"
 #include "moe/row_ops.h"
+#include "shard/layout.h"
 #include "testing.h"
 
 namespace moetp {
@@ -153,6 +168,7 @@ Inputs make_inputs(const Case& c, uint64_t seed) {
 class CudaMoeLayer : public ::testing::Test {
  protected:
   void SetUp() override {
+    MOETP_REQUIRE_WORLD_SIZE(1);
     if (cuda::device_count() == 0) GTEST_SKIP() << "CUDA test skipped: " << cuda::unavailable_reason();
     cuda::init(0);
   }
@@ -342,6 +358,136 @@ TEST_F(CudaMoeLayer, RejectsBadCallsWithTheValues) {
   EXPECT_NE(message([&] {
               layer.backward(gpu_bf16(testing::random_tensor({3, 16}, 1, 4)));
             }).find("forward first"),
+            std::string::npos);
+}
+
+
+// ---- expert parallel on 2 and 4 GPUs ----
+
+struct DistCase {
+  const char* name;
+  int64_t H, E, K, I;
+  Routing routing;
+  bool aux_grad;
+  bool last_rank_empty;  // the last rank has no tokens
+};
+
+const DistCase kDistCases[] = {
+    {"random_H64_E8_K2_I32", 64, 8, 2, 32, Routing::kRandom, true, false},
+    {"skewed_H48_E8_K3_I16_last_rank_empty", 48, 8, 3, 16, Routing::kSkewed, false, true},
+};
+
+// Tokens of rank r: 40 + 13·r (ragged), or none for the last rank when asked.
+int64_t tokens_of(const DistCase& c, int r, int W) { return c.last_rank_empty && r == W - 1 ? 0 : 40 + 13 * r; }
+
+class CudaMoeLayerDist : public ::testing::TestWithParam<std::pair<int, int>> {
+ protected:
+  void SetUp() override {
+    const auto [P, T] = GetParam();
+    MOETP_REQUIRE_WORLD_SIZE(P * T);
+    MOETP_REQUIRE_NCCL();
+  }
+};
+
+TEST_P(CudaMoeLayerDist, MatchesOneGpuAndMpiDispatch) {
+  const auto [P, T] = GetParam();
+  auto& w = testing::world();
+  const int W = w.size(), r = w.rank();
+  comm::NcclComm& nccl = *testing::nccl_env().comm();
+  comm::Mesh gpu_mesh(nccl, P, T), cpu_mesh(w, P, T);
+  const int p = gpu_mesh.coords().p, t = gpu_mesh.coords().t;
+  for (const DistCase& c : kDistCases) {
+    SCOPED_TRACE(c.name);
+    if (r == 0) std::printf("  ep %d x etp %d: %s\n", P, T, c.name);
+    std::vector<int64_t> counts;
+    for (int q = 0; q < W; ++q) counts.push_back(tokens_of(c, q, W));
+    const int64_t N_all = comm::sum_counts(counts), N = counts[static_cast<size_t>(r)];
+    int64_t first = 0;
+    for (int q = 0; q < r; ++q) first += counts[static_cast<size_t>(q)];
+    // Every rank draws the whole batch (same seed): its own rows are [first, first + N).
+    const Inputs in = make_inputs({c.name, N_all, c.H, c.E, c.K, c.I, true, c.routing, c.aux_grad}, 21);
+    const moe::MoeConfig cfg{c.H, c.E, c.K, c.I, true, "all2all"};
+
+    // This rank's shards of the full weights.
+    const shard::ShardSpec s13 = shard::w13_spec(c.E, c.I, c.H, P, p, T, t), s2 = shard::w2_spec(c.E, c.I, c.H, P, p, T, t);
+    const int64_t L = c.E / P, i = c.I / T;
+    moe::MoeParams local{in.params.wg_EH,
+                         shard::extract_local(in.params.w13_L2iH.view({c.E * 2 * c.I, c.H}), s13).view({L, 2 * i, c.H}),
+                         shard::extract_local(in.params.w2_LHi.view({c.E * c.H, c.I}), s2).view({L, c.H, i})};
+    moe::CudaMoeOptions opts;
+    opts.mesh = &gpu_mesh;
+    moe::CudaMoeLayer layer(cfg, opts);
+    layer.set_params(local);
+    const Tensor x_own = in.x_NH.narrow_rows(first, N).contiguous();
+    const Tensor out = layer.forward(gpu_bf16(x_own));
+    const moe::CudaMoeSaved& s = layer.saved();
+
+    // Dispatch on NCCL == dispatch on MPI, bit for bit, given the same routing.
+    {
+      auto cpu_disp = moe::make_dispatcher("all2all", cpu_mesh, {c.E, c.K});
+      std::unique_ptr<moe::DispatchState> state;
+      const moe::Dispatched d = cpu_disp->dispatch(x_own, host(s.topk_idx_NK), host(s.topk_weight_NK), state);
+      EXPECT_EQ(s.offsets, d.offsets) << "expert-side offsets, rank " << r;
+      EXPECT_TRUE(testing::bit_equal(host(s.x_RH).to(DType::kF32), d.x_MH)) << "dispatched rows, rank " << r;
+    }
+
+    Tensor d_probs = in.d_probs_NE.defined() ? in.d_probs_NE.narrow_rows(first, N).contiguous().to(Device::kCuda)
+                                             : Tensor();
+    const Tensor dx = layer.backward(gpu_bf16(in.dout_NH.narrow_rows(first, N).contiguous()), d_probs);
+
+    // One GPU, the whole batch.
+    moe::CudaMoeLayer ref({c.H, c.E, c.K, c.I, true, "local"});
+    ref.set_params(in.params);
+    const Tensor ref_out = host(ref.forward(gpu_bf16(in.x_NH)));
+    ASSERT_TRUE(testing::bit_equal(host(s.topk_idx_NK), host(ref.saved().topk_idx_NK).narrow_rows(first, N).contiguous()))
+        << "top-k ids differ from the one-GPU layer's (a near-tie?), rank " << r;
+    const Tensor ref_dx = host(ref.backward(gpu_bf16(in.dout_NH), in.d_probs_NE.defined() ? in.d_probs_NE.to(Device::kCuda) : Tensor()));
+    if (N > 0) {
+      EXPECT_TRUE(layer_close("out", out, ref_out.narrow_rows(first, N).contiguous(), c.H));
+      EXPECT_TRUE(layer_close("dx", dx, ref_dx.narrow_rows(first, N).contiguous(), c.H));
+    } else {
+      EXPECT_EQ(out.size(0), 0);
+      EXPECT_EQ(dx.size(0), 0);
+    }
+    Tensor dwg = host(layer.grads().wg_EH);
+    w.all_reduce(dwg, comm::ReduceOp::kSum);
+    EXPECT_TRUE(layer_close("dwg", dwg, host(ref.grads().wg_EH), c.H));
+    const Tensor ref_dw13 = shard::extract_local(host(ref.grads().w13_L2iH).view({c.E * 2 * c.I, c.H}), s13);
+    const Tensor ref_dw2 = shard::extract_local(host(ref.grads().w2_LHi).view({c.E * c.H, c.I}), s2);
+    EXPECT_TRUE(layer_close("dw13", host(layer.grads().w13_L2iH).view(ref_dw13.shape()), ref_dw13, 2 * i * c.H));
+    EXPECT_TRUE(layer_close("dw2", host(layer.grads().w2_LHi).view(ref_dw2.shape()), ref_dw2, c.H * i));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, CudaMoeLayerDist,
+                         ::testing::Values(std::pair{2, 1}, std::pair{1, 2}, std::pair{4, 1}, std::pair{2, 2},
+                                           std::pair{1, 4}),
+                         [](const auto& info) {
+                           return fmt::format("ep{}_etp{}", info.param.first, info.param.second);
+                         });
+
+TEST(CudaMoeLayerDistErrors, RejectsOtherDispatchersAndHostGroups) {
+  MOETP_REQUIRE_NCCL();
+  auto& w = testing::world();
+  comm::Mesh gpu_mesh(*testing::nccl_env().comm(), w.size(), 1), cpu_mesh(w, w.size(), 1);
+  const int64_t E = 4 * w.size();
+  auto message = [](auto&& fn) {
+    try {
+      fn();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  moe::CudaMoeOptions opts;
+  opts.mesh = &gpu_mesh;
+  EXPECT_NE(message([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "vexpert"}, opts); })
+                .find("dispatcher 'vexpert' is not implemented on the CUDA backend"),
+            std::string::npos);
+  EXPECT_NE(message([&] { moe::CudaMoeLayer l({16, E + 1, 2, 8, true, "all2all"}, opts); }).find("% ep"),
+            std::string::npos);
+  opts.mesh = &cpu_mesh;
+  EXPECT_NE(message([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "all2all"}, opts); }).find("needs NCCL"),
             std::string::npos);
 }
 

@@ -44,6 +44,7 @@ config::TrainConfig train_config(int ep, int etp, const std::string& dispatcher,
   c.train.seq_len = 8;
   c.train.micro_batches = micro;
   c.optim.warmup_steps = 2;
+  c.train.device = "cpu";  // the CPU reference path, also on a GPU host
   return c;
 }
 
@@ -132,6 +133,12 @@ TEST(TrainerBadInput, ErrorsNameTheValues) {
   EXPECT_NE(message([&] { run(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, 1,
                               random_tokens(4000, 100, 1)); })
                 .find("vocabulary size 100 but the model's vocab_size is 64"),
+            std::string::npos);
+  // Forced balance is a CUDA-device option: the CPU device says so instead of ignoring it.
+  config::TrainConfig fb = train_config(1, 1, "auto", 1, 8 * w.size());
+  fb.moe.force_balance = true;
+  EXPECT_NE(message([&] { run(fb, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
+                .find("moe.force_balance is implemented on the CUDA device only"),
             std::string::npos);
   // NaN in the weights: the loss check names the step and rank on every rank.
   train::Trainer t(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, random_tokens(4000, 64, 1));
