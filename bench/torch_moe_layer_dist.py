@@ -64,6 +64,7 @@ import os
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -385,7 +386,7 @@ def expert_shards(E, I, H, mesh, seed, device, dtype, scale13=None, scale2=None)
     """This rank's (w13_local (L, 2i, H), w2_local (L, H, i)), cut out of the global experts
     w13 (E, 2I, H), w2 (E, H, I) whose expert e is drawn U(-s, s) with a generator seeded by
     (seed, e): the same global model whatever the layout. Not yet requiring grad."""
-    P, T, L = mesh.P, mesh.T, E // mesh.P
+    T, L = mesh.T, E // mesh.P
     i = I // T
     s13 = scale13 if scale13 is not None else 1 / H ** 0.5
     s2 = scale2 if scale2 is not None else 1 / I ** 0.5
@@ -468,7 +469,7 @@ def check_layout(P, T, balanced, device, dtype):
     """One layout and routing at small sizes; returns (ok, line) on rank 0, (ok, None) elsewhere."""
     N, H, E, K, I = 64, 256, 8, 2, 128
     mesh = Mesh.get(P, T)
-    W, g = mesh.W, mesh.rank
+    g = mesh.rank
     layer = DistMoeLayer(H, E, K, I, mesh, balanced, device, dtype, seed=11)
     gen = torch.Generator(device=device).manual_seed(1000 + g)
     x = uniform((N, H), 1.0, gen, device, dtype).requires_grad_()
@@ -581,6 +582,7 @@ class Timer:
 
 def run_case(P, T, balanced, N, H, E, K, I, iters, warmup, device, dtype):
     cuda = device.type == "cuda"
+    gc.collect()  # the previous case's tensors
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -625,7 +627,6 @@ def run_case(P, T, balanced, N, H, E, K, I, iters, warmup, device, dtype):
     dist.all_reduce(sm)
     fwd, bwd, tot, peak, rows_max = mx.tolist()
     imbalance = rows_max / (sm.item() / mesh.W)
-    del layer, xs, douts
     flops = 6 * N * K * 3 * I * H  # per rank per iteration
     return {"name": f"N{N}_H{H}_E{E}_K{K}_I{I}_{mesh.name()}_{'balanced' if balanced else 'random'}",
             "dp": mesh.D, "ep": P, "etp": T, "routing": "balanced" if balanced else "random",

@@ -66,6 +66,7 @@ import os
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -289,6 +290,7 @@ def flat_all_reduce(grads, group):
 
 def run_layout(cfg, P, T, balanced, B, S, steps, warmup, aux_loss, device, dtype):
     cuda = device.type == "cuda"
+    gc.collect()  # the previous case's tensors
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -348,7 +350,6 @@ def run_layout(cfg, P, T, balanced, B, S, steps, warmup, aux_loss, device, dtype
     lo /= W
     ms, fwd, bwd, red, optm, peak = mx.tolist()
     n_params_rank = sum(p.numel() for p in params)
-    del opt, model, params
     flops = cfg.flops(B, S)
     return {"name": f"{cfg.stem}_B{B}_S{S}_{mesh.name()}_{'balanced' if balanced else 'random'}",
             "config": cfg.stem, "batch": B, "seq_len": S, "dp": mesh.D, "ep": P, "etp": T,
