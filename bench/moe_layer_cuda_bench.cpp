@@ -16,7 +16,16 @@
 //                          [--expert-streams 1,4] [--json moetp.json]
 // Each case runs once per --expert-streams value (CudaMoeOptions::expert_streams; rows of values
 // other than 1 carry the suffix _sS and the same torch baseline).
+//
+// Expert parallel: under mpirun with one rank per GPU, --layouts PxT[,PxT...] (default Wx1) runs
+// the layer over NCCL (the all2all dispatcher, moe/cuda_moe.h) at I = 768 only, every rank with its
+// own N tokens and its shards (L = E/P experts, width I/T); the time is the slowest rank's median,
+// the NCCL argument agreement is off (production setting). Case names
+// N<N>_H<H>_E<E>_K<K>_I<I>_D<D>xP<P>xT<T>_<routing>, as bench/torch_moe_layer_dist.py writes them:
+//   torchrun --nproc-per-node 4 bench/torch_moe_layer_dist.py --layouts 4x1,2x2,1x4 --json dist.json
+//   mpirun -np 4 ./moe_layer_cuda_bench --layouts 4x1,2x2,1x4 --torch-results dist.json
 #include <cuda_runtime.h>
+#include <mpi.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +37,9 @@
 #include <string>
 #include <vector>
 
+#include "comm/mesh.h"
+#include "comm/mpi_comm.h"
+#include "comm/nccl_comm.h"
 #include "core/bf16.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
@@ -39,7 +51,12 @@ namespace {
 constexpr int64_t kH = 2048, kE = 128, kK = 8;
 constexpr int64_t kIntermediates[] = {768, 384, 192};
 
+struct Layout {
+  int P = 1, T = 1;
+};
+
 struct Args {
+  std::vector<Layout> layouts;  // empty: W x 1
   std::string torch_results, json_out;
   int iters = 30, warmup = 5;
   int64_t tokens = 8192;
@@ -64,6 +81,16 @@ Args parse_args(int argc, char** argv) {
       a.warmup = std::stoi(value());
     } else if (arg == "--tokens") {
       a.tokens = std::stoll(value());
+    } else if (arg == "--layouts") {
+      const std::string v = value();
+      for (size_t pos = 0; pos <= v.size();) {
+        const size_t comma = std::min(v.find(',', pos), v.size());
+        const std::string item = v.substr(pos, comma - pos);
+        const size_t x = item.find('x');
+        MOETP_CHECK(x != std::string::npos, "--layouts: '{}' is not PxT (e.g. 2x2)", item);
+        a.layouts.push_back({std::stoi(item.substr(0, x)), std::stoi(item.substr(x + 1))});
+        pos = comma + 1;
+      }
     } else if (arg == "--expert-streams") {
       a.expert_streams.clear();
       const std::string list = value();
@@ -75,7 +102,7 @@ Args parse_args(int argc, char** argv) {
     } else {
       MOETP_FAIL(
           "unknown argument '{}' (valid: --torch-results FILE, --json FILE, --iters N, --warmup N, --tokens N, "
-          "--expert-streams 1,4)",
+          "--expert-streams 1,4, --layouts PxT[,PxT...])",
           arg);
     }
   }
@@ -117,25 +144,31 @@ struct Result {
   double fwd_ms = 0, bwd_ms = 0, ms = 0, imbalance = 0;
 };
 
-std::string case_name(int64_t N, int64_t I, bool balanced) {
-  return fmt::format("N{}_H{}_E{}_K{}_I{}_{}", N, kH, kE, kK, I, balanced ? "balanced" : "random");
+std::string case_name(int64_t N, int64_t I, bool balanced, const comm::Mesh* mesh) {
+  const std::string layout =
+      mesh == nullptr ? "" : fmt::format("_D{}xP{}xT{}", mesh->dp_size(), mesh->ep_size(), mesh->etp_size());
+  return fmt::format("N{}_H{}_E{}_K{}_I{}{}_{}", N, kH, kE, kK, I, layout, balanced ? "balanced" : "random");
 }
 
 Result run_case(const Args& args, int64_t I, bool balanced, int expert_streams, const moe::MoeParams& host_params,
-                const std::vector<Tensor>& x, const std::vector<Tensor>& dout) {
+                const std::vector<Tensor>& x, const std::vector<Tensor>& dout, comm::Mesh* mesh) {
   const int64_t N = args.tokens;
   moe::CudaMoeOptions opts;
   opts.force_balance = balanced;
   opts.expert_streams = expert_streams;
+  opts.mesh = mesh;
   CUDA_CHECK(cudaStreamCreateWithFlags(&opts.stream, cudaStreamNonBlocking));
+  if (mesh != nullptr) {
+    for (comm::Comm* g : {&mesh->ep(), &mesh->etp()}) static_cast<comm::NcclComm*>(g)->set_compute_stream(opts.stream);
+  }
   Result r;
-  r.torch_name = case_name(N, I, balanced);
+  r.torch_name = case_name(N, I, balanced, mesh);
   r.name = expert_streams == 1 ? r.torch_name : fmt::format("{}_s{}", r.torch_name, expert_streams);
   r.I = I;
   r.balanced = balanced;
   r.expert_streams = expert_streams;
   {
-    moe::CudaMoeLayer layer({kH, kE, kK, I, true, "local"}, opts);
+    moe::CudaMoeLayer layer({kH, kE, kK, I, true, mesh != nullptr ? "all2all" : "local"}, opts);
     layer.set_params(host_params);
     Tensor out, dx;
     auto step = [&](int it) {
@@ -189,65 +222,106 @@ std::map<std::string, double> read_torch_results(const std::string& path) {
 
 int run(int argc, char** argv) {
   const Args args = parse_args(argc, argv);
+  auto world = comm::MpiComm::world();
+  const int W = world->size(), rank = world->rank();
+  const bool lead = rank == 0;
   const std::map<std::string, double> torch_ms =
       args.torch_results.empty() ? std::map<std::string, double>{} : read_torch_results(args.torch_results);
-  std::printf("torch baseline: %zu cases from %s\n", torch_ms.size(),
-              args.torch_results.empty() ? "(none: --torch-results not given)" : args.torch_results.c_str());
-  MOETP_CHECK(cuda::device_count() > 0, "moe_layer_cuda_bench needs a GPU: {}", cuda::unavailable_reason());
-  cuda::init(0);
+  if (lead) {
+    std::printf("torch baseline: %zu cases from %s\n", torch_ms.size(),
+                args.torch_results.empty() ? "(none: --torch-results not given)" : args.torch_results.c_str());
+  }
+  const int gpus = cuda::device_count();
+  world->raise_if_any(gpus > rank ? "" : fmt::format("moe_layer_cuda_bench: rank {} needs GPU {}, {} visible{}", rank,
+                                                     rank, gpus, gpus == 0 ? " (" + cuda::unavailable_reason() + ")" : ""),
+                      "GPU per rank");
+  cuda::init(rank);
+  std::unique_ptr<comm::NcclComm> nccl;
+  if (W > 1) {
+    nccl = comm::NcclComm::create(*world, "world");
+    nccl->set_validate(false);  // production setting; splits inherit it
+  }
+  std::vector<Layout> layouts = args.layouts;
+  if (W > 1 && layouts.empty()) layouts.push_back({W, 1});
   cudaDeviceProp prop{};
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, rank));
   const int64_t N = args.tokens;
 
   // Logits of std ~1 for x ~ U(-1, 1): var = H · (1/3) · (a²/3).
   const float a_router = 3.0f / std::sqrt(static_cast<float>(kH));
   std::vector<Tensor> x, dout;
   for (uint64_t s = 0; s < 2; ++s) {
-    x.push_back(random_bf16({N, kH}, 100 + s, 1.0f).to(Device::kCuda));
-    dout.push_back(random_bf16({N, kH}, 200 + s, 1.0f).to(Device::kCuda));
+    x.push_back(random_bf16({N, kH}, 100 + s + 10 * static_cast<uint64_t>(rank), 1.0f).to(Device::kCuda));
+    dout.push_back(random_bf16({N, kH}, 200 + s + 10 * static_cast<uint64_t>(rank), 1.0f).to(Device::kCuda));
   }
   CUDA_CHECK(cudaDeviceSynchronize());  // the layers run on non-blocking streams
 
-  std::printf(
-      "moe_layer_cuda_bench: %s (%d SMs); N=%lld H=%lld E=%lld K=%lld; median of %d iterations after %d "
-      "warm-up\n",
-      prop.name, prop.multiProcessorCount, static_cast<long long>(N), static_cast<long long>(kH),
-      static_cast<long long>(kE), static_cast<long long>(kK), args.iters, args.warmup);
-  std::printf("%-36s %8s %8s %9s %14s %12s %9s %9s %12s\n", "case", "fwd_ms", "bwd_ms", "total_ms", "expert_TFLOP/s",
-              "tokens/s", "max/mean", "torch_ms", "torch/moetp");
+  if (lead) {
+    std::printf(
+        "moe_layer_cuda_bench: %d x %s (%d SMs); N=%lld per GPU, H=%lld E=%lld K=%lld; median of %d iterations after "
+        "%d warm-up; with layouts the slowest rank's\n",
+        W, prop.name, prop.multiProcessorCount, static_cast<long long>(N), static_cast<long long>(kH),
+        static_cast<long long>(kE), static_cast<long long>(kK), args.iters, args.warmup);
+    std::printf("%-46s %8s %8s %9s %14s %12s %9s %9s %12s\n", "case", "fwd_ms", "bwd_ms", "total_ms",
+                "expert_TFLOP/s", "tokens/s", "max/mean", "torch_ms", "torch/moetp");
+  }
   nlohmann::json out_json;
   out_json["device"] = prop.name;
+  out_json["world_size"] = W;
   out_json["cases"] = nlohmann::json::array();
-  for (const int64_t I : kIntermediates) {
-    moe::MoeParams host{random_bf16({kE, kH}, 1, a_router),
-                        random_bf16({kE, 2 * I, kH}, 2, 1.0f / std::sqrt(static_cast<float>(kH))),
-                        random_bf16({kE, kH, I}, 3, 1.0f / std::sqrt(static_cast<float>(I)))};
-    for (const bool balanced : {false, true}) {
-      for (const int streams : args.expert_streams) {
-        const Result r = run_case(args, I, balanced, streams, host, x, dout);
-        const double flops = 3.0 * 2.0 * static_cast<double>(N * kK) * static_cast<double>(3 * I * kH);
-        const double tflops = flops / (r.ms * 1e-3) / 1e12;
-        const double tokens_per_s = static_cast<double>(N) / (r.ms * 1e-3);
-        std::string torch_col = "-", ratio_col = "-";
-        if (const auto it = torch_ms.find(r.torch_name); it != torch_ms.end()) {
-          torch_col = fmt::format("{:.3f}", it->second);
-          ratio_col = fmt::format("{:.2f}", it->second / r.ms);
-        }
-        std::printf("%-36s %8.3f %8.3f %9.3f %14.1f %12.4g %9.2f %9s %12s\n", r.name.c_str(), r.fwd_ms, r.bwd_ms, r.ms,
-                    tflops, tokens_per_s, r.imbalance, torch_col.c_str(), ratio_col.c_str());
-        std::fflush(stdout);
-        out_json["cases"].push_back({{"name", r.name},
-                                     {"expert_streams", r.expert_streams},
-                                     {"fwd_ms", r.fwd_ms},
-                                     {"bwd_ms", r.bwd_ms},
-                                     {"ms", r.ms},
-                                     {"expert_tflops", tflops},
-                                     {"tokens_per_s", tokens_per_s},
-                                     {"max_over_mean_load", r.imbalance}});
+  auto report = [&](Result r, int64_t I) {
+    r.fwd_ms = world->all_reduce_scalar(r.fwd_ms, comm::ReduceOp::kMax);
+    r.bwd_ms = world->all_reduce_scalar(r.bwd_ms, comm::ReduceOp::kMax);
+    r.ms = world->all_reduce_scalar(r.ms, comm::ReduceOp::kMax);
+    if (!lead) return;
+    // Expert FLOPs per GPU: every GPU's N·K rows through full-width experts, split over the ranks.
+    const double flops = 3.0 * 2.0 * static_cast<double>(N * kK) * static_cast<double>(3 * I * kH);
+    const double tflops = flops / (r.ms * 1e-3) / 1e12;
+    const double tokens_per_s = static_cast<double>(N) / (r.ms * 1e-3);
+    std::string torch_col = "-", ratio_col = "-";
+    if (const auto it = torch_ms.find(r.torch_name); it != torch_ms.end()) {
+      torch_col = fmt::format("{:.3f}", it->second);
+      ratio_col = fmt::format("{:.2f}", it->second / r.ms);
+    }
+    std::printf("%-46s %8.3f %8.3f %9.3f %14.1f %12.4g %9.2f %9s %12s\n", r.name.c_str(), r.fwd_ms, r.bwd_ms, r.ms,
+                tflops, tokens_per_s, r.imbalance, torch_col.c_str(), ratio_col.c_str());
+    std::fflush(stdout);
+    out_json["cases"].push_back({{"name", r.name},
+                                 {"expert_streams", r.expert_streams},
+                                 {"fwd_ms", r.fwd_ms},
+                                 {"bwd_ms", r.bwd_ms},
+                                 {"ms", r.ms},
+                                 {"expert_tflops", tflops},
+                                 {"tokens_per_s", tokens_per_s},
+                                 {"max_over_mean_load", r.imbalance}});
+  };
+  if (layouts.empty()) {
+    for (const int64_t I : kIntermediates) {
+      moe::MoeParams host{random_bf16({kE, kH}, 1, a_router),
+                          random_bf16({kE, 2 * I, kH}, 2, 1.0f / std::sqrt(static_cast<float>(kH))),
+                          random_bf16({kE, kH, I}, 3, 1.0f / std::sqrt(static_cast<float>(I)))};
+      for (const bool balanced : {false, true}) {
+        for (const int streams : args.expert_streams) report(run_case(args, I, balanced, streams, host, x, dout, nullptr), I);
+      }
+    }
+  } else {
+    const int64_t I = kIntermediates[0];
+    for (const Layout& l : layouts) {
+      MOETP_CHECK(l.P >= 1 && l.T >= 1 && W % (l.P * l.T) == 0, "layout {}x{}: ep·etp must divide the {} ranks", l.P,
+                  l.T, W);
+      MOETP_CHECK(W > 1, "--layouts needs mpirun with one rank per GPU");
+      comm::Mesh mesh(*nccl, l.P, l.T);
+      const int64_t L = kE / l.P, i = I / l.T;
+      // This rank's shards (random values: only their shapes matter here; the router is shared).
+      moe::MoeParams host{random_bf16({kE, kH}, 1, a_router),
+                          random_bf16({L, 2 * i, kH}, 2 + 100 * static_cast<uint64_t>(rank), 1.0f / std::sqrt(static_cast<float>(kH))),
+                          random_bf16({L, kH, i}, 3 + 100 * static_cast<uint64_t>(rank), 1.0f / std::sqrt(static_cast<float>(I)))};
+      for (const bool balanced : {false, true}) {
+        for (const int streams : args.expert_streams) report(run_case(args, I, balanced, streams, host, x, dout, &mesh), I);
       }
     }
   }
-  if (!args.json_out.empty()) {
+  if (lead && !args.json_out.empty()) {
     std::ofstream f(args.json_out);
     MOETP_CHECK(f.good(), "cannot write --json file '{}'", args.json_out);
     f << out_json.dump(2) << "\n";
@@ -259,10 +333,15 @@ int run(int argc, char** argv) {
 }  // namespace moetp
 
 int main(int argc, char** argv) {
+  moetp::comm::MpiRuntime mpi(&argc, &argv);
   try {
     return moetp::run(argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe_layer_cuda_bench: %s\n", e.what());
+    int rank = 0, size = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    std::fprintf(stderr, "[rank %d] moe_layer_cuda_bench: %s\n", rank, e.what());
+    if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);
     return 1;
   }
 }

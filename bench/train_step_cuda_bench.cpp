@@ -1,11 +1,23 @@
-// GPU benchmark of one full training step of the one-GPU model (model/cuda_model.h,
-// CudaQwen3MoeModel): zero_grads, forward_backward of one micro-batch (B, S), adamw_step.
+// GPU benchmark of one full training step of the CUDA model (model/cuda_model.h,
+// CudaQwen3MoeModel) on 1 to n GPUs: zero_grads, forward_backward of one micro-batch (B, S) per
+// GPU, reduce_grads, grad_norm, adamw_step.
+//
+// Layouts: run under mpirun with one rank per GPU (`--layouts PxT,...`, default Wx1; every P·T must
+// divide the world size W, the rest is data parallel); without mpirun it is one GPU (1x1). Every
+// rank runs its own B sequences; numbers are per GPU: step ms is the largest of the ranks' medians,
+// tokens/s per GPU = B·S / step time, peak memory the largest over ranks. The NCCL communicators'
+// argument agreement (comm/nccl_comm.h) is off, as in a production run. --routing random | balanced
+// | both (balanced = moe.force_balance: token n slot k -> expert (n·K + k) % E).
+// Per-phase columns (medians, rank 0): fwd_ms = a forward-only pass on the same tokens (measured
+// separately), fb_ms = forward_backward, red_ms = reduce_grads + grad_norm, opt_ms = adamw_step.
 //
 // Cases (default): configs/tiny-moe.json at S = 128, B = 16, and configs/qwen3-30b-a3b-l4.json
 // (Qwen3-30B-A3B layer dims, 4 layers, vocab 2048) at S = 4096, B = 2 (8192 tokens). --config
 // replaces the list (repeatable); --seq-len / --batch override S / B of every case (a --config
 // without them gets S = 128, B = 16, except the two default files, which keep their defaults).
-// Case name: <config file stem>_B<B>_S<S>, as bench/torch_train_step.py names it.
+// Case name: <config file stem>_B<B>_S<S>_D<D>xP<P>xT<T>_<routing>, as bench/torch_train_step_dist.py
+// names it; the one-GPU HF baseline (bench/torch_train_step.py) is matched on <stem>_B<B>_S<S> for
+// 1x1 random routing.
 //
 // Step: zero_grads; forward_backward(tokens, ce_scale = 1/(B·S), aux_scale = router_aux_loss_coef);
 // adamw_step(beta1 0.9, beta2 0.95, eps 1e-8, weight decay 0.1; lr 1e-4; step t counting from 1).
@@ -38,14 +50,19 @@
 // Qwen3MoeForCausalLM returns as .loss with output_router_logits=True), of the first and last
 // timed step (sanity: finite; falling is not required).
 //
-// Baseline: bench/torch_train_step.py (HF transformers Qwen3MoeForCausalLM, bf16, sdpa, fused AdamW
-// on bf16 parameters), run separately on the same card; with its JSON the table gains torch_ms and
-// torch_ms / moetp_ms (> 1: moetp faster). Note torch keeps bf16 master weights and bf16 AdamW
+// Baselines, run separately on the same machine: bench/torch_train_step.py (HF transformers
+// Qwen3MoeForCausalLM on one GPU, bf16, sdpa, fused AdamW on bf16 parameters) and
+// bench/torch_train_step_dist.py (a plain-PyTorch Qwen3-MoE with the same EP x ETP layouts,
+// torch._grouped_mm and all_to_all_single); --torch-results (repeatable) reads their JSON and the
+// table gains torch_ms and torch_ms / moetp_ms (> 1: moetp faster). Note torch keeps bf16 master weights and bf16 AdamW
 // state, while moetp keeps f32 masters, f32 moments and f32 gradients: torch does less optimizer
 // work and holds less memory per parameter.
 //   python3 bench/torch_train_step.py --json torch_step.json
 //   ./train_step_cuda_bench --torch-results torch_step.json [--steps 10] [--warmup 3] [--json F]
+//   torchrun --nproc-per-node 4 bench/torch_train_step_dist.py --layouts 4x1,2x2,1x4 --json dist.json
+//   mpirun -np 4 ./train_step_cuda_bench --layouts 4x1,2x2,1x4 --torch-results dist.json
 #include <cuda_runtime.h>
+#include <mpi.h>
 
 #include <algorithm>
 #include <chrono>
@@ -62,6 +79,9 @@
 #include <unordered_map>
 #include <vector>
 
+#include "comm/mesh.h"
+#include "comm/mpi_comm.h"
+#include "comm/nccl_comm.h"
 #include "config/model_config.h"
 #include "core/tensor.h"
 #include "kernels/cuda/cuda_check.h"
@@ -166,12 +186,33 @@ struct Case {
   int64_t seq_len = 128, batch = 16;
 };
 
+struct Layout {
+  int P = 1, T = 1;
+};
+
 struct Args {
   std::vector<std::string> configs;
   int64_t seq_len = 0, batch = 0;  // 0: the case's default
   int steps = 10, warmup = 3;
-  std::string torch_results, json_out;
+  std::vector<std::string> torch_results;
+  std::string json_out;
+  std::vector<Layout> layouts;  // empty: W x 1
+  std::vector<bool> routings = {false, true};  // balanced?
 };
+
+std::vector<Layout> parse_layouts(const std::string& v) {
+  std::vector<Layout> out;
+  size_t start = 0;
+  while (start <= v.size()) {
+    const size_t end = std::min(v.find(',', start), v.size());
+    const std::string item = v.substr(start, end - start);
+    const size_t x = item.find('x');
+    MOETP_CHECK(x != std::string::npos, "--layouts: '{}' is not PxT (e.g. 2x2)", item);
+    out.push_back({std::stoi(item.substr(0, x)), std::stoi(item.substr(x + 1))});
+    start = end + 1;
+  }
+  return out;
+}
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -192,13 +233,21 @@ Args parse_args(int argc, char** argv) {
     } else if (arg == "--warmup") {
       a.warmup = std::stoi(value());
     } else if (arg == "--torch-results") {
-      a.torch_results = value();
+      a.torch_results.push_back(value());
     } else if (arg == "--json") {
       a.json_out = value();
+    } else if (arg == "--layouts") {
+      a.layouts = parse_layouts(value());
+    } else if (arg == "--routing") {
+      const std::string r = value();
+      MOETP_CHECK(r == "random" || r == "balanced" || r == "both", "--routing must be random, balanced or both, got '{}'",
+                  r);
+      a.routings = r == "random" ? std::vector<bool>{false} : r == "balanced" ? std::vector<bool>{true}
+                                                                               : std::vector<bool>{false, true};
     } else {
       MOETP_FAIL(
           "unknown argument '{}' (valid: --config PATH (repeatable), --seq-len S, --batch B, --steps N, --warmup W, "
-          "--torch-results FILE, --json FILE)",
+          "--layouts PxT[,PxT...], --routing random|balanced|both, --torch-results FILE (repeatable), --json FILE)",
           arg);
     }
   }
@@ -235,7 +284,10 @@ std::vector<Case> make_cases(const Args& args) {
   return cases;
 }
 
-std::string case_name(const Case& c) { return fmt::format("{}_B{}_S{}", stem(c.config_path), c.batch, c.seq_len); }
+std::string base_name(const Case& c) { return fmt::format("{}_B{}_S{}", stem(c.config_path), c.batch, c.seq_len); }
+std::string case_name(const Case& c, int W, Layout l, bool balanced) {
+  return fmt::format("{}_D{}xP{}xT{}_{}", base_name(c), W / (l.P * l.T), l.P, l.T, balanced ? "balanced" : "random");
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -265,12 +317,15 @@ StepFlops step_flops(const config::ModelConfig& cfg, int64_t B, int64_t S) {
 }
 
 struct Result {
-  std::string name;
+  std::string name, base;
   bool ok = false;
   std::string error;
   int64_t B = 0, S = 0;
+  Layout layout;
+  bool balanced = false;
   int64_t total_params = 0, active_matmul_params = 0;
   double ms = 0, wall_ms = 0, tokens_per_s = 0, tflops = 0;
+  double fwd_ms = 0, fb_ms = 0, red_ms = 0, opt_ms = 0;
   double peak_alloc_gb = 0, dev_used_gb = 0;
   double loss_first = 0, loss_last = 0;
 };
@@ -280,82 +335,131 @@ bool is_oom(const std::string& msg) {
          msg.find("ALLOC_FAILED") != std::string::npos;
 }
 
-Result run_case(const Args& args, const Case& c) {
+struct Ctx {
+  comm::MpiComm& world;
+  comm::NcclComm* nccl = nullptr;  // W > 1
+};
+
+double max_over_ranks(Ctx& ctx, double v) { return ctx.world.all_reduce_scalar(v, comm::ReduceOp::kMax); }
+
+Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool balanced) {
+  const int W = ctx.world.size(), rank = ctx.world.rank();
   Result r;
-  r.name = case_name(c);
+  r.base = base_name(c);
+  r.name = case_name(c, W, layout, balanced);
   r.B = c.batch;
   r.S = c.seq_len;
+  r.layout = layout;
+  r.balanced = balanced;
   const config::ModelConfig cfg = config::ModelConfig::load(c.config_path);
   r.total_params = cfg.num_params();
   const StepFlops flops = step_flops(cfg, c.batch, c.seq_len);
   r.active_matmul_params = flops.active_matmul_params;
 
-  // Tokens: host i32 (B, S + 1), uniform in [0, V).
+  // Tokens: host i32 (B, S + 1), uniform in [0, V), a different stream per rank.
   Tensor tokens = Tensor::empty({c.batch, c.seq_len + 1}, DType::kI32);
   {
-    std::mt19937_64 rng(kTokenSeed);
+    std::mt19937_64 rng(kTokenSeed + static_cast<uint64_t>(rank));
     std::uniform_int_distribution<int32_t> dist(0, static_cast<int32_t>(cfg.vocab_size - 1));
     int32_t* p = tokens.data<int32_t>();
     for (int64_t i = 0; i < tokens.numel(); ++i) p[i] = dist(rng);
   }
-  const double ce_scale = 1.0 / static_cast<double>(c.batch * c.seq_len);
+  const int64_t global_targets = c.batch * c.seq_len * W;
+  const double ce_scale = 1.0 / static_cast<double>(global_targets);
   const double aux_scale = cfg.router_aux_loss_coef;
   const model::CudaAdamWConfig opt;
+
+  std::unique_ptr<comm::Mesh> mesh;
+  if (W > 1) mesh = std::make_unique<comm::Mesh>(*ctx.nccl, layout.P, layout.T);
+  model::CudaModelOptions opts;
+  opts.mesh = mesh.get();
+  opts.force_balance = balanced;
+  MOETP_CHECK(W > 1 || (layout.P == 1 && layout.T == 1), "layout {}x{} needs {} ranks (run under mpirun)", layout.P,
+              layout.T, layout.P * layout.T);
 
   reset_peak();
   size_t dev_used = 0;
   try {
-    auto model = std::make_unique<model::CudaQwen3MoeModel>(cfg, kModelSeed);
+    auto model = std::make_unique<model::CudaQwen3MoeModel>(cfg, kModelSeed, opts);
     int64_t step_no = 0;
-    auto step = [&]() -> double {
+    cudaEvent_t ev[4];
+    for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+    std::vector<double> ms, wall, fb, red, optm;
+    auto step = [&](bool timed) -> double {
+      const auto t0 = std::chrono::steady_clock::now();
+      CUDA_CHECK(cudaEventRecord(ev[0], 0));
       model->zero_grads();
       const model::MicroStats st = model->forward_backward(tokens, ce_scale, aux_scale);
+      CUDA_CHECK(cudaEventRecord(ev[1], 0));
+      model->reduce_grads();
+      model->grad_norm();
+      CUDA_CHECK(cudaEventRecord(ev[2], 0));
       model->adamw_step(opt, kLr, ++step_no);
-      return st.ce_sum / static_cast<double>(std::max<int64_t>(st.num_targets, 1)) + cfg.router_aux_loss_coef * st.aux;
+      CUDA_CHECK(cudaEventRecord(ev[3], 0));
+      CUDA_CHECK(cudaEventSynchronize(ev[3]));
+      const auto t1 = std::chrono::steady_clock::now();
+      if (timed) {
+        float e01 = 0, e12 = 0, e23 = 0, e03 = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&e01, ev[0], ev[1]));
+        CUDA_CHECK(cudaEventElapsedTime(&e12, ev[1], ev[2]));
+        CUDA_CHECK(cudaEventElapsedTime(&e23, ev[2], ev[3]));
+        CUDA_CHECK(cudaEventElapsedTime(&e03, ev[0], ev[3]));
+        fb.push_back(e01);
+        red.push_back(e12);
+        optm.push_back(e23);
+        ms.push_back(e03);
+        wall.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      }
+      const double ce = ctx.world.all_reduce_scalar(st.ce_sum, comm::ReduceOp::kSum) * ce_scale;
+      return ce + cfg.router_aux_loss_coef * st.aux;
     };
     for (int i = 0; i < args.warmup; ++i) {
-      step();
+      step(false);
       dev_used = std::max(dev_used, device_used_bytes());
     }
-    CUDA_CHECK(cudaDeviceSynchronize());
-
-    cudaEvent_t ev0 = nullptr, ev1 = nullptr;
-    CUDA_CHECK(cudaEventCreate(&ev0));
-    CUDA_CHECK(cudaEventCreate(&ev1));
-    std::vector<double> ms, wall;
     for (int i = 0; i < args.steps; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      CUDA_CHECK(cudaEventRecord(ev0, 0));
-      const double loss = step();
-      CUDA_CHECK(cudaEventRecord(ev1, 0));
-      CUDA_CHECK(cudaEventSynchronize(ev1));
-      const auto t1 = std::chrono::steady_clock::now();
-      float e = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&e, ev0, ev1));
-      ms.push_back(e);
-      wall.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      const double loss = step(true);
       if (i == 0) r.loss_first = loss;
       r.loss_last = loss;
       dev_used = std::max(dev_used, device_used_bytes());
     }
-    CUDA_CHECK(cudaEventDestroy(ev0));
-    CUDA_CHECK(cudaEventDestroy(ev1));
+    // Forward alone, same tokens (no gradients).
+    std::vector<double> fwd;
+    for (int i = 0; i < args.steps; ++i) {
+      CUDA_CHECK(cudaEventRecord(ev[0], 0));
+      model->forward(tokens);
+      CUDA_CHECK(cudaEventRecord(ev[1], 0));
+      CUDA_CHECK(cudaEventSynchronize(ev[1]));
+      float e = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&e, ev[0], ev[1]));
+      fwd.push_back(e);
+    }
+    for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventDestroy(e));
     r.ms = median(ms);
     r.wall_ms = median(wall);
+    r.fwd_ms = median(fwd);
+    r.fb_ms = median(fb);
+    r.red_ms = median(red);
+    r.opt_ms = median(optm);
   } catch (const std::exception& e) {
     const std::string msg = e.what();
     cudaGetLastError();  // clear a (non-sticky) allocation error
-    if (!is_oom(msg)) throw;
+    // One GPU: an out-of-memory case is a row of the table. Several: rethrown (the job aborts; a
+    // rank that went on would wait in a collective for the failed one).
+    if (W > 1 || !is_oom(msg)) throw;
     r.ok = false;
     r.error = "out of memory: " + msg;
     r.peak_alloc_gb = static_cast<double>(peak_bytes()) / 1e9;
     return r;
   }
   r.ok = true;
+  // Per GPU: the slowest rank's medians, the largest memory.
+  r.ms = max_over_ranks(ctx, r.ms);
+  r.wall_ms = max_over_ranks(ctx, r.wall_ms);
   r.tokens_per_s = static_cast<double>(c.batch * c.seq_len) / (r.ms * 1e-3);
   r.tflops = flops.total() / (r.ms * 1e-3) / 1e12;
-  r.peak_alloc_gb = static_cast<double>(peak_bytes()) / 1e9;
-  r.dev_used_gb = static_cast<double>(dev_used) / 1e9;
+  r.peak_alloc_gb = max_over_ranks(ctx, static_cast<double>(peak_bytes()) / 1e9);
+  r.dev_used_gb = max_over_ranks(ctx, static_cast<double>(dev_used) / 1e9);
   return r;
 }
 
@@ -365,98 +469,140 @@ struct TorchResult {
   double ms = 0, tokens_per_s = 0, peak_mem_gb = 0;
 };
 
-std::map<std::string, TorchResult> read_torch_results(const std::string& path) {
+// torch_train_step_dist.py --json: the same with "name", "tokens_per_s_per_gpu" and "peak_gib".
+void read_torch_results(const std::string& path, std::map<std::string, TorchResult>& out) {
   std::ifstream f(path);
   MOETP_CHECK(f.good(), "cannot open --torch-results file '{}'", path);
   const nlohmann::json j = nlohmann::json::parse(f);
   const nlohmann::json& list = j.is_array() ? j : j.at("cases");
-  std::map<std::string, TorchResult> out;
   for (const auto& c : list) {
     if (!c.contains("ms") || c.at("ms").is_null()) continue;  // a case torch could not run (OOM)
     TorchResult t;
     t.ms = c.at("ms").get<double>();
-    t.tokens_per_s = c.value("tokens_per_s", 0.0);
-    t.peak_mem_gb = c.contains("peak_mem_gb") && !c.at("peak_mem_gb").is_null() ? c.at("peak_mem_gb").get<double>() : 0.0;
-    out[c.at("case").get<std::string>()] = t;
+    t.tokens_per_s = c.value("tokens_per_s", c.value("tokens_per_s_per_gpu", 0.0));
+    if (c.contains("peak_mem_gb") && !c.at("peak_mem_gb").is_null()) t.peak_mem_gb = c.at("peak_mem_gb").get<double>();
+    if (c.contains("peak_gib") && !c.at("peak_gib").is_null()) t.peak_mem_gb = c.at("peak_gib").get<double>() * 1.073741824;
+    out[c.contains("case") ? c.at("case").get<std::string>() : c.at("name").get<std::string>()] = t;
   }
-  return out;
 }
 
 int run(int argc, char** argv) {
   const Args args = parse_args(argc, argv);
+  auto world = comm::MpiComm::world();
+  const int W = world->size(), rank = world->rank();
+  const bool lead = rank == 0;
   const std::vector<Case> cases = make_cases(args);
-  const std::map<std::string, TorchResult> torch =
-      args.torch_results.empty() ? std::map<std::string, TorchResult>{} : read_torch_results(args.torch_results);
-  std::printf("torch baseline: %zu cases from %s\n", torch.size(),
-              args.torch_results.empty() ? "(none: --torch-results not given)" : args.torch_results.c_str());
-  MOETP_CHECK(cuda::device_count() > 0, "train_step_cuda_bench needs a GPU: {}", cuda::unavailable_reason());
-  cuda::init(0);
+  std::map<std::string, TorchResult> torch;
+  for (const std::string& path : args.torch_results) read_torch_results(path, torch);
+  if (lead) {
+    std::printf("torch baseline: %zu cases from %s\n", torch.size(),
+                args.torch_results.empty() ? "(none: --torch-results not given)"
+                                           : fmt::format("{}", fmt::join(args.torch_results, ", ")).c_str());
+  }
+  const int gpus = cuda::device_count();
+  world->raise_if_any(gpus > rank ? "" : fmt::format("train_step_cuda_bench: rank {} needs GPU {}, {} visible{}", rank,
+                                                     rank, gpus, gpus == 0 ? " (" + cuda::unavailable_reason() + ")" : ""),
+                      "GPU per rank");
+  cuda::init(rank);
   install_counting_hooks();  // after init: replaces its hooks with the counting ones
+  Ctx ctx{*world};
+  std::unique_ptr<comm::NcclComm> nccl;
+  if (W > 1) {
+    nccl = comm::NcclComm::create(*world, "world");
+    nccl->set_validate(false);  // a production run's setting; splits inherit it
+    ctx.nccl = nccl.get();
+  }
+  std::vector<Layout> layouts = args.layouts;
+  if (layouts.empty()) layouts.push_back({W, 1});
+  for (const Layout& l : layouts) {
+    MOETP_CHECK(l.P >= 1 && l.T >= 1 && W % (l.P * l.T) == 0, "layout {}x{}: ep·etp must divide the {} ranks", l.P,
+                l.T, W);
+  }
   cudaDeviceProp prop{};
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, rank));
 
-  std::printf(
-      "train_step_cuda_bench: %s (%d SMs); one step = zero_grads + forward_backward + adamw_step (lr %g, f32 "
-      "masters/moments/grads); median of %d steps after %d warm-up\n",
-      prop.name, prop.multiProcessorCount, kLr, args.steps, args.warmup);
-  std::printf(
-      "  TFLOP/s = (6·P_active·T + attn) / time; P_active = num_active_params - embedding table (LM head kept); "
-      "T = B·S;\n  attn = B · 3 (fwd+bwd) · 2 (QK^T, PV) · 2 (mul+add) · Hq · D · S^2 / 2 (causal) · L\n"
-      "  ms: CUDA events around the step (wall_ms: host clock); peak_alloc_GB: peak of tensor bytes through the "
-      "CUDA hooks;\n  dev_used_GB: max of cudaMemGetInfo total-free after each step (context included, intra-step "
-      "peaks missed)\n");
-  std::printf("%-28s %10s %10s %10s %12s %8s %10s %12s %12s %12s %9s %9s %11s\n", "case", "P_active", "ms", "wall_ms",
-              "tokens/s", "TFLOP/s", "peak_GB", "dev_used_GB", "loss_first", "loss_last", "torch_ms", "torch_GB",
-              "torch/moetp");
+  if (lead) {
+    std::printf(
+        "train_step_cuda_bench: %d x %s (%d SMs); one step = zero_grads + forward_backward + reduce_grads + grad_norm "
+        "+ adamw_step (lr %g, f32 masters/moments/grads); median of %d steps after %d warm-up; per GPU, slowest "
+        "rank\n",
+        W, prop.name, prop.multiProcessorCount, kLr, args.steps, args.warmup);
+    std::printf(
+        "  TFLOP/s = (6·P_active·T + attn) / time; P_active = num_active_params - embedding table (LM head kept); "
+        "T = B·S;\n  attn = B · 3 (fwd+bwd) · 2 (QK^T, PV) · 2 (mul+add) · Hq · D · S^2 / 2 (causal) · L\n"
+        "  ms: CUDA events around the step (wall_ms: host clock); fwd_ms: forward alone (separate run), fb_ms: "
+        "forward_backward, red_ms: reduce_grads + grad_norm, opt_ms: adamw_step (rank 0's medians);\n"
+        "  peak_GB: peak of tensor bytes through the CUDA hooks; dev_used_GB: max of cudaMemGetInfo total-free after "
+        "each step\n");
+    std::printf("%-50s %9s %9s %8s %8s %7s %7s %10s %7s %8s %9s %10s %10s %9s %8s %8s\n", "case", "ms", "wall_ms",
+                "fwd_ms", "fb_ms", "red_ms", "opt_ms", "tok/s/GPU", "TFLOP/s", "peak_GB", "dev_GB", "loss_first",
+                "loss_last", "torch_ms", "torch_GB", "torch/us");
+  }
   nlohmann::json out_json;
   out_json["device"] = prop.name;
+  out_json["world_size"] = W;
   out_json["cases"] = nlohmann::json::array();
   int failures = 0;
   for (const Case& c : cases) {
-    const Result r = run_case(args, c);
-    std::string torch_col = "-", torch_gb = "-", ratio_col = "-";
-    if (const auto it = torch.find(r.name); it != torch.end()) {
-      torch_col = fmt::format("{:.2f}", it->second.ms);
-      torch_gb = fmt::format("{:.2f}", it->second.peak_mem_gb);
-      if (r.ok) ratio_col = fmt::format("{:.2f}", it->second.ms / r.ms);
+    for (const Layout& l : layouts) {
+      for (const bool balanced : args.routings) {
+        const Result r = run_case(args, c, ctx, l, balanced);
+        if (!lead) continue;
+        std::string torch_col = "-", torch_gb = "-", ratio_col = "-";
+        auto it = torch.find(r.name);
+        if (it == torch.end() && W == 1 && !balanced) it = torch.find(r.base);  // the one-GPU HF baseline
+        if (it != torch.end()) {
+          torch_col = fmt::format("{:.2f}", it->second.ms);
+          torch_gb = fmt::format("{:.2f}", it->second.peak_mem_gb);
+          if (r.ok) ratio_col = fmt::format("{:.2f}", it->second.ms / r.ms);
+        }
+        if (!r.ok) {
+          ++failures;
+          std::printf("%-50s FAILED: %s (peak tensor bytes before the failure: %.2f GB); torch_ms %s\n", r.name.c_str(),
+                      r.error.c_str(), r.peak_alloc_gb, torch_col.c_str());
+          std::fflush(stdout);
+          out_json["cases"].push_back({{"case", r.name}, {"error", r.error}});
+          continue;
+        }
+        const bool finite = std::isfinite(r.loss_first) && std::isfinite(r.loss_last);
+        std::printf("%-50s %9.2f %9.2f %8.2f %8.2f %7.2f %7.2f %10.4g %7.1f %8.2f %9.2f %10.5f %10.5f %9s %8s %8s%s\n",
+                    r.name.c_str(), r.ms, r.wall_ms, r.fwd_ms, r.fb_ms, r.red_ms, r.opt_ms, r.tokens_per_s, r.tflops,
+                    r.peak_alloc_gb, r.dev_used_gb, r.loss_first, r.loss_last, torch_col.c_str(), torch_gb.c_str(),
+                    ratio_col.c_str(), finite ? "" : "  NON-FINITE LOSS");
+        std::fflush(stdout);
+        if (!finite) ++failures;
+        out_json["cases"].push_back({{"case", r.name},
+                                     {"batch", r.B},
+                                     {"seq_len", r.S},
+                                     {"ep", r.layout.P},
+                                     {"etp", r.layout.T},
+                                     {"routing", r.balanced ? "balanced" : "random"},
+                                     {"params", r.total_params},
+                                     {"active_matmul_params", r.active_matmul_params},
+                                     {"ms", r.ms},
+                                     {"wall_ms", r.wall_ms},
+                                     {"fwd_ms", r.fwd_ms},
+                                     {"fb_ms", r.fb_ms},
+                                     {"red_ms", r.red_ms},
+                                     {"opt_ms", r.opt_ms},
+                                     {"tokens_per_s", r.tokens_per_s},
+                                     {"tflops", r.tflops},
+                                     {"peak_mem_gb", r.peak_alloc_gb},
+                                     {"dev_used_gb", r.dev_used_gb},
+                                     {"loss_first", r.loss_first},
+                                     {"loss_last", r.loss_last}});
+      }
     }
-    if (!r.ok) {
-      ++failures;
-      std::printf("%-28s %10.4g  FAILED: %s (peak tensor bytes before the failure: %.2f GB); torch_ms %s\n",
-                  r.name.c_str(), static_cast<double>(r.active_matmul_params), r.error.c_str(), r.peak_alloc_gb,
-                  torch_col.c_str());
-      std::fflush(stdout);
-      out_json["cases"].push_back({{"case", r.name}, {"error", r.error}});
-      continue;
-    }
-    const bool finite = std::isfinite(r.loss_first) && std::isfinite(r.loss_last);
-    std::printf("%-28s %10.4g %10.2f %10.2f %12.4g %8.1f %10.2f %12.2f %12.5f %12.5f %9s %9s %11s%s\n", r.name.c_str(),
-                static_cast<double>(r.active_matmul_params), r.ms, r.wall_ms, r.tokens_per_s, r.tflops,
-                r.peak_alloc_gb, r.dev_used_gb, r.loss_first, r.loss_last, torch_col.c_str(), torch_gb.c_str(),
-                ratio_col.c_str(), finite ? "" : "  NON-FINITE LOSS");
-    std::fflush(stdout);
-    if (!finite) ++failures;
-    out_json["cases"].push_back({{"case", r.name},
-                                 {"batch", r.B},
-                                 {"seq_len", r.S},
-                                 {"params", r.total_params},
-                                 {"active_matmul_params", r.active_matmul_params},
-                                 {"ms", r.ms},
-                                 {"wall_ms", r.wall_ms},
-                                 {"tokens_per_s", r.tokens_per_s},
-                                 {"tflops", r.tflops},
-                                 {"peak_mem_gb", r.peak_alloc_gb},
-                                 {"dev_used_gb", r.dev_used_gb},
-                                 {"loss_first", r.loss_first},
-                                 {"loss_last", r.loss_last}});
   }
-  std::printf(
-      "note: torch keeps bf16 master weights and bf16 AdamW state (fused AdamW on bf16 parameters); moetp keeps f32 "
-      "masters, f32 moments and f32 gradients, so torch does less optimizer work and holds less memory.\n");
-  if (!args.json_out.empty()) {
-    std::ofstream f(args.json_out);
-    MOETP_CHECK(f.good(), "cannot write --json file '{}'", args.json_out);
-    f << out_json.dump(2) << "\n";
+  if (lead) {
+    std::printf(
+        "note: torch keeps bf16 master weights and bf16 AdamW state (fused AdamW on bf16 parameters); moetp keeps f32 "
+        "masters, f32 moments and f32 gradients, so torch does less optimizer work and holds less memory.\n");
+    if (!args.json_out.empty()) {
+      std::ofstream f(args.json_out);
+      MOETP_CHECK(f.good(), "cannot write --json file '{}'", args.json_out);
+      f << out_json.dump(2) << "\n";
+    }
   }
   return failures == 0 ? 0 : 1;
 }
@@ -465,10 +611,15 @@ int run(int argc, char** argv) {
 }  // namespace moetp
 
 int main(int argc, char** argv) {
+  moetp::comm::MpiRuntime mpi(&argc, &argv);
   try {
     return moetp::run(argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_step_cuda_bench: %s\n", e.what());
+    int rank = 0, size = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    std::fprintf(stderr, "[rank %d] train_step_cuda_bench: %s\n", rank, e.what());
+    if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);
     return 1;
   }
 }

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 
 #include "comm/nccl_comm.h"
@@ -23,6 +24,7 @@ namespace launch {
 cudaError_t add_bf16(const uint16_t* a, const uint16_t* b, const uint16_t* c, uint16_t* out, int64_t n,
                      cudaStream_t stream);
 cudaError_t scale_f32(float* x, float s, int64_t n, cudaStream_t stream);
+cudaError_t column_sums_f64(const float* x, int64_t N, int64_t E, double* out, cudaStream_t stream);
 }  // namespace launch
 
 namespace {
@@ -358,19 +360,26 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
     Tensor stats_t = Tensor::zeros({num_layers + 2, E}, DType::kF32);
     float* counts = stats_t.data<float>() + num_layers * E;
     float* prob_sum = counts + E;
+    // Per-layer probability sums in double on the GPU (cpu::router_stats sums in double and rounds
+    // to f32); E doubles per layer come back instead of the (N, E) probabilities. Doubles travel
+    // in an i64 tensor (core has no f64 dtype).
+    Tensor prob_sums_dev = Tensor::zeros({num_layers, E}, DType::kI64, Device::kCuda);
+    if (N > 0) {
+      for (size_t li = 0; li < moe_layers.size(); ++li) {
+        CUDA_CHECK(launch::column_sums_f64(layers_[moe_layers[li]].moe->saved().probs_NE.data<float>(), N, E,
+                                           reinterpret_cast<double*>(prob_sums_dev.data<int64_t>()) +
+                                               static_cast<int64_t>(li) * E,
+                                           nullptr));
+      }
+    }
+    const std::vector<int64_t> prob_bits = prob_sums_dev.to_vector<int64_t>();
     for (size_t li = 0; li < moe_layers.size(); ++li) {
       const moe::CudaMoeLayer& layer = *layers_[moe_layers[li]].moe;
       float* layer_counts = stats_t.data<float>() + static_cast<int64_t>(li) * E;
-      for (int64_t e = 0; e < E; ++e) layer_counts[e] = static_cast<float>(layer.counts_E()[static_cast<size_t>(e)]);
-      // Host copy of the (N, E) probabilities; per-layer sums in double rounded to f32 (cpu::router_stats).
-      const std::vector<float> probs = N > 0 ? layer.saved().probs_NE.to_vector<float>() : std::vector<float>();
-      std::vector<double> layer_prob(static_cast<size_t>(E), 0.0);
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t e = 0; e < E; ++e) layer_prob[e] += probs[static_cast<size_t>(n * E + e)];
-      }
       for (int64_t e = 0; e < E; ++e) {
+        layer_counts[e] = static_cast<float>(layer.counts_E()[static_cast<size_t>(e)]);
         counts[e] += layer_counts[e];
-        prob_sum[e] += static_cast<float>(layer_prob[e]);
+        prob_sum[e] += static_cast<float>(std::bit_cast<double>(prob_bits[static_cast<size_t>(li) * E + e]));
       }
     }
     int64_t global_tokens = N;

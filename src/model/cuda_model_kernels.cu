@@ -1,7 +1,8 @@
 // The element-wise ops the CUDA model (model/cuda_model.h) needs that kernels/cuda does not have:
 // the residual add of bf16 tensors, out = bf16(f32(a) + f32(b) [+ f32(c)]), one rounding (RNE)
 // (CPU reference: the f32 add_into of model/model.cpp), and the gradient scale of clipping
-// (x *= s in f32, as train::scale_grads). Raw pointers only; the host wrapper in
+// (x *= s in f32, as train::scale_grads), and the per-expert sums of the router probabilities of
+// the aux loss (column sums in double, as cpu::router_stats; a fixed order, so deterministic). Raw pointers only; the host wrapper in
 // cuda_model.cpp checks shapes, dtypes and devices before launching.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -29,6 +30,24 @@ __global__ void scale_f32_kernel(float* x, float s, int64_t n) {
   }
 }
 
+constexpr int kColumnThreads = 256;
+
+// One block per column e: Σ_n x[n, e] in double, thread t summing rows t, t + 256, ..., then a
+// fixed tree over the threads.
+__global__ void column_sums_kernel(const float* x, int64_t N, int64_t E, double* out) {
+  __shared__ double part[kColumnThreads];
+  const int64_t e = blockIdx.x;
+  double s = 0;
+  for (int64_t n = threadIdx.x; n < N; n += kColumnThreads) s += static_cast<double>(x[n * E + e]);
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = kColumnThreads / 2; w > 0; w /= 2) {
+    if (static_cast<int>(threadIdx.x) < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[e] = part[0];
+}
+
 int grid_for(int64_t n, int threads) {
   const int64_t want = (n + threads - 1) / threads;
   return static_cast<int>(want < 65535 ? want : 65535);
@@ -39,6 +58,13 @@ int grid_for(int64_t n, int threads) {
 cudaError_t scale_f32(float* x, float s, int64_t n, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   scale_f32_kernel<<<grid_for(n, 256), 256, 0, stream>>>(x, s, n);
+  return cudaGetLastError();
+}
+
+// out[e] = Σ_n x[n, e] in double; x (N, E) f32 row-major, out (E) doubles. E <= 2^31 - 1.
+cudaError_t column_sums_f64(const float* x, int64_t N, int64_t E, double* out, cudaStream_t stream) {
+  if (E <= 0) return cudaSuccess;
+  column_sums_kernel<<<static_cast<unsigned>(E), kColumnThreads, 0, stream>>>(x, N, E, out);
   return cudaGetLastError();
 }
 
