@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick-start command 1: installs dependencies, builds, and runs the default training demo: the
-# tiny Qwen3-MoE model (configs/tiny-moe.json) on the bundled King James corpus, on CPU, as a
-# 4-rank MPI job with expert parallel 2 x expert tensor parallel 2. Extra arguments go to
+# tiny Qwen3-MoE model (configs/tiny-moe.json) on the bundled King James corpus as a 4-rank MPI
+# job with expert parallel 2 x expert tensor parallel 2: on the CPU, or on the GPUs when every rank
+# has one (train.device=auto; the banner says which). Extra arguments go to
 # `moetp train` (e.g. --set train.steps=50). Set NP=1 for a single-process run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
