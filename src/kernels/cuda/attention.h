@@ -12,9 +12,10 @@
 //                (forward and backward) and dS = P ⊙ (dP − delta) (backward) are rounded to bf16 to
 //                enter the P·V, Pᵀ·dout, dSᵀ·q and dS·k products; scores, the online softmax, the row
 //                sums and every accumulator stay f32. Expect an error of a few 1e-3 of the largest
-//                output element against an f32 computation.
-//   other D      the f32 kernel (attention.cu): f32 FMA on tiles padded to 64 or 128 columns, about
-//                10x slower; products in f32 throughout.
+//                output element against an f32 computation. dq is accumulated with f32 atomics.
+//   other D      the f32 kernel (attention.cu): f32 FMA on tiles padded to 64 or 128 columns,
+//                products in f32 throughout; about 9x slower than the tensor cores at D = 64 or 128
+//                (bench/attention_cuda_bench.cpp).
 //
 // Stream semantics: work is enqueued on `stream` (nullptr = legacy default stream) and the call
 // returns without waiting. Outputs are allocated with cudaMalloc (through core's hooks); temporaries
