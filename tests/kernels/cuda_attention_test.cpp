@@ -7,8 +7,9 @@
 // the spec, kFlashVsSpec; the tensor-core kernels (D = 64, 128) round P and dS to bf16 as mma
 // operands, an error of about 2^-9 of each product that does not cancel in near-zero outputs, so they
 // get kTensorCore (2% relative, or 0.5% of the tensor's largest element) and kTensorCoreVsSpec (1% of
-// the largest element). Causality: changing a future
-// key/value leaves every earlier output and lse bit-identical. Errors name the unsupported head_dim.
+// the largest element). Every tile configuration of the tensor-core kernels (the benchmark's
+// alternatives) is held to the same references. Causality: changing a future key/value leaves every
+// earlier output and lse bit-identical. Errors name the unsupported head_dim.
 // Label `cuda`: skips with a message where no GPU is visible.
 // Cases: both kernels; GQA ratios 1, 2, 4, 8 (MHA, MQA); S = 1, S below, at and past the tiles
 // (64 / 128 rows and keys), several tiles with a partial last one (77, 200, 300, 520); B = 1, 2;
@@ -237,6 +238,64 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaAttention,
                              AttnCase{"B1_S150_Q4_G2_D96", 1, 150, 4, 2, 96},
                              AttnCase{"B2_S200_Q4_G2_D16", 2, 200, 4, 2, 16},
                              AttnCase{"B1_S1_Q2_G2_D16", 1, 1, 2, 2, 16}),
+                         [](const ::testing::TestParamInfo<AttnCase>& info) { return info.param.name; });
+
+// Every tile configuration of the tensor-core kernels (launch::attention_{forward,backward}_tc; the
+// benchmark compares them and the fastest is the default) against the same references, through the
+// launchers on NaN-filled outputs. The backward reads out and lse of the default forward.
+class CudaAttentionTileConfigs : public ::testing::TestWithParam<AttnCase> {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "CUDA test skipped: " << cuda::unavailable_reason();
+    cuda::init(0);
+  }
+};
+
+const uint16_t* bits(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data<bf16>()); }
+uint16_t* bits(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data<bf16>()); }
+
+TEST_P(CudaAttentionTileConfigs, EveryConfigMatchesReferences) {
+  namespace launch = cuda::launch;
+  const AttnCase c = GetParam();
+  ASSERT_TRUE(launch::attention_uses_tensor_cores(c.D));
+  const Inputs in = make_inputs(c, 31);
+  cpu::AttentionSaved saved;
+  const Tensor ref = cpu::attention_forward(in.q, in.k, in.v, &saved);
+  const Tensor q = to_gpu_bf16(in.q), k = to_gpu_bf16(in.k), v = to_gpu_bf16(in.v), dout = to_gpu_bf16(in.dout);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.D)));
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int config = 0; config < launch::kAttentionForwardTcConfigs; ++config) {
+    Tensor out = nan_gpu_bf16(q.shape());
+    Tensor lse = Tensor::full<float>({c.B, c.Q, c.S}, nan).to(Device::kCuda);
+    ASSERT_EQ(launch::attention_forward_tc(bits(q), bits(k), bits(v), bits(out), lse.data<float>(), c.B, c.S, c.Q,
+                                           c.G, c.D, scale, nullptr, config),
+              cudaSuccess);
+    EXPECT_TRUE(close(out, ref, kTensorCore)) << c.name << " out, forward config " << config;
+    EXPECT_TRUE(close(lse, saved.lse_BQS, kLse)) << c.name << " lse, forward config " << config;
+  }
+  Tensor lse;
+  const Tensor out = cuda::attention_forward(q, k, v, &lse);
+  const Grads fa2 = fa2_reference(c, in, out);
+  for (int config = 0; config < launch::kAttentionBackwardTcConfigs; ++config) {
+    Tensor delta = Tensor::full<float>({c.B, c.Q, c.S}, nan).to(Device::kCuda);
+    Tensor dq_accum = Tensor::zeros(q.shape(), DType::kF32, Device::kCuda);
+    Tensor dk = nan_gpu_bf16(k.shape()), dv = nan_gpu_bf16(v.shape());
+    ASSERT_EQ(launch::attention_backward_delta(bits(dout), bits(out), delta.data<float>(), c.B, c.S, c.Q, c.D, nullptr),
+              cudaSuccess);
+    ASSERT_EQ(launch::attention_backward_tc(bits(dout), bits(q), bits(k), bits(v), lse.data<float>(),
+                                            delta.data<float>(), dq_accum.data<float>(), bits(dk), bits(dv), c.B, c.S,
+                                            c.Q, c.G, c.D, scale, nullptr, config),
+              cudaSuccess);
+    EXPECT_TRUE(close_or_zero(dq_accum, fa2.dq, kTensorCore)) << c.name << " dq, backward config " << config;
+    EXPECT_TRUE(close_or_zero(dk, fa2.dk, kTensorCore)) << c.name << " dk, backward config " << config;
+    EXPECT_TRUE(close(dv, fa2.dv, kTensorCore)) << c.name << " dv, backward config " << config;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaAttentionTileConfigs,
+                         ::testing::Values(AttnCase{"B2_S200_Q4_G2_D64", 2, 200, 4, 2, 64},
+                                           AttnCase{"B1_S300_Q8_G1_D128", 1, 300, 8, 1, 128},
+                                           AttnCase{"B1_S1_Q4_G1_D64", 1, 1, 4, 1, 64}),
                          [](const ::testing::TestParamInfo<AttnCase>& info) { return info.param.name; });
 
 class CudaAttentionRules : public ::testing::Test {
