@@ -12,8 +12,7 @@
 // Rows per shape: `moetp` (the kernel attention_forward/backward pick: tensor cores for D = 64, 128),
 // `f32` (the f32 kernel, AttentionKernel::kF32: the same-run baseline; vs_f32 = its time / the row's
 // time), and for the tensor-core shapes one `tc_cfgN` row per tile configuration of
-// attention_tc_{fwd,bwd}.cu (config N of both; the backward has fewer configurations than the forward
-// may, then its time is blank). A check line per tensor-core shape gives max |tc − f32| / max |f32| of
+// attention_tc_{fwd,bwd}.cu (config N of both; where one of them has fewer configurations, nan). A check line per tensor-core shape gives max |tc − f32| / max |f32| of
 // out, dq, dk and dv. Baseline PyTorch (bench/torch_attention.py: scaled_dot_product_attention,
 // is_causal, enable_gqa), run separately on the same card; with its JSON the table gains torch_ms and
 // torch_ms / moetp_ms (> 1: moetp faster):
