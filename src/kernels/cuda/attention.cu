@@ -1,5 +1,10 @@
-// Causal grouped-query attention on the GPU (device side; contract in attention.h, launchers in
-// launch.h). Flash-attention-2 tiling: the S × S score matrix never exists in device memory.
+// Causal grouped-query attention on the GPU, the f32 kernels and the dispatch (device side; contract
+// in attention.h, launchers in launch.h). The tensor-core kernels for D = 64 and 128 live in
+// attention_tc_fwd.cu / attention_tc_bwd.cu; attention_forward / attention_backward below pick them
+// for those D (AttentionKernel::kAuto) and these f32 kernels for every other D, or for any D with
+// AttentionKernel::kF32 (the benchmark's baseline). The delta pass (rowsum(dout ⊙ out)) here serves
+// both backward kernels.
+// Flash-attention-2 tiling: the S × S score matrix never exists in device memory.
 //
 // Forward: one block per (query tile of 64 rows, query head, sequence) streams over the key tiles
 // at or below the diagonal, keeping the row max m, the row sum l and the output accumulator in
@@ -13,12 +18,10 @@
 // Math: plain f32 FMA on shared-memory tiles (inputs converted from bf16 on load), a 16 × 16
 // thread grid in which thread (ty, tx) owns rows ty + 16·i of a 64-row tile. Correct for any
 // head_dim D ≤ 128 with D % 8 == 0 (tiles padded to 64 or 128 columns with zeros).
-// Performance limits: no tensor cores (mma.sync/wgmma), no cp.async/TMA pipelining, f32 tiles in
-// shared memory (forward ~82 KB, backward ~165 KB at D = 128, so 2 and 1 blocks per SM), and a
-// __syncthreads between every load and compute phase. Measured on one H100 (B 1, S 4096, Q 32, G 4,
-// causal FLOPs): forward 25 / 29 TFLOP/s and backward 15 / 20 TFLOP/s at D = 64 / 128, against
-// several hundred for a tensor-core flash kernel. It is the correctness baseline such a kernel will
-// be held to.
+// Performance limits: no tensor cores, no cp.async pipelining, f32 tiles in shared memory (forward
+// ~82 KB, backward ~165 KB at D = 128, so 2 and 1 blocks per SM), and a __syncthreads between every
+// load and compute phase. Measured on one H100 (B 1, S 4096, Q 32, G 4, causal FLOPs): forward
+// 25 / 29 TFLOP/s and backward 15 / 20 TFLOP/s at D = 64 / 128.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -475,11 +478,18 @@ cudaError_t launch_backward(const uint16_t* dout, const uint16_t* q, const uint1
 
 }  // namespace
 
+bool attention_uses_tensor_cores(int64_t D, AttentionKernel kernel) {
+  return kernel == AttentionKernel::kAuto && (D == 64 || D == 128);
+}
+
 cudaError_t attention_forward(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
                               int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, AttentionKernel kernel) {
   if (B == 0 || S == 0 || Hq == 0) return cudaSuccess;
   if (D <= 0 || D > 128 || D % 8 != 0 || Hkv <= 0 || Hq % Hkv != 0) return cudaErrorInvalidValue;
+  if (attention_uses_tensor_cores(D, kernel)) {
+    return attention_forward_tc(q, k, v, out, lse, B, S, Hq, Hkv, D, scale, stream, kAttentionForwardTcDefault);
+  }
   return D <= 64 ? launch_forward<64>(q, k, v, out, lse, B, S, Hq, Hkv, D, scale, stream)
                  : launch_forward<128>(q, k, v, out, lse, B, S, Hq, Hkv, D, scale, stream);
 }
@@ -499,9 +509,13 @@ cudaError_t attention_backward_delta(const uint16_t* dout, const uint16_t* out, 
 cudaError_t attention_backward(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, AttentionKernel kernel) {
   if (B == 0 || S == 0 || Hkv == 0) return cudaSuccess;
   if (D <= 0 || D > 128 || D % 8 != 0 || Hq % Hkv != 0) return cudaErrorInvalidValue;
+  if (attention_uses_tensor_cores(D, kernel)) {
+    return attention_backward_tc(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, D, scale, stream,
+                                 kAttentionBackwardTcDefault);
+  }
   return D <= 64 ? launch_backward<64>(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, D, scale, stream)
                  : launch_backward<128>(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, D, scale, stream);
 }

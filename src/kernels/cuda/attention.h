@@ -2,11 +2,20 @@
 // that never materialise the S × S score matrix. Same math as the CPU reference
 // (kernels/cpu/attention.h, the executable spec): softmax(q·kᵀ · scale + causal mask) · v with
 // scale = 1 / sqrt(D); query head h reads key/value head h / (Q / G). Runs after the q/k norms and
-// RoPE, before o_proj. Storage is bf16, all arithmetic f32.
+// RoPE, before o_proj. Storage is bf16, softmax statistics and accumulation f32.
 //
 // Shape legend: B sequences, S tokens per sequence, Q query heads (Hq), G key/value heads (Hkv),
-// D head_dim. Supported: 8 <= D <= 128 with D % 8 == 0 (64 and 128 are the tuned cases); other D
-// are rejected with an error naming D.
+// D head_dim. Supported: 8 <= D <= 128 with D % 8 == 0; other D are rejected with an error naming D.
+// Two kernels, chosen by D (launch::attention_uses_tensor_cores):
+//   D = 64, 128  tensor cores (attention_tc_fwd.cu, attention_tc_bwd.cu): mma.sync m16n8k16 with bf16
+//                operands and f32 accumulation. As in flash-attention-2, the softmax probabilities P
+//                (forward and backward) and dS = P ⊙ (dP − delta) (backward) are rounded to bf16 to
+//                enter the P·V, Pᵀ·dout, dSᵀ·q and dS·k products; scores, the online softmax, the row
+//                sums and every accumulator stay f32. Expect an error of a few 1e-3 of the largest
+//                output element against an f32 computation. dq is accumulated with f32 atomics.
+//   other D      the f32 kernel (attention.cu): f32 FMA on tiles padded to 64 or 128 columns,
+//                products in f32 throughout; about 9x slower than the tensor cores at D = 64 or 128
+//                (bench/attention_cuda_bench.cpp).
 //
 // Stream semantics: work is enqueued on `stream` (nullptr = legacy default stream) and the call
 // returns without waiting. Outputs are allocated with cudaMalloc (through core's hooks); temporaries

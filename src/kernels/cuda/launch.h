@@ -16,24 +16,44 @@ cudaError_t cast_bf16_to_f32(const uint16_t* src, float* dst, int64_t n, cudaStr
 
 }  // namespace moetp::cuda::launch
 
-// ---- attention (attention.cu; contract in attention.h) ------------------------------------------
+// ---- attention (attention.cu, attention_tc_*.cu; contract in attention.h) -------------------------
 // Causal grouped-query attention, bf16 storage with f32 math. Layouts: q/out/dout (B, S, Hq, D),
 // k/v/dk/dv (B, S, Hkv, D), lse/delta (B, Hq, S) f32, dq_accum (B, S, Hq, D) f32. Requirements
 // (checked by the host wrapper): 8 <= D <= 128, D % 8 == 0, Hq % Hkv == 0, 16-byte aligned rows.
 namespace moetp::cuda::launch {
 
+// Which kernels compute the attention. kAuto: the tensor-core kernels (attention_tc_*.cu: mma.sync
+// bf16, P and dS rounded to bf16) for D = 64 and D = 128, the f32 kernels (attention.cu) for every
+// other supported D. kF32: the f32 kernels for any supported D (the benchmark's baseline).
+enum class AttentionKernel : int32_t { kAuto = 0, kF32 = 1 };
+bool attention_uses_tensor_cores(int64_t D, AttentionKernel kernel = AttentionKernel::kAuto);
+
 // out = softmax(scale · q·kᵀ + causal mask) · v, lse = natural-log row log-sum-exp of the scaled scores.
 cudaError_t attention_forward(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
                               int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                              cudaStream_t stream);
+                              cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kAuto);
 // delta[b, h, s] = Σ_d dout[b, s, h, d] · out[b, s, h, d] (f32).
 cudaError_t attention_backward_delta(const uint16_t* dout, const uint16_t* out, float* delta, int64_t B, int64_t S,
                                      int64_t Hq, int64_t D, cudaStream_t stream);
-// dk, dv (bf16, overwritten) and dq_accum += dq (f32, zeroed by the caller beforehand).
+// dk, dv (bf16, overwritten) and dq_accum += scale · dS · k (f32, zeroed by the caller beforehand).
 cudaError_t attention_backward(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                               cudaStream_t stream);
+                               cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kAuto);
+
+// The tensor-core kernels with an explicit tile configuration (D = 64 or 128, else
+// cudaErrorInvalidValue): config in [0, kAttention{Forward,Backward}TcConfigs); kAuto runs the
+// k...TcDefault one. For the benchmark and the tests (every configuration is tested); the list, with
+// the measurements that chose the default, is in attention_tc_fwd.cu / attention_tc_bwd.cu.
+inline constexpr int kAttentionForwardTcConfigs = 2, kAttentionForwardTcDefault = 1;
+inline constexpr int kAttentionBackwardTcConfigs = 2, kAttentionBackwardTcDefault = 0;
+cudaError_t attention_forward_tc(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
+                                 int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                                 cudaStream_t stream, int config);
+cudaError_t attention_backward_tc(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                                  const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
+                                  int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                                  cudaStream_t stream, int config);
 
 }  // namespace moetp::cuda::launch
 // ---- end attention ------------------------------------------------------------------------------

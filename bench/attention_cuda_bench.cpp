@@ -1,0 +1,309 @@
+// GPU benchmark of the causal grouped-query attention (kernels/cuda/attention.h): forward and
+// backward at the shape of the qwen3-30b-a3b benchmark model (B 2, S 4096, Q 32, G 4, D 128), the
+// same at D 64, and the tiny preset (configs/tiny-moe.json: Q 4, G 2, D 16) at B 16, S 128, plus that
+// shape at D 64.
+//
+// Timing: CUDA events around each iteration's forward and backward on one stream, after warm-up; the
+// median over the iterations. The kernels are driven through the launchers (kernels/cuda/launch.h)
+// on preallocated buffers, so allocation is not timed; the backward is the host wrapper's sequence:
+// zero the f32 dq accumulator, delta = rowsum(dout ⊙ out), the backward kernel, dq to bf16.
+// FLOPs (causal, as flash-attention reports them): forward 2·B·Q·S²·D, backward 2.5 times that.
+//
+// Rows per shape: `moetp` (the kernel attention_forward/backward pick: tensor cores for D = 64, 128),
+// `f32` (the f32 kernel, AttentionKernel::kF32: the same-run baseline; vs_f32 = its time / the row's
+// time), and for the tensor-core shapes one `tc_cfgN` row per tile configuration of
+// attention_tc_{fwd,bwd}.cu (config N of both; where one of them has fewer configurations, nan). A check line per tensor-core shape gives max |tc − f32| / max |f32| of
+// out, dq, dk and dv. Baseline PyTorch (bench/torch_attention.py: scaled_dot_product_attention,
+// is_causal, enable_gqa), run separately on the same card; with its JSON the table gains torch_ms and
+// torch_ms / moetp_ms (> 1: moetp faster):
+//   python3 bench/torch_attention.py --json torch.json
+//   ./attention_cuda_bench --torch-results torch.json [--iters 20] [--warmup 3] [--json moetp.json]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/bf16.h"
+#include "core/tensor.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.h"
+#include "kernels/cuda/runtime.h"
+
+namespace moetp {
+namespace {
+
+namespace launch = cuda::launch;
+
+struct Shape5 {
+  std::string name;
+  int64_t B, S, Q, G, D;
+};
+
+const std::vector<Shape5> kShapes = {
+    {"B2_S4096_Q32_G4_D128", 2, 4096, 32, 4, 128},
+    {"B2_S4096_Q32_G4_D64", 2, 4096, 32, 4, 64},
+    {"B16_S128_Q4_G2_D16", 16, 128, 4, 2, 16},
+    {"B16_S128_Q4_G2_D64", 16, 128, 4, 2, 64},
+};
+
+struct Args {
+  std::string torch_results, json_out;
+  int iters = 20, warmup = 3;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      MOETP_CHECK(i + 1 < argc, "{} needs a value", arg);
+      return argv[++i];
+    };
+    if (arg == "--torch-results") {
+      a.torch_results = value();
+    } else if (arg == "--json") {
+      a.json_out = value();
+    } else if (arg == "--iters") {
+      a.iters = std::stoi(value());
+    } else if (arg == "--warmup") {
+      a.warmup = std::stoi(value());
+    } else {
+      MOETP_FAIL("unknown argument '{}' (valid: --torch-results FILE, --json FILE, --iters N, --warmup N)", arg);
+    }
+  }
+  MOETP_CHECK(a.iters >= 1 && a.warmup >= 0, "bad --iters ({}) or --warmup ({})", a.iters, a.warmup);
+  return a;
+}
+
+// Uniform bf16 values in [-a, a) from a counter hash (splitmix64).
+Tensor random_bf16(Shape shape, uint64_t seed, float a) {
+  Tensor t = Tensor::empty(std::move(shape), DType::kBF16);
+  bf16* p = t.data<bf16>();
+  const int64_t n = t.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    p[i] = f32_to_bf16((2.0f * u - 1.0f) * a);
+  }
+  return t;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 == 1 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+uint16_t* bits(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data<bf16>()); }
+
+// Inputs and outputs of one shape, on the GPU.
+struct Buffers {
+  Tensor q, k, v, dout, out, lse, delta, dq_accum, dq, dk, dv;
+};
+
+Buffers make_buffers(const Shape5& s) {
+  Buffers b;
+  // q, k in [-2, 2): scores of standard deviation ~1.3 after the 1/sqrt(D) scale.
+  b.q = random_bf16({s.B, s.S, s.Q, s.D}, 1, 2.0f).to(Device::kCuda);
+  b.k = random_bf16({s.B, s.S, s.G, s.D}, 2, 2.0f).to(Device::kCuda);
+  b.v = random_bf16({s.B, s.S, s.G, s.D}, 3, 1.0f).to(Device::kCuda);
+  b.dout = random_bf16({s.B, s.S, s.Q, s.D}, 4, 1.0f).to(Device::kCuda);
+  b.out = Tensor::empty({s.B, s.S, s.Q, s.D}, DType::kBF16, Device::kCuda);
+  b.dq = Tensor::empty({s.B, s.S, s.Q, s.D}, DType::kBF16, Device::kCuda);
+  b.dk = Tensor::empty({s.B, s.S, s.G, s.D}, DType::kBF16, Device::kCuda);
+  b.dv = Tensor::empty({s.B, s.S, s.G, s.D}, DType::kBF16, Device::kCuda);
+  b.lse = Tensor::empty({s.B, s.Q, s.S}, DType::kF32, Device::kCuda);
+  b.delta = Tensor::empty({s.B, s.Q, s.S}, DType::kF32, Device::kCuda);
+  b.dq_accum = Tensor::empty({s.B, s.S, s.Q, s.D}, DType::kF32, Device::kCuda);
+  return b;
+}
+
+// Which kernels a row runs: the f32 kernel, the automatic choice, or tensor-core config N.
+struct Variant {
+  std::string name;
+  enum { kF32, kAuto, kTc } kind;
+  int config = 0;
+};
+
+float softmax_scale(int64_t D) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))); }
+
+// Enqueues the forward; false when the variant has no such forward (config out of range).
+bool forward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) {
+  const float scale = softmax_scale(s.D);
+  if (var.kind == Variant::kTc) {
+    if (var.config >= launch::kAttentionForwardTcConfigs) return false;
+    CUDA_CHECK(launch::attention_forward_tc(bits(b.q), bits(b.k), bits(b.v), bits(b.out), b.lse.data<float>(), s.B,
+                                            s.S, s.Q, s.G, s.D, scale, st, var.config));
+  } else {
+    CUDA_CHECK(launch::attention_forward(
+        bits(b.q), bits(b.k), bits(b.v), bits(b.out), b.lse.data<float>(), s.B, s.S, s.Q, s.G, s.D, scale, st,
+        var.kind == Variant::kF32 ? launch::AttentionKernel::kF32 : launch::AttentionKernel::kAuto));
+  }
+  return true;
+}
+
+bool backward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) {
+  if (var.kind == Variant::kTc && var.config >= launch::kAttentionBackwardTcConfigs) return false;
+  const float scale = softmax_scale(s.D);
+  CUDA_CHECK(cudaMemsetAsync(b.dq_accum.raw_data(), 0, b.dq_accum.num_bytes(), st));
+  CUDA_CHECK(
+      launch::attention_backward_delta(bits(b.dout), bits(b.out), b.delta.data<float>(), s.B, s.S, s.Q, s.D, st));
+  if (var.kind == Variant::kTc) {
+    CUDA_CHECK(launch::attention_backward_tc(bits(b.dout), bits(b.q), bits(b.k), bits(b.v), b.lse.data<float>(),
+                                             b.delta.data<float>(), b.dq_accum.data<float>(), bits(b.dk), bits(b.dv),
+                                             s.B, s.S, s.Q, s.G, s.D, scale, st, var.config));
+  } else {
+    CUDA_CHECK(launch::attention_backward(
+        bits(b.dout), bits(b.q), bits(b.k), bits(b.v), b.lse.data<float>(), b.delta.data<float>(),
+        b.dq_accum.data<float>(), bits(b.dk), bits(b.dv), s.B, s.S, s.Q, s.G, s.D, scale, st,
+        var.kind == Variant::kF32 ? launch::AttentionKernel::kF32 : launch::AttentionKernel::kAuto));
+  }
+  CUDA_CHECK(launch::cast_f32_to_bf16(b.dq_accum.data<float>(), bits(b.dq), b.dq_accum.numel(), st));
+  return true;
+}
+
+// Median milliseconds of `step` (nan when it enqueues nothing).
+double time_ms(const std::function<bool()>& step, const Args& args, cudaStream_t st) {
+  if (!step()) return NAN;
+  for (int it = 1; it < args.warmup; ++it) step();
+  std::vector<cudaEvent_t> ev(2 * static_cast<size_t>(args.iters));
+  for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+  for (int it = 0; it < args.iters; ++it) {
+    CUDA_CHECK(cudaEventRecord(ev[2 * it], st));
+    step();
+    CUDA_CHECK(cudaEventRecord(ev[2 * it + 1], st));
+  }
+  CUDA_CHECK(cudaStreamSynchronize(st));
+  std::vector<double> ms;
+  for (int it = 0; it < args.iters; ++it) {
+    float a = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&a, ev[2 * it], ev[2 * it + 1]));
+    ms.push_back(a);
+  }
+  for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventDestroy(e));
+  return median(ms);
+}
+
+std::vector<float> host_f32(const Tensor& t) { return t.to(Device::kCpu).to(DType::kF32).to_vector<float>(); }
+
+// max |a − b| / max |b|.
+double rel_max_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double diff = 0, ref = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::fabs(static_cast<double>(a[i]) - b[i]));
+    ref = std::max(ref, std::fabs(static_cast<double>(b[i])));
+  }
+  return ref > 0 ? diff / ref : diff;
+}
+
+// Tensor-core results against the f32 kernel's on the same inputs.
+void print_check(const Shape5& s, Buffers& b, cudaStream_t st) {
+  auto run_all = [&](const Variant& var) {
+    forward(var, s, b, st);
+    backward(var, s, b, st);
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    return std::vector<std::vector<float>>{host_f32(b.out), host_f32(b.dq), host_f32(b.dk), host_f32(b.dv)};
+  };
+  const auto ref = run_all({"f32", Variant::kF32});
+  const auto tc = run_all({"moetp", Variant::kAuto});
+  std::printf("  check %s: max|tc - f32| / max|f32|: out %.2e, dq %.2e, dk %.2e, dv %.2e\n", s.name.c_str(),
+              rel_max_diff(tc[0], ref[0]), rel_max_diff(tc[1], ref[1]), rel_max_diff(tc[2], ref[2]),
+              rel_max_diff(tc[3], ref[3]));
+}
+
+// torch_attention.py --json: {"cases": [{"name": ..., "fwd_ms": ..., "bwd_ms": ..., "ms": ...}, ...]}
+std::map<std::string, double> read_torch_results(const std::string& path) {
+  std::ifstream f(path);
+  MOETP_CHECK(f.good(), "cannot open --torch-results file '{}'", path);
+  const nlohmann::json j = nlohmann::json::parse(f);
+  std::map<std::string, double> ms;
+  for (const auto& c : j.at("cases")) ms[c.at("name").get<std::string>()] = c.at("ms").get<double>();
+  return ms;
+}
+
+int run(int argc, char** argv) {
+  const Args args = parse_args(argc, argv);
+  const std::map<std::string, double> torch_ms =
+      args.torch_results.empty() ? std::map<std::string, double>{} : read_torch_results(args.torch_results);
+  MOETP_CHECK(cuda::device_count() > 0, "attention_cuda_bench needs a GPU: {}", cuda::unavailable_reason());
+  cuda::init(0);
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t st = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  std::printf("attention_cuda_bench: %s (%d SMs); median of %d iterations after %d warm-up; torch baseline: %s\n",
+              prop.name, prop.multiProcessorCount, args.iters, args.warmup,
+              args.torch_results.empty() ? "(none: --torch-results not given)" : args.torch_results.c_str());
+  std::printf("%-22s %-7s %8s %8s %8s %8s %9s %7s %9s %8s\n", "case", "kernel", "fwd_ms", "fwd_TF/s", "bwd_ms",
+              "bwd_TF/s", "total_ms", "vs_f32", "torch_ms", "torch/me");
+  nlohmann::json out_json;
+  out_json["device"] = prop.name;
+  out_json["cases"] = nlohmann::json::array();
+  for (const Shape5& s : kShapes) {
+    Buffers b = make_buffers(s);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const bool tc = launch::attention_uses_tensor_cores(s.D);
+    std::vector<Variant> variants = {{"f32", Variant::kF32}, {"moetp", Variant::kAuto}};
+    if (tc) {
+      for (int c = 0; c < std::max(launch::kAttentionForwardTcConfigs, launch::kAttentionBackwardTcConfigs); ++c) {
+        variants.push_back({fmt::format("tc_cfg{}", c), Variant::kTc, c});
+      }
+    }
+    const double fwd_flops = 2.0 * s.B * s.Q * static_cast<double>(s.S) * s.S * s.D;
+    const double bwd_flops = 2.5 * fwd_flops;
+    double f32_total = NAN;
+    for (const Variant& var : variants) {
+      forward(var, s, b, st);  // the backward reads out and lse of this variant's forward
+      const double fwd_ms = time_ms([&] { return forward(var, s, b, st); }, args, st);
+      const double bwd_ms = time_ms([&] { return backward(var, s, b, st); }, args, st);
+      const double total = fwd_ms + bwd_ms;
+      if (var.kind == Variant::kF32) f32_total = total;
+      std::string torch_col = "-", ratio_col = "-";
+      if (const auto it = torch_ms.find(s.name); it != torch_ms.end() && var.kind == Variant::kAuto) {
+        torch_col = fmt::format("{:.3f}", it->second);
+        ratio_col = fmt::format("{:.2f}", it->second / total);
+      }
+      std::printf("%-22s %-7s %8.3f %8.1f %8.3f %8.1f %9.3f %7.2f %9s %8s\n", s.name.c_str(), var.name.c_str(), fwd_ms,
+                  fwd_flops / (fwd_ms * 1e-3) / 1e12, bwd_ms, bwd_flops / (bwd_ms * 1e-3) / 1e12, total,
+                  f32_total / total, torch_col.c_str(), ratio_col.c_str());
+      std::fflush(stdout);
+      out_json["cases"].push_back({{"name", s.name},
+                                   {"kernel", var.name},
+                                   {"fwd_ms", fwd_ms},
+                                   {"bwd_ms", bwd_ms},
+                                   {"ms", total},
+                                   {"fwd_tflops", fwd_flops / (fwd_ms * 1e-3) / 1e12},
+                                   {"bwd_tflops", bwd_flops / (bwd_ms * 1e-3) / 1e12}});
+    }
+    if (tc) print_check(s, b, st);
+  }
+  CUDA_CHECK(cudaStreamDestroy(st));
+  if (!args.json_out.empty()) {
+    std::ofstream f(args.json_out);
+    MOETP_CHECK(f.good(), "cannot write --json file '{}'", args.json_out);
+    f << out_json.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace moetp
+
+int main(int argc, char** argv) {
+  try {
+    return moetp::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "attention_cuda_bench: %s\n", e.what());
+    return 1;
+  }
+}
