@@ -4,7 +4,10 @@
 // weights, top-K of the softmax) or forced balance (token n slot k -> expert (n·K + k) % E).
 //
 // Timing: CUDA events around each iteration's forward and backward, after warm-up; the median over
-// the iterations. Inputs alternate between two sets. Per case one line: forward, backward and total
+// the iterations. Inputs cycle through --input-sets sets (default 2). With real routing every set
+// has its own per-expert row counts, so each set is a new set of GEMM shapes for cuBLAS; many sets
+// (e.g. --input-sets 40 with --iters 40) show what a training run sees, where the routing changes
+// every step. Per case one line: forward, backward and total
 // ms, the expert-GEMM rate (2·N·K·(2I·H + I·H) FLOPs forward, three times that forward + backward),
 // tokens/s, and the routing's load imbalance (largest expert count / mean).
 //
@@ -60,6 +63,7 @@ struct Args {
   std::string torch_results, json_out;
   int iters = 30, warmup = 5;
   int64_t tokens = 8192;
+  int input_sets = 2;  // distinct (x, dout) pairs cycled through; more sets = more distinct routings
   std::vector<int> expert_streams = {1, 4};
 };
 
@@ -81,6 +85,8 @@ Args parse_args(int argc, char** argv) {
       a.warmup = std::stoi(value());
     } else if (arg == "--tokens") {
       a.tokens = std::stoll(value());
+    } else if (arg == "--input-sets") {
+      a.input_sets = std::stoi(value());
     } else if (arg == "--layouts") {
       const std::string v = value();
       for (size_t pos = 0; pos <= v.size();) {
@@ -102,12 +108,13 @@ Args parse_args(int argc, char** argv) {
     } else {
       MOETP_FAIL(
           "unknown argument '{}' (valid: --torch-results FILE, --json FILE, --iters N, --warmup N, --tokens N, "
-          "--expert-streams 1,4, --layouts PxT[,PxT...])",
+          "--expert-streams 1,4, --layouts PxT[,PxT...], --input-sets N)",
           arg);
     }
   }
-  MOETP_CHECK(a.iters >= 1 && a.warmup >= 0 && a.tokens >= 1, "bad --iters ({}), --warmup ({}) or --tokens ({})",
-              a.iters, a.warmup, a.tokens);
+  MOETP_CHECK(a.iters >= 1 && a.warmup >= 0 && a.tokens >= 1 && a.input_sets >= 1,
+              "bad --iters ({}), --warmup ({}), --tokens ({}) or --input-sets ({})", a.iters, a.warmup, a.tokens,
+              a.input_sets);
   MOETP_CHECK(!a.expert_streams.empty() && *std::min_element(a.expert_streams.begin(), a.expert_streams.end()) >= 1,
               "--expert-streams needs values >= 1");
   return a;
@@ -250,7 +257,7 @@ int run(int argc, char** argv) {
   // Logits of std ~1 for x ~ U(-1, 1): var = H · (1/3) · (a²/3).
   const float a_router = 3.0f / std::sqrt(static_cast<float>(kH));
   std::vector<Tensor> x, dout;
-  for (uint64_t s = 0; s < 2; ++s) {
+  for (uint64_t s = 0; s < static_cast<uint64_t>(args.input_sets); ++s) {
     x.push_back(random_bf16({N, kH}, 100 + s + 10 * static_cast<uint64_t>(rank), 1.0f).to(Device::kCuda));
     dout.push_back(random_bf16({N, kH}, 200 + s + 10 * static_cast<uint64_t>(rank), 1.0f).to(Device::kCuda));
   }

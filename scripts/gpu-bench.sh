@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command to benchmark a GPU host against PyTorch in the same run: unpacks the bundle made by
 # scripts/device-bundle.sh, then for 1 GPU and for every GPU of the host (one rank per GPU):
+#   attention fwd+bwd      bench/torch_attention.py                                 vs  attention_cuda_bench
 #   MoE layer fwd+bwd      bench/torch_moe_layer.py, bench/torch_moe_layer_dist.py  vs  moe_layer_cuda_bench
 #   training step          bench/torch_train_step.py (HF), bench/torch_train_step_dist.py  vs  train_step_cuda_bench
 # and prints the tables (each moetp table carries the torch time and the ratio torch/moetp).
@@ -24,6 +25,10 @@ if [ -z "${LAYOUTS:-}" ]; then
 fi
 l4=configs/qwen3-30b-a3b-l4.json
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
+echo "== attention fwd+bwd, 1 GPU =="
+python3 bench/torch_attention.py --json "$out/torch_attention.json" >"$out/torch_attention.log" 2>&1 ||
+  tail -5 "$out/torch_attention.log"
+"$run" attention_cuda_bench --torch-results "$out/torch_attention.json"
 echo "== MoE layer, 1 GPU (N=8192, H=2048, E=128, K=8) =="
 python3 bench/torch_moe_layer.py --skip-check --json "$out/torch_layer.json" >"$out/torch_layer.log" 2>&1 ||
   tail -5 "$out/torch_layer.log"
