@@ -1,5 +1,6 @@
 #include "cli/train_cmd.h"
 
+#include <mpi.h>
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -7,6 +8,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 
 #include "config/model_config.h"
 #include "config/train_config.h"
@@ -54,55 +56,69 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
     std::fflush(stdout);
   }
 
-  train::Trainer trainer(cfg, model_cfg, world, data::TokenFile::open(cfg.data.path));
-  if (lead) {
-    std::printf("device: %s (%s)\n", trainer.device().c_str(), trainer.device_reason().c_str());
-    std::fflush(stdout);
-  }
-  const std::string ckpt_root = cfg.checkpoint.dir.empty() ? cfg.run.dir + "/checkpoints" : cfg.checkpoint.dir;
-  MOETP_CHECK(args.resume.empty() || args.init_from_hf.empty(), "--resume and --init-from-hf exclude each other");
-  if (!args.init_from_hf.empty()) {
-    trainer.init_from_hf(args.init_from_hf);
-    if (lead) std::printf("initialised from Hugging Face checkpoint %s\n", args.init_from_hf.c_str());
-  }
-  if (!args.resume.empty()) {
-    std::string dir = args.resume;
-    if (dir == "auto") {
-      const std::vector<std::string> all = io::list_checkpoints(ckpt_root);
-      dir = all.empty() ? "" : all.back();
-      if (lead && dir.empty()) std::printf("--resume auto: no checkpoint under %s, starting from step 0\n", ckpt_root.c_str());
-    }
-    if (!dir.empty()) {
-      trainer.load_checkpoint(dir);
-      if (lead) std::printf("resumed from %s at step %lld\n", dir.c_str(), static_cast<long long>(trainer.current_step()));
-    }
-  }
-  std::unique_ptr<train::MetricsWriter> metrics;
-  if (lead) metrics = std::make_unique<train::MetricsWriter>(cfg.run.dir + "/metrics.jsonl");
-  std::vector<train::StepResult> history;
-  const auto start = std::chrono::steady_clock::now();
-  while (trainer.current_step() < cfg.train.steps) {
-    train::StepResult r = trainer.step();
-    const bool save = cfg.checkpoint.every > 0 &&
-                      (r.step % cfg.checkpoint.every == 0 || r.step == cfg.train.steps);
-    if (save) {
-      trainer.save_checkpoint(fmt::format("{}/step-{:08d}", ckpt_root, r.step));
-      if (lead) io::prune_checkpoints(ckpt_root, cfg.checkpoint.keep);
-    }
-    if (!lead) continue;
-    metrics->write(r);
-    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (r.step == 1 || r.step % cfg.train.log_every == 0 || r.step == cfg.train.steps) {
-      std::printf("%s\n", train::progress_line(r, cfg.train.steps, elapsed).c_str());
+  // A failure on one rank must stop every rank. The trainer (and its NCCL communicators) stays
+  // alive while this rank aborts the job: destroying NCCL communicators needs the other ranks,
+  // which are waiting in a collective for this one, so unwinding first would hang the job.
+  std::unique_ptr<train::Trainer> trainer_ptr;
+  try {
+    trainer_ptr = std::make_unique<train::Trainer>(cfg, model_cfg, world, data::TokenFile::open(cfg.data.path));
+    train::Trainer& trainer = *trainer_ptr;
+    if (lead) {
+      std::printf("device: %s (%s)\n", trainer.device().c_str(), trainer.device_reason().c_str());
       std::fflush(stdout);
     }
-    history.push_back(std::move(r));
-  }
-  if (lead && !history.empty()) {
-    train::write_loss_svg(cfg.run.dir + "/loss.svg", history);
-    train::write_expert_load_svg(cfg.run.dir + "/expert_load.svg", history);
-    std::printf("done: loss %.4f -> %.4f over %lld steps; run directory %s (metrics.jsonl, loss.svg, expert_load.svg)\n",
-                history.front().loss, history.back().loss, static_cast<long long>(history.size()), cfg.run.dir.c_str());
+    const std::string ckpt_root = cfg.checkpoint.dir.empty() ? cfg.run.dir + "/checkpoints" : cfg.checkpoint.dir;
+    MOETP_CHECK(args.resume.empty() || args.init_from_hf.empty(), "--resume and --init-from-hf exclude each other");
+    if (!args.init_from_hf.empty()) {
+      trainer.init_from_hf(args.init_from_hf);
+      if (lead) std::printf("initialised from Hugging Face checkpoint %s\n", args.init_from_hf.c_str());
+    }
+    if (!args.resume.empty()) {
+      std::string dir = args.resume;
+      if (dir == "auto") {
+        const std::vector<std::string> all = io::list_checkpoints(ckpt_root);
+        dir = all.empty() ? "" : all.back();
+        if (lead && dir.empty()) std::printf("--resume auto: no checkpoint under %s, starting from step 0\n", ckpt_root.c_str());
+      }
+      if (!dir.empty()) {
+        trainer.load_checkpoint(dir);
+        if (lead) std::printf("resumed from %s at step %lld\n", dir.c_str(), static_cast<long long>(trainer.current_step()));
+      }
+    }
+    std::unique_ptr<train::MetricsWriter> metrics;
+    if (lead) metrics = std::make_unique<train::MetricsWriter>(cfg.run.dir + "/metrics.jsonl");
+    std::vector<train::StepResult> history;
+    const auto start = std::chrono::steady_clock::now();
+    while (trainer.current_step() < cfg.train.steps) {
+      train::StepResult r = trainer.step();
+      const bool save = cfg.checkpoint.every > 0 &&
+                        (r.step % cfg.checkpoint.every == 0 || r.step == cfg.train.steps);
+      if (save) {
+        trainer.save_checkpoint(fmt::format("{}/step-{:08d}", ckpt_root, r.step));
+        if (lead) io::prune_checkpoints(ckpt_root, cfg.checkpoint.keep);
+      }
+      if (!lead) continue;
+      metrics->write(r);
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (r.step == 1 || r.step % cfg.train.log_every == 0 || r.step == cfg.train.steps) {
+        std::printf("%s\n", train::progress_line(r, cfg.train.steps, elapsed).c_str());
+        std::fflush(stdout);
+      }
+      history.push_back(std::move(r));
+    }
+    if (lead && !history.empty()) {
+      train::write_loss_svg(cfg.run.dir + "/loss.svg", history);
+      train::write_expert_load_svg(cfg.run.dir + "/expert_load.svg", history);
+      std::printf("done: loss %.4f -> %.4f over %lld steps; run directory %s (metrics.jsonl, loss.svg, expert_load.svg)\n",
+                  history.front().loss, history.back().loss, static_cast<long long>(history.size()), cfg.run.dir.c_str());
+    }
+  } catch (const std::exception& e) {
+    if (world.size() > 1) {
+      std::fprintf(stderr, "[rank %d] error: %s\n", world.rank(), e.what());
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    throw;
   }
   return 0;
 }

@@ -144,11 +144,8 @@ CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, uint64_t se
   build(values);
 }
 
-CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, const std::vector<Tensor>& host_values,
-                                     CudaModelOptions opts)
-    : cfg_(cfg), opts_(std::move(opts)) {
-  build(host_values);
-}
+CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, CudaModelOptions opts)
+    : cfg_(cfg), opts_(std::move(opts)) {}
 
 std::unique_ptr<CudaQwen3MoeModel> CudaQwen3MoeModel::from_cpu(const Qwen3MoeModel& cpu, CudaModelOptions opts) {
   const int P = opts.mesh ? opts.mesh->ep_size() : 1, T = opts.mesh ? opts.mesh->etp_size() : 1;
@@ -156,9 +153,20 @@ std::unique_ptr<CudaQwen3MoeModel> CudaQwen3MoeModel::from_cpu(const Qwen3MoeMod
               "CudaQwen3MoeModel::from_cpu: the CPU model's expert layout is ep {} x etp {}, the GPU model's ep {} x "
               "etp {}",
               cpu.mesh().ep_size(), cpu.mesh().etp_size(), P, T);
+  std::unique_ptr<CudaQwen3MoeModel> gpu(new CudaQwen3MoeModel(cpu.config(), std::move(opts)));
+  const std::vector<ParamInit> list = gpu->param_list();
+  MOETP_CHECK(list.size() == cpu.params().size(), "CudaQwen3MoeModel::from_cpu: {} parameters expected, CPU has {}",
+              list.size(), cpu.params().size());
   std::vector<Tensor> values;
-  for (const Param& p : cpu.params()) values.push_back(p.value);
-  return std::unique_ptr<CudaQwen3MoeModel>(new CudaQwen3MoeModel(cpu.config(), values, std::move(opts)));
+  for (size_t i = 0; i < list.size(); ++i) {
+    const Param& p = cpu.params()[i];
+    MOETP_CHECK(p.name == list[i].name && p.value.shape() == list[i].shape,
+                "CudaQwen3MoeModel::from_cpu: parameter {} is '{}' {}, expected '{}' {}", i, p.name, p.value.describe(),
+                list[i].name, shape_str(list[i].shape));
+    values.push_back(p.value);
+  }
+  gpu->build(values);
+  return gpu;
 }
 
 CudaQwen3MoeModel::~CudaQwen3MoeModel() = default;

@@ -24,8 +24,8 @@
 //
 // Loss: cross-entropy on the LM head's bf16 logits, computed in chunks of rows (tokens) so that at
 // most kLogitChunkElems logits (bf16) exist at a time, whatever N·V; the aux loss from the MoE
-// layers' statistics as moe::aux_loss on one rank. The per-layer probability sums are taken on
-// the host from a copy of the (N, E) f32 probabilities (small; a device reduction would avoid it).
+// layers' statistics as moe::aux_loss (summed over world on a mesh). The per-layer probability
+// sums are column sums in double on the GPU; E values per layer come back to the host.
 //
 // Streams: everything runs on the legacy default stream (the NCCL collectives on their
 // communicators' streams, ordered against it with events); forward_backward synchronises (the MoE
@@ -137,7 +137,8 @@ class CudaQwen3MoeModel {
  private:
   struct Layer;
   struct ParamInit;
-  CudaQwen3MoeModel(const config::ModelConfig& cfg, const std::vector<Tensor>& host_values, CudaModelOptions opts);
+  // Unbuilt (no parameters): from_cpu checks the names against param_list(), then calls build().
+  CudaQwen3MoeModel(const config::ModelConfig& cfg, CudaModelOptions opts);
   std::vector<ParamInit> param_list() const;
   void ensure_moments();
   void build(const std::vector<Tensor>& host_values);

@@ -201,8 +201,10 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
     // slightly larger step does not reallocate (every cudaFree synchronises the device).
     const int64_t cap = distributed() ? std::max<int64_t>(R + R / 4, 64) : R;
     MOETP_CHECK(cap <= INT32_MAX, "CudaMoeLayer: {} expert-side rows exceed the int32 row indices", cap);
+    // Old buffers go first: the views of the last forward share their storage, so they are dropped
+    // too (else old and new would be held at once, at exactly the step whose routing spiked).
     for (Tensor* t : {&cap_x_, &cap_h_, &cap_a_, &cap_y_, &cap_dy_, &cap_da_, &cap_dh_, &cap_recv_, &cap_gath_,
-                      &cap_perm_, &cap_inv_perm_}) {
+                      &cap_perm_, &cap_inv_perm_, &s.x_RH, &s.y_RH, &s.h_M2I, &s.a_MI, &dy_RH_, &da_MI_, &dh_M2I_}) {
       *t = Tensor();
     }
     cap_h_ = device_empty({cap, 2 * i}, DType::kBF16);

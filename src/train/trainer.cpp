@@ -41,7 +41,8 @@ std::pair<int, int> node_local_rank(comm::Comm& world) {
 }
 
 // (device, reason) for train.device; collective (every rank decides alike).
-std::pair<std::string, std::string> pick_device(const std::string& want, comm::Comm& world) {
+std::pair<std::string, std::string> pick_device(const std::string& want, const std::string& dispatcher,
+                                                comm::Comm& world) {
   const auto [local_rank, local_size] = node_local_rank(world);
 #if MOETP_HAVE_CUDA
   const int gpus = cuda::device_count();
@@ -62,6 +63,9 @@ std::pair<std::string, std::string> pick_device(const std::string& want, comm::C
                        "train.device");
     return {"cuda", fmt::format("train.device = cuda, rank {} on GPU {}", world.rank(), local_rank)};
   }
+  if (dispatcher != "local" && dispatcher != "all2all") {
+    return {"cpu", fmt::format("train.device = auto: moe.dispatcher '{}' runs on the CPU device only", dispatcher)};
+  }
   if (all_enough) return {"cuda", fmt::format("train.device = auto: one GPU per rank ({})", counts)};
   return {"cpu", fmt::format("train.device = auto: not every rank has a GPU ({}{})", counts,
                              why_not.empty() ? "" : ", " + why_not)};
@@ -80,7 +84,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   MOETP_CHECK(batches_.file().vocab_size() <= model_cfg_.vocab_size,
               "data file {} has vocabulary size {} but the model's vocab_size is {}", batches_.file().path(),
               batches_.file().vocab_size(), model_cfg_.vocab_size);
-  std::tie(device_, device_reason_) = pick_device(cfg_.train.device, world_);
+  std::tie(device_, device_reason_) = pick_device(cfg_.train.device, config::resolved_dispatcher(cfg_), world_);
   MOETP_CHECK(!cfg_.moe.force_balance || device_ == "cuda",
               "moe.force_balance is implemented on the CUDA device only (train.device resolved to '{}': {})", device_,
               device_reason_);
