@@ -140,6 +140,15 @@ TEST(TrainerBadInput, ErrorsNameTheValues) {
   EXPECT_NE(message([&] { run(fb, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
                 .find("moe.force_balance is implemented on the CUDA device only"),
             std::string::npos);
+  // train.device = auto keeps a CPU-only dispatcher on the CPU and says why.
+  {
+    config::TrainConfig c = train_config(w.size(), 1, "vexpert", 1, 8 * w.size());
+    c.train.device = "auto";
+    train::Trainer t(c, tiny_model(0.01), w, random_tokens(4000, 64, 1));
+    EXPECT_EQ(t.device(), "cpu");
+    EXPECT_NE(t.device_reason().find("moe.dispatcher 'vexpert' runs on the CPU device only"), std::string::npos)
+        << t.device_reason();
+  }
   // NaN in the weights: the loss check names the step and rank on every rank.
   train::Trainer t(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, random_tokens(4000, 64, 1));
   t.model().param("model.norm.weight").value.data<float>()[0] = std::nanf("");
