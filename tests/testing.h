@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -106,6 +107,16 @@ inline ::testing::AssertionResult close(const Tensor& actual, const Tensor& expe
   if (bad == 0) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << bad << " of " << a.size() << " elements beyond rel " << tol.rel
                                        << " (max rel " << max_rel << ", max abs " << max_abs << ", max |ref| " << max_ref << "):" << detail;
+}
+
+// The moetp::Error message of fn(), or "<no error>" when it does not throw.
+inline std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const moetp::Error& e) {
+    return e.what();
+  }
+  return "<no error>";
 }
 
 // Random f32 tensor from the counter RNG (never zeros: values in [lo, hi) with lo < hi).

@@ -1,5 +1,5 @@
 // File and error-message helpers shared by the tests that touch the file system (data, io):
-// a per-test scratch directory, raw file bytes, and error-message checks.
+// a per-test scratch directory, raw file bytes, and error-message checks (error_of: testing.h).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -13,6 +13,7 @@
 #include <string>
 
 #include "core/check.h"
+#include "testing.h"  // error_of
 
 namespace moetp::testing {
 
@@ -41,16 +42,6 @@ class ScratchDir {
  private:
   std::filesystem::path dir_;
 };
-
-// The moetp::Error message of fn(), or "<no error>" when it does not throw.
-inline std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const moetp::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 // Passes when `message` contains every one of `parts`.
 inline ::testing::AssertionResult contains_all(const std::string& message, std::initializer_list<std::string> parts) {

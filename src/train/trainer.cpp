@@ -122,13 +122,13 @@ StepResult Trainer::step() {
   const int64_t global_targets = static_cast<int64_t>(cfg_.train.global_batch_size) * S;
   r.tokens = global_targets;
   const std::vector<int64_t> slice = batches_.rank_slice(step_, world_.rank(), world_.size());
-  if (gpu_) return step_gpu(std::move(r), slice);
-  model_->zero_grads();
+  const StepOps ops = gpu_ ? gpu_ops() : cpu_ops();
+  ops.zero_grads();
   double ce_sum = 0, aux_sum = 0;
   for (int micro = 0; micro < num_micro; ++micro) {
     const std::vector<int64_t> ids = data::micro_slice(slice, micro, num_micro);
-    const model::MicroStats ms = model_->forward_backward(batches_.tokens(ids), 1.0 / static_cast<double>(global_targets),
-                                                          model_cfg_.router_aux_loss_coef / num_micro);
+    const model::MicroStats ms = ops.forward_backward(batches_.tokens(ids), 1.0 / static_cast<double>(global_targets),
+                                                      model_cfg_.router_aux_loss_coef / num_micro);
     ce_sum += ms.ce_sum;
     aux_sum += ms.aux;
     if (micro == 0) {
@@ -145,63 +145,50 @@ StepResult Trainer::step() {
   MOETP_CHECK(std::isfinite(r.loss), "step {}: loss is {} (cross-entropy {}, aux {}) on rank {}", r.step, r.loss,
               r.ce_loss, r.aux_loss, world_.rank());
 
-  reduce_grads(model_->params(), *mesh_);
-  r.grad_norm = global_grad_norm(model_->params(), *mesh_);
+  ops.reduce_grads();
+  r.grad_norm = ops.grad_norm();
   MOETP_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} on rank {} (loss {})", r.step, r.grad_norm,
               world_.rank(), r.loss);
   if (cfg_.optim.grad_clip > 0 && r.grad_norm > cfg_.optim.grad_clip) {
-    scale_grads(model_->params(), static_cast<float>(cfg_.optim.grad_clip / (r.grad_norm + 1e-6)));
+    ops.scale_grads(static_cast<float>(cfg_.optim.grad_clip / (r.grad_norm + 1e-6)));
   }
   r.lr = lr_at(r.step, cfg_.train.steps, cfg_.optim.warmup_steps, cfg_.optim.lr, cfg_.optim.min_lr);
-  optim_->step(model_->params(), r.lr, r.step);
+  ops.optimizer_step(r.lr, r.step);
   step_ = r.step;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }
 
-StepResult Trainer::step_gpu(StepResult r, const std::vector<int64_t>& slice) {
+Trainer::StepOps Trainer::cpu_ops() {
+  StepOps ops;
+  ops.zero_grads = [this] { model_->zero_grads(); };
+  ops.forward_backward = [this](const Tensor& tokens, double ce_scale, double aux_scale) {
+    return model_->forward_backward(tokens, ce_scale, aux_scale);
+  };
+  ops.reduce_grads = [this] { reduce_grads(model_->params(), *mesh_); };
+  ops.grad_norm = [this] { return global_grad_norm(model_->params(), *mesh_); };
+  ops.scale_grads = [this](float s) { scale_grads(model_->params(), s); };
+  ops.optimizer_step = [this](double lr, int64_t step) { optim_->step(model_->params(), lr, step); };
+  return ops;
+}
+
+Trainer::StepOps Trainer::gpu_ops() {
+  StepOps ops;
 #if MOETP_HAVE_CUDA
-  const auto t0 = std::chrono::steady_clock::now();
-  model::CudaQwen3MoeModel& m = *gpu_->model;
-  const int num_micro = cfg_.train.micro_batches;
-  const int64_t global_targets = r.tokens;
-  m.zero_grads();
-  double ce_sum = 0, aux_sum = 0;
-  for (int micro = 0; micro < num_micro; ++micro) {
-    const std::vector<int64_t> ids = data::micro_slice(slice, micro, num_micro);
-    const model::MicroStats ms = m.forward_backward(batches_.tokens(ids), 1.0 / static_cast<double>(global_targets),
-                                                    model_cfg_.router_aux_loss_coef / num_micro);
-    ce_sum += ms.ce_sum;
-    aux_sum += ms.aux;
-    if (micro == 0) {
-      r.expert_counts = ms.expert_counts;
-    } else {
-      for (size_t l = 0; l < ms.expert_counts.size(); ++l) {
-        for (size_t e = 0; e < ms.expert_counts[l].size(); ++e) r.expert_counts[l][e] += ms.expert_counts[l][e];
-      }
-    }
-  }
-  r.ce_loss = world_.all_reduce_scalar(ce_sum, comm::ReduceOp::kSum) / static_cast<double>(global_targets);
-  r.aux_loss = aux_sum / num_micro;
-  r.loss = r.ce_loss + model_cfg_.router_aux_loss_coef * r.aux_loss;
-  MOETP_CHECK(std::isfinite(r.loss), "step {}: loss is {} (cross-entropy {}, aux {}) on rank {}", r.step, r.loss,
-              r.ce_loss, r.aux_loss, world_.rank());
-  m.reduce_grads();
-  r.grad_norm = m.grad_norm();
-  MOETP_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} on rank {} (loss {})", r.step, r.grad_norm,
-              world_.rank(), r.loss);
-  if (cfg_.optim.grad_clip > 0 && r.grad_norm > cfg_.optim.grad_clip) {
-    m.scale_grads(static_cast<float>(cfg_.optim.grad_clip / (r.grad_norm + 1e-6)));
-  }
-  r.lr = lr_at(r.step, cfg_.train.steps, cfg_.optim.warmup_steps, cfg_.optim.lr, cfg_.optim.min_lr);
-  m.adamw_step({cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay}, r.lr, r.step);
-  step_ = r.step;
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return r;
+  model::CudaQwen3MoeModel* m = gpu_->model.get();
+  ops.zero_grads = [m] { m->zero_grads(); };
+  ops.forward_backward = [m](const Tensor& tokens, double ce_scale, double aux_scale) {
+    return m->forward_backward(tokens, ce_scale, aux_scale);
+  };
+  ops.reduce_grads = [m] { m->reduce_grads(); };
+  ops.grad_norm = [m] { return m->grad_norm(); };
+  ops.scale_grads = [m](float s) { m->scale_grads(s); };
+  const model::CudaAdamWConfig adam{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay};
+  ops.optimizer_step = [m, adam](double lr, int64_t step) { m->adamw_step(adam, lr, step); };
 #else
-  (void)slice;
-  MOETP_FAIL("Trainer: step {} asked for the CUDA device in a build without CUDA", r.step);
+  MOETP_FAIL("Trainer: the CUDA device was selected in a build without CUDA");
 #endif
+  return ops;
 }
 
 void Trainer::pull_from_gpu() const {

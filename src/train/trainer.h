@@ -11,6 +11,7 @@
 // every rank of the node has a GPU, else cpu; device() says which was picked and why.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -73,7 +74,17 @@ class Trainer {
   std::string device_, device_reason_;
   struct Gpu;  // NCCL communicators, mesh and CUDA model (trainer.cpp; CUDA builds only)
   std::unique_ptr<Gpu> gpu_;
-  StepResult step_gpu(StepResult r, const std::vector<int64_t>& slice);
+  // One step's device operations: the CPU model with MPI, or the CUDA model with NCCL.
+  struct StepOps {
+    std::function<void()> zero_grads;
+    std::function<model::MicroStats(const Tensor&, double, double)> forward_backward;  // tokens, ce, aux scale
+    std::function<void()> reduce_grads;
+    std::function<double()> grad_norm;  // after reduce_grads
+    std::function<void(float)> scale_grads;
+    std::function<void(double, int64_t)> optimizer_step;  // lr, step (from 1)
+  };
+  StepOps cpu_ops();
+  StepOps gpu_ops();
   // cuda: GPU values -> CPU model and optimizer state (before a save), and back (after a load).
   void pull_from_gpu() const;
   void push_to_gpu();

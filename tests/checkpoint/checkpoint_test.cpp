@@ -236,23 +236,15 @@ TEST(CheckpointBadInput, MissingTensorWrongShapeAndOtherModelNameTheFileAndTenso
   comm::Mesh mesh(w, 1, 1);
   model::Qwen3MoeModel m(tiny_model(), mesh, "local", 1);
   io::save_hf(m, dir, {io::HfExpertLayout::kPerExpert, false});
-  auto message = [](auto&& fn) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
   // A model with a different hidden size is refused by config.json.
   config::ModelConfig other = tiny_model();
   other.hidden_size = 64;
   model::Qwen3MoeModel bigger(other, mesh, "local", 1);
-  EXPECT_NE(message([&] { io::load_hf(bigger, dir); }).find("describes a different model"), std::string::npos);
+  EXPECT_NE(testing::error_of([&] { io::load_hf(bigger, dir); }).find("describes a different model"), std::string::npos);
   // Not a directory.
-  EXPECT_NE(message([&] { io::load_hf(m, dir + "_nope"); }).find("does not exist"), std::string::npos);
+  EXPECT_NE(testing::error_of([&] { io::load_hf(m, dir + "_nope"); }).find("does not exist"), std::string::npos);
   // A native load of an HF checkpoint names the missing state file.
-  EXPECT_NE(message([&] { io::load_native(m, {}, dir); }).find("trainer_state.json is missing"), std::string::npos);
+  EXPECT_NE(testing::error_of([&] { io::load_native(m, {}, dir); }).find("trainer_state.json is missing"), std::string::npos);
   w.barrier();
   if (w.rank() == 0) fs::remove_all(dir);
 }

@@ -332,30 +332,22 @@ TEST_F(CudaMoeLayer, ForceBalanceRaggedCounts) {
 }
 
 TEST_F(CudaMoeLayer, RejectsBadCallsWithTheValues) {
-  auto message = [](auto&& fn) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
-  EXPECT_NE(message([] { moe::CudaMoeLayer l({16, 4, 5, 8, true, "local"}); }).find("top_k (5)"), std::string::npos);
-  EXPECT_NE(message([] {
+  EXPECT_NE(testing::error_of([] { moe::CudaMoeLayer l({16, 4, 5, 8, true, "local"}); }).find("top_k (5)"), std::string::npos);
+  EXPECT_NE(testing::error_of([] {
               moe::CudaMoeLayer l({16, 2000, 2, 8, true, "local"});
             }).find("num_experts (2000)"),
             std::string::npos);
   moe::CudaMoeLayer layer({16, 4, 2, 8, true, "local"});
   const Tensor wrong = gpu_bf16(testing::random_tensor({3, 12}, 1, 1));
-  EXPECT_NE(message([&] { layer.forward(wrong); }).find("(N, 16)"), std::string::npos);
-  EXPECT_NE(message([&] {
+  EXPECT_NE(testing::error_of([&] { layer.forward(wrong); }).find("(N, 16)"), std::string::npos);
+  EXPECT_NE(testing::error_of([&] {
               layer.backward(gpu_bf16(testing::random_tensor({3, 16}, 1, 2)));
             }).find("forward first"),
             std::string::npos);
   const Tensor x = gpu_bf16(testing::random_tensor({3, 16}, 1, 3));
   layer.forward(x);
   layer.backward(gpu_bf16(testing::random_tensor({3, 16}, 1, 4)));
-  EXPECT_NE(message([&] {
+  EXPECT_NE(testing::error_of([&] {
               layer.backward(gpu_bf16(testing::random_tensor({3, 16}, 1, 4)));
             }).find("forward first"),
             std::string::npos);
@@ -472,23 +464,15 @@ TEST(CudaMoeLayerDistErrors, RejectsOtherDispatchersAndHostGroups) {
   MOETP_REQUIRE_NCCL();
   comm::Mesh gpu_mesh(*testing::nccl_env().comm(), w.size(), 1), cpu_mesh(w, w.size(), 1);
   const int64_t E = 4 * w.size();
-  auto message = [](auto&& fn) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
   moe::CudaMoeOptions opts;
   opts.mesh = &gpu_mesh;
-  EXPECT_NE(message([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "vexpert"}, opts); })
+  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "vexpert"}, opts); })
                 .find("dispatcher 'vexpert' is not implemented on the CUDA backend"),
             std::string::npos);
-  EXPECT_NE(message([&] { moe::CudaMoeLayer l({16, E + 1, 2, 8, true, "all2all"}, opts); }).find("% ep"),
+  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E + 1, 2, 8, true, "all2all"}, opts); }).find("% ep"),
             std::string::npos);
   opts.mesh = &cpu_mesh;
-  EXPECT_NE(message([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "all2all"}, opts); }).find("needs NCCL"),
+  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "all2all"}, opts); }).find("needs NCCL"),
             std::string::npos);
 }
 

@@ -263,31 +263,23 @@ TEST(MoeDispatch, ExpandTopkForTpMatchesTheSpecExample) {
 TEST(MoeDispatchBadInput, ErrorsNameTheValuesOnEveryRank) {
   auto& w = world();
   Mesh mesh(w, 1, 1);
-  auto message = [](auto&& fn) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
-  EXPECT_NE(message([&] { moe::make_dispatcher("deepep", mesh, {8, 2}); }).find("unknown dispatcher 'deepep' (valid: local, allgather, all2all, vexpert)"),
+  EXPECT_NE(testing::error_of([&] { moe::make_dispatcher("deepep", mesh, {8, 2}); }).find("unknown dispatcher 'deepep' (valid: local, allgather, all2all, vexpert)"),
             std::string::npos);
-  EXPECT_NE(message([&] { moe::make_dispatcher("allgather", mesh, {4, 5}); }).find("top_k (5) > num_experts (4)"),
+  EXPECT_NE(testing::error_of([&] { moe::make_dispatcher("allgather", mesh, {4, 5}); }).find("top_k (5) > num_experts (4)"),
             std::string::npos);
   // An out-of-range expert id on rank 0 only: every rank of the group gets the error, nobody hangs.
   Mesh flat(w, w.size(), 1);
   auto disp = moe::make_dispatcher(w.size() == 1 ? "local" : "allgather", flat, {8, 2});
   std::unique_ptr<moe::DispatchState> state;
   const int32_t bad = w.rank() == 0 ? 9 : 1;
-  const std::string err = message([&] {
+  const std::string err = testing::error_of([&] {
     disp->dispatch(Tensor::zeros({1, 4}, DType::kF32), Tensor::from_vector<int32_t>({0, bad}, {1, 2}),
                    Tensor::zeros({1, 2}, DType::kF32), state);
   });
   EXPECT_NE(err.find("rank 0: topk_idx[0, 1] = 9 is not an expert id in [0, 8)"), std::string::npos) << err;
   if (w.size() % 4 == 0) {
     Mesh m4(w, 4, 1);
-    EXPECT_NE(message([&] { moe::make_dispatcher("all2all", m4, {6, 2}); }).find("num_experts (6) % ep (4) = 2 != 0"),
+    EXPECT_NE(testing::error_of([&] { moe::make_dispatcher("all2all", m4, {6, 2}); }).find("num_experts (6) % ep (4) = 2 != 0"),
               std::string::npos);
   }
 }

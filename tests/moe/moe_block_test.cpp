@@ -132,23 +132,15 @@ INSTANTIATE_TEST_SUITE_P(Dispatchers, MoeBlockLayouts, ::testing::Values("local"
 
 TEST(MoeBlockBadInput, InvalidSizesAndNaNLogitsFailOnEveryRank) {
   auto& w = world();
-  auto message = [](auto&& fn) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
   Mesh flat(w, 1, w.size());
   if (w.size() > 1) {
-    EXPECT_NE(message([&] { moe::MoeBlock b({kH, kE, kK, 3, true, "all2all"}, flat); })
+    EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, kK, 3, true, "all2all"}, flat); })
                   .find("moe_intermediate_size (3) % etp (" + std::to_string(w.size()) + ")"),
               std::string::npos);
   }
-  EXPECT_NE(message([&] { moe::MoeBlock b({kH, kE, 9, kI, true, "all2all"}, flat); }).find("top_k (9) > num_experts (8)"),
+  EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, 9, kI, true, "all2all"}, flat); }).find("top_k (9) > num_experts (8)"),
             std::string::npos);
-  EXPECT_NE(message([&] { moe::MoeBlock b({kH, kE, kK, kI, true, "nccl"}, flat); }).find("unknown dispatcher 'nccl'"),
+  EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, kK, kI, true, "nccl"}, flat); }).find("unknown dispatcher 'nccl'"),
             std::string::npos);
   // NaN in one rank's input: every rank stops with a message naming rank 0's token.
   moe::MoeBlock block({kH, kE, kK, kI, true, w.size() == 1 ? "local" : "vexpert"}, flat);
@@ -156,7 +148,7 @@ TEST(MoeBlockBadInput, InvalidSizesAndNaNLogitsFailOnEveryRank) {
   Tensor x = tokens(w.rank(), false);
   if (w.rank() == 0) x.data<float>()[3] = std::nanf("");
   moe::MoeSaved saved;
-  const std::string err = message([&] { block.forward(x, params, saved); });
+  const std::string err = testing::error_of([&] { block.forward(x, params, saved); });
   EXPECT_NE(err.find("MoE router failed"), std::string::npos) << err;
   EXPECT_NE(err.find("rank 0:"), std::string::npos) << err;
   EXPECT_NE(err.find("NaN"), std::string::npos) << err;

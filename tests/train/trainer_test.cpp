@@ -11,6 +11,7 @@
 #include "config/train_config.h"
 #include "core/rng.h"
 #include "dist/mpi_env.h"
+#include "testing.h"
 #include "train/trainer.h"
 
 namespace moetp {
@@ -121,23 +122,15 @@ TEST(TrainerLearning, LossFallsOnARepeatingPattern) {
 
 TEST(TrainerBadInput, ErrorsNameTheValues) {
   auto& w = world();
-  auto message = [](auto&& fn) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
   // Data with a larger vocabulary than the model.
-  EXPECT_NE(message([&] { run(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, 1,
+  EXPECT_NE(testing::error_of([&] { run(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, 1,
                               random_tokens(4000, 100, 1)); })
                 .find("vocabulary size 100 but the model's vocab_size is 64"),
             std::string::npos);
   // Forced balance is a CUDA-device option: the CPU device says so instead of ignoring it.
   config::TrainConfig fb = train_config(1, 1, "auto", 1, 8 * w.size());
   fb.moe.force_balance = true;
-  EXPECT_NE(message([&] { run(fb, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
+  EXPECT_NE(testing::error_of([&] { run(fb, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
                 .find("moe.force_balance is implemented on the CUDA device only"),
             std::string::npos);
   // train.device = auto keeps a CPU-only dispatcher on the CPU and says why.
@@ -152,7 +145,7 @@ TEST(TrainerBadInput, ErrorsNameTheValues) {
   // NaN in the weights: the loss check names the step and rank on every rank.
   train::Trainer t(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, random_tokens(4000, 64, 1));
   t.model().param("model.norm.weight").value.data<float>()[0] = std::nanf("");
-  const std::string err = message([&] { t.step(); });
+  const std::string err = testing::error_of([&] { t.step(); });
   EXPECT_NE(err.find("step 1: loss is nan"), std::string::npos) << err;
 }
 
