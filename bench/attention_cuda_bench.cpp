@@ -32,12 +32,16 @@
 
 #include "core/bf16.h"
 #include "core/tensor.h"
+#include "bench_util.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/runtime.h"
 
 namespace moetp {
 namespace {
+
+using bench::median;
+using bench::random_bf16;
 
 namespace launch = cuda::launch;
 
@@ -80,28 +84,6 @@ Args parse_args(int argc, char** argv) {
   }
   MOETP_CHECK(a.iters >= 1 && a.warmup >= 0, "bad --iters ({}) or --warmup ({})", a.iters, a.warmup);
   return a;
-}
-
-// Uniform bf16 values in [-a, a) from a counter hash (splitmix64).
-Tensor random_bf16(Shape shape, uint64_t seed, float a) {
-  Tensor t = Tensor::empty(std::move(shape), DType::kBF16);
-  bf16* p = t.data<bf16>();
-  const int64_t n = t.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-    p[i] = f32_to_bf16((2.0f * u - 1.0f) * a);
-  }
-  return t;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 == 1 ? v[m] : 0.5 * (v[m - 1] + v[m]);
 }
 
 uint16_t* bits(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data<bf16>()); }

@@ -44,6 +44,7 @@
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
 #include "core/bf16.h"
+#include "bench_util.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
 #include "moe/cuda_moe.h"
@@ -51,12 +52,13 @@
 namespace moetp {
 namespace {
 
+using bench::Layout;
+using bench::median;
+using bench::parse_layouts;
+using bench::random_bf16;
+
 constexpr int64_t kH = 2048, kE = 128, kK = 8;
 constexpr int64_t kIntermediates[] = {768, 384, 192};
-
-struct Layout {
-  int P = 1, T = 1;
-};
 
 struct Args {
   std::vector<Layout> layouts;  // empty: W x 1
@@ -88,15 +90,7 @@ Args parse_args(int argc, char** argv) {
     } else if (arg == "--input-sets") {
       a.input_sets = std::stoi(value());
     } else if (arg == "--layouts") {
-      const std::string v = value();
-      for (size_t pos = 0; pos <= v.size();) {
-        const size_t comma = std::min(v.find(',', pos), v.size());
-        const std::string item = v.substr(pos, comma - pos);
-        const size_t x = item.find('x');
-        MOETP_CHECK(x != std::string::npos, "--layouts: '{}' is not PxT (e.g. 2x2)", item);
-        a.layouts.push_back({std::stoi(item.substr(0, x)), std::stoi(item.substr(x + 1))});
-        pos = comma + 1;
-      }
+      a.layouts = parse_layouts(value());
     } else if (arg == "--expert-streams") {
       a.expert_streams.clear();
       const std::string list = value();
@@ -118,29 +112,6 @@ Args parse_args(int argc, char** argv) {
   MOETP_CHECK(!a.expert_streams.empty() && *std::min_element(a.expert_streams.begin(), a.expert_streams.end()) >= 1,
               "--expert-streams needs values >= 1");
   return a;
-}
-
-// Uniform bf16 values in [-a, a) from a counter hash (splitmix64): fast enough for the 600M
-// expert-weight values at I = 768, and never zeros (METHOD: zeros can run faster).
-Tensor random_bf16(Shape shape, uint64_t seed, float a) {
-  Tensor t = Tensor::empty(std::move(shape), DType::kBF16);
-  bf16* p = t.data<bf16>();
-  const int64_t n = t.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-    p[i] = f32_to_bf16((2.0f * u - 1.0f) * a);
-  }
-  return t;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 == 1 ? v[m] : 0.5 * (v[m - 1] + v[m]);
 }
 
 struct Result {
@@ -339,16 +310,4 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace moetp
 
-int main(int argc, char** argv) {
-  moetp::comm::MpiRuntime mpi(&argc, &argv);
-  try {
-    return moetp::run(argc, argv);
-  } catch (const std::exception& e) {
-    int rank = 0, size = 1;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    std::fprintf(stderr, "[rank %d] moe_layer_cuda_bench: %s\n", rank, e.what());
-    if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return moetp::bench::mpi_main("moe_layer_cuda_bench", argc, argv, moetp::run); }

@@ -84,6 +84,7 @@
 #include "comm/nccl_comm.h"
 #include "config/model_config.h"
 #include "core/tensor.h"
+#include "bench_util.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
@@ -94,6 +95,11 @@
 
 namespace moetp {
 namespace {
+
+using bench::Layout;
+using bench::median;
+using bench::parse_layouts;
+
 
 constexpr uint64_t kModelSeed = 1234;
 constexpr uint64_t kTokenSeed = 4321;
@@ -186,10 +192,6 @@ struct Case {
   int64_t seq_len = 128, batch = 16;
 };
 
-struct Layout {
-  int P = 1, T = 1;
-};
-
 struct Args {
   std::vector<std::string> configs;
   int64_t seq_len = 0, batch = 0;  // 0: the case's default
@@ -199,20 +201,6 @@ struct Args {
   std::vector<Layout> layouts;  // empty: W x 1
   std::vector<bool> routings = {false, true};  // balanced?
 };
-
-std::vector<Layout> parse_layouts(const std::string& v) {
-  std::vector<Layout> out;
-  size_t start = 0;
-  while (start <= v.size()) {
-    const size_t end = std::min(v.find(',', start), v.size());
-    const std::string item = v.substr(start, end - start);
-    const size_t x = item.find('x');
-    MOETP_CHECK(x != std::string::npos, "--layouts: '{}' is not PxT (e.g. 2x2)", item);
-    out.push_back({std::stoi(item.substr(0, x)), std::stoi(item.substr(x + 1))});
-    start = end + 1;
-  }
-  return out;
-}
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -287,12 +275,6 @@ std::vector<Case> make_cases(const Args& args) {
 std::string base_name(const Case& c) { return fmt::format("{}_B{}_S{}", stem(c.config_path), c.batch, c.seq_len); }
 std::string case_name(const Case& c, int W, Layout l, bool balanced) {
   return fmt::format("{}_D{}xP{}xT{}_{}", base_name(c), W / (l.P * l.T), l.P, l.T, balanced ? "balanced" : "random");
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 == 1 ? v[m] : 0.5 * (v[m - 1] + v[m]);
 }
 
 // FLOPs of one training step (see the header comment).
@@ -610,16 +592,4 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace moetp
 
-int main(int argc, char** argv) {
-  moetp::comm::MpiRuntime mpi(&argc, &argv);
-  try {
-    return moetp::run(argc, argv);
-  } catch (const std::exception& e) {
-    int rank = 0, size = 1;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    std::fprintf(stderr, "[rank %d] train_step_cuda_bench: %s\n", rank, e.what());
-    if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return moetp::bench::mpi_main("train_step_cuda_bench", argc, argv, moetp::run); }
