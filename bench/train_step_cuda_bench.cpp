@@ -10,6 +10,9 @@
 // | both (balanced = moe.force_balance: token n slot k -> expert (n·K + k) % E).
 // Per-phase columns (medians, rank 0): fwd_ms = a forward-only pass on the same tokens (measured
 // separately), fb_ms = forward_backward, red_ms = reduce_grads + grad_norm, opt_ms = adamw_step.
+// --phases adds a line per case splitting forward_backward into the model's phases (embed,
+// attn_fwd, moe_fwd, head_ce, aux, moe_bwd, attn_bwd, ...; CudaQwen3MoeModel::set_phase_timing:
+// GPU-timeline ms per step, host waits included in the phase they stall).
 //
 // Cases (default): configs/tiny-moe.json at S = 128, B = 16, and configs/qwen3-30b-a3b-l4.json
 // (Qwen3-30B-A3B layer dims, 4 layers, vocab 2048) at S = 4096, B = 2 (8192 tokens). --config
@@ -200,6 +203,7 @@ struct Args {
   std::string json_out;
   std::vector<Layout> layouts;  // empty: W x 1
   std::vector<bool> routings = {false, true};  // balanced?
+  bool phases = false;  // per-phase GPU timeline of forward_backward (CudaQwen3MoeModel::set_phase_timing)
 };
 
 Args parse_args(int argc, char** argv) {
@@ -226,6 +230,8 @@ Args parse_args(int argc, char** argv) {
       a.json_out = value();
     } else if (arg == "--layouts") {
       a.layouts = parse_layouts(value());
+    } else if (arg == "--phases") {
+      a.phases = true;
     } else if (arg == "--routing") {
       const std::string r = value();
       MOETP_CHECK(r == "random" || r == "balanced" || r == "both", "--routing must be random, balanced or both, got '{}'",
@@ -235,7 +241,8 @@ Args parse_args(int argc, char** argv) {
     } else {
       MOETP_FAIL(
           "unknown argument '{}' (valid: --config PATH (repeatable), --seq-len S, --batch B, --steps N, --warmup W, "
-          "--layouts PxT[,PxT...], --routing random|balanced|both, --torch-results FILE (repeatable), --json FILE)",
+          "--layouts PxT[,PxT...], --routing random|balanced|both, --phases, --torch-results FILE (repeatable), "
+          "--json FILE)",
           arg);
     }
   }
@@ -310,6 +317,7 @@ struct Result {
   double fwd_ms = 0, fb_ms = 0, red_ms = 0, opt_ms = 0;
   double peak_alloc_gb = 0, dev_used_gb = 0;
   double loss_first = 0, loss_last = 0;
+  std::map<std::string, double> phase_ms;  // --phases: ms per timed step and phase (this rank)
 };
 
 bool is_oom(const std::string& msg) {
@@ -399,12 +407,15 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
       step(false);
       dev_used = std::max(dev_used, device_used_bytes());
     }
+    model->set_phase_timing(args.phases);
     for (int i = 0; i < args.steps; ++i) {
       const double loss = step(true);
       if (i == 0) r.loss_first = loss;
       r.loss_last = loss;
       dev_used = std::max(dev_used, device_used_bytes());
     }
+    for (const auto& [phase, ms_total] : model->phase_ms()) r.phase_ms[phase] = ms_total / args.steps;
+    model->set_phase_timing(false);
     // Forward alone, same tokens (no gradients).
     std::vector<double> fwd;
     for (int i = 0; i < args.steps; ++i) {
@@ -551,6 +562,11 @@ int run(int argc, char** argv) {
                     r.name.c_str(), r.ms, r.wall_ms, r.fwd_ms, r.fb_ms, r.red_ms, r.opt_ms, r.tokens_per_s, r.tflops,
                     r.peak_alloc_gb, r.dev_used_gb, r.loss_first, r.loss_last, torch_col.c_str(), torch_gb.c_str(),
                     ratio_col.c_str(), finite ? "" : "  NON-FINITE LOSS");
+        if (!r.phase_ms.empty()) {
+          std::string line;
+          for (const auto& [phase, ms] : r.phase_ms) line += fmt::format(" {} {:.2f}", phase, ms);
+          std::printf("  phases of forward_backward, ms per step (rank 0):%s\n", line.c_str());
+        }
         std::fflush(stdout);
         if (!finite) ++failures;
         out_json["cases"].push_back({{"case", r.name},

@@ -51,6 +51,6 @@ if [ "$gpus" -ge 2 ]; then
   echo "== training step, $gpus GPUs, layouts $LAYOUTS =="
   "${trun[@]}" bench/torch_train_step_dist.py --config $l4 --layouts "$LAYOUTS" --routing both --steps "$steps" \
     --json "$out/torch_step_dist.json" >"$out/torch_step_dist.log" 2>&1 || tail -5 "$out/torch_step_dist.log"
-  "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --config $l4 --steps "$steps" --layouts "$LAYOUTS" \
+  "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --phases --config $l4 --steps "$steps" --layouts "$LAYOUTS" \
     --torch-results "$out/torch_step_dist.json" --json "$out/step_dist.json"
 fi

@@ -58,6 +58,54 @@ Tensor upload_i32(const std::vector<int32_t>& v) {
 
 }  // namespace
 
+// Events at phase boundaries on the legacy stream; finish() waits for the last one and adds the
+// gaps between consecutive marks to the phase that started at the earlier mark.
+struct CudaQwen3MoeModel::PhaseTimer {
+  std::vector<cudaEvent_t> pool;
+  std::vector<std::string> names;  // the phase starting at pool[i]
+  std::map<std::string, double> acc;
+  ~PhaseTimer() {
+    for (cudaEvent_t e : pool) cudaEventDestroy(e);
+  }
+  void mark(const char* phase) {
+    if (names.size() == pool.size()) {
+      pool.push_back(nullptr);
+      CUDA_CHECK(cudaEventCreate(&pool.back()));
+    }
+    CUDA_CHECK(cudaEventRecord(pool[names.size()], nullptr));
+    names.emplace_back(phase);
+  }
+  void finish() {
+    if (names.empty()) return;
+    mark("end");
+    CUDA_CHECK(cudaEventSynchronize(pool[names.size() - 1]));
+    for (size_t i = 0; i + 1 < names.size(); ++i) {
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, pool[i], pool[i + 1]));
+      acc[names[i]] += ms;
+    }
+    names.clear();
+  }
+};
+
+void CudaQwen3MoeModel::set_phase_timing(bool on) {
+  if (on && !phases_) phases_ = std::make_unique<PhaseTimer>();
+  if (!on) phases_.reset();
+}
+
+const std::map<std::string, double>& CudaQwen3MoeModel::phase_ms() const {
+  static const std::map<std::string, double> kEmpty;
+  return phases_ ? phases_->acc : kEmpty;
+}
+
+void CudaQwen3MoeModel::reset_phase_ms() {
+  if (phases_) phases_->acc.clear();
+}
+
+void CudaQwen3MoeModel::mark(const char* phase) {
+  if (phases_) phases_->mark(phase);
+}
+
 struct CudaQwen3MoeModel::ParamInit {
   std::string name;
   Shape shape;  // local (shard) shape
@@ -298,11 +346,13 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
   auto G = [&](size_t i) -> Tensor& { return params_[i].grad; };
 
   // ---- forward ----
+  mark("embed");
   std::vector<LayerSavedGpu> saved(layers_.size());
   Tensor x = cuda::embedding_forward(inputs, W(embed_));
   for (size_t l = 0; l < layers_.size(); ++l) {
     Layer& L = layers_[l];
     LayerSavedGpu& s = saved[l];
+    mark("attn_fwd");
     s.x_in = x;
     s.a = cuda::rmsnorm_forward(x, W(L.ln1), eps, &s.rstd1);
     s.q_pre = cuda::linear(s.a, W(L.q));
@@ -318,6 +368,7 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
     Tensor o = cuda::linear(s.attn.view({N, Hq * D}), W(L.o));
     add_into(o, x);
     s.x_mid = o;
+    mark(L.is_moe ? "moe_fwd" : "dense_fwd");
     s.m = cuda::rmsnorm_forward(s.x_mid, W(L.ln2), eps, &s.rstd2);
     Tensor mlp;
     if (L.is_moe) {
@@ -334,6 +385,7 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
   const Tensor f = cuda::rmsnorm_forward(x, W(final_norm_), eps, &rstd_f);
 
   // ---- LM head + cross-entropy, in chunks of rows; the LM head's backward runs per chunk ----
+  mark("head_ce");
   MicroStats stats;
   Tensor df;
   if (backward) df = Tensor::empty({N, cfg_.hidden_size}, DType::kBF16, Device::kCuda);
@@ -357,6 +409,7 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
   for (int32_t t : targets_host) stats.num_targets += t != -100 ? 1 : 0;
 
   // ---- aux loss: moe::aux_loss's statistics (summed over MoE layers in f32, then over world) ----
+  mark("aux");
   Tensor d_probs_NE;
   std::vector<size_t> moe_layers;
   for (size_t l = 0; l < layers_.size(); ++l) {
@@ -412,10 +465,12 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
   }
   if (!backward) {
     cuda::check_index_faults();
+    if (phases_) phases_->finish();
     return stats;
   }
 
   // ---- backward ----
+  mark("final_norm_bwd");
   Tensor dx;
   {
     Tensor dfinal;
@@ -426,6 +481,7 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
     Layer& L = layers_[li];
     LayerSavedGpu& s = saved[li];
     Tensor dm;
+    mark(L.is_moe ? "moe_bwd" : "dense_bwd");
     if (L.is_moe) {
       dm = L.moe->backward(dx, d_probs_NE);
     } else {
@@ -435,6 +491,7 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
       cuda::linear_backward(dh, s.m, L.gate_up_work_2FH, &dm, &L.gate_up_grad_2FH);
     }
     Tensor dx_mid;
+    mark("attn_bwd");
     cuda::rmsnorm_backward(dm, s.x_mid, W(L.ln2), s.rstd2, dx_mid, G(L.ln2));
     add_into(dx_mid, dx);
     Tensor dattn;
@@ -459,8 +516,10 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
     add_into(dx_in, dx_mid);
     dx = dx_in;
   }
+  mark("embed_bwd");
   cuda::embedding_backward(inputs, dx, G(embed_));
   cuda::check_index_faults();  // synchronises the legacy stream
+  if (phases_) phases_->finish();
   return stats;
 }
 

@@ -36,6 +36,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -105,6 +106,16 @@ class CudaQwen3MoeModel {
   // Forward only (loss and statistics), no gradients.
   MicroStats forward(const Tensor& tokens_BS1);
 
+  // Profiling: with phase timing on, every run() records CUDA events on the legacy stream at phase
+  // boundaries (embed, attn_fwd, moe_fwd / dense_fwd, head_ce, aux, moe_bwd / dense_bwd, attn_bwd,
+  // embed_bwd) and adds each phase's GPU-timeline milliseconds to phase_ms() (summed over layers
+  // and runs). Time the GPU spends idle waiting for the host is counted in the phase it waits in,
+  // which is the point: the phase that is slow for host reasons shows up. Off by default (the
+  // events cost a few microseconds each).
+  void set_phase_timing(bool on);
+  const std::map<std::string, double>& phase_ms() const;
+  void reset_phase_ms();
+
   // The MoE layer of decoder layer `layer_idx` (null for a dense layer): routing, probabilities
   // and counts of the last forward (tests use them to check routing margins).
   const moe::CudaMoeLayer* moe_layer(int64_t layer_idx) const;
@@ -144,6 +155,10 @@ class CudaQwen3MoeModel {
   void build(const std::vector<Tensor>& host_values);
   void refresh_moe_params();
   MicroStats run(const Tensor& tokens_BS1, bool backward, double ce_scale, double aux_scale);
+
+  struct PhaseTimer;
+  std::unique_ptr<PhaseTimer> phases_;
+  void mark(const char* phase);  // no-op unless phase timing is on
 
   config::ModelConfig cfg_;
   CudaModelOptions opts_;
