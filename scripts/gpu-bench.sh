@@ -45,7 +45,7 @@ python3 bench/torch_train_step.py --steps "$steps" --json "$out/torch_step_hf.js
   tail -5 "$out/torch_step_hf.log"
 python3 -m torch.distributed.run --nproc-per-node 1 bench/torch_train_step_dist.py --config $l4 --layouts 1x1 \
   --routing both --steps "$steps" --json "$out/torch_step_1.json" >"$out/torch_step_1.log" 2>&1 || tail -5 "$out/torch_step_1.log"
-"$run" train_step_cuda_bench --steps "$steps" --layouts 1x1 --torch-results "$out/torch_step_hf.json" \
+"$run" train_step_cuda_bench --phases --steps "$steps" --layouts 1x1 --torch-results "$out/torch_step_hf.json" \
   --torch-results "$out/torch_step_1.json" --json "$out/step.json"
 if [ "$gpus" -ge 2 ]; then
   echo "== training step, $gpus GPUs, layouts $LAYOUTS =="
