@@ -318,6 +318,7 @@ struct Result {
   double peak_alloc_gb = 0, dev_used_gb = 0;
   double loss_first = 0, loss_last = 0;
   std::map<std::string, double> phase_ms;  // --phases: ms per timed step and phase (this rank)
+  double load = 0;  // routing skew of the last timed step: max over MoE layers of max/mean tokens per expert
 };
 
 bool is_oom(const std::string& msg) {
@@ -401,6 +402,15 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
         wall.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
       }
       const double ce = ctx.world.all_reduce_scalar(st.ce_sum, comm::ReduceOp::kSum) * ce_scale;
+      r.load = 0;
+      for (const std::vector<float>& counts : st.expert_counts) {  // global counts per layer
+        double sum = 0, mx = 0;
+        for (float c : counts) {
+          sum += c;
+          mx = std::max(mx, static_cast<double>(c));
+        }
+        if (sum > 0) r.load = std::max(r.load, mx * static_cast<double>(counts.size()) / sum);
+      }
       return ce + cfg.router_aux_loss_coef * st.aux;
     };
     for (int i = 0; i < args.warmup; ++i) {
@@ -526,10 +536,10 @@ int run(int argc, char** argv) {
         "  ms: CUDA events around the step (wall_ms: host clock); fwd_ms: forward alone (separate run), fb_ms: "
         "forward_backward, red_ms: reduce_grads + grad_norm, opt_ms: adamw_step (rank 0's medians);\n"
         "  peak_GB: peak of tensor bytes through the CUDA hooks; dev_used_GB: max of cudaMemGetInfo total-free after "
-        "each step\n");
-    std::printf("%-50s %9s %9s %8s %8s %7s %7s %10s %7s %8s %9s %10s %10s %9s %8s %8s\n", "case", "ms", "wall_ms",
-                "fwd_ms", "fb_ms", "red_ms", "opt_ms", "tok/s/GPU", "TFLOP/s", "peak_GB", "dev_GB", "loss_first",
-                "loss_last", "torch_ms", "torch_GB", "torch/us");
+        "each step;\n  load: routing skew of the last step, max over MoE layers of (largest / mean tokens per expert)\n");
+    std::printf("%-50s %9s %9s %8s %8s %7s %7s %10s %7s %8s %9s %10s %10s %6s %9s %8s %8s\n", "case", "ms",
+                "wall_ms", "fwd_ms", "fb_ms", "red_ms", "opt_ms", "tok/s/GPU", "TFLOP/s", "peak_GB", "dev_GB",
+                "loss_first", "loss_last", "load", "torch_ms", "torch_GB", "torch/us");
   }
   nlohmann::json out_json;
   out_json["device"] = prop.name;
@@ -558,10 +568,11 @@ int run(int argc, char** argv) {
           continue;
         }
         const bool finite = std::isfinite(r.loss_first) && std::isfinite(r.loss_last);
-        std::printf("%-50s %9.2f %9.2f %8.2f %8.2f %7.2f %7.2f %10.4g %7.1f %8.2f %9.2f %10.5f %10.5f %9s %8s %8s%s\n",
-                    r.name.c_str(), r.ms, r.wall_ms, r.fwd_ms, r.fb_ms, r.red_ms, r.opt_ms, r.tokens_per_s, r.tflops,
-                    r.peak_alloc_gb, r.dev_used_gb, r.loss_first, r.loss_last, torch_col.c_str(), torch_gb.c_str(),
-                    ratio_col.c_str(), finite ? "" : "  NON-FINITE LOSS");
+        std::printf(
+            "%-50s %9.2f %9.2f %8.2f %8.2f %7.2f %7.2f %10.4g %7.1f %8.2f %9.2f %10.5f %10.5f %6.2f %9s %8s %8s%s\n",
+            r.name.c_str(), r.ms, r.wall_ms, r.fwd_ms, r.fb_ms, r.red_ms, r.opt_ms, r.tokens_per_s, r.tflops,
+            r.peak_alloc_gb, r.dev_used_gb, r.loss_first, r.loss_last, r.load, torch_col.c_str(), torch_gb.c_str(),
+            ratio_col.c_str(), finite ? "" : "  NON-FINITE LOSS");
         if (!r.phase_ms.empty()) {
           std::string line;
           for (const auto& [phase, ms] : r.phase_ms) line += fmt::format(" {} {:.2f}", phase, ms);
@@ -588,7 +599,8 @@ int run(int argc, char** argv) {
                                      {"peak_mem_gb", r.peak_alloc_gb},
                                      {"dev_used_gb", r.dev_used_gb},
                                      {"loss_first", r.loss_first},
-                                     {"loss_last", r.loss_last}});
+                                     {"loss_last", r.loss_last},
+                                     {"max_over_mean_load", r.load}});
       }
     }
   }
