@@ -10,6 +10,9 @@
 // | both (balanced = moe.force_balance: token n slot k -> expert (n·K + k) % E).
 // Per-phase columns (medians, rank 0): fwd_ms = a forward-only pass on the same tokens (measured
 // separately), fb_ms = forward_backward, red_ms = reduce_grads + grad_norm, opt_ms = adamw_step.
+// --alloc caching puts core's caching allocator (kernels/cuda/runtime.h AllocMode::kCaching) under
+// the tensors (default direct: cudaMalloc/cudaFree); peak_GB still counts live tensor bytes,
+// dev_used_GB includes what the cache holds.
 // --phases adds a line per case splitting forward_backward into the model's phases (embed,
 // attn_fwd, moe_fwd, head_ce, aux, moe_bwd, attn_bwd, ...; CudaQwen3MoeModel::set_phase_timing:
 // GPU-timeline ms per step, host waits included in the phase they stall).
@@ -120,18 +123,8 @@ AllocStats& alloc_stats() {
 }
 
 void* counting_alloc(size_t num_bytes) {
-  void* p = nullptr;
   const size_t n = num_bytes == 0 ? 1 : num_bytes;
-  const cudaError_t err = cudaMalloc(&p, n);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    size_t free_bytes = 0, total_bytes = 0;
-    cudaMemGetInfo(&free_bytes, &total_bytes);
-    int dev = -1;
-    cudaGetDevice(&dev);
-    MOETP_FAIL("cudaMalloc of {} bytes on device {} failed: {} ({} bytes free of {})", num_bytes, dev,
-               cudaGetErrorString(err), free_bytes, total_bytes);
-  }
+  void* p = cuda::device_alloc(n);  // the runtime's allocator (direct or caching, --alloc)
   AllocStats& s = alloc_stats();
   std::lock_guard<std::mutex> lock(s.mu);
   s.live[p] = n;
@@ -149,7 +142,7 @@ void counting_free(void* p) {
       s.live.erase(it);
     }
   }
-  cudaFree(p);
+  cuda::device_free(p);
 }
 
 void counting_copy(void* dst, Device dst_device, const void* src, Device src_device, size_t num_bytes) {
@@ -204,6 +197,7 @@ struct Args {
   std::vector<Layout> layouts;  // empty: W x 1
   std::vector<bool> routings = {false, true};  // balanced?
   bool phases = false;  // per-phase GPU timeline of forward_backward (CudaQwen3MoeModel::set_phase_timing)
+  cuda::AllocMode alloc = cuda::AllocMode::kDirect;  // --alloc direct | caching
 };
 
 Args parse_args(int argc, char** argv) {
@@ -230,6 +224,10 @@ Args parse_args(int argc, char** argv) {
       a.json_out = value();
     } else if (arg == "--layouts") {
       a.layouts = parse_layouts(value());
+    } else if (arg == "--alloc") {
+      const std::string v = value();
+      MOETP_CHECK(v == "direct" || v == "caching", "--alloc must be direct or caching, got '{}'", v);
+      a.alloc = v == "caching" ? cuda::AllocMode::kCaching : cuda::AllocMode::kDirect;
     } else if (arg == "--phases") {
       a.phases = true;
     } else if (arg == "--routing") {
@@ -241,7 +239,8 @@ Args parse_args(int argc, char** argv) {
     } else {
       MOETP_FAIL(
           "unknown argument '{}' (valid: --config PATH (repeatable), --seq-len S, --batch B, --steps N, --warmup W, "
-          "--layouts PxT[,PxT...], --routing random|balanced|both, --phases, --torch-results FILE (repeatable), "
+          "--layouts PxT[,PxT...], --routing random|balanced|both, --phases, --alloc direct|caching, "
+          "--torch-results FILE (repeatable), "
           "--json FILE)",
           arg);
     }
@@ -506,7 +505,7 @@ int run(int argc, char** argv) {
   world->raise_if_any(gpus > rank ? "" : fmt::format("train_step_cuda_bench: rank {} needs GPU {}, {} visible{}", rank,
                                                      rank, gpus, gpus == 0 ? " (" + cuda::unavailable_reason() + ")" : ""),
                       "GPU per rank");
-  cuda::init(rank);
+  cuda::init(rank, args.alloc);
   install_counting_hooks();  // after init: replaces its hooks with the counting ones
   Ctx ctx{*world};
   std::unique_ptr<comm::NcclComm> nccl;
@@ -528,8 +527,9 @@ int run(int argc, char** argv) {
     std::printf(
         "train_step_cuda_bench: %d x %s (%d SMs); one step = zero_grads + forward_backward + reduce_grads + grad_norm "
         "+ adamw_step (lr %g, f32 masters/moments/grads); median of %d steps after %d warm-up; per GPU, slowest "
-        "rank\n",
-        W, prop.name, prop.multiProcessorCount, kLr, args.steps, args.warmup);
+        "rank; allocator %s\n",
+        W, prop.name, prop.multiProcessorCount, kLr, args.steps, args.warmup,
+        args.alloc == cuda::AllocMode::kCaching ? "caching" : "direct");
     std::printf(
         "  TFLOP/s = (6·P_active·T + attn) / time; P_active = num_active_params - embedding table (LM head kept); "
         "T = B·S;\n  attn = B · 3 (fwd+bwd) · 2 (QK^T, PV) · 2 (mul+add) · Hq · D · S^2 / 2 (causal) · L\n"

@@ -2,6 +2,7 @@
 // tensors, and errors that name the call and the sizes (out-of-memory reports what was free).
 #include "kernels/cuda/runtime.h"
 
+#include "core/block_cache.h"
 #include "core/tensor.h"
 #include "kernels/cuda/cuda_check.h"
 
@@ -9,22 +10,54 @@ namespace moetp::cuda {
 
 namespace {
 
-void* cuda_alloc(size_t num_bytes) {
+// cudaMalloc that returns nullptr when out of memory (the cache's raw allocator).
+void* raw_cuda_malloc(size_t num_bytes) {
   void* p = nullptr;
   const cudaError_t err = cudaMalloc(&p, num_bytes == 0 ? 1 : num_bytes);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error state
-    size_t free_bytes = 0, total_bytes = 0;
-    cudaMemGetInfo(&free_bytes, &total_bytes);
-    int dev = -1;
-    cudaGetDevice(&dev);
-    MOETP_FAIL("cudaMalloc of {} bytes on device {} failed: {} ({} bytes free of {})", num_bytes, dev,
-               cudaGetErrorString(err), free_bytes, total_bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // clear the (non-sticky) error
+    return nullptr;
   }
+  CUDA_CHECK(err);
   return p;
 }
 
-void cuda_free(void* p) { cudaFree(p); }
+void raw_cuda_free(void* p) { cudaFree(p); }
+
+AllocMode g_mode = AllocMode::kDirect;
+bool g_initialised = false;
+BlockCache* g_cache = nullptr;  // kCaching; lives until the process ends (blocks may outlive main)
+
+[[noreturn]] void fail_alloc(size_t num_bytes, const std::string& what) {
+  cudaGetLastError();
+  size_t free_bytes = 0, total_bytes = 0;
+  cudaMemGetInfo(&free_bytes, &total_bytes);
+  int dev = -1;
+  cudaGetDevice(&dev);
+  MOETP_FAIL("cudaMalloc of {} bytes on device {} failed: {} ({} bytes free of {}{})", num_bytes, dev, what,
+             free_bytes, total_bytes,
+             g_cache != nullptr ? fmt::format("; the caching allocator released its cache and retried") : "");
+}
+
+void* cuda_alloc(size_t num_bytes) {
+  if (g_cache != nullptr) {
+    void* p = g_cache->allocate(num_bytes);
+    if (p == nullptr) fail_alloc(num_bytes, "out of memory");
+    return p;
+  }
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, num_bytes == 0 ? 1 : num_bytes);
+  if (err != cudaSuccess) fail_alloc(num_bytes, cudaGetErrorString(err));
+  return p;
+}
+
+void cuda_free(void* p) {
+  if (g_cache != nullptr) {
+    g_cache->deallocate(p);
+  } else {
+    cudaFree(p);
+  }
+}
 
 void cuda_copy(void* dst, Device dst_device, const void* src, Device src_device, size_t num_bytes) {
   cudaMemcpyKind kind = cudaMemcpyDefault;
@@ -58,7 +91,9 @@ std::string unavailable_reason() {
   return "";
 }
 
-void init(int device) {
+void init(int device, AllocMode mode) {
+  MOETP_CHECK(!g_initialised || mode == g_mode, "CUDA init: allocation mode {} asked, but the process already uses {}",
+              mode == AllocMode::kCaching ? "caching" : "direct", g_mode == AllocMode::kCaching ? "caching" : "direct");
   const int n = device_count();
   MOETP_CHECK(n > 0, "CUDA init: {}", unavailable_reason());
   MOETP_CHECK(device >= 0 && device < n, "CUDA init: device {} requested but {} visible", device, n);
@@ -69,6 +104,13 @@ void init(int device) {
   hooks.copy = cuda_copy;
   hooks.memset_zero = cuda_memset_zero;
   register_device_hooks(Device::kCuda, hooks);
+  if (mode == AllocMode::kCaching && g_cache == nullptr) g_cache = new BlockCache(raw_cuda_malloc, raw_cuda_free);
+  g_mode = mode;
+  g_initialised = true;
 }
+
+void* device_alloc(size_t num_bytes) { return cuda_alloc(num_bytes); }
+void device_free(void* ptr) { cuda_free(ptr); }
+size_t cached_bytes() { return g_cache != nullptr ? g_cache->stats().cached_bytes : 0; }
 
 }  // namespace moetp::cuda

@@ -2,6 +2,7 @@
 // init() registers the CUDA device hooks with core (allocation, copies) for the current device.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 namespace moetp::cuda {
@@ -10,7 +11,25 @@ namespace moetp::cuda {
 int device_count();
 // Why device_count() is 0, for skip messages ("no CUDA driver", "no device", ...).
 std::string unavailable_reason();
+// How core's CUDA tensors get their memory. kDirect: cudaMalloc / cudaFree per tensor (every
+// cudaFree synchronises the device). kCaching: a core/block_cache.h cache in front of cudaMalloc:
+// freed blocks are reused by later allocations of the same rounded size without a device
+// synchronisation; on an allocation failure the cache is released (cudaFree) and the allocation
+// retried. kCaching is safe when all work on core tensors runs on the legacy default stream or
+// on streams ordered with it by events (NcclComm, CudaMoeLayer's side streams); a caller that
+// uses a non-blocking stream must synchronise it before dropping the tensors it used.
+enum class AllocMode { kDirect, kCaching };
+
 // Selects `device` and registers the hooks; throws moetp::Error naming the device and the cause.
-void init(int device);
+// The allocation mode is process-wide: a later init with another mode than the first is an error.
+void init(int device, AllocMode mode = AllocMode::kDirect);
+
+// What the hooks call (for programs that wrap the hooks, e.g. to count bytes): allocate throws
+// moetp::Error naming the bytes asked and free (and, in kCaching, what the cache held).
+void* device_alloc(size_t num_bytes);
+void device_free(void* ptr);
+
+// kCaching: bytes held by the cache for reuse (0 in kDirect).
+size_t cached_bytes();
 
 }  // namespace moetp::cuda
