@@ -8,6 +8,7 @@
 # Needs PyTorch (2.11 here) and transformers on the host. Output files go to ${OUT:-/tmp/moetp-bench}.
 #   LAYOUTS="2x1,1x2"  the multi-GPU layouts (default: by GPU count, Gx1, 1xG and 2x2 at 4 GPUs)
 #   STEPS=N            timed steps of the training-step benchmarks (default 6)
+#   ALLOC=caching      the training-step benchmarks on core's caching allocator (default direct)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/moetp-bench}
@@ -17,6 +18,7 @@ run=/tmp/moetp-bundle/run.sh
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4
 gpus=$(nvidia-smi -L | wc -l)
 steps=${STEPS:-6}
+alloc=${ALLOC:-direct}
 mpi=("$run" orterun --oversubscribe --bind-to none --mca btl self,vader --mca btl_vader_single_copy_mechanism none)
 trun=(python3 -m torch.distributed.run --nproc-per-node "$gpus")
 if [ -z "${LAYOUTS:-}" ]; then
@@ -45,12 +47,12 @@ python3 bench/torch_train_step.py --steps "$steps" --json "$out/torch_step_hf.js
   tail -5 "$out/torch_step_hf.log"
 python3 -m torch.distributed.run --nproc-per-node 1 bench/torch_train_step_dist.py --config $l4 --layouts 1x1 \
   --routing both --steps "$steps" --json "$out/torch_step_1.json" >"$out/torch_step_1.log" 2>&1 || tail -5 "$out/torch_step_1.log"
-"$run" train_step_cuda_bench --phases --steps "$steps" --layouts 1x1 --torch-results "$out/torch_step_hf.json" \
+"$run" train_step_cuda_bench --alloc "$alloc" --phases --steps "$steps" --layouts 1x1 --torch-results "$out/torch_step_hf.json" \
   --torch-results "$out/torch_step_1.json" --json "$out/step.json"
 if [ "$gpus" -ge 2 ]; then
   echo "== training step, $gpus GPUs, layouts $LAYOUTS =="
   "${trun[@]}" bench/torch_train_step_dist.py --config $l4 --layouts "$LAYOUTS" --routing both --steps "$steps" \
     --json "$out/torch_step_dist.json" >"$out/torch_step_dist.log" 2>&1 || tail -5 "$out/torch_step_dist.log"
-  "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --phases --config $l4 --steps "$steps" --layouts "$LAYOUTS" \
+  "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --alloc "$alloc" --phases --config $l4 --steps "$steps" --layouts "$LAYOUTS" \
     --torch-results "$out/torch_step_dist.json" --json "$out/step_dist.json"
 fi
