@@ -42,6 +42,13 @@ inline Tensor random_bf16(Shape shape, uint64_t seed, float a) {
   return t;
 }
 
+// The value of option argv[i] (advancing i past it); an error names the option when none follows.
+inline std::string option_value(int argc, char** argv, int& i) {
+  MOETP_CHECK(i + 1 < argc, "{} needs a value", argv[i]);
+  ++i;
+  return argv[i];
+}
+
 // Expert-parallel layout P x T.
 struct Layout {
   int P = 1, T = 1;

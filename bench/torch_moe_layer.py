@@ -105,22 +105,28 @@ class TorchMoeLayer:
 def reference_f64(layer, x, topk_idx):
     """The same layer in float64 with a dense per-expert loop, on the given top-k selection (so that a
     near-tie cannot pick other experts); the routing weights keep their gradient."""
-    I = layer.I
     wg, w13, w2 = (p.detach().double().requires_grad_() for p in layer.params())
     xd = x.detach().double().requires_grad_()
     probs = torch.softmax(xd @ wg.t(), dim=-1)
     topk_w = probs.gather(1, topk_idx)
     if layer.norm_topk_prob:
         topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
-    out = torch.zeros_like(xd)
-    for e in range(layer.E):
+    return experts_dense(xd, topk_idx, topk_w, w13, w2), xd, (wg, w13, w2)
+
+
+def experts_dense(x, topk_idx, topk_w, w13, w2):
+    """out[n] = Σ_k w[n, k] · expert_{idx[n, k]}(x[n]): a dense loop over experts (reference path;
+    also used by torch_moe_layer_dist.py). w13 (E, 2I, H) gate | up, w2 (E, H, I)."""
+    I = w2.shape[-1]
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
         tok, slot = (topk_idx == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        h = xd[tok] @ w13[e].t()
+        h = x[tok] @ w13[e].t()
         y = (F.silu(h[:, :I]) * h[:, I:]) @ w2[e].t()
         out = out.index_add(0, tok, y * topk_w[tok, slot].unsqueeze(-1))
-    return out, xd, (wg, w13, w2)
+    return out
 
 
 def self_check(device):

@@ -74,6 +74,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_moe_layer import experts_dense  # noqa: E402  (the float64 reference loop, shared)
+
 H_DEFAULT, E_DEFAULT, K_DEFAULT = 2048, 128, 8
 
 
@@ -437,7 +440,6 @@ class DistMoeLayer:
 
 def reference_f64(x, wg, w13, w2, topk_idx, K, balanced, norm_topk_prob=True):
     """float64 MoE block on the given top-K selection (dense loop over experts, autograd)."""
-    E, I = w13.shape[0], w13.shape[1] // 2
     xd = x.double().requires_grad_()
     wg, w13, w2 = (t.double().requires_grad_() for t in (wg, w13, w2))
     if balanced:
@@ -447,15 +449,7 @@ def reference_f64(x, wg, w13, w2, topk_idx, K, balanced, norm_topk_prob=True):
         topk_w = probs.gather(1, topk_idx)
         if norm_topk_prob:
             topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
-    out = torch.zeros_like(xd)
-    for e in range(E):
-        tok, slot = (topk_idx == e).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        h = xd[tok] @ w13[e].t()
-        y = (F.silu(h[:, :I]) * h[:, I:]) @ w2[e].t()
-        out = out.index_add(0, tok, y * topk_w[tok, slot].unsqueeze(-1))
-    return out, xd, wg, w13, w2
+    return experts_dense(xd, topk_idx, topk_w, w13, w2), xd, wg, w13, w2
 
 
 def gather_to_list(t):

@@ -111,7 +111,7 @@ constexpr uint64_t kModelSeed = 1234;
 constexpr uint64_t kTokenSeed = 4321;
 constexpr double kLr = 1e-4;
 
-// ---- Counting wrapper of core's CUDA hooks (same behaviour as kernels/cuda/runtime.cpp's). ----
+// ---- Counting wrapper of the runtime's CUDA hooks (kernels/cuda/runtime.h: runtime_hooks). ----
 struct AllocStats {
   std::mutex mu;
   std::unordered_map<void*, size_t> live;
@@ -124,7 +124,7 @@ AllocStats& alloc_stats() {
 
 void* counting_alloc(size_t num_bytes) {
   const size_t n = num_bytes == 0 ? 1 : num_bytes;
-  void* p = cuda::device_alloc(n);  // the runtime's allocator (direct or caching, --alloc)
+  void* p = cuda::runtime_hooks().alloc(n);  // the runtime's allocator (direct or caching, --alloc)
   AllocStats& s = alloc_stats();
   std::lock_guard<std::mutex> lock(s.mu);
   s.live[p] = n;
@@ -142,25 +142,13 @@ void counting_free(void* p) {
       s.live.erase(it);
     }
   }
-  cuda::device_free(p);
+  cuda::runtime_hooks().free(p);
 }
-
-void counting_copy(void* dst, Device dst_device, const void* src, Device src_device, size_t num_bytes) {
-  cudaMemcpyKind kind = cudaMemcpyDefault;
-  if (dst_device == Device::kCuda && src_device == Device::kCpu) kind = cudaMemcpyHostToDevice;
-  if (dst_device == Device::kCpu && src_device == Device::kCuda) kind = cudaMemcpyDeviceToHost;
-  if (dst_device == Device::kCuda && src_device == Device::kCuda) kind = cudaMemcpyDeviceToDevice;
-  CUDA_CHECK(cudaMemcpy(dst, src, num_bytes, kind));
-}
-
-void counting_memset_zero(void* dst, size_t num_bytes) { CUDA_CHECK(cudaMemset(dst, 0, num_bytes)); }
 
 void install_counting_hooks() {
-  DeviceHooks hooks;
+  DeviceHooks hooks = cuda::runtime_hooks();  // copies and memset as the runtime's
   hooks.alloc = counting_alloc;
   hooks.free = counting_free;
-  hooks.copy = counting_copy;
-  hooks.memset_zero = counting_memset_zero;
   register_device_hooks(Device::kCuda, hooks);
 }
 
@@ -204,10 +192,7 @@ Args parse_args(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      MOETP_CHECK(i + 1 < argc, "{} needs a value", arg);
-      return argv[++i];
-    };
+    auto value = [&] { return bench::option_value(argc, argv, i); };
     if (arg == "--config") {
       a.configs.push_back(value());
     } else if (arg == "--seq-len") {

@@ -36,11 +36,7 @@ void* BlockCache::allocate(size_t bytes) {
   } else {
     p = raw_alloc_(size);
     if (p == nullptr && stats_.cached_bytes > 0) {
-      for (auto& [s, blocks] : free_) {
-        for (void* b : blocks) raw_free_(b);
-        blocks.clear();
-      }
-      stats_.cached_bytes = 0;
+      release_locked();
       ++stats_.releases;
       p = raw_alloc_(size);
     }
@@ -66,6 +62,10 @@ void BlockCache::deallocate(void* ptr) {
 
 void BlockCache::release_cached() {
   std::lock_guard<std::mutex> lock(mu_);
+  release_locked();
+}
+
+void BlockCache::release_locked() {
   for (auto& [size, blocks] : free_) {
     for (void* b : blocks) raw_free_(b);
     blocks.clear();

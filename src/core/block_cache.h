@@ -48,6 +48,8 @@ class BlockCache {
   Stats stats() const;
 
  private:
+  void release_locked();  // release_cached() with mu_ held
+
   RawAlloc raw_alloc_;
   RawFree raw_free_;
   mutable std::mutex mu_;

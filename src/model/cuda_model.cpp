@@ -52,6 +52,20 @@ void add_into(Tensor& dst, const Tensor& a, const Tensor& b = Tensor()) {
                               nullptr));
 }
 
+// The CPU model's parameters are the GPU model's, in order: names, and shapes (the parameter value,
+// or its gradient when `grads`). Errors name the call, the index and both sides.
+void check_same_params(const char* what, const std::vector<Param>& cpu, const std::vector<CudaParam>& gpu,
+                       bool grads) {
+  MOETP_CHECK(cpu.size() == gpu.size(), "{}: CPU model has {} parameters, GPU {}", what, cpu.size(), gpu.size());
+  for (size_t i = 0; i < gpu.size(); ++i) {
+    const Tensor& c = grads ? cpu[i].grad : cpu[i].value;
+    const Tensor& g = grads ? gpu[i].grad : gpu[i].master;
+    MOETP_CHECK(cpu[i].name == gpu[i].name && c.shape() == g.shape(),
+                "{}: parameter {} is '{}' {} on the CPU, '{}' {} on the GPU", what, i, cpu[i].name, c.describe(),
+                gpu[i].name, g.describe());
+  }
+}
+
 Tensor upload_i32(const std::vector<int32_t>& v) {
   return Tensor::from_vector<int32_t>(v, {static_cast<int64_t>(v.size())}).to(Device::kCuda);
 }
@@ -424,7 +438,11 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
     // Per-layer probability sums in double on the GPU (cpu::router_stats sums in double and rounds
     // to f32); E doubles per layer come back instead of the (N, E) probabilities. Doubles travel
     // in an i64 tensor (core has no f64 dtype).
-    Tensor prob_sums_dev = Tensor::zeros({num_layers, E}, DType::kI64, Device::kCuda);
+    if (prob_sums_dev_.numel() != num_layers * E) {
+      prob_sums_dev_ = Tensor::empty({num_layers, E}, DType::kI64, Device::kCuda);  // once: no cudaFree per step
+    }
+    Tensor& prob_sums_dev = prob_sums_dev_;
+    if (N == 0) prob_sums_dev.zero_();
     if (N > 0) {
       for (size_t li = 0; li < moe_layers.size(); ++li) {
         CUDA_CHECK(launch::column_sums_f64(layers_[moe_layers[li]].moe->saved().probs_NE.data<float>(), N, E,
@@ -524,29 +542,15 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
 }
 
 void CudaQwen3MoeModel::copy_grads_to(Qwen3MoeModel& cpu) const {
-  MOETP_CHECK(cpu.params().size() == params_.size(), "copy_grads_to: CPU model has {} parameters, GPU {}",
-              cpu.params().size(), params_.size());
+  check_same_params("copy_grads_to", cpu.params(), params_, true);
   CUDA_CHECK(cudaDeviceSynchronize());
-  for (size_t i = 0; i < params_.size(); ++i) {
-    Param& p = cpu.params()[i];
-    MOETP_CHECK(p.name == params_[i].name && p.grad.shape() == params_[i].grad.shape(),
-                "copy_grads_to: parameter {} is '{}' {} on the CPU, '{}' {} on the GPU", i, p.name, p.grad.describe(),
-                params_[i].name, params_[i].grad.describe());
-    p.grad.copy_from(params_[i].grad);
-  }
+  for (size_t i = 0; i < params_.size(); ++i) cpu.params()[i].grad.copy_from(params_[i].grad);
 }
 
 void CudaQwen3MoeModel::copy_params_to(Qwen3MoeModel& cpu) const {
-  MOETP_CHECK(cpu.params().size() == params_.size(), "copy_params_to: CPU model has {} parameters, GPU {}",
-              cpu.params().size(), params_.size());
+  check_same_params("copy_params_to", cpu.params(), params_, false);
   CUDA_CHECK(cudaDeviceSynchronize());
-  for (size_t i = 0; i < params_.size(); ++i) {
-    Param& p = cpu.params()[i];
-    MOETP_CHECK(p.name == params_[i].name && p.value.shape() == params_[i].master.shape(),
-                "copy_params_to: parameter {} is '{}' {} on the CPU, '{}' {} on the GPU", i, p.name,
-                p.value.describe(), params_[i].name, params_[i].master.describe());
-    p.value.copy_from(params_[i].master);
-  }
+  for (size_t i = 0; i < params_.size(); ++i) cpu.params()[i].value.copy_from(params_[i].master);
 }
 
 void CudaQwen3MoeModel::adamw_step(const CudaAdamWConfig& cfg, double lr, int64_t step) {
@@ -597,15 +601,8 @@ void CudaQwen3MoeModel::scale_grads(float scale) {
 }
 
 void CudaQwen3MoeModel::load_params_from(const Qwen3MoeModel& cpu) {
-  MOETP_CHECK(cpu.params().size() == params_.size(), "load_params_from: CPU model has {} parameters, GPU {}",
-              cpu.params().size(), params_.size());
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const Param& p = cpu.params()[i];
-    MOETP_CHECK(p.name == params_[i].name && p.value.shape() == params_[i].master.shape(),
-                "load_params_from: parameter {} is '{}' {} on the CPU, '{}' {} on the GPU", i, p.name,
-                p.value.describe(), params_[i].name, params_[i].master.describe());
-    params_[i].master.copy_from(p.value);
-  }
+  check_same_params("load_params_from", cpu.params(), params_, false);
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].master.copy_from(cpu.params()[i].value);
   for (CudaParam& p : params_) {
     if (p.work.defined()) p.work.copy_from(cuda::cast(p.master, DType::kBF16));
   }

@@ -165,6 +165,7 @@ class CudaQwen3MoeModel {
   std::vector<CudaParam> params_;
   std::vector<Layer> layers_;
   size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;
+  Tensor prob_sums_dev_;  // (MoE layers, E) doubles as i64 bits: the aux loss's per-layer probability sums
 };
 
 }  // namespace moetp::model

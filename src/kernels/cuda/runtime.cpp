@@ -98,19 +98,19 @@ void init(int device, AllocMode mode) {
   MOETP_CHECK(n > 0, "CUDA init: {}", unavailable_reason());
   MOETP_CHECK(device >= 0 && device < n, "CUDA init: device {} requested but {} visible", device, n);
   CUDA_CHECK(cudaSetDevice(device));
-  DeviceHooks hooks;
-  hooks.alloc = cuda_alloc;
-  hooks.free = cuda_free;
-  hooks.copy = cuda_copy;
-  hooks.memset_zero = cuda_memset_zero;
-  register_device_hooks(Device::kCuda, hooks);
+  register_device_hooks(Device::kCuda, runtime_hooks());
   if (mode == AllocMode::kCaching && g_cache == nullptr) g_cache = new BlockCache(raw_cuda_malloc, raw_cuda_free);
   g_mode = mode;
   g_initialised = true;
 }
 
-void* device_alloc(size_t num_bytes) { return cuda_alloc(num_bytes); }
-void device_free(void* ptr) { cuda_free(ptr); }
-size_t cached_bytes() { return g_cache != nullptr ? g_cache->stats().cached_bytes : 0; }
+DeviceHooks runtime_hooks() {
+  DeviceHooks hooks;
+  hooks.alloc = cuda_alloc;
+  hooks.free = cuda_free;
+  hooks.copy = cuda_copy;
+  hooks.memset_zero = cuda_memset_zero;
+  return hooks;
+}
 
 }  // namespace moetp::cuda

@@ -2,8 +2,9 @@
 // init() registers the CUDA device hooks with core (allocation, copies) for the current device.
 #pragma once
 
-#include <cstddef>
 #include <string>
+
+#include "core/tensor.h"
 
 namespace moetp::cuda {
 
@@ -24,12 +25,8 @@ enum class AllocMode { kDirect, kCaching };
 // The allocation mode is process-wide: a later init with another mode than the first is an error.
 void init(int device, AllocMode mode = AllocMode::kDirect);
 
-// What the hooks call (for programs that wrap the hooks, e.g. to count bytes): allocate throws
-// moetp::Error naming the bytes asked and free (and, in kCaching, what the cache held).
-void* device_alloc(size_t num_bytes);
-void device_free(void* ptr);
-
-// kCaching: bytes held by the cache for reuse (0 in kDirect).
-size_t cached_bytes();
+// The hooks init() registers with core (allocation per the AllocMode, copies, memset), for programs
+// that wrap them (e.g. to count bytes) and register the wrapper. Valid after init().
+DeviceHooks runtime_hooks();
 
 }  // namespace moetp::cuda
