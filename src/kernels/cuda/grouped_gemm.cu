@@ -1,0 +1,434 @@
+// Hopper grouped GEMM for the expert shards (issue 7): forward, input gradient and weight gradient of
+// the grouped expert linear layers in one persistent launch each, bf16 operands, f32 accumulation,
+// group boundaries read from device offsets (contract: grouped_gemm_launch.h / grouped_gemm.h;
+// layout arithmetic: grouped_gemm_layout.h; PTX helpers: grouped_gemm.cuh).
+//
+// Block: 384 threads = 3 warpgroups. Warpgroup 0 is the producer (setmaxnreg down to 40 registers;
+// one thread issues every TMA load), warpgroups 1 and 2 are consumers (setmaxnreg up to 232): consumer
+// c computes rows [64c, 64c + 64) of the 128 × BN tile with wgmma m64nBNk16, f32 accumulators in
+// registers (BN/2 per thread). Operands stream through kStages shared-memory stages of
+// (A 128 × 64 + B BN × 64) bf16, 128B-swizzled by TMA; each stage has a "full" mbarrier (the
+// producer's arrive.expect_tx + the TMA complete_tx) and an "empty" mbarrier (256 consumer arrivals
+// once the wgmmas that read it have retired). Consumers keep one batch of 4 wgmmas (one stage) in
+// flight: after committing stage s they wait for stage s - 1's batch and release s - 1.
+//
+// Persistent scheduler: grid = min(#SMs, tile bound). At entry every block reads the device offsets
+// into shared memory (clamped to [0, M]) and warp 0 computes the prefix of tiles per group
+// (grouped_gemm_layout.h: group by group, m-tile major, n-tile minor); block b then takes tiles
+// b, b + grid, ... and both roles decode them with the same cursor. No host synchronisation: the
+// host knows only M, N, K, L; empty groups own no tiles.
+//
+// Ragged groups. fwd/dgrad: a tile of group l loads rows [row0 + 128·m, +128) of X or dY; rows past
+// the group's end belong to group l + 1 (or lie past M, where TMA fills zeros) and only produce
+// output rows that the epilogue does not store, because each output row depends on its own A row
+// only. W is read through a 3-D tensor map (K, N, L), so a box never crosses into the next expert's
+// weights (zero fill at N and K edges). wgrad reduces over the group's rows, so rows past the end
+// must contribute zero: the reduction starts at the group's first row (TMA coordinates need no
+// alignment), so only the last stage of a group can be partial, and there the consumers overwrite
+// rows [valid, 64) of the A and B tiles with zeros (ordinary stores + fence.proxy.async + a named
+// barrier over the 256 consumer threads) before the wgmmas. Zeroing both operands keeps a NaN or Inf
+// in the next group's rows out of this group's dW. The alternative, per-group tensor maps (so TMA
+// zero-fills at the group edge), needs the offsets on the host or tensormap.replace on the device;
+// the masking costs one partial stage per group and keeps the launch free of host data.
+//
+// Epilogue: straight from the accumulator registers, 2 columns per store (bf16x2 for fwd/dgrad, a
+// float2 read-modify-write of dW for wgrad, beta = 1; every dW element belongs to one tile, so no
+// atomics and the result is deterministic). Rows past the group's end and columns past N/K are not
+// stored. The producer runs ahead into the next tile's stages during the epilogue.
+//
+// STATUS: written without GPU access; layouts checked on the host (GroupedGemmLayout tests), the
+// kernel itself not yet run.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/grouped_gemm.cuh"
+#include "kernels/cuda/grouped_gemm_launch.h"
+#include "kernels/cuda/grouped_gemm_layout.h"
+
+namespace moetp::cuda::launch {
+
+namespace {
+
+using namespace ggemm_ptx;
+namespace gg = ::moetp::cuda::ggemm;
+using gg::Op;
+
+constexpr int kThreads = 384;
+constexpr int kConsumerThreads = 256;
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 · (40 + 2 · 232) <= 65536
+constexpr int kSmemLimit = 227 * 1024;                  // opt-in maximum per block on sm_90
+constexpr int kTableBytes = 2 * (gg::kMaxGroups + 1) * 4;
+constexpr int kABytes = gg::kBM * gg::kBK * 2;  // 16 KiB
+
+template <int kBN>
+constexpr int stage_bytes() {
+  return kABytes + kBN * gg::kBK * 2;
+}
+template <int kBN>
+constexpr int num_stages() {
+  const int s = (kSmemLimit - 1024 - kTableBytes - 16 * 8) / stage_bytes<kBN>();
+  return s > 8 ? 8 : s;
+}
+template <int kBN>
+constexpr int smem_bytes() {
+  return 1024 + num_stages<kBN>() * (stage_bytes<kBN>() + 16) + kTableBytes;
+}
+static_assert(smem_bytes<256>() <= kSmemLimit && smem_bytes<192>() <= kSmemLimit && smem_bytes<128>() <= kSmemLimit);
+
+struct Params {
+  const int64_t* offsets;  // L + 1 group row offsets (device)
+  void* out;               // bf16 y / dx, or f32 dw
+  int64_t ldo;             // output row stride (elements)
+  int64_t out_group_stride;  // wgrad: N·K elements between groups' dW; 0 otherwise
+  int M;                   // rows of x / dy
+  int L;                   // groups
+  int mo_fixed;            // wgrad: N (rows of each dW_l); unused otherwise
+  int n_out;               // output columns: fwd N, dgrad K, wgrad K
+  int red;                 // fwd K, dgrad N (wgrad: the group's rows, from the offsets)
+  int n_tiles;             // ceil(n_out / BN)
+};
+
+// Zeroes rows [valid, 64) of a 64-row, 128-byte-per-row swizzled box (the swizzle permutes the 16-byte
+// chunks inside a row, so whole rows are zeroed alike). `t` in [0, 128): this warpgroup's thread.
+__device__ __forceinline__ void zero_box_rows(uint8_t* box, int valid, int t) {
+  const int chunks = (64 - valid) * (gg::kRowBytes / 16);
+  uint4* p = reinterpret_cast<uint4*>(box + valid * gg::kRowBytes);
+  for (int i = t; i < chunks; i += 128) p[i] = make_uint4(0u, 0u, 0u, 0u);
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return static_cast<uint32_t>(__bfloat16_as_ushort(v.x)) | (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16);
+}
+
+template <Op kOp, int kBN>
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
+                        const Params p) {
+  constexpr int kStages = num_stages<kBN>();
+  constexpr int kStageBytes = stage_bytes<kBN>();
+  constexpr int kBBoxes = kBN / 64;                 // MN-major B: boxes of 64 output columns
+  constexpr bool kAMn = kOp == Op::kWgrad;          // A = dYᵀ
+  constexpr bool kBMn = kOp != Op::kFwd;            // B = W (dgrad) or X (wgrad)
+  constexpr int kAccRegs = kBN / 2;
+  static_assert(kBN % 64 == 0 && kBN <= 256, "tile N");
+
+  extern __shared__ uint8_t smem_raw[];
+  // TMA 128B swizzle and the wgmma descriptors (base offset 0) want 1024-aligned tiles.
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty_bar = full_bar + kStages;
+  int32_t* row_start = reinterpret_cast<int32_t*>(empty_bar + kStages);  // [L + 1] clamped offsets
+  int32_t* tile_start = row_start + gg::kMaxGroups + 1;                   // [L + 1] tile prefix
+  const uint32_t smem_base = smem_addr(smem);
+
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int L = p.L;
+
+  for (int l = tid; l <= L; l += kThreads) {
+    const int64_t o = p.offsets[l];
+    row_start[l] = static_cast<int32_t>(o < 0 ? 0 : (o > p.M ? p.M : o));
+  }
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(smem_addr(&full_bar[s]), 1);
+      mbar_init(smem_addr(&empty_bar[s]), kConsumerThreads);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int carry = 0;
+    for (int base = 0; base < L; base += 32) {
+      const int l = base + lane;
+      int v = l < L ? gg::group_tiles(kOp, row_start[l + 1] - row_start[l], p.mo_fixed, p.n_tiles) : 0;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += t;
+      }
+      if (l < L) tile_start[l + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) tile_start[0] = 0;
+  }
+  __syncthreads();
+  const int total_tiles = tile_start[L];
+
+  if (warp < 4) {
+    // ---- producer warpgroup: one thread issues the TMA loads ----
+    setmaxnreg_dec<kProducerRegs>();
+    if (warp == 0 && lane == 0) {
+      tma_prefetch_desc(&tmap_a);
+      tma_prefetch_desc(&tmap_b);
+      int stage = 0, group = 0;
+      uint32_t phase = 0;
+      for (int tile = static_cast<int>(blockIdx.x); tile < total_tiles; tile += static_cast<int>(gridDim.x)) {
+        const gg::TileCoord tc = gg::decode_tile(tile_start, group, tile, p.n_tiles);
+        const int row0 = row_start[tc.group], rows = row_start[tc.group + 1] - row0;
+        const int num_k = gg::ceil_div(kOp == Op::kWgrad ? rows : p.red, gg::kBK);
+        const int mo0 = tc.m_tile * gg::kBM, no0 = tc.n_tile * kBN;
+        for (int kt = 0; kt < num_k; ++kt) {
+          mbar_wait(smem_addr(&empty_bar[stage]), phase ^ 1u);
+          const uint32_t fb = smem_addr(&full_bar[stage]);
+          mbar_arrive_expect_tx(fb, kStageBytes);  // out-of-bounds fill counts as delivered bytes
+          const uint32_t a_s = smem_base + static_cast<uint32_t>(stage * kStageBytes);
+          const uint32_t b_s = a_s + kABytes;
+          const int r0 = kt * gg::kBK;
+          if constexpr (kOp == Op::kFwd) {
+            tma_load_2d(a_s, &tmap_a, fb, r0, row0 + mo0);       // X (M, K): box {64 k, 128 rows}
+            tma_load_3d(b_s, &tmap_b, fb, r0, no0, tc.group);    // W (L, N, K): box {64 k, BN n, 1}
+          } else if constexpr (kOp == Op::kDgrad) {
+            tma_load_2d(a_s, &tmap_a, fb, r0, row0 + mo0);       // dY (M, N): box {64 n, 128 rows}
+#pragma unroll
+            for (int j = 0; j < kBBoxes; ++j) {                  // W: box {64 k, 64 n, 1}
+              tma_load_3d(b_s + j * gg::kBoxMnBytes, &tmap_b, fb, no0 + 64 * j, r0, tc.group);
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < gg::kBM / 64; ++j) {             // dY (M, N): box {64 n, 64 rows}
+              tma_load_2d(a_s + j * gg::kBoxMnBytes, &tmap_a, fb, mo0 + 64 * j, row0 + r0);
+            }
+#pragma unroll
+            for (int j = 0; j < kBBoxes; ++j) {                  // X (M, K): box {64 k, 64 rows}
+              tma_load_2d(b_s + j * gg::kBoxMnBytes, &tmap_b, fb, no0 + 64 * j, row0 + r0);
+            }
+          }
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1u;
+          }
+        }
+      }
+    }
+  } else {
+    // ---- consumer warpgroups ----
+    setmaxnreg_inc<kConsumerRegs>();
+    const int c = (tid - 128) / 128;  // rows [64c, 64c + 64) of the tile
+    const int t = (tid - 128) % 128;  // thread in the warpgroup
+    float acc[kAccRegs];
+    int stage = 0, group = 0;
+    uint32_t phase = 0;
+    for (int tile = static_cast<int>(blockIdx.x); tile < total_tiles; tile += static_cast<int>(gridDim.x)) {
+      const gg::TileCoord tc = gg::decode_tile(tile_start, group, tile, p.n_tiles);
+      const int row0 = row_start[tc.group], rows = row_start[tc.group + 1] - row0;
+      const int num_k = gg::ceil_div(kOp == Op::kWgrad ? rows : p.red, gg::kBK);
+      const int mo0 = tc.m_tile * gg::kBM, no0 = tc.n_tile * kBN;
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.0f;
+      int prev_stage = 0;
+      for (int kt = 0; kt < num_k; ++kt) {
+        mbar_wait(smem_addr(&full_bar[stage]), phase);
+        const uint32_t a_s = smem_base + static_cast<uint32_t>(stage * kStageBytes);
+        const uint32_t b_s = a_s + kABytes;
+        if constexpr (kOp == Op::kWgrad) {
+          const int valid = rows - kt * gg::kBK;  // rows of this stage inside the group
+          if (valid < gg::kBK) {                  // the group's last stage, partial (same for both warpgroups)
+            uint8_t* a_g = smem + stage * kStageBytes;
+            zero_box_rows(a_g + c * gg::kBoxMnBytes, valid, t);
+            for (int j = c; j < kBBoxes; j += 2) zero_box_rows(a_g + kABytes + j * gg::kBoxMnBytes, valid, t);
+            fence_proxy_async_smem();
+            named_barrier_sync(1, kConsumerThreads);
+          }
+        }
+        fence_acc(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < gg::kBK / gg::kWgmmaK; ++kk) {
+          const uint64_t da = gg::operand_desc(a_s + static_cast<uint32_t>(c * gg::kBoxMnBytes), kAMn, kk);
+          const uint64_t db = gg::operand_desc(b_s, kBMn, kk);
+          wgmma_bf16<kBN, kAMn ? 1 : 0, kBMn ? 1 : 0>(acc, da, db, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous stage's batch has retired: release it to the producer
+        fence_acc(acc);
+        if (kt > 0) mbar_arrive(smem_addr(&empty_bar[prev_stage]));
+        prev_stage = stage;
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1u;
+        }
+      }
+      wgmma_wait<0>();
+      fence_acc(acc);
+      if (num_k > 0) mbar_arrive(smem_addr(&empty_bar[prev_stage]));
+
+      // ---- epilogue ----
+      const int mo_limit = kOp == Op::kWgrad ? p.mo_fixed : rows;
+#pragma unroll
+      for (int i = 0; i < kAccRegs; i += 2) {
+        const gg::RowCol rc = gg::acc_row_col(t, i);
+        const int mo = mo0 + 64 * c + rc.row, no = no0 + rc.col;
+        if (mo >= mo_limit || no >= p.n_out) continue;  // n_out is even: no + 1 < n_out too
+        if constexpr (kOp == Op::kWgrad) {
+          float* dst = static_cast<float*>(p.out) + static_cast<int64_t>(tc.group) * p.out_group_stride +
+                       static_cast<int64_t>(mo) * p.ldo + no;
+          float2 v = *reinterpret_cast<float2*>(dst);
+          v.x += acc[i];
+          v.y += acc[i + 1];
+          *reinterpret_cast<float2*>(dst) = v;
+        } else {
+          uint16_t* dst = static_cast<uint16_t*>(p.out) + static_cast<int64_t>(row0 + mo) * p.ldo + no;
+          *reinterpret_cast<uint32_t*>(dst) = pack_bf16x2(acc[i], acc[i + 1]);
+        }
+      }
+    }
+  }
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda at link time).
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult query{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &query) !=
+            cudaSuccess ||
+        query != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// Row-major bf16 tensor of `rank` dimensions (dims innermost first, rows of dims[0] elements; for
+// rank 3 the outer stride is dims[0]·dims[1]) with a box of `box` elements, 128B swizzle, zero fill.
+cudaError_t make_tensor_map(CUtensorMap* map, const void* base, int rank, const uint64_t* dims, const uint32_t* box) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  cuuint64_t g_dims[3] = {1, 1, 1}, g_strides[2] = {0, 0};
+  cuuint32_t b_dims[3] = {1, 1, 1}, e_strides[3] = {1, 1, 1};
+  for (int d = 0; d < rank; ++d) {
+    g_dims[d] = dims[d];
+    b_dims[d] = box[d];
+  }
+  g_strides[0] = dims[0] * 2;
+  if (rank == 3) g_strides[1] = dims[0] * dims[1] * 2;
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, static_cast<cuuint32_t>(rank), const_cast<void*>(base),
+                            g_dims, g_strides, b_dims, e_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <Op kOp, int kBN>
+cudaError_t launch_config(const CUtensorMap& a, const CUtensorMap& b, const Params& p, int64_t tile_bound,
+                          cudaStream_t stream) {
+  auto* kernel = grouped_gemm_kernel<kOp, kBN>;
+  constexpr int kSmem = smem_bytes<kBN>();
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  int device = 0, sms = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(sms, tile_bound)));
+  kernel<<<grid, kThreads, kSmem, stream>>>(a, b, p);
+  return cudaGetLastError();
+}
+
+template <Op kOp>
+cudaError_t dispatch(int config, const CUtensorMap& a, const CUtensorMap& b, Params p, int64_t mo_tiles_bound,
+                     cudaStream_t stream) {
+  const int bn = kGroupedGemmTileN[config];
+  p.n_tiles = gg::ceil_div(p.n_out, bn);
+  const int64_t bound = mo_tiles_bound * p.n_tiles;
+  switch (bn) {
+    case 128: return launch_config<kOp, 128>(a, b, p, bound, stream);
+    case 192: return launch_config<kOp, 192>(a, b, p, bound, stream);
+    case 256: return launch_config<kOp, 256>(a, b, p, bound, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+bool valid_sizes(int64_t M, int64_t N, int64_t K, int64_t L, int config) {
+  constexpr int64_t kMax = 0x7fffffff;
+  return M >= 1 && M <= kMax && N >= 1 && N <= kMax && K >= 1 && K <= kMax && L >= 1 &&
+         L <= kGroupedGemmMaxGroups && N % 8 == 0 && K % 8 == 0 && config < kGroupedGemmConfigs;
+}
+
+// Tiles of the group-ragged dimension, at most: Σ ceil(rows_l / 128) <= M / 128 + L.
+int64_t ragged_tile_bound(int64_t M, int64_t L) { return (M + gg::kBM - 1) / gg::kBM + L; }
+
+}  // namespace
+
+int grouped_gemm_auto_config(int64_t n_out) {
+  // Least padding in the last n-tile, then the wider tile (more reuse of each A stage). To be tuned
+  // with grouped_gemm_cuda_bench --sweep on the device.
+  int best = 0;
+  int64_t best_waste = -1;
+  for (int c = 0; c < kGroupedGemmConfigs; ++c) {
+    const int64_t bn = kGroupedGemmTileN[c];
+    const int64_t waste = (n_out + bn - 1) / bn * bn - n_out;
+    if (best_waste < 0 || waste <= best_waste) {
+      best = c;
+      best_waste = waste;
+    }
+  }
+  return best;
+}
+
+int grouped_gemm_stages(int config) {
+  switch (config) {
+    case 0: return num_stages<128>();
+    case 1: return num_stages<192>();
+    case 2: return num_stages<256>();
+    default: return 0;
+  }
+}
+
+cudaError_t grouped_gemm_fwd(const uint16_t* x, const uint16_t* w, const int64_t* offsets, uint16_t* y, int64_t M,
+                             int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
+  if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
+  if (config < 0) config = grouped_gemm_auto_config(N);
+  const int bn = kGroupedGemmTileN[config];
+  CUtensorMap a, b;
+  const uint64_t a_dims[2] = {static_cast<uint64_t>(K), static_cast<uint64_t>(M)};
+  const uint32_t a_box[2] = {64, gg::kBM};
+  const uint64_t b_dims[3] = {static_cast<uint64_t>(K), static_cast<uint64_t>(N), static_cast<uint64_t>(L)};
+  const uint32_t b_box[3] = {64, static_cast<uint32_t>(bn), 1};
+  cudaError_t err = make_tensor_map(&a, x, 2, a_dims, a_box);
+  if (err == cudaSuccess) err = make_tensor_map(&b, w, 3, b_dims, b_box);
+  if (err != cudaSuccess) return err;
+  Params p{offsets, y, N, 0, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(N), static_cast<int>(K), 0};
+  return dispatch<Op::kFwd>(config, a, b, p, ragged_tile_bound(M, L), stream);
+}
+
+cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int64_t* offsets, uint16_t* dx, int64_t M,
+                               int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
+  if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
+  if (config < 0) config = grouped_gemm_auto_config(K);
+  CUtensorMap a, b;
+  const uint64_t a_dims[2] = {static_cast<uint64_t>(N), static_cast<uint64_t>(M)};
+  const uint32_t a_box[2] = {64, gg::kBM};
+  const uint64_t b_dims[3] = {static_cast<uint64_t>(K), static_cast<uint64_t>(N), static_cast<uint64_t>(L)};
+  const uint32_t b_box[3] = {64, 64, 1};
+  cudaError_t err = make_tensor_map(&a, dy, 2, a_dims, a_box);
+  if (err == cudaSuccess) err = make_tensor_map(&b, w, 3, b_dims, b_box);
+  if (err != cudaSuccess) return err;
+  Params p{offsets, dx, K, 0, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(K), static_cast<int>(N), 0};
+  return dispatch<Op::kDgrad>(config, a, b, p, ragged_tile_bound(M, L), stream);
+}
+
+cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int64_t* offsets, float* dw, int64_t M,
+                               int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
+  if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
+  if (config < 0) config = grouped_gemm_auto_config(K);
+  CUtensorMap a, b;
+  const uint64_t a_dims[2] = {static_cast<uint64_t>(N), static_cast<uint64_t>(M)};
+  const uint64_t b_dims[2] = {static_cast<uint64_t>(K), static_cast<uint64_t>(M)};
+  const uint32_t box[2] = {64, 64};
+  cudaError_t err = make_tensor_map(&a, dy, 2, a_dims, box);
+  if (err == cudaSuccess) err = make_tensor_map(&b, x, 2, b_dims, box);
+  if (err != cudaSuccess) return err;
+  Params p{offsets, dw, K, N * K, static_cast<int>(M), static_cast<int>(L), static_cast<int>(N), static_cast<int>(K), 0, 0};
+  return dispatch<Op::kWgrad>(config, a, b, p, L * ((N + gg::kBM - 1) / gg::kBM), stream);
+}
+
+}  // namespace moetp::cuda::launch
