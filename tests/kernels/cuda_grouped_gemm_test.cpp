@@ -221,6 +221,171 @@ TEST(GroupedGemmLayout, SchedulerCoversEveryOutputOnce) {
   }
 }
 
+// ---- whole-kernel emulation: the kernel's data flow on the host -------------------------------------
+// For every tile, in the kernel's order: the stage's TMA boxes (gg::stage_box_loads, the tensor maps of
+// gg::a_map_spec / b_map_spec, zero fill out of bounds, 128B swizzle) are written into an emulated
+// stage that starts as NaN; the wgrad tail rows are zeroed as the consumers do; each consumer
+// warpgroup's wgmma k-steps read their operands through the descriptors (gg::operand_desc, decoded by
+// wgmma_operand_address) into the accumulator fragments (gg::acc_row_col); the epilogue stores through
+// gg::epilogue_index. Integer inputs make the sums exact, so the result must equal the per-group
+// reference exactly; rows of neighbouring groups carry non-zero data, so a missing mask shows.
+struct EmuTensor {
+  std::vector<float> v;  // row-major, as the kernel's operand (dims innermost first in the map)
+};
+
+void emu_tma_load(const gg::MapSpec& spec, const std::vector<float>& g, const gg::BoxLoad& ld,
+                  std::vector<float>& stage) {
+  const int c[3] = {ld.c0, ld.c1, ld.c2};
+  for (uint32_t i2 = 0; i2 < spec.box[2]; ++i2) {
+    for (uint32_t i1 = 0; i1 < spec.box[1]; ++i1) {
+      for (uint32_t i0 = 0; i0 < spec.box[0]; ++i0) {
+        const int64_t x0 = c[0] + static_cast<int64_t>(i0), x1 = c[1] + static_cast<int64_t>(i1),
+                      x2 = c[2] + static_cast<int64_t>(i2);
+        const bool in = x0 >= 0 && x0 < static_cast<int64_t>(spec.dims[0]) && x1 >= 0 &&
+                        x1 < static_cast<int64_t>(spec.dims[1]) && x2 >= 0 && x2 < static_cast<int64_t>(spec.dims[2]);
+        const float value =
+            in ? g.at(static_cast<size_t>((x2 * static_cast<int64_t>(spec.dims[1]) + x1) * static_cast<int64_t>(spec.dims[0]) + x0))
+               : 0.0f;
+        const uint32_t linear = ((i2 * spec.box[1] + i1) * spec.box[0] + i0) * 2;
+        ASSERT_EQ(spec.box[0], 64u) << "128-byte box rows";
+        stage.at((ld.smem_offset + gg::swizzle128(linear)) / 2) = value;
+      }
+    }
+  }
+}
+
+// Runs op with tile N = bn over groups `counts`; x (M, K), w (L, N, K), dy (M, N); out as the kernel's
+// output (y (M, N), dx (M, K) or dw (L, N, K), accumulated for wgrad).
+void emulate_kernel(gg::Op op, int bn, const std::vector<int64_t>& counts, int64_t N, int64_t K,
+                    const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& dy,
+                    std::vector<float>& out) {
+  const int64_t L = static_cast<int64_t>(counts.size());
+  std::vector<int32_t> row_start(counts.size() + 1, 0), tile_start(counts.size() + 1, 0);
+  for (size_t l = 0; l < counts.size(); ++l) row_start[l + 1] = row_start[l] + static_cast<int32_t>(counts[l]);
+  const int64_t M = row_start.back();
+  const bool a_mn = op == gg::Op::kWgrad, b_mn = op != gg::Op::kFwd;
+  const int n_out = static_cast<int>(op == gg::Op::kFwd ? N : K), red = static_cast<int>(op == gg::Op::kFwd ? K : N);
+  const int n_tiles = gg::ceil_div(n_out, bn);
+  for (size_t l = 0; l < counts.size(); ++l) {
+    tile_start[l + 1] = tile_start[l] + gg::group_tiles(op, row_start[l + 1] - row_start[l], N, n_tiles);
+  }
+  const gg::MapSpec a_spec = gg::a_map_spec(op, M, N, K), b_spec = gg::b_map_spec(op, bn, M, N, K, L);
+  const std::vector<float>& a_data = op == gg::Op::kFwd ? x : dy;
+  const std::vector<float>& b_data = op == gg::Op::kWgrad ? x : w;
+  const uint32_t base = StageEmulator::kBase;
+  const int stage_floats = (gg::kBM + bn) * gg::kBK;
+  std::vector<float> stage;
+  std::vector<float> acc(static_cast<size_t>(2 * 128 * (bn / 2)));
+  int group = 0;
+  for (int tile = 0; tile < tile_start.back(); ++tile) {
+    const gg::TileCoord tc = gg::decode_tile(tile_start.data(), group, tile, n_tiles);
+    const int row0 = row_start[tc.group], rows = row_start[tc.group + 1] - row0;
+    const int num_k = gg::ceil_div(op == gg::Op::kWgrad ? rows : red, gg::kBK);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int kt = 0; kt < num_k; ++kt) {
+      stage.assign(static_cast<size_t>(stage_floats), std::numeric_limits<float>::quiet_NaN());
+      gg::BoxLoad loads[gg::kMaxBoxLoads];
+      const int num_loads = gg::stage_box_loads(op, bn, tc, row0, kt, loads);
+      for (int i = 0; i < num_loads; ++i) {
+        emu_tma_load(loads[i].map == 0 ? a_spec : b_spec, loads[i].map == 0 ? a_data : b_data, loads[i], stage);
+      }
+      const int valid = gg::stage_valid_rows(op, rows, kt);
+      if (valid < gg::kBK) {  // zero_box_rows of both consumer warpgroups
+        for (int c = 0; c < 2; ++c) {
+          std::vector<int> boxes = {c * gg::kBoxMnBytes};
+          for (int j = c; j < bn / 64; j += 2) boxes.push_back(gg::kABytes + j * gg::kBoxMnBytes);
+          for (int box : boxes) {
+            for (int r = valid; r < 64; ++r) {
+              for (int e = 0; e < 64; ++e) stage.at(static_cast<size_t>((box + r * gg::kRowBytes) / 2 + e)) = 0.0f;
+            }
+          }
+        }
+      }
+      for (int c = 0; c < 2; ++c) {
+        for (int kk = 0; kk < gg::kBK / gg::kWgmmaK; ++kk) {
+          const uint64_t da = gg::operand_desc(base + static_cast<uint32_t>(c * gg::kBoxMnBytes), a_mn, kk);
+          const uint64_t db = gg::operand_desc(base + gg::kABytes, b_mn, kk);
+          for (int t = 0; t < 128; ++t) {
+            for (int reg = 0; reg < bn / 2; ++reg) {
+              const gg::RowCol rc = gg::acc_row_col(t, reg);
+              float sum = 0.0f;
+              for (int k = 0; k < gg::kWgmmaK; ++k) {
+                sum += stage.at((wgmma_operand_address(da, a_mn, rc.row, k) - base) / 2) *
+                       stage.at((wgmma_operand_address(db, b_mn, rc.col, k) - base) / 2);
+              }
+              acc[static_cast<size_t>((c * 128 + t) * (bn / 2) + reg)] += sum;
+            }
+          }
+        }
+      }
+    }
+    for (int c = 0; c < 2; ++c) {
+      for (int t = 0; t < 128; ++t) {
+        for (int reg = 0; reg < bn / 2; reg += 2) {
+          const int64_t idx = gg::epilogue_index(op, bn, tc, row0, rows, static_cast<int>(N), n_out, c, t, reg);
+          if (idx < 0) continue;
+          for (int h = 0; h < 2; ++h) {
+            const float v = acc[static_cast<size_t>((c * 128 + t) * (bn / 2) + reg + h)];
+            float& o = out.at(static_cast<size_t>(idx + h));
+            o = op == gg::Op::kWgrad ? o + v : v;
+          }
+        }
+      }
+    }
+  }
+}
+
+std::vector<float> small_ints(size_t n, uint32_t seed) {
+  std::vector<float> v(n);
+  uint32_t s = seed;
+  for (float& e : v) {
+    s = s * 1664525u + 1013904223u;
+    e = static_cast<float>(static_cast<int>((s >> 16) % 5) - 2);  // -2 .. 2
+  }
+  return v;
+}
+
+TEST(GroupedGemmLayout, EmulatedKernelMatchesReference) {
+  const std::vector<int64_t> counts = {0, 7, 0, 130, 3, 70, 0};
+  const int64_t N = 136, K = 200, L = static_cast<int64_t>(counts.size());
+  const int64_t M = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  const std::vector<float> x = small_ints(static_cast<size_t>(M * K), 1), w = small_ints(static_cast<size_t>(L * N * K), 2);
+  const std::vector<float> dy = small_ints(static_cast<size_t>(M * N), 3), dw0 = small_ints(static_cast<size_t>(L * N * K), 4);
+  std::vector<double> y_ref(static_cast<size_t>(M * N), 0.0), dx_ref(static_cast<size_t>(M * K), 0.0);
+  std::vector<double> dw_ref(dw0.begin(), dw0.end());
+  int64_t row0 = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t m = row0; m < row0 + counts[l]; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t k = 0; k < K; ++k) {
+          const double xv = x[m * K + k], wv = w[(l * N + n) * K + k], dyv = dy[m * N + n];
+          y_ref[m * N + n] += xv * wv;
+          dx_ref[m * K + k] += dyv * wv;
+          dw_ref[(l * N + n) * K + k] += dyv * xv;
+        }
+      }
+    }
+    row0 += counts[l];
+  }
+  for (int bn : {128, 192, 256}) {
+    std::vector<float> y(y_ref.size(), std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> dx(dx_ref.size(), std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> dw = dw0;
+    emulate_kernel(gg::Op::kFwd, bn, counts, N, K, x, w, dy, y);
+    emulate_kernel(gg::Op::kDgrad, bn, counts, N, K, x, w, dy, dx);
+    emulate_kernel(gg::Op::kWgrad, bn, counts, N, K, x, w, dy, dw);
+    int64_t bad = 0;
+    for (size_t i = 0; i < y.size(); ++i) bad += y[i] != y_ref[i];
+    EXPECT_EQ(bad, 0) << "fwd bn " << bn;
+    bad = 0;
+    for (size_t i = 0; i < dx.size(); ++i) bad += dx[i] != dx_ref[i];
+    EXPECT_EQ(bad, 0) << "dgrad bn " << bn;
+    bad = 0;
+    for (size_t i = 0; i < dw.size(); ++i) bad += dw[i] != dw_ref[i];
+    EXPECT_EQ(bad, 0) << "wgrad bn " << bn;
+  }
+}
+
 TEST(GroupedGemmLayout, AutoConfigPicksLeastPadding) {
   // Tile N per output width: 384 -> 192 (2 tiles, no padding), 192 -> 192, 2048 -> 256, 768 -> 256,
   // 1536 -> 256, 200 -> 256 (56 padded columns; 128 would pad 56 too, the wider tile wins ties).

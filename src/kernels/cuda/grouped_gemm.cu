@@ -63,7 +63,7 @@ constexpr int kConsumerThreads = 256;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 · (40 + 2 · 232) <= 65536
 constexpr int kSmemLimit = 227 * 1024;                  // opt-in maximum per block on sm_90
 constexpr int kTableBytes = 2 * (gg::kMaxGroups + 1) * 4;
-constexpr int kABytes = gg::kBM * gg::kBK * 2;  // 16 KiB
+using gg::kABytes;  // 16 KiB
 
 template <int kBN>
 constexpr int stage_bytes() {
@@ -82,9 +82,7 @@ static_assert(smem_bytes<256>() <= kSmemLimit && smem_bytes<192>() <= kSmemLimit
 
 struct Params {
   const int64_t* offsets;  // L + 1 group row offsets (device)
-  void* out;               // bf16 y / dx, or f32 dw
-  int64_t ldo;             // output row stride (elements)
-  int64_t out_group_stride;  // wgrad: N·K elements between groups' dW; 0 otherwise
+  void* out;               // bf16 y / dx (M, n_out), or f32 dw (L, N, n_out)
   int M;                   // rows of x / dy
   int L;                   // groups
   int mo_fixed;            // wgrad: N (rows of each dW_l); unused otherwise
@@ -172,31 +170,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         const gg::TileCoord tc = gg::decode_tile(tile_start, group, tile, p.n_tiles);
         const int row0 = row_start[tc.group], rows = row_start[tc.group + 1] - row0;
         const int num_k = gg::ceil_div(kOp == Op::kWgrad ? rows : p.red, gg::kBK);
-        const int mo0 = tc.m_tile * gg::kBM, no0 = tc.n_tile * kBN;
         for (int kt = 0; kt < num_k; ++kt) {
           mbar_wait(smem_addr(&empty_bar[stage]), phase ^ 1u);
           const uint32_t fb = smem_addr(&full_bar[stage]);
           mbar_arrive_expect_tx(fb, kStageBytes);  // out-of-bounds fill counts as delivered bytes
-          const uint32_t a_s = smem_base + static_cast<uint32_t>(stage * kStageBytes);
-          const uint32_t b_s = a_s + kABytes;
-          const int r0 = kt * gg::kBK;
-          if constexpr (kOp == Op::kFwd) {
-            tma_load_2d(a_s, &tmap_a, fb, r0, row0 + mo0);       // X (M, K): box {64 k, 128 rows}
-            tma_load_3d(b_s, &tmap_b, fb, r0, no0, tc.group);    // W (L, N, K): box {64 k, BN n, 1}
-          } else if constexpr (kOp == Op::kDgrad) {
-            tma_load_2d(a_s, &tmap_a, fb, r0, row0 + mo0);       // dY (M, N): box {64 n, 128 rows}
+          const uint32_t stage_s = smem_base + static_cast<uint32_t>(stage * kStageBytes);
+          gg::BoxLoad loads[gg::kMaxBoxLoads];
+          const int num_loads = gg::stage_box_loads(kOp, kBN, tc, row0, kt, loads);
 #pragma unroll
-            for (int j = 0; j < kBBoxes; ++j) {                  // W: box {64 k, 64 n, 1}
-              tma_load_3d(b_s + j * gg::kBoxMnBytes, &tmap_b, fb, no0 + 64 * j, r0, tc.group);
-            }
-          } else {
-#pragma unroll
-            for (int j = 0; j < gg::kBM / 64; ++j) {             // dY (M, N): box {64 n, 64 rows}
-              tma_load_2d(a_s + j * gg::kBoxMnBytes, &tmap_a, fb, mo0 + 64 * j, row0 + r0);
-            }
-#pragma unroll
-            for (int j = 0; j < kBBoxes; ++j) {                  // X (M, K): box {64 k, 64 rows}
-              tma_load_2d(b_s + j * gg::kBoxMnBytes, &tmap_b, fb, no0 + 64 * j, row0 + r0);
+          for (int i = 0; i < gg::kMaxBoxLoads; ++i) {
+            if (i >= num_loads) break;
+            const gg::BoxLoad& ld = loads[i];
+            if (ld.map == 0) {
+              tma_load_2d(stage_s + ld.smem_offset, &tmap_a, fb, ld.c0, ld.c1);
+            } else if constexpr (kOp == Op::kWgrad) {
+              tma_load_2d(stage_s + ld.smem_offset, &tmap_b, fb, ld.c0, ld.c1);
+            } else {
+              tma_load_3d(stage_s + ld.smem_offset, &tmap_b, fb, ld.c0, ld.c1, ld.c2);
             }
           }
           if (++stage == kStages) {
@@ -218,7 +208,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       const gg::TileCoord tc = gg::decode_tile(tile_start, group, tile, p.n_tiles);
       const int row0 = row_start[tc.group], rows = row_start[tc.group + 1] - row0;
       const int num_k = gg::ceil_div(kOp == Op::kWgrad ? rows : p.red, gg::kBK);
-      const int mo0 = tc.m_tile * gg::kBM, no0 = tc.n_tile * kBN;
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.0f;
       int prev_stage = 0;
@@ -227,8 +216,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t a_s = smem_base + static_cast<uint32_t>(stage * kStageBytes);
         const uint32_t b_s = a_s + kABytes;
         if constexpr (kOp == Op::kWgrad) {
-          const int valid = rows - kt * gg::kBK;  // rows of this stage inside the group
-          if (valid < gg::kBK) {                  // the group's last stage, partial (same for both warpgroups)
+          const int valid = gg::stage_valid_rows(kOp, rows, kt);
+          if (valid < gg::kBK) {  // the group's last stage, partial (same for both warpgroups)
             uint8_t* a_g = smem + stage * kStageBytes;
             zero_box_rows(a_g + c * gg::kBoxMnBytes, valid, t);
             for (int j = c; j < kBBoxes; j += 2) zero_box_rows(a_g + kABytes + j * gg::kBoxMnBytes, valid, t);
@@ -259,22 +248,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (num_k > 0) mbar_arrive(smem_addr(&empty_bar[prev_stage]));
 
       // ---- epilogue ----
-      const int mo_limit = kOp == Op::kWgrad ? p.mo_fixed : rows;
 #pragma unroll
       for (int i = 0; i < kAccRegs; i += 2) {
-        const gg::RowCol rc = gg::acc_row_col(t, i);
-        const int mo = mo0 + 64 * c + rc.row, no = no0 + rc.col;
-        if (mo >= mo_limit || no >= p.n_out) continue;  // n_out is even: no + 1 < n_out too
+        const int64_t idx = gg::epilogue_index(kOp, kBN, tc, row0, rows, p.mo_fixed, p.n_out, c, t, i);
+        if (idx < 0) continue;
         if constexpr (kOp == Op::kWgrad) {
-          float* dst = static_cast<float*>(p.out) + static_cast<int64_t>(tc.group) * p.out_group_stride +
-                       static_cast<int64_t>(mo) * p.ldo + no;
-          float2 v = *reinterpret_cast<float2*>(dst);
+          float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.out) + idx);
+          float2 v = *dst;
           v.x += acc[i];
           v.y += acc[i + 1];
-          *reinterpret_cast<float2*>(dst) = v;
+          *dst = v;
         } else {
-          uint16_t* dst = static_cast<uint16_t*>(p.out) + static_cast<int64_t>(row0 + mo) * p.ldo + no;
-          *reinterpret_cast<uint32_t*>(dst) = pack_bf16x2(acc[i], acc[i + 1]);
+          *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + idx) = pack_bf16x2(acc[i], acc[i + 1]);
         }
       }
     }
@@ -298,9 +283,12 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// Row-major bf16 tensor of `rank` dimensions (dims innermost first, rows of dims[0] elements; for
-// rank 3 the outer stride is dims[0]·dims[1]) with a box of `box` elements, 128B swizzle, zero fill.
-cudaError_t make_tensor_map(CUtensorMap* map, const void* base, int rank, const uint64_t* dims, const uint32_t* box) {
+// Row-major bf16 tensor of spec.rank dimensions (dims innermost first, rows of dims[0] elements; for
+// rank 3 the outer stride is dims[0]·dims[1]) with a box of spec.box elements, 128B swizzle, zero fill.
+cudaError_t make_tensor_map(CUtensorMap* map, const void* base, const gg::MapSpec& spec) {
+  const int rank = spec.rank;
+  const uint64_t* dims = spec.dims;
+  const uint32_t* box = spec.box;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
   if (encode == nullptr) return cudaErrorNotSupported;
   cuuint64_t g_dims[3] = {1, 1, 1}, g_strides[2] = {0, 0};
@@ -389,14 +377,10 @@ cudaError_t grouped_gemm_fwd(const uint16_t* x, const uint16_t* w, const int64_t
   if (config < 0) config = grouped_gemm_auto_config(N);
   const int bn = kGroupedGemmTileN[config];
   CUtensorMap a, b;
-  const uint64_t a_dims[2] = {static_cast<uint64_t>(K), static_cast<uint64_t>(M)};
-  const uint32_t a_box[2] = {64, gg::kBM};
-  const uint64_t b_dims[3] = {static_cast<uint64_t>(K), static_cast<uint64_t>(N), static_cast<uint64_t>(L)};
-  const uint32_t b_box[3] = {64, static_cast<uint32_t>(bn), 1};
-  cudaError_t err = make_tensor_map(&a, x, 2, a_dims, a_box);
-  if (err == cudaSuccess) err = make_tensor_map(&b, w, 3, b_dims, b_box);
+  cudaError_t err = make_tensor_map(&a, x, gg::a_map_spec(Op::kFwd, M, N, K));
+  if (err == cudaSuccess) err = make_tensor_map(&b, w, gg::b_map_spec(Op::kFwd, bn, M, N, K, L));
   if (err != cudaSuccess) return err;
-  Params p{offsets, y, N, 0, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(N), static_cast<int>(K), 0};
+  Params p{offsets, y, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(N), static_cast<int>(K), 0};
   return dispatch<Op::kFwd>(config, a, b, p, ragged_tile_bound(M, L), stream);
 }
 
@@ -404,15 +388,12 @@ cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int6
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   if (config < 0) config = grouped_gemm_auto_config(K);
+  const int bn = kGroupedGemmTileN[config];
   CUtensorMap a, b;
-  const uint64_t a_dims[2] = {static_cast<uint64_t>(N), static_cast<uint64_t>(M)};
-  const uint32_t a_box[2] = {64, gg::kBM};
-  const uint64_t b_dims[3] = {static_cast<uint64_t>(K), static_cast<uint64_t>(N), static_cast<uint64_t>(L)};
-  const uint32_t b_box[3] = {64, 64, 1};
-  cudaError_t err = make_tensor_map(&a, dy, 2, a_dims, a_box);
-  if (err == cudaSuccess) err = make_tensor_map(&b, w, 3, b_dims, b_box);
+  cudaError_t err = make_tensor_map(&a, dy, gg::a_map_spec(Op::kDgrad, M, N, K));
+  if (err == cudaSuccess) err = make_tensor_map(&b, w, gg::b_map_spec(Op::kDgrad, bn, M, N, K, L));
   if (err != cudaSuccess) return err;
-  Params p{offsets, dx, K, 0, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(K), static_cast<int>(N), 0};
+  Params p{offsets, dx, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(K), static_cast<int>(N), 0};
   return dispatch<Op::kDgrad>(config, a, b, p, ragged_tile_bound(M, L), stream);
 }
 
@@ -420,14 +401,12 @@ cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int6
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   if (config < 0) config = grouped_gemm_auto_config(K);
+  const int bn = kGroupedGemmTileN[config];
   CUtensorMap a, b;
-  const uint64_t a_dims[2] = {static_cast<uint64_t>(N), static_cast<uint64_t>(M)};
-  const uint64_t b_dims[2] = {static_cast<uint64_t>(K), static_cast<uint64_t>(M)};
-  const uint32_t box[2] = {64, 64};
-  cudaError_t err = make_tensor_map(&a, dy, 2, a_dims, box);
-  if (err == cudaSuccess) err = make_tensor_map(&b, x, 2, b_dims, box);
+  cudaError_t err = make_tensor_map(&a, dy, gg::a_map_spec(Op::kWgrad, M, N, K));
+  if (err == cudaSuccess) err = make_tensor_map(&b, x, gg::b_map_spec(Op::kWgrad, bn, M, N, K, L));
   if (err != cudaSuccess) return err;
-  Params p{offsets, dw, K, N * K, static_cast<int>(M), static_cast<int>(L), static_cast<int>(N), static_cast<int>(K), 0, 0};
+  Params p{offsets, dw, static_cast<int>(M), static_cast<int>(L), static_cast<int>(N), static_cast<int>(K), 0, 0};
   return dispatch<Op::kWgrad>(config, a, b, p, L * ((N + gg::kBM - 1) / gg::kBM), stream);
 }
 

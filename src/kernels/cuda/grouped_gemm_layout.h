@@ -109,4 +109,81 @@ MOETP_GG_FN TileCoord decode_tile(const int32_t* tile_start, int& group, int til
   return TileCoord{group, local / n_tiles, local % n_tiles};
 }
 
+// ---- what each pipeline stage loads -----------------------------------------------------------------
+// Tensor maps (dims innermost first; bf16, 128B swizzle, zero fill out of bounds):
+//   fwd   A = X  {K, M}     box {64, 128}        B = W {K, N, L} box {64, BN, 1}   (both K-major)
+//   dgrad A = dY {N, M}     box {64, 128}        B = W {K, N, L} box {64, 64, 1}   (B MN-major)
+//   wgrad A = dY {N, M}     box {64, 64}         B = X {K, M}    box {64, 64}      (both MN-major)
+// W is 3-D so that a box never reads the next expert's rows (zero fill at the N edge instead).
+struct MapSpec {
+  int rank;
+  uint64_t dims[3];
+  uint32_t box[3];
+};
+MOETP_GG_FN MapSpec a_map_spec(Op op, int64_t M, int64_t N, int64_t K) {
+  const uint64_t inner = static_cast<uint64_t>(op == Op::kFwd ? K : N);
+  const uint32_t box_rows = op == Op::kWgrad ? 64u : static_cast<uint32_t>(kBM);
+  return MapSpec{2, {inner, static_cast<uint64_t>(M), 1}, {64u, box_rows, 1u}};
+}
+MOETP_GG_FN MapSpec b_map_spec(Op op, int bn, int64_t M, int64_t N, int64_t K, int64_t L) {
+  if (op == Op::kWgrad) return MapSpec{2, {static_cast<uint64_t>(K), static_cast<uint64_t>(M), 1}, {64u, 64u, 1u}};
+  const uint32_t box_n = op == Op::kFwd ? static_cast<uint32_t>(bn) : 64u;
+  return MapSpec{3, {static_cast<uint64_t>(K), static_cast<uint64_t>(N), static_cast<uint64_t>(L)}, {64u, box_n, 1u}};
+}
+
+// One TMA box load of a stage: map 0 (A) or 1 (B), element coordinates (c0 innermost, c1, c2), into
+// the stage at byte offset smem_offset (A at 0, B at kABytes).
+struct BoxLoad {
+  int map;
+  uint32_t smem_offset;
+  int c0, c1, c2;
+};
+constexpr int kABytes = kBM * kBK * 2;
+constexpr int kMaxBoxLoads = 2 + 4;
+// The loads of reduction stage kt of tile tc (its group's first row: row0); returns how many.
+MOETP_GG_FN int stage_box_loads(Op op, int bn, const TileCoord& tc, int row0, int kt, BoxLoad (&out)[kMaxBoxLoads]) {
+  const int r0 = kt * kBK, mo0 = tc.m_tile * kBM, no0 = tc.n_tile * bn;
+  int n = 0;
+  if (op == Op::kFwd) {
+    out[n++] = BoxLoad{0, 0u, r0, row0 + mo0, 0};                              // X rows of the tile, k slice
+    out[n++] = BoxLoad{1, static_cast<uint32_t>(kABytes), r0, no0, tc.group};  // W_l rows no0.., k slice
+  } else if (op == Op::kDgrad) {
+    out[n++] = BoxLoad{0, 0u, r0, row0 + mo0, 0};  // dY rows of the tile, n slice
+    for (int j = 0; j < bn / 64; ++j) {            // W_l: n slice × 64 output columns (k) per box
+      out[n++] = BoxLoad{1, static_cast<uint32_t>(kABytes + j * kBoxMnBytes), no0 + 64 * j, r0, tc.group};
+    }
+  } else {
+    for (int j = 0; j < kBM / 64; ++j) {  // dY: the group's rows r0.. × 64 output rows (n) per box
+      out[n++] = BoxLoad{0, static_cast<uint32_t>(j * kBoxMnBytes), mo0 + 64 * j, row0 + r0, 0};
+    }
+    for (int j = 0; j < bn / 64; ++j) {  // X: the group's rows r0.. × 64 output columns (k) per box
+      out[n++] = BoxLoad{1, static_cast<uint32_t>(kABytes + j * kBoxMnBytes), no0 + 64 * j, row0 + r0, 0};
+    }
+  }
+  return n;
+}
+
+// wgrad: rows of reduction stage kt that belong to the group (the rest, [valid, kBK), are zeroed in
+// shared memory before the wgmmas); kBK when the stage is whole. fwd/dgrad never mask the reduction
+// (its edge is a tensor edge, where TMA fills zeros).
+MOETP_GG_FN int stage_valid_rows(Op op, int rows, int kt) {
+  const int valid = rows - kt * kBK;
+  return op == Op::kWgrad && valid < kBK ? valid : kBK;
+}
+
+// Epilogue: the flat output index of accumulator register `reg` of thread `t` of consumer warpgroup c
+// (y / dx: (row0 + mo)·n_out + no; dw: (group·N + mo)·K + no with N = mo_fixed, K = n_out), or -1
+// where the element lies past the group's rows (fwd/dgrad), past N (wgrad) or past n_out. Registers
+// come in pairs (reg even): columns no, no + 1, both valid or both not (n_out is even).
+MOETP_GG_FN int64_t epilogue_index(Op op, int bn, const TileCoord& tc, int row0, int rows, int mo_fixed, int n_out,
+                                   int c, int t, int reg) {
+  const RowCol rc = acc_row_col(t, reg);
+  const int mo = tc.m_tile * kBM + 64 * c + rc.row, no = tc.n_tile * bn + rc.col;
+  const int mo_limit = op == Op::kWgrad ? mo_fixed : rows;
+  if (mo >= mo_limit || no >= n_out) return -1;
+  const int64_t out_row =
+      op == Op::kWgrad ? static_cast<int64_t>(tc.group) * mo_fixed + mo : static_cast<int64_t>(row0) + mo;
+  return out_row * n_out + no;
+}
+
 }  // namespace moetp::cuda::ggemm
