@@ -347,7 +347,7 @@ std::vector<float> small_ints(size_t n, uint32_t seed) {
 
 TEST(GroupedGemmLayout, EmulatedKernelMatchesReference) {
   const std::vector<int64_t> counts = {0, 7, 0, 130, 3, 70, 0};
-  const int64_t N = 136, K = 200, L = static_cast<int64_t>(counts.size());
+  const int64_t N = 136, K = 136, L = static_cast<int64_t>(counts.size());
   const int64_t M = std::accumulate(counts.begin(), counts.end(), int64_t{0});
   const std::vector<float> x = small_ints(static_cast<size_t>(M * K), 1), w = small_ints(static_cast<size_t>(L * N * K), 2);
   const std::vector<float> dy = small_ints(static_cast<size_t>(M * N), 3), dw0 = small_ints(static_cast<size_t>(L * N * K), 4);
