@@ -284,8 +284,14 @@ void emulate_kernel(gg::Op op, int bn, const std::vector<int64_t>& counts, int64
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int kt = 0; kt < num_k; ++kt) {
       stage.assign(static_cast<size_t>(stage_floats), std::numeric_limits<float>::quiet_NaN());
-      gg::BoxLoad loads[gg::kMaxBoxLoads];
+      gg::BoxLoad loads[gg::kMaxBoxLoads] = {};
       const int num_loads = gg::stage_box_loads(op, bn, tc, row0, kt, loads);
+      uint32_t tx_bytes = 0;  // what the producer's expect_tx announces must be what the boxes deliver
+      for (int i = 0; i < num_loads; ++i) {
+        const gg::MapSpec& spec = loads[i].map == 0 ? a_spec : b_spec;
+        tx_bytes += spec.box[0] * spec.box[1] * spec.box[2] * 2;
+      }
+      ASSERT_EQ(tx_bytes, static_cast<uint32_t>(gg::stage_bytes(bn)));
       for (int i = 0; i < num_loads; ++i) {
         emu_tma_load(loads[i].map == 0 ? a_spec : b_spec, loads[i].map == 0 ? a_data : b_data, loads[i], stage);
       }

@@ -67,7 +67,7 @@ using gg::kABytes;  // 16 KiB
 
 template <int kBN>
 constexpr int stage_bytes() {
-  return kABytes + kBN * gg::kBK * 2;
+  return gg::stage_bytes(kBN);
 }
 template <int kBN>
 constexpr int num_stages() {

@@ -40,19 +40,32 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t tx_
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Blocks until the phase with parity `parity` has completed. A fresh barrier is in phase 0, and
-// waiting on parity 1 returns at once (the "previous" phase counts as complete): producers start
-// with parity 1 on the empty barriers.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+// True once the phase with parity `parity` has completed (the hardware may suspend the thread for a
+// while before answering false). A fresh barrier is in phase 0, and parity 1 counts as completed at
+// once (the "previous" phase): producers start with parity 1 on the empty barriers.
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
   asm volatile(
       "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
       : "memory");
+  return done != 0;
+}
+// Blocks until the phase with parity `parity` has completed. Watchdog: a wait longer than 2^34 clocks
+// (~10 s) cannot happen in a correct pipeline, so it traps: the launch fails (cudaErrorLaunchFailure
+// or an illegal-instruction error at the next synchronisation) instead of hanging the process. Inline
+// trap, no printf: a call here would cost the consumers registers and stack.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  if (mbar_try_wait(bar, parity)) return;
+  const long long start = clock64();
+  while (!mbar_try_wait(bar, parity)) {
+    if (clock64() - start > (1ll << 34)) __trap();
+  }
 }
 
 // ---- TMA ----------------------------------------------------------------------------------------

@@ -139,6 +139,8 @@ struct BoxLoad {
   int c0, c1, c2;
 };
 constexpr int kABytes = kBM * kBK * 2;
+// Bytes of one stage = the bytes its boxes deliver (the producer's expect_tx; out-of-bounds fill counts).
+constexpr int stage_bytes(int bn) { return kABytes + bn * kBK * 2; }
 constexpr int kMaxBoxLoads = 2 + 4;
 // The loads of reduction stage kt of tile tc (its group's first row: row0); returns how many.
 MOETP_GG_FN int stage_box_loads(Op op, int bn, const TileCoord& tc, int row0, int kt, BoxLoad (&out)[kMaxBoxLoads]) {
