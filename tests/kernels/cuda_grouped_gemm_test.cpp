@@ -92,20 +92,20 @@ uint32_t wgmma_operand_address(uint64_t desc, bool mn_major, int mn, int k) {
   return swizzle_reference(a);
 }
 
-// One stage as the kernel fills it: A (kBM × kBK) then B (bn × kBK), element values = their logical
+// One stage as the kernel fills it: A (tile_m × kBK) then B (bn × kBK), element values = their logical
 // coordinates encoded as id(operand, mn, r), written where TMA (SWIZZLE_128B) would put them.
 struct StageEmulator {
   static constexpr uint32_t kBase = 0x4000;  // a 1024-aligned shared address, as in the kernel
-  int bn;
+  int bn, tile_m;
   bool a_mn, b_mn;
   std::vector<uint16_t> smem;  // indexed by (address - kBase) / 2
 
   static uint16_t id(int operand, int mn, int r) { return static_cast<uint16_t>((operand << 15) | (mn << 6) | r); }
 
-  StageEmulator(int bn_, bool a_mn_, bool b_mn_) : bn(bn_), a_mn(a_mn_), b_mn(b_mn_) {
-    smem.assign((gg::kBM + bn) * gg::kBK, 0xFFFF);
-    fill(0, 0, gg::kBM, a_mn);
-    fill(1, gg::kBM * gg::kBK * 2, bn, b_mn);
+  StageEmulator(int bn_, int tile_m_, bool a_mn_, bool b_mn_) : bn(bn_), tile_m(tile_m_), a_mn(a_mn_), b_mn(b_mn_) {
+    smem.assign(static_cast<size_t>((tile_m + bn) * gg::kBK), 0xFFFF);
+    fill(0, 0, tile_m, a_mn);
+    fill(1, static_cast<uint32_t>(gg::a_bytes(tile_m)), bn, b_mn);
   }
   // K-major: one box {64 (r), rows (mn)}: element (mn, r) at box offset (row mn, col r).
   // MN-major: boxes {64 (mn), 64 (r)} 8 KiB apart: element (mn, r) in box mn / 64 at (row r, col mn % 64).
@@ -123,10 +123,10 @@ struct StageEmulator {
   uint16_t read(uint32_t address) const { return smem[(address - kBase) / 2]; }
 };
 
-void check_stage_reads(int bn, bool a_mn, bool b_mn) {
-  const StageEmulator st(bn, a_mn, b_mn);
-  const uint32_t a_s = StageEmulator::kBase, b_s = a_s + gg::kBM * gg::kBK * 2;
-  for (int c = 0; c < 2; ++c) {          // consumer warpgroup: rows 64c .. 64c + 63 of A
+void check_stage_reads(int bn, int tile_m, bool a_mn, bool b_mn) {
+  const StageEmulator st(bn, tile_m, a_mn, b_mn);
+  const uint32_t a_s = StageEmulator::kBase, b_s = a_s + static_cast<uint32_t>(gg::a_bytes(tile_m));
+  for (int c = 0; c < tile_m / 64; ++c) {  // consumer warpgroup: rows 64c .. 64c + 63 of A
     for (int kk = 0; kk < gg::kBK / gg::kWgmmaK; ++kk) {
       const uint64_t da = gg::operand_desc(a_s + static_cast<uint32_t>(c * gg::kBoxMnBytes), a_mn, kk);
       const uint64_t db = gg::operand_desc(b_s, b_mn, kk);
@@ -146,13 +146,19 @@ void check_stage_reads(int bn, bool a_mn, bool b_mn) {
 }
 
 TEST(GroupedGemmLayout, WgmmaReadsWhatTmaWroteForward) {  // A, B K-major
-  for (int bn : {128, 192, 256}) check_stage_reads(bn, false, false);
+  for (int bn : {128, 192, 256}) {
+    for (int tile_m : {gg::kBM, gg::kBMPingpong}) check_stage_reads(bn, tile_m, false, false);
+  }
 }
 TEST(GroupedGemmLayout, WgmmaReadsWhatTmaWroteDgrad) {  // A K-major, B MN-major
-  for (int bn : {128, 192, 256}) check_stage_reads(bn, false, true);
+  for (int bn : {128, 192, 256}) {
+    for (int tile_m : {gg::kBM, gg::kBMPingpong}) check_stage_reads(bn, tile_m, false, true);
+  }
 }
 TEST(GroupedGemmLayout, WgmmaReadsWhatTmaWroteWgrad) {  // A, B MN-major
-  for (int bn : {128, 192, 256}) check_stage_reads(bn, true, true);
+  for (int bn : {128, 192, 256}) {
+    for (int tile_m : {gg::kBM, gg::kBMPingpong}) check_stage_reads(bn, tile_m, true, true);
+  }
 }
 
 // CUTLASS CLayout_64xN: ((4,8,4),(2,2,N/8)):((128,1,16),(64,8,512)) maps (thread, value) to m + 64·n.
@@ -181,12 +187,13 @@ TEST(GroupedGemmLayout, SchedulerCoversEveryOutputOnce) {
   for (size_t l = 0; l < counts.size(); ++l) row_start[l + 1] = row_start[l] + static_cast<int32_t>(counts[l]);
   const int M = row_start.back();
   for (gg::Op op : {gg::Op::kFwd, gg::Op::kDgrad, gg::Op::kWgrad}) {
-    for (int bn : {128, 192, 256}) {
+    for (int cfg = 0; cfg < 6; ++cfg) {
+      const int bn = 128 + 64 * (cfg % 3), tile_m = cfg < 3 ? gg::kBM : gg::kBMPingpong;
       const int64_t n_out = op == gg::Op::kFwd ? N : K;
       const int n_tiles = gg::ceil_div(n_out, bn);
       std::vector<int32_t> tile_start(counts.size() + 1, 0);
       for (size_t l = 0; l < counts.size(); ++l) {
-        tile_start[l + 1] = tile_start[l] + gg::group_tiles(op, counts[l], N, n_tiles);
+        tile_start[l + 1] = tile_start[l] + gg::group_tiles(op, counts[l], N, n_tiles, tile_m);
       }
       // Outputs: fwd/dgrad (M, n_out), wgrad (L, N, K).
       const int64_t out_rows = op == gg::Op::kWgrad ? L * N : M;
@@ -199,8 +206,8 @@ TEST(GroupedGemmLayout, SchedulerCoversEveryOutputOnce) {
           const int rows = row_start[tc.group + 1] - row_start[tc.group];
           ASSERT_GT(rows, 0) << "a tile of an empty group";
           const int mo_limit = op == gg::Op::kWgrad ? static_cast<int>(N) : rows;
-          for (int i = 0; i < gg::kBM; ++i) {
-            const int mo = tc.m_tile * gg::kBM + i;
+          for (int i = 0; i < tile_m; ++i) {
+            const int mo = tc.m_tile * tile_m + i;
             if (mo >= mo_limit) continue;
             for (int j = 0; j < bn; ++j) {
               const int no = tc.n_tile * bn + j;
@@ -215,7 +222,7 @@ TEST(GroupedGemmLayout, SchedulerCoversEveryOutputOnce) {
         const int64_t row = i / n_out;
         const bool empty_group_dw = op == gg::Op::kWgrad && counts[static_cast<size_t>(row / N)] == 0;
         ASSERT_EQ(seen[static_cast<size_t>(i)], empty_group_dw ? 0 : 1)
-            << "op " << static_cast<int>(op) << " bn " << bn << " element " << i;
+            << "op " << static_cast<int>(op) << " bn " << bn << " tile_m " << tile_m << " element " << i;
       }
     }
   }
@@ -256,7 +263,7 @@ void emu_tma_load(const gg::MapSpec& spec, const std::vector<float>& g, const gg
 
 // Runs op with tile N = bn over groups `counts`; x (M, K), w (L, N, K), dy (M, N); out as the kernel's
 // output (y (M, N), dx (M, K) or dw (L, N, K), accumulated for wgrad).
-void emulate_kernel(gg::Op op, int bn, const std::vector<int64_t>& counts, int64_t N, int64_t K,
+void emulate_kernel(gg::Op op, int bn, int tile_m, const std::vector<int64_t>& counts, int64_t N, int64_t K,
                     const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& dy,
                     std::vector<float>& out) {
   const int64_t L = static_cast<int64_t>(counts.size());
@@ -267,15 +274,16 @@ void emulate_kernel(gg::Op op, int bn, const std::vector<int64_t>& counts, int64
   const int n_out = static_cast<int>(op == gg::Op::kFwd ? N : K), red = static_cast<int>(op == gg::Op::kFwd ? K : N);
   const int n_tiles = gg::ceil_div(n_out, bn);
   for (size_t l = 0; l < counts.size(); ++l) {
-    tile_start[l + 1] = tile_start[l] + gg::group_tiles(op, row_start[l + 1] - row_start[l], N, n_tiles);
+    tile_start[l + 1] = tile_start[l] + gg::group_tiles(op, row_start[l + 1] - row_start[l], N, n_tiles, tile_m);
   }
-  const gg::MapSpec a_spec = gg::a_map_spec(op, M, N, K), b_spec = gg::b_map_spec(op, bn, M, N, K, L);
+  const gg::MapSpec a_spec = gg::a_map_spec(op, M, N, K, tile_m), b_spec = gg::b_map_spec(op, bn, M, N, K, L);
   const std::vector<float>& a_data = op == gg::Op::kFwd ? x : dy;
   const std::vector<float>& b_data = op == gg::Op::kWgrad ? x : w;
   const uint32_t base = StageEmulator::kBase;
-  const int stage_floats = (gg::kBM + bn) * gg::kBK;
+  const int stage_floats = (tile_m + bn) * gg::kBK, consumers = tile_m / 64;
+  const int b_bytes0 = gg::a_bytes(tile_m);
   std::vector<float> stage;
-  std::vector<float> acc(static_cast<size_t>(2 * 128 * (bn / 2)));
+  std::vector<float> acc(static_cast<size_t>(consumers * 128 * (bn / 2)));
   int group = 0;
   for (int tile = 0; tile < tile_start.back(); ++tile) {
     const gg::TileCoord tc = gg::decode_tile(tile_start.data(), group, tile, n_tiles);
@@ -285,21 +293,21 @@ void emulate_kernel(gg::Op op, int bn, const std::vector<int64_t>& counts, int64
     for (int kt = 0; kt < num_k; ++kt) {
       stage.assign(static_cast<size_t>(stage_floats), std::numeric_limits<float>::quiet_NaN());
       gg::BoxLoad loads[gg::kMaxBoxLoads] = {};
-      const int num_loads = gg::stage_box_loads(op, bn, tc, row0, kt, loads);
+      const int num_loads = gg::stage_box_loads(op, bn, tile_m, tc, row0, kt, loads);
       uint32_t tx_bytes = 0;  // what the producer's expect_tx announces must be what the boxes deliver
       for (int i = 0; i < num_loads; ++i) {
         const gg::MapSpec& spec = loads[i].map == 0 ? a_spec : b_spec;
         tx_bytes += spec.box[0] * spec.box[1] * spec.box[2] * 2;
       }
-      ASSERT_EQ(tx_bytes, static_cast<uint32_t>(gg::stage_bytes(bn)));
+      ASSERT_EQ(tx_bytes, static_cast<uint32_t>(gg::stage_bytes(bn, tile_m)));
       for (int i = 0; i < num_loads; ++i) {
         emu_tma_load(loads[i].map == 0 ? a_spec : b_spec, loads[i].map == 0 ? a_data : b_data, loads[i], stage);
       }
       const int valid = gg::stage_valid_rows(op, rows, kt);
-      if (valid < gg::kBK) {  // zero_box_rows of both consumer warpgroups
-        for (int c = 0; c < 2; ++c) {
+      if (valid < gg::kBK) {  // zero_box_rows of the consumer warpgroup(s): every box of the stage
+        for (int c = 0; c < consumers; ++c) {
           std::vector<int> boxes = {c * gg::kBoxMnBytes};
-          for (int j = c; j < bn / 64; j += 2) boxes.push_back(gg::kABytes + j * gg::kBoxMnBytes);
+          for (int j = c; j < bn / 64; j += consumers) boxes.push_back(b_bytes0 + j * gg::kBoxMnBytes);
           for (int box : boxes) {
             for (int r = valid; r < 64; ++r) {
               for (int e = 0; e < 64; ++e) stage.at(static_cast<size_t>((box + r * gg::kRowBytes) / 2 + e)) = 0.0f;
@@ -307,10 +315,10 @@ void emulate_kernel(gg::Op op, int bn, const std::vector<int64_t>& counts, int64
           }
         }
       }
-      for (int c = 0; c < 2; ++c) {
+      for (int c = 0; c < consumers; ++c) {
         for (int kk = 0; kk < gg::kBK / gg::kWgmmaK; ++kk) {
-          const uint64_t da = gg::operand_desc(base + static_cast<uint32_t>(c * gg::kBoxMnBytes), a_mn, kk);
-          const uint64_t db = gg::operand_desc(base + gg::kABytes, b_mn, kk);
+          const uint64_t da = gg::operand_desc(base + static_cast<uint32_t>(64 * c * gg::kRowBytes), a_mn, kk);
+          const uint64_t db = gg::operand_desc(base + static_cast<uint32_t>(b_bytes0), b_mn, kk);
           for (int t = 0; t < 128; ++t) {
             for (int reg = 0; reg < bn / 2; ++reg) {
               const gg::RowCol rc = gg::acc_row_col(t, reg);
@@ -325,10 +333,11 @@ void emulate_kernel(gg::Op op, int bn, const std::vector<int64_t>& counts, int64
         }
       }
     }
-    for (int c = 0; c < 2; ++c) {
+    for (int c = 0; c < consumers; ++c) {
       for (int t = 0; t < 128; ++t) {
         for (int reg = 0; reg < bn / 2; reg += 2) {
-          const int64_t idx = gg::epilogue_index(op, bn, tc, row0, rows, static_cast<int>(N), n_out, c, t, reg);
+          const int64_t idx =
+              gg::epilogue_index(op, bn, tile_m, tc, row0, rows, static_cast<int>(N), n_out, 64 * c, t, reg);
           if (idx < 0) continue;
           for (int h = 0; h < 2; ++h) {
             const float v = acc[static_cast<size_t>((c * 128 + t) * (bn / 2) + reg + h)];
@@ -373,22 +382,61 @@ TEST(GroupedGemmLayout, EmulatedKernelMatchesReference) {
     }
     row0 += counts[l];
   }
-  for (int bn : {128, 192, 256}) {
+  for (int cfg = 0; cfg < 6; ++cfg) {
+    const int bn = 128 + 64 * (cfg % 3), tile_m = cfg < 3 ? gg::kBM : gg::kBMPingpong;
     std::vector<float> y(y_ref.size(), std::numeric_limits<float>::quiet_NaN());
     std::vector<float> dx(dx_ref.size(), std::numeric_limits<float>::quiet_NaN());
     std::vector<float> dw = dw0;
-    emulate_kernel(gg::Op::kFwd, bn, counts, N, K, x, w, dy, y);
-    emulate_kernel(gg::Op::kDgrad, bn, counts, N, K, x, w, dy, dx);
-    emulate_kernel(gg::Op::kWgrad, bn, counts, N, K, x, w, dy, dw);
+    emulate_kernel(gg::Op::kFwd, bn, tile_m, counts, N, K, x, w, dy, y);
+    emulate_kernel(gg::Op::kDgrad, bn, tile_m, counts, N, K, x, w, dy, dx);
+    emulate_kernel(gg::Op::kWgrad, bn, tile_m, counts, N, K, x, w, dy, dw);
     int64_t bad = 0;
     for (size_t i = 0; i < y.size(); ++i) bad += y[i] != y_ref[i];
-    EXPECT_EQ(bad, 0) << "fwd bn " << bn;
+    EXPECT_EQ(bad, 0) << "fwd bn " << bn << " tile_m " << tile_m;
     bad = 0;
     for (size_t i = 0; i < dx.size(); ++i) bad += dx[i] != dx_ref[i];
-    EXPECT_EQ(bad, 0) << "dgrad bn " << bn;
+    EXPECT_EQ(bad, 0) << "dgrad bn " << bn << " tile_m " << tile_m;
     bad = 0;
     for (size_t i = 0; i < dw.size(); ++i) bad += dw[i] != dw_ref[i];
-    EXPECT_EQ(bad, 0) << "wgrad bn " << bn;
+    EXPECT_EQ(bad, 0) << "wgrad bn " << bn << " tile_m " << tile_m;
+  }
+}
+
+// Ping-pong: the producer fills stages in tile order; each consumer warpgroup steps over the other's
+// tiles with advance_stage and must land on exactly the (stage, phase) the producer used for its own.
+TEST(GroupedGemmLayout, PingpongConsumersFollowTheProducer) {
+  const std::vector<int> num_k = {3, 1, 7, 4, 4, 2, 9, 1, 1, 5, 6, 3, 8};  // stages per tile of one CTA
+  for (int stages : {3, 4, 5, 6, 8}) {
+    std::vector<std::vector<std::pair<int, uint32_t>>> produced(num_k.size());
+    int stage = 0;
+    uint32_t phase = 0;
+    for (size_t j = 0; j < num_k.size(); ++j) {
+      for (int kt = 0; kt < num_k[j]; ++kt) {
+        produced[j].push_back({stage, phase});
+        if (++stage == stages) {  // the kernel's single step
+          stage = 0;
+          phase ^= 1u;
+        }
+      }
+    }
+    for (int c = 0; c < 2; ++c) {
+      int s = 0;
+      uint32_t ph = 0;
+      for (size_t j = 0; j < num_k.size(); ++j) {
+        if (static_cast<int>(j % 2) != c) {
+          gg::advance_stage(s, ph, num_k[j], stages);
+          continue;
+        }
+        for (int kt = 0; kt < num_k[j]; ++kt) {
+          ASSERT_EQ(s, produced[j][static_cast<size_t>(kt)].first) << "stages " << stages << " c " << c << " tile " << j;
+          ASSERT_EQ(ph, produced[j][static_cast<size_t>(kt)].second) << "stages " << stages << " c " << c << " tile " << j;
+          if (++s == stages) {
+            s = 0;
+            ph ^= 1u;
+          }
+        }
+      }
+    }
   }
 }
 

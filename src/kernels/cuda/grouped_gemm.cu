@@ -74,22 +74,23 @@ constexpr int kConsumerThreads = 256;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 · (40 + 2 · 232) <= 65536
 constexpr int kSmemLimit = 227 * 1024;                  // opt-in maximum per block on sm_90
 constexpr int kTableBytes = 2 * (gg::kMaxGroups + 1) * 4;
-using gg::kABytes;  // 16 KiB
-
-template <int kBN>
+constexpr int tile_m(bool pingpong) { return pingpong ? gg::kBMPingpong : gg::kBM; }
+template <int kBN, bool kPingpong>
 constexpr int stage_bytes() {
-  return gg::stage_bytes(kBN);
+  return gg::stage_bytes(kBN, tile_m(kPingpong));
 }
-template <int kBN>
+template <int kBN, bool kPingpong>
 constexpr int num_stages() {
-  const int s = (kSmemLimit - 1024 - kTableBytes - 16 * 8) / stage_bytes<kBN>();
+  const int s = (kSmemLimit - 1024 - kTableBytes - 16 * 8) / stage_bytes<kBN, kPingpong>();
   return s > 8 ? 8 : s;
 }
-template <int kBN>
+template <int kBN, bool kPingpong>
 constexpr int smem_bytes() {
-  return 1024 + num_stages<kBN>() * (stage_bytes<kBN>() + 16) + kTableBytes;
+  return 1024 + num_stages<kBN, kPingpong>() * (stage_bytes<kBN, kPingpong>() + 16) + kTableBytes;
 }
-static_assert(smem_bytes<256>() <= kSmemLimit && smem_bytes<192>() <= kSmemLimit && smem_bytes<128>() <= kSmemLimit);
+static_assert(smem_bytes<256, false>() <= kSmemLimit && smem_bytes<192, false>() <= kSmemLimit &&
+              smem_bytes<128, false>() <= kSmemLimit && smem_bytes<256, true>() <= kSmemLimit &&
+              smem_bytes<192, true>() <= kSmemLimit && smem_bytes<128, true>() <= kSmemLimit);
 
 struct Params {
   const int64_t* offsets;  // L + 1 group row offsets (device)
@@ -115,12 +116,19 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(v.x)) | (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16);
 }
 
-template <Op kOp, int kBN>
+// kPingpong = false (cooperative): both consumer warpgroups work on every tile of 128 × BN, rows split.
+// kPingpong = true: tiles of 64 × BN; the CTA's tiles alternate between the warpgroups (local tile
+// index j goes to warpgroup j % 2), so one warpgroup's epilogue runs under the other's wgmmas; each
+// warpgroup steps over the other's stages without waiting on them.
+template <Op kOp, int kBN, bool kPingpong>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                         const Params p) {
-  constexpr int kStages = num_stages<kBN>();
-  constexpr int kStageBytes = stage_bytes<kBN>();
+  constexpr int kTileM = tile_m(kPingpong);
+  constexpr int kABytes = gg::a_bytes(kTileM);
+  constexpr int kStages = num_stages<kBN, kPingpong>();
+  constexpr int kStageBytes = stage_bytes<kBN, kPingpong>();
+  constexpr int kStageReaders = kPingpong ? 128 : kConsumerThreads;  // arrivals that free a stage
   constexpr int kBBoxes = kBN / 64;                 // MN-major B: boxes of 64 output columns
   constexpr bool kAMn = kOp == Op::kWgrad;          // A = dYᵀ
   constexpr bool kBMn = kOp != Op::kFwd;            // B = W (dgrad) or X (wgrad)
@@ -146,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(smem_addr(&full_bar[s]), 1);
-      mbar_init(smem_addr(&empty_bar[s]), kConsumerThreads);
+      mbar_init(smem_addr(&empty_bar[s]), kStageReaders);
     }
     mbar_init_fence();
   }
@@ -155,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int carry = 0;
     for (int base = 0; base < L; base += 32) {
       const int l = base + lane;
-      int v = l < L ? gg::group_tiles(kOp, row_start[l + 1] - row_start[l], p.mo_fixed, p.n_tiles) : 0;
+      int v = l < L ? gg::group_tiles(kOp, row_start[l + 1] - row_start[l], p.mo_fixed, p.n_tiles, kTileM) : 0;
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
         const int t = __shfl_up_sync(0xffffffffu, v, d);
@@ -187,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive_expect_tx(fb, kStageBytes);  // out-of-bounds fill counts as delivered bytes
           const uint32_t stage_s = smem_base + static_cast<uint32_t>(stage * kStageBytes);
           gg::BoxLoad loads[gg::kMaxBoxLoads];
-          const int num_loads = gg::stage_box_loads(kOp, kBN, tc, row0, kt, loads);
+          const int num_loads = gg::stage_box_loads(kOp, kBN, kTileM, tc, row0, kt, loads);
 #pragma unroll
           for (int i = 0; i < gg::kMaxBoxLoads; ++i) {
             if (i >= num_loads) break;
@@ -210,15 +218,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     // ---- consumer warpgroups ----
     setmaxnreg_inc<kConsumerRegs>();
-    const int c = (tid - 128) / 128;  // rows [64c, 64c + 64) of the tile
+    const int c = (tid - 128) / 128;  // cooperative: rows [64c, 64c + 64) of each tile; ping-pong: tiles j % 2 == c
     const int t = (tid - 128) % 128;  // thread in the warpgroup
+    const int m_offset = kPingpong ? 0 : 64 * c;  // this warpgroup's rows in the tile (and its A box)
     float acc[kAccRegs];
-    int stage = 0, group = 0;
+    int stage = 0, group = 0, local = 0;
     uint32_t phase = 0;
-    for (int tile = static_cast<int>(blockIdx.x); tile < total_tiles; tile += static_cast<int>(gridDim.x)) {
+    for (int tile = static_cast<int>(blockIdx.x); tile < total_tiles;
+         tile += static_cast<int>(gridDim.x), ++local) {
       const gg::TileCoord tc = gg::decode_tile(tile_start, group, tile, p.n_tiles);
       const int row0 = row_start[tc.group], rows = row_start[tc.group + 1] - row0;
       const int num_k = gg::ceil_div(kOp == Op::kWgrad ? rows : p.red, gg::kBK);
+      if (kPingpong && (local & 1) != c) {  // the other warpgroup's tile: step over its stages
+        gg::advance_stage(stage, phase, num_k, kStages);
+        continue;
+      }
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.0f;
       int prev_stage = 0;
@@ -229,18 +243,30 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (kOp == Op::kWgrad) {
           const int valid = gg::stage_valid_rows(kOp, rows, kt);
           if (valid < gg::kBK) {  // the group's last stage, partial (same for both warpgroups)
+            // Cooperative: each warpgroup zeroes its own A box and every other B box, then both meet.
+            // Ping-pong: the warpgroup zeroes the whole stage alone.
             uint8_t* a_g = smem + stage * kStageBytes;
-            zero_box_rows(a_g + c * gg::kBoxMnBytes, valid, t);
-            for (int j = c; j < kBBoxes; j += 2) zero_box_rows(a_g + kABytes + j * gg::kBoxMnBytes, valid, t);
+            zero_box_rows(a_g + m_offset * gg::kRowBytes, valid, t);
+            for (int j = kPingpong ? 0 : c; j < kBBoxes; j += kPingpong ? 1 : 2) {
+              zero_box_rows(a_g + kABytes + j * gg::kBoxMnBytes, valid, t);
+            }
             fence_proxy_async_smem();
-            named_barrier_sync(1, kConsumerThreads);
+            if constexpr (kPingpong) {  // one barrier id per warpgroup (compile-time ids)
+              if (c == 0) {
+                named_barrier_sync(1, 128);
+              } else {
+                named_barrier_sync(2, 128);
+              }
+            } else {
+              named_barrier_sync(1, kConsumerThreads);
+            }
           }
         }
         fence_acc(acc);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < gg::kBK / gg::kWgmmaK; ++kk) {
-          const uint64_t da = gg::operand_desc(a_s + static_cast<uint32_t>(c * gg::kBoxMnBytes), kAMn, kk);
+          const uint64_t da = gg::operand_desc(a_s + static_cast<uint32_t>(m_offset * gg::kRowBytes), kAMn, kk);
           const uint64_t db = gg::operand_desc(b_s, kBMn, kk);
           wgmma_bf16<kBN, kAMn ? 1 : 0, kBMn ? 1 : 0>(acc, da, db, 1);
         }
@@ -261,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ---- epilogue ----
 #pragma unroll
       for (int i = 0; i < kAccRegs; i += 2) {
-        const int64_t idx = gg::epilogue_index(kOp, kBN, tc, row0, rows, p.mo_fixed, p.n_out, c, t, i);
+        const int64_t idx = gg::epilogue_index(kOp, kBN, kTileM, tc, row0, rows, p.mo_fixed, p.n_out, m_offset, t, i);
         if (idx < 0) continue;
         if constexpr (kOp == Op::kWgrad) {
           float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.out) + idx);
@@ -317,11 +343,11 @@ cudaError_t make_tensor_map(CUtensorMap* map, const void* base, const gg::MapSpe
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <Op kOp, int kBN>
+template <Op kOp, int kBN, bool kPingpong>
 cudaError_t launch_config(const CUtensorMap& a, const CUtensorMap& b, const Params& p, int64_t tile_bound,
                           cudaStream_t stream) {
-  auto* kernel = grouped_gemm_kernel<kOp, kBN>;
-  constexpr int kSmem = smem_bytes<kBN>();
+  auto* kernel = grouped_gemm_kernel<kOp, kBN, kPingpong>;
+  constexpr int kSmem = smem_bytes<kBN, kPingpong>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   int device = 0, sms = 0;
@@ -332,16 +358,26 @@ cudaError_t launch_config(const CUtensorMap& a, const CUtensorMap& b, const Para
   return cudaGetLastError();
 }
 
+// Tiles of the output-row dimension, at most: fwd/dgrad Σ ceil(rows_l / tile_m) <= M / tile_m + L;
+// wgrad L · ceil(N / tile_m).
+int64_t mo_tile_bound(Op op, int64_t M, int64_t N, int64_t L, int tile_m) {
+  return op == Op::kWgrad ? L * ((N + tile_m - 1) / tile_m) : (M + tile_m - 1) / tile_m + L;
+}
+
 template <Op kOp>
-cudaError_t dispatch(int config, const CUtensorMap& a, const CUtensorMap& b, Params p, int64_t mo_tiles_bound,
+cudaError_t dispatch(int config, const CUtensorMap& a, const CUtensorMap& b, Params p, int64_t M, int64_t N, int64_t L,
                      cudaStream_t stream) {
   const int bn = kGroupedGemmTileN[config];
+  const bool pingpong = kGroupedGemmPingpong[config];
   p.n_tiles = gg::ceil_div(p.n_out, bn);
-  const int64_t bound = mo_tiles_bound * p.n_tiles;
-  switch (bn) {
-    case 128: return launch_config<kOp, 128>(a, b, p, bound, stream);
-    case 192: return launch_config<kOp, 192>(a, b, p, bound, stream);
-    case 256: return launch_config<kOp, 256>(a, b, p, bound, stream);
+  const int64_t bound = mo_tile_bound(kOp, M, N, L, tile_m(pingpong)) * p.n_tiles;
+  switch (bn * 2 + (pingpong ? 1 : 0)) {
+    case 256: return launch_config<kOp, 128, false>(a, b, p, bound, stream);
+    case 384: return launch_config<kOp, 192, false>(a, b, p, bound, stream);
+    case 512: return launch_config<kOp, 256, false>(a, b, p, bound, stream);
+    case 257: return launch_config<kOp, 128, true>(a, b, p, bound, stream);
+    case 385: return launch_config<kOp, 192, true>(a, b, p, bound, stream);
+    case 513: return launch_config<kOp, 256, true>(a, b, p, bound, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -352,17 +388,26 @@ bool valid_sizes(int64_t M, int64_t N, int64_t K, int64_t L, int config) {
          L <= kGroupedGemmMaxGroups && N % 8 == 0 && K % 8 == 0 && config < kGroupedGemmConfigs;
 }
 
-// Tiles of the group-ragged dimension, at most: Σ ceil(rows_l / 128) <= M / 128 + L.
-int64_t ragged_tile_bound(int64_t M, int64_t L) { return (M + gg::kBM - 1) / gg::kBM + L; }
+// The tensor maps of `op` for configuration `config` (A and B operands as in grouped_gemm_layout.h).
+cudaError_t make_maps(Op op, int config, const void* a_base, const void* b_base, int64_t M, int64_t N, int64_t K,
+                      int64_t L, CUtensorMap* a, CUtensorMap* b) {
+  const int bn = kGroupedGemmTileN[config];
+  const int tm = tile_m(kGroupedGemmPingpong[config]);
+  cudaError_t err = make_tensor_map(a, a_base, gg::a_map_spec(op, M, N, K, tm));
+  if (err == cudaSuccess) err = make_tensor_map(b, b_base, gg::b_map_spec(op, bn, M, N, K, L));
+  return err;
+}
 
 }  // namespace
 
 int grouped_gemm_auto_config(int64_t n_out) {
-  // Least padding in the last n-tile, then the wider tile (more reuse of each A stage). To be tuned
-  // with grouped_gemm_cuda_bench --sweep on the device.
+  // Among the cooperative configurations (the ping-pong ones are not measured yet): least padding in
+  // the last n-tile, then the wider tile (more reuse of each A stage). To be tuned with
+  // grouped_gemm_cuda_bench --sweep on the device.
   int best = 0;
   int64_t best_waste = -1;
   for (int c = 0; c < kGroupedGemmConfigs; ++c) {
+    if (kGroupedGemmPingpong[c]) continue;
     const int64_t bn = kGroupedGemmTileN[c];
     const int64_t waste = (n_out + bn - 1) / bn * bn - n_out;
     if (best_waste < 0 || waste <= best_waste) {
@@ -375,9 +420,12 @@ int grouped_gemm_auto_config(int64_t n_out) {
 
 int grouped_gemm_stages(int config) {
   switch (config) {
-    case 0: return num_stages<128>();
-    case 1: return num_stages<192>();
-    case 2: return num_stages<256>();
+    case 0: return num_stages<128, false>();
+    case 1: return num_stages<192, false>();
+    case 2: return num_stages<256, false>();
+    case 3: return num_stages<128, true>();
+    case 4: return num_stages<192, true>();
+    case 5: return num_stages<256, true>();
     default: return 0;
   }
 }
@@ -386,39 +434,33 @@ cudaError_t grouped_gemm_fwd(const uint16_t* x, const uint16_t* w, const int64_t
                              int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   if (config < 0) config = grouped_gemm_auto_config(N);
-  const int bn = kGroupedGemmTileN[config];
   CUtensorMap a, b;
-  cudaError_t err = make_tensor_map(&a, x, gg::a_map_spec(Op::kFwd, M, N, K));
-  if (err == cudaSuccess) err = make_tensor_map(&b, w, gg::b_map_spec(Op::kFwd, bn, M, N, K, L));
+  const cudaError_t err = make_maps(Op::kFwd, config, x, w, M, N, K, L, &a, &b);
   if (err != cudaSuccess) return err;
-  Params p{offsets, y, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(N), static_cast<int>(K), 0};
-  return dispatch<Op::kFwd>(config, a, b, p, ragged_tile_bound(M, L), stream);
+  const Params p{offsets, y, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(N), static_cast<int>(K), 0};
+  return dispatch<Op::kFwd>(config, a, b, p, M, N, L, stream);
 }
 
 cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int64_t* offsets, uint16_t* dx, int64_t M,
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   if (config < 0) config = grouped_gemm_auto_config(K);
-  const int bn = kGroupedGemmTileN[config];
   CUtensorMap a, b;
-  cudaError_t err = make_tensor_map(&a, dy, gg::a_map_spec(Op::kDgrad, M, N, K));
-  if (err == cudaSuccess) err = make_tensor_map(&b, w, gg::b_map_spec(Op::kDgrad, bn, M, N, K, L));
+  const cudaError_t err = make_maps(Op::kDgrad, config, dy, w, M, N, K, L, &a, &b);
   if (err != cudaSuccess) return err;
-  Params p{offsets, dx, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(K), static_cast<int>(N), 0};
-  return dispatch<Op::kDgrad>(config, a, b, p, ragged_tile_bound(M, L), stream);
+  const Params p{offsets, dx, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(K), static_cast<int>(N), 0};
+  return dispatch<Op::kDgrad>(config, a, b, p, M, N, L, stream);
 }
 
 cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int64_t* offsets, float* dw, int64_t M,
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   if (config < 0) config = grouped_gemm_auto_config(K);
-  const int bn = kGroupedGemmTileN[config];
   CUtensorMap a, b;
-  cudaError_t err = make_tensor_map(&a, dy, gg::a_map_spec(Op::kWgrad, M, N, K));
-  if (err == cudaSuccess) err = make_tensor_map(&b, x, gg::b_map_spec(Op::kWgrad, bn, M, N, K, L));
+  const cudaError_t err = make_maps(Op::kWgrad, config, dy, x, M, N, K, L, &a, &b);
   if (err != cudaSuccess) return err;
-  Params p{offsets, dw, static_cast<int>(M), static_cast<int>(L), static_cast<int>(N), static_cast<int>(K), 0, 0};
-  return dispatch<Op::kWgrad>(config, a, b, p, L * ((N + gg::kBM - 1) / gg::kBM), stream);
+  const Params p{offsets, dw, static_cast<int>(M), static_cast<int>(L), static_cast<int>(N), static_cast<int>(K), 0, 0};
+  return dispatch<Op::kWgrad>(config, a, b, p, M, N, L, stream);
 }
 
 }  // namespace moetp::cuda::launch

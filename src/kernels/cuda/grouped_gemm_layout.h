@@ -11,7 +11,8 @@
 // "K-major" = the reduction index is contiguous in memory; "MN-major" = the output index is (wgmma's
 // "transposed" operands, imm-trans = 1).
 //
-// Shared-memory tiles (one pipeline stage): A is kBM × kBK, B is BN × kBK, bf16, written by TMA with
+// Shared-memory tiles (one pipeline stage): A is tile_m × kBK (tile_m = 128 for the cooperative
+// kernel, 64 for ping-pong), B is BN × kBK, bf16, written by TMA with
 // CU_TENSOR_MAP_SWIZZLE_128B in boxes whose inner dimension is 64 elements = 128 bytes:
 //   K-major operand (box {64 (R), rows (MN)}): MN row r at byte r·128, swizzled in 1024-byte atoms of
 //     8 rows. wgmma descriptor: SBO = 1024 (next 8 MN rows), LBO = 16 (unused with 128B swizzle, the
@@ -20,7 +21,7 @@
 //     byte j·8192 + r·128. Descriptor (CUTLASS canonical ((8,n),(8,k)):((1,LBO),(8,SBO)) in 16-byte
 //     units): LBO = 8192 (next 64 MN elements), SBO = 1024 (next 8 R rows); a k-step of 16 advances
 //     the start address by 2048 bytes (two 8-row groups).
-// Both start addresses of a consumer warpgroup's 64-row half of A are A + 8192·c for either major.
+// Both start addresses of a consumer warpgroup's 64-row part of A are A + 8192·c for either major.
 #pragma once
 
 #include <cstdint>
@@ -35,7 +36,8 @@ namespace moetp::cuda::ggemm {
 
 enum class Op : int32_t { kFwd = 0, kDgrad = 1, kWgrad = 2 };
 
-constexpr int kBM = 128;          // tile rows of C: two consumer warpgroups of 64 rows (wgmma m64)
+constexpr int kBM = 128;          // tile rows of C, cooperative: two consumer warpgroups of 64 rows (wgmma m64)
+constexpr int kBMPingpong = 64;   // tile rows of C, ping-pong: one warpgroup per tile, tiles alternate
 constexpr int kBK = 64;           // reduction per pipeline stage: one 128-byte swizzle row of bf16
 constexpr int kWgmmaK = 16;       // reduction per wgmma instruction (bf16)
 constexpr int kRowBytes = 128;    // one swizzle row
@@ -90,15 +92,15 @@ MOETP_GG_FN RowCol acc_row_col(int thread, int reg) {
 MOETP_GG_FN int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 // Tiles of one group with `rows` rows (fwd/dgrad: ragged Mo; wgrad: ragged R, fixed Mo = mo_fixed).
-MOETP_GG_FN int group_tiles(Op op, int64_t rows, int64_t mo_fixed, int n_tiles) {
+MOETP_GG_FN int group_tiles(Op op, int64_t rows, int64_t mo_fixed, int n_tiles, int tile_m) {
   if (rows <= 0) return 0;
   const int64_t mo = op == Op::kWgrad ? mo_fixed : rows;
-  return ceil_div(mo, kBM) * n_tiles;
+  return ceil_div(mo, tile_m) * n_tiles;
 }
 
 struct TileCoord {
   int group;   // l
-  int m_tile;  // rows [m_tile·kBM, ...) of C_l
+  int m_tile;  // rows [m_tile·tile_m, ...) of C_l
   int n_tile;  // columns [n_tile·BN, ...) of C_l
 };
 // Moves `group` forward to the group holding tile `tile` (tiles arrive in increasing order, so the
@@ -109,10 +111,19 @@ MOETP_GG_FN TileCoord decode_tile(const int32_t* tile_start, int& group, int til
   return TileCoord{group, local / n_tiles, local % n_tiles};
 }
 
+// Advances a pipeline position (stage in [0, stages), phase parity of that stage's barriers) by n
+// stages: what n single steps (stage + 1, wrapping with a phase flip) do. Ping-pong consumers use it
+// to step over the other warpgroup's tiles.
+MOETP_GG_FN void advance_stage(int& stage, uint32_t& phase, int n, int stages) {
+  const int next = stage + n;
+  phase ^= static_cast<uint32_t>((next / stages) & 1);
+  stage = next % stages;
+}
+
 // ---- what each pipeline stage loads -----------------------------------------------------------------
 // Tensor maps (dims innermost first; bf16, 128B swizzle, zero fill out of bounds):
-//   fwd   A = X  {K, M}     box {64, 128}        B = W {K, N, L} box {64, BN, 1}   (both K-major)
-//   dgrad A = dY {N, M}     box {64, 128}        B = W {K, N, L} box {64, 64, 1}   (B MN-major)
+//   fwd   A = X  {K, M}     box {64, tile_m}     B = W {K, N, L} box {64, BN, 1}   (both K-major)
+//   dgrad A = dY {N, M}     box {64, tile_m}     B = W {K, N, L} box {64, 64, 1}   (B MN-major)
 //   wgrad A = dY {N, M}     box {64, 64}         B = X {K, M}    box {64, 64}      (both MN-major)
 // W is 3-D so that a box never reads the next expert's rows (zero fill at the N edge instead).
 struct MapSpec {
@@ -120,9 +131,9 @@ struct MapSpec {
   uint64_t dims[3];
   uint32_t box[3];
 };
-MOETP_GG_FN MapSpec a_map_spec(Op op, int64_t M, int64_t N, int64_t K) {
+MOETP_GG_FN MapSpec a_map_spec(Op op, int64_t M, int64_t N, int64_t K, int tile_m) {
   const uint64_t inner = static_cast<uint64_t>(op == Op::kFwd ? K : N);
-  const uint32_t box_rows = op == Op::kWgrad ? 64u : static_cast<uint32_t>(kBM);
+  const uint32_t box_rows = op == Op::kWgrad ? 64u : static_cast<uint32_t>(tile_m);
   return MapSpec{2, {inner, static_cast<uint64_t>(M), 1}, {64u, box_rows, 1u}};
 }
 MOETP_GG_FN MapSpec b_map_spec(Op op, int bn, int64_t M, int64_t N, int64_t K, int64_t L) {
@@ -132,34 +143,36 @@ MOETP_GG_FN MapSpec b_map_spec(Op op, int bn, int64_t M, int64_t N, int64_t K, i
 }
 
 // One TMA box load of a stage: map 0 (A) or 1 (B), element coordinates (c0 innermost, c1, c2), into
-// the stage at byte offset smem_offset (A at 0, B at kABytes).
+// the stage at byte offset smem_offset (A at 0, B at a_bytes(tile_m)).
 struct BoxLoad {
   int map;
   uint32_t smem_offset;
   int c0, c1, c2;
 };
-constexpr int kABytes = kBM * kBK * 2;
+constexpr int a_bytes(int tile_m) { return tile_m * kBK * 2; }
 // Bytes of one stage = the bytes its boxes deliver (the producer's expect_tx; out-of-bounds fill counts).
-constexpr int stage_bytes(int bn) { return kABytes + bn * kBK * 2; }
+constexpr int stage_bytes(int bn, int tile_m) { return a_bytes(tile_m) + bn * kBK * 2; }
 constexpr int kMaxBoxLoads = 2 + 4;
 // The loads of reduction stage kt of tile tc (its group's first row: row0); returns how many.
-MOETP_GG_FN int stage_box_loads(Op op, int bn, const TileCoord& tc, int row0, int kt, BoxLoad (&out)[kMaxBoxLoads]) {
-  const int r0 = kt * kBK, mo0 = tc.m_tile * kBM, no0 = tc.n_tile * bn;
+MOETP_GG_FN int stage_box_loads(Op op, int bn, int tile_m, const TileCoord& tc, int row0, int kt,
+                                BoxLoad (&out)[kMaxBoxLoads]) {
+  const int r0 = kt * kBK, mo0 = tc.m_tile * tile_m, no0 = tc.n_tile * bn;
+  const uint32_t b0 = static_cast<uint32_t>(a_bytes(tile_m));
   int n = 0;
   if (op == Op::kFwd) {
     out[n++] = BoxLoad{0, 0u, r0, row0 + mo0, 0};                              // X rows of the tile, k slice
-    out[n++] = BoxLoad{1, static_cast<uint32_t>(kABytes), r0, no0, tc.group};  // W_l rows no0.., k slice
+    out[n++] = BoxLoad{1, b0, r0, no0, tc.group};  // W_l rows no0.., k slice
   } else if (op == Op::kDgrad) {
     out[n++] = BoxLoad{0, 0u, r0, row0 + mo0, 0};  // dY rows of the tile, n slice
     for (int j = 0; j < bn / 64; ++j) {            // W_l: n slice × 64 output columns (k) per box
-      out[n++] = BoxLoad{1, static_cast<uint32_t>(kABytes + j * kBoxMnBytes), no0 + 64 * j, r0, tc.group};
+      out[n++] = BoxLoad{1, b0 + static_cast<uint32_t>(j * kBoxMnBytes), no0 + 64 * j, r0, tc.group};
     }
   } else {
-    for (int j = 0; j < kBM / 64; ++j) {  // dY: the group's rows r0.. × 64 output rows (n) per box
+    for (int j = 0; j < tile_m / 64; ++j) {  // dY: the group's rows r0.. × 64 output rows (n) per box
       out[n++] = BoxLoad{0, static_cast<uint32_t>(j * kBoxMnBytes), mo0 + 64 * j, row0 + r0, 0};
     }
     for (int j = 0; j < bn / 64; ++j) {  // X: the group's rows r0.. × 64 output columns (k) per box
-      out[n++] = BoxLoad{1, static_cast<uint32_t>(kABytes + j * kBoxMnBytes), no0 + 64 * j, row0 + r0, 0};
+      out[n++] = BoxLoad{1, b0 + static_cast<uint32_t>(j * kBoxMnBytes), no0 + 64 * j, row0 + r0, 0};
     }
   }
   return n;
@@ -173,14 +186,14 @@ MOETP_GG_FN int stage_valid_rows(Op op, int rows, int kt) {
   return op == Op::kWgrad && valid < kBK ? valid : kBK;
 }
 
-// Epilogue: the flat output index of accumulator register `reg` of thread `t` of consumer warpgroup c
-// (y / dx: (row0 + mo)·n_out + no; dw: (group·N + mo)·K + no with N = mo_fixed, K = n_out), or -1
+// Epilogue: the flat output index of accumulator register `reg` of thread `t` of the consumer
+// warpgroup that owns rows [m_offset, m_offset + 64) of the tile (y / dx: (row0 + mo)·n_out + no; dw: (group·N + mo)·K + no with N = mo_fixed, K = n_out), or -1
 // where the element lies past the group's rows (fwd/dgrad), past N (wgrad) or past n_out. Registers
 // come in pairs (reg even): columns no, no + 1, both valid or both not (n_out is even).
-MOETP_GG_FN int64_t epilogue_index(Op op, int bn, const TileCoord& tc, int row0, int rows, int mo_fixed, int n_out,
-                                   int c, int t, int reg) {
+MOETP_GG_FN int64_t epilogue_index(Op op, int bn, int tile_m, const TileCoord& tc, int row0, int rows, int mo_fixed,
+                                   int n_out, int m_offset, int t, int reg) {
   const RowCol rc = acc_row_col(t, reg);
-  const int mo = tc.m_tile * kBM + 64 * c + rc.row, no = tc.n_tile * bn + rc.col;
+  const int mo = tc.m_tile * tile_m + m_offset + rc.row, no = tc.n_tile * bn + rc.col;
   const int mo_limit = op == Op::kWgrad ? mo_fixed : rows;
   if (mo >= mo_limit || no >= n_out) return -1;
   const int64_t out_row =
