@@ -81,12 +81,12 @@ constexpr int stage_bytes() {
 }
 template <int kBN, bool kPingpong>
 constexpr int num_stages() {
-  const int s = (kSmemLimit - 1024 - kTableBytes - 16 * 8) / stage_bytes<kBN, kPingpong>();
+  const int s = (kSmemLimit - 1024 - kTableBytes - 16 * 8 - 16) / stage_bytes<kBN, kPingpong>();
   return s > 8 ? 8 : s;
 }
 template <int kBN, bool kPingpong>
 constexpr int smem_bytes() {
-  return 1024 + num_stages<kBN, kPingpong>() * (stage_bytes<kBN, kPingpong>() + 16) + kTableBytes;
+  return 1024 + num_stages<kBN, kPingpong>() * (stage_bytes<kBN, kPingpong>() + 16) + 16 + kTableBytes;
 }
 static_assert(smem_bytes<256, false>() <= kSmemLimit && smem_bytes<192, false>() <= kSmemLimit &&
               smem_bytes<128, false>() <= kSmemLimit && smem_bytes<256, true>() <= kSmemLimit &&
@@ -119,7 +119,11 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // kPingpong = false (cooperative): both consumer warpgroups work on every tile of 128 × BN, rows split.
 // kPingpong = true: tiles of 64 × BN; the CTA's tiles alternate between the warpgroups (local tile
 // index j goes to warpgroup j % 2), so one warpgroup's epilogue runs under the other's wgmmas; each
-// warpgroup steps over the other's stages without waiting on them.
+// warpgroup steps over the other's stages without waiting on them. The mainloops themselves take
+// turns (order_bar: warpgroup c starts a tile's mainloop only after the other finished its previous
+// one). Without the turns a warpgroup that stepped ahead could wait on a full barrier two phases
+// early, where the parity test cannot tell phase q from q - 2 and would pass on the older data; with
+// them, every barrier phase of the previous tile has completed before the next tile's waits begin.
 template <Op kOp, int kBN, bool kPingpong>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
@@ -140,7 +144,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
   uint64_t* empty_bar = full_bar + kStages;
-  int32_t* row_start = reinterpret_cast<int32_t*>(empty_bar + kStages);  // [L + 1] clamped offsets
+  uint64_t* order_bar = empty_bar + kStages;  // ping-pong: [c] completes when warpgroup c may run a mainloop
+  int32_t* row_start = reinterpret_cast<int32_t*>(order_bar + 2);  // [L + 1] clamped offsets
   int32_t* tile_start = row_start + gg::kMaxGroups + 1;                   // [L + 1] tile prefix
   const uint32_t smem_base = smem_addr(smem);
 
@@ -156,6 +161,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(smem_addr(&full_bar[s]), 1);
       mbar_init(smem_addr(&empty_bar[s]), kStageReaders);
     }
+    mbar_init(smem_addr(&order_bar[0]), 128);  // arrivals: the other warpgroup's 128 threads
+    mbar_init(smem_addr(&order_bar[1]), 128);
     mbar_init_fence();
   }
   __syncthreads();
@@ -223,7 +230,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int m_offset = kPingpong ? 0 : 64 * c;  // this warpgroup's rows in the tile (and its A box)
     float acc[kAccRegs];
     int stage = 0, group = 0, local = 0;
-    uint32_t phase = 0;
+    uint32_t phase = 0, turn_phase = 0;
+    bool first_own_tile = true;
     for (int tile = static_cast<int>(blockIdx.x); tile < total_tiles;
          tile += static_cast<int>(gridDim.x), ++local) {
       const gg::TileCoord tc = gg::decode_tile(tile_start, group, tile, p.n_tiles);
@@ -232,6 +240,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (kPingpong && (local & 1) != c) {  // the other warpgroup's tile: step over its stages
         gg::advance_stage(stage, phase, num_k, kStages);
         continue;
+      }
+      if constexpr (kPingpong) {  // wait for this warpgroup's turn (warpgroup 0 opens)
+        if (c == 1 || !first_own_tile) {
+          mbar_wait(smem_addr(&order_bar[c]), turn_phase);
+          turn_phase ^= 1u;
+        }
+        first_own_tile = false;
       }
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.0f;
@@ -283,6 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_acc(acc);
       if (num_k > 0) mbar_arrive(smem_addr(&empty_bar[prev_stage]));
+      if constexpr (kPingpong) mbar_arrive(smem_addr(&order_bar[1 - c]));  // the other's turn
 
       // ---- epilogue ----
 #pragma unroll
