@@ -42,13 +42,14 @@
 // semantics (mbarrier phases, TMA, wgmma) and its speed are unverified. An mbarrier wait that lasts
 // ~10 s traps, so a pipeline deadlock fails the launch instead of hanging.
 //
-// Performance levers not taken yet (measure first, grouped_gemm_cuda_bench --sweep): the epilogue is
-// not overlapped with the next tile's wgmmas and stores 4/8 bytes per thread straight from the
-// fragments, which matters most where the reduction is short (N = 2048, K = 192: 3 stages per tile);
-// remedies are ping-pong consumers (each warpgroup a 64 × BN tile, epilogue of one under the mainloop
-// of the other) or a shared-memory staged epilogue with TMA stores (TMA reduce-add for wgrad) on the
-// tiles that do not cross a group end. A 2-CTA cluster multicasting the shared operand tile would
-// halve the L2 traffic of the 128 × 192/256 tiles. wgrad tiles could be ordered largest group first.
+// Performance (measure first: grouped_gemm_cuda_bench --sweep). In the cooperative configurations the
+// epilogue is not overlapped with the next tile's wgmmas, which matters most where the reduction is
+// short (N = 2048, K = 192: 3 stages per tile); the ping-pong configurations (3-5) overlap it and are
+// the candidates there, but the automatic choice stays cooperative until measured. Levers not taken:
+// the epilogue stores 4/8 bytes per thread straight from the fragments (a shared-memory staged epilogue
+// with TMA stores, TMA reduce-add for wgrad, on tiles that do not cross a group end, would coalesce
+// it); a 2-CTA cluster multicasting the shared operand tile would halve the L2 traffic of the
+// 128 × 192/256 tiles; wgrad tiles could be ordered largest group first.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
