@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""PyTorch baseline of bench/grouped_gemm_cuda_bench.cpp: torch._grouped_mm (bf16, f32 accumulation
+inside) on the same shapes, group sizes and layouts as moetp's grouped GEMM (kernels/cuda/grouped_gemm.h).
+
+  G = 16 groups, M = 16 x 2048 rows, (N, K) in (384, 2048), (2048, 192), (768, 2048), (2048, 384),
+  (1536, 2048), (2048, 768); group sizes balanced (2048 each) or RAGGED (the C++ list, same total)
+  x (M, K), w (G, N, K), dy (M, N) bf16, offs = int32 cumulative group ends
+  fwd   y  = _grouped_mm(x, w.transpose(-2, -1), offs)          (M, N)
+  dgrad dx = _grouped_mm(dy, w, offs)                            (M, K)
+  wgrad dw = _grouped_mm(dy.t(), x, offs)                        (G, N, K), reduction over each group's rows
+The weight gradient is what autograd of _grouped_mm computes: a fresh bf16 tensor, where moetp
+accumulates into an f32 dW (beta = 1); the extra add is not timed here.
+
+Each call is timed with torch.cuda.Event after warm-up; the median is printed and, with --json FILE,
+written for `grouped_gemm_cuda_bench --torch-results FILE` (keys op, dist, N, K, ms). Before timing, a
+small ragged case (an empty group, sizes that are multiples of 16) is checked against a float64
+per-group loop (max error under 2e-2 of the largest element).
+
+  python3 bench/torch_grouped_gemm.py [--json torch_gg.json] [--iters 20] [--warmup 5]
+"""
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+GROUPS, ROWS_PER_GROUP = 16, 2048
+RAGGED = [1008, 3104, 2048, 16, 4096, 1504, 2592, 0, 2896, 1808, 2240, 3008, 1200, 2496, 1776, 2976]
+SHAPES = [(384, 2048), (2048, 192), (768, 2048), (2048, 384), (1536, 2048), (2048, 768)]
+
+
+def grouped_mm(a, b, offs):
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        sys.exit("torch._grouped_mm is not available in torch " + torch.__version__)
+    return fn(a, b, offs=offs)
+
+
+def products(x, w, dy, offs):
+    return {
+        "fwd": lambda: grouped_mm(x, w.transpose(-2, -1), offs),
+        "dgrad": lambda: grouped_mm(dy, w, offs),
+        "wgrad": lambda: grouped_mm(dy.t(), x, offs),
+    }
+
+
+def self_check(device):
+    torch.manual_seed(0)
+    counts = [32, 0, 48, 16]
+    n, k = 64, 96
+    m = sum(counts)
+    x = torch.randn(m, k, device=device).bfloat16()
+    w = torch.randn(len(counts), n, k, device=device).bfloat16()
+    dy = torch.randn(m, n, device=device).bfloat16()
+    offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+    got = {name: fn().double() for name, fn in products(x, w, dy, offs).items()}
+    ref_y = torch.zeros(m, n, dtype=torch.float64, device=device)
+    ref_dx = torch.zeros(m, k, dtype=torch.float64, device=device)
+    ref_dw = torch.zeros(len(counts), n, k, dtype=torch.float64, device=device)
+    start = 0
+    for g, c in enumerate(counts):
+        xs, dys, wg = x[start:start + c].double(), dy[start:start + c].double(), w[g].double()
+        ref_y[start:start + c] = xs @ wg.t()
+        ref_dx[start:start + c] = dys @ wg
+        ref_dw[g] = dys.t() @ xs
+        start += c
+    for name, ref in (("fwd", ref_y), ("dgrad", ref_dx), ("wgrad", ref_dw)):
+        err = (got[name] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+        if err > 2e-2:
+            sys.exit(f"self-check failed: {name} max error {err:.3e}")
+    print("self-check vs float64 per-group loop: ok")
+
+
+def time_ms(fn, iters, warmup):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here for grouped_gemm_cuda_bench --torch-results")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no GPU")
+    assert sum(RAGGED) == GROUPS * ROWS_PER_GROUP
+    device = torch.device("cuda")
+    self_check(device)
+    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}; G = {GROUPS}, "
+          f"M = {GROUPS * ROWS_PER_GROUP}")
+    print(f"{'op':5} {'dist':8} {'N':>5} {'K':>5} | {'ms':>8} {'TFLOP/s':>8}")
+    results = []
+    m = GROUPS * ROWS_PER_GROUP
+    for n, k in SHAPES:
+        gen = torch.Generator(device=device).manual_seed(n * 7919 + k)
+        x = torch.rand(m, k, device=device, generator=gen).mul_(2).sub_(1).bfloat16()
+        w = torch.rand(GROUPS, n, k, device=device, generator=gen).mul_(0.1).sub_(0.05).bfloat16()
+        dy = torch.rand(m, n, device=device, generator=gen).mul_(2).sub_(1).bfloat16()
+        flops = 2.0 * m * n * k
+        for dist, counts in (("balanced", [ROWS_PER_GROUP] * GROUPS), ("ragged", RAGGED)):
+            offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+            for op, fn in products(x, w, dy, offs).items():
+                ms = time_ms(fn, args.iters, args.warmup)
+                print(f"{op:5} {dist:8} {n:5d} {k:5d} | {ms:8.3f} {flops / ms * 1e-9:8.1f}")
+                results.append({"op": op, "dist": dist, "N": n, "K": k, "ms": ms, "tflops": flops / ms * 1e-9})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
+                      indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

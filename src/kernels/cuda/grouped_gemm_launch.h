@@ -1,0 +1,40 @@
+// Raw-pointer launchers of the Hopper grouped GEMM (grouped_gemm.cu; Tensor wrappers and the
+// contract in grouped_gemm.h). bf16 is passed as uint16_t bits. Requirements, checked by the host
+// wrappers: 1 <= L <= kGroupedGemmMaxGroups; M, N, K < 2^31; N % 8 == 0 and K % 8 == 0 (TMA row
+// strides are multiples of 16 bytes); every pointer 16-byte aligned; offsets on the device, L + 1
+// int64 entries, 0 = offsets[0] <= ... <= offsets[L] = M (values outside [0, M] are clamped, a
+// decrease is treated as an empty group; the results are then meaningless but memory stays in bounds).
+// One launch per call, no host synchronisation, asynchronous on `stream`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moetp::cuda::launch {
+
+inline constexpr int64_t kGroupedGemmMaxGroups = 1024;
+// Tile configurations: config c has tile N = kGroupedGemmTileN[c], stage K = 64, and as many pipeline
+// stages as fit in shared memory; cooperative (tile M = 128, both consumer warpgroups on each tile) or
+// ping-pong (kGroupedGemmPingpong[c]: tile M = 64, tiles alternate between the consumer warpgroups so
+// that one's epilogue overlaps the other's mainloop). config < 0: chosen per shape
+// (grouped_gemm_auto_config; cooperative only until the device measurements say otherwise).
+inline constexpr int kGroupedGemmConfigs = 6;
+inline constexpr int kGroupedGemmTileN[kGroupedGemmConfigs] = {128, 192, 256, 128, 192, 256};
+inline constexpr bool kGroupedGemmPingpong[kGroupedGemmConfigs] = {false, false, false, true, true, true};
+// The configuration `config < 0` picks for an output of n_out columns (fwd: N, dgrad and wgrad: K).
+int grouped_gemm_auto_config(int64_t n_out);
+int grouped_gemm_stages(int config);
+
+// y[rows of l] = x[rows of l] · w[l]ᵀ. x (M, K), w (L, N, K), y (M, N) bf16, overwritten. K >= 1.
+cudaError_t grouped_gemm_fwd(const uint16_t* x, const uint16_t* w, const int64_t* offsets, uint16_t* y, int64_t M,
+                             int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config = -1);
+// dx[rows of l] = dy[rows of l] · w[l]. dy (M, N), w (L, N, K), dx (M, K) bf16, overwritten. N >= 1.
+cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int64_t* offsets, uint16_t* dx, int64_t M,
+                               int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config = -1);
+// dw[l] += dy[rows of l]ᵀ · x[rows of l]. dy (M, N), x (M, K) bf16, dw (L, N, K) f32 accumulated
+// (beta = 1); empty groups leave dw[l] untouched. Deterministic (each dw element has one owner tile).
+cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int64_t* offsets, float* dw, int64_t M,
+                               int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config = -1);
+
+}  // namespace moetp::cuda::launch
