@@ -10,6 +10,11 @@
 // of the partial outputs and the reverse all-to-all. The row order on the expert side is the
 // dispatcher contract of moe/dispatcher.h (local expert, source rank, token, slot), so the CPU
 // dispatcher over MPI and this layer over NCCL produce bit-identical dispatched rows.
+// With cfg.dispatcher == "vexpert" the rows move as the `vexpert` dispatcher does instead (ETP_SPEC
+// §5.4, moe/dispatch_vexpert.cpp, planned on the host by moe/vexpert_plan.h): one row per (token,
+// destination ep_etp rank) by NCCL all_to_all_v over ep_etp, folded with the routing weights on the
+// expert side (f32), the folded sums sent back (f32) and added into the tokens. (Not yet run on a
+// GPU: see docs/gpu.md.)
 //
 // Legend: N tokens on this rank, H hidden, E experts, K top-k, I expert FFN width
 // (moe_intermediate_size), M = N·K "slot rows" (this rank's (token, slot) pairs), L local experts,
