@@ -16,6 +16,7 @@
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/launch.h"
 #include "moe/cuda_moe_kernels.h"
+#include "moe/vexpert_plan.h"
 
 namespace moetp::moe {
 
@@ -74,6 +75,30 @@ void check_nccl_group(comm::Comm& c, cudaStream_t stream) {
               c.name());
 }
 
+// The first `rows` rows of a (capacity, cols) CUDA buffer, regrown to 1.25x (at least 64 rows)
+// when too small, so that a steady-state step allocates nothing.
+Tensor grow_rows(Tensor& cap, int64_t rows, int64_t cols, DType dtype) {
+  if (!cap.defined() || cap.size(0) < rows) {
+    cap = Tensor();  // the old one goes first
+    cap = device_empty({std::max<int64_t>(rows + rows / 4, 64), cols}, dtype);
+  }
+  return cap.narrow_rows(0, rows);
+}
+
+// A host i64 vector copied into (a view of) a capacity buffer, ordered on `stream`. Pageable host
+// memory: the copy stages the source before returning.
+Tensor upload_i64(Tensor& cap, const std::vector<int64_t>& v, cudaStream_t stream) {
+  Tensor view = grow_rows(cap, static_cast<int64_t>(v.size()), 1, DType::kI64);
+  if (!v.empty()) {
+    CUDA_CHECK(cudaMemcpyAsync(view.raw_data(), v.data(), v.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream));
+  }
+  return view;
+}
+
+void zero_async(Tensor& t, cudaStream_t stream) {
+  if (t.num_bytes() > 0) CUDA_CHECK(cudaMemsetAsync(t.raw_data(), 0, t.num_bytes(), stream));
+}
+
 }  // namespace
 
 void CudaMoeLayer::PinnedDeleter::operator()(int32_t* p) const { cudaFreeHost(p); }
@@ -97,13 +122,15 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
   if (opts.mesh != nullptr) {
     const comm::Mesh& mesh = *opts.mesh;
     const int P = mesh.ep_size(), T = mesh.etp_size();
-    MOETP_CHECK(cfg.dispatcher == "all2all",
-                "CudaMoeLayer: dispatcher '{}' is not implemented on the CUDA backend; use 'all2all' (ep {} x etp {})",
+    MOETP_CHECK(cfg.dispatcher == "all2all" || cfg.dispatcher == "vexpert",
+                "CudaMoeLayer: dispatcher '{}' is not implemented on the CUDA backend; use 'all2all' or 'vexpert' "
+                "(ep {} x etp {})",
                 cfg.dispatcher, P, T);
     MOETP_CHECK(E % P == 0, "CudaMoeLayer: num_experts ({}) % ep ({}) = {} != 0", E, P, E % P);
     MOETP_CHECK(I % T == 0, "CudaMoeLayer: moe_intermediate_size ({}) % etp ({}) = {} != 0", I, T, I % T);
     check_nccl_group(mesh.ep(), opts.stream);
     check_nccl_group(mesh.etp(), opts.stream);
+    if (cfg.dispatcher == "vexpert") check_nccl_group(mesh.ep_etp(), opts.stream);
     L_ = E / P;
     i_ = I / T;
   }
@@ -332,6 +359,133 @@ void CudaMoeLayer::move_to_slots(const Tensor& exp_RH, Tensor& slot_MH) {
   mesh.ep().all_to_all_v(recv, ex_.recv_counts, slot_MH, ex_.send_counts);
 }
 
+void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
+  const comm::Mesh& mesh = *opts_.mesh;
+  comm::Comm& g = mesh.ep_etp();
+  comm::MpiComm& host = nccl(g).host();
+  const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k, L = L_, N = x_NH.size(0);
+  const int P = mesh.ep_size(), T = mesh.etp_size();
+  const cudaStream_t stream = opts_.stream;
+  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
+  CudaMoeSaved& s = saved_;
+  VExpert& v = vx_;
+
+  // The plan of the CPU dispatcher (moe/vexpert_plan.h); counts, local-entry table and weights
+  // travel over the host communicator (MPI, same members and order): the receiver plans on the
+  // host, so the tables never make a round trip through the GPU.
+  VExpertSendPlan plan = plan_vexpert_send(v.idx_host, v.weight_host, N, K, E, P, T);
+  const int64_t C = plan.num_entries;
+  v.C = C;
+  v.send_counts = plan.send_counts;
+  v.recv_counts = host.exchange_counts(v.send_counts);
+  v.S = static_cast<int64_t>(plan.send_token.size());
+  v.Q = comm::sum_counts(v.recv_counts);
+  const int64_t S = v.S, Q = v.Q;
+  Tensor recv_meta = Tensor::empty({Q, C}, DType::kI32);
+  host.all_to_all_v(Tensor::from_vector<int32_t>(plan.meta, {S, C}), v.send_counts, recv_meta, v.recv_counts);
+  Tensor recv_w = Tensor::empty({Q, C}, DType::kF32);
+  host.all_to_all_v(Tensor::from_vector<float>(plan.meta_w, {S, C}), v.send_counts, recv_w, v.recv_counts);
+  VExpertRecvPlan rp = plan_vexpert_recv(recv_meta.to_vector<int32_t>(), Q, C, L);
+  const TokenRows tr = vexpert_token_rows(plan.send_token, N);
+  const int64_t R = rp.offsets[static_cast<size_t>(L)];
+  s.offsets = rp.offsets;
+  reserve_expert_side(R);
+
+  v.send_token = upload_i64(v.cap_send_token, plan.send_token, stream);
+  v.tok_begin = upload_i64(v.cap_tok_begin, tr.begin, stream);
+  v.tok_rows = upload_i64(v.cap_tok_rows, tr.rows, stream);
+  v.row_recv = upload_i64(v.cap_row_recv, rp.row_recv, stream);
+  v.row_entry = upload_i64(v.cap_row_entry, rp.row_entry, stream);
+  v.recv_w = grow_rows(v.cap_recv_w, Q, C, DType::kF32);
+  if (Q > 0) {
+    CUDA_CHECK(cudaMemcpyAsync(v.recv_w.raw_data(), recv_w.raw_data(), recv_w.num_bytes(), cudaMemcpyHostToDevice,
+                               stream));
+  }
+  v.send_SH = grow_rows(v.cap_send, S, H, DType::kBF16);
+  v.recv_QH = grow_rows(v.cap_recv, Q, H, DType::kBF16);
+  v.z_QH = grow_rows(v.cap_z, Q, H, DType::kF32);
+  v.back_SH = grow_rows(v.cap_back, S, H, DType::kF32);
+  v.acc_NH = grow_rows(v.cap_acc, N, H, DType::kF32);
+  v.dw_QC = grow_rows(v.cap_dw_q, Q, C, DType::kF32);
+  v.dw_SC = grow_rows(v.cap_dw_s, S, C, DType::kF32);
+  const size_t ws_bytes = cuda::launch::sorted_accumulate_workspace_bytes(std::max(std::max(R, S), int64_t{1}), true);
+  v.workspace = grow_rows(v.cap_ws, static_cast<int64_t>((ws_bytes + 7) / 8) + 1, 1, DType::kI64);
+
+  // Dispatch: one row per (token, destination), then expert order (local expert, received row, entry).
+  if (S > 0) {
+    CUDA_CHECK(cuda::launch::gather_rows(x_NH.raw_data(), v.send_SH.raw_data(), v.send_token.data<int64_t>(), S, N,
+                                         row_bytes, nullptr, stream));
+  }
+  g.all_to_all_v(v.send_SH, v.send_counts, v.recv_QH, v.recv_counts);
+  if (R > 0) {
+    CUDA_CHECK(cuda::launch::gather_rows(v.recv_QH.raw_data(), s.x_RH.raw_data(), v.row_recv.data<int64_t>(), R, Q,
+                                         row_bytes, nullptr, stream));
+  }
+  for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_forward(e0, e1, st); });
+
+  // Combine: the receiver folds its partials with the received weights (f32), the sums go back
+  // (f32) and add into their tokens; one bf16 rounding at the end.
+  zero_async(v.z_QH, stream);
+  if (R > 0) {
+    CUDA_CHECK(cuda::launch::fold_weighted(s.y_RH.raw_data(), true, v.row_recv.data<int64_t>(),
+                                           v.row_entry.data<int64_t>(), v.recv_w.data<float>(), C, v.z_QH.data<float>(),
+                                           R, Q, H, v.workspace.raw_data(), v.workspace.num_bytes(), nullptr, stream));
+  }
+  g.all_to_all_v(v.z_QH, v.recv_counts, v.back_SH, v.send_counts);
+  zero_async(v.acc_NH, stream);
+  if (S > 0) {
+    CUDA_CHECK(cuda::launch::scatter_add_rows(v.back_SH.raw_data(), false, v.send_token.data<int64_t>(),
+                                              v.acc_NH.data<float>(), S, N, H, v.workspace.raw_data(),
+                                              v.workspace.num_bytes(), nullptr, stream));
+  }
+  CUDA_CHECK(launch::add_to_bf16(v.acc_NH.data<float>(), nullptr, bits(out_NH), N * H, stream));
+}
+
+void CudaMoeLayer::vexpert_backward(const Tensor& dout_NH, float* dtopk_NK) {
+  const comm::Mesh& mesh = *opts_.mesh;
+  comm::Comm& g = mesh.ep_etp();
+  const int64_t H = cfg_.hidden, K = cfg_.top_k, N = dout_NH.size(0);
+  const int T = mesh.etp_size();
+  const cudaStream_t stream = opts_.stream;
+  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
+  CudaMoeSaved& s = saved_;
+  VExpert& v = vx_;
+  const int64_t S = v.S, Q = v.Q, C = v.C, R = s.offsets.back();
+
+  // Combine backward: dout rows to where the partials were folded (bf16: the rows are exact copies).
+  if (S > 0) {
+    CUDA_CHECK(cuda::launch::gather_rows(dout_NH.raw_data(), v.send_SH.raw_data(), v.send_token.data<int64_t>(), S, N,
+                                         row_bytes, nullptr, stream));
+  }
+  g.all_to_all_v(v.send_SH, v.send_counts, v.recv_QH, v.recv_counts);
+  if (dtopk_NK != nullptr) zero_async(v.dw_QC, stream);
+  CUDA_CHECK(launch::vexpert_combine_backward(bits(v.recv_QH), bits(s.y_RH), v.row_recv.data<int64_t>(),
+                                              v.row_entry.data<int64_t>(), v.recv_w.data<float>(), C, bits(dy_RH_),
+                                              dtopk_NK != nullptr ? v.dw_QC.data<float>() : nullptr, R, H, stream));
+  if (dtopk_NK != nullptr) {
+    // The (rows, K·T) gradient table goes back; the T copies of each slot sum into dw[n, k].
+    g.all_to_all_v(v.dw_QC, v.recv_counts, v.dw_SC, v.send_counts);
+    CUDA_CHECK(launch::vexpert_weight_grad(v.dw_SC.data<float>(), v.tok_begin.data<int64_t>(),
+                                           v.tok_rows.data<int64_t>(), dtopk_NK, N, K, T, stream));
+  }
+  for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_backward(e0, e1, st); });
+  // experts_backward left dx_RH in dy_RH_. Dispatch backward: sum per received row, send back, sum
+  // per token (f32 throughout).
+  zero_async(v.z_QH, stream);
+  if (R > 0) {
+    CUDA_CHECK(cuda::launch::scatter_add_rows(dy_RH_.raw_data(), true, v.row_recv.data<int64_t>(), v.z_QH.data<float>(),
+                                              R, Q, H, v.workspace.raw_data(), v.workspace.num_bytes(), nullptr,
+                                              stream));
+  }
+  g.all_to_all_v(v.z_QH, v.recv_counts, v.back_SH, v.send_counts);
+  zero_async(v.acc_NH, stream);
+  if (S > 0) {
+    CUDA_CHECK(cuda::launch::scatter_add_rows(v.back_SH.raw_data(), false, v.send_token.data<int64_t>(),
+                                              v.acc_NH.data<float>(), S, N, H, v.workspace.raw_data(),
+                                              v.workspace.num_bytes(), nullptr, stream));
+  }
+}
+
 void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
   const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k;
   MOETP_CHECK(x_NH.defined() && x_NH.ndim() == 2 && x_NH.size(1) == H,
@@ -365,13 +519,32 @@ void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
                                     s.pos_NK.data<int32_t>(), counts_dev_E_.data<int32_t>(), stream));
     CUDA_CHECK(cudaMemcpyAsync(counts_host_.get(), counts_dev_E_.raw_data(), static_cast<size_t>(E) * sizeof(int32_t),
                                cudaMemcpyDeviceToHost, stream));
+    if (vexpert()) {
+      // The routing itself goes to the host for the vexpert plan (pageable: returns once copied).
+      vx_.idx_host.resize(static_cast<size_t>(M));
+      vx_.weight_host.resize(static_cast<size_t>(M));
+      CUDA_CHECK(cudaMemcpyAsync(vx_.idx_host.data(), s.topk_idx_NK.raw_data(), static_cast<size_t>(M) * sizeof(int32_t),
+                                 cudaMemcpyDeviceToHost, stream));
+      CUDA_CHECK(cudaMemcpyAsync(vx_.weight_host.data(), s.topk_weight_NK.raw_data(),
+                                 static_cast<size_t>(M) * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    }
     CUDA_CHECK(cudaStreamSynchronize(stream));
     for (int64_t e = 0; e < E; ++e) s.counts_E[static_cast<size_t>(e)] = counts_host_.get()[e];
     // Every id from the router is in [0, E); a shortfall means a broken plan, not bad input.
     MOETP_CHECK(comm::sum_counts(s.counts_E) == M, "CudaMoeLayer: per-expert counts sum to {}, expected N·K = {}",
                 comm::sum_counts(s.counts_E), M);
-    CUDA_CHECK(cuda::launch::gather_rows(x_NH.raw_data(), s.x_MH.raw_data(), s.token_M.data<int64_t>(), M, N,
-                                         H * static_cast<int64_t>(sizeof(bf16)), nullptr, stream));
+    if (!vexpert()) {
+      CUDA_CHECK(cuda::launch::gather_rows(x_NH.raw_data(), s.x_MH.raw_data(), s.token_M.data<int64_t>(), M, N,
+                                           H * static_cast<int64_t>(sizeof(bf16)), nullptr, stream));
+    }
+  } else if (vexpert()) {
+    vx_.idx_host.clear();
+    vx_.weight_host.clear();
+  }
+  if (vexpert()) {
+    vexpert_forward(x_NH, out_NH);  // collective even when this rank has no tokens
+    has_forward_ = true;
+    return;
   }
   if (distributed()) {
     plan_exchange();  // collective even when this rank has no tokens
@@ -476,14 +649,18 @@ void CudaMoeLayer::backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE
 
   // Combine backward: dy = w · dout[token], and the routing-weight gradient <dout[n], y[i]>.
   float* dtopk = routed_grad ? dtopk_weight_NK_.data<float>() : nullptr;
-  if (N > 0) {
-    CUDA_CHECK(launch::combine_backward(bits(dout_NH), bits(s.y_MH), s.flat_M.data<int32_t>(),
-                                        s.topk_weight_NK.data<float>(), bits(dy_MH_), dtopk, M, K, H, stream));
+  if (vexpert()) {
+    vexpert_backward(dout_NH, dtopk);
+  } else {
+    if (N > 0) {
+      CUDA_CHECK(launch::combine_backward(bits(dout_NH), bits(s.y_MH), s.flat_M.data<int32_t>(),
+                                          s.topk_weight_NK.data<float>(), bits(dy_MH_), dtopk, M, K, H, stream));
+    }
+    if (distributed()) move_to_experts(dy_MH_, dy_RH_);
+    for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_backward(e0, e1, st); });
+    // experts_backward overwrites dy_RH with dx_RH; on a mesh it comes back into dy_MH's rows.
+    if (distributed()) move_to_slots(dy_RH_, dy_MH_);
   }
-  if (distributed()) move_to_experts(dy_MH_, dy_RH_);
-  for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_backward(e0, e1, st); });
-  // experts_backward overwrites dy_RH with dx_RH; on a mesh it comes back into dy_MH's rows.
-  if (distributed()) move_to_slots(dy_RH_, dy_MH_);
   if (N == 0) return;
   const Tensor& dx_MH = dy_MH_;
 
@@ -501,6 +678,10 @@ void CudaMoeLayer::backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE
     gemm_f32_out("CudaMoeLayer router dx", stream, CUBLAS_OP_N, CUBLAS_OP_N, H, N, E, params_.wg_EH.raw_data(), H,
                  dlogits_bf16_NE_.raw_data(), E, dx_router_NH_.data<float>(), H);
     dx_router = dx_router_NH_.data<float>();
+  }
+  if (vexpert()) {
+    CUDA_CHECK(launch::add_to_bf16(vx_.acc_NH.data<float>(), dx_router, bits(dx_NH), N * H, stream));
+    return;
   }
   CUDA_CHECK(
       launch::combine_rows(bits(dx_MH), s.pos_NK.data<int32_t>(), nullptr, dx_router, bits(dx_NH), N, K, H, stream));

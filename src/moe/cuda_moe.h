@@ -10,6 +10,11 @@
 // of the partial outputs and the reverse all-to-all. The row order on the expert side is the
 // dispatcher contract of moe/dispatcher.h (local expert, source rank, token, slot), so the CPU
 // dispatcher over MPI and this layer over NCCL produce bit-identical dispatched rows.
+// With cfg.dispatcher == "vexpert" the rows move as the `vexpert` dispatcher does instead (ETP_SPEC
+// §5.4, moe/dispatch_vexpert.cpp, planned on the host by moe/vexpert_plan.h): one row per (token,
+// destination ep_etp rank) by NCCL all_to_all_v over ep_etp, folded with the routing weights on the
+// expert side (f32), the folded sums sent back (f32) and added into the tokens. (Not yet run on a
+// GPU: see docs/gpu.md.)
 //
 // Legend: N tokens on this rank, H hidden, E experts, K top-k, I expert FFN width
 // (moe_intermediate_size), M = N·K "slot rows" (this rank's (token, slot) pairs), L local experts,
@@ -73,7 +78,8 @@ struct CudaMoeOptions {
   int expert_streams = 1;
   // Expert parallel layout, or null: one GPU with every expert. Every communicator of the mesh must
   // be a comm::NcclComm (checked) whose compute stream is `stream`; the mesh must outlive the layer.
-  // MoeConfig::dispatcher must then be "all2all" (the CUDA dispatcher; others are rejected).
+  // MoeConfig::dispatcher must then be "all2all" or "vexpert" (others are rejected); with
+  // "vexpert" the mesh's ep_etp group must be NCCL too.
   const comm::Mesh* mesh = nullptr;
 };
 
@@ -88,7 +94,8 @@ struct CudaMoeSaved {
   Tensor token_M;         // (M) i64: its token n
   Tensor pos_NK;          // (N, K) i32: the slot row of pair (n, k)
   Tensor x_MH;            // (M, H) bf16 slot rows: x[token_M], sorted by global expert, token, slot
-  Tensor y_MH;            // (M, H) bf16 slot rows: the experts' outputs (summed over the etp group)
+  Tensor y_MH;            // (M, H) bf16 slot rows: the experts' outputs (summed over the etp group);
+                          // not used (left unset) by `vexpert`, which folds on the expert side
   // Expert side: the R rows this rank's L local experts process, in dispatcher order (moe/dispatcher.h).
   // With one GPU these are the slot rows themselves (x_RH is x_MH, y_RH is y_MH).
   Tensor x_RH;            // (R, H) bf16
@@ -148,6 +155,14 @@ class CudaMoeLayer {
 
  private:
   bool distributed() const { return opts_.mesh != nullptr; }
+  bool vexpert() const { return distributed() && cfg_.dispatcher == "vexpert"; }
+  // `vexpert` (ETP_SPEC §5.4, the CPU spec moe/dispatch_vexpert.cpp, planning shared through
+  // moe/vexpert_plan.h): after the router and the host copy of the routing, everything from the
+  // send plan to out_NH. Collective over ep_etp.
+  void vexpert_forward(const Tensor& x_NH, Tensor& out_NH);
+  // Combine backward (dy_RH_, and the routing-weight gradient into dtopk_NK unless null), the
+  // experts' backward, and the dispatch backward: vx_.acc_NH holds the experts' dx in f32.
+  void vexpert_backward(const Tensor& dout_NH, float* dtopk_NK);
   void reserve(int64_t N);
   // Expert-side buffers for R rows (grown with slack on a mesh, see the header comment).
   void reserve_expert_side(int64_t R);
@@ -198,6 +213,25 @@ class CudaMoeLayer {
     int64_t num_rows = 0;              // R = Σ tp_counts
   } ex_;
   std::vector<int64_t> perm_host_;     // pinned staging would be nicer; uploaded once per forward
+
+  // `vexpert`: the last forward's plan (host) and capacity buffers (device, used through views).
+  // S rows sent, Q rows received, C = K·T entries per row, R expert-side rows.
+  struct VExpert {
+    std::vector<int32_t> idx_host;     // (N, K) the routing, copied once per forward
+    std::vector<float> weight_host;    // (N, K)
+    std::vector<int64_t> send_counts;  // rows to each ep_etp rank
+    std::vector<int64_t> recv_counts;  // rows from each ep_etp rank
+    int64_t S = 0, Q = 0, C = 0;
+    Tensor send_token, tok_begin, tok_rows, row_recv, row_entry;  // views: (S), (N+1), (S), (R), (R) i64
+    Tensor recv_w;                     // view (Q, C) f32, the received weights
+    Tensor send_SH, recv_QH;           // views (S, H), (Q, H) bf16: sent / received rows (x, then dout)
+    Tensor z_QH, back_SH, acc_NH;      // views f32: per received row, per sent row, per token
+    Tensor dw_QC, dw_SC;               // views f32: routing-weight gradient, received / sent side
+    Tensor workspace;                  // deterministic scatter-add / fold scratch
+    // Capacity buffers behind the views (rows grown 1.25x, never shrunk).
+    Tensor cap_send_token, cap_tok_begin, cap_tok_rows, cap_row_recv, cap_row_entry, cap_recv_w, cap_send, cap_recv,
+        cap_z, cap_back, cap_acc, cap_dw_q, cap_dw_s, cap_ws;
+  } vx_;
 
   struct PinnedDeleter {
     void operator()(int32_t* p) const;

@@ -168,6 +168,63 @@ __global__ void combine_backward_kernel(const bf16_t* __restrict__ dout, const b
   }
 }
 
+// vexpert combine backward: per expert-side row i of received row q = rows[i], entry c = cols[i].
+template <int kVec>
+__global__ void vexpert_combine_backward_kernel(const bf16_t* __restrict__ dz, const bf16_t* __restrict__ y,
+                                                const int64_t* __restrict__ rows, const int64_t* __restrict__ cols,
+                                                const float* __restrict__ weight, int64_t C, bf16_t* __restrict__ dy,
+                                                float* __restrict__ dweight, int64_t R, int64_t H) {
+  __shared__ float scratch[32];
+  for (int64_t i = blockIdx.x; i < R; i += gridDim.x) {
+    const int64_t q = rows[i];
+    const int64_t f = q * C + cols[i];
+    const float w = weight[f];
+    float dot = 0.0f;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < H; c += static_cast<int64_t>(blockDim.x) * kVec) {
+      float d[kVec], o[kVec];
+      load_bf16<kVec>(dz + q * H + c, d);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) o[j] = __fmul_rn(w, d[j]);
+      store_bf16<kVec>(dy + i * H + c, o);
+      if (dweight != nullptr) {
+        float v[kVec];
+        load_bf16<kVec>(y + i * H + c, v);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dot = fmaf(d[j], v[j], dot);
+      }
+    }
+    if (dweight != nullptr) {  // uniform over the block: every thread reaches block_sum
+      const float total = block_sum(dot, scratch);
+      if (threadIdx.x == 0) dweight[f] = total;
+    }
+  }
+}
+
+// One thread per (n, k): the sent rows of token n in send order, then t ascending (the CPU order).
+__global__ void vexpert_weight_grad_kernel(const float* __restrict__ dw_sent, const int64_t* __restrict__ tok_begin,
+                                           const int64_t* __restrict__ tok_rows, float* __restrict__ dw, int64_t N,
+                                           int64_t K, int64_t T) {
+  const int64_t C = K * T;
+  for (int64_t f = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; f < N * K;
+       f += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = f / K, k = f % K;
+    float acc = 0.0f;
+    for (int64_t b = tok_begin[n]; b < tok_begin[n + 1]; ++b) {
+      const float* row = dw_sent + tok_rows[b] * C + k * T;
+      for (int64_t t = 0; t < T; ++t) acc = __fadd_rn(acc, row[t]);
+    }
+    dw[f] = acc;
+  }
+}
+
+__global__ void add_to_bf16_kernel(const float* __restrict__ a, const float* __restrict__ b, bf16_t* __restrict__ out,
+                                   int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = __float2bfloat16_rn(b != nullptr ? __fadd_rn(a[i], b[i]) : a[i]);
+  }
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
@@ -243,6 +300,38 @@ cudaError_t combine_backward(const uint16_t* dout_NH, const uint16_t* y_MH, cons
     combine_backward_kernel<1>
         <<<grid_blocks(M), row_threads(H), 0, stream>>>(dout, y, flat_M, weight_NK, dy, dweight_NK, M, K, H);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t vexpert_combine_backward(const uint16_t* dz_QH, const uint16_t* y_RH, const int64_t* rows_R,
+                                     const int64_t* cols_R, const float* weight_QC, int64_t C, uint16_t* dy_RH,
+                                     float* dweight_QC, int64_t R, int64_t H, cudaStream_t stream) {
+  if (R == 0) return cudaSuccess;
+  const auto* dz = reinterpret_cast<const bf16_t*>(dz_QH);
+  const auto* y = reinterpret_cast<const bf16_t*>(y_RH);
+  auto* dy = reinterpret_cast<bf16_t*>(dy_RH);
+  if (H % 8 == 0 && aligned16(dz) && aligned16(y) && aligned16(dy)) {
+    vexpert_combine_backward_kernel<8><<<grid_blocks(R), row_threads(H / 8), 0, stream>>>(dz, y, rows_R, cols_R,
+                                                                                          weight_QC, C, dy, dweight_QC,
+                                                                                          R, H);
+  } else {
+    vexpert_combine_backward_kernel<1><<<grid_blocks(R), row_threads(H), 0, stream>>>(dz, y, rows_R, cols_R, weight_QC,
+                                                                                      C, dy, dweight_QC, R, H);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t vexpert_weight_grad(const float* dw_sent_SC, const int64_t* tok_begin_N1, const int64_t* tok_rows_S,
+                                float* dweight_NK, int64_t N, int64_t K, int64_t T, cudaStream_t stream) {
+  if (N * K == 0) return cudaSuccess;
+  vexpert_weight_grad_kernel<<<grid_blocks(N * K, 256, 4096), 256, 0, stream>>>(dw_sent_SC, tok_begin_N1, tok_rows_S,
+                                                                               dweight_NK, N, K, T);
+  return cudaGetLastError();
+}
+
+cudaError_t add_to_bf16(const float* a, const float* b, uint16_t* out, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  add_to_bf16_kernel<<<grid_blocks(n, 256, 4096), 256, 0, stream>>>(a, b, reinterpret_cast<bf16_t*>(out), n);
   return cudaGetLastError();
 }
 

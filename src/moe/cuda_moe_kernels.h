@@ -63,4 +63,31 @@ cudaError_t combine_backward(const uint16_t* dout_NH, const uint16_t* y_MH, cons
                              const float* weight_NK, uint16_t* dy_MH, float* dweight_NK, int64_t M, int64_t K,
                              int64_t H, cudaStream_t stream);
 
+// `vexpert` (ETP_SPEC §5.4) combine backward on the expert side: expert-side row i is entry
+// c = cols[i] of received row q = rows[i] (moe/vexpert_plan.h). One block per row i:
+//   dy[i]          = bf16(w[q, c] · dz[q])          (f32 multiply, one rounding; moe::weighted_gather)
+//   dweight[q, c]  = Σ_h dz[q, h] · y[i, h]          (f32, fixed block-tree order; moe::dot_rows: each
+//                                                    (q, c) is one row i, so "+=" is "=")
+//   dz_QH      [IN]  (Q, H) bf16 the output gradient of each received row
+//   y_RH       [IN]  (R, H) bf16 the forward's expert outputs (this rank's TP partials)
+//   rows_R, cols_R [IN] (R) i64
+//   weight_QC  [IN]  (Q, C) f32 the received weights
+//   dy_RH      [OUT] (R, H) bf16, OVERWRITTEN; must not alias y_RH or dz_QH
+//   dweight_QC [OUT] (Q, C) f32: the entries named by (rows, cols) written, the others untouched
+//                    (the caller zeroes it); null: not computed
+cudaError_t vexpert_combine_backward(const uint16_t* dz_QH, const uint16_t* y_RH, const int64_t* rows_R,
+                                     const int64_t* cols_R, const float* weight_QC, int64_t C, uint16_t* dy_RH,
+                                     float* dweight_QC, int64_t R, int64_t H, cudaStream_t stream);
+
+// `vexpert` backward of the weight repetition (moe::vexpert_fold_weight_grad, the same order, so
+// bit-identical): dweight[n, k] = Σ_{b in [tok_begin[n], tok_begin[n+1])} Σ_t dw_sent[tok_rows[b], k·T + t].
+//   dw_sent_SC   [IN]  (S, K·T) f32 in send order
+//   tok_begin_N1 [IN]  (N + 1) i64, tok_rows_S [IN] (S) i64 (moe::vexpert_token_rows)
+//   dweight_NK   [OUT] (N, K) f32, OVERWRITTEN
+cudaError_t vexpert_weight_grad(const float* dw_sent_SC, const int64_t* tok_begin_N1, const int64_t* tok_rows_S,
+                                float* dweight_NK, int64_t N, int64_t K, int64_t T, cudaStream_t stream);
+
+// out[i] = bf16(a[i] + b[i]) (f32 add, one rounding), or bf16(a[i]) when b is null.
+cudaError_t add_to_bf16(const float* a, const float* b, uint16_t* out, int64_t n, cudaStream_t stream);
+
 }  // namespace moetp::moe::launch

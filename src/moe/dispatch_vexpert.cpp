@@ -5,6 +5,7 @@
 // The receiver folds its partials with those weights; combine sums what comes back.
 #include "moe/dispatch_common.h"
 #include "moe/row_ops.h"
+#include "moe/vexpert_plan.h"
 
 namespace moetp::moe::detail {
 
@@ -35,31 +36,14 @@ class VExpertDispatcher final : public Dispatcher {
     auto s = std::make_unique<VExpertState>();
     const int64_t n_tok = x_NH.size(0), K = cfg_.top_k, T = mesh_.etp_size(), L = num_local_;
     const int64_t C = K * T;
-    const int R = g.size();
     s->num_tokens = n_tok;
     s->num_entries = C;
-    const std::vector<int32_t> vid = expand_topk_for_tp(idx, cfg_.num_experts, mesh_.ep_size(),
-                                                        mesh_.etp_size()).to_vector<int32_t>();
-    const std::vector<float> wv = w.to_vector<float>();
-
-    // Sent rows: for each destination rank, every token with at least one entry there.
-    std::vector<int32_t> meta;  // (rows, C) local ids or -1
-    std::vector<float> meta_w;  // (rows, C)
-    s->send_counts.assign(R, 0);
-    for (int dst = 0; dst < R; ++dst) {
-      for (int64_t n = 0; n < n_tok; ++n) {
-        bool any = false;
-        for (int64_t c = 0; c < C; ++c) any = any || vid[n * C + c] / L == dst;
-        if (!any) continue;
-        ++s->send_counts[dst];
-        s->send_token.push_back(n);
-        for (int64_t c = 0; c < C; ++c) {
-          const bool ours = vid[n * C + c] / L == dst;
-          meta.push_back(ours ? static_cast<int32_t>(vid[n * C + c] - dst * L) : -1);
-          meta_w.push_back(ours ? wv[n * K + c / T] : 0.0f);
-        }
-      }
-    }
+    VExpertSendPlan plan = plan_vexpert_send(idx.to_vector<int32_t>(), w.to_vector<float>(), n_tok, K,
+                                             cfg_.num_experts, mesh_.ep_size(), mesh_.etp_size());
+    s->send_token = std::move(plan.send_token);
+    s->send_counts = std::move(plan.send_counts);
+    const std::vector<int32_t>& meta = plan.meta;
+    const std::vector<float>& meta_w = plan.meta_w;
     const int64_t num_sent = static_cast<int64_t>(s->send_token.size());
     s->recv_counts = g.exchange_counts(s->send_counts);
     const int64_t num_recv = comm::sum_counts(s->recv_counts);
@@ -73,18 +57,10 @@ class VExpertDispatcher final : public Dispatcher {
                    s->recv_counts);
 
     // Expert order: local expert, then received row (= source rank, token), then entry (= slot).
-    const std::vector<int32_t> m = recv_meta.to_vector<int32_t>();
-    std::vector<int64_t> offsets(L + 1, 0);
-    for (int64_t j = 0; j < L; ++j) {
-      for (int64_t q = 0; q < num_recv; ++q) {
-        for (int64_t c = 0; c < C; ++c) {
-          if (m[q * C + c] != j) continue;
-          s->row_recv.push_back(q);
-          s->row_entry.push_back(c);
-        }
-      }
-      offsets[j + 1] = static_cast<int64_t>(s->row_recv.size());
-    }
+    VExpertRecvPlan rp = plan_vexpert_recv(recv_meta.to_vector<int32_t>(), num_recv, C, L);
+    s->row_recv = std::move(rp.row_recv);
+    s->row_entry = std::move(rp.row_entry);
+    const std::vector<int64_t>& offsets = rp.offsets;
     Dispatched d{gather_rows(recv_x, s->row_recv), offsets};
     state = std::move(s);
     return d;
@@ -110,13 +86,9 @@ class VExpertDispatcher final : public Dispatcher {
     Tensor dw_sent = Tensor::empty({static_cast<int64_t>(s.send_token.size()), s.num_entries}, DType::kF32);
     g.all_to_all_v(dw_recv, s.recv_counts, dw_sent, s.send_counts);
     // The T copies of slot k sum into dw[n, k] (the backward of repeating the weights).
-    const int64_t K = cfg_.top_k, T = mesh_.etp_size();
-    out.dtopk_weight_NK = Tensor::zeros({s.num_tokens, K}, DType::kF32);
-    float* dw = out.dtopk_weight_NK.data<float>();
-    const float* sent = dw_sent.data<float>();
-    for (size_t row = 0; row < s.send_token.size(); ++row) {
-      for (int64_t c = 0; c < s.num_entries; ++c) dw[s.send_token[row] * K + c / T] += sent[row * s.num_entries + c];
-    }
+    out.dtopk_weight_NK = Tensor::from_vector<float>(
+        vexpert_fold_weight_grad(dw_sent.to_vector<float>(), s.send_token, s.num_tokens, cfg_.top_k, mesh_.etp_size()),
+        {s.num_tokens, cfg_.top_k});
     return out;
   }
 

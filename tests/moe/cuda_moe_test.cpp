@@ -25,15 +25,17 @@
 // The expert-parallel layer on 2 and 4 GPUs (CudaMoeLayerDist, mpirun -np 2 / -np 4, one GPU per
 // rank, NCCL) at every (ep, etp) with ep·etp = world size, ragged token counts per rank (one rank
 // with none in one case) and skewed routing (an expert nobody picks):
-//   - dispatch on NCCL against dispatch on MPI, bit-exact: the CPU `all2all` dispatcher
-//     (moe/dispatch_all2all.cpp over MPI) given the GPU's routing produces exactly the GPU layer's
-//     expert-side rows x_RH and offsets;
+//   - each case runs with both CUDA dispatchers, `all2all` and `vexpert`;
+//   - dispatch on NCCL against dispatch on MPI, bit-exact: the CPU dispatcher of the same name
+//     (moe/dispatch_all2all.cpp or moe/dispatch_vexpert.cpp over MPI) given the GPU's routing
+//     produces exactly the GPU layer's expert-side rows x_RH and offsets;
 //   - against one GPU: every rank also runs the one-GPU layer on the whole batch (every rank's
 //     tokens, concatenated in rank order) with the full weights: the top-k ids of its own tokens
 //     are identical, and out, dx (its rows), dwg (summed over ranks), dw13 and dw2 (its shard of the
 //     full gradients) agree within the tolerance above. The layouts add roundings the one-GPU layer
 //     has not (each etp partial of y and dx is rounded to bf16 and the partials are summed in bf16
-//     by NCCL), within the same budget.
+//     by NCCL), within the same budget. `vexpert` rounds each etp partial of y and dx to bf16 too
+//     but folds and sums them in f32 (fewer roundings than `all2all`).
 #include "moe/cuda_moe.h"
 
 #include <gtest/gtest.h>
@@ -388,66 +390,68 @@ TEST_P(CudaMoeLayerDist, MatchesOneGpuAndMpiDispatch) {
   comm::NcclComm& nccl = *testing::nccl_env().comm();
   comm::Mesh gpu_mesh(nccl, P, T), cpu_mesh(w, P, T);
   const int p = gpu_mesh.coords().p, t = gpu_mesh.coords().t;
-  for (const DistCase& c : kDistCases) {
-    SCOPED_TRACE(c.name);
-    if (r == 0) std::printf("  ep %d x etp %d: %s\n", P, T, c.name);
-    std::vector<int64_t> counts;
-    for (int q = 0; q < W; ++q) counts.push_back(tokens_of(c, q, W));
-    const int64_t N_all = comm::sum_counts(counts), N = counts[static_cast<size_t>(r)];
-    int64_t first = 0;
-    for (int q = 0; q < r; ++q) first += counts[static_cast<size_t>(q)];
-    // Every rank draws the whole batch (same seed): its own rows are [first, first + N).
-    const Inputs in = make_inputs({c.name, N_all, c.H, c.E, c.K, c.I, true, c.routing, c.aux_grad}, 21);
-    const moe::MoeConfig cfg{c.H, c.E, c.K, c.I, true, "all2all"};
+  for (const std::string dispatcher : {"all2all", "vexpert"}) {
+    for (const DistCase& c : kDistCases) {
+      SCOPED_TRACE(dispatcher + " " + c.name);
+      if (r == 0) std::printf("  ep %d x etp %d, %s: %s\n", P, T, dispatcher.c_str(), c.name);
+      std::vector<int64_t> counts;
+      for (int q = 0; q < W; ++q) counts.push_back(tokens_of(c, q, W));
+      const int64_t N_all = comm::sum_counts(counts), N = counts[static_cast<size_t>(r)];
+      int64_t first = 0;
+      for (int q = 0; q < r; ++q) first += counts[static_cast<size_t>(q)];
+      // Every rank draws the whole batch (same seed): its own rows are [first, first + N).
+      const Inputs in = make_inputs({c.name, N_all, c.H, c.E, c.K, c.I, true, c.routing, c.aux_grad}, 21);
+      const moe::MoeConfig cfg{c.H, c.E, c.K, c.I, true, dispatcher};
 
-    // This rank's shards of the full weights.
-    const shard::ShardSpec s13 = shard::w13_spec(c.E, c.I, c.H, P, p, T, t), s2 = shard::w2_spec(c.E, c.I, c.H, P, p, T, t);
-    const int64_t L = c.E / P, i = c.I / T;
-    moe::MoeParams local{in.params.wg_EH,
-                         shard::extract_local(in.params.w13_L2iH.view({c.E * 2 * c.I, c.H}), s13).view({L, 2 * i, c.H}),
-                         shard::extract_local(in.params.w2_LHi.view({c.E * c.H, c.I}), s2).view({L, c.H, i})};
-    moe::CudaMoeOptions opts;
-    opts.mesh = &gpu_mesh;
-    moe::CudaMoeLayer layer(cfg, opts);
-    layer.set_params(local);
-    const Tensor x_own = in.x_NH.narrow_rows(first, N).contiguous();
-    const Tensor out = layer.forward(gpu_bf16(x_own));
-    const moe::CudaMoeSaved& s = layer.saved();
+      // This rank's shards of the full weights.
+      const shard::ShardSpec s13 = shard::w13_spec(c.E, c.I, c.H, P, p, T, t), s2 = shard::w2_spec(c.E, c.I, c.H, P, p, T, t);
+      const int64_t L = c.E / P, i = c.I / T;
+      moe::MoeParams local{in.params.wg_EH,
+                           shard::extract_local(in.params.w13_L2iH.view({c.E * 2 * c.I, c.H}), s13).view({L, 2 * i, c.H}),
+                           shard::extract_local(in.params.w2_LHi.view({c.E * c.H, c.I}), s2).view({L, c.H, i})};
+      moe::CudaMoeOptions opts;
+      opts.mesh = &gpu_mesh;
+      moe::CudaMoeLayer layer(cfg, opts);
+      layer.set_params(local);
+      const Tensor x_own = in.x_NH.narrow_rows(first, N).contiguous();
+      const Tensor out = layer.forward(gpu_bf16(x_own));
+      const moe::CudaMoeSaved& s = layer.saved();
 
-    // Dispatch on NCCL == dispatch on MPI, bit for bit, given the same routing.
-    {
-      auto cpu_disp = moe::make_dispatcher("all2all", cpu_mesh, {c.E, c.K});
-      std::unique_ptr<moe::DispatchState> state;
-      const moe::Dispatched d = cpu_disp->dispatch(x_own, host(s.topk_idx_NK), host(s.topk_weight_NK), state);
-      EXPECT_EQ(s.offsets, d.offsets) << "expert-side offsets, rank " << r;
-      EXPECT_TRUE(testing::bit_equal(host(s.x_RH).to(DType::kF32), d.x_MH)) << "dispatched rows, rank " << r;
+      // Dispatch on NCCL == dispatch on MPI, bit for bit, given the same routing.
+      {
+        auto cpu_disp = moe::make_dispatcher(dispatcher, cpu_mesh, {c.E, c.K});
+        std::unique_ptr<moe::DispatchState> state;
+        const moe::Dispatched d = cpu_disp->dispatch(x_own, host(s.topk_idx_NK), host(s.topk_weight_NK), state);
+        EXPECT_EQ(s.offsets, d.offsets) << "expert-side offsets, rank " << r;
+        EXPECT_TRUE(testing::bit_equal(host(s.x_RH).to(DType::kF32), d.x_MH)) << "dispatched rows, rank " << r;
+      }
+
+      Tensor d_probs = in.d_probs_NE.defined() ? in.d_probs_NE.narrow_rows(first, N).contiguous().to(Device::kCuda)
+                                               : Tensor();
+      const Tensor dx = layer.backward(gpu_bf16(in.dout_NH.narrow_rows(first, N).contiguous()), d_probs);
+
+      // One GPU, the whole batch.
+      moe::CudaMoeLayer ref({c.H, c.E, c.K, c.I, true, "local"});
+      ref.set_params(in.params);
+      const Tensor ref_out = host(ref.forward(gpu_bf16(in.x_NH)));
+      ASSERT_TRUE(testing::bit_equal(host(s.topk_idx_NK), host(ref.saved().topk_idx_NK).narrow_rows(first, N).contiguous()))
+          << "top-k ids differ from the one-GPU layer's (a near-tie?), rank " << r;
+      const Tensor ref_dx = host(ref.backward(gpu_bf16(in.dout_NH), in.d_probs_NE.defined() ? in.d_probs_NE.to(Device::kCuda) : Tensor()));
+      if (N > 0) {
+        EXPECT_TRUE(layer_close("out", out, ref_out.narrow_rows(first, N).contiguous(), c.H));
+        EXPECT_TRUE(layer_close("dx", dx, ref_dx.narrow_rows(first, N).contiguous(), c.H));
+      } else {
+        EXPECT_EQ(out.size(0), 0);
+        EXPECT_EQ(dx.size(0), 0);
+      }
+      Tensor dwg = host(layer.grads().wg_EH);
+      w.all_reduce(dwg, comm::ReduceOp::kSum);
+      EXPECT_TRUE(layer_close("dwg", dwg, host(ref.grads().wg_EH), c.H));
+      const Tensor ref_dw13 = shard::extract_local(host(ref.grads().w13_L2iH).view({c.E * 2 * c.I, c.H}), s13);
+      const Tensor ref_dw2 = shard::extract_local(host(ref.grads().w2_LHi).view({c.E * c.H, c.I}), s2);
+      EXPECT_TRUE(layer_close("dw13", host(layer.grads().w13_L2iH).view(ref_dw13.shape()), ref_dw13, 2 * i * c.H));
+      EXPECT_TRUE(layer_close("dw2", host(layer.grads().w2_LHi).view(ref_dw2.shape()), ref_dw2, c.H * i));
     }
-
-    Tensor d_probs = in.d_probs_NE.defined() ? in.d_probs_NE.narrow_rows(first, N).contiguous().to(Device::kCuda)
-                                             : Tensor();
-    const Tensor dx = layer.backward(gpu_bf16(in.dout_NH.narrow_rows(first, N).contiguous()), d_probs);
-
-    // One GPU, the whole batch.
-    moe::CudaMoeLayer ref({c.H, c.E, c.K, c.I, true, "local"});
-    ref.set_params(in.params);
-    const Tensor ref_out = host(ref.forward(gpu_bf16(in.x_NH)));
-    ASSERT_TRUE(testing::bit_equal(host(s.topk_idx_NK), host(ref.saved().topk_idx_NK).narrow_rows(first, N).contiguous()))
-        << "top-k ids differ from the one-GPU layer's (a near-tie?), rank " << r;
-    const Tensor ref_dx = host(ref.backward(gpu_bf16(in.dout_NH), in.d_probs_NE.defined() ? in.d_probs_NE.to(Device::kCuda) : Tensor()));
-    if (N > 0) {
-      EXPECT_TRUE(layer_close("out", out, ref_out.narrow_rows(first, N).contiguous(), c.H));
-      EXPECT_TRUE(layer_close("dx", dx, ref_dx.narrow_rows(first, N).contiguous(), c.H));
-    } else {
-      EXPECT_EQ(out.size(0), 0);
-      EXPECT_EQ(dx.size(0), 0);
-    }
-    Tensor dwg = host(layer.grads().wg_EH);
-    w.all_reduce(dwg, comm::ReduceOp::kSum);
-    EXPECT_TRUE(layer_close("dwg", dwg, host(ref.grads().wg_EH), c.H));
-    const Tensor ref_dw13 = shard::extract_local(host(ref.grads().w13_L2iH).view({c.E * 2 * c.I, c.H}), s13);
-    const Tensor ref_dw2 = shard::extract_local(host(ref.grads().w2_LHi).view({c.E * c.H, c.I}), s2);
-    EXPECT_TRUE(layer_close("dw13", host(layer.grads().w13_L2iH).view(ref_dw13.shape()), ref_dw13, 2 * i * c.H));
-    EXPECT_TRUE(layer_close("dw2", host(layer.grads().w2_LHi).view(ref_dw2.shape()), ref_dw2, c.H * i));
   }
 }
 
@@ -466,8 +470,8 @@ TEST(CudaMoeLayerDistErrors, RejectsOtherDispatchersAndHostGroups) {
   const int64_t E = 4 * w.size();
   moe::CudaMoeOptions opts;
   opts.mesh = &gpu_mesh;
-  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "vexpert"}, opts); })
-                .find("dispatcher 'vexpert' is not implemented on the CUDA backend"),
+  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "allgather"}, opts); })
+                .find("dispatcher 'allgather' is not implemented on the CUDA backend"),
             std::string::npos);
   EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E + 1, 2, 8, true, "all2all"}, opts); }).find("% ep"),
             std::string::npos);
