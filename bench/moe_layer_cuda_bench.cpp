@@ -17,8 +17,9 @@
 //   python3 bench/torch_moe_layer.py --json torch.json
 //   ./moe_layer_cuda_bench --torch-results torch.json [--iters 30] [--warmup 5] [--tokens 8192]
 //                          [--expert-streams 1,4] [--json moetp.json]
-// Each case runs once per --expert-streams value (CudaMoeOptions::expert_streams; rows of values
-// other than 1 carry the suffix _sS and the same torch baseline).
+// Each case runs once per expert GEMM of --expert-gemm (default grouped,cublas; moe::ExpertGemm) and,
+// for cublas, once per --expert-streams value (CudaMoeOptions::expert_streams): the grouped rows
+// carry the bare case name, the cuBLAS rows the suffix _cublas_sS; all share the torch baseline.
 //
 // Expert parallel: under mpirun with one rank per GPU, --layouts PxT[,PxT...] (default Wx1) runs
 // the layer over NCCL (the all2all dispatcher, moe/cuda_moe.h) at I = 768 only, every rank with its
@@ -67,7 +68,19 @@ struct Args {
   int64_t tokens = 8192;
   int input_sets = 2;  // distinct (x, dout) pairs cycled through; more sets = more distinct routings
   std::vector<int> expert_streams = {1, 4};
+  std::vector<moe::ExpertGemm> expert_gemms = {moe::ExpertGemm::kGrouped, moe::ExpertGemm::kCublas};
+  std::vector<std::string> dispatchers = {"all2all"};  // with --layouts
 };
+
+std::vector<std::string> split_commas(const std::string& list) {
+  std::vector<std::string> out;
+  for (size_t pos = 0; pos <= list.size();) {
+    const size_t comma = std::min(list.find(',', pos), list.size());
+    out.push_back(list.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
+  return out;
+}
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -90,16 +103,20 @@ Args parse_args(int argc, char** argv) {
       a.layouts = parse_layouts(value());
     } else if (arg == "--expert-streams") {
       a.expert_streams.clear();
-      const std::string list = value();
-      for (size_t pos = 0; pos <= list.size();) {
-        const size_t comma = std::min(list.find(',', pos), list.size());
-        a.expert_streams.push_back(std::stoi(list.substr(pos, comma - pos)));
-        pos = comma + 1;
+      for (const std::string& v : split_commas(value())) a.expert_streams.push_back(std::stoi(v));
+    } else if (arg == "--dispatchers") {
+      a.dispatchers = split_commas(value());
+      for (const std::string& d : a.dispatchers) {
+        MOETP_CHECK(d == "all2all" || d == "vexpert", "--dispatchers: '{}' is not all2all or vexpert", d);
       }
+    } else if (arg == "--expert-gemm") {
+      a.expert_gemms.clear();
+      for (const std::string& v : split_commas(value())) a.expert_gemms.push_back(moe::parse_expert_gemm(v));
     } else {
       MOETP_FAIL(
           "unknown argument '{}' (valid: --torch-results FILE, --json FILE, --iters N, --warmup N, --tokens N, "
-          "--expert-streams 1,4, --layouts PxT[,PxT...], --input-sets N)",
+          "--expert-gemm grouped,cublas, --expert-streams 1,4, --layouts PxT[,PxT...], "
+          "--dispatchers all2all,vexpert, --input-sets N)",
           arg);
     }
   }
@@ -111,11 +128,33 @@ Args parse_args(int argc, char** argv) {
   return a;
 }
 
+// One way to run the experts: the grouped GEMM, or cuBLAS per expert on `streams` streams.
+// With a mesh also the dispatcher.
+struct Variant {
+  moe::ExpertGemm gemm = moe::ExpertGemm::kGrouped;
+  int streams = 1;
+  std::string dispatcher = "local";
+};
+
+std::vector<Variant> variants(const Args& a, bool mesh) {
+  std::vector<Variant> out;
+  for (const std::string& d : mesh ? a.dispatchers : std::vector<std::string>{"local"}) {
+    for (const moe::ExpertGemm g : a.expert_gemms) {
+      if (g == moe::ExpertGemm::kGrouped) {
+        out.push_back({g, 1, d});
+      } else {
+        for (const int s : a.expert_streams) out.push_back({g, s, d});
+      }
+    }
+  }
+  return out;
+}
+
 struct Result {
-  std::string name, torch_name;  // torch_name: the case without the expert_streams suffix
+  std::string name, torch_name;  // torch_name: the case without the variant suffix
   int64_t I = 0;
   bool balanced = false;
-  int expert_streams = 1;
+  Variant variant;
   double fwd_ms = 0, bwd_ms = 0, ms = 0, imbalance = 0;
 };
 
@@ -125,25 +164,27 @@ std::string case_name(int64_t N, int64_t I, bool balanced, const comm::Mesh* mes
   return fmt::format("N{}_H{}_E{}_K{}_I{}{}_{}", N, kH, kE, kK, I, layout, balanced ? "balanced" : "random");
 }
 
-Result run_case(const Args& args, int64_t I, bool balanced, int expert_streams, const moe::MoeParams& host_params,
+Result run_case(const Args& args, int64_t I, bool balanced, Variant variant, const moe::MoeParams& host_params,
                 const std::vector<Tensor>& x, const std::vector<Tensor>& dout, comm::Mesh* mesh) {
   const int64_t N = args.tokens;
   moe::CudaMoeOptions opts;
   opts.force_balance = balanced;
-  opts.expert_streams = expert_streams;
+  opts.expert_streams = variant.streams;
+  opts.expert_gemm = variant.gemm;
   opts.mesh = mesh;
   CUDA_CHECK(cudaStreamCreateWithFlags(&opts.stream, cudaStreamNonBlocking));
   if (mesh != nullptr) {
-    for (comm::Comm* g : {&mesh->ep(), &mesh->etp()}) static_cast<comm::NcclComm*>(g)->set_compute_stream(opts.stream);
+    for (comm::Comm* g : {&mesh->ep(), &mesh->etp(), &mesh->ep_etp()}) static_cast<comm::NcclComm*>(g)->set_compute_stream(opts.stream);
   }
   Result r;
   r.torch_name = case_name(N, I, balanced, mesh);
-  r.name = expert_streams == 1 ? r.torch_name : fmt::format("{}_s{}", r.torch_name, expert_streams);
+  r.name = r.torch_name + (variant.dispatcher == "vexpert" ? "_vexpert" : "") +
+           (variant.gemm == moe::ExpertGemm::kGrouped ? "" : fmt::format("_cublas_s{}", variant.streams));
   r.I = I;
   r.balanced = balanced;
-  r.expert_streams = expert_streams;
+  r.variant = variant;
   {
-    moe::CudaMoeLayer layer({kH, kE, kK, I, true, mesh != nullptr ? "all2all" : "local"}, opts);
+    moe::CudaMoeLayer layer({kH, kE, kK, I, true, variant.dispatcher}, opts);
     layer.set_params(host_params);
     Tensor out, dx;
     auto step = [&](int it) {
@@ -237,7 +278,7 @@ int run(int argc, char** argv) {
         "%d warm-up; with layouts the slowest rank's\n",
         W, prop.name, prop.multiProcessorCount, static_cast<long long>(N), static_cast<long long>(kH),
         static_cast<long long>(kE), static_cast<long long>(kK), args.iters, args.warmup);
-    std::printf("%-46s %8s %8s %9s %14s %12s %9s %9s %12s\n", "case", "fwd_ms", "bwd_ms", "total_ms",
+    std::printf("%-56s %8s %8s %9s %14s %12s %9s %9s %12s\n", "case", "fwd_ms", "bwd_ms", "total_ms",
                 "expert_TFLOP/s", "tokens/s", "max/mean", "torch_ms", "torch/moetp");
   }
   nlohmann::json out_json;
@@ -258,11 +299,12 @@ int run(int argc, char** argv) {
       torch_col = fmt::format("{:.3f}", it->second);
       ratio_col = fmt::format("{:.2f}", it->second / r.ms);
     }
-    std::printf("%-46s %8.3f %8.3f %9.3f %14.1f %12.4g %9.2f %9s %12s\n", r.name.c_str(), r.fwd_ms, r.bwd_ms, r.ms,
+    std::printf("%-56s %8.3f %8.3f %9.3f %14.1f %12.4g %9.2f %9s %12s\n", r.name.c_str(), r.fwd_ms, r.bwd_ms, r.ms,
                 tflops, tokens_per_s, r.imbalance, torch_col.c_str(), ratio_col.c_str());
     std::fflush(stdout);
     out_json["cases"].push_back({{"name", r.name},
-                                 {"expert_streams", r.expert_streams},
+                                 {"expert_gemm", moe::expert_gemm_name(r.variant.gemm)},
+                                 {"expert_streams", r.variant.streams},
                                  {"fwd_ms", r.fwd_ms},
                                  {"bwd_ms", r.bwd_ms},
                                  {"ms", r.ms},
@@ -276,7 +318,7 @@ int run(int argc, char** argv) {
                           random_bf16({kE, 2 * I, kH}, 2, 1.0f / std::sqrt(static_cast<float>(kH))),
                           random_bf16({kE, kH, I}, 3, 1.0f / std::sqrt(static_cast<float>(I)))};
       for (const bool balanced : {false, true}) {
-        for (const int streams : args.expert_streams) report(run_case(args, I, balanced, streams, host, x, dout, nullptr), I);
+        for (const Variant& v : variants(args, false)) report(run_case(args, I, balanced, v, host, x, dout, nullptr), I);
       }
     }
   } else {
@@ -292,7 +334,7 @@ int run(int argc, char** argv) {
                           random_bf16({L, 2 * i, kH}, 2 + 100 * static_cast<uint64_t>(rank), 1.0f / std::sqrt(static_cast<float>(kH))),
                           random_bf16({L, kH, i}, 3 + 100 * static_cast<uint64_t>(rank), 1.0f / std::sqrt(static_cast<float>(I)))};
       for (const bool balanced : {false, true}) {
-        for (const int streams : args.expert_streams) report(run_case(args, I, balanced, streams, host, x, dout, &mesh), I);
+        for (const Variant& v : variants(args, true)) report(run_case(args, I, balanced, v, host, x, dout, &mesh), I);
       }
     }
   }

@@ -13,6 +13,9 @@
 // --alloc caching puts core's caching allocator (kernels/cuda/runtime.h AllocMode::kCaching) under
 // the tensors (default direct: cudaMalloc/cudaFree); peak_GB still counts live tensor bytes,
 // dev_used_GB includes what the cache holds.
+// --expert-gemm grouped | cublas picks the expert GEMM (moe::ExpertGemm; default grouped);
+// --dispatcher all2all | vexpert the CUDA dispatcher on a mesh (default all2all; printed in the
+// banner and the JSON, not in the case names, which stay those of the PyTorch baseline).
 // --phases adds a line per case splitting forward_backward into the model's phases (embed,
 // attn_fwd, moe_fwd, head_ce, aux, moe_bwd, attn_bwd, ...; CudaQwen3MoeModel::set_phase_timing:
 // GPU-timeline ms per step, host waits included in the phase they stall).
@@ -186,6 +189,8 @@ struct Args {
   std::vector<bool> routings = {false, true};  // balanced?
   bool phases = false;  // per-phase GPU timeline of forward_backward (CudaQwen3MoeModel::set_phase_timing)
   cuda::AllocMode alloc = cuda::AllocMode::kDirect;  // --alloc direct | caching
+  moe::ExpertGemm expert_gemm = moe::ExpertGemm::kGrouped;  // --expert-gemm grouped | cublas
+  std::string dispatcher = "all2all";                       // --dispatcher all2all | vexpert (layouts)
 };
 
 Args parse_args(int argc, char** argv) {
@@ -213,6 +218,12 @@ Args parse_args(int argc, char** argv) {
       const std::string v = value();
       MOETP_CHECK(v == "direct" || v == "caching", "--alloc must be direct or caching, got '{}'", v);
       a.alloc = v == "caching" ? cuda::AllocMode::kCaching : cuda::AllocMode::kDirect;
+    } else if (arg == "--expert-gemm") {
+      a.expert_gemm = moe::parse_expert_gemm(value());
+    } else if (arg == "--dispatcher") {
+      a.dispatcher = value();
+      MOETP_CHECK(a.dispatcher == "all2all" || a.dispatcher == "vexpert",
+                  "--dispatcher must be all2all or vexpert, got '{}'", a.dispatcher);
     } else if (arg == "--phases") {
       a.phases = true;
     } else if (arg == "--routing") {
@@ -225,7 +236,7 @@ Args parse_args(int argc, char** argv) {
       MOETP_FAIL(
           "unknown argument '{}' (valid: --config PATH (repeatable), --seq-len S, --batch B, --steps N, --warmup W, "
           "--layouts PxT[,PxT...], --routing random|balanced|both, --phases, --alloc direct|caching, "
-          "--torch-results FILE (repeatable), "
+          "--expert-gemm grouped|cublas, --dispatcher all2all|vexpert, --torch-results FILE (repeatable), "
           "--json FILE)",
           arg);
     }
@@ -349,6 +360,8 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
   model::CudaModelOptions opts;
   opts.mesh = mesh.get();
   opts.force_balance = balanced;
+  opts.expert_gemm = args.expert_gemm;
+  opts.dispatcher = args.dispatcher;
   MOETP_CHECK(W > 1 || (layout.P == 1 && layout.T == 1), "layout {}x{} needs {} ranks (run under mpirun)", layout.P,
               layout.T, layout.P * layout.T);
 
@@ -512,9 +525,10 @@ int run(int argc, char** argv) {
     std::printf(
         "train_step_cuda_bench: %d x %s (%d SMs); one step = zero_grads + forward_backward + reduce_grads + grad_norm "
         "+ adamw_step (lr %g, f32 masters/moments/grads); median of %d steps after %d warm-up; per GPU, slowest "
-        "rank; allocator %s\n",
+        "rank; allocator %s; expert GEMM %s; dispatcher %s\n",
         W, prop.name, prop.multiProcessorCount, kLr, args.steps, args.warmup,
-        args.alloc == cuda::AllocMode::kCaching ? "caching" : "direct");
+        args.alloc == cuda::AllocMode::kCaching ? "caching" : "direct", moe::expert_gemm_name(args.expert_gemm),
+        W > 1 ? args.dispatcher.c_str() : "local");
     std::printf(
         "  TFLOP/s = (6·P_active·T + attn) / time; P_active = num_active_params - embedding table (LM head kept); "
         "T = B·S;\n  attn = B · 3 (fwd+bwd) · 2 (QK^T, PV) · 2 (mul+add) · Hq · D · S^2 / 2 (causal) · L\n"
@@ -529,6 +543,8 @@ int run(int argc, char** argv) {
   nlohmann::json out_json;
   out_json["device"] = prop.name;
   out_json["world_size"] = W;
+  out_json["expert_gemm"] = moe::expert_gemm_name(args.expert_gemm);
+  out_json["dispatcher"] = W > 1 ? args.dispatcher : std::string("local");
   out_json["cases"] = nlohmann::json::array();
   int failures = 0;
   for (const Case& c : cases) {

@@ -81,6 +81,9 @@ const std::vector<Field>& fields() {
             "auto (local when ep = etp = 1, else all2all) | local | allgather | all2all | vexpert"),
       field("moe.force_balance", &C::moe, &C::Moe::force_balance, false,
             "round-robin expert assignment instead of the router's (debug/benchmark only)"),
+      field("moe.expert_gemm", &C::moe, &C::Moe::expert_gemm, "auto",
+            "CUDA device: auto (= grouped) | grouped (Hopper grouped GEMM, one launch over the local experts) | "
+            "cublas (one cuBLAS GEMM per expert)"),
       field("train.steps", &C::train, &C::Train::steps, 200, "optimizer steps"),
       field("train.global_batch_size", &C::train, &C::Train::global_batch_size, 16,
             "sequences per step over all ranks"),
@@ -358,6 +361,8 @@ void validate(const TrainConfig& c) {
   MOETP_CHECK(c.moe.dispatcher != "local" || (c.parallel.ep == 1 && c.parallel.etp == 1),
               "moe.dispatcher 'local' needs parallel.ep = parallel.etp = 1, got ep = {}, etp = {}", c.parallel.ep,
               c.parallel.etp);
+  MOETP_CHECK(c.moe.expert_gemm == "auto" || c.moe.expert_gemm == "grouped" || c.moe.expert_gemm == "cublas",
+              "moe.expert_gemm '{}' is unknown (valid: auto, grouped, cublas)", c.moe.expert_gemm);
   MOETP_CHECK(c.train.steps >= 1, "train.steps ({}) must be >= 1", c.train.steps);
   MOETP_CHECK(c.train.global_batch_size >= 1, "train.global_batch_size ({}) must be >= 1", c.train.global_batch_size);
   MOETP_CHECK(c.train.seq_len >= 1, "train.seq_len ({}) must be >= 1", c.train.seq_len);

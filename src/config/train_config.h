@@ -32,6 +32,7 @@ struct TrainConfig {
   struct Moe {
     std::string dispatcher;  // auto | local | allgather | all2all | vexpert
     bool force_balance = false;
+    std::string expert_gemm;  // auto | grouped | cublas (CUDA device)
     bool operator==(const Moe&) const = default;
   };
   struct Train {

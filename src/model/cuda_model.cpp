@@ -274,6 +274,7 @@ void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
       moe::CudaMoeOptions mo;
       mo.force_balance = opts_.force_balance;
       mo.expert_streams = opts_.expert_streams;
+      mo.expert_gemm = opts_.expert_gemm;
       mo.mesh = opts_.mesh;
       L.moe = std::make_unique<moe::CudaMoeLayer>(
           moe::MoeConfig{H, E, cfg_.num_experts_per_tok, I, cfg_.norm_topk_prob, opts_.mesh ? opts_.dispatcher : "local"},

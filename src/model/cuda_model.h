@@ -45,6 +45,7 @@
 #include "config/model_config.h"
 #include "core/tensor.h"
 #include "model/model.h"
+#include "moe/cuda_moe.h"
 
 namespace moetp::moe {
 class CudaMoeLayer;
@@ -74,6 +75,7 @@ struct CudaModelOptions {
   std::string dispatcher = "all2all";  // with a mesh: the CUDA dispatcher (moe/cuda_moe.h)
   bool force_balance = false;          // round-robin routing (moe.force_balance; benchmarks)
   int expert_streams = 1;              // moe::CudaMoeOptions::expert_streams
+  moe::ExpertGemm expert_gemm = moe::ExpertGemm::kGrouped;  // moe::CudaMoeOptions::expert_gemm
 };
 
 class CudaQwen3MoeModel {

@@ -9,11 +9,13 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 
 #include "comm/nccl_comm.h"
 #include "kernels/cuda/cast.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/grouped_gemm.h"
 #include "kernels/cuda/launch.h"
 #include "moe/cuda_moe_kernels.h"
 #include "moe/vexpert_plan.h"
@@ -101,7 +103,19 @@ void zero_async(Tensor& t, cudaStream_t stream) {
 
 }  // namespace
 
-void CudaMoeLayer::PinnedDeleter::operator()(int32_t* p) const { cudaFreeHost(p); }
+ExpertGemm parse_expert_gemm(const std::string& name) {
+  if (name == "grouped") return ExpertGemm::kGrouped;
+  if (name == "cublas") return ExpertGemm::kCublas;
+  MOETP_FAIL("expert GEMM '{}' is not one of: grouped, cublas", name);
+}
+
+const char* expert_gemm_name(ExpertGemm g) { return g == ExpertGemm::kGrouped ? "grouped" : "cublas"; }
+
+bool grouped_gemm_fits(int64_t hidden, int64_t local_intermediate) {
+  return hidden % 8 == 0 && local_intermediate % 8 == 0;
+}
+
+void CudaMoeLayer::PinnedDeleter::operator()(void* p) const { cudaFreeHost(p); }
 
 CudaMoeLayer::Streams::~Streams() {
   for (cudaEvent_t e : join) cudaEventDestroy(e);
@@ -117,6 +131,10 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
               cuda::launch::kRouterMaxExperts);
   MOETP_CHECK(K >= 1 && K <= E, "CudaMoeLayer: top_k ({}) must be in [1, num_experts ({})]", K, E);
   MOETP_CHECK(opts.expert_streams >= 1, "CudaMoeLayer: expert_streams ({}) must be >= 1", opts.expert_streams);
+  MOETP_CHECK(opts.expert_streams == 1 || opts.expert_gemm == ExpertGemm::kCublas,
+              "CudaMoeLayer: expert_streams = {} needs expert_gemm = cublas (the grouped GEMM is one launch over "
+              "all experts)",
+              opts.expert_streams);
   L_ = E;
   i_ = I;
   if (opts.mesh != nullptr) {
@@ -134,6 +152,10 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
     L_ = E / P;
     i_ = I / T;
   }
+  MOETP_CHECK(opts.expert_gemm != ExpertGemm::kGrouped || grouped_gemm_fits(H, i_),
+              "CudaMoeLayer: the grouped expert GEMM needs hidden ({}) and the local expert width "
+              "moe_intermediate_size / etp ({}) to be multiples of 8; use expert_gemm = cublas (moe.expert_gemm)",
+              H, i_);
   if (opts.expert_streams > 1) {
     CUDA_CHECK(cudaEventCreateWithFlags(&streams_.fork, cudaEventDisableTiming));
     for (int c = 0; c < opts.expert_streams; ++c) {
@@ -153,6 +175,12 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
   int32_t* pinned = nullptr;
   CUDA_CHECK(cudaMallocHost(&pinned, static_cast<size_t>(E) * sizeof(int32_t)));
   counts_host_.reset(pinned);
+  if (opts.expert_gemm == ExpertGemm::kGrouped) {
+    offsets_dev_L1_ = device_empty({L_ + 1}, DType::kI64);
+    int64_t* off = nullptr;
+    CUDA_CHECK(cudaMallocHost(&off, static_cast<size_t>(L_ + 1) * sizeof(int64_t)));
+    offsets_host_.reset(off);
+  }
   // The zeros above went through the legacy default stream, which a non-blocking layer stream does
   // not wait for.
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -566,7 +594,7 @@ void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
 void CudaMoeLayer::for_expert_chunks(const std::function<void(int64_t, int64_t, cudaStream_t)>& fn) {
   const int64_t L = L_;
   const int64_t S = static_cast<int64_t>(streams_.side.size());
-  if (S <= 1) {
+  if (S <= 1 || opts_.expert_gemm == ExpertGemm::kGrouped) {
     fn(0, L, opts_.stream);
     return;
   }
@@ -604,9 +632,19 @@ void CudaMoeLayer::experts_forward(int64_t e0, int64_t e1, cudaStream_t stream) 
   CudaMoeSaved& s = saved_;
   const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, i = i_;
   if (rows == 0) return;
-  const std::vector<int64_t> off = chunk_offsets(s.offsets, e0, e1);
   const Tensor x = s.x_RH.narrow_rows(r0, rows);
   Tensor h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows), y = s.y_RH.narrow_rows(r0, rows);
+  if (opts_.expert_gemm == ExpertGemm::kGrouped) {
+    MOETP_CHECK(e0 == 0 && e1 == L_, "the grouped GEMM runs over all local experts");
+    const size_t bytes = static_cast<size_t>(L_ + 1) * sizeof(int64_t);
+    std::memcpy(offsets_host_.get(), s.offsets.data(), bytes);
+    CUDA_CHECK(cudaMemcpyAsync(offsets_dev_L1_.raw_data(), offsets_host_.get(), bytes, cudaMemcpyHostToDevice, stream));
+    cuda::grouped_gemm_fwd(x, offsets_dev_L1_, params_.w13_L2iH, h, stream);
+    CUDA_CHECK(cuda::launch::swiglu_forward(bits(h), bits(a), rows, i, stream));
+    cuda::grouped_gemm_fwd(a, offsets_dev_L1_, params_.w2_LHi, y, stream);
+    return;
+  }
+  const std::vector<int64_t> off = chunk_offsets(s.offsets, e0, e1);
   cuda::grouped_linear(x, off, params_.w13_L2iH.narrow_rows(e0, e1 - e0), h, stream);
   CUDA_CHECK(cuda::launch::swiglu_forward(bits(h), bits(a), rows, i, stream));
   cuda::grouped_linear(a, off, params_.w2_LHi.narrow_rows(e0, e1 - e0), y, stream);
@@ -616,11 +654,22 @@ void CudaMoeLayer::experts_backward(int64_t e0, int64_t e1, cudaStream_t stream)
   CudaMoeSaved& s = saved_;
   const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, i = i_;
   if (rows == 0) return;
-  const std::vector<int64_t> off = chunk_offsets(s.offsets, e0, e1);
   const Tensor w13 = params_.w13_L2iH.narrow_rows(e0, e1 - e0), w2 = params_.w2_LHi.narrow_rows(e0, e1 - e0);
   Tensor dw13 = grads_.w13_L2iH.narrow_rows(e0, e1 - e0), dw2 = grads_.w2_LHi.narrow_rows(e0, e1 - e0);
   const Tensor x = s.x_RH.narrow_rows(r0, rows), h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows);
   Tensor dy = dy_RH_.narrow_rows(r0, rows), da = da_MI_.narrow_rows(r0, rows), dh = dh_M2I_.narrow_rows(r0, rows);
+  if (opts_.expert_gemm == ExpertGemm::kGrouped) {
+    // The offsets forward uploaded are still on the device (a backward follows its own forward).
+    MOETP_CHECK(e0 == 0 && e1 == L_, "the grouped GEMM runs over all local experts");
+    cuda::grouped_gemm_dgrad(dy, offsets_dev_L1_, w2, da, stream);
+    cuda::grouped_gemm_wgrad(dy, a, offsets_dev_L1_, dw2, stream);
+    CUDA_CHECK(cuda::launch::swiglu_backward(bits(h), bits(da), bits(dh), rows, i, stream));
+    // dx_RH goes into dy's rows: both w2 products above have consumed them (same stream).
+    cuda::grouped_gemm_wgrad(dh, x, offsets_dev_L1_, dw13, stream);
+    cuda::grouped_gemm_dgrad(dh, offsets_dev_L1_, w13, dy, stream);
+    return;
+  }
+  const std::vector<int64_t> off = chunk_offsets(s.offsets, e0, e1);
   cuda::grouped_linear_backward(dy, a, off, w2, &da, &dw2, stream);
   CUDA_CHECK(cuda::launch::swiglu_backward(bits(h), bits(da), bits(dh), rows, i, stream));
   // dx_RH goes into dy's rows: the w2 backward above has consumed them (same stream).

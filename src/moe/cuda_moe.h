@@ -55,6 +55,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "comm/mesh.h"
@@ -62,6 +63,17 @@
 #include "moe/moe_block.h"
 
 namespace moetp::moe {
+
+// How the expert GEMMs run: kGrouped, the Hopper grouped GEMM (kernels/cuda/grouped_gemm.h: one
+// launch per product over all local experts, group boundaries read from device memory); kCublas,
+// one cuBLAS GEMM per expert (kernels/cuda/gemm.h grouped_linear), kept as the reference path.
+enum class ExpertGemm { kGrouped, kCublas };
+// "grouped" | "cublas"; anything else throws, naming the value.
+ExpertGemm parse_expert_gemm(const std::string& name);
+const char* expert_gemm_name(ExpertGemm g);
+// Whether kGrouped can run experts of hidden size H and local width i (its TMA row strides need
+// H % 8 == 0 and i % 8 == 0); the layer rejects kGrouped otherwise, naming the sizes.
+bool grouped_gemm_fits(int64_t hidden, int64_t local_intermediate);
 
 struct CudaMoeOptions {
   // Benchmark routing: token n slot k goes to expert (n·K + k) % E with weight 1/K (every expert
@@ -75,7 +87,10 @@ struct CudaMoeOptions {
   // gemm.h's grouped GEMMs are one cuBLAS GEMM per expert, each of M/E rows, too small to fill the
   // GPU; chunks on separate streams run side by side. 1: everything on `stream`. Results are the
   // same function either way (each expert's GEMMs are the same calls).
+  // Only with kCublas: the grouped GEMM is one persistent launch that fills the GPU by itself
+  // (expert_streams > 1 with kGrouped is rejected).
   int expert_streams = 1;
+  ExpertGemm expert_gemm = ExpertGemm::kGrouped;
   // Expert parallel layout, or null: one GPU with every expert. Every communicator of the mesh must
   // be a comm::NcclComm (checked) whose compute stream is `stream`; the mesh must outlive the layer.
   // MoeConfig::dispatcher must then be "all2all" or "vexpert" (others are rejected); with
@@ -234,9 +249,14 @@ class CudaMoeLayer {
   } vx_;
 
   struct PinnedDeleter {
-    void operator()(int32_t* p) const;
+    void operator()(void* p) const;
   };
   std::unique_ptr<int32_t, PinnedDeleter> counts_host_;  // (E) pinned host memory
+  // kGrouped: saved_.offsets on the device (L + 1) i64, uploaded once per forward from a pinned copy
+  // (the next forward rewrites the pinned copy only after its counts sync, which follows the
+  // previous upload on the layer stream).
+  Tensor offsets_dev_L1_;
+  std::unique_ptr<int64_t, PinnedDeleter> offsets_host_;
 
   // Side streams and their fork/join events (expert_streams > 1); destroyed with the layer.
   struct Streams {

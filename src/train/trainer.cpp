@@ -63,7 +63,7 @@ std::pair<std::string, std::string> pick_device(const std::string& want, const s
                        "train.device");
     return {"cuda", fmt::format("train.device = cuda, rank {} on GPU {}", world.rank(), local_rank)};
   }
-  if (dispatcher != "local" && dispatcher != "all2all") {
+  if (dispatcher != "local" && dispatcher != "all2all" && dispatcher != "vexpert") {
     return {"cpu", fmt::format("train.device = auto: moe.dispatcher '{}' runs on the CPU device only", dispatcher)};
   }
   if (all_enough) return {"cuda", fmt::format("train.device = auto: one GPU per rank ({})", counts)};
@@ -88,6 +88,9 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   MOETP_CHECK(!cfg_.moe.force_balance || device_ == "cuda",
               "moe.force_balance is implemented on the CUDA device only (train.device resolved to '{}': {})", device_,
               device_reason_);
+  MOETP_CHECK(cfg_.moe.expert_gemm == "auto" || device_ == "cuda",
+              "moe.expert_gemm = {} applies to the CUDA device only (train.device resolved to '{}': {})",
+              cfg_.moe.expert_gemm, device_, device_reason_);
   mesh_ = std::make_unique<comm::Mesh>(world_, cfg_.parallel.ep, cfg_.parallel.etp);
   model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, *mesh_, config::resolved_dispatcher(cfg_),
                                                   static_cast<uint64_t>(cfg_.train.seed));
@@ -96,16 +99,27 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
 #if MOETP_HAVE_CUDA
   if (device_ == "cuda") {
     const std::string dispatcher = config::resolved_dispatcher(cfg_);
-    MOETP_CHECK(dispatcher == "local" || dispatcher == "all2all",
-                "moe.dispatcher '{}' is not implemented on the CUDA device; use all2all (or auto)", dispatcher);
+    MOETP_CHECK(dispatcher == "local" || dispatcher == "all2all" || dispatcher == "vexpert",
+                "moe.dispatcher '{}' is not implemented on the CUDA device; use all2all (or auto) or vexpert",
+                dispatcher);
     gpu_ = std::make_unique<Gpu>();
     world_.run_collectively("selecting this rank's GPU", [&] { cuda::init(node_local_rank(world_).first); });
     gpu_->world = comm::NcclComm::create(dynamic_cast<comm::MpiComm&>(world_), "world");
     gpu_->mesh = std::make_unique<comm::Mesh>(*gpu_->world, cfg_.parallel.ep, cfg_.parallel.etp);
     model::CudaModelOptions opts;
     opts.mesh = world_.size() > 1 ? gpu_->mesh.get() : nullptr;
-    opts.dispatcher = "all2all";
+    opts.dispatcher = dispatcher == "local" ? "all2all" : dispatcher;
     opts.force_balance = cfg_.moe.force_balance;
+    // auto: the grouped GEMM where its TMA strides allow (multiples of 8), else cuBLAS; said in the banner.
+    const int64_t local_i = model_cfg_.moe_intermediate_size / cfg_.parallel.etp;
+    const bool fits = moe::grouped_gemm_fits(model_cfg_.hidden_size, local_i);
+    opts.expert_gemm = cfg_.moe.expert_gemm == "auto" ? (fits ? moe::ExpertGemm::kGrouped : moe::ExpertGemm::kCublas)
+                                                      : moe::parse_expert_gemm(cfg_.moe.expert_gemm);
+    device_reason_ += fmt::format("; expert GEMM {}{}", moe::expert_gemm_name(opts.expert_gemm),
+                                  cfg_.moe.expert_gemm != "auto" ? " (moe.expert_gemm)"
+                                  : fits ? " (moe.expert_gemm = auto)"
+                                         : fmt::format(" (moe.expert_gemm = auto: hidden {} or expert width {} is not a "
+                                                       "multiple of 8)", model_cfg_.hidden_size, local_i));
     world_.run_collectively("building the CUDA model", [&] { gpu_->model = model::CudaQwen3MoeModel::from_cpu(*model_, opts); });
   }
 #endif

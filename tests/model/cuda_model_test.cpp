@@ -254,6 +254,7 @@ TEST_F(CudaModel, AdamWStepsTrackCpu) {
 
 struct Layout {
   int P, T;
+  const char* dispatcher = "all2all";
 };
 
 class CudaModelDist : public ::testing::TestWithParam<Layout> {
@@ -304,13 +305,14 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
   std::unique_ptr<comm::Comm> self = w.split(r, 0, "self");
   comm::Mesh self_mesh(*self, 1, 1);
   const config::ModelConfig cfg = tiny_config(false);
-  const std::string dispatcher = "all2all";
+  const std::string dispatcher = l.dispatcher;
   model::Qwen3MoeModel cpu(cfg, cpu_mesh, dispatcher, 7);
   round_to_bf16(cpu);
   model::Qwen3MoeModel cpu_one(cfg, self_mesh, "local", 7);
   round_to_bf16(cpu_one);
   model::CudaModelOptions opts;
   opts.mesh = &gpu_mesh;
+  opts.dispatcher = dispatcher;
   const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu, opts);
   const std::unique_ptr<model::CudaQwen3MoeModel> one = model::CudaQwen3MoeModel::from_cpu(cpu_one);
 
@@ -351,9 +353,9 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
   const double ce_got = w.all_reduce_scalar(got.ce_sum, comm::ReduceOp::kSum) * ce_scale;
   const double ce_one = ref1.ce_sum * ce_scale;
   if (r == 0) {
-    std::printf("  ep %d x etp %d (W %d), token seed %llu: ce %.6f vs cpu layout %.6f vs one GPU %.6f; aux %.6f vs %.6f "
+    std::printf("  %s ep %d x etp %d (W %d), token seed %llu: ce %.6f vs cpu layout %.6f vs one GPU %.6f; aux %.6f vs %.6f "
                 "vs %.6f; grad norm %.6f vs cpu layout %.6f\n",
-                l.P, l.T, W, static_cast<unsigned long long>(seed), ce_got, ce_ref, ce_one, got.aux, ref.aux, ref1.aux,
+                dispatcher.c_str(), l.P, l.T, W, static_cast<unsigned long long>(seed), ce_got, ce_ref, ce_one, got.aux, ref.aux, ref1.aux,
                 got_norm, ref_norm);
   }
   EXPECT_NEAR(ce_got, ce_ref, kCeRel * ce_ref) << "cross-entropy mean vs the CPU layout";
@@ -408,8 +410,10 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, CudaModelDist,
                          ::testing::Values(Layout{1, 1}, Layout{2, 1}, Layout{1, 2}, Layout{4, 1}, Layout{2, 2},
-                                           Layout{1, 4}),
-                         [](const auto& info) { return fmt::format("ep{}_etp{}", info.param.P, info.param.T); });
+                                           Layout{1, 4}, Layout{1, 2, "vexpert"}, Layout{2, 2, "vexpert"}),
+                         [](const auto& info) {
+                           return fmt::format("ep{}_etp{}_{}", info.param.P, info.param.T, info.param.dispatcher);
+                         });
 
 }  // namespace
 }  // namespace moetp

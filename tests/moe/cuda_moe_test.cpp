@@ -219,11 +219,23 @@ TEST_F(CudaMoeLayer, MatchesCpuBlock) {
     moe::MoeParams cpu_grads = block.zeros_like_params();
     const Tensor cpu_dx = block.backward(in.dout_NH, in.d_probs_NE, in.params, cpu_saved, cpu_grads);
 
-    // expert_streams = 3: the experts in three chunks on side streams (the same function).
-    for (const int streams : {1, 3}) {
-      SCOPED_TRACE(fmt::format("expert_streams = {}", streams));
-      std::printf("   expert_streams = %d\n", streams);
+    // The grouped GEMM (where the sizes allow it: multiples of 8), and cuBLAS per expert on one
+    // stream and in three chunks on side streams (the same function).
+    const std::pair<moe::ExpertGemm, int> variants[] = {
+        {moe::ExpertGemm::kGrouped, 1}, {moe::ExpertGemm::kCublas, 1}, {moe::ExpertGemm::kCublas, 3}};
+    for (const auto& [gemm, streams] : variants) {
+      if (gemm == moe::ExpertGemm::kGrouped && !moe::grouped_gemm_fits(c.H, c.I)) {
+        std::printf("   grouped: not for H = %lld, I = %lld (not multiples of 8); rejected as below\n",
+                    static_cast<long long>(c.H), static_cast<long long>(c.I));
+        moe::CudaMoeOptions grouped;
+        grouped.expert_gemm = gemm;
+        EXPECT_THROW(moe::CudaMoeLayer(cfg, grouped), Error);
+        continue;
+      }
+      SCOPED_TRACE(fmt::format("expert_gemm = {}, expert_streams = {}", moe::expert_gemm_name(gemm), streams));
+      std::printf("   expert_gemm = %s, expert_streams = %d\n", moe::expert_gemm_name(gemm), streams);
       moe::CudaMoeOptions opts;
+      opts.expert_gemm = gemm;
       opts.expert_streams = streams;
       moe::CudaMoeLayer layer(cfg, opts);
       layer.set_params(in.params);
@@ -282,6 +294,7 @@ TEST_F(CudaMoeLayer, ForceBalanceRoundRobin) {
   const Inputs in = make_inputs(c, 13);
   moe::CudaMoeOptions opts;
   opts.force_balance = true;
+  opts.expert_gemm = moe::ExpertGemm::kCublas;
   opts.expert_streams = 4;  // four chunks of two experts
   moe::CudaMoeLayer layer({H, E, K, I, true, "local"}, opts);
   layer.set_params(in.params);
@@ -364,11 +377,13 @@ struct DistCase {
   Routing routing;
   bool aux_grad;
   bool last_rank_empty;  // the last rank has no tokens
+  moe::ExpertGemm gemm;   // I / T stays a multiple of 8 up to T = 4 for the grouped GEMM
 };
 
 const DistCase kDistCases[] = {
-    {"random_H64_E8_K2_I32", 64, 8, 2, 32, Routing::kRandom, true, false},
-    {"skewed_H48_E8_K3_I16_last_rank_empty", 48, 8, 3, 16, Routing::kSkewed, false, true},
+    {"random_H64_E8_K2_I32", 64, 8, 2, 32, Routing::kRandom, true, false, moe::ExpertGemm::kGrouped},
+    {"skewed_H48_E8_K3_I32_last_rank_empty", 48, 8, 3, 32, Routing::kSkewed, false, true, moe::ExpertGemm::kGrouped},
+    {"random_H64_E8_K2_I32_cublas", 64, 8, 2, 32, Routing::kRandom, true, false, moe::ExpertGemm::kCublas},
 };
 
 // Tokens of rank r: 40 + 13·r (ragged), or none for the last rank when asked.
@@ -393,7 +408,7 @@ TEST_P(CudaMoeLayerDist, MatchesOneGpuAndMpiDispatch) {
   for (const std::string dispatcher : {"all2all", "vexpert"}) {
     for (const DistCase& c : kDistCases) {
       SCOPED_TRACE(dispatcher + " " + c.name);
-      if (r == 0) std::printf("  ep %d x etp %d, %s: %s\n", P, T, dispatcher.c_str(), c.name);
+      if (r == 0) std::printf("  ep %d x etp %d, %s: %s (%s GEMM)\n", P, T, dispatcher.c_str(), c.name, moe::expert_gemm_name(c.gemm));
       std::vector<int64_t> counts;
       for (int q = 0; q < W; ++q) counts.push_back(tokens_of(c, q, W));
       const int64_t N_all = comm::sum_counts(counts), N = counts[static_cast<size_t>(r)];
@@ -411,6 +426,7 @@ TEST_P(CudaMoeLayerDist, MatchesOneGpuAndMpiDispatch) {
                            shard::extract_local(in.params.w2_LHi.view({c.E * c.H, c.I}), s2).view({L, c.H, i})};
       moe::CudaMoeOptions opts;
       opts.mesh = &gpu_mesh;
+      opts.expert_gemm = c.gemm;
       moe::CudaMoeLayer layer(cfg, opts);
       layer.set_params(local);
       const Tensor x_own = in.x_NH.narrow_rows(first, N).contiguous();
