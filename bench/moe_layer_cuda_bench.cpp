@@ -9,7 +9,10 @@
 // (e.g. --input-sets 40 with --iters 40) show what a training run sees, where the routing changes
 // every step. Per case one line: forward, backward and total
 // ms, the expert-GEMM rate (2·N·K·(2I·H + I·H) FLOPs forward, three times that forward + backward),
-// tokens/s, and the routing's load imbalance (largest expert count / mean).
+// tokens/s, the routing's load imbalance (largest expert count / mean) and peak_GiB: the peak of
+// CUDA tensor bytes (bench/cuda_alloc_counter.h) from the layer's construction to its last
+// iteration, the inputs included (max over ranks; torch_GiB: the baseline's
+// torch.cuda.max_memory_allocated after a reset at the same point, where its JSON has it).
 //
 // Baseline: the same computation in PyTorch (bench/torch_moe_layer.py: torch._grouped_mm experts,
 // autograd backward), run separately on the same card; with its JSON the table gains torch_ms and
@@ -46,6 +49,7 @@
 #include "comm/nccl_comm.h"
 #include "core/bf16.h"
 #include "bench_util.h"
+#include "cuda_alloc_counter.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
 #include "moe/cuda_moe.h"
@@ -156,6 +160,7 @@ struct Result {
   bool balanced = false;
   Variant variant;
   double fwd_ms = 0, bwd_ms = 0, ms = 0, imbalance = 0;
+  double peak_gib = 0;  // peak CUDA tensor bytes from layer construction to the last iteration
 };
 
 std::string case_name(int64_t N, int64_t I, bool balanced, const comm::Mesh* mesh) {
@@ -183,6 +188,7 @@ Result run_case(const Args& args, int64_t I, bool balanced, Variant variant, con
   r.I = I;
   r.balanced = balanced;
   r.variant = variant;
+  bench::reset_peak();  // from the bytes live now (the inputs), as the baseline counts its inputs
   {
     moe::CudaMoeLayer layer({kH, kE, kK, I, true, variant.dispatcher}, opts);
     layer.set_params(host_params);
@@ -221,19 +227,27 @@ Result run_case(const Args& args, int64_t I, bool balanced, Variant variant, con
     const std::vector<int64_t>& counts = layer.counts_E();
     const double mean = static_cast<double>(N * kK) / static_cast<double>(kE);
     r.imbalance = static_cast<double>(*std::max_element(counts.begin(), counts.end())) / mean;
+    r.peak_gib = static_cast<double>(bench::peak_bytes()) / static_cast<double>(1 << 30);
   }
   CUDA_CHECK(cudaStreamDestroy(opts.stream));
   return r;
 }
 
-// torch_moe_layer.py --json: {"cases": [{"name": ..., "ms": ...}, ...], ...}
-std::map<std::string, double> read_torch_results(const std::string& path) {
+struct TorchCase {
+  double ms = 0;
+  double peak_gib = -1;  // -1: not in the file
+};
+
+// torch_moe_layer*.py --json: {"cases": [{"name": ..., "ms": ..., "peak_gib": ...}, ...], ...}
+std::map<std::string, TorchCase> read_torch_results(const std::string& path) {
   std::ifstream f(path);
   MOETP_CHECK(f.good(), "cannot open --torch-results file '{}'", path);
   const nlohmann::json j = nlohmann::json::parse(f);
-  std::map<std::string, double> ms;
-  for (const auto& c : j.at("cases")) ms[c.at("name").get<std::string>()] = c.at("ms").get<double>();
-  return ms;
+  std::map<std::string, TorchCase> cases;
+  for (const auto& c : j.at("cases")) {
+    cases[c.at("name").get<std::string>()] = {c.at("ms").get<double>(), c.value("peak_gib", -1.0)};
+  }
+  return cases;
 }
 
 int run(int argc, char** argv) {
@@ -241,8 +255,8 @@ int run(int argc, char** argv) {
   auto world = comm::MpiComm::world();
   const int W = world->size(), rank = world->rank();
   const bool lead = rank == 0;
-  const std::map<std::string, double> torch_ms =
-      args.torch_results.empty() ? std::map<std::string, double>{} : read_torch_results(args.torch_results);
+  const std::map<std::string, TorchCase> torch_ms =
+      args.torch_results.empty() ? std::map<std::string, TorchCase>{} : read_torch_results(args.torch_results);
   if (lead) {
     std::printf("torch baseline: %zu cases from %s\n", torch_ms.size(),
                 args.torch_results.empty() ? "(none: --torch-results not given)" : args.torch_results.c_str());
@@ -252,6 +266,7 @@ int run(int argc, char** argv) {
                                                      rank, gpus, gpus == 0 ? " (" + cuda::unavailable_reason() + ")" : ""),
                       "GPU per rank");
   cuda::init(rank);
+  bench::install_counting_hooks();
   std::unique_ptr<comm::NcclComm> nccl;
   if (W > 1) {
     nccl = comm::NcclComm::create(*world, "world");
@@ -278,8 +293,8 @@ int run(int argc, char** argv) {
         "%d warm-up; with layouts the slowest rank's\n",
         W, prop.name, prop.multiProcessorCount, static_cast<long long>(N), static_cast<long long>(kH),
         static_cast<long long>(kE), static_cast<long long>(kK), args.iters, args.warmup);
-    std::printf("%-56s %8s %8s %9s %14s %12s %9s %9s %12s\n", "case", "fwd_ms", "bwd_ms", "total_ms",
-                "expert_TFLOP/s", "tokens/s", "max/mean", "torch_ms", "torch/moetp");
+    std::printf("%-56s %8s %8s %9s %14s %12s %9s %9s %9s %12s %9s\n", "case", "fwd_ms", "bwd_ms", "total_ms",
+                "expert_TFLOP/s", "tokens/s", "max/mean", "peak_GiB", "torch_ms", "torch/moetp", "torch_GiB");
   }
   nlohmann::json out_json;
   out_json["device"] = prop.name;
@@ -289,18 +304,21 @@ int run(int argc, char** argv) {
     r.fwd_ms = world->all_reduce_scalar(r.fwd_ms, comm::ReduceOp::kMax);
     r.bwd_ms = world->all_reduce_scalar(r.bwd_ms, comm::ReduceOp::kMax);
     r.ms = world->all_reduce_scalar(r.ms, comm::ReduceOp::kMax);
+    r.peak_gib = world->all_reduce_scalar(r.peak_gib, comm::ReduceOp::kMax);
     if (!lead) return;
     // Expert FLOPs per GPU: every GPU's N·K rows through full-width experts, split over the ranks.
     const double flops = 3.0 * 2.0 * static_cast<double>(N * kK) * static_cast<double>(3 * I * kH);
     const double tflops = flops / (r.ms * 1e-3) / 1e12;
     const double tokens_per_s = static_cast<double>(N) / (r.ms * 1e-3);
-    std::string torch_col = "-", ratio_col = "-";
+    std::string torch_col = "-", ratio_col = "-", torch_gib = "-";
     if (const auto it = torch_ms.find(r.torch_name); it != torch_ms.end()) {
-      torch_col = fmt::format("{:.3f}", it->second);
-      ratio_col = fmt::format("{:.2f}", it->second / r.ms);
+      torch_col = fmt::format("{:.3f}", it->second.ms);
+      ratio_col = fmt::format("{:.2f}", it->second.ms / r.ms);
+      if (it->second.peak_gib >= 0) torch_gib = fmt::format("{:.2f}", it->second.peak_gib);
     }
-    std::printf("%-56s %8.3f %8.3f %9.3f %14.1f %12.4g %9.2f %9s %12s\n", r.name.c_str(), r.fwd_ms, r.bwd_ms, r.ms,
-                tflops, tokens_per_s, r.imbalance, torch_col.c_str(), ratio_col.c_str());
+    std::printf("%-56s %8.3f %8.3f %9.3f %14.1f %12.4g %9.2f %9.2f %9s %12s %9s\n", r.name.c_str(), r.fwd_ms, r.bwd_ms,
+                r.ms, tflops, tokens_per_s, r.imbalance, r.peak_gib, torch_col.c_str(), ratio_col.c_str(),
+                torch_gib.c_str());
     std::fflush(stdout);
     out_json["cases"].push_back({{"name", r.name},
                                  {"expert_gemm", moe::expert_gemm_name(r.variant.gemm)},
@@ -310,7 +328,8 @@ int run(int argc, char** argv) {
                                  {"ms", r.ms},
                                  {"expert_tflops", tflops},
                                  {"tokens_per_s", tokens_per_s},
-                                 {"max_over_mean_load", r.imbalance}});
+                                 {"max_over_mean_load", r.imbalance},
+                                 {"peak_gib", r.peak_gib}});
   };
   if (layouts.empty()) {
     for (const int64_t I : kIntermediates) {

@@ -81,11 +81,9 @@
 #include <fstream>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "comm/mesh.h"
@@ -94,6 +92,7 @@
 #include "config/model_config.h"
 #include "core/tensor.h"
 #include "bench_util.h"
+#include "cuda_alloc_counter.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
@@ -108,64 +107,14 @@ namespace {
 using bench::Layout;
 using bench::median;
 using bench::parse_layouts;
+using bench::install_counting_hooks;
+using bench::peak_bytes;
+using bench::reset_peak;
 
 
 constexpr uint64_t kModelSeed = 1234;
 constexpr uint64_t kTokenSeed = 4321;
 constexpr double kLr = 1e-4;
-
-// ---- Counting wrapper of the runtime's CUDA hooks (kernels/cuda/runtime.h: runtime_hooks). ----
-struct AllocStats {
-  std::mutex mu;
-  std::unordered_map<void*, size_t> live;
-  size_t current = 0, peak = 0;
-};
-AllocStats& alloc_stats() {
-  static AllocStats s;
-  return s;
-}
-
-void* counting_alloc(size_t num_bytes) {
-  const size_t n = num_bytes == 0 ? 1 : num_bytes;
-  void* p = cuda::runtime_hooks().alloc(n);  // the runtime's allocator (direct or caching, --alloc)
-  AllocStats& s = alloc_stats();
-  std::lock_guard<std::mutex> lock(s.mu);
-  s.live[p] = n;
-  s.current += n;
-  s.peak = std::max(s.peak, s.current);
-  return p;
-}
-
-void counting_free(void* p) {
-  {
-    AllocStats& s = alloc_stats();
-    std::lock_guard<std::mutex> lock(s.mu);
-    if (const auto it = s.live.find(p); it != s.live.end()) {
-      s.current -= it->second;
-      s.live.erase(it);
-    }
-  }
-  cuda::runtime_hooks().free(p);
-}
-
-void install_counting_hooks() {
-  DeviceHooks hooks = cuda::runtime_hooks();  // copies and memset as the runtime's
-  hooks.alloc = counting_alloc;
-  hooks.free = counting_free;
-  register_device_hooks(Device::kCuda, hooks);
-}
-
-void reset_peak() {
-  AllocStats& s = alloc_stats();
-  std::lock_guard<std::mutex> lock(s.mu);
-  s.peak = s.current;
-}
-
-size_t peak_bytes() {
-  AllocStats& s = alloc_stats();
-  std::lock_guard<std::mutex> lock(s.mu);
-  return s.peak;
-}
 
 size_t device_used_bytes() {
   size_t free_bytes = 0, total_bytes = 0;

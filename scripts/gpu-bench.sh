@@ -9,6 +9,10 @@
 #   LAYOUTS="2x1,1x2"  the multi-GPU layouts (default: by GPU count, Gx1, 1xG and 2x2 at 4 GPUs)
 #   STEPS=N            timed steps of the training-step benchmarks (default 6)
 #   ALLOC=caching      the training-step benchmarks on core's caching allocator (default direct)
+#   GEMMS="grouped cublas"  the expert GEMMs to measure (moe.expert_gemm; default both: grouped is
+#                      the default, cublas the per-expert cuBLAS loop it replaced)
+#   VEXPERT=0          skip the vexpert rows (layer and step at the layouts with etp > 1; default on)
+#   SKIP_ATTN=1        skip the attention benchmark
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/moetp-bench}
@@ -19,6 +23,8 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 gpus=$(nvidia-smi -L | wc -l)
 steps=${STEPS:-6}
 alloc=${ALLOC:-direct}
+gemms=${GEMMS:-grouped cublas}
+gemm_list=$(echo $gemms | tr ' ' ',')
 mpi=("$run" orterun --oversubscribe --bind-to none --mca btl self,vader --mca btl_vader_single_copy_mechanism none)
 trun=(python3 -m torch.distributed.run --nproc-per-node "$gpus")
 if [ -z "${LAYOUTS:-}" ]; then
@@ -27,19 +33,24 @@ if [ -z "${LAYOUTS:-}" ]; then
 fi
 l4=configs/qwen3-30b-a3b-l4.json
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
-echo "== attention fwd+bwd, 1 GPU =="
-python3 bench/torch_attention.py --json "$out/torch_attention.json" >"$out/torch_attention.log" 2>&1 ||
-  tail -5 "$out/torch_attention.log"
-"$run" attention_cuda_bench --torch-results "$out/torch_attention.json"
+if [ "${SKIP_ATTN:-0}" != 1 ]; then
+  echo "== attention fwd+bwd, 1 GPU =="
+  python3 bench/torch_attention.py --json "$out/torch_attention.json" >"$out/torch_attention.log" 2>&1 ||
+    tail -5 "$out/torch_attention.log"
+  "$run" attention_cuda_bench --torch-results "$out/torch_attention.json"
+fi
 echo "== MoE layer, 1 GPU (N=8192, H=2048, E=128, K=8) =="
 python3 bench/torch_moe_layer.py --skip-check --json "$out/torch_layer.json" >"$out/torch_layer.log" 2>&1 ||
   tail -5 "$out/torch_layer.log"
-"$run" moe_layer_cuda_bench --expert-streams 1,4 --torch-results "$out/torch_layer.json" --json "$out/layer.json"
+"$run" moe_layer_cuda_bench --expert-gemm "$gemm_list" --expert-streams 1,4 --torch-results "$out/torch_layer.json" --json "$out/layer.json"
 if [ "$gpus" -ge 2 ]; then
   echo "== MoE layer, $gpus GPUs, layouts $LAYOUTS (N=8192 per GPU, I=768) =="
   "${trun[@]}" bench/torch_moe_layer_dist.py --layouts "$LAYOUTS" --json "$out/torch_layer_dist.json" \
     >"$out/torch_layer_dist.log" 2>&1 || tail -5 "$out/torch_layer_dist.log"
-  "${mpi[@]}" -np "$gpus" "$run" moe_layer_cuda_bench --expert-streams 1 --layouts "$LAYOUTS" \
+  dispatchers=all2all
+  [ "${VEXPERT:-1}" != 0 ] && dispatchers=all2all,vexpert
+  "${mpi[@]}" -np "$gpus" "$run" moe_layer_cuda_bench --expert-gemm "$gemm_list" --expert-streams 1 \
+    --layouts "$LAYOUTS" --dispatchers "$dispatchers" \
     --torch-results "$out/torch_layer_dist.json" --json "$out/layer_dist.json"
 fi
 echo "== training step, 1 GPU =="
@@ -47,12 +58,22 @@ python3 bench/torch_train_step.py --steps "$steps" --json "$out/torch_step_hf.js
   tail -5 "$out/torch_step_hf.log"
 python3 -m torch.distributed.run --nproc-per-node 1 bench/torch_train_step_dist.py --config $l4 --layouts 1x1 \
   --routing both --steps "$steps" --json "$out/torch_step_1.json" >"$out/torch_step_1.log" 2>&1 || tail -5 "$out/torch_step_1.log"
-"$run" train_step_cuda_bench --alloc "$alloc" --phases --steps "$steps" --layouts 1x1 --torch-results "$out/torch_step_hf.json" \
-  --torch-results "$out/torch_step_1.json" --json "$out/step.json"
+for g in $gemms; do
+  "$run" train_step_cuda_bench --expert-gemm "$g" --alloc "$alloc" --phases --steps "$steps" --layouts 1x1 \
+    --torch-results "$out/torch_step_hf.json" --torch-results "$out/torch_step_1.json" --json "$out/step_$g.json"
+done
 if [ "$gpus" -ge 2 ]; then
   echo "== training step, $gpus GPUs, layouts $LAYOUTS =="
   "${trun[@]}" bench/torch_train_step_dist.py --config $l4 --layouts "$LAYOUTS" --routing both --steps "$steps" \
     --json "$out/torch_step_dist.json" >"$out/torch_step_dist.log" 2>&1 || tail -5 "$out/torch_step_dist.log"
-  "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --alloc "$alloc" --phases --config $l4 --steps "$steps" --layouts "$LAYOUTS" \
-    --torch-results "$out/torch_step_dist.json" --json "$out/step_dist.json"
+  for g in $gemms; do
+    "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --expert-gemm "$g" --alloc "$alloc" --phases --config $l4 \
+      --steps "$steps" --layouts "$LAYOUTS" --torch-results "$out/torch_step_dist.json" --json "$out/step_dist_$g.json"
+  done
+  # vexpert at the layouts that split experts (etp > 1), the default expert GEMM.
+  tp_layouts=$(echo "$LAYOUTS" | tr ',' '\n' | grep -v 'x1$' | paste -sd, -)
+  if [ "${VEXPERT:-1}" != 0 ] && [ -n "$tp_layouts" ]; then
+    "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --dispatcher vexpert --alloc "$alloc" --phases --config $l4 \
+      --steps "$steps" --layouts "$tp_layouts" --torch-results "$out/torch_step_dist.json" --json "$out/step_dist_vexpert.json"
+  fi
 fi

@@ -282,10 +282,16 @@ void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
       L.router = idx++;
       L.w13 = idx++;
       L.w2 = idx++;
+      // Gradients and bf16 working copies are the layer's own tensors (AdamW writes the rounded
+      // update straight into the copies the layer computes with).
       moe::MoeParams& g = L.moe->grads();
       params_[L.router].grad = g.wg_EH;
       params_[L.w13].grad = g.w13_L2iH.view(params_[L.w13].master.shape());
       params_[L.w2].grad = g.w2_LHi.view(params_[L.w2].master.shape());
+      moe::MoeParams& w = L.moe->mutable_params();
+      params_[L.router].work = w.wg_EH;
+      params_[L.w13].work = w.w13_L2iH.view(params_[L.w13].master.shape());
+      params_[L.w2].work = w.w2_LHi.view(params_[L.w2].master.shape());
     } else {
       const int64_t F = cfg_.intermediate_size;
       L.gate = idx++;
@@ -565,10 +571,9 @@ void CudaQwen3MoeModel::adamw_step(const CudaAdamWConfig& cfg, double lr, int64_
     hyper.eps = cfg.eps;
     hyper.weight_decay = p.decay ? cfg.weight_decay : 0.0;
     hyper.step = step;
-    cuda::adamw_step(p.master, p.grad, p.exp_avg, p.exp_avg_sq, hyper, p.work.defined() ? &p.work : nullptr);
+    cuda::adamw_step(p.master, p.grad, p.exp_avg, p.exp_avg_sq, hyper, &p.work);
   }
   CUDA_CHECK(cudaDeviceSynchronize());
-  refresh_moe_params();  // the MoE layers keep their own bf16 copies
 }
 
 void CudaQwen3MoeModel::reduce_grads() {

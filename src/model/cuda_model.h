@@ -58,7 +58,7 @@ struct CudaParam {
   ParamKind kind = ParamKind::kReplicated;
   bool decay = true;  // AdamW weight decay (off for norm weights)
   Tensor master;      // f32, CUDA, the CPU model's (local shard) shape
-  Tensor work;        // bf16, CUDA, same shape; undefined for MoE parameters (their layer holds the copy)
+  Tensor work;        // bf16, CUDA, same shape; for MoE parameters a view of their layer's own copy
   Tensor grad;        // f32, CUDA, same shape; ACCUMULATED by forward_backward
   Tensor exp_avg, exp_avg_sq;  // f32 AdamW moments, allocated by the first adamw_step
 };

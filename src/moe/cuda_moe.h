@@ -139,6 +139,10 @@ class CudaMoeLayer {
   // w13_L2iH (L, 2i, H) with gate rows [0, i) and up rows [i, 2i) of each local expert,
   // w2_LHi (L, H, i). With one GPU L = E and i = I.
   const MoeParams& params() const { return params_; }
+  // The same tensors, writable: for an optimizer that writes its bf16-rounded update straight into
+  // them (CudaQwen3MoeModel's AdamW), instead of a set_params copy per step. Writes must be ordered
+  // before the next forward on the layer's stream.
+  MoeParams& mutable_params() { return params_; }
   // Copies `src` (CPU f32 or bf16, or CUDA bf16 or f32, the shapes above) into the parameters,
   // rounding f32 to bf16 (round to nearest even). Synchronous.
   void set_params(const MoeParams& src);

@@ -41,21 +41,25 @@ AdamW::AdamW(const std::vector<model::Param>& params, const AdamWConfig& cfg) : 
 void AdamW::step(std::vector<model::Param>& params, double lr, int64_t step) {
   MOETP_CHECK(step >= 1, "AdamW step counts from 1, got {}", step);
   MOETP_CHECK(params.size() == m_.size(), "AdamW built for {} parameters, stepped with {}", m_.size(), params.size());
-  const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(step));
+  // The per-step scalars in double, rounded once to f32; the element update is all f32 (as PyTorch's
+  // AdamW on f32 parameters), every operation correctly rounded and none contracted, so the CUDA
+  // kernel (kernels/cuda/ops_optim.cu) reproduces it bit for bit.
+  const float bc1 = static_cast<float>(1.0 - std::pow(cfg_.beta1, static_cast<double>(step)));
+  const float bc2 = static_cast<float>(1.0 - std::pow(cfg_.beta2, static_cast<double>(step)));
   const float b1 = static_cast<float>(cfg_.beta1), b2 = static_cast<float>(cfg_.beta2);
+  const float eps = static_cast<float>(cfg_.eps), lr_f = static_cast<float>(lr);
   for (size_t i = 0; i < params.size(); ++i) {
     model::Param& p = params[i];
     float* w = p.value.data<float>();
     const float* g = p.grad.data<float>();
     float* m = m_[i].data<float>();
     float* v = v_[i].data<float>();
-    const double decay = p.decay ? lr * cfg_.weight_decay : 0.0;
+    const float decay = p.decay ? static_cast<float>(lr * cfg_.weight_decay) : 0.0f;
     for (int64_t k = 0; k < p.value.numel(); ++k) {
       m[k] = b1 * m[k] + (1.0f - b1) * g[k];
       v[k] = b2 * v[k] + (1.0f - b2) * g[k] * g[k];
-      const double update = (m[k] / bc1) / (std::sqrt(v[k] / bc2) + cfg_.eps);
-      w[k] = static_cast<float>(w[k] - decay * w[k] - lr * update);
+      const float update = (m[k] / bc1) / (std::sqrt(v[k] / bc2) + eps);
+      w[k] = (w[k] - decay * w[k]) - lr_f * update;
     }
   }
 }

@@ -64,7 +64,8 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.checkpoint.every, 0);
   EXPECT_EQ(c.checkpoint.keep, 3);
   EXPECT_NO_THROW(validate(c));
-  EXPECT_EQ(field_names().size(), 26u);
+  EXPECT_EQ(c.moe.expert_gemm, "auto");
+  EXPECT_EQ(field_names().size(), 27u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {
@@ -223,6 +224,8 @@ TEST(TrainConfig, ValidateNamesValues) {
   c.train.micro_batches = 4;
   expect_error([&] { validate(c); }, {"train.global_batch_size (6) % train.micro_batches (4) != 0"});
   expect_error([&] { validate(with("train.steps=0")); }, {"train.steps (0)"});
+  expect_error([&] { validate(with("moe.expert_gemm=cutlass")); },
+               {"moe.expert_gemm 'cutlass' is unknown (valid: auto, grouped, cublas)"});
   expect_error([&] { validate(with("train.seq_len=-3")); }, {"train.seq_len (-3)"});
   expect_error([&] { validate(with("optim.min_lr=0.01")); }, {"optim.lr (0.003) >= optim.min_lr (0.01)"});
   expect_error([&] { validate(with("optim.min_lr=-1")); }, {"optim.min_lr (-1)"});

@@ -135,13 +135,20 @@ TEST(TrainerBadInput, ErrorsNameTheValues) {
             std::string::npos);
   // train.device = auto keeps a CPU-only dispatcher on the CPU and says why.
   {
-    config::TrainConfig c = train_config(w.size(), 1, "vexpert", 1, 8 * w.size());
+    config::TrainConfig c = train_config(w.size(), 1, "allgather", 1, 8 * w.size());
     c.train.device = "auto";
     train::Trainer t(c, tiny_model(0.01), w, random_tokens(4000, 64, 1));
     EXPECT_EQ(t.device(), "cpu");
-    EXPECT_NE(t.device_reason().find("moe.dispatcher 'vexpert' runs on the CPU device only"), std::string::npos)
+    EXPECT_NE(t.device_reason().find("moe.dispatcher 'allgather' runs on the CPU device only"), std::string::npos)
         << t.device_reason();
   }
+  // The expert GEMM choice is a CUDA-device option too.
+  config::TrainConfig eg = train_config(1, 1, "auto", 1, 8 * w.size());
+  eg.moe.expert_gemm = "cublas";
+  eg.train.device = "cpu";
+  EXPECT_NE(testing::error_of([&] { run(eg, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
+                .find("moe.expert_gemm = cublas applies to the CUDA device only"),
+            std::string::npos);
   // NaN in the weights: the loss check names the step and rank on every rank.
   train::Trainer t(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, random_tokens(4000, 64, 1));
   t.model().param("model.norm.weight").value.data<float>()[0] = std::nanf("");

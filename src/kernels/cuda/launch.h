@@ -141,12 +141,13 @@ cudaError_t cross_entropy_forward(const void* logits, bool logits_bf16, const in
                                   cudaStream_t stream);
 
 // AdamW scalars, prepared on the host in double exactly as train::AdamW::step does.
+// Every scalar computed in double on the host and rounded once to f32 (train::AdamW::step does the same).
 struct AdamWArgs {
-  float beta1, beta2;       // f32 copies of the betas (the moments are updated in f32)
-  double bias_correction1;  // 1 − beta1^step
-  double bias_correction2;  // 1 − beta2^step
-  double eps, lr;
-  double decay;  // lr · weight_decay (0: no decay)
+  float beta1, beta2;
+  float bias_correction1;  // 1 − beta1^step
+  float bias_correction2;  // 1 − beta2^step
+  float eps, lr;
+  float decay;  // lr · weight_decay (0: no decay)
 };
 // w_bf16 may be null.
 cudaError_t adamw_step(float* w, const float* g, float* m, float* v, uint16_t* w_bf16, int64_t n,

@@ -403,11 +403,11 @@ void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const AdamWHyp
   launch::AdamWArgs args{};
   args.beta1 = static_cast<float>(hyper.beta1);
   args.beta2 = static_cast<float>(hyper.beta2);
-  args.bias_correction1 = 1.0 - std::pow(hyper.beta1, static_cast<double>(hyper.step));
-  args.bias_correction2 = 1.0 - std::pow(hyper.beta2, static_cast<double>(hyper.step));
-  args.eps = hyper.eps;
-  args.lr = hyper.lr;
-  args.decay = hyper.lr * hyper.weight_decay;
+  args.bias_correction1 = static_cast<float>(1.0 - std::pow(hyper.beta1, static_cast<double>(hyper.step)));
+  args.bias_correction2 = static_cast<float>(1.0 - std::pow(hyper.beta2, static_cast<double>(hyper.step)));
+  args.eps = static_cast<float>(hyper.eps);
+  args.lr = static_cast<float>(hyper.lr);
+  args.decay = static_cast<float>(hyper.lr * hyper.weight_decay);
   CUDA_CHECK(launch::adamw_step(w.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), w16, w.numel(),
                                 args, stream));
 }

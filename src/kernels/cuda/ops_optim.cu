@@ -1,10 +1,11 @@
 // Optimiser kernels (device side; contracts in ops.h): the AdamW update on f32 master weights and
 // the deterministic sum of squares behind the global gradient norm.
 //
-// adamw_kernel is the loop body of train::AdamW::step with the same types at every step (f32
-// moments, double update) and explicit _rn intrinsics so nvcc cannot contract a multiply and an
-// add into one FMA (the host build does not contract either): on the same inputs the new w, m and v
-// are bit-identical to the CPU's.
+// adamw_one is the loop body of train::AdamW::step with the same types (all f32) and explicit _rn
+// intrinsics so nvcc cannot contract a multiply and an add into one FMA (the host build does not
+// contract either; f32 division and square root are correctly rounded on both sides): on the same
+// inputs the new w, m and v are bit-identical to the CPU's. The update is memory-bound (30 bytes
+// per element with the bf16 copy), hence the 16-byte vector path.
 #include "kernels/cuda/ops_common.cuh"
 
 namespace moetp::cuda::launch {
@@ -19,26 +20,50 @@ constexpr int kSumThreads = 256;
 constexpr int64_t kSumMaxBlocks = 1024;
 constexpr int64_t kSumItemsPerBlock = 8 * kSumThreads;
 
+// One element: train::AdamW::step's body, every operation an explicitly rounded f32 intrinsic.
+__device__ __forceinline__ void adamw_one(float& w, float g, float& m, float& v, const AdamWArgs& a,
+                                          float one_minus_b1, float one_minus_b2) {
+  // m = b1 · m + (1 − b1) · g;  v = b2 · v + (1 − b2) · g · g
+  m = __fadd_rn(__fmul_rn(a.beta1, m), __fmul_rn(one_minus_b1, g));
+  v = __fadd_rn(__fmul_rn(a.beta2, v), __fmul_rn(__fmul_rn(one_minus_b2, g), g));
+  // update = (m / bc1) / (sqrt(v / bc2) + eps);  w = (w − decay · w) − lr · update
+  const float update =
+      __fdiv_rn(__fdiv_rn(m, a.bias_correction1), __fadd_rn(__fsqrt_rn(__fdiv_rn(v, a.bias_correction2)), a.eps));
+  w = __fsub_rn(__fsub_rn(w, __fmul_rn(a.decay, w)), __fmul_rn(a.lr, update));
+}
+
+// Four elements per thread and iteration (16-byte loads and stores); the caller guarantees 16-byte
+// aligned w, g, m, v (8-byte aligned w_bf16) and handles the n % 4 tail with adamw_kernel.
+__global__ void adamw_kernel_vec4(float4* __restrict__ w, const float4* __restrict__ g, float4* __restrict__ m,
+                                  float4* __restrict__ v, uint2* __restrict__ w_bf16, int64_t n4, AdamWArgs a) {
+  const float one_minus_b1 = 1.0f - a.beta1;
+  const float one_minus_b2 = 1.0f - a.beta2;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n4;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float4 wk = w[k], mk = m[k], vk = v[k];
+    const float4 gk = g[k];
+    adamw_one(wk.x, gk.x, mk.x, vk.x, a, one_minus_b1, one_minus_b2);
+    adamw_one(wk.y, gk.y, mk.y, vk.y, a, one_minus_b1, one_minus_b2);
+    adamw_one(wk.z, gk.z, mk.z, vk.z, a, one_minus_b1, one_minus_b2);
+    adamw_one(wk.w, gk.w, mk.w, vk.w, a, one_minus_b1, one_minus_b2);
+    w[k] = wk;
+    m[k] = mk;
+    v[k] = vk;
+    if (w_bf16 != nullptr) {
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(wk.x, wk.y), hi = __floats2bfloat162_rn(wk.z, wk.w);
+      w_bf16[k] = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+    }
+  }
+}
+
 __global__ void adamw_kernel(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
                              float* __restrict__ v, __nv_bfloat16* __restrict__ w_bf16, int64_t n, AdamWArgs a) {
   const float one_minus_b1 = 1.0f - a.beta1;
   const float one_minus_b2 = 1.0f - a.beta2;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float gk = g[k];
-    // m = b1 · m + (1 − b1) · g;  v = b2 · v + (1 − b2) · g · g   (f32, as the CPU)
-    const float mk = __fadd_rn(__fmul_rn(a.beta1, m[k]), __fmul_rn(one_minus_b1, gk));
-    const float vk = __fadd_rn(__fmul_rn(a.beta2, v[k]), __fmul_rn(__fmul_rn(one_minus_b2, gk), gk));
-    m[k] = mk;
-    v[k] = vk;
-    // update = (m / bc1) / (sqrt(v / bc2) + eps);  w = f32(w − decay · w − lr · update)   (double)
-    const double update = __ddiv_rn(__ddiv_rn(static_cast<double>(mk), a.bias_correction1),
-                                    __dadd_rn(__dsqrt_rn(__ddiv_rn(static_cast<double>(vk), a.bias_correction2)),
-                                              a.eps));
-    const double wk = static_cast<double>(w[k]);
-    const float wn = __double2float_rn(__dsub_rn(__dsub_rn(wk, __dmul_rn(a.decay, wk)), __dmul_rn(a.lr, update)));
-    w[k] = wn;
-    if (w_bf16 != nullptr) w_bf16[k] = __float2bfloat16_rn(wn);
+    adamw_one(w[k], g[k], m[k], v[k], a, one_minus_b1, one_minus_b2);
+    if (w_bf16 != nullptr) w_bf16[k] = __float2bfloat16_rn(w[k]);
   }
 }
 
@@ -60,8 +85,23 @@ __global__ void sum_of_squares_kernel(const float* __restrict__ g, int64_t n, do
 cudaError_t adamw_step(float* w, const float* g, float* m, float* v, uint16_t* w_bf16, int64_t n,
                        const AdamWArgs& args, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  adamw_kernel<<<grid_blocks(n, kAdamThreads, 65535 * 4), kAdamThreads, 0, stream>>>(
-      w, g, m, v, reinterpret_cast<__nv_bfloat16*>(w_bf16), n, args);
+  auto aligned = [](const void* p, uintptr_t to) { return reinterpret_cast<uintptr_t>(p) % to == 0; };
+  int64_t done = 0;
+  if (aligned(w, 16) && aligned(g, 16) && aligned(m, 16) && aligned(v, 16) && (w_bf16 == nullptr || aligned(w_bf16, 8))) {
+    const int64_t n4 = n / 4;
+    if (n4 > 0) {
+      adamw_kernel_vec4<<<grid_blocks(n4, kAdamThreads, 132 * 16), kAdamThreads, 0, stream>>>(
+          reinterpret_cast<float4*>(w), reinterpret_cast<const float4*>(g), reinterpret_cast<float4*>(m),
+          reinterpret_cast<float4*>(v), reinterpret_cast<uint2*>(w_bf16), n4, args);
+    }
+    done = 4 * n4;
+  }
+  if (done < n) {
+    const int64_t rest = n - done;
+    adamw_kernel<<<grid_blocks(rest, kAdamThreads, 65535 * 4), kAdamThreads, 0, stream>>>(
+        w + done, g + done, m + done, v + done,
+        w_bf16 == nullptr ? nullptr : reinterpret_cast<__nv_bfloat16*>(w_bf16) + done, rest, args);
+  }
   return cudaGetLastError();
 }
 
