@@ -279,6 +279,7 @@ int run(int argc, char** argv) {
 }  // namespace moetp
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // rows appear as they finish, also into a file
   try {
     return moetp::run(argc, argv);
   } catch (const std::exception& e) {

@@ -70,9 +70,11 @@ inline std::vector<Layout> parse_layouts(const std::string& v) {
 
 // main() of a benchmark that may run under mpirun: MPI up, run(argc, argv), and on an error a line
 // "[rank r] name: message" and, with several ranks, MPI_Abort (a rank that went on would wait in a
-// collective for the failed one).
+// collective for the failed one). Standard output is line-buffered, so that a run cut short by a
+// time limit still shows every row it finished.
 template <typename Run>
 int mpi_main(const char* name, int argc, char** argv, Run run) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   comm::MpiRuntime mpi(&argc, &argv);
   try {
     return run(argc, argv);

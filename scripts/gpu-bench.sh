@@ -34,17 +34,17 @@ fi
 l4=configs/qwen3-30b-a3b-l4.json
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
 if [ "${SKIP_ATTN:-0}" != 1 ]; then
-  echo "== attention fwd+bwd, 1 GPU =="
+  echo "[${SECONDS}s] == attention fwd+bwd, 1 GPU =="
   python3 bench/torch_attention.py --json "$out/torch_attention.json" >"$out/torch_attention.log" 2>&1 ||
     tail -5 "$out/torch_attention.log"
   "$run" attention_cuda_bench --torch-results "$out/torch_attention.json"
 fi
-echo "== MoE layer, 1 GPU (N=8192, H=2048, E=128, K=8) =="
+echo "[${SECONDS}s] == MoE layer, 1 GPU (N=8192, H=2048, E=128, K=8) =="
 python3 bench/torch_moe_layer.py --skip-check --json "$out/torch_layer.json" >"$out/torch_layer.log" 2>&1 ||
   tail -5 "$out/torch_layer.log"
 "$run" moe_layer_cuda_bench --expert-gemm "$gemm_list" --expert-streams 1,4 --torch-results "$out/torch_layer.json" --json "$out/layer.json"
 if [ "$gpus" -ge 2 ]; then
-  echo "== MoE layer, $gpus GPUs, layouts $LAYOUTS (N=8192 per GPU, I=768) =="
+  echo "[${SECONDS}s] == MoE layer, $gpus GPUs, layouts $LAYOUTS (N=8192 per GPU, I=768) =="
   "${trun[@]}" bench/torch_moe_layer_dist.py --layouts "$LAYOUTS" --json "$out/torch_layer_dist.json" \
     >"$out/torch_layer_dist.log" 2>&1 || tail -5 "$out/torch_layer_dist.log"
   dispatchers=all2all
@@ -53,7 +53,7 @@ if [ "$gpus" -ge 2 ]; then
     --layouts "$LAYOUTS" --dispatchers "$dispatchers" \
     --torch-results "$out/torch_layer_dist.json" --json "$out/layer_dist.json"
 fi
-echo "== training step, 1 GPU =="
+echo "[${SECONDS}s] == training step, 1 GPU =="
 python3 bench/torch_train_step.py --steps "$steps" --json "$out/torch_step_hf.json" >"$out/torch_step_hf.log" 2>&1 ||
   tail -5 "$out/torch_step_hf.log"
 python3 -m torch.distributed.run --nproc-per-node 1 bench/torch_train_step_dist.py --config $l4 --layouts 1x1 \
@@ -63,7 +63,7 @@ for g in $gemms; do
     --torch-results "$out/torch_step_hf.json" --torch-results "$out/torch_step_1.json" --json "$out/step_$g.json"
 done
 if [ "$gpus" -ge 2 ]; then
-  echo "== training step, $gpus GPUs, layouts $LAYOUTS =="
+  echo "[${SECONDS}s] == training step, $gpus GPUs, layouts $LAYOUTS =="
   "${trun[@]}" bench/torch_train_step_dist.py --config $l4 --layouts "$LAYOUTS" --routing both --steps "$steps" \
     --json "$out/torch_step_dist.json" >"$out/torch_step_dist.log" 2>&1 || tail -5 "$out/torch_step_dist.log"
   for g in $gemms; do
