@@ -1,5 +1,8 @@
 #include "moe/moe_block.h"
 
+#include <utility>
+#include <vector>
+
 #include "core/rng.h"
 
 namespace moetp::moe {
@@ -100,12 +103,19 @@ Tensor init_normal(const shard::ShardSpec& spec, uint64_t seed, std::string_view
   const shard::ColumnRange cols = shard::column_range(spec);
   const int64_t local_cols = cols.width();
   float* out = local.data<float>();
+  // Every row is a pure function of its global position (counter-based RNG), so rows fill in any
+  // order and on any number of threads with the same result (the Qwen3 presets hold billions of
+  // values; the GPU benchmarks build a model per case from a seed).
+  std::vector<std::pair<int64_t, int64_t>> rows;  // (local row, global row)
   for (const shard::Run& run : shard::compute_runs(spec)) {
-    for (int64_t r = 0; r < run.length; ++r) {
-      const uint64_t first = static_cast<uint64_t>((run.global_row + r) * global_cols + cols.begin);
-      fill_normal(std::span<float>(out + (run.local_row + r) * local_cols, static_cast<size_t>(local_cols)), rng, first,
-                  0.0f, std);
-    }
+    for (int64_t r = 0; r < run.length; ++r) rows.emplace_back(run.local_row + r, run.global_row + r);
+  }
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const auto [local_row, global_row] = rows[static_cast<size_t>(i)];
+    const uint64_t first = static_cast<uint64_t>(global_row * global_cols + cols.begin);
+    fill_normal(std::span<float>(out + local_row * local_cols, static_cast<size_t>(local_cols)), rng, first, 0.0f, std);
   }
   return local;
 }
