@@ -278,12 +278,4 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace moetp
 
-int main(int argc, char** argv) {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // rows appear as they finish, also into a file
-  try {
-    return moetp::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "attention_cuda_bench: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return moetp::bench::plain_main("attention_cuda_bench", argc, argv, moetp::run); }

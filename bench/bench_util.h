@@ -88,4 +88,17 @@ int mpi_main(const char* name, int argc, char** argv, Run run) {
   }
 }
 
+// main() of a one-process benchmark: run(argc, argv), an error as one line "name: message";
+// standard output line-buffered as in mpi_main.
+template <typename Run>
+int plain_main(const char* name, int argc, char** argv, Run run) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
+    return 1;
+  }
+}
+
 }  // namespace moetp::bench

@@ -40,9 +40,13 @@
 #include "kernels/cuda/grouped_gemm.h"
 #include "kernels/cuda/grouped_gemm_launch.h"
 #include "kernels/cuda/runtime.h"
+#include "bench_util.h"
 
 namespace moetp {
 namespace {
+
+using bench::median;
+using bench::random_bf16;
 
 constexpr int64_t kGroups = 16, kRowsPerGroup = 2048;
 // Ragged sizes, total 16 × 2048; multiples of 16 (torch._grouped_mm's CUTLASS path wants aligned
@@ -88,27 +92,6 @@ Args parse_args(int argc, char** argv) {
   return a;
 }
 
-// Uniform bf16 values in [-a, a) from a counter hash (splitmix64).
-Tensor random_bf16(Shape shape, uint64_t seed, float a) {
-  Tensor t = Tensor::empty(std::move(shape), DType::kBF16);
-  bf16* p = t.data<bf16>();
-  const int64_t n = t.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-    p[i] = f32_to_bf16((2.0f * u - 1.0f) * a);
-  }
-  return t;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 == 1 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
 
 // Median milliseconds of `fn` on the legacy default stream (both paths enqueue there).
 double time_ms(const Args& args, const std::function<void()>& fn) {
@@ -250,12 +233,4 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace moetp
 
-int main(int argc, char** argv) {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // rows appear as they finish, also into a file
-  try {
-    return moetp::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "grouped_gemm_cuda_bench: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return moetp::bench::plain_main("grouped_gemm_cuda_bench", argc, argv, moetp::run); }
