@@ -8,7 +8,8 @@
 # Needs PyTorch (2.11 here) and transformers on the host. Output files go to ${OUT:-/tmp/moetp-bench}.
 #   LAYOUTS="2x1,1x2"  the multi-GPU layouts (default: by GPU count, Gx1, 1xG and 2x2 at 4 GPUs)
 #   STEPS=N            timed steps of the training-step benchmarks (default 6)
-#   ALLOC=caching      the training-step benchmarks on core's caching allocator (default direct)
+#   ALLOC=caching      the training-step benchmarks on core's caching allocator (default direct);
+#                      ALLOC="direct caching" runs each training-step case with both (an A/B)
 #   GEMMS="grouped cublas"  the expert GEMMs to measure (moe.expert_gemm; default both: grouped is
 #                      the default, cublas the per-expert cuBLAS loop it replaced)
 #   VEXPERT=0          skip the vexpert rows (layer and step at the layouts with etp > 1; default on)
@@ -59,21 +60,26 @@ python3 bench/torch_train_step.py --steps "$steps" --json "$out/torch_step_hf.js
 python3 -m torch.distributed.run --nproc-per-node 1 bench/torch_train_step_dist.py --config $l4 --layouts 1x1 \
   --routing both --steps "$steps" --json "$out/torch_step_1.json" >"$out/torch_step_1.log" 2>&1 || tail -5 "$out/torch_step_1.log"
 for g in $gemms; do
-  "$run" train_step_cuda_bench --expert-gemm "$g" --alloc "$alloc" --phases --steps "$steps" --layouts 1x1 \
-    --torch-results "$out/torch_step_hf.json" --torch-results "$out/torch_step_1.json" --json "$out/step_$g.json"
+  for a in $alloc; do
+    "$run" train_step_cuda_bench --expert-gemm "$g" --alloc "$a" --phases --steps "$steps" --layouts 1x1 \
+      --torch-results "$out/torch_step_hf.json" --torch-results "$out/torch_step_1.json" --json "$out/step_${g}_$a.json"
+  done
 done
 if [ "$gpus" -ge 2 ]; then
   echo "[${SECONDS}s] == training step, $gpus GPUs, layouts $LAYOUTS =="
   "${trun[@]}" bench/torch_train_step_dist.py --config $l4 --layouts "$LAYOUTS" --routing both --steps "$steps" \
     --json "$out/torch_step_dist.json" >"$out/torch_step_dist.log" 2>&1 || tail -5 "$out/torch_step_dist.log"
   for g in $gemms; do
-    "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --expert-gemm "$g" --alloc "$alloc" --phases --config $l4 \
-      --steps "$steps" --layouts "$LAYOUTS" --torch-results "$out/torch_step_dist.json" --json "$out/step_dist_$g.json"
+    for a in $alloc; do
+      "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --expert-gemm "$g" --alloc "$a" --phases --config $l4 \
+        --steps "$steps" --layouts "$LAYOUTS" --torch-results "$out/torch_step_dist.json" \
+        --json "$out/step_dist_${g}_$a.json"
+    done
   done
   # vexpert at the layouts that split experts (etp > 1), the default expert GEMM.
   tp_layouts=$(echo "$LAYOUTS" | tr ',' '\n' | grep -v 'x1$' | paste -sd, -)
   if [ "${VEXPERT:-1}" != 0 ] && [ -n "$tp_layouts" ]; then
-    "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --dispatcher vexpert --alloc "$alloc" --phases --config $l4 \
+    "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --dispatcher vexpert --alloc "${alloc%% *}" --phases --config $l4 \
       --steps "$steps" --layouts "$tp_layouts" --torch-results "$out/torch_step_dist.json" --json "$out/step_dist_vexpert.json"
   fi
 fi
