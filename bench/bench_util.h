@@ -54,16 +54,24 @@ struct Layout {
   int P = 1, T = 1;
 };
 
+// "a,b,,c" -> {"a", "b", "", "c"}: the items of a comma-separated option value.
+inline std::vector<std::string> split_commas(const std::string& list) {
+  std::vector<std::string> out;
+  for (size_t pos = 0; pos <= list.size();) {
+    const size_t comma = std::min(list.find(',', pos), list.size());
+    out.push_back(list.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
+  return out;
+}
+
 // "4x1,2x2,1x4" -> layouts; errors name the bad item.
 inline std::vector<Layout> parse_layouts(const std::string& v) {
   std::vector<Layout> out;
-  for (size_t pos = 0; pos <= v.size();) {
-    const size_t comma = std::min(v.find(',', pos), v.size());
-    const std::string item = v.substr(pos, comma - pos);
+  for (const std::string& item : split_commas(v)) {
     const size_t x = item.find('x');
     MOETP_CHECK(x != std::string::npos && x > 0 && x + 1 < item.size(), "--layouts: '{}' is not PxT (e.g. 2x2)", item);
     out.push_back({std::stoi(item.substr(0, x)), std::stoi(item.substr(x + 1))});
-    pos = comma + 1;
   }
   return out;
 }

@@ -66,10 +66,7 @@ Args parse_args(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      MOETP_CHECK(i + 1 < argc, "{} needs a value", arg);
-      return argv[++i];
-    };
+    auto value = [&] { return bench::option_value(argc, argv, i); };
     if (arg == "--torch-results") {
       a.torch_results = value();
     } else if (arg == "--json") {

@@ -61,6 +61,7 @@ using bench::Layout;
 using bench::median;
 using bench::parse_layouts;
 using bench::random_bf16;
+using bench::split_commas;
 
 constexpr int64_t kH = 2048, kE = 128, kK = 8;
 constexpr int64_t kIntermediates[] = {768, 384, 192};
@@ -76,15 +77,6 @@ struct Args {
   std::vector<std::string> dispatchers = {"all2all"};  // with --layouts
 };
 
-std::vector<std::string> split_commas(const std::string& list) {
-  std::vector<std::string> out;
-  for (size_t pos = 0; pos <= list.size();) {
-    const size_t comma = std::min(list.find(',', pos), list.size());
-    out.push_back(list.substr(pos, comma - pos));
-    pos = comma + 1;
-  }
-  return out;
-}
 
 Args parse_args(int argc, char** argv) {
   Args a;

@@ -609,11 +609,9 @@ void CudaQwen3MoeModel::scale_grads(float scale) {
 void CudaQwen3MoeModel::load_params_from(const Qwen3MoeModel& cpu) {
   check_same_params("load_params_from", cpu.params(), params_, false);
   for (size_t i = 0; i < params_.size(); ++i) params_[i].master.copy_from(cpu.params()[i].value);
-  for (CudaParam& p : params_) {
-    if (p.work.defined()) p.work.copy_from(cuda::cast(p.master, DType::kBF16));
-  }
+  // Every parameter's working copy, the MoE layers' own tensors included (their `work` are views).
+  for (CudaParam& p : params_) p.work.copy_from(cuda::cast(p.master, DType::kBF16));
   CUDA_CHECK(cudaDeviceSynchronize());
-  refresh_moe_params();
 }
 
 void CudaQwen3MoeModel::ensure_moments() {

@@ -113,13 +113,16 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
     // auto: the grouped GEMM where its TMA strides allow (multiples of 8), else cuBLAS; said in the banner.
     const int64_t local_i = model_cfg_.moe_intermediate_size / cfg_.parallel.etp;
     const bool fits = moe::grouped_gemm_fits(model_cfg_.hidden_size, local_i);
-    opts.expert_gemm = cfg_.moe.expert_gemm == "auto" ? (fits ? moe::ExpertGemm::kGrouped : moe::ExpertGemm::kCublas)
-                                                      : moe::parse_expert_gemm(cfg_.moe.expert_gemm);
-    device_reason_ += fmt::format("; expert GEMM {}{}", moe::expert_gemm_name(opts.expert_gemm),
-                                  cfg_.moe.expert_gemm != "auto" ? " (moe.expert_gemm)"
-                                  : fits ? " (moe.expert_gemm = auto)"
-                                         : fmt::format(" (moe.expert_gemm = auto: hidden {} or expert width {} is not a "
-                                                       "multiple of 8)", model_cfg_.hidden_size, local_i));
+    std::string why = "moe.expert_gemm";
+    if (cfg_.moe.expert_gemm != "auto") {
+      opts.expert_gemm = moe::parse_expert_gemm(cfg_.moe.expert_gemm);
+    } else {
+      opts.expert_gemm = fits ? moe::ExpertGemm::kGrouped : moe::ExpertGemm::kCublas;
+      why = fits ? "moe.expert_gemm = auto"
+                 : fmt::format("moe.expert_gemm = auto: hidden {} or expert width {} is not a multiple of 8",
+                               model_cfg_.hidden_size, local_i);
+    }
+    device_reason_ += fmt::format("; expert GEMM {} ({})", moe::expert_gemm_name(opts.expert_gemm), why);
     world_.run_collectively("building the CUDA model", [&] { gpu_->model = model::CudaQwen3MoeModel::from_cpu(*model_, opts); });
   }
 #endif

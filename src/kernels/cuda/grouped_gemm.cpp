@@ -54,6 +54,21 @@ void zero_async(Tensor& t, cudaStream_t stream) {
 const uint16_t* bits(const Tensor& t) { return static_cast<const uint16_t*>(t.raw_data()); }
 uint16_t* bits(Tensor& t) { return static_cast<uint16_t*>(t.raw_data()); }
 
+// The bf16 (rows, cols) output of fwd / dgrad: allocated when undefined, else checked; zeroed when
+// the reduction is empty. Returns whether there is anything left to launch.
+bool prepare_bf16_output(Tensor& out, int64_t rows, int64_t cols, int64_t reduction, const char* name,
+                         cudaStream_t stream) {
+  if (!out.defined()) out = Tensor::empty({rows, cols}, DType::kBF16, Device::kCuda);
+  check_operand(out, DType::kBF16, 2, name);
+  check_shape(out, {rows, cols}, name);
+  if (rows == 0 || cols == 0) return false;
+  if (reduction == 0) {
+    zero_async(out, stream);
+    return false;
+  }
+  return true;
+}
+
 void check_launch(cudaError_t err, const char* op, int64_t M, int64_t N, int64_t K, int64_t L, int config) {
   MOETP_CHECK(err == cudaSuccess, "{}(M = {}, N = {}, K = {}, L = {}, config = {}) failed: {}", op, M, N, K, L, config,
               cudaGetErrorString(err));
@@ -71,14 +86,7 @@ void grouped_gemm_fwd(const Tensor& x_MK, const Tensor& offsets_L1, const Tensor
   MOETP_CHECK(w_LNK.size(2) == K, "{}: w_LNK {} does not match x_MK {} (K = {})", op, w_LNK.describe(),
               x_MK.describe(), K);
   check_common(op, offsets_L1, M, N, K, L);
-  if (!y_MN.defined()) y_MN = Tensor::empty({M, N}, DType::kBF16, Device::kCuda);
-  check_operand(y_MN, DType::kBF16, 2, "cuda::grouped_gemm_fwd y_MN");
-  check_shape(y_MN, {M, N}, "cuda::grouped_gemm_fwd y_MN");
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    zero_async(y_MN, stream);
-    return;
-  }
+  if (!prepare_bf16_output(y_MN, M, N, K, "cuda::grouped_gemm_fwd y_MN", stream)) return;
   check_launch(launch::grouped_gemm_fwd(bits(x_MK), bits(w_LNK), offsets_L1.data<int64_t>(), bits(y_MN), M, N, K, L,
                                         stream, config),
                op, M, N, K, L, config);
@@ -94,14 +102,7 @@ void grouped_gemm_dgrad(const Tensor& dy_MN, const Tensor& offsets_L1, const Ten
   MOETP_CHECK(w_LNK.size(1) == N, "{}: w_LNK {} does not match dy_MN {} (N = {})", op, w_LNK.describe(),
               dy_MN.describe(), N);
   check_common(op, offsets_L1, M, N, K, L);
-  if (!dx_MK.defined()) dx_MK = Tensor::empty({M, K}, DType::kBF16, Device::kCuda);
-  check_operand(dx_MK, DType::kBF16, 2, "cuda::grouped_gemm_dgrad dx_MK");
-  check_shape(dx_MK, {M, K}, "cuda::grouped_gemm_dgrad dx_MK");
-  if (M == 0 || K == 0) return;
-  if (N == 0) {
-    zero_async(dx_MK, stream);
-    return;
-  }
+  if (!prepare_bf16_output(dx_MK, M, K, N, "cuda::grouped_gemm_dgrad dx_MK", stream)) return;
   check_launch(launch::grouped_gemm_dgrad(bits(dy_MN), bits(w_LNK), offsets_L1.data<int64_t>(), bits(dx_MK), M, N, K,
                                           L, stream, config),
                op, M, N, K, L, config);
