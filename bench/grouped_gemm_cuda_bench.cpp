@@ -16,7 +16,8 @@
 //   python3 bench/torch_grouped_gemm.py --json torch_gg.json
 //   ./grouped_gemm_cuda_bench --torch-results torch_gg.json [--iters 20] [--warmup 5] [--sweep]
 // --sweep adds a row per tile configuration (launch::kGroupedGemmTileN, coN = cooperative 128 × N tiles,
-// ppN = ping-pong 64 × N tiles) to tune the per-shape choice.
+// ppN = ping-pong 64 × N tiles, csN = cooperative with the staged TMA-store epilogue) to tune the
+// per-shape choice.
 // Targets (issue 7, H100): >= 1.1x torch at every forward shape; >= 600 TFLOP/s at (384, 2048) and
 // >= 350 at (2048, 192); wgrad within 10% of fwd.
 #include <cuda_runtime.h>
@@ -206,8 +207,12 @@ int run(int argc, char** argv) {
         for (int config : configs) {
           const double ms = time_ms(args, [&] { ours(config); });
           const int used = config >= 0 ? config : cuda::launch::grouped_gemm_auto_config(op == "fwd" ? N : K);
-          // auto128 / co192 / pp256: automatic choice, cooperative or ping-pong configuration, tile N.
-          const std::string kernel = std::string(config < 0 ? "auto" : (cuda::launch::kGroupedGemmPingpong[used] ? "pp" : "co")) +
+          // auto128 / co192 / pp256 / cs256: automatic choice, cooperative, ping-pong or cooperative with
+          // the staged (shared memory + TMA store) epilogue, tile N.
+          const char* kind = cuda::launch::kGroupedGemmPingpong[used] ? "pp"
+                             : cuda::launch::kGroupedGemmStaged[used] ? "cs"
+                                                                      : "co";
+          const std::string kernel = std::string(config < 0 ? "auto" : kind) +
                                      std::to_string(cuda::launch::kGroupedGemmTileN[used]);
           std::printf("%-5s %-8s %5lld %5lld | %-6s %8.3f %8.1f | %9.3f %8.1f %6.2f | %8.3f %6.2f | %8.1e\n",
                       op.c_str(), dist.c_str(), static_cast<long long>(N), static_cast<long long>(K), kernel.c_str(), ms,

@@ -263,9 +263,44 @@ void emu_tma_load(const gg::MapSpec& spec, const std::vector<float>& g, const gg
 
 // Runs op with tile N = bn over groups `counts`; x (M, K), w (L, N, K), dy (M, N); out as the kernel's
 // output (y (M, N), dx (M, K) or dw (L, N, K), accumulated for wgrad).
+// The staged epilogue of one warpgroup's block: fragments into the shared-memory buffer at
+// staged_offset (every slot written once), then the TMA store of each box (columns past n_out
+// clipped, as TMA does).
+void emulate_staged_block(int bn, int tile_m, const gg::TileCoord& tc, int row0, int rows, int m_offset, int n_out,
+                          const float* acc_wg, std::vector<float>& out) {
+  std::vector<float> buf(static_cast<size_t>(gg::out_block_bytes(bn) / 2), std::numeric_limits<float>::quiet_NaN());
+  std::vector<int> writes(buf.size(), 0);
+  for (int t = 0; t < 128; ++t) {
+    for (int reg = 0; reg < bn / 2; reg += 2) {
+      const uint32_t off = gg::staged_offset(t, reg);
+      ASSERT_EQ(off % 4, 0u) << "a bf16 pair must be 4-byte aligned";
+      for (int h = 0; h < 2; ++h) {
+        buf.at(off / 2 + h) = acc_wg[t * (bn / 2) + reg + h];
+        ++writes.at(off / 2 + h);
+      }
+    }
+  }
+  for (size_t i = 0; i < writes.size(); ++i) ASSERT_EQ(writes[i], 1) << "staging slot " << i;
+  for (int j = 0; j < bn / 64; ++j) {
+    const gg::StoreCoord sc = gg::staged_store_coord(bn, tile_m, tc, row0, m_offset, j);
+    if (sc.c0 >= n_out) continue;
+    // The box's 64 rows are the group's own (another CTA owns the next group's rows).
+    ASSERT_GE(sc.c1, row0);
+    ASSERT_LE(sc.c1 + 64, row0 + rows);
+    for (int r = 0; r < 64; ++r) {
+      for (int c = 0; c < 64 && sc.c0 + c < n_out; ++c) {
+        out.at(static_cast<size_t>(static_cast<int64_t>(sc.c1 + r) * n_out + sc.c0 + c)) =
+            buf.at((j * gg::kOutBoxBytes + gg::tma_box_offset(r, c)) / 2);
+      }
+    }
+  }
+}
+
+// `staged`: the staged-epilogue configurations (cooperative tiles; fwd/dgrad blocks inside their group
+// go through emulate_staged_block).
 void emulate_kernel(gg::Op op, int bn, int tile_m, const std::vector<int64_t>& counts, int64_t N, int64_t K,
                     const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& dy,
-                    std::vector<float>& out) {
+                    std::vector<float>& out, bool staged = false) {
   const int64_t L = static_cast<int64_t>(counts.size());
   std::vector<int32_t> row_start(counts.size() + 1, 0), tile_start(counts.size() + 1, 0);
   for (size_t l = 0; l < counts.size(); ++l) row_start[l + 1] = row_start[l] + static_cast<int32_t>(counts[l]);
@@ -334,6 +369,10 @@ void emulate_kernel(gg::Op op, int bn, int tile_m, const std::vector<int64_t>& c
       }
     }
     for (int c = 0; c < consumers; ++c) {
+      if (staged && gg::staged_block(op, tile_m, tc, rows, 64 * c)) {
+        emulate_staged_block(bn, tile_m, tc, row0, rows, 64 * c, n_out, &acc[static_cast<size_t>(c * 128 * (bn / 2))], out);
+        continue;
+      }
       for (int t = 0; t < 128; ++t) {
         for (int reg = 0; reg < bn / 2; reg += 2) {
           const int64_t idx =
@@ -382,20 +421,26 @@ TEST(GroupedGemmLayout, EmulatedKernelMatchesReference) {
     }
     row0 += counts[l];
   }
-  for (int cfg = 0; cfg < 6; ++cfg) {
-    const int bn = 128 + 64 * (cfg % 3), tile_m = cfg < 3 ? gg::kBM : gg::kBMPingpong;
+  // Configurations 0-2 cooperative, 3-5 ping-pong, 6-8 cooperative with the staged epilogue (the
+  // 130- and 70-row groups have blocks on both sides of the staged/direct split).
+  for (int cfg = 0; cfg < 9; ++cfg) {
+    const int bn = 128 + 64 * (cfg % 3), tile_m = cfg >= 3 && cfg < 6 ? gg::kBMPingpong : gg::kBM;
+    const bool staged = cfg >= 6;
+    SCOPED_TRACE("config " + std::to_string(cfg));
     std::vector<float> y(y_ref.size(), std::numeric_limits<float>::quiet_NaN());
     std::vector<float> dx(dx_ref.size(), std::numeric_limits<float>::quiet_NaN());
     std::vector<float> dw = dw0;
-    emulate_kernel(gg::Op::kFwd, bn, tile_m, counts, N, K, x, w, dy, y);
-    emulate_kernel(gg::Op::kDgrad, bn, tile_m, counts, N, K, x, w, dy, dx);
-    emulate_kernel(gg::Op::kWgrad, bn, tile_m, counts, N, K, x, w, dy, dw);
+    emulate_kernel(gg::Op::kFwd, bn, tile_m, counts, N, K, x, w, dy, y, staged);
+    emulate_kernel(gg::Op::kDgrad, bn, tile_m, counts, N, K, x, w, dy, dx, staged);
+    // wgrad never stages: configurations 6-8 run the direct path of 0-2, emulated there.
+    if (!staged) emulate_kernel(gg::Op::kWgrad, bn, tile_m, counts, N, K, x, w, dy, dw);
     int64_t bad = 0;
     for (size_t i = 0; i < y.size(); ++i) bad += y[i] != y_ref[i];
     EXPECT_EQ(bad, 0) << "fwd bn " << bn << " tile_m " << tile_m;
     bad = 0;
     for (size_t i = 0; i < dx.size(); ++i) bad += dx[i] != dx_ref[i];
     EXPECT_EQ(bad, 0) << "dgrad bn " << bn << " tile_m " << tile_m;
+    if (staged) continue;
     bad = 0;
     for (size_t i = 0; i < dw.size(); ++i) bad += dw[i] != dw_ref[i];
     EXPECT_EQ(bad, 0) << "wgrad bn " << bn << " tile_m " << tile_m;
@@ -653,7 +698,7 @@ TEST_F(CudaGroupedGemmTest, RejectsBadArguments) {
   Tensor y;
   EXPECT_THROW(cuda::grouped_gemm_fwd(x, device_offsets({0, 6}), w, y), Error);                    // L + 1 entries
   EXPECT_THROW(cuda::grouped_gemm_fwd(x, Tensor::from_vector<int64_t>({0, 3, 6}, {3}), w, y), Error);  // host offsets
-  EXPECT_THROW(cuda::grouped_gemm_fwd(x, off, w, y, nullptr, 7), Error);                            // config
+  EXPECT_THROW(cuda::grouped_gemm_fwd(x, off, w, y, nullptr, cuda::launch::kGroupedGemmConfigs), Error);                            // config
   const Tensor x12 = Tensor::zeros({6, 12}, DType::kBF16, Device::kCuda);
   const Tensor w12 = Tensor::zeros({2, 16, 12}, DType::kBF16, Device::kCuda);
   try {

@@ -31,25 +31,32 @@
 // zero-fills at the group edge), needs the offsets on the host or tensormap.replace on the device;
 // the masking costs one partial stage per group and keeps the launch free of host data.
 //
-// Epilogue: straight from the accumulator registers, 2 columns per store (bf16x2 for fwd/dgrad, a
-// float2 read-modify-write of dW for wgrad, beta = 1; every dW element belongs to one tile, so no
-// atomics and the result is deterministic). Rows past the group's end and columns past N/K are not
-// stored. The producer runs ahead into the next tile's stages during the epilogue.
+// Epilogue, direct (configurations 0-5): straight from the accumulator registers, 2 columns per
+// store (bf16x2 for fwd/dgrad, a float2 read-modify-write of dW for wgrad, beta = 1; every dW element
+// belongs to one tile, so no atomics and the result is deterministic). Rows past the group's end and
+// columns past N/K are not stored. The producer runs ahead into the next tile's stages during the
+// epilogue.
+// Epilogue, staged (configurations 6-8, cooperative, fwd/dgrad): a warpgroup whose 64 rows all lie
+// inside the group writes them into its own shared-memory buffer in the TMA 128B-swizzled box layout
+// and one thread issues a TMA store per 64-column box (grouped_gemm_layout.h "staged epilogue"); the
+// stores run asynchronously while the warpgroup starts its next tile, and the buffer is rewritten
+// only after cp.async.bulk.wait_group.read says the previous stores have read it. Blocks crossing a
+// group end, and wgrad, use the direct path. The buffers take one pipeline stage's memory.
 //
-// STATUS: written without GPU access. The layout arithmetic and the whole data flow are checked on
-// the host (GroupedGemmLayout tests, including an emulation of every stage's TMA boxes, the wgmma
-// descriptor reads, the fragments and the epilogue); the kernel itself has not run yet, so its PTX
-// semantics (mbarrier phases, TMA, wgmma) and its speed are unverified. An mbarrier wait that lasts
-// ~10 s traps, so a pipeline deadlock fails the launch instead of hanging.
+// STATUS: configurations 0-5 ran on H200s in the third session (all tests pass; measurements in
+// docs/performance.md). Configurations 6-8 (the staged epilogue) are checked by the host emulator
+// only (GroupedGemmLayout.EmulatedKernelMatchesReference: staging offsets, every buffer slot written
+// once, TMA box coordinates inside the group); NOT YET RUN ON A GPU, and not chosen by the automatic
+// configuration until measured. An mbarrier wait that lasts ~10 s traps, so a pipeline deadlock
+// fails the launch instead of hanging.
 //
-// Performance (measure first: grouped_gemm_cuda_bench --sweep). In the cooperative configurations the
-// epilogue is not overlapped with the next tile's wgmmas, which matters most where the reduction is
-// short (N = 2048, K = 192: 3 stages per tile); the ping-pong configurations (3-5) overlap it and are
-// the candidates there, but the automatic choice stays cooperative until measured. Levers not taken:
-// the epilogue stores 4/8 bytes per thread straight from the fragments (a shared-memory staged epilogue
-// with TMA stores, TMA reduce-add for wgrad, on tiles that do not cross a group end, would coalesce
-// it); a 2-CTA cluster multicasting the shared operand tile would halve the L2 traffic of the
-// 128 × 192/256 tiles; wgrad tiles could be ordered largest group first.
+// Performance (third session, H200: docs/performance.md). Products with a wide output and a short
+// reduction (fwd N = 2048 with K = 192/384/768, dgrad of N = 384 into 2048 columns) run at 190-480
+// TFLOP/s while the same FLOPs with a narrow output run at 460-620: the direct epilogue's stores
+// (8 rows x 16 bytes per warp instruction) are the suspect, and the ping-pong overlap did not help
+// there; the staged epilogue is the lever under test. Not taken yet: TMA reduce-add for the wgrad
+// epilogue (300-375 TFLOP/s at every shape); a 2-CTA cluster multicasting the shared operand tile;
+// wgrad tiles ordered largest group first.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -80,18 +87,29 @@ template <int kBN, bool kPingpong>
 constexpr int stage_bytes() {
   return gg::stage_bytes(kBN, tile_m(kPingpong));
 }
-template <int kBN, bool kPingpong>
+// Staged epilogue: one output buffer per consumer warpgroup (grouped_gemm_layout.h).
+template <int kBN, bool kStaged>
+constexpr int out_bytes() {
+  return kStaged ? 2 * gg::out_block_bytes(kBN) : 0;
+}
+template <int kBN, bool kPingpong, bool kStaged = false>
 constexpr int num_stages() {
-  const int s = (kSmemLimit - 1024 - kTableBytes - 16 * 8 - 16) / stage_bytes<kBN, kPingpong>();
+  const int s =
+      (kSmemLimit - 1024 - out_bytes<kBN, kStaged>() - kTableBytes - 16 * 8 - 16) / stage_bytes<kBN, kPingpong>();
   return s > 8 ? 8 : s;
 }
-template <int kBN, bool kPingpong>
+template <int kBN, bool kPingpong, bool kStaged = false>
 constexpr int smem_bytes() {
-  return 1024 + num_stages<kBN, kPingpong>() * (stage_bytes<kBN, kPingpong>() + 16) + 16 + kTableBytes;
+  return 1024 + num_stages<kBN, kPingpong, kStaged>() * (stage_bytes<kBN, kPingpong>() + 16) +
+         out_bytes<kBN, kStaged>() + 16 + kTableBytes;
 }
 static_assert(smem_bytes<256, false>() <= kSmemLimit && smem_bytes<192, false>() <= kSmemLimit &&
               smem_bytes<128, false>() <= kSmemLimit && smem_bytes<256, true>() <= kSmemLimit &&
-              smem_bytes<192, true>() <= kSmemLimit && smem_bytes<128, true>() <= kSmemLimit);
+              smem_bytes<192, true>() <= kSmemLimit && smem_bytes<128, true>() <= kSmemLimit &&
+              smem_bytes<256, false, true>() <= kSmemLimit && smem_bytes<192, false, true>() <= kSmemLimit &&
+              smem_bytes<128, false, true>() <= kSmemLimit);
+static_assert(num_stages<256, false, true>() >= 3 && num_stages<192, false, true>() >= 3 &&
+              num_stages<128, false, true>() >= 3);
 
 struct Params {
   const int64_t* offsets;  // L + 1 group row offsets (device)
@@ -125,13 +143,17 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // one). Without the turns a warpgroup that stepped ahead could wait on a full barrier two phases
 // early, where the parity test cannot tell phase q from q - 2 and would pass on the older data; with
 // them, every barrier phase of the previous tile has completed before the next tile's waits begin.
-template <Op kOp, int kBN, bool kPingpong>
+// kStaged (cooperative only): fwd/dgrad blocks that lie inside their group leave through shared
+// memory and TMA stores (tmap_out; grouped_gemm_layout.h "staged epilogue"); tmap_out is unused
+// otherwise.
+template <Op kOp, int kBN, bool kPingpong, bool kStaged>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
-                        const Params p) {
+                        const __grid_constant__ CUtensorMap tmap_out, const Params p) {
+  static_assert(!(kStaged && kPingpong), "the staged epilogue is a cooperative configuration");
   constexpr int kTileM = tile_m(kPingpong);
   constexpr int kABytes = gg::a_bytes(kTileM);
-  constexpr int kStages = num_stages<kBN, kPingpong>();
+  constexpr int kStages = num_stages<kBN, kPingpong, kStaged>();
   constexpr int kStageBytes = stage_bytes<kBN, kPingpong>();
   constexpr int kStageReaders = kPingpong ? 128 : kConsumerThreads;  // arrivals that free a stage
   constexpr int kBBoxes = kBN / 64;                 // MN-major B: boxes of 64 output columns
@@ -143,7 +165,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   // TMA 128B swizzle and the wgmma descriptors (base offset 0) want 1024-aligned tiles.
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
-  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint8_t* out_smem = smem + kStages * kStageBytes;  // kStaged: the consumers' output buffers
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(out_smem + out_bytes<kBN, kStaged>());
   uint64_t* empty_bar = full_bar + kStages;
   uint64_t* order_bar = empty_bar + kStages;  // ping-pong: [c] completes when warpgroup c may run a mainloop
   int32_t* row_start = reinterpret_cast<int32_t*>(order_bar + 2);  // [L + 1] clamped offsets
@@ -302,20 +325,49 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kPingpong) mbar_arrive(smem_addr(&order_bar[1 - c]));  // the other's turn
 
       // ---- epilogue ----
+      bool staged = false;  // uniform over the warpgroup (tile, group and m_offset only)
+      if constexpr (kStaged) staged = gg::staged_block(kOp, kTileM, tc, rows, m_offset);
+      if (staged) {
+        if constexpr (kStaged && kOp != Op::kWgrad) {
+          uint8_t* buf = out_smem + c * gg::out_block_bytes(kBN);
+          const int bar = 3 + c;  // ids 1, 2: the wgrad zeroing; 3, 4: the consumers' staging
+          if (t == 0) bulk_wait_group_read<0>();  // this warpgroup's previous stores have read buf
+          named_barrier_sync(bar, 128);
 #pragma unroll
-      for (int i = 0; i < kAccRegs; i += 2) {
-        const int64_t idx = gg::epilogue_index(kOp, kBN, kTileM, tc, row0, rows, p.mo_fixed, p.n_out, m_offset, t, i);
-        if (idx < 0) continue;
-        if constexpr (kOp == Op::kWgrad) {
-          float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.out) + idx);
-          float2 v = *dst;
-          v.x += acc[i];
-          v.y += acc[i + 1];
-          *dst = v;
-        } else {
-          *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + idx) = pack_bf16x2(acc[i], acc[i + 1]);
+          for (int i = 0; i < kAccRegs; i += 2) {
+            *reinterpret_cast<uint32_t*>(buf + gg::staged_offset(t, i)) = pack_bf16x2(acc[i], acc[i + 1]);
+          }
+          fence_proxy_async_smem();  // the writes become visible to the TMA (async proxy)
+          named_barrier_sync(bar, 128);
+          if (t == 0) {
+#pragma unroll
+            for (int j = 0; j < kBN / 64; ++j) {
+              const gg::StoreCoord sc = gg::staged_store_coord(kBN, kTileM, tc, row0, m_offset, j);
+              if (sc.c0 < p.n_out) tma_store_2d(&tmap_out, smem_addr(buf + j * gg::kOutBoxBytes), sc.c0, sc.c1);
+            }
+            bulk_commit_group();
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kAccRegs; i += 2) {
+          const int64_t idx =
+              gg::epilogue_index(kOp, kBN, kTileM, tc, row0, rows, p.mo_fixed, p.n_out, m_offset, t, i);
+          if (idx < 0) continue;
+          if constexpr (kOp == Op::kWgrad) {
+            float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.out) + idx);
+            float2 v = *dst;
+            v.x += acc[i];
+            v.y += acc[i + 1];
+            *dst = v;
+          } else {
+            *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + idx) = pack_bf16x2(acc[i], acc[i + 1]);
+          }
         }
       }
+    }
+    if constexpr (kStaged) {
+      if (t == 0) bulk_wait_group<0>();  // the buffers stay valid until the last stores have completed
     }
   }
 }
@@ -360,18 +412,18 @@ cudaError_t make_tensor_map(CUtensorMap* map, const void* base, const gg::MapSpe
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <Op kOp, int kBN, bool kPingpong>
-cudaError_t launch_config(const CUtensorMap& a, const CUtensorMap& b, const Params& p, int64_t tile_bound,
-                          cudaStream_t stream) {
-  auto* kernel = grouped_gemm_kernel<kOp, kBN, kPingpong>;
-  constexpr int kSmem = smem_bytes<kBN, kPingpong>();
+template <Op kOp, int kBN, bool kPingpong, bool kStaged>
+cudaError_t launch_config(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
+                          int64_t tile_bound, cudaStream_t stream) {
+  auto* kernel = grouped_gemm_kernel<kOp, kBN, kPingpong, kStaged>;
+  constexpr int kSmem = smem_bytes<kBN, kPingpong, kStaged>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   int device = 0, sms = 0;
   if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(sms, tile_bound)));
-  kernel<<<grid, kThreads, kSmem, stream>>>(a, b, p);
+  kernel<<<grid, kThreads, kSmem, stream>>>(a, b, out, p);
   return cudaGetLastError();
 }
 
@@ -382,19 +434,22 @@ int64_t mo_tile_bound(Op op, int64_t M, int64_t N, int64_t L, int tile_m) {
 }
 
 template <Op kOp>
-cudaError_t dispatch(int config, const CUtensorMap& a, const CUtensorMap& b, Params p, int64_t M, int64_t N, int64_t L,
-                     cudaStream_t stream) {
+cudaError_t dispatch(int config, const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, Params p,
+                     int64_t M, int64_t N, int64_t L, cudaStream_t stream) {
   const int bn = kGroupedGemmTileN[config];
-  const bool pingpong = kGroupedGemmPingpong[config];
+  const bool pingpong = kGroupedGemmPingpong[config], staged = kGroupedGemmStaged[config];
   p.n_tiles = gg::ceil_div(p.n_out, bn);
   const int64_t bound = mo_tile_bound(kOp, M, N, L, tile_m(pingpong)) * p.n_tiles;
-  switch (bn * 2 + (pingpong ? 1 : 0)) {
-    case 256: return launch_config<kOp, 128, false>(a, b, p, bound, stream);
-    case 384: return launch_config<kOp, 192, false>(a, b, p, bound, stream);
-    case 512: return launch_config<kOp, 256, false>(a, b, p, bound, stream);
-    case 257: return launch_config<kOp, 128, true>(a, b, p, bound, stream);
-    case 385: return launch_config<kOp, 192, true>(a, b, p, bound, stream);
-    case 513: return launch_config<kOp, 256, true>(a, b, p, bound, stream);
+  switch (bn * 4 + (pingpong ? 1 : 0) + (staged ? 2 : 0)) {
+    case 512: return launch_config<kOp, 128, false, false>(a, b, out, p, bound, stream);
+    case 768: return launch_config<kOp, 192, false, false>(a, b, out, p, bound, stream);
+    case 1024: return launch_config<kOp, 256, false, false>(a, b, out, p, bound, stream);
+    case 513: return launch_config<kOp, 128, true, false>(a, b, out, p, bound, stream);
+    case 769: return launch_config<kOp, 192, true, false>(a, b, out, p, bound, stream);
+    case 1025: return launch_config<kOp, 256, true, false>(a, b, out, p, bound, stream);
+    case 514: return launch_config<kOp, 128, false, true>(a, b, out, p, bound, stream);
+    case 770: return launch_config<kOp, 192, false, true>(a, b, out, p, bound, stream);
+    case 1026: return launch_config<kOp, 256, false, true>(a, b, out, p, bound, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -405,14 +460,20 @@ bool valid_sizes(int64_t M, int64_t N, int64_t K, int64_t L, int config) {
          L <= kGroupedGemmMaxGroups && N % 8 == 0 && K % 8 == 0 && config < kGroupedGemmConfigs;
 }
 
-// The tensor maps of `op` for configuration `config` (A and B operands as in grouped_gemm_layout.h).
-cudaError_t make_maps(Op op, int config, const void* a_base, const void* b_base, int64_t M, int64_t N, int64_t K,
-                      int64_t L, CUtensorMap* a, CUtensorMap* b) {
+// The tensor maps of `op` for configuration `config` (A and B operands as in grouped_gemm_layout.h;
+// the output map for the staged fwd/dgrad epilogue, else a copy of A that the kernel never reads).
+cudaError_t make_maps(Op op, int config, const void* a_base, const void* b_base, void* out_base, int64_t M, int64_t N,
+                      int64_t K, int64_t L, CUtensorMap* a, CUtensorMap* b, CUtensorMap* out) {
   const int bn = kGroupedGemmTileN[config];
   const int tm = tile_m(kGroupedGemmPingpong[config]);
   cudaError_t err = make_tensor_map(a, a_base, gg::a_map_spec(op, M, N, K, tm));
   if (err == cudaSuccess) err = make_tensor_map(b, b_base, gg::b_map_spec(op, bn, M, N, K, L));
-  return err;
+  if (err != cudaSuccess) return err;
+  if (kGroupedGemmStaged[config] && op != Op::kWgrad) {
+    return make_tensor_map(out, out_base, gg::out_map_spec(M, op == Op::kFwd ? N : K));
+  }
+  *out = *a;
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -443,6 +504,9 @@ int grouped_gemm_stages(int config) {
     case 3: return num_stages<128, true>();
     case 4: return num_stages<192, true>();
     case 5: return num_stages<256, true>();
+    case 6: return num_stages<128, false, true>();
+    case 7: return num_stages<192, false, true>();
+    case 8: return num_stages<256, false, true>();
     default: return 0;
   }
 }
@@ -451,33 +515,33 @@ cudaError_t grouped_gemm_fwd(const uint16_t* x, const uint16_t* w, const int64_t
                              int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   if (config < 0) config = grouped_gemm_auto_config(N);
-  CUtensorMap a, b;
-  const cudaError_t err = make_maps(Op::kFwd, config, x, w, M, N, K, L, &a, &b);
+  CUtensorMap a, b, out;
+  const cudaError_t err = make_maps(Op::kFwd, config, x, w, y, M, N, K, L, &a, &b, &out);
   if (err != cudaSuccess) return err;
   const Params p{offsets, y, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(N), static_cast<int>(K), 0};
-  return dispatch<Op::kFwd>(config, a, b, p, M, N, L, stream);
+  return dispatch<Op::kFwd>(config, a, b, out, p, M, N, L, stream);
 }
 
 cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int64_t* offsets, uint16_t* dx, int64_t M,
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   if (config < 0) config = grouped_gemm_auto_config(K);
-  CUtensorMap a, b;
-  const cudaError_t err = make_maps(Op::kDgrad, config, dy, w, M, N, K, L, &a, &b);
+  CUtensorMap a, b, out;
+  const cudaError_t err = make_maps(Op::kDgrad, config, dy, w, dx, M, N, K, L, &a, &b, &out);
   if (err != cudaSuccess) return err;
   const Params p{offsets, dx, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(K), static_cast<int>(N), 0};
-  return dispatch<Op::kDgrad>(config, a, b, p, M, N, L, stream);
+  return dispatch<Op::kDgrad>(config, a, b, out, p, M, N, L, stream);
 }
 
 cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int64_t* offsets, float* dw, int64_t M,
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   if (config < 0) config = grouped_gemm_auto_config(K);
-  CUtensorMap a, b;
-  const cudaError_t err = make_maps(Op::kWgrad, config, dy, x, M, N, K, L, &a, &b);
+  CUtensorMap a, b, out;
+  const cudaError_t err = make_maps(Op::kWgrad, config, dy, x, dw, M, N, K, L, &a, &b, &out);
   if (err != cudaSuccess) return err;
   const Params p{offsets, dw, static_cast<int>(M), static_cast<int>(L), static_cast<int>(N), static_cast<int>(K), 0, 0};
-  return dispatch<Op::kWgrad>(config, a, b, p, M, N, L, stream);
+  return dispatch<Op::kWgrad>(config, a, b, out, p, M, N, L, stream);
 }
 
 }  // namespace moetp::cuda::launch

@@ -17,11 +17,16 @@ inline constexpr int64_t kGroupedGemmMaxGroups = 1024;
 // Tile configurations: config c has tile N = kGroupedGemmTileN[c], stage K = 64, and as many pipeline
 // stages as fit in shared memory; cooperative (tile M = 128, both consumer warpgroups on each tile) or
 // ping-pong (kGroupedGemmPingpong[c]: tile M = 64, tiles alternate between the consumer warpgroups so
-// that one's epilogue overlaps the other's mainloop). config < 0: chosen per shape
-// (grouped_gemm_auto_config; cooperative only until the device measurements say otherwise).
-inline constexpr int kGroupedGemmConfigs = 6;
-inline constexpr int kGroupedGemmTileN[kGroupedGemmConfigs] = {128, 192, 256, 128, 192, 256};
-inline constexpr bool kGroupedGemmPingpong[kGroupedGemmConfigs] = {false, false, false, true, true, true};
+// that one's epilogue overlaps the other's mainloop), and cooperative with the staged epilogue
+// (kGroupedGemmStaged[c]: fwd/dgrad outputs go through shared memory and TMA stores,
+// grouped_gemm_layout.h; one pipeline stage fewer). config < 0: chosen per shape
+// (grouped_gemm_auto_config; cooperative direct-store only until the device measurements say otherwise).
+inline constexpr int kGroupedGemmConfigs = 9;
+inline constexpr int kGroupedGemmTileN[kGroupedGemmConfigs] = {128, 192, 256, 128, 192, 256, 128, 192, 256};
+inline constexpr bool kGroupedGemmPingpong[kGroupedGemmConfigs] = {false, false, false, true, true,
+                                                                   true,  false, false, false};
+inline constexpr bool kGroupedGemmStaged[kGroupedGemmConfigs] = {false, false, false, false, false,
+                                                                 false, true,  true,  true};
 // The configuration `config < 0` picks for an output of n_out columns (fwd: N, dgrad and wgrad: K).
 int grouped_gemm_auto_config(int64_t n_out);
 int grouped_gemm_stages(int config);

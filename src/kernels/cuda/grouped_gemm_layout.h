@@ -201,4 +201,42 @@ MOETP_GG_FN int64_t epilogue_index(Op op, int bn, int tile_m, const TileCoord& t
   return out_row * n_out + no;
 }
 
+// ---- staged epilogue (the "cs" configurations; fwd and dgrad) ------------------------------------
+// A consumer warpgroup writes its 64 × BN block of bf16 outputs into shared memory as BN/64 boxes of
+// 64 rows × 64 columns in the TMA SWIZZLE_128B layout (8 KiB each, box j = columns [64j, 64j + 64)),
+// then one thread stores the boxes with TMA (cp.async.bulk.tensor, asynchronous: the warpgroup goes
+// on to its next tile while the copy engine writes; before it writes the buffer again it waits
+// until the previous stores have read it). Each warp's 4-byte shared-memory writes hit 32 distinct
+// banks: the swizzle puts the 8 rows of a warp's fragment in 8 different 16-byte chunks. Only
+// blocks whose 64 rows all belong to the tile's group go this way (a TMA box would also write the
+// next group's rows, which another CTA owns); the others store from the registers as before.
+// Output tensor map: {n_out, M} bf16, box {64, 64}, SWIZZLE_128B; TMA clips columns past n_out.
+constexpr int kOutBoxBytes = 64 * 64 * 2;
+constexpr int out_block_bytes(int bn) { return (bn / 64) * kOutBoxBytes; }  // one warpgroup's buffer
+
+// Byte offset in the warpgroup's buffer of the bf16 pair of accumulator registers (reg, reg + 1),
+// reg even, of thread t: columns col, col + 1 of one row, 4-byte aligned inside one 16-byte chunk.
+MOETP_GG_FN uint32_t staged_offset(int t, int reg) {
+  const RowCol rc = acc_row_col(t, reg);
+  return static_cast<uint32_t>((rc.col / 64) * kOutBoxBytes) + tma_box_offset(rc.row, rc.col % 64);
+}
+
+// Whether the warpgroup owning rows [m_offset, m_offset + 64) of tile tc stores through the buffer.
+MOETP_GG_FN bool staged_block(Op op, int tile_m, const TileCoord& tc, int rows, int m_offset) {
+  return op != Op::kWgrad && tc.m_tile * tile_m + m_offset + 64 <= rows;
+}
+
+MOETP_GG_FN MapSpec out_map_spec(int64_t M, int64_t n_out) {
+  return MapSpec{2, {static_cast<uint64_t>(n_out), static_cast<uint64_t>(M), 1}, {64u, 64u, 1u}};
+}
+
+// TMA store coordinates (column, row) of box j of a staged block; box j is skipped when its first
+// column is past n_out.
+struct StoreCoord {
+  int c0, c1;
+};
+MOETP_GG_FN StoreCoord staged_store_coord(int bn, int tile_m, const TileCoord& tc, int row0, int m_offset, int j) {
+  return StoreCoord{tc.n_tile * bn + 64 * j, row0 + tc.m_tile * tile_m + m_offset};
+}
+
 }  // namespace moetp::cuda::ggemm
