@@ -235,8 +235,11 @@ void CudaMoeLayer::reserve(int64_t N) {
   s.flat_M = device_empty({M}, DType::kI32);
   s.token_M = device_empty({M}, DType::kI64);
   s.pos_NK = device_empty({N, K}, DType::kI32);
-  s.x_MH = device_empty({M, H}, DType::kBF16);
-  s.y_MH = device_empty({M, H}, DType::kBF16);
+  // `vexpert` moves rows through its own send/receive buffers: no slot-side (M, H) rows at all.
+  if (!vexpert()) {
+    s.x_MH = device_empty({M, H}, DType::kBF16);
+    s.y_MH = device_empty({M, H}, DType::kBF16);
+  }
   const size_t plan_bytes = launch::routing_plan_workspace_bytes(M);
   plan_workspace_ = device_empty({static_cast<int64_t>((plan_bytes + 7) / 8) + 1}, DType::kI64);
   dtopk_weight_NK_ = device_empty({N, K}, DType::kF32);
@@ -244,7 +247,7 @@ void CudaMoeLayer::reserve(int64_t N) {
   // and dy_MH is first written by the next backward's combine: one buffer serves both (M·H bf16
   // less; saved().x_MH is valid until the backward starts). One GPU: x_MH is the experts' input
   // x_RH, which the backward reads.
-  dy_MH_ = distributed() ? s.x_MH : device_empty({M, H}, DType::kBF16);
+  dy_MH_ = vexpert() ? Tensor() : distributed() ? s.x_MH : device_empty({M, H}, DType::kBF16);
   dlogits_NE_ = device_empty({N, E}, DType::kF32);
   dlogits_bf16_NE_ = device_empty({N, E}, DType::kBF16);
   dx_router_NH_ = device_empty({N, H}, DType::kF32);

@@ -109,7 +109,8 @@ struct CudaMoeSaved {
   Tensor token_M;         // (M) i64: its token n
   Tensor pos_NK;          // (N, K) i32: the slot row of pair (n, k)
   Tensor x_MH;            // (M, H) bf16 slot rows: x[token_M], sorted by global expert, token, slot;
-                          // on a mesh valid until the backward starts (its storage is the backward's dy)
+                          // on a mesh valid until the backward starts (its storage is the backward's dy);
+                          // undefined with `vexpert`
   Tensor y_MH;            // (M, H) bf16 slot rows: the experts' outputs (summed over the etp group);
                           // not used (left unset) by `vexpert`, which folds on the expert side
   // Expert side: the R rows this rank's L local experts process, in dispatcher order (moe/dispatcher.h).
