@@ -235,12 +235,19 @@ void CudaMoeLayer::reserve(int64_t N) {
   s.flat_M = device_empty({M}, DType::kI32);
   s.token_M = device_empty({M}, DType::kI64);
   s.pos_NK = device_empty({N, K}, DType::kI32);
-  s.x_MH = device_empty({M, H}, DType::kBF16);
-  s.y_MH = device_empty({M, H}, DType::kBF16);
+  // `vexpert` moves rows through its own send/receive buffers: no slot-side (M, H) rows at all.
+  if (!vexpert()) {
+    s.x_MH = device_empty({M, H}, DType::kBF16);
+    s.y_MH = device_empty({M, H}, DType::kBF16);
+  }
   const size_t plan_bytes = launch::routing_plan_workspace_bytes(M);
   plan_workspace_ = device_empty({static_cast<int64_t>((plan_bytes + 7) / 8) + 1}, DType::kI64);
   dtopk_weight_NK_ = device_empty({N, K}, DType::kF32);
-  dy_MH_ = device_empty({M, H}, DType::kBF16);
+  // On a mesh (all2all) the dispatched slot rows x_MH are dead once move_to_experts has sent them,
+  // and dy_MH is first written by the next backward's combine: one buffer serves both (M·H bf16
+  // less; saved().x_MH is valid until the backward starts). One GPU: x_MH is the experts' input
+  // x_RH, which the backward reads.
+  dy_MH_ = vexpert() ? Tensor() : distributed() ? s.x_MH : device_empty({M, H}, DType::kBF16);
   dlogits_NE_ = device_empty({N, E}, DType::kF32);
   dlogits_bf16_NE_ = device_empty({N, E}, DType::kBF16);
   dx_router_NH_ = device_empty({N, H}, DType::kF32);
@@ -253,8 +260,10 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
   CudaMoeSaved& s = saved_;
   if (R > exp_capacity_) {
     // One GPU: R = M exactly, every step. A mesh: R follows the routing; grow with slack so that a
-    // slightly larger step does not reallocate (every cudaFree synchronises the device).
-    const int64_t cap = distributed() ? std::max<int64_t>(R + R / 4, 64) : R;
+    // slightly larger step does not reallocate (every cudaFree synchronises the device). 1/8: the
+    // step-to-step spread of R at ep 4 with real routing is a few percent; the slack costs memory
+    // on eight (R, ·) buffers.
+    const int64_t cap = distributed() ? std::max<int64_t>(R + R / 8, 64) : R;
     MOETP_CHECK(cap <= INT32_MAX, "CudaMoeLayer: {} expert-side rows exceed the int32 row indices", cap);
     // Old buffers go first: the views of the last forward share their storage, so they are dropped
     // too (else old and new would be held at once, at exactly the step whose routing spiked).

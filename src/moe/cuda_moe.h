@@ -46,7 +46,7 @@
 // dout are ready on it (a non-blocking stream does not wait for the legacy one). forward()
 // synchronises that stream once (the per-expert counts); backward() does not synchronise. The
 // layer owns its buffers: the slot-side ones sized for the last N, the expert-side ones (whose row
-// count R changes with the routing every step) grown to 1.25× the largest R seen and used through
+// count R changes with the routing every step) grown to 1.125× the largest R seen and used through
 // views, so a steady-state step allocates nothing (core's cudaFree would synchronise the device).
 #pragma once
 
@@ -108,7 +108,9 @@ struct CudaMoeSaved {
   Tensor flat_M;          // (M) i32: slot row j carries pair n·K + k
   Tensor token_M;         // (M) i64: its token n
   Tensor pos_NK;          // (N, K) i32: the slot row of pair (n, k)
-  Tensor x_MH;            // (M, H) bf16 slot rows: x[token_M], sorted by global expert, token, slot
+  Tensor x_MH;            // (M, H) bf16 slot rows: x[token_M], sorted by global expert, token, slot;
+                          // on a mesh valid until the backward starts (its storage is the backward's dy);
+                          // undefined with `vexpert`
   Tensor y_MH;            // (M, H) bf16 slot rows: the experts' outputs (summed over the etp group);
                           // not used (left unset) by `vexpert`, which folds on the expert side
   // Expert side: the R rows this rank's L local experts process, in dispatcher order (moe/dispatcher.h).
