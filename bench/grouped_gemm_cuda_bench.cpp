@@ -206,7 +206,7 @@ int run(int argc, char** argv) {
         }
         for (int config : configs) {
           const double ms = time_ms(args, [&] { ours(config); });
-          const int used = config >= 0 ? config : cuda::launch::grouped_gemm_auto_config(op == "fwd" ? N : K);
+          const int used = config >= 0 ? config : cuda::launch::grouped_gemm_auto_config(op == "fwd" ? N : K, op == "wgrad");
           // auto128 / co192 / pp256 / cs256: automatic choice, cooperative, ping-pong or cooperative with
           // the staged (shared memory + TMA store) epilogue, tile N.
           const char* kind = cuda::launch::kGroupedGemmPingpong[used] ? "pp"

@@ -485,13 +485,26 @@ TEST(GroupedGemmLayout, PingpongConsumersFollowTheProducer) {
   }
 }
 
-TEST(GroupedGemmLayout, AutoConfigPicksLeastPadding) {
-  // Tile N per output width: 384 -> 192 (2 tiles, no padding), 192 -> 192, 2048 -> 256, 768 -> 256,
-  // 1536 -> 256, 200 -> 256 (56 padded columns; 128 would pad 56 too, the wider tile wins ties).
-  const std::vector<std::pair<int64_t, int>> expected = {{384, 192}, {192, 192}, {2048, 256},
-                                                         {768, 256}, {1536, 256}, {200, 256}};
-  for (const auto& [n_out, bn] : expected) {
-    EXPECT_EQ(cuda::launch::kGroupedGemmTileN[cuda::launch::grouped_gemm_auto_config(n_out)], bn) << n_out;
+TEST(GroupedGemmLayout, AutoConfigFollowsTheMeasuredTable) {
+  namespace L = cuda::launch;
+  // Forward / input gradient: staged epilogue, tile N 192 unless it pads over 1/16 more than 128:
+  // 2048 -> 192 (2112 vs 2048 columns), 384, 768, 1536, 192 -> 192; 64 -> 128 (192 vs 128 columns),
+  // 200 -> 128 (384 vs 256).
+  const std::vector<std::pair<int64_t, int>> fwd = {{2048, 192}, {384, 192}, {768, 192}, {1536, 192},
+                                                    {192, 192},  {64, 128},  {200, 128}};
+  for (const auto& [n_out, bn] : fwd) {
+    const int c = L::grouped_gemm_auto_config(n_out, false);
+    EXPECT_TRUE(L::kGroupedGemmStaged[c]) << n_out;
+    EXPECT_EQ(L::kGroupedGemmTileN[c], bn) << n_out;
+  }
+  // Weight gradient: cooperative direct, least padding, wider tile on ties: 384 -> 192, 192 -> 192,
+  // 2048 -> 256, 768 -> 256, 1536 -> 256, 200 -> 256 (56 padded columns, as with 128).
+  const std::vector<std::pair<int64_t, int>> wgrad = {{384, 192}, {192, 192},  {2048, 256},
+                                                      {768, 256}, {1536, 256}, {200, 256}};
+  for (const auto& [n_out, bn] : wgrad) {
+    const int c = L::grouped_gemm_auto_config(n_out, true);
+    EXPECT_FALSE(L::kGroupedGemmStaged[c] || L::kGroupedGemmPingpong[c]) << n_out;
+    EXPECT_EQ(L::kGroupedGemmTileN[c], bn) << n_out;
   }
   for (int c = 0; c < cuda::launch::kGroupedGemmConfigs; ++c) EXPECT_GE(cuda::launch::grouped_gemm_stages(c), 3);
 }

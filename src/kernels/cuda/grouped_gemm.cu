@@ -478,16 +478,23 @@ cudaError_t make_maps(Op op, int config, const void* a_base, const void* b_base,
 
 }  // namespace
 
-int grouped_gemm_auto_config(int64_t n_out) {
-  // Among the cooperative configurations (the ping-pong ones are not measured yet): least padding in
-  // the last n-tile, then the wider tile (more reuse of each A stage). To be tuned with
-  // grouped_gemm_cuda_bench --sweep on the device.
+int grouped_gemm_auto_config(int64_t n_out, bool wgrad) {
+  const auto padded = [n_out](int64_t bn) { return (n_out + bn - 1) / bn * bn; };
+  if (!wgrad) {
+    // Forward and input gradient: the staged epilogue (TMA stores) won at every shape of the device
+    // sweep (H200, grouped_gemm_cuda_bench --sweep, docs/performance.md "GPU, fourth session"); tile
+    // N 192 was the fastest of the three, 128 close behind, 256 last (one pipeline stage fewer).
+    // 192 unless it pads the last n-tile by more than 1/16 over 128 (narrow outputs such as 64).
+    return padded(192) * 16 <= padded(128) * 17 ? 7 : 6;
+  }
+  // Weight gradient (direct epilogue; the staged one does not apply to the K-grouped product): least
+  // padding in the last n-tile among the cooperative configurations, then the wider tile (more reuse
+  // of each A stage); ping-pong never won in the sweep.
   int best = 0;
   int64_t best_waste = -1;
   for (int c = 0; c < kGroupedGemmConfigs; ++c) {
-    if (kGroupedGemmPingpong[c]) continue;
-    const int64_t bn = kGroupedGemmTileN[c];
-    const int64_t waste = (n_out + bn - 1) / bn * bn - n_out;
+    if (kGroupedGemmPingpong[c] || kGroupedGemmStaged[c]) continue;
+    const int64_t waste = padded(kGroupedGemmTileN[c]) - n_out;
     if (best_waste < 0 || waste <= best_waste) {
       best = c;
       best_waste = waste;
@@ -514,7 +521,7 @@ int grouped_gemm_stages(int config) {
 cudaError_t grouped_gemm_fwd(const uint16_t* x, const uint16_t* w, const int64_t* offsets, uint16_t* y, int64_t M,
                              int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
-  if (config < 0) config = grouped_gemm_auto_config(N);
+  if (config < 0) config = grouped_gemm_auto_config(N, false);
   CUtensorMap a, b, out;
   const cudaError_t err = make_maps(Op::kFwd, config, x, w, y, M, N, K, L, &a, &b, &out);
   if (err != cudaSuccess) return err;
@@ -525,7 +532,7 @@ cudaError_t grouped_gemm_fwd(const uint16_t* x, const uint16_t* w, const int64_t
 cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int64_t* offsets, uint16_t* dx, int64_t M,
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
-  if (config < 0) config = grouped_gemm_auto_config(K);
+  if (config < 0) config = grouped_gemm_auto_config(K, false);
   CUtensorMap a, b, out;
   const cudaError_t err = make_maps(Op::kDgrad, config, dy, w, dx, M, N, K, L, &a, &b, &out);
   if (err != cudaSuccess) return err;
@@ -536,7 +543,7 @@ cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int6
 cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int64_t* offsets, float* dw, int64_t M,
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
-  if (config < 0) config = grouped_gemm_auto_config(K);
+  if (config < 0) config = grouped_gemm_auto_config(K, true);
   CUtensorMap a, b, out;
   const cudaError_t err = make_maps(Op::kWgrad, config, dy, x, dw, M, N, K, L, &a, &b, &out);
   if (err != cudaSuccess) return err;

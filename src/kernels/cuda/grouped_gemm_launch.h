@@ -20,15 +20,16 @@ inline constexpr int64_t kGroupedGemmMaxGroups = 1024;
 // that one's epilogue overlaps the other's mainloop), and cooperative with the staged epilogue
 // (kGroupedGemmStaged[c]: fwd/dgrad outputs go through shared memory and TMA stores,
 // grouped_gemm_layout.h; one pipeline stage fewer). config < 0: chosen per shape
-// (grouped_gemm_auto_config; cooperative direct-store only until the device measurements say otherwise).
+// (grouped_gemm_auto_config: staged for fwd/dgrad, cooperative direct for wgrad, as measured).
 inline constexpr int kGroupedGemmConfigs = 9;
 inline constexpr int kGroupedGemmTileN[kGroupedGemmConfigs] = {128, 192, 256, 128, 192, 256, 128, 192, 256};
 inline constexpr bool kGroupedGemmPingpong[kGroupedGemmConfigs] = {false, false, false, true, true,
                                                                    true,  false, false, false};
 inline constexpr bool kGroupedGemmStaged[kGroupedGemmConfigs] = {false, false, false, false, false,
                                                                  false, true,  true,  true};
-// The configuration `config < 0` picks for an output of n_out columns (fwd: N, dgrad and wgrad: K).
-int grouped_gemm_auto_config(int64_t n_out);
+// The configuration `config < 0` picks for an output of n_out columns (fwd: N, dgrad and wgrad: K) of
+// the forward / input-gradient (wgrad = false) or the weight-gradient product.
+int grouped_gemm_auto_config(int64_t n_out, bool wgrad);
 int grouped_gemm_stages(int config);
 
 // y[rows of l] = x[rows of l] · w[l]ᵀ. x (M, K), w (L, N, K), y (M, N) bf16, overwritten. K >= 1.
