@@ -10,9 +10,9 @@
 // | both (balanced = moe.force_balance: token n slot k -> expert (n·K + k) % E).
 // Per-phase columns (medians, rank 0): fwd_ms = a forward-only pass on the same tokens (measured
 // separately), fb_ms = forward_backward, red_ms = reduce_grads + grad_norm, opt_ms = adamw_step.
-// --alloc caching puts core's caching allocator (kernels/cuda/runtime.h AllocMode::kCaching) under
-// the tensors (default direct: cudaMalloc/cudaFree); peak_GB still counts live tensor bytes,
-// dev_used_GB includes what the cache holds.
+// --alloc caching (default, as `moetp train`) puts core's caching allocator (kernels/cuda/runtime.h
+// AllocMode::kCaching) under the tensors, --alloc direct cudaMalloc/cudaFree per tensor; peak_GB
+// counts live tensor bytes either way, dev_used_GB includes what the cache holds.
 // --expert-gemm grouped | cublas picks the expert GEMM (moe::ExpertGemm; default grouped);
 // --dispatcher all2all | vexpert the CUDA dispatcher on a mesh (default all2all; printed in the
 // banner and the JSON, not in the case names, which stay those of the PyTorch baseline).
@@ -37,14 +37,8 @@
 // stream (the stream the model runs on) around the whole step, plus host wall time (steady_clock;
 // the step ends in a device synchronisation, so the two agree up to launch latency). Medians.
 //
-// Model FLOPs per step (the "6·N·P + attention" convention; no recomputation counted):
-//   matmul  = 6 · P_active · T,  T = B·S tokens, P_active = cfg.num_active_params() minus the
-//             embedding table V·H (a lookup, not a matmul; with tied embeddings the table is the LM
-//             head and stays). P_active keeps the LM head, the router and K of E experts per MoE
-//             layer (and the tiny norm weights, which are not matmuls: negligible).
-//   attention (fwd + bwd, per sequence) = 3 (fwd + 2×fwd for bwd) · 2 (QKᵀ and PV) · 2 (mul + add)
-//             · Hq · D · S² / 2 (causal) · L  =  6 · L · Hq · D · S²;  times B sequences.
-//   TFLOP/s = (matmul + attention) / median step time.
+// Model FLOPs per step: config::training_flops (config/model_config.h: 6 · P_active · B·S +
+// 6 · L · Hq · D · S² · B); TFLOP/s = that / median step time.
 //
 // Memory, two numbers per case:
 //   peak_alloc_GB: the peak of bytes live in tensors allocated through core's CUDA hooks, from this
@@ -137,7 +131,7 @@ struct Args {
   std::vector<Layout> layouts;  // empty: W x 1
   std::vector<bool> routings = {false, true};  // balanced?
   bool phases = false;  // per-phase GPU timeline of forward_backward (CudaQwen3MoeModel::set_phase_timing)
-  cuda::AllocMode alloc = cuda::AllocMode::kDirect;  // --alloc direct | caching
+  cuda::AllocMode alloc = cuda::AllocMode::kCaching;  // --alloc caching | direct (the trainer's default is caching)
   moe::ExpertGemm expert_gemm = moe::ExpertGemm::kGrouped;  // --expert-gemm grouped | cublas
   std::string dispatcher = "all2all";                       // --dispatcher all2all | vexpert (layouts)
 };
@@ -228,27 +222,6 @@ std::string case_name(const Case& c, int W, Layout l, bool balanced) {
   return fmt::format("{}_D{}xP{}xT{}_{}", base_name(c), W / (l.P * l.T), l.P, l.T, balanced ? "balanced" : "random");
 }
 
-// FLOPs of one training step (see the header comment).
-struct StepFlops {
-  int64_t active_matmul_params = 0;
-  double matmul = 0, attention = 0;
-  double total() const { return matmul + attention; }
-};
-
-StepFlops step_flops(const config::ModelConfig& cfg, int64_t B, int64_t S) {
-  StepFlops f;
-  const int64_t embed = cfg.tie_word_embeddings ? 0 : cfg.vocab_size * cfg.hidden_size;
-  f.active_matmul_params = cfg.num_active_params() - embed;
-  const double T = static_cast<double>(B) * static_cast<double>(S);
-  f.matmul = 6.0 * static_cast<double>(f.active_matmul_params) * T;
-  // 3 (fwd + bwd) · 2 (QKᵀ, PV) · 2 (mul + add) · Hq · D · S² / 2 (causal) · L, per sequence.
-  const double per_seq = 3.0 * 2.0 * 2.0 * static_cast<double>(cfg.num_attention_heads) *
-                         static_cast<double>(cfg.head_dim) * static_cast<double>(S) * static_cast<double>(S) / 2.0 *
-                         static_cast<double>(cfg.num_hidden_layers);
-  f.attention = per_seq * static_cast<double>(B);
-  return f;
-}
-
 struct Result {
   std::string name, base;
   bool ok = false;
@@ -288,7 +261,7 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
   r.balanced = balanced;
   const config::ModelConfig cfg = config::ModelConfig::load(c.config_path);
   r.total_params = cfg.num_params();
-  const StepFlops flops = step_flops(cfg, c.batch, c.seq_len);
+  const config::TrainingFlops flops = config::training_flops(cfg, c.batch, c.seq_len);
   r.active_matmul_params = flops.active_matmul_params;
 
   // Tokens: host i32 (B, S + 1), uniform in [0, V), a different stream per rank.

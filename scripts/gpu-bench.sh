@@ -8,7 +8,7 @@
 # Needs PyTorch (2.11 here) and transformers on the host. Output files go to ${OUT:-/tmp/moetp-bench}.
 #   LAYOUTS="2x1,1x2"  the multi-GPU layouts (default: by GPU count, Gx1, 1xG and 2x2 at 4 GPUs)
 #   STEPS=N            timed steps of the training-step benchmarks (default 6)
-#   ALLOC=caching      the training-step benchmarks on core's caching allocator (default direct);
+#   ALLOC=direct       the training-step benchmarks with cudaMalloc/cudaFree per tensor (default caching, as moetp train);
 #                      ALLOC="direct caching" runs each training-step case with both (an A/B)
 #   GEMMS="grouped cublas"  the expert GEMMs to measure (moe.expert_gemm; default both: grouped is
 #                      the default, cublas the per-expert cuBLAS loop it replaced)
@@ -23,7 +23,7 @@ run=/tmp/moetp-bundle/run.sh
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4
 gpus=$(nvidia-smi -L | wc -l)
 steps=${STEPS:-6}
-alloc=${ALLOC:-direct}
+alloc=${ALLOC:-caching}
 gemms=${GEMMS:-grouped cublas}
 gemm_list=$(echo $gemms | tr ' ' ',')
 mpi=("$run" orterun --oversubscribe --bind-to none --mca btl self,vader --mca btl_vader_single_copy_mechanism none)

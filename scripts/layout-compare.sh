@@ -8,7 +8,8 @@
 # Each layout PxT:DISPATCHER runs `mpirun -np $NP moetp train --set parallel.ep=P --set
 # parallel.etp=T --set moe.dispatcher=DISPATCHER <args after -->` into its own run directory
 # under ${OUT_DIR:-runs/layout-compare}; then a table of the loss per step, one column per layout,
-# the step-1 difference of each layout to the first, and tokens/s per rank (median over steps >= 2).
+# the step-1 difference of each layout to the first, tokens/s and model TFLOP/s per rank (medians
+# over steps >= 2) and, on GPUs, the peak memory per GPU (largest over ranks and steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 layouts=()
@@ -44,7 +45,11 @@ for i in range(max(len(r) for r in runs)):
     print(f"{i + 1:>4}  " + "".join(cells))
 first = runs[0][0]["loss"]
 for n, r in zip(names, runs):
-    tps = [m["tokens_per_s"] for m in r[1:]] or [r[0]["tokens_per_s"]]
+    timed = r[1:] or r[:1]  # step 1 includes warm-up work
+    tps = statistics.median(m["tokens_per_s"] for m in timed) / np_
+    tflops = statistics.median(m.get("model_tflops_per_rank", 0.0) for m in timed)
+    mem = max((m["peak_mem_gb"] for m in r if "peak_mem_gb" in m), default=None)
+    mem_s = f", peak memory {mem:.2f} GB per GPU" if mem is not None else ""
     print(f"{n}: step-1 loss {r[0]['loss']:.6f} (vs {names[0]}: {r[0]['loss'] - first:+.2e}), "
-          f"tokens/s per rank {statistics.median(tps) / np_:.4g}")
+          f"tokens/s per rank {tps:.4g}, model TFLOP/s per rank {tflops:.4g}{mem_s} (medians over steps >= 2)")
 PY

@@ -305,4 +305,15 @@ int64_t count_params(const ModelConfig& c, bool active_only) {
 int64_t ModelConfig::num_params() const { return count_params(*this, /*active_only=*/false); }
 int64_t ModelConfig::num_active_params() const { return count_params(*this, /*active_only=*/true); }
 
+TrainingFlops training_flops(const ModelConfig& cfg, int64_t B, int64_t S) {
+  TrainingFlops f;
+  const int64_t embed = cfg.tie_word_embeddings ? 0 : cfg.vocab_size * cfg.hidden_size;
+  f.active_matmul_params = cfg.num_active_params() - embed;
+  const double b = static_cast<double>(B), s = static_cast<double>(S);
+  f.matmul = 6.0 * static_cast<double>(f.active_matmul_params) * b * s;
+  f.attention = 3.0 * 2.0 * 2.0 * static_cast<double>(cfg.num_attention_heads) * static_cast<double>(cfg.head_dim) * s *
+                s / 2.0 * static_cast<double>(cfg.num_hidden_layers) * b;
+  return f;
+}
+
 }  // namespace moetp::config

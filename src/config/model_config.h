@@ -67,4 +67,20 @@ struct ModelConfig {
   bool operator==(const ModelConfig&) const = default;
 };
 
+// Model FLOPs of one training step (forward + backward) over B sequences of S tokens, the
+// "6·N·P + attention" convention (no recomputation counted):
+//   matmul    = 6 · P_active · B·S, P_active = num_active_params() minus the embedding table V·H (a
+//               lookup, not a matmul; tied embeddings keep it, as it is then the LM head). P_active
+//               keeps the LM head, the router and K of E experts per MoE layer (and the norm
+//               weights, not matmuls: negligible).
+//   attention = 3 (fwd + 2·fwd for bwd) · 2 (QKᵀ and PV) · 2 (mul + add) · Hq · D · S² / 2 (causal)
+//               · L per sequence, times B.
+// Model TFLOP/s = total() / step seconds (per GPU: divide by the ranks).
+struct TrainingFlops {
+  int64_t active_matmul_params = 0;
+  double matmul = 0, attention = 0;
+  double total() const { return matmul + attention; }
+};
+TrainingFlops training_flops(const ModelConfig& cfg, int64_t B, int64_t S);
+
 }  // namespace moetp::config

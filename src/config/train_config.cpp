@@ -93,6 +93,9 @@ const std::vector<Field>& fields() {
       field("train.log_every", &C::train, &C::Train::log_every, 1, "log metrics every N steps"),
       field("train.device", &C::train, &C::Train::device, "auto",
             "auto (cuda when this build has CUDA and a GPU is visible, else cpu) | cpu | cuda (one GPU per rank)"),
+      field("train.cuda_allocator", &C::train, &C::Train::cuda_allocator, "auto",
+            "CUDA device: auto (= caching) | caching (freed blocks reused without cudaFree, which synchronises "
+            "the device) | direct (cudaMalloc/cudaFree per tensor)"),
       field("optim.lr", &C::optim, &C::Optim::lr, 3e-3, "peak learning rate (after warmup)"),
       field("optim.min_lr", &C::optim, &C::Optim::min_lr, 3e-4, "learning rate at the end of the cosine decay"),
       field("optim.warmup_steps", &C::optim, &C::Optim::warmup_steps, 20, "linear warmup steps"),
@@ -374,6 +377,9 @@ void validate(const TrainConfig& c) {
   MOETP_CHECK(c.train.log_every >= 1, "train.log_every ({}) must be >= 1", c.train.log_every);
   MOETP_CHECK(c.train.device == "auto" || c.train.device == "cpu" || c.train.device == "cuda",
               "train.device '{}' is unknown (valid: auto, cpu, cuda)", c.train.device);
+  MOETP_CHECK(c.train.cuda_allocator == "auto" || c.train.cuda_allocator == "caching" ||
+                  c.train.cuda_allocator == "direct",
+              "train.cuda_allocator '{}' is unknown (valid: auto, caching, direct)", c.train.cuda_allocator);
   MOETP_CHECK(c.optim.min_lr >= 0 && c.optim.lr >= c.optim.min_lr,
               "need optim.lr ({}) >= optim.min_lr ({}) >= 0", c.optim.lr, c.optim.min_lr);
   MOETP_CHECK(c.optim.lr > 0, "optim.lr ({}) must be > 0", c.optim.lr);

@@ -43,6 +43,7 @@ struct TrainConfig {
     int64_t seed = 0;
     int log_every = 0;
     std::string device;  // auto | cpu | cuda
+    std::string cuda_allocator;  // auto (= caching) | caching | direct (CUDA device)
     bool operator==(const Train&) const = default;
   };
   struct Optim {

@@ -24,14 +24,20 @@ size_t BlockCache::round_size(size_t bytes) {
   return (bytes + unit - 1) / unit * unit;
 }
 
+size_t BlockCache::reuse_limit(size_t size) { return size <= kSmall ? size : size + size / 8; }
+
 void* BlockCache::allocate(size_t bytes) {
   const size_t size = round_size(bytes);
   std::lock_guard<std::mutex> lock(mu_);
   void* p = nullptr;
-  if (auto it = free_.find(size); it != free_.end() && !it->second.empty()) {
+  size_t block = size;
+  // Best fit among the cached blocks no larger than reuse_limit(size) (the map holds no empty lists).
+  if (auto it = free_.lower_bound(size); it != free_.end() && it->first <= reuse_limit(size)) {
+    block = it->first;
     p = it->second.back();
     it->second.pop_back();
-    stats_.cached_bytes -= size;
+    if (it->second.empty()) free_.erase(it);
+    stats_.cached_bytes -= block;
     ++stats_.reuses;
   } else {
     p = raw_alloc_(size);
@@ -43,8 +49,8 @@ void* BlockCache::allocate(size_t bytes) {
     if (p == nullptr) return nullptr;
     ++stats_.raw_allocs;
   }
-  live_[p] = size;
-  stats_.live_bytes += size;
+  live_[p] = block;
+  stats_.live_bytes += block;
   stats_.peak_live_bytes = std::max(stats_.peak_live_bytes, stats_.live_bytes);
   return p;
 }
@@ -65,11 +71,16 @@ void BlockCache::release_cached() {
   release_locked();
 }
 
+void BlockCache::reset_peak() {
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.peak_live_bytes = stats_.live_bytes;
+}
+
 void BlockCache::release_locked() {
   for (auto& [size, blocks] : free_) {
     for (void* b : blocks) raw_free_(b);
-    blocks.clear();
   }
+  free_.clear();
   stats_.cached_bytes = 0;
 }
 

@@ -9,8 +9,11 @@
 // default stream or on streams ordered with it by events (as NcclComm and CudaMoeLayer do), since
 // a block freed by the host is then only touched again by work enqueued later on that order.
 //
-// Sizes: up to 1 MiB rounded up to a multiple of 512 bytes, above that to a multiple of 2 MiB. A
-// raw allocation failure releases every cached block and retries once. Thread-safe (one mutex).
+// Sizes: up to 1 MiB rounded up to a multiple of 512 bytes, above that to a multiple of 2 MiB.
+// Reuse: a small request takes a cached block of exactly its rounded size; a large one the smallest
+// cached block of at most 1/8 more (reuse_limit), so the MoE buffers, whose sizes follow the routing
+// and change a little every step, reuse last step's blocks instead of piling up one block per size.
+// A raw allocation failure releases every cached block and retries once. Thread-safe (one mutex).
 #pragma once
 
 #include <cstddef>
@@ -32,14 +35,19 @@ class BlockCache {
   BlockCache& operator=(const BlockCache&) = delete;
 
   static size_t round_size(size_t bytes);
+  // The largest cached block a request of rounded size `size` may take.
+  static size_t reuse_limit(size_t size);
 
-  // A block of at least `bytes` (round_size(bytes)): a cached one of that size, else a fresh one;
-  // nullptr when the raw allocator fails even after release_cached().
+  // A block of at least `bytes` (round_size(bytes)): the smallest cached one up to reuse_limit,
+  // else a fresh one; nullptr when the raw allocator fails even after release_cached(). The stats
+  // count the whole block as live.
   void* allocate(size_t bytes);
   // Returns a block from allocate() to the cache. Throws moetp::Error for any other pointer.
   void deallocate(void* ptr);
   // Raw-frees every cached (not live) block.
   void release_cached();
+  // Starts a new peak: peak_live_bytes = live_bytes.
+  void reset_peak();
 
   struct Stats {
     size_t live_bytes = 0, cached_bytes = 0, peak_live_bytes = 0;
@@ -53,7 +61,7 @@ class BlockCache {
   RawAlloc raw_alloc_;
   RawFree raw_free_;
   mutable std::mutex mu_;
-  std::map<size_t, std::vector<void*>> free_;  // rounded size -> cached blocks
+  std::map<size_t, std::vector<void*>> free_;  // block size -> cached blocks (never an empty list)
   std::unordered_map<void*, size_t> live_;     // block -> rounded size
   Stats stats_;
 };

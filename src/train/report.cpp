@@ -20,7 +20,9 @@ void MetricsWriter::write(const StepResult& r) {
                       {"lr", r.lr},
                       {"tokens_per_s", r.seconds > 0 ? static_cast<double>(r.tokens) / r.seconds : 0.0},
                       {"seconds", r.seconds},
+                      {"model_tflops_per_rank", r.model_tflops},
                       {"expert_counts", r.expert_counts}};
+  if (r.peak_mem_gb >= 0) j["peak_mem_gb"] = r.peak_mem_gb;
   out_ << j.dump() << '\n';
   out_.flush();
   MOETP_CHECK(out_.good(), "write to {} failed", path_);
@@ -118,8 +120,12 @@ std::string progress_line(const StepResult& r, int64_t total_steps, double elaps
   const double rate = r.seconds > 0 ? static_cast<double>(r.tokens) / r.seconds : 0.0;
   const double per_step = r.step > 0 ? elapsed_s / static_cast<double>(r.step) : 0.0;
   const int64_t eta = static_cast<int64_t>(per_step * static_cast<double>(total_steps - r.step));
-  return fmt::format("step {:>5}/{} | loss {:.4f} | aux {:.4f} | grad {:.3f} | lr {:.2e} | {:.1f}k tok/s | ETA {}m{:02}s",
-                     r.step, total_steps, r.loss, r.aux_loss, r.grad_norm, r.lr, rate / 1000.0, eta / 60, eta % 60);
+  const std::string mem = r.peak_mem_gb >= 0 ? fmt::format(" | {:.1f} GB/GPU", r.peak_mem_gb) : "";
+  return fmt::format(
+      "step {:>5}/{} | loss {:.4f} | aux {:.4f} | grad {:.3f} | lr {:.2e} | {:.1f}k tok/s | {:.1f} TFLOP/s/rank{} | "
+      "ETA {}m{:02}s",
+      r.step, total_steps, r.loss, r.aux_loss, r.grad_norm, r.lr, rate / 1000.0, r.model_tflops, mem, eta / 60,
+      eta % 60);
 }
 
 }  // namespace moetp::train

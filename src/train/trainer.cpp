@@ -91,6 +91,9 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   MOETP_CHECK(cfg_.moe.expert_gemm == "auto" || device_ == "cuda",
               "moe.expert_gemm = {} applies to the CUDA device only (train.device resolved to '{}': {})",
               cfg_.moe.expert_gemm, device_, device_reason_);
+  MOETP_CHECK(cfg_.train.cuda_allocator == "auto" || device_ == "cuda",
+              "train.cuda_allocator = {} applies to the CUDA device only (train.device resolved to '{}': {})",
+              cfg_.train.cuda_allocator, device_, device_reason_);
   mesh_ = std::make_unique<comm::Mesh>(world_, cfg_.parallel.ep, cfg_.parallel.etp);
   model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, *mesh_, config::resolved_dispatcher(cfg_),
                                                   static_cast<uint64_t>(cfg_.train.seed));
@@ -103,7 +106,12 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
                 "moe.dispatcher '{}' is not implemented on the CUDA device; use all2all (or auto) or vexpert",
                 dispatcher);
     gpu_ = std::make_unique<Gpu>();
-    world_.run_collectively("selecting this rank's GPU", [&] { cuda::init(node_local_rank(world_).first); });
+    // The caching allocator by default: with cudaFree per temporary, every free synchronises the
+    // device, which cost 49 ms of a 120 ms step at ep 4 (docs/performance.md, fourth session).
+    const bool direct = cfg_.train.cuda_allocator == "direct";
+    world_.run_collectively("selecting this rank's GPU", [&] {
+      cuda::init(node_local_rank(world_).first, direct ? cuda::AllocMode::kDirect : cuda::AllocMode::kCaching);
+    });
     gpu_->world = comm::NcclComm::create(dynamic_cast<comm::MpiComm&>(world_), "world");
     gpu_->mesh = std::make_unique<comm::Mesh>(*gpu_->world, cfg_.parallel.ep, cfg_.parallel.etp);
     model::CudaModelOptions opts;
@@ -122,7 +130,8 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
                  : fmt::format("moe.expert_gemm = auto: hidden {} or expert width {} is not a multiple of 8",
                                model_cfg_.hidden_size, local_i);
     }
-    device_reason_ += fmt::format("; expert GEMM {} ({})", moe::expert_gemm_name(opts.expert_gemm), why);
+    device_reason_ += fmt::format("; expert GEMM {} ({}); allocator {}", moe::expert_gemm_name(opts.expert_gemm), why,
+                                  direct ? "direct" : "caching");
     world_.run_collectively("building the CUDA model", [&] { gpu_->model = model::CudaQwen3MoeModel::from_cpu(*model_, opts); });
   }
 #endif
@@ -132,6 +141,9 @@ Trainer::~Trainer() = default;
 
 StepResult Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
+#if MOETP_HAVE_CUDA
+  if (gpu_) cuda::reset_peak_memory();
+#endif
   StepResult r;
   r.step = step_ + 1;
   const int num_micro = cfg_.train.micro_batches;
@@ -172,7 +184,15 @@ StepResult Trainer::step() {
   r.lr = lr_at(r.step, cfg_.train.steps, cfg_.optim.warmup_steps, cfg_.optim.lr, cfg_.optim.min_lr);
   ops.optimizer_step(r.lr, r.step);
   step_ = r.step;
+#if MOETP_HAVE_CUDA
+  if (gpu_) {
+    const double peak = static_cast<double>(cuda::memory_stats().peak_live_bytes) / 1e9;
+    r.peak_mem_gb = world_.all_reduce_scalar(peak, comm::ReduceOp::kMax);
+  }
+#endif
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double flops = config::training_flops(model_cfg_, cfg_.train.global_batch_size, S).total();
+  r.model_tflops = r.seconds > 0 ? flops / r.seconds / static_cast<double>(world_.size()) / 1e12 : 0.0;
   return r;
 }
 

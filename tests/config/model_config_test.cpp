@@ -289,6 +289,19 @@ TEST(ModelConfig, Qwen3_30B_A3B_ParamCounts) {
   EXPECT_EQ(c.num_params() - tied.num_params(), int64_t{151936} * 2048);
 }
 
+TEST(ModelConfig, TrainingFlopsFollowTheSixNPPlusAttentionFormula) {
+  const ModelConfig c = ModelConfig::load(std::string(MOETP_CONFIGS_DIR) + "/qwen3-30b-a3b.json");
+  const TrainingFlops f = training_flops(c, 2, 4096);
+  EXPECT_EQ(f.active_matmul_params, c.num_active_params() - int64_t{151936} * 2048) << "the embedding table is a lookup";
+  EXPECT_DOUBLE_EQ(f.matmul, 6.0 * static_cast<double>(f.active_matmul_params) * 8192);
+  // 6 · L · Hq · D · S² per sequence: 6 · 48 · 32 · 128 · 4096² · 2 sequences.
+  EXPECT_DOUBLE_EQ(f.attention, 6.0 * 48 * 32 * 128 * 4096.0 * 4096.0 * 2);
+  EXPECT_DOUBLE_EQ(f.total(), f.matmul + f.attention);
+  ModelConfig tied = c;
+  tied.tie_word_embeddings = true;
+  EXPECT_EQ(training_flops(tied, 1, 1).active_matmul_params, tied.num_active_params()) << "tied: the table is the head";
+}
+
 TEST(ModelConfig, DenseLayersCountIntermediateSize) {
   json j = released_json();
   j["mlp_only_layers"] = {0};

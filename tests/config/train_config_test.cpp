@@ -65,7 +65,8 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.checkpoint.keep, 3);
   EXPECT_NO_THROW(validate(c));
   EXPECT_EQ(c.moe.expert_gemm, "auto");
-  EXPECT_EQ(field_names().size(), 27u);
+  EXPECT_EQ(c.train.cuda_allocator, "auto");
+  EXPECT_EQ(field_names().size(), 28u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {
@@ -226,6 +227,8 @@ TEST(TrainConfig, ValidateNamesValues) {
   expect_error([&] { validate(with("train.steps=0")); }, {"train.steps (0)"});
   expect_error([&] { validate(with("moe.expert_gemm=cutlass")); },
                {"moe.expert_gemm 'cutlass' is unknown (valid: auto, grouped, cublas)"});
+  expect_error([&] { validate(with("train.cuda_allocator=pool")); },
+               {"train.cuda_allocator 'pool' is unknown (valid: auto, caching, direct)"});
   expect_error([&] { validate(with("train.seq_len=-3")); }, {"train.seq_len (-3)"});
   expect_error([&] { validate(with("optim.min_lr=0.01")); }, {"optim.lr (0.003) >= optim.min_lr (0.01)"});
   expect_error([&] { validate(with("optim.min_lr=-1")); }, {"optim.min_lr (-1)"});

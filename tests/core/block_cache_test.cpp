@@ -78,6 +78,34 @@ TEST(BlockCache, ReusesFreedBlocksOfTheSameRoundedSize) {
   EXPECT_TRUE(Fake::live.empty());
 }
 
+TEST(BlockCache, LargeRequestsTakeTheSmallestCachedBlockWithinAnEighthMore) {
+  constexpr size_t MiB = size_t{1} << 20;
+  EXPECT_EQ(BlockCache::reuse_limit(4096), 4096u) << "small: exact size only";
+  EXPECT_EQ(BlockCache::reuse_limit(64 * MiB), 72 * MiB);
+  Fake::reset(size_t{1} << 30);
+  BlockCache cache(Fake::alloc, Fake::free);
+  void* b100 = cache.allocate(100 * MiB);
+  void* b90 = cache.allocate(90 * MiB);
+  void* b200 = cache.allocate(200 * MiB);
+  for (void* p : {b100, b90, b200}) cache.deallocate(p);
+  ASSERT_EQ(Fake::allocs, 3u);
+  // 88 MiB (limit 99): the 90 MiB block, the smallest that fits; 100 MiB stays cached.
+  void* a = cache.allocate(88 * MiB);
+  EXPECT_EQ(a, b90);
+  EXPECT_EQ(cache.stats().live_bytes, 90 * MiB) << "the whole block counts as live";
+  // 95 MiB (limit 106): the 100 MiB block.
+  void* b = cache.allocate(95 * MiB);
+  EXPECT_EQ(b, b100);
+  // 150 MiB (limit 168): the 200 MiB block is more than an eighth larger: a fresh block.
+  void* c = cache.allocate(150 * MiB);
+  EXPECT_NE(c, b200);
+  EXPECT_EQ(Fake::allocs, 4u);
+  EXPECT_EQ(cache.stats().cached_bytes, 200 * MiB);
+  EXPECT_EQ(cache.stats().reuses, 2u);
+  for (void* p : {a, b, c}) cache.deallocate(p);
+  EXPECT_EQ(cache.stats().cached_bytes, 90 * MiB + 100 * MiB + 200 * MiB + 150 * MiB);
+}
+
 TEST(BlockCache, PeakCountsLiveBytesOnly) {
   Fake::reset(size_t{64} << 20);
   BlockCache cache(Fake::alloc, Fake::free);
@@ -87,6 +115,11 @@ TEST(BlockCache, PeakCountsLiveBytesOnly) {
   cache.deallocate(b);
   void* c = cache.allocate(512);
   EXPECT_EQ(cache.stats().peak_live_bytes, 1024u);
+  cache.reset_peak();
+  EXPECT_EQ(cache.stats().peak_live_bytes, 512u) << "a new peak starts at what is live";
+  void* d = cache.allocate(1000);
+  cache.deallocate(d);
+  EXPECT_EQ(cache.stats().peak_live_bytes, 512u + 1024u);
   cache.deallocate(c);
 }
 

@@ -120,6 +120,20 @@ TEST(TrainerLearning, LossFallsOnARepeatingPattern) {
   EXPECT_LT(r.back().ce_loss, 0.3 * r.front().ce_loss) << "first " << r.front().ce_loss << " last " << r.back().ce_loss;
 }
 
+TEST(TrainerReport, ModelTflopsFollowTheFormulaAndTheCpuHasNoGpuMemory) {
+  auto& w = world();
+  const config::ModelConfig m = tiny_model(0.01);
+  const config::TrainConfig c = train_config(1, 1, "auto", 1, 8 * w.size());
+  const auto r = run(c, m, w, 2, random_tokens(4000, 64, 1));
+  const double flops = config::training_flops(m, c.train.global_batch_size, c.train.seq_len).total();
+  for (const auto& s : r) {
+    ASSERT_GT(s.seconds, 0);
+    EXPECT_GT(s.model_tflops, 0);
+    EXPECT_NEAR(s.model_tflops, flops / s.seconds / w.size() / 1e12, 1e-12 + 1e-9 * s.model_tflops);
+    EXPECT_EQ(s.peak_mem_gb, -1) << "the CPU device reports no GPU memory";
+  }
+}
+
 TEST(TrainerBadInput, ErrorsNameTheValues) {
   auto& w = world();
   // Data with a larger vocabulary than the model.
@@ -148,6 +162,12 @@ TEST(TrainerBadInput, ErrorsNameTheValues) {
   eg.train.device = "cpu";
   EXPECT_NE(testing::error_of([&] { run(eg, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
                 .find("moe.expert_gemm = cublas applies to the CUDA device only"),
+            std::string::npos);
+  config::TrainConfig ca = train_config(1, 1, "auto", 1, 8 * w.size());
+  ca.train.cuda_allocator = "direct";
+  ca.train.device = "cpu";
+  EXPECT_NE(testing::error_of([&] { run(ca, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
+                .find("train.cuda_allocator = direct applies to the CUDA device only"),
             std::string::npos);
   // NaN in the weights: the loss check names the step and rank on every rank.
   train::Trainer t(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, random_tokens(4000, 64, 1));

@@ -2,6 +2,10 @@
 // tensors, and errors that name the call and the sizes (out-of-memory reports what was free).
 #include "kernels/cuda/runtime.h"
 
+#include <algorithm>
+#include <mutex>
+#include <unordered_map>
+
 #include "core/block_cache.h"
 #include "core/tensor.h"
 #include "kernels/cuda/cuda_check.h"
@@ -28,6 +32,17 @@ AllocMode g_mode = AllocMode::kDirect;
 bool g_initialised = false;
 BlockCache* g_cache = nullptr;  // kCaching; lives until the process ends (blocks may outlive main)
 
+// kDirect's byte count (kCaching: the cache counts): live pointers and their sizes.
+struct DirectCount {
+  std::mutex mu;
+  std::unordered_map<void*, size_t> live;
+  size_t live_bytes = 0, peak_live_bytes = 0;
+};
+DirectCount& direct_count() {
+  static auto* c = new DirectCount;  // never destroyed: tensors may be freed after main returns
+  return *c;
+}
+
 [[noreturn]] void fail_alloc(size_t num_bytes, const std::string& what) {
   cudaGetLastError();
   size_t free_bytes = 0, total_bytes = 0;
@@ -48,15 +63,28 @@ void* cuda_alloc(size_t num_bytes) {
   void* p = nullptr;
   const cudaError_t err = cudaMalloc(&p, num_bytes == 0 ? 1 : num_bytes);
   if (err != cudaSuccess) fail_alloc(num_bytes, cudaGetErrorString(err));
+  DirectCount& c = direct_count();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.live[p] = num_bytes;
+  c.live_bytes += num_bytes;
+  c.peak_live_bytes = std::max(c.peak_live_bytes, c.live_bytes);
   return p;
 }
 
 void cuda_free(void* p) {
   if (g_cache != nullptr) {
     g_cache->deallocate(p);
-  } else {
-    cudaFree(p);
+    return;
   }
+  {
+    DirectCount& c = direct_count();
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (const auto it = c.live.find(p); it != c.live.end()) {
+      c.live_bytes -= it->second;
+      c.live.erase(it);
+    }
+  }
+  cudaFree(p);
 }
 
 void cuda_copy(void* dst, Device dst_device, const void* src, Device src_device, size_t num_bytes) {
@@ -102,6 +130,26 @@ void init(int device, AllocMode mode) {
   if (mode == AllocMode::kCaching && g_cache == nullptr) g_cache = new BlockCache(raw_cuda_malloc, raw_cuda_free);
   g_mode = mode;
   g_initialised = true;
+}
+
+MemoryStats memory_stats() {
+  if (g_cache != nullptr) {
+    const BlockCache::Stats s = g_cache->stats();
+    return {s.live_bytes, s.peak_live_bytes};
+  }
+  DirectCount& c = direct_count();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return {c.live_bytes, c.peak_live_bytes};
+}
+
+void reset_peak_memory() {
+  if (g_cache != nullptr) {
+    g_cache->reset_peak();
+    return;
+  }
+  DirectCount& c = direct_count();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.peak_live_bytes = c.live_bytes;
 }
 
 DeviceHooks runtime_hooks() {

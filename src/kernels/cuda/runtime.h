@@ -25,6 +25,16 @@ enum class AllocMode { kDirect, kCaching };
 // The allocation mode is process-wide: a later init with another mode than the first is an error.
 void init(int device, AllocMode mode = AllocMode::kDirect);
 
+// Bytes held by live core tensors on this process's device (under kCaching the whole cached block
+// each tensor took) and their peak since init() or the last reset_peak_memory(). Comparable to
+// torch.cuda.memory_allocated / max_memory_allocated; excludes the CUDA context, cuBLAS and NCCL
+// workspaces and (kCaching) the free blocks the cache holds.
+struct MemoryStats {
+  size_t live_bytes = 0, peak_live_bytes = 0;
+};
+MemoryStats memory_stats();
+void reset_peak_memory();
+
 // The hooks init() registers with core (allocation per the AllocMode, copies, memset), for programs
 // that wrap them (e.g. to count bytes) and register the wrapper. Valid after init().
 DeviceHooks runtime_hooks();
