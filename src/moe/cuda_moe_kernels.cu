@@ -137,6 +137,34 @@ __global__ void combine_rows_kernel(const bf16_t* __restrict__ src, const int32_
   }
 }
 
+// One row of the combine backward: dy_row = w · d_row (bf16, rounded as the CPU), and where dweight_f
+// is set, *dweight_f = d_row · y_row (a block-wide sum: every thread of the block calls this with the
+// same dweight_f, null or not).
+template <int kVec>
+__device__ __forceinline__ void combine_backward_row(const bf16_t* __restrict__ d_row, const bf16_t* __restrict__ y_row,
+                                                     float w, bf16_t* __restrict__ dy_row, float* dweight_f, int64_t H,
+                                                     float* scratch) {
+  float dot = 0.0f;
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < H; c += static_cast<int64_t>(blockDim.x) * kVec) {
+    float d[kVec], o[kVec];
+    load_bf16<kVec>(d_row + c, d);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) o[j] = __fmul_rn(w, d[j]);
+    store_bf16<kVec>(dy_row + c, o);
+    if (dweight_f != nullptr) {
+      float v[kVec];
+      load_bf16<kVec>(y_row + c, v);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) dot = fmaf(d[j], v[j], dot);
+    }
+  }
+  if (dweight_f != nullptr) {
+    const float total = block_sum(dot, scratch);
+    if (threadIdx.x == 0) *dweight_f = total;
+  }
+}
+
+// Slot-side combine backward: row i holds entry f = flat[i] of token n = f / K.
 template <int kVec>
 __global__ void combine_backward_kernel(const bf16_t* __restrict__ dout, const bf16_t* __restrict__ y,
                                         const int32_t* __restrict__ flat, const float* __restrict__ weight,
@@ -145,26 +173,8 @@ __global__ void combine_backward_kernel(const bf16_t* __restrict__ dout, const b
   __shared__ float scratch[32];
   for (int64_t i = blockIdx.x; i < M; i += gridDim.x) {
     const int64_t f = flat[i];
-    const int64_t n = f / K;
-    const float w = weight[f];
-    float dot = 0.0f;
-    for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < H; c += static_cast<int64_t>(blockDim.x) * kVec) {
-      float d[kVec], o[kVec];
-      load_bf16<kVec>(dout + n * H + c, d);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) o[j] = __fmul_rn(w, d[j]);
-      store_bf16<kVec>(dy + i * H + c, o);
-      if (dweight != nullptr) {
-        float v[kVec];
-        load_bf16<kVec>(y + i * H + c, v);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) dot = fmaf(d[j], v[j], dot);
-      }
-    }
-    if (dweight != nullptr) {  // uniform over the block: every thread reaches block_sum
-      const float total = block_sum(dot, scratch);
-      if (threadIdx.x == 0) dweight[f] = total;
-    }
+    combine_backward_row<kVec>(dout + (f / K) * H, y + i * H, weight[f], dy + i * H,
+                               dweight != nullptr ? dweight + f : nullptr, H, scratch);
   }
 }
 
@@ -178,25 +188,8 @@ __global__ void vexpert_combine_backward_kernel(const bf16_t* __restrict__ dz, c
   for (int64_t i = blockIdx.x; i < R; i += gridDim.x) {
     const int64_t q = rows[i];
     const int64_t f = q * C + cols[i];
-    const float w = weight[f];
-    float dot = 0.0f;
-    for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < H; c += static_cast<int64_t>(blockDim.x) * kVec) {
-      float d[kVec], o[kVec];
-      load_bf16<kVec>(dz + q * H + c, d);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) o[j] = __fmul_rn(w, d[j]);
-      store_bf16<kVec>(dy + i * H + c, o);
-      if (dweight != nullptr) {
-        float v[kVec];
-        load_bf16<kVec>(y + i * H + c, v);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) dot = fmaf(d[j], v[j], dot);
-      }
-    }
-    if (dweight != nullptr) {  // uniform over the block: every thread reaches block_sum
-      const float total = block_sum(dot, scratch);
-      if (threadIdx.x == 0) dweight[f] = total;
-    }
+    combine_backward_row<kVec>(dz + q * H, y + i * H, weight[f], dy + i * H,
+                               dweight != nullptr ? dweight + f : nullptr, H, scratch);
   }
 }
 

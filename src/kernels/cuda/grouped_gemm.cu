@@ -536,37 +536,41 @@ int grouped_gemm_stages(int config) {
   }
 }
 
+namespace {
+
+// One product. The three launchers differ only in their operands and in which of N and K is the
+// output width and which the reduction (wgrad's reduction is each group's rows, from the offsets).
+template <Op kOp>
+cudaError_t run_product(const void* a_src, const void* b_src, const int64_t* offsets, void* out, int64_t M, int64_t N,
+                        int64_t K, int64_t L, cudaStream_t stream, int config) {
+  if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
+  const int64_t n_out = kOp == Op::kFwd ? N : K;
+  if (config < 0) config = grouped_gemm_auto_config(n_out, kOp == Op::kWgrad);
+  CUtensorMap a, b, out_map;
+  const cudaError_t err = make_maps(kOp, config, a_src, b_src, out, M, N, K, L, &a, &b, &out_map);
+  if (err != cudaSuccess) return err;
+  const int64_t mo_fixed = kOp == Op::kWgrad ? N : 0;
+  const int64_t red = kOp == Op::kFwd ? K : (kOp == Op::kDgrad ? N : 0);
+  const Params p{offsets, out, static_cast<int>(M), static_cast<int>(L), static_cast<int>(mo_fixed),
+                 static_cast<int>(n_out), static_cast<int>(red), 0};
+  return dispatch<kOp>(config, a, b, out_map, p, M, N, L, stream);
+}
+
+}  // namespace
+
 cudaError_t grouped_gemm_fwd(const uint16_t* x, const uint16_t* w, const int64_t* offsets, uint16_t* y, int64_t M,
                              int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
-  if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
-  if (config < 0) config = grouped_gemm_auto_config(N, false);
-  CUtensorMap a, b, out;
-  const cudaError_t err = make_maps(Op::kFwd, config, x, w, y, M, N, K, L, &a, &b, &out);
-  if (err != cudaSuccess) return err;
-  const Params p{offsets, y, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(N), static_cast<int>(K), 0};
-  return dispatch<Op::kFwd>(config, a, b, out, p, M, N, L, stream);
+  return run_product<Op::kFwd>(x, w, offsets, y, M, N, K, L, stream, config);
 }
 
 cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int64_t* offsets, uint16_t* dx, int64_t M,
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
-  if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
-  if (config < 0) config = grouped_gemm_auto_config(K, false);
-  CUtensorMap a, b, out;
-  const cudaError_t err = make_maps(Op::kDgrad, config, dy, w, dx, M, N, K, L, &a, &b, &out);
-  if (err != cudaSuccess) return err;
-  const Params p{offsets, dx, static_cast<int>(M), static_cast<int>(L), 0, static_cast<int>(K), static_cast<int>(N), 0};
-  return dispatch<Op::kDgrad>(config, a, b, out, p, M, N, L, stream);
+  return run_product<Op::kDgrad>(dy, w, offsets, dx, M, N, K, L, stream, config);
 }
 
 cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int64_t* offsets, float* dw, int64_t M,
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
-  if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
-  if (config < 0) config = grouped_gemm_auto_config(K, true);
-  CUtensorMap a, b, out;
-  const cudaError_t err = make_maps(Op::kWgrad, config, dy, x, dw, M, N, K, L, &a, &b, &out);
-  if (err != cudaSuccess) return err;
-  const Params p{offsets, dw, static_cast<int>(M), static_cast<int>(L), static_cast<int>(N), static_cast<int>(K), 0, 0};
-  return dispatch<Op::kWgrad>(config, a, b, out, p, M, N, L, stream);
+  return run_product<Op::kWgrad>(dy, x, offsets, dw, M, N, K, L, stream, config);
 }
 
 }  // namespace moetp::cuda::launch
