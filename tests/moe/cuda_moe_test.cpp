@@ -40,6 +40,9 @@
 
 #include <gtest/gtest.h>
 
+#include "core/bf16.h"
+#include "moe/cuda_moe_kernels.h"
+
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -199,6 +202,91 @@ void check_dispatch_order(const moe::CudaMoeSaved& s, const Tensor& x_NH, int64_
     rows[i] = f / K;
   }
   EXPECT_TRUE(testing::bit_equal(s.x_MH, moe::gather_rows(x_NH, rows).to(DType::kBF16))) << "x_MH";
+}
+
+// The bf16 bits of a tensor, as the launchers take them.
+uint16_t* u16(const Tensor& t) { return static_cast<uint16_t*>(t.raw_data()); }
+
+// The combine-backward kernels on their own (both the 16-byte path, H % 8 == 0, and the scalar
+// one): dy rows are bf16(w · dout row) with one f32 multiply, bit-exact; the routing-weight
+// gradient is the f32 dot product of the dout and y rows (a block-tree sum: 1e-5 relative); entries
+// of dweight that no row names stay untouched (vexpert) and an empty launch is a no-op.
+TEST_F(CudaMoeLayer, CombineBackwardKernelsMatchTheirFormulas) {
+  for (const int64_t H : {int64_t{2048}, int64_t{100}}) {
+    SCOPED_TRACE("H = " + std::to_string(H));
+    // Slot side: N tokens, K slots, M = N·K rows in a shuffled order.
+    const int64_t N = 37, K = 4, M = N * K;
+    const Tensor dout = testing::random_tensor({N, H}, 5, 1).to(DType::kBF16);
+    const Tensor y = testing::random_tensor({M, H}, 5, 2).to(DType::kBF16);
+    const Tensor weight = testing::random_tensor({N, K}, 5, 3, 0.0f, 1.0f);
+    std::vector<int32_t> flat(static_cast<size_t>(M));
+    for (int64_t i = 0; i < M; ++i) flat[i] = static_cast<int32_t>((i * 53) % M);  // 53 is prime to M = 148
+    const Tensor flat_t = Tensor::from_vector(flat, {M});
+    // vexpert side: Q received rows of C entries, R rows naming (row, col) pairs, some twice-skipped.
+    const int64_t Q = 29, C = 6, R = 61;
+    const Tensor dz = testing::random_tensor({Q, H}, 6, 1).to(DType::kBF16);
+    const Tensor yr = testing::random_tensor({R, H}, 6, 2).to(DType::kBF16);
+    const Tensor wq = testing::random_tensor({Q, C}, 6, 3, 0.0f, 1.0f);
+    std::vector<int64_t> rows(static_cast<size_t>(R)), cols(static_cast<size_t>(R));
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t f = (i * 7) % (Q * C);  // distinct pairs, most of (Q, C) left unnamed
+      rows[i] = f / C;
+      cols[i] = f % C;
+    }
+    const Tensor rows_t = Tensor::from_vector(rows, {R}), cols_t = Tensor::from_vector(cols, {R});
+
+    const Tensor g_dout = dout.to(Device::kCuda), g_y = y.to(Device::kCuda), g_w = weight.to(Device::kCuda);
+    const Tensor g_flat = flat_t.to(Device::kCuda);
+    Tensor g_dy = Tensor::empty({M, H}, DType::kBF16, Device::kCuda);
+    Tensor g_dw = Tensor::empty({N, K}, DType::kF32, Device::kCuda);
+    ASSERT_EQ(moe::launch::combine_backward(u16(g_dout), u16(g_y), g_flat.data<int32_t>(),
+                                            g_w.data<float>(), u16(g_dy), g_dw.data<float>(), M, K, H,
+                                            nullptr),
+              cudaSuccess);
+    const Tensor g_dz = dz.to(Device::kCuda), g_yr = yr.to(Device::kCuda), g_wq = wq.to(Device::kCuda);
+    const Tensor g_rows = rows_t.to(Device::kCuda), g_cols = cols_t.to(Device::kCuda);
+    Tensor g_dyr = Tensor::empty({R, H}, DType::kBF16, Device::kCuda);
+    Tensor g_dwq = Tensor::full<float>({Q, C}, -7.0f).to(Device::kCuda);  // unnamed entries must keep -7
+    ASSERT_EQ(moe::launch::vexpert_combine_backward(u16(g_dz), u16(g_yr),
+                                                    g_rows.data<int64_t>(), g_cols.data<int64_t>(), g_wq.data<float>(),
+                                                    C, u16(g_dyr), g_dwq.data<float>(), R, H, nullptr),
+              cudaSuccess);
+    // An empty launch touches nothing.
+    ASSERT_EQ(moe::launch::vexpert_combine_backward(u16(g_dz), u16(g_yr),
+                                                    g_rows.data<int64_t>(), g_cols.data<int64_t>(), g_wq.data<float>(),
+                                                    C, u16(g_dyr), g_dwq.data<float>(), 0, H, nullptr),
+              cudaSuccess);
+
+    // Reference on the host from the same bf16 values.
+    const auto check = [&](const Tensor& d_src, const Tensor& y_src, const Tensor& w_src, const Tensor& got_dy,
+                           const Tensor& got_dw, int64_t rows_n, auto src_row, auto entry) {
+      const Tensor d = d_src.to(DType::kF32), yy = y_src.to(DType::kF32), dy = host(got_dy).to(DType::kF32);
+      const Tensor dw = host(got_dw);
+      for (int64_t i = 0; i < rows_n; ++i) {
+        const int64_t q = src_row(i), f = entry(i);
+        const float w = w_src.data<float>()[f];
+        double dot = 0;
+        for (int64_t h = 0; h < H; ++h) {
+          const float dv = d.data<float>()[q * H + h];
+          ASSERT_EQ(dy.data<float>()[i * H + h], round_bf16(w * dv)) << "dy row " << i << " column " << h;
+          dot += static_cast<double>(dv) * yy.data<float>()[i * H + h];
+        }
+        EXPECT_NEAR(dw.data<float>()[f], dot, 1e-5 * std::max(1.0, std::abs(dot))) << "dweight entry " << f;
+      }
+    };
+    check(dout, y, weight, g_dy, g_dw, M, [&](int64_t i) { return static_cast<int64_t>(flat[i]) / K; },
+          [&](int64_t i) { return static_cast<int64_t>(flat[i]); });
+    check(dz, yr, wq, g_dyr, g_dwq, R, [&](int64_t i) { return rows[i]; },
+          [&](int64_t i) { return rows[i] * C + cols[i]; });
+    const Tensor dwq = host(g_dwq);
+    std::vector<bool> named(static_cast<size_t>(Q * C), false);
+    for (int64_t i = 0; i < R; ++i) named[rows[i] * C + cols[i]] = true;
+    for (int64_t f = 0; f < Q * C; ++f) {
+      if (!named[f]) {
+        EXPECT_EQ(dwq.data<float>()[f], -7.0f) << "unnamed dweight entry " << f << " was written";
+      }
+    }
+  }
 }
 
 TEST_F(CudaMoeLayer, MatchesCpuBlock) {
