@@ -15,6 +15,7 @@
 // moetp, 16 cuBLAS calls for the loop), median over --iters after --warmup. FLOPs: 2·M·N·K.
 //   python3 bench/torch_grouped_gemm.py --json torch_gg.json
 //   ./grouped_gemm_cuda_bench --torch-results torch_gg.json [--iters 20] [--warmup 5] [--sweep]
+//       [--shape NxK ...] [--dist balanced|ragged]   (a subset, e.g. to profile one kernel with ncu)
 // --sweep adds a row per tile configuration (launch::kGroupedGemmTileN, coN = cooperative 128 × N tiles,
 // ppN = ping-pong 64 × N tiles, csN = cooperative with the staged TMA-store epilogue) to tune the
 // per-shape choice.
@@ -61,10 +62,13 @@ struct Args {
   std::string torch_results, json_out;
   int iters = 20, warmup = 5;
   bool sweep = false;
+  std::vector<std::pair<int64_t, int64_t>> shapes = kShapes;  // --shape NxK (repeatable) narrows the list
+  std::vector<std::string> dists = {"balanced", "ragged"};    // --dist balanced|ragged narrows it
 };
 
 Args parse_args(int argc, char** argv) {
   Args a;
+  bool shape_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&] { return bench::option_value(argc, argv, i); };
@@ -78,10 +82,27 @@ Args parse_args(int argc, char** argv) {
       a.warmup = std::stoi(value());
     } else if (arg == "--sweep") {
       a.sweep = true;
+    } else if (arg == "--shape") {
+      const std::string v = value();
+      const size_t x = v.find('x');
+      MOETP_CHECK(x != std::string::npos, "--shape wants NxK (e.g. 1536x2048), got '{}'", v);
+      const std::pair<int64_t, int64_t> nk{std::stoll(v.substr(0, x)), std::stoll(v.substr(x + 1))};
+      if (!shape_given) a.shapes.clear();
+      shape_given = true;
+      a.shapes.push_back(nk);
+    } else if (arg == "--dist") {
+      const std::string v = value();
+      MOETP_CHECK(v == "balanced" || v == "ragged", "--dist wants balanced or ragged, got '{}'", v);
+      a.dists = {v};
     } else {
-      MOETP_FAIL("unknown argument '{}' (valid: --torch-results FILE, --json FILE, --iters N, --warmup N, --sweep)",
-                 arg);
+      MOETP_FAIL(
+          "unknown argument '{}' (valid: --torch-results FILE, --json FILE, --iters N, --warmup N, --sweep, --shape NxK, "
+          "--dist balanced|ragged)",
+          arg);
     }
+  }
+  for (const auto& [n, k] : a.shapes) {
+    MOETP_CHECK(n >= 8 && k >= 8 && n % 8 == 0 && k % 8 == 0, "--shape {}x{}: N and K must be multiples of 8", n, k);
   }
   MOETP_CHECK(a.iters >= 1 && a.warmup >= 0, "bad --iters ({}) or --warmup ({})", a.iters, a.warmup);
   MOETP_CHECK(static_cast<int64_t>(std::accumulate(kRagged.begin(), kRagged.end(), int64_t{0})) ==
@@ -154,13 +175,13 @@ int run(int argc, char** argv) {
               "ms", "TFLOP/s", "cublas_ms", "TFLOP/s", "vs_cb", "torch_ms", "vs_pt", "check");
   nlohmann::json rows = nlohmann::json::array();
 
-  for (const auto& [N, K] : kShapes) {
+  for (const auto& [N, K] : args.shapes) {
     const int64_t M = kGroups * kRowsPerGroup;
     const Tensor x = random_bf16({M, K}, 1, 1.0f).to(Device::kCuda);
     const Tensor w = random_bf16({kGroups, N, K}, 2, 0.05f).to(Device::kCuda);
     const Tensor dy = random_bf16({M, N}, 3, 1.0f).to(Device::kCuda);
     const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
-    for (const std::string dist : {"balanced", "ragged"}) {
+    for (const std::string& dist : args.dists) {
       const std::vector<int64_t> counts =
           dist == "balanced" ? std::vector<int64_t>(kGroups, kRowsPerGroup) : kRagged;
       std::vector<int64_t> offsets(counts.size() + 1, 0);
