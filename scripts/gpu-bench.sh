@@ -14,6 +14,8 @@
 #                      the default, cublas the per-expert cuBLAS loop it replaced)
 #   VEXPERT=0          skip the vexpert rows (layer and step at the layouts with etp > 1; default on)
 #   SKIP_ATTN=1        skip the attention benchmark
+#   PACK=1             pack every output file into one $OUT/gpu-bench.tgz at the end (the device
+#                      tool brings back 8 files)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/moetp-bench}
@@ -82,4 +84,8 @@ if [ "$gpus" -ge 2 ]; then
     "${mpi[@]}" -np "$gpus" "$run" train_step_cuda_bench --dispatcher vexpert --alloc "${alloc%% *}" --phases --config $l4 \
       --steps "$steps" --layouts "$tp_layouts" --torch-results "$out/torch_step_dist.json" --json "$out/step_dist_vexpert.json"
   fi
+fi
+# PACK=1: everything under $out into one $out/gpu-bench.tgz (the device tool returns only 8 files).
+if [ "${PACK:-0}" = 1 ]; then
+  tar -C "$out" -czf /tmp/gpu-bench.tgz . && rm -rf "${out:?}"/* && mv /tmp/gpu-bench.tgz "$out/"
 fi

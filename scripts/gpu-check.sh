@@ -4,7 +4,8 @@
 # (tools/make_hf_fixture.py, needs PyTorch + transformers) and moetp's round trip of it, and prints
 # a short table. Output files go to ${OUT:-/tmp/moetp-out}. One-GPU tests run side by side, one per
 # GPU; the multi-rank tests at np 2 in pairs of GPUs side by side, then at np 4.
-# Env: SKIP_TRAIN=1, SKIP_FIXTURE=1, TEST_TIMEOUT (seconds per test run, default 420).
+# Env: SKIP_TRAIN=1, SKIP_FIXTURE=1, TEST_TIMEOUT (seconds per test run, default 420), PACK=1 (pack
+# every output file into one $OUT/gpu-check.tgz at the end: the device tool brings back 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/moetp-out}
@@ -83,4 +84,8 @@ if [ "${SKIP_FIXTURE:-0}" != 1 ]; then
   fi
 fi
 echo "==== moetp gpu-check ===="
-printf '%s\n' "${rows[@]}"
+printf '%s\n' "${rows[@]}" | tee "$out/summary.txt"
+# PACK=1: everything under $out into one $out/gpu-check.tgz (the device tool returns only 8 files).
+if [ "${PACK:-0}" = 1 ]; then
+  tar -C "$out" -czf /tmp/gpu-check.tgz . && rm -rf "${out:?}"/* && mv /tmp/gpu-check.tgz "$out/"
+fi
