@@ -1,5 +1,5 @@
 // A size-bucketed cache of memory blocks in front of a raw allocator: freed blocks are kept and
-// handed out again for requests of the same rounded size, so a training step that allocates and
+// handed out again for later requests of about their size (below), so a training step that allocates and
 // frees the same tensors every step stops calling the raw allocator after the first step. Its
 // use here: the CUDA hooks (kernels/cuda/runtime.h, AllocMode::kCaching), where every cudaFree
 // synchronises the device and so exposes the host's time between kernels.

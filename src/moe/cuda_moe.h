@@ -46,8 +46,9 @@
 // dout are ready on it (a non-blocking stream does not wait for the legacy one). forward()
 // synchronises that stream once (the per-expert counts); backward() does not synchronise. The
 // layer owns its buffers: the slot-side ones sized for the last N, the expert-side ones (whose row
-// count R changes with the routing every step) grown to 1.125× the largest R seen and used through
-// views, so a steady-state step allocates nothing (core's cudaFree would synchronise the device).
+// count R changes with the routing every step) grown to 1.125× the largest R seen (the vexpert
+// buffers 1.25×) and used through views, so a steady-state step allocates nothing (with the direct
+// allocator core's cudaFree would synchronise the device).
 #pragma once
 
 #include <cuda_runtime.h>

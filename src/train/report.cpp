@@ -20,7 +20,7 @@ void MetricsWriter::write(const StepResult& r) {
                       {"lr", r.lr},
                       {"tokens_per_s", r.seconds > 0 ? static_cast<double>(r.tokens) / r.seconds : 0.0},
                       {"seconds", r.seconds},
-                      {"model_tflops_per_rank", r.model_tflops},
+                      {"model_tflops_per_rank", r.model_tflops_per_rank},
                       {"expert_counts", r.expert_counts}};
   if (r.peak_mem_gb >= 0) j["peak_mem_gb"] = r.peak_mem_gb;
   out_ << j.dump() << '\n';
@@ -124,7 +124,7 @@ std::string progress_line(const StepResult& r, int64_t total_steps, double elaps
   return fmt::format(
       "step {:>5}/{} | loss {:.4f} | aux {:.4f} | grad {:.3f} | lr {:.2e} | {:.1f}k tok/s | {:.1f} TFLOP/s/rank{} | "
       "ETA {}m{:02}s",
-      r.step, total_steps, r.loss, r.aux_loss, r.grad_norm, r.lr, rate / 1000.0, r.model_tflops, mem, eta / 60,
+      r.step, total_steps, r.loss, r.aux_loss, r.grad_norm, r.lr, rate / 1000.0, r.model_tflops_per_rank, mem, eta / 60,
       eta % 60);
 }
 

@@ -192,7 +192,7 @@ StepResult Trainer::step() {
 #endif
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double flops = config::training_flops(model_cfg_, cfg_.train.global_batch_size, S).total();
-  r.model_tflops = r.seconds > 0 ? flops / r.seconds / static_cast<double>(world_.size()) / 1e12 : 0.0;
+  r.model_tflops_per_rank = r.seconds > 0 ? flops / r.seconds / static_cast<double>(world_.size()) / 1e12 : 0.0;
   return r;
 }
 

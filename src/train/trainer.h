@@ -34,8 +34,11 @@ struct StepResult {
   double lr = 0;
   double seconds = 0;
   int64_t tokens = 0;    // tokens of the global batch
-  double model_tflops = 0;  // per rank: config::training_flops of the global batch / seconds / ranks / 1e12
-  double peak_mem_gb = -1;  // CUDA device: largest over ranks of the step's peak live tensor bytes / 1e9; CPU: -1
+  // config::training_flops of the global batch / seconds / ranks / 1e12.
+  double model_tflops_per_rank = 0;
+  // CUDA device: the largest over ranks of the step's peak of live tensor bytes / 1e9, counting the
+  // whole block each tensor holds (cuda::memory_stats; the benchmarks count requested bytes). CPU: -1.
+  double peak_mem_gb = -1;
   std::vector<std::vector<float>> expert_counts;  // per MoE layer: tokens per expert, global batch
 };
 

@@ -93,7 +93,7 @@ TEST(BlockCache, LargeRequestsTakeTheSmallestCachedBlockWithinAnEighthMore) {
   void* a = cache.allocate(88 * MiB);
   EXPECT_EQ(a, b90);
   EXPECT_EQ(cache.stats().live_bytes, 90 * MiB) << "the whole block counts as live";
-  // 95 MiB (limit 106): the 100 MiB block.
+  // 95 MiB (rounded 96, limit 108): the 100 MiB block.
   void* b = cache.allocate(95 * MiB);
   EXPECT_EQ(b, b100);
   // 150 MiB (limit 168): the 200 MiB block is more than an eighth larger: a fresh block.
@@ -104,6 +104,23 @@ TEST(BlockCache, LargeRequestsTakeTheSmallestCachedBlockWithinAnEighthMore) {
   EXPECT_EQ(cache.stats().reuses, 2u);
   for (void* p : {a, b, c}) cache.deallocate(p);
   EXPECT_EQ(cache.stats().cached_bytes, 90 * MiB + 100 * MiB + 200 * MiB + 150 * MiB);
+}
+
+TEST(BlockCache, TheReuseLimitIsInclusiveAndExact) {
+  constexpr size_t MiB = size_t{1} << 20;
+  Fake::reset(size_t{1} << 30);
+  BlockCache cache(Fake::alloc, Fake::free);
+  void* b72 = cache.allocate(72 * MiB);
+  void* b74 = cache.allocate(74 * MiB);
+  cache.deallocate(b74);
+  // 64 MiB (limit 72): only the 74 MiB block is cached, 2 MiB past the limit: a fresh block.
+  void* a = cache.allocate(64 * MiB);
+  EXPECT_NE(a, b74);
+  cache.deallocate(b72);
+  // Now the 72 MiB block, exactly at the limit, is taken.
+  void* b = cache.allocate(64 * MiB);
+  EXPECT_EQ(b, b72);
+  for (void* p : {a, b}) cache.deallocate(p);
 }
 
 TEST(BlockCache, PeakCountsLiveBytesOnly) {

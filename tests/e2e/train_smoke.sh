@@ -17,7 +17,7 @@ for f in config.json metrics.jsonl loss.svg expert_load.svg; do
 done
 [ "$(wc -l <"$run_dir/run/metrics.jsonl")" -eq 4 ] || { echo "FAIL: metrics.jsonl should have 4 lines"; exit 1; }
 grep -q '"grad_norm"' "$run_dir/run/metrics.jsonl" || { echo "FAIL: metrics lack grad_norm"; exit 1; }
-grep -q '"model_tflops_per_rank":[0-9]' "$run_dir/run/metrics.jsonl" || { echo "FAIL: metrics lack model_tflops_per_rank"; exit 1; }
+grep -qE '"model_tflops_per_rank":[0-9.e-]*[1-9]' "$run_dir/run/metrics.jsonl" || { echo "FAIL: metrics lack a positive model_tflops_per_rank"; exit 1; }
 # A mistyped key is an error that suggests the right one.
 if err=$("$moetp" train --set train.stepz=3 2>&1); then echo "FAIL: unknown key accepted"; exit 1; fi
 grep -q "did you mean 'train.steps'" <<<"$err" || { echo "FAIL: no suggestion in: $err"; exit 1; }

@@ -261,8 +261,6 @@ void emu_tma_load(const gg::MapSpec& spec, const std::vector<float>& g, const gg
   }
 }
 
-// Runs op with tile N = bn over groups `counts`; x (M, K), w (L, N, K), dy (M, N); out as the kernel's
-// output (y (M, N), dx (M, K) or dw (L, N, K), accumulated for wgrad).
 // The staged epilogue of one warpgroup's block: fragments into the shared-memory buffer at
 // staged_offset (every slot written once), then the TMA store of each box (columns past n_out
 // clipped, as TMA does).
@@ -296,6 +294,8 @@ void emulate_staged_block(int bn, int tile_m, const gg::TileCoord& tc, int row0,
   }
 }
 
+// Runs op with tile N = bn over groups `counts`; x (M, K), w (L, N, K), dy (M, N); out as the kernel's
+// output (y (M, N), dx (M, K) or dw (L, N, K), accumulated for wgrad).
 // `staged`: the staged-epilogue configurations (cooperative tiles; fwd/dgrad blocks inside their group
 // go through emulate_staged_block).
 void emulate_kernel(gg::Op op, int bn, int tile_m, const std::vector<int64_t>& counts, int64_t N, int64_t K,

@@ -40,19 +40,18 @@
 
 #include <gtest/gtest.h>
 
-#include "core/bf16.h"
-#include "moe/cuda_moe_kernels.h"
-
 #include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
 
 #include "comm/mesh.h"
+#include "core/bf16.h"
 #include "dist/mpi_env.h"
 #include "dist/nccl_env.h"
 #include "kernels/cpu/experts.h"
 #include "kernels/cuda/runtime.h"
+#include "moe/cuda_moe_kernels.h"
 #include "moe/moe_block.h"
 #include "moe/row_ops.h"
 #include "shard/layout.h"
@@ -222,7 +221,7 @@ TEST_F(CudaMoeLayer, CombineBackwardKernelsMatchTheirFormulas) {
     std::vector<int32_t> flat(static_cast<size_t>(M));
     for (int64_t i = 0; i < M; ++i) flat[i] = static_cast<int32_t>((i * 53) % M);  // 53 is prime to M = 148
     const Tensor flat_t = Tensor::from_vector(flat, {M});
-    // vexpert side: Q received rows of C entries, R rows naming (row, col) pairs, some twice-skipped.
+    // vexpert side: Q received rows of C entries, R rows naming distinct (row, col) pairs.
     const int64_t Q = 29, C = 6, R = 61;
     const Tensor dz = testing::random_tensor({Q, H}, 6, 1).to(DType::kBF16);
     const Tensor yr = testing::random_tensor({R, H}, 6, 2).to(DType::kBF16);
@@ -278,6 +277,18 @@ TEST_F(CudaMoeLayer, CombineBackwardKernelsMatchTheirFormulas) {
           [&](int64_t i) { return static_cast<int64_t>(flat[i]); });
     check(dz, yr, wq, g_dyr, g_dwq, R, [&](int64_t i) { return rows[i]; },
           [&](int64_t i) { return rows[i] * C + cols[i]; });
+    // Without the weight gradient (dweight null, as under force_balance): the same dy rows.
+    Tensor g_dy0 = Tensor::empty({M, H}, DType::kBF16, Device::kCuda);
+    Tensor g_dyr0 = Tensor::empty({R, H}, DType::kBF16, Device::kCuda);
+    ASSERT_EQ(moe::launch::combine_backward(u16(g_dout), u16(g_y), g_flat.data<int32_t>(), g_w.data<float>(),
+                                            u16(g_dy0), nullptr, M, K, H, nullptr),
+              cudaSuccess);
+    ASSERT_EQ(moe::launch::vexpert_combine_backward(u16(g_dz), u16(g_yr), g_rows.data<int64_t>(),
+                                                    g_cols.data<int64_t>(), g_wq.data<float>(), C, u16(g_dyr0),
+                                                    nullptr, R, H, nullptr),
+              cudaSuccess);
+    EXPECT_TRUE(testing::bit_equal(host(g_dy0), host(g_dy))) << "slot-side dy without dweight";
+    EXPECT_TRUE(testing::bit_equal(host(g_dyr0), host(g_dyr))) << "vexpert dy without dweight";
     const Tensor dwq = host(g_dwq);
     std::vector<bool> named(static_cast<size_t>(Q * C), false);
     for (int64_t i = 0; i < R; ++i) named[rows[i] * C + cols[i]] = true;

@@ -6,12 +6,15 @@
 // 64, hidden 32. Data: random ids from the counter RNG, in memory.
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include "comm/mesh.h"
 #include "config/model_config.h"
 #include "config/train_config.h"
 #include "core/rng.h"
 #include "dist/mpi_env.h"
 #include "testing.h"
+#include "train/report.h"
 #include "train/trainer.h"
 
 namespace moetp {
@@ -128,10 +131,30 @@ TEST(TrainerReport, ModelTflopsFollowTheFormulaAndTheCpuHasNoGpuMemory) {
   const double flops = config::training_flops(m, c.train.global_batch_size, c.train.seq_len).total();
   for (const auto& s : r) {
     ASSERT_GT(s.seconds, 0);
-    EXPECT_GT(s.model_tflops, 0);
-    EXPECT_NEAR(s.model_tflops, flops / s.seconds / w.size() / 1e12, 1e-12 + 1e-9 * s.model_tflops);
+    EXPECT_GT(s.model_tflops_per_rank, 0);
+    EXPECT_NEAR(s.model_tflops_per_rank, flops / s.seconds / w.size() / 1e12, 1e-12 + 1e-9 * s.model_tflops_per_rank);
     EXPECT_EQ(s.peak_mem_gb, -1) << "the CPU device reports no GPU memory";
   }
+}
+
+TEST(TrainerReport, ProgressLineCarriesThroughputTflopsAndGpuMemory) {
+  train::StepResult r;
+  r.step = 10;
+  r.loss = 2.5;
+  r.aux_loss = 1.25;
+  r.grad_norm = 0.5;
+  r.lr = 1e-3;
+  r.seconds = 0.5;
+  r.tokens = 4096;
+  r.model_tflops_per_rank = 123.4;
+  // 10 of 100 steps in 20 s: 2 s per step, 90 steps left = 3 min.
+  EXPECT_EQ(train::progress_line(r, 100, 20.0),
+            "step    10/100 | loss 2.5000 | aux 1.2500 | grad 0.500 | lr 1.00e-03 | 8.2k tok/s | 123.4 TFLOP/s/rank | "
+            "ETA 3m00s");
+  r.peak_mem_gb = 33.76;
+  EXPECT_EQ(train::progress_line(r, 100, 20.0),
+            "step    10/100 | loss 2.5000 | aux 1.2500 | grad 0.500 | lr 1.00e-03 | 8.2k tok/s | 123.4 TFLOP/s/rank | "
+            "33.8 GB/GPU | ETA 3m00s");
 }
 
 TEST(TrainerBadInput, ErrorsNameTheValues) {
@@ -156,19 +179,19 @@ TEST(TrainerBadInput, ErrorsNameTheValues) {
     EXPECT_NE(t.device_reason().find("moe.dispatcher 'allgather' runs on the CPU device only"), std::string::npos)
         << t.device_reason();
   }
-  // The expert GEMM choice is a CUDA-device option too.
-  config::TrainConfig eg = train_config(1, 1, "auto", 1, 8 * w.size());
-  eg.moe.expert_gemm = "cublas";
-  eg.train.device = "cpu";
-  EXPECT_NE(testing::error_of([&] { run(eg, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
-                .find("moe.expert_gemm = cublas applies to the CUDA device only"),
-            std::string::npos);
-  config::TrainConfig ca = train_config(1, 1, "auto", 1, 8 * w.size());
-  ca.train.cuda_allocator = "direct";
-  ca.train.device = "cpu";
-  EXPECT_NE(testing::error_of([&] { run(ca, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
-                .find("train.cuda_allocator = direct applies to the CUDA device only"),
-            std::string::npos);
+  // The expert GEMM and the allocator are CUDA-device options: the CPU device rejects them.
+  const std::vector<std::pair<std::function<void(config::TrainConfig&)>, std::string>> cuda_only = {
+      {[](config::TrainConfig& c) { c.moe.expert_gemm = "cublas"; }, "moe.expert_gemm = cublas"},
+      {[](config::TrainConfig& c) { c.train.cuda_allocator = "direct"; }, "train.cuda_allocator = direct"}};
+  for (const auto& [set, what] : cuda_only) {
+    config::TrainConfig c = train_config(1, 1, "auto", 1, 8 * w.size());
+    set(c);
+    c.train.device = "cpu";
+    EXPECT_NE(testing::error_of([&] { run(c, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
+                  .find(what + " applies to the CUDA device only"),
+              std::string::npos)
+        << what;
+  }
   // NaN in the weights: the loss check names the step and rank on every rank.
   train::Trainer t(train_config(1, 1, "auto", 1, 8 * w.size()), tiny_model(0.01), w, random_tokens(4000, 64, 1));
   t.model().param("model.norm.weight").value.data<float>()[0] = std::nanf("");

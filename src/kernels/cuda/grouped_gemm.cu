@@ -43,20 +43,21 @@
 // only after cp.async.bulk.wait_group.read says the previous stores have read it. Blocks crossing a
 // group end, and wgrad, use the direct path. The buffers take one pipeline stage's memory.
 //
-// STATUS: configurations 0-5 ran on H200s in the third session (all tests pass; measurements in
-// docs/performance.md). Configurations 6-8 (the staged epilogue) are checked by the host emulator
-// only (GroupedGemmLayout.EmulatedKernelMatchesReference: staging offsets, every buffer slot written
-// once, TMA box coordinates inside the group); NOT YET RUN ON A GPU, and not chosen by the automatic
-// configuration until measured. An mbarrier wait that lasts ~10 s traps, so a pipeline deadlock
-// fails the launch instead of hanging.
+// STATUS: every configuration ran on H200s (all tests pass; the staged ones 6-8 since the fourth
+// session, also covered by the host emulator GroupedGemmLayout.EmulatedKernelMatchesReference:
+// staging offsets, every buffer slot written once, TMA box coordinates inside the group). The
+// automatic choice takes the staged epilogue for fwd and dgrad and the cooperative direct one for
+// wgrad, from a device sweep. An mbarrier wait that lasts ~10 s traps, so a pipeline deadlock fails
+// the launch instead of hanging.
 //
-// Performance (third session, H200: docs/performance.md). Products with a wide output and a short
-// reduction (fwd N = 2048 with K = 192/384/768, dgrad of N = 384 into 2048 columns) run at 190-480
-// TFLOP/s while the same FLOPs with a narrow output run at 460-620: the direct epilogue's stores
-// (8 rows x 16 bytes per warp instruction) are the suspect, and the ping-pong overlap did not help
-// there; the staged epilogue is the lever under test. Not taken yet: TMA reduce-add for the wgrad
-// epilogue (300-375 TFLOP/s at every shape); a 2-CTA cluster multicasting the shared operand tile;
-// wgrad tiles ordered largest group first.
+// Performance (fourth session, H200: docs/performance.md): forward 420-736 TFLOP/s at the Qwen3
+// expert shapes (1.12-1.68x torch._grouped_mm), dgrad 508-720, wgrad 426-575. The staged epilogue
+// fixed the wide-output, short-reduction products (fwd N = 2048, K = 192: 190 -> 420). wgrad
+// accumulates into f32 dW (8 bytes read + written per element against the forward's 2) in an
+// epilogue that is not overlapped with the next tile; that traffic is its remaining gap to the
+// forward (0.78-1.01x). Not taken yet: an overlapped wgrad epilogue (ping-pong after the batched
+// loads, or a TMA reduce-add from shared memory); a 2-CTA cluster multicasting the shared operand
+// tile; wgrad tiles ordered largest group first.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>

@@ -14,11 +14,12 @@ int device_count();
 std::string unavailable_reason();
 // How core's CUDA tensors get their memory. kDirect: cudaMalloc / cudaFree per tensor (every
 // cudaFree synchronises the device). kCaching: a core/block_cache.h cache in front of cudaMalloc:
-// freed blocks are reused by later allocations of the same rounded size without a device
-// synchronisation; on an allocation failure the cache is released (cudaFree) and the allocation
-// retried. kCaching is safe when all work on core tensors runs on the legacy default stream or
-// on streams ordered with it by events (NcclComm, CudaMoeLayer's side streams); a caller that
-// uses a non-blocking stream must synchronise it before dropping the tensors it used.
+// freed blocks are reused by later allocations (of the same rounded size, or for a request over
+// 1 MiB the smallest cached block up to 1/8 larger) without a device synchronisation; on an
+// allocation failure the cache is released (cudaFree) and the allocation retried. kCaching is
+// safe when all work on core tensors runs on the legacy default stream or on streams ordered with
+// it by events (NcclComm, CudaMoeLayer's side streams); a caller that uses a non-blocking stream
+// must synchronise it before dropping the tensors it used.
 enum class AllocMode { kDirect, kCaching };
 
 // Selects `device` and registers the hooks; throws moetp::Error naming the device and the cause.
