@@ -121,11 +121,13 @@ std::string progress_line(const StepResult& r, int64_t total_steps, double elaps
   const double per_step = r.step > 0 ? elapsed_s / static_cast<double>(r.step) : 0.0;
   const int64_t eta = static_cast<int64_t>(per_step * static_cast<double>(total_steps - r.step));
   const std::string mem = r.peak_mem_gb >= 0 ? fmt::format(" | {:.1f} GB/GPU", r.peak_mem_gb) : "";
+  // Below 1 TFLOP/s (small models, the CPU) in GFLOP/s, so the column is never a bare 0.0.
+  const std::string flops = r.model_tflops_per_rank >= 1.0
+                                ? fmt::format("{:.1f} TFLOP/s/rank", r.model_tflops_per_rank)
+                                : fmt::format("{:.2f} GFLOP/s/rank", r.model_tflops_per_rank * 1000.0);
   return fmt::format(
-      "step {:>5}/{} | loss {:.4f} | aux {:.4f} | grad {:.3f} | lr {:.2e} | {:.1f}k tok/s | {:.1f} TFLOP/s/rank{} | "
-      "ETA {}m{:02}s",
-      r.step, total_steps, r.loss, r.aux_loss, r.grad_norm, r.lr, rate / 1000.0, r.model_tflops_per_rank, mem, eta / 60,
-      eta % 60);
+      "step {:>5}/{} | loss {:.4f} | aux {:.4f} | grad {:.3f} | lr {:.2e} | {:.1f}k tok/s | {}{} | ETA {}m{:02}s",
+      r.step, total_steps, r.loss, r.aux_loss, r.grad_norm, r.lr, rate / 1000.0, flops, mem, eta / 60, eta % 60);
 }
 
 }  // namespace moetp::train

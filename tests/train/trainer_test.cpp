@@ -155,6 +155,12 @@ TEST(TrainerReport, ProgressLineCarriesThroughputTflopsAndGpuMemory) {
   EXPECT_EQ(train::progress_line(r, 100, 20.0),
             "step    10/100 | loss 2.5000 | aux 1.2500 | grad 0.500 | lr 1.00e-03 | 8.2k tok/s | 123.4 TFLOP/s/rank | "
             "33.8 GB/GPU | ETA 3m00s");
+  r.peak_mem_gb = -1;
+  r.model_tflops_per_rank = 0.00086;
+  EXPECT_EQ(train::progress_line(r, 100, 20.0),
+            "step    10/100 | loss 2.5000 | aux 1.2500 | grad 0.500 | lr 1.00e-03 | 8.2k tok/s | 0.86 GFLOP/s/rank | "
+            "ETA 3m00s")
+      << "below 1 TFLOP/s the line says GFLOP/s";
 }
 
 TEST(TrainerBadInput, ErrorsNameTheValues) {
