@@ -259,11 +259,13 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
   const int64_t H = cfg_.hidden, i = i_;
   CudaMoeSaved& s = saved_;
   if (R > exp_capacity_) {
-    // One GPU: R = M exactly, every step. A mesh: R follows the routing; grow with slack so that a
-    // slightly larger step does not reallocate (every cudaFree synchronises the device). 1/8: the
-    // step-to-step spread of R at ep 4 with real routing is a few percent; the slack costs memory
-    // on eight (R, ·) buffers.
-    const int64_t cap = distributed() ? std::max<int64_t>(R + R / 8, 64) : R;
+    // One GPU: R = M exactly, every step. A mesh: R follows the routing. The first allocation is
+    // exact (forced-balance routing never grows); a growth adds 1/8 slack so that the next slightly
+    // larger step does not reallocate again (the step-to-step spread of R at ep 4 with real routing
+    // is a few percent; the slack costs memory on eight (R, ·) buffers, 0.37 GiB at 2x2).
+    const int64_t cap = !distributed()       ? R
+                        : exp_capacity_ < 0 ? std::max<int64_t>(R, 1)
+                                            : std::max<int64_t>(R + R / 8, 64);
     MOETP_CHECK(cap <= INT32_MAX, "CudaMoeLayer: {} expert-side rows exceed the int32 row indices", cap);
     // Old buffers go first: the views of the last forward share their storage, so they are dropped
     // too (else old and new would be held at once, at exactly the step whose routing spiked).

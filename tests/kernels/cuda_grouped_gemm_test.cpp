@@ -294,10 +294,45 @@ void emulate_staged_block(int bn, int tile_m, const gg::TileCoord& tc, int row0,
   }
 }
 
+// The staged wgrad epilogue of one warpgroup's block: each half of BN/2 columns into the buffer at
+// staged_offset_f32 (every slot written once per half), then the TMA reduce-add of each box into dW
+// (columns past K clipped; the box's rows inside the group's N rows of dW).
+void emulate_staged_wgrad_block(int bn, int tile_m, const gg::TileCoord& tc, int mo_fixed, int m_offset, int n_out,
+                                const float* acc_wg, std::vector<float>& dw) {
+  for (int h = 0; h < 2; ++h) {
+    std::vector<float> buf(static_cast<size_t>(gg::out_block_bytes(bn) / 4), std::numeric_limits<float>::quiet_NaN());
+    std::vector<int> writes(buf.size(), 0);
+    for (int t = 0; t < 128; ++t) {
+      for (int reg = h * (bn / 4); reg < (h + 1) * (bn / 4); reg += 2) {
+        const uint32_t off = gg::staged_offset_f32(t, reg, h * (bn / 2));
+        ASSERT_EQ(off % 8, 0u) << "an f32 pair must be 8-byte aligned";
+        ASSERT_LT(off / 4 + 1, buf.size()) << "thread " << t << " register " << reg;
+        for (int e = 0; e < 2; ++e) {
+          buf.at(off / 4 + e) = acc_wg[t * (bn / 2) + reg + e];
+          ++writes.at(off / 4 + e);
+        }
+      }
+    }
+    for (size_t i = 0; i < writes.size(); ++i) ASSERT_EQ(writes[i], 1) << "half " << h << " staging slot " << i;
+    for (int j = 0; j < bn / 64; ++j) {
+      const gg::StoreCoord sc = gg::wgrad_reduce_coord(bn, tile_m, tc, mo_fixed, m_offset, h, j);
+      if (sc.c0 >= n_out) continue;
+      ASSERT_GE(sc.c1, tc.group * mo_fixed);
+      ASSERT_LE(sc.c1 + 64, (tc.group + 1) * mo_fixed) << "a reduce box must stay inside dW_l";
+      for (int r = 0; r < 64; ++r) {
+        for (int c = 0; c < gg::kOutBoxColsF32 && sc.c0 + c < n_out; ++c) {
+          const uint32_t byte = static_cast<uint32_t>(j * gg::kOutBoxBytes) + gg::swizzle128(static_cast<uint32_t>(r * 128 + c * 4));
+          dw.at(static_cast<size_t>(static_cast<int64_t>(sc.c1 + r) * n_out + sc.c0 + c)) += buf.at(byte / 4);
+        }
+      }
+    }
+  }
+}
+
 // Runs op with tile N = bn over groups `counts`; x (M, K), w (L, N, K), dy (M, N); out as the kernel's
 // output (y (M, N), dx (M, K) or dw (L, N, K), accumulated for wgrad).
-// `staged`: the staged-epilogue configurations (cooperative tiles; fwd/dgrad blocks inside their group
-// go through emulate_staged_block).
+// `staged`: the staged-epilogue configurations (cooperative tiles; blocks inside their group's output
+// rows go through emulate_staged_block, wgrad's through emulate_staged_wgrad_block).
 void emulate_kernel(gg::Op op, int bn, int tile_m, const std::vector<int64_t>& counts, int64_t N, int64_t K,
                     const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& dy,
                     std::vector<float>& out, bool staged = false) {
@@ -369,8 +404,13 @@ void emulate_kernel(gg::Op op, int bn, int tile_m, const std::vector<int64_t>& c
       }
     }
     for (int c = 0; c < consumers; ++c) {
-      if (staged && gg::staged_block(op, tile_m, tc, rows, 64 * c)) {
-        emulate_staged_block(bn, tile_m, tc, row0, rows, 64 * c, n_out, &acc[static_cast<size_t>(c * 128 * (bn / 2))], out);
+      if (staged && gg::staged_block(op, tile_m, tc, rows, static_cast<int>(N), 64 * c)) {
+        const float* acc_wg = &acc[static_cast<size_t>(c * 128 * (bn / 2))];
+        if (op == gg::Op::kWgrad) {
+          emulate_staged_wgrad_block(bn, tile_m, tc, static_cast<int>(N), 64 * c, n_out, acc_wg, out);
+        } else {
+          emulate_staged_block(bn, tile_m, tc, row0, rows, 64 * c, n_out, acc_wg, out);
+        }
         continue;
       }
       for (int t = 0; t < 128; ++t) {
@@ -432,15 +472,15 @@ TEST(GroupedGemmLayout, EmulatedKernelMatchesReference) {
     std::vector<float> dw = dw0;
     emulate_kernel(gg::Op::kFwd, bn, tile_m, counts, N, K, x, w, dy, y, staged);
     emulate_kernel(gg::Op::kDgrad, bn, tile_m, counts, N, K, x, w, dy, dx, staged);
-    // wgrad never stages: configurations 6-8 run the direct path of 0-2, emulated there.
-    if (!staged) emulate_kernel(gg::Op::kWgrad, bn, tile_m, counts, N, K, x, w, dy, dw);
+    // wgrad stages too (TMA reduce-adds into dW) in configurations 6-8: N = 136 gives blocks inside
+    // dW_l (rows 0-127) and past it (128-191: direct), K = 136 a reduce box clipped at the K edge.
+    emulate_kernel(gg::Op::kWgrad, bn, tile_m, counts, N, K, x, w, dy, dw, staged);
     int64_t bad = 0;
     for (size_t i = 0; i < y.size(); ++i) bad += y[i] != y_ref[i];
     EXPECT_EQ(bad, 0) << "fwd bn " << bn << " tile_m " << tile_m;
     bad = 0;
     for (size_t i = 0; i < dx.size(); ++i) bad += dx[i] != dx_ref[i];
     EXPECT_EQ(bad, 0) << "dgrad bn " << bn << " tile_m " << tile_m;
-    if (staged) continue;
     bad = 0;
     for (size_t i = 0; i < dw.size(); ++i) bad += dw[i] != dw_ref[i];
     EXPECT_EQ(bad, 0) << "wgrad bn " << bn << " tile_m " << tile_m;

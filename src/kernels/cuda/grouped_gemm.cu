@@ -41,7 +41,11 @@
 // and one thread issues a TMA store per 64-column box (grouped_gemm_layout.h "staged epilogue"); the
 // stores run asynchronously while the warpgroup starts its next tile, and the buffer is rewritten
 // only after cp.async.bulk.wait_group.read says the previous stores have read it. Blocks crossing a
-// group end, and wgrad, use the direct path. The buffers take one pipeline stage's memory.
+// group end use the direct path. The buffers take one pipeline stage's memory. wgrad, staged: the
+// f32 block leaves in two halves through the same buffer as TMA reduce-adds into dW (dW += block in
+// L2, no global load in the SM; "staged wgrad epilogue" in grouped_gemm_layout.h); blocks past N
+// use the direct path. NOT YET RUN ON A GPU (host emulator only); the automatic choice keeps wgrad
+// on the direct path until measured.
 //
 // STATUS: every configuration ran on H200s (all tests pass; the staged ones 6-8 since the fourth
 // session, also covered by the host emulator GroupedGemmLayout.EmulatedKernelMatchesReference:
@@ -144,9 +148,9 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // one). Without the turns a warpgroup that stepped ahead could wait on a full barrier two phases
 // early, where the parity test cannot tell phase q from q - 2 and would pass on the older data; with
 // them, every barrier phase of the previous tile has completed before the next tile's waits begin.
-// kStaged (cooperative only): fwd/dgrad blocks that lie inside their group leave through shared
-// memory and TMA stores (tmap_out; grouped_gemm_layout.h "staged epilogue"); tmap_out is unused
-// otherwise.
+// kStaged (cooperative only): blocks that lie inside their group's output rows leave through shared
+// memory and TMA stores (fwd/dgrad) or TMA reduce-adds (wgrad) (tmap_out; grouped_gemm_layout.h
+// "staged epilogue"); tmap_out is unused otherwise.
 template <Op kOp, int kBN, bool kPingpong, bool kStaged>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
@@ -327,9 +331,34 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // ---- epilogue ----
       bool staged = false;  // uniform over the warpgroup (tile, group and m_offset only)
-      if constexpr (kStaged) staged = gg::staged_block(kOp, kTileM, tc, rows, m_offset);
+      if constexpr (kStaged) staged = gg::staged_block(kOp, kTileM, tc, rows, p.mo_fixed, m_offset);
       if (staged) {
-        if constexpr (kStaged && kOp != Op::kWgrad) {
+        if constexpr (kStaged && kOp == Op::kWgrad) {
+          // dW += block through shared memory and TMA reduce-adds, in two halves of BN/2 columns
+          // (grouped_gemm_layout.h "staged wgrad epilogue").
+          uint8_t* buf = out_smem + c * gg::out_block_bytes(kBN);
+          const int bar = 3 + c;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (t == 0) bulk_wait_group_read<0>();  // the previous reductions have read buf
+            named_barrier_sync(bar, 128);
+#pragma unroll
+            for (int i = h * (kAccRegs / 2); i < (h + 1) * (kAccRegs / 2); i += 2) {
+              *reinterpret_cast<float2*>(buf + gg::staged_offset_f32(t, i, h * (kBN / 2))) =
+                  make_float2(acc[i], acc[i + 1]);
+            }
+            fence_proxy_async_smem();
+            named_barrier_sync(bar, 128);
+            if (t == 0) {
+#pragma unroll
+              for (int j = 0; j < kBN / 64; ++j) {
+                const gg::StoreCoord sc = gg::wgrad_reduce_coord(kBN, kTileM, tc, p.mo_fixed, m_offset, h, j);
+                if (sc.c0 < p.n_out) tma_reduce_add_2d(&tmap_out, smem_addr(buf + j * gg::kOutBoxBytes), sc.c0, sc.c1);
+              }
+              bulk_commit_group();
+            }
+          }
+        } else if constexpr (kStaged) {
           uint8_t* buf = out_smem + c * gg::out_block_bytes(kBN);
           const int bar = 3 + c;  // ids 1, 2: the wgrad zeroing; 3, 4: the consumers' staging
           if (t == 0) bulk_wait_group_read<0>();  // this warpgroup's previous stores have read buf
@@ -408,7 +437,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// Row-major bf16 tensor of spec.rank dimensions (dims innermost first, rows of dims[0] elements; for
+// Row-major bf16 (f32 where spec.f32) tensor of spec.rank dimensions (dims innermost first, rows of dims[0] elements; for
 // rank 3 the outer stride is dims[0]·dims[1]) with a box of spec.box elements, 128B swizzle, zero fill.
 cudaError_t make_tensor_map(CUtensorMap* map, const void* base, const gg::MapSpec& spec) {
   const int rank = spec.rank;
@@ -422,9 +451,11 @@ cudaError_t make_tensor_map(CUtensorMap* map, const void* base, const gg::MapSpe
     g_dims[d] = dims[d];
     b_dims[d] = box[d];
   }
-  g_strides[0] = dims[0] * 2;
-  if (rank == 3) g_strides[1] = dims[0] * dims[1] * 2;
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, static_cast<cuuint32_t>(rank), const_cast<void*>(base),
+  const uint64_t elem = spec.f32 ? 4 : 2;
+  g_strides[0] = dims[0] * elem;
+  if (rank == 3) g_strides[1] = dims[0] * dims[1] * elem;
+  const CUtensorMapDataType dtype = spec.f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult r = encode(map, dtype, static_cast<cuuint32_t>(rank), const_cast<void*>(base),
                             g_dims, g_strides, b_dims, e_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -488,8 +519,9 @@ cudaError_t make_maps(Op op, int config, const void* a_base, const void* b_base,
   cudaError_t err = make_tensor_map(a, a_base, gg::a_map_spec(op, M, N, K, tm));
   if (err == cudaSuccess) err = make_tensor_map(b, b_base, gg::b_map_spec(op, bn, M, N, K, L));
   if (err != cudaSuccess) return err;
-  if (kGroupedGemmStaged[config] && op != Op::kWgrad) {
-    return make_tensor_map(out, out_base, gg::out_map_spec(M, op == Op::kFwd ? N : K));
+  if (kGroupedGemmStaged[config]) {
+    return make_tensor_map(out, out_base,
+                           op == Op::kWgrad ? gg::wgrad_out_map_spec(L, N, K) : gg::out_map_spec(M, op == Op::kFwd ? N : K));
   }
   *out = *a;
   return cudaSuccess;

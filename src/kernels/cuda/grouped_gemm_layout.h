@@ -130,6 +130,7 @@ struct MapSpec {
   int rank;
   uint64_t dims[3];
   uint32_t box[3];
+  bool f32 = false;  // element type: bf16, or f32 (the staged wgrad's dW map)
 };
 MOETP_GG_FN MapSpec a_map_spec(Op op, int64_t M, int64_t N, int64_t K, int tile_m) {
   const uint64_t inner = static_cast<uint64_t>(op == Op::kFwd ? K : N);
@@ -221,9 +222,11 @@ MOETP_GG_FN uint32_t staged_offset(int t, int reg) {
   return static_cast<uint32_t>((rc.col / 64) * kOutBoxBytes) + tma_box_offset(rc.row, rc.col % 64);
 }
 
-// Whether the warpgroup owning rows [m_offset, m_offset + 64) of tile tc stores through the buffer.
-MOETP_GG_FN bool staged_block(Op op, int tile_m, const TileCoord& tc, int rows, int m_offset) {
-  return op != Op::kWgrad && tc.m_tile * tile_m + m_offset + 64 <= rows;
+// Whether the warpgroup owning rows [m_offset, m_offset + 64) of tile tc stores through the buffer:
+// when all 64 rows lie inside the group's output rows (fwd/dgrad: the group's `rows`; wgrad: N =
+// mo_fixed, the rows of dW_l; a box past them would write the next group's rows).
+MOETP_GG_FN bool staged_block(Op op, int tile_m, const TileCoord& tc, int rows, int mo_fixed, int m_offset) {
+  return tc.m_tile * tile_m + m_offset + 64 <= (op == Op::kWgrad ? mo_fixed : rows);
 }
 
 MOETP_GG_FN MapSpec out_map_spec(int64_t M, int64_t n_out) {
@@ -237,6 +240,43 @@ struct StoreCoord {
 };
 MOETP_GG_FN StoreCoord staged_store_coord(int bn, int tile_m, const TileCoord& tc, int row0, int m_offset, int j) {
   return StoreCoord{tc.n_tile * bn + 64 * j, row0 + tc.m_tile * tile_m + m_offset};
+}
+
+// ---- staged wgrad epilogue: TMA reduce-add of f32 boxes into dW --------------------------------
+// wgrad accumulates into f32 dW. Staged, a consumer warpgroup's 64 × BN block leaves in two halves
+// of BN/2 columns (the buffer holds 64 × BN bf16 = 64 × BN/2 f32): each half is written into the
+// buffer as BN/64 boxes of 64 rows × 32 f32 columns in the SWIZZLE_128B layout (128-byte rows,
+// 8 KiB per box), then one thread issues cp.reduce.async.bulk.tensor .add per box: the dW += block
+// happens in L2, asynchronously, with no load in the SM (the direct epilogue's read-modify-write
+// waits on a global load per register pair). Each dW element has one owner tile, so no two
+// reductions meet. The second half waits until the first half's reductions have read the buffer.
+// dW map: {K, L·N} f32, box {32, 64}, SWIZZLE_128B; TMA clips columns past K.
+constexpr int kOutBoxColsF32 = 32;
+static_assert(64 * kOutBoxColsF32 * 4 == kOutBoxBytes, "an f32 box is as large as a bf16 box");
+
+// Byte offset in the warpgroup's buffer of the f32 pair of accumulator registers (reg, reg + 1),
+// reg even, of thread t, for the half that starts at column col_base (0 or BN/2): columns col,
+// col + 1 of one row, 8-byte aligned inside one 16-byte chunk.
+MOETP_GG_FN uint32_t staged_offset_f32(int t, int reg, int col_base) {
+  const RowCol rc = acc_row_col(t, reg);
+  const int col = rc.col - col_base;
+  return static_cast<uint32_t>((col / kOutBoxColsF32) * kOutBoxBytes) +
+         swizzle128(static_cast<uint32_t>(rc.row * kRowBytes + (col % kOutBoxColsF32) * 4));
+}
+
+MOETP_GG_FN MapSpec wgrad_out_map_spec(int64_t L, int64_t N, int64_t K) {
+  return MapSpec{2,
+                 {static_cast<uint64_t>(K), static_cast<uint64_t>(L * N), 1},
+                 {static_cast<uint32_t>(kOutBoxColsF32), 64u, 1u},
+                 true};
+}
+
+// TMA reduce coordinates (column, row of the {K, L·N} view) of box j of half h of a staged wgrad
+// block; the box is skipped when its first column is past K = n_out.
+MOETP_GG_FN StoreCoord wgrad_reduce_coord(int bn, int tile_m, const TileCoord& tc, int mo_fixed, int m_offset, int h,
+                                          int j) {
+  return StoreCoord{tc.n_tile * bn + h * (bn / 2) + kOutBoxColsF32 * j,
+                    tc.group * mo_fixed + tc.m_tile * tile_m + m_offset};
 }
 
 }  // namespace moetp::cuda::ggemm
