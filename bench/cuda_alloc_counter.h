@@ -4,46 +4,28 @@
 // cudaMalloc's outside the hooks (cuBLAS workspace, small flags). Header-only (one per program).
 #pragma once
 
-#include <algorithm>
 #include <cstddef>
-#include <mutex>
-#include <unordered_map>
 
+#include "core/live_bytes.h"
 #include "core/tensor.h"
 #include "kernels/cuda/runtime.h"
 
 namespace moetp::bench {
 
-struct AllocStats {
-  std::mutex mu;
-  std::unordered_map<void*, size_t> live;
-  size_t current = 0, peak = 0;
-};
-inline AllocStats& alloc_stats() {
-  static AllocStats s;
+inline LiveBytes& alloc_stats() {
+  static LiveBytes s;
   return s;
 }
 
 inline void* counting_alloc(size_t num_bytes) {
   const size_t n = num_bytes == 0 ? 1 : num_bytes;
   void* p = cuda::runtime_hooks().alloc(n);  // the runtime's allocator (direct or caching, --alloc)
-  AllocStats& s = alloc_stats();
-  std::lock_guard<std::mutex> lock(s.mu);
-  s.live[p] = n;
-  s.current += n;
-  s.peak = std::max(s.peak, s.current);
+  alloc_stats().add(p, n);
   return p;
 }
 
 inline void counting_free(void* p) {
-  {
-    AllocStats& s = alloc_stats();
-    std::lock_guard<std::mutex> lock(s.mu);
-    if (const auto it = s.live.find(p); it != s.live.end()) {
-      s.current -= it->second;
-      s.live.erase(it);
-    }
-  }
+  alloc_stats().remove(p);
   cuda::runtime_hooks().free(p);
 }
 
@@ -56,16 +38,8 @@ inline void install_counting_hooks() {
 }
 
 // The peak restarts from the bytes live now.
-inline void reset_peak() {
-  AllocStats& s = alloc_stats();
-  std::lock_guard<std::mutex> lock(s.mu);
-  s.peak = s.current;
-}
+inline void reset_peak() { alloc_stats().reset_peak(); }
 
-inline size_t peak_bytes() {
-  AllocStats& s = alloc_stats();
-  std::lock_guard<std::mutex> lock(s.mu);
-  return s.peak;
-}
+inline size_t peak_bytes() { return alloc_stats().snapshot().peak; }
 
 }  // namespace moetp::bench

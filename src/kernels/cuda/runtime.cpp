@@ -2,11 +2,8 @@
 // tensors, and errors that name the call and the sizes (out-of-memory reports what was free).
 #include "kernels/cuda/runtime.h"
 
-#include <algorithm>
-#include <mutex>
-#include <unordered_map>
-
 #include "core/block_cache.h"
+#include "core/live_bytes.h"
 #include "core/tensor.h"
 #include "kernels/cuda/cuda_check.h"
 
@@ -32,14 +29,9 @@ AllocMode g_mode = AllocMode::kDirect;
 bool g_initialised = false;
 BlockCache* g_cache = nullptr;  // kCaching; lives until the process ends (blocks may outlive main)
 
-// kDirect's byte count (kCaching: the cache counts): live pointers and their sizes.
-struct DirectCount {
-  std::mutex mu;
-  std::unordered_map<void*, size_t> live;
-  size_t live_bytes = 0, peak_live_bytes = 0;
-};
-DirectCount& direct_count() {
-  static auto* c = new DirectCount;  // never destroyed: tensors may be freed after main returns
+// kDirect's byte count (kCaching: the cache counts).
+LiveBytes& direct_count() {
+  static auto* c = new LiveBytes;  // never destroyed: tensors may be freed after main returns
   return *c;
 }
 
@@ -63,11 +55,7 @@ void* cuda_alloc(size_t num_bytes) {
   void* p = nullptr;
   const cudaError_t err = cudaMalloc(&p, num_bytes == 0 ? 1 : num_bytes);
   if (err != cudaSuccess) fail_alloc(num_bytes, cudaGetErrorString(err));
-  DirectCount& c = direct_count();
-  std::lock_guard<std::mutex> lock(c.mu);
-  c.live[p] = num_bytes;
-  c.live_bytes += num_bytes;
-  c.peak_live_bytes = std::max(c.peak_live_bytes, c.live_bytes);
+  direct_count().add(p, num_bytes);
   return p;
 }
 
@@ -76,14 +64,7 @@ void cuda_free(void* p) {
     g_cache->deallocate(p);
     return;
   }
-  {
-    DirectCount& c = direct_count();
-    std::lock_guard<std::mutex> lock(c.mu);
-    if (const auto it = c.live.find(p); it != c.live.end()) {
-      c.live_bytes -= it->second;
-      c.live.erase(it);
-    }
-  }
+  direct_count().remove(p);
   cudaFree(p);
 }
 
@@ -137,9 +118,8 @@ MemoryStats memory_stats() {
     const BlockCache::Stats s = g_cache->stats();
     return {s.live_bytes, s.peak_live_bytes};
   }
-  DirectCount& c = direct_count();
-  std::lock_guard<std::mutex> lock(c.mu);
-  return {c.live_bytes, c.peak_live_bytes};
+  const LiveBytes::Snapshot s = direct_count().snapshot();
+  return {s.current, s.peak};
 }
 
 void reset_peak_memory() {
@@ -147,9 +127,7 @@ void reset_peak_memory() {
     g_cache->reset_peak();
     return;
   }
-  DirectCount& c = direct_count();
-  std::lock_guard<std::mutex> lock(c.mu);
-  c.peak_live_bytes = c.live_bytes;
+  direct_count().reset_peak();
 }
 
 DeviceHooks runtime_hooks() {
