@@ -527,24 +527,18 @@ TEST(GroupedGemmLayout, PingpongConsumersFollowTheProducer) {
 
 TEST(GroupedGemmLayout, AutoConfigFollowsTheMeasuredTable) {
   namespace L = cuda::launch;
-  // Forward / input gradient: staged epilogue, tile N 192 unless it pads over 1/16 more than 128:
-  // 2048 -> 192 (2112 vs 2048 columns), 384, 768, 1536, 192 -> 192; 64 -> 128 (192 vs 128 columns),
-  // 200 -> 128 (384 vs 256).
-  const std::vector<std::pair<int64_t, int>> fwd = {{2048, 192}, {384, 192}, {768, 192}, {1536, 192},
-                                                    {192, 192},  {64, 128},  {200, 128}};
-  for (const auto& [n_out, bn] : fwd) {
-    const int c = L::grouped_gemm_auto_config(n_out, false);
-    EXPECT_TRUE(L::kGroupedGemmStaged[c]) << n_out;
-    EXPECT_EQ(L::kGroupedGemmTileN[c], bn) << n_out;
-  }
-  // Weight gradient: cooperative direct, least padding, wider tile on ties: 384 -> 192, 192 -> 192,
-  // 2048 -> 256, 768 -> 256, 1536 -> 256, 200 -> 256 (56 padded columns, as with 128).
-  const std::vector<std::pair<int64_t, int>> wgrad = {{384, 192}, {192, 192},  {2048, 256},
-                                                      {768, 256}, {1536, 256}, {200, 256}};
-  for (const auto& [n_out, bn] : wgrad) {
-    const int c = L::grouped_gemm_auto_config(n_out, true);
-    EXPECT_FALSE(L::kGroupedGemmStaged[c] || L::kGroupedGemmPingpong[c]) << n_out;
-    EXPECT_EQ(L::kGroupedGemmTileN[c], bn) << n_out;
+  // Every product (fwd, dgrad, wgrad): staged epilogue, tile N 192 unless it pads over 1/16 more
+  // than 128: 2048 -> 192 (2112 vs 2048 columns), 384, 768, 1536, 192 -> 192; 64 -> 128 (192 vs 128
+  // columns), 200 -> 128 (384 vs 256).
+  const std::vector<std::pair<int64_t, int>> want = {{2048, 192}, {384, 192}, {768, 192}, {1536, 192},
+                                                     {192, 192},  {64, 128},  {200, 128}};
+  for (const bool wgrad : {false, true}) {
+    for (const auto& [n_out, bn] : want) {
+      const int c = L::grouped_gemm_auto_config(n_out, wgrad);
+      EXPECT_TRUE(L::kGroupedGemmStaged[c]) << n_out << " wgrad " << wgrad;
+      EXPECT_FALSE(L::kGroupedGemmPingpong[c]) << n_out << " wgrad " << wgrad;
+      EXPECT_EQ(L::kGroupedGemmTileN[c], bn) << n_out << " wgrad " << wgrad;
+    }
   }
   for (int c = 0; c < cuda::launch::kGroupedGemmConfigs; ++c) EXPECT_GE(cuda::launch::grouped_gemm_stages(c), 3);
 }

@@ -529,29 +529,15 @@ cudaError_t make_maps(Op op, int config, const void* a_base, const void* b_base,
 
 }  // namespace
 
-int grouped_gemm_auto_config(int64_t n_out, bool wgrad) {
+int grouped_gemm_auto_config(int64_t n_out, bool /*wgrad*/) {
   const auto padded = [n_out](int64_t bn) { return (n_out + bn - 1) / bn * bn; };
-  if (!wgrad) {
-    // Forward and input gradient: the staged epilogue (TMA stores) won at every shape of the device
-    // sweep (H200, grouped_gemm_cuda_bench --sweep, docs/performance.md "GPU, fourth session"); tile
-    // N 192 was the fastest of the three, 128 close behind, 256 last (one pipeline stage fewer).
-    // 192 unless it pads the last n-tile by more than 1/16 over 128 (narrow outputs such as 64).
-    return padded(192) * 16 <= padded(128) * 17 ? 7 : 6;
-  }
-  // Weight gradient (direct epilogue; the staged one does not apply to the K-grouped product): least
-  // padding in the last n-tile among the cooperative configurations, then the wider tile (more reuse
-  // of each A stage); ping-pong never won in the sweep.
-  int best = 0;
-  int64_t best_waste = -1;
-  for (int c = 0; c < kGroupedGemmConfigs; ++c) {
-    if (kGroupedGemmPingpong[c] || kGroupedGemmStaged[c]) continue;
-    const int64_t waste = padded(kGroupedGemmTileN[c]) - n_out;
-    if (best_waste < 0 || waste <= best_waste) {
-      best = c;
-      best_waste = waste;
-    }
-  }
-  return best;
+  // All three products: the staged epilogue (fwd/dgrad: TMA stores; wgrad: TMA reduce-adds into dW)
+  // with tile N 192, unless 192 pads the last n-tile by more than 1/16 over 128 (narrow outputs such
+  // as 64). Device sweeps on an H200 (grouped_gemm_cuda_bench --sweep, docs/performance.md): fwd and
+  // dgrad "GPU, fourth session" (staged won every shape; 192 first, 128 within 2%, 256 last: one
+  // pipeline stage fewer); wgrad "GPU, fifth session" (cs192 geometric mean over the 12 shapes 509
+  // TFLOP/s against 494 for the best direct choice, 468 cs128, 437 cs256; ping-pong never won).
+  return padded(192) * 16 <= padded(128) * 17 ? 7 : 6;
 }
 
 int grouped_gemm_stages(int config) {

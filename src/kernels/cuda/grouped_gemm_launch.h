@@ -20,7 +20,7 @@ inline constexpr int64_t kGroupedGemmMaxGroups = 1024;
 // that one's epilogue overlaps the other's mainloop), and cooperative with the staged epilogue
 // (kGroupedGemmStaged[c]: fwd/dgrad outputs go through shared memory and TMA stores, wgrad's
 // through shared memory and TMA reduce-adds into dW, grouped_gemm_layout.h; one pipeline stage fewer). config < 0: chosen per shape
-// (grouped_gemm_auto_config: staged for fwd/dgrad, cooperative direct for wgrad, as measured).
+// (grouped_gemm_auto_config: staged, tile N 192 or 128, as measured).
 inline constexpr int kGroupedGemmConfigs = 9;
 inline constexpr int kGroupedGemmTileN[kGroupedGemmConfigs] = {128, 192, 256, 128, 192, 256, 128, 192, 256};
 inline constexpr bool kGroupedGemmPingpong[kGroupedGemmConfigs] = {false, false, false, true, true,
