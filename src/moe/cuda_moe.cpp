@@ -412,8 +412,9 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
   // The plan of the CPU dispatcher (moe/vexpert_plan.h); counts, local-entry table and weights
   // travel over the host communicator (MPI, same members and order): the receiver plans on the
   // host, so the tables never make a round trip through the GPU.
-  VExpertSendPlan plan = plan_vexpert_send(v.idx_host, v.weight_host, N, K, E, P, T);
-  const int64_t C = plan.num_entries;
+  VExpertSendPlan& plan = v.send_plan;
+  plan_vexpert_send(v.idx_host, v.weight_host, N, K, E, P, T, plan);
+  const int64_t C = plan.num_entries;  // K entries per row (vexpert_plan.h)
   v.C = C;
   v.send_counts = plan.send_counts;
   v.recv_counts = host.exchange_counts(v.send_counts);
@@ -424,7 +425,8 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
   host.all_to_all_v(Tensor::from_vector<int32_t>(plan.meta, {S, C}), v.send_counts, recv_meta, v.recv_counts);
   Tensor recv_w = Tensor::empty({Q, C}, DType::kF32);
   host.all_to_all_v(Tensor::from_vector<float>(plan.meta_w, {S, C}), v.send_counts, recv_w, v.recv_counts);
-  VExpertRecvPlan rp = plan_vexpert_recv(recv_meta.to_vector<int32_t>(), Q, C, L);
+  VExpertRecvPlan& rp = v.recv_plan;
+  plan_vexpert_recv(std::span<const int32_t>(recv_meta.data<int32_t>(), static_cast<size_t>(Q * C)), Q, C, L, rp);
   const TokenRows tr = vexpert_token_rows(plan.send_token, N);
   const int64_t R = rp.offsets[static_cast<size_t>(L)];
   s.offsets = rp.offsets;
@@ -484,7 +486,6 @@ void CudaMoeLayer::vexpert_backward(const Tensor& dout_NH, float* dtopk_NK) {
   const comm::Mesh& mesh = *opts_.mesh;
   comm::Comm& g = mesh.ep_etp();
   const int64_t H = cfg_.hidden, K = cfg_.top_k, N = dout_NH.size(0);
-  const int T = mesh.etp_size();
   const cudaStream_t stream = opts_.stream;
   const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
   CudaMoeSaved& s = saved_;
@@ -502,10 +503,10 @@ void CudaMoeLayer::vexpert_backward(const Tensor& dout_NH, float* dtopk_NK) {
                                               v.row_entry.data<int64_t>(), v.recv_w.data<float>(), C, bits(dy_RH_),
                                               dtopk_NK != nullptr ? v.dw_QC.data<float>() : nullptr, R, H, stream));
   if (dtopk_NK != nullptr) {
-    // The (rows, K·T) gradient table goes back; the T copies of each slot sum into dw[n, k].
+    // The (rows, K) gradient table goes back; the T copies of each slot sum into dw[n, k].
     g.all_to_all_v(v.dw_QC, v.recv_counts, v.dw_SC, v.send_counts);
     CUDA_CHECK(launch::vexpert_weight_grad(v.dw_SC.data<float>(), v.tok_begin.data<int64_t>(),
-                                           v.tok_rows.data<int64_t>(), dtopk_NK, N, K, T, stream));
+                                           v.tok_rows.data<int64_t>(), dtopk_NK, N, K, stream));
   }
   for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_backward(e0, e1, st); });
   // experts_backward left dx_RH in dy_RH_. Dispatch backward: sum per received row, send back, sum

@@ -62,6 +62,7 @@
 #include "comm/mesh.h"
 #include "core/tensor.h"
 #include "moe/moe_block.h"
+#include "moe/vexpert_plan.h"
 
 namespace moetp::moe {
 
@@ -237,15 +238,17 @@ class CudaMoeLayer {
   std::vector<int64_t> perm_host_;     // pinned staging would be nicer; uploaded once per forward
 
   // `vexpert`: the last forward's plan (host) and capacity buffers (device, used through views).
-  // S rows sent, Q rows received, C = K·T entries per row, R expert-side rows.
+  // S rows sent, Q rows received, C = K entries per row (vexpert_plan.h), R expert-side rows.
   struct VExpert {
     std::vector<int32_t> idx_host;     // (N, K) the routing, copied once per forward
     std::vector<float> weight_host;    // (N, K)
+    VExpertSendPlan send_plan;         // host plans of the last forward (vectors reused every forward)
+    VExpertRecvPlan recv_plan;
     std::vector<int64_t> send_counts;  // rows to each ep_etp rank
     std::vector<int64_t> recv_counts;  // rows from each ep_etp rank
     int64_t S = 0, Q = 0, C = 0;
     Tensor send_token, tok_begin, tok_rows, row_recv, row_entry;  // views: (S), (N+1), (S), (R), (R) i64
-    Tensor recv_w;                     // view (Q, C) f32, the received weights
+    Tensor recv_w;                     // view (Q, C) f32, the received weights (C = K, vexpert_plan.h)
     Tensor send_SH, recv_QH;           // views (S, H), (Q, H) bf16: sent / received rows (x, then dout)
     Tensor z_QH, back_SH, acc_NH;      // views f32: per received row, per sent row, per token
     Tensor dw_QC, dw_SC;               // views f32: routing-weight gradient, received / sent side

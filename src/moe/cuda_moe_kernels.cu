@@ -193,19 +193,15 @@ __global__ void vexpert_combine_backward_kernel(const bf16_t* __restrict__ dz, c
   }
 }
 
-// One thread per (n, k): the sent rows of token n in send order, then t ascending (the CPU order).
+// One thread per (n, k): the sent rows of token n in send order (the CPU order).
 __global__ void vexpert_weight_grad_kernel(const float* __restrict__ dw_sent, const int64_t* __restrict__ tok_begin,
                                            const int64_t* __restrict__ tok_rows, float* __restrict__ dw, int64_t N,
-                                           int64_t K, int64_t T) {
-  const int64_t C = K * T;
+                                           int64_t K) {
   for (int64_t f = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; f < N * K;
        f += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = f / K, k = f % K;
     float acc = 0.0f;
-    for (int64_t b = tok_begin[n]; b < tok_begin[n + 1]; ++b) {
-      const float* row = dw_sent + tok_rows[b] * C + k * T;
-      for (int64_t t = 0; t < T; ++t) acc = __fadd_rn(acc, row[t]);
-    }
+    for (int64_t b = tok_begin[n]; b < tok_begin[n + 1]; ++b) acc = __fadd_rn(acc, dw_sent[tok_rows[b] * K + k]);
     dw[f] = acc;
   }
 }
@@ -314,11 +310,11 @@ cudaError_t vexpert_combine_backward(const uint16_t* dz_QH, const uint16_t* y_RH
   return cudaGetLastError();
 }
 
-cudaError_t vexpert_weight_grad(const float* dw_sent_SC, const int64_t* tok_begin_N1, const int64_t* tok_rows_S,
-                                float* dweight_NK, int64_t N, int64_t K, int64_t T, cudaStream_t stream) {
+cudaError_t vexpert_weight_grad(const float* dw_sent_SK, const int64_t* tok_begin_N1, const int64_t* tok_rows_S,
+                                float* dweight_NK, int64_t N, int64_t K, cudaStream_t stream) {
   if (N * K == 0) return cudaSuccess;
-  vexpert_weight_grad_kernel<<<grid_blocks(N * K, 256, 4096), 256, 0, stream>>>(dw_sent_SC, tok_begin_N1, tok_rows_S,
-                                                                               dweight_NK, N, K, T);
+  vexpert_weight_grad_kernel<<<grid_blocks(N * K, 256, 4096), 256, 0, stream>>>(dw_sent_SK, tok_begin_N1, tok_rows_S,
+                                                                               dweight_NK, N, K);
   return cudaGetLastError();
 }
 

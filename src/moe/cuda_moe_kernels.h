@@ -80,12 +80,12 @@ cudaError_t vexpert_combine_backward(const uint16_t* dz_QH, const uint16_t* y_RH
                                      float* dweight_QC, int64_t R, int64_t H, cudaStream_t stream);
 
 // `vexpert` backward of the weight repetition (moe::vexpert_fold_weight_grad, the same order, so
-// bit-identical): dweight[n, k] = Σ_{b in [tok_begin[n], tok_begin[n+1])} Σ_t dw_sent[tok_rows[b], k·T + t].
-//   dw_sent_SC   [IN]  (S, K·T) f32 in send order
+// bit-identical): dweight[n, k] = Σ_{b in [tok_begin[n], tok_begin[n+1])} dw_sent[tok_rows[b], k].
+//   dw_sent_SK   [IN]  (S, K) f32 in send order (vexpert_plan.h: entry k of a row to (p, t))
 //   tok_begin_N1 [IN]  (N + 1) i64, tok_rows_S [IN] (S) i64 (moe::vexpert_token_rows)
 //   dweight_NK   [OUT] (N, K) f32, OVERWRITTEN
-cudaError_t vexpert_weight_grad(const float* dw_sent_SC, const int64_t* tok_begin_N1, const int64_t* tok_rows_S,
-                                float* dweight_NK, int64_t N, int64_t K, int64_t T, cudaStream_t stream);
+cudaError_t vexpert_weight_grad(const float* dw_sent_SK, const int64_t* tok_begin_N1, const int64_t* tok_rows_S,
+                                float* dweight_NK, int64_t N, int64_t K, cudaStream_t stream);
 
 // out[i] = bf16(a[i] + b[i]) (f32 add, one rounding), or bf16(a[i]) when b is null.
 cudaError_t add_to_bf16(const float* a, const float* b, uint16_t* out, int64_t n, cudaStream_t stream);

@@ -1,7 +1,8 @@
 // `vexpert`: virtual experts on the flat ep_etp group (ETP_SPEC §5.4). Expert e becomes T virtual
 // experts v(e, t) owned by ep_etp rank p(e)·T + t. One row goes to each (token, destination rank)
-// pair, with the token's K·T virtual entries re-expressed for that destination: the local expert
-// id where the destination owns the entry, -1 elsewhere, and the weights repeated with no 1/T.
+// pair, carrying the K virtual entries that destination (p, t) can own (entry k = virtual entry
+// k·T + t, moe/vexpert_plan.h): the local expert id where it owns the entry, -1 elsewhere, and the
+// weights repeated with no 1/T.
 // The receiver folds its partials with those weights; combine sums what comes back.
 #include "moe/dispatch_common.h"
 #include "moe/row_ops.h"
@@ -13,13 +14,13 @@ namespace {
 
 struct VExpertState : DispatchState {
   int64_t num_tokens = 0;
-  int64_t num_entries = 0;           // K·T
+  int64_t num_entries = 0;           // K (entries per row, vexpert_plan.h)
   std::vector<int64_t> send_token;   // token of each sent row (rows sorted by destination, token)
   std::vector<int64_t> send_counts;  // rows to each ep_etp rank
   std::vector<int64_t> recv_counts;  // rows from each ep_etp rank
   std::vector<int64_t> row_recv;     // expert-order row i = received row row_recv[i] ...
-  std::vector<int64_t> row_entry;    // ... entry row_entry[i] of its K·T entries
-  Tensor recv_weight_RC;             // (M_recv, K·T) weights of the received rows (0 where not ours)
+  std::vector<int64_t> row_entry;    // ... entry (slot) row_entry[i] of its K entries
+  Tensor recv_weight_RC;             // (M_recv, K) weights of the received rows (0 where not ours)
   Tensor y_MH;
 };
 
@@ -34,12 +35,12 @@ class VExpertDispatcher final : public Dispatcher {
     comm::Comm& g = mesh_.ep_etp();
     validate_routing(g, x_NH, idx, w, cfg_);
     auto s = std::make_unique<VExpertState>();
-    const int64_t n_tok = x_NH.size(0), K = cfg_.top_k, T = mesh_.etp_size(), L = num_local_;
-    const int64_t C = K * T;
-    s->num_tokens = n_tok;
-    s->num_entries = C;
+    const int64_t n_tok = x_NH.size(0), K = cfg_.top_k, L = num_local_;
     VExpertSendPlan plan = plan_vexpert_send(idx.to_vector<int32_t>(), w.to_vector<float>(), n_tok, K,
                                              cfg_.num_experts, mesh_.ep_size(), mesh_.etp_size());
+    const int64_t C = plan.num_entries;
+    s->num_tokens = n_tok;
+    s->num_entries = C;
     s->send_token = std::move(plan.send_token);
     s->send_counts = std::move(plan.send_counts);
     const std::vector<int32_t>& meta = plan.meta;
@@ -87,7 +88,7 @@ class VExpertDispatcher final : public Dispatcher {
     g.all_to_all_v(dw_recv, s.recv_counts, dw_sent, s.send_counts);
     // The T copies of slot k sum into dw[n, k] (the backward of repeating the weights).
     out.dtopk_weight_NK = Tensor::from_vector<float>(
-        vexpert_fold_weight_grad(dw_sent.to_vector<float>(), s.send_token, s.num_tokens, cfg_.top_k, mesh_.etp_size()),
+        vexpert_fold_weight_grad(dw_sent.to_vector<float>(), s.send_token, s.num_tokens, cfg_.top_k),
         {s.num_tokens, cfg_.top_k});
     return out;
   }

@@ -1,7 +1,8 @@
 // moe/vexpert_plan.h against a brute-force reference written from ETP_SPEC §5.4 with the spec's
 // expansion (moe::expand_topk_for_tp): the rows sent per destination (sorted by destination, then
-// token), the (rows, K·T) local-entry and weight tables, the expert-side order (local expert,
-// received row, entry) and offsets, and the weight-gradient fold. Single process.
+// token), the (rows, K) local-entry and weight tables (entry k of a row to rank (p, t) stands for
+// virtual entry k·T + t), the expert-side order (local expert, received row, entry) and offsets,
+// and the weight-gradient fold. Single process.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -46,29 +47,38 @@ TEST(VExpertPlan, SendAndRecvMatchBruteForce) {
       std::vector<float> w;
       for (int64_t f = 0; f < c.N * c.K; ++f) w.push_back(0.25f + 0.125f * static_cast<float>(f));
       const int64_t L = c.E / c.P, C = c.K * c.T, R = static_cast<int64_t>(c.P) * c.T;
+      const int64_t W = c.K;  // wire entries per row
       const std::vector<int32_t> vid =
           expand_topk_for_tp(Tensor::from_vector<int32_t>(idx, {c.N, c.K}), c.E, c.P, c.T).to_vector<int32_t>();
 
-      // Reference send plan: for each destination, each token with an entry there.
+      // Reference send plan: for each destination, each token with an entry there (any of its K·T
+      // virtual entries); the row carries entry k·T + t(dst) as its entry k, and no other entry of
+      // the token may belong to dst (so nothing is lost by the K-wide row).
       std::vector<int64_t> ref_token, ref_counts(static_cast<size_t>(R), 0);
       std::vector<int32_t> ref_meta;
       std::vector<float> ref_w;
       for (int64_t dst = 0; dst < R; ++dst) {
         for (int64_t n = 0; n < c.N; ++n) {
           bool any = false;
-          for (int64_t e = 0; e < C; ++e) any = any || vid[n * C + e] / L == dst;
+          for (int64_t e = 0; e < C; ++e) {
+            any = any || vid[n * C + e] / L == dst;
+            if (vid[n * C + e] / L == dst) {
+              ASSERT_EQ(e % c.T, dst % c.T) << "entry " << e << " of token " << n;
+            }
+          }
           if (!any) continue;
           ++ref_counts[dst];
           ref_token.push_back(n);
-          for (int64_t e = 0; e < C; ++e) {
+          for (int64_t k = 0; k < c.K; ++k) {
+            const int64_t e = k * c.T + dst % c.T;
             const bool ours = vid[n * C + e] / L == dst;
             ref_meta.push_back(ours ? static_cast<int32_t>(vid[n * C + e] - dst * L) : -1);
-            ref_w.push_back(ours ? w[n * c.K + e / c.T] : 0.0f);
+            ref_w.push_back(ours ? w[n * c.K + k] : 0.0f);
           }
         }
       }
       const VExpertSendPlan plan = plan_vexpert_send(idx, w, c.N, c.K, c.E, c.P, c.T);
-      EXPECT_EQ(plan.num_entries, C);
+      EXPECT_EQ(plan.num_entries, W);
       EXPECT_EQ(plan.send_token, ref_token);
       EXPECT_EQ(plan.send_counts, ref_counts);
       EXPECT_EQ(plan.meta, ref_meta);
@@ -84,21 +94,21 @@ TEST(VExpertPlan, SendAndRecvMatchBruteForce) {
         int64_t row0 = 0;
         for (int64_t d = 0; d < dst; ++d) row0 += ref_counts[d];
         for (int rep = 0; rep < 2; ++rep) {
-          recv.insert(recv.end(), ref_meta.begin() + row0 * C, ref_meta.begin() + (row0 + ref_counts[dst]) * C);
+          recv.insert(recv.end(), ref_meta.begin() + row0 * W, ref_meta.begin() + (row0 + ref_counts[dst]) * W);
         }
         const int64_t Q = 2 * ref_counts[dst];
         std::vector<int64_t> rr, re, off(static_cast<size_t>(L) + 1, 0);
         for (int64_t j = 0; j < L; ++j) {
           for (int64_t q = 0; q < Q; ++q) {
-            for (int64_t e = 0; e < C; ++e) {
-              if (recv[q * C + e] != j) continue;
+            for (int64_t e = 0; e < W; ++e) {
+              if (recv[q * W + e] != j) continue;
               rr.push_back(q);
               re.push_back(e);
             }
           }
           off[j + 1] = static_cast<int64_t>(rr.size());
         }
-        const VExpertRecvPlan rp = plan_vexpert_recv(recv, Q, C, L);
+        const VExpertRecvPlan rp = plan_vexpert_recv(recv, Q, W, L);
         EXPECT_EQ(rp.row_recv, rr);
         EXPECT_EQ(rp.row_entry, re);
         EXPECT_EQ(rp.offsets, off);
@@ -109,9 +119,9 @@ TEST(VExpertPlan, SendAndRecvMatchBruteForce) {
       for (size_t i = 0; i < ref_meta.size(); ++i) dws.push_back(ref_meta[i] >= 0 ? 1.0f + static_cast<float>(i % 7) : 0.0f);
       std::vector<float> ref_dw(static_cast<size_t>(c.N * c.K), 0.0f);
       for (size_t row = 0; row < ref_token.size(); ++row) {
-        for (int64_t e = 0; e < C; ++e) ref_dw[ref_token[row] * c.K + e / c.T] += dws[row * C + e];
+        for (int64_t k = 0; k < W; ++k) ref_dw[ref_token[row] * c.K + k] += dws[row * W + k];
       }
-      EXPECT_EQ(vexpert_fold_weight_grad(dws, plan.send_token, c.N, c.K, c.T), ref_dw);
+      EXPECT_EQ(vexpert_fold_weight_grad(dws, plan.send_token, c.N, c.K), ref_dw);
       const TokenRows tr = vexpert_token_rows(plan.send_token, c.N);
       ASSERT_EQ(tr.begin.size(), static_cast<size_t>(c.N) + 1);
       std::vector<int64_t> seen;
@@ -136,7 +146,8 @@ TEST(VExpertPlan, SendAndRecvMatchBruteForce) {
 // plan, the all-to-all by blocks in source order, the receive plan, mock experts (the partial of
 // rank (p, t) for expert e is y_t = (e + 1)·x + 100·t), the fold with the received weights, the
 // reverse all-to-all summed into tokens; backward: the routing-weight gradient table back and the
-// T copies summed per slot through vexpert_token_rows (the GPU kernel's order). Every value is a
+// T copies summed per slot through vexpert_token_rows (the GPU kernel's order). The tables are K
+// wide (vexpert_plan.h); the expected values below come from the definition, over all K·T entries. Every value is a
 // small integer or half-integer, so the results are exact in any order and compared with ==
 // against out[n] = Σ_k w[n, k] Σ_t y_t(x_n, e) and dw[n, k] = Σ_t <dout_n, y_t(x_n, e)>.
 TEST(VExpertPlan, WholeExchangeEmulated) {
@@ -146,7 +157,7 @@ TEST(VExpertPlan, WholeExchangeEmulated) {
   uint32_t seed = 100;
   for (const Case& lay : layouts) {
     const int R = lay.P * lay.T;
-    const int64_t K = lay.K, E = lay.E, L = E / lay.P, T = lay.T, C = K * T;
+    const int64_t K = lay.K, E = lay.E, L = E / lay.P, T = lay.T, C = K;  // C: wire entries per row
     SCOPED_TRACE(::testing::Message() << "K " << K << " E " << E << " P " << lay.P << " T " << lay.T);
     std::vector<int64_t> Nr;
     std::vector<std::vector<int32_t>> idx;
@@ -235,12 +246,10 @@ TEST(VExpertPlan, WholeExchangeEmulated) {
       std::vector<float> g(static_cast<size_t>(Nr[src] * K), 0.0f);
       for (int64_t n = 0; n < Nr[src]; ++n) {
         for (int64_t k = 0; k < K; ++k) {
-          for (int64_t b = tr.begin[n]; b < tr.begin[n + 1]; ++b) {
-            for (int64_t t = 0; t < T; ++t) g[n * K + k] += dw_SC[tr.rows[b] * C + k * T + t];
-          }
+          for (int64_t b = tr.begin[n]; b < tr.begin[n + 1]; ++b) g[n * K + k] += dw_SC[tr.rows[b] * C + k];
         }
       }
-      EXPECT_EQ(g, vexpert_fold_weight_grad(dw_SC, sp.send_token, Nr[src], K, lay.T));
+      EXPECT_EQ(g, vexpert_fold_weight_grad(dw_SC, sp.send_token, Nr[src], K));
       // Expected, straight from the definition.
       for (int64_t n = 0; n < Nr[src]; ++n) {
         for (int64_t h = 0; h < H; ++h) {
