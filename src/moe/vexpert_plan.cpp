@@ -2,6 +2,8 @@
 // `vexpert` forward of the CUDA layer, so they are linear passes over reused buffers.
 #include "moe/vexpert_plan.h"
 
+#include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <vector>
 
@@ -26,15 +28,24 @@ void plan_vexpert_send(std::span<const int32_t> idx, std::span<const float> w, i
   plan.num_entries = K;
   plan.send_counts.assign(static_cast<size_t>(R), 0);
   // A token sends one row to each of the T ranks (p, t) of every ep rank p holding one of its
-  // experts; rows are ordered by destination, then token. Pass 1: which ep ranks each token needs.
+  // experts; rows are ordered by destination, then token. Pass 1: the tokens of each ep rank, in
+  // order (written branch-free: with random routing "does token n need ep rank p" is a coin flip,
+  // and a mispredicted branch per (token, destination) and per entry cost milliseconds per forward).
+  // p(e) and j(e) from tables (no 64-bit division per entry).
+  std::vector<int32_t> p_of(static_cast<size_t>(E)), j_of(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    p_of[static_cast<size_t>(e)] = static_cast<int32_t>(e / L);
+    j_of[static_cast<size_t>(e)] = static_cast<int32_t>(e % L);
+  }
+  std::vector<int32_t> tokens(static_cast<size_t>(P) * static_cast<size_t>(N));  // tokens[p·N + i]
   std::vector<int64_t> per_p(static_cast<size_t>(P), 0);
-  std::vector<uint8_t> has(static_cast<size_t>(N * P), 0);  // has[n·P + p]
+  std::vector<uint8_t> has(static_cast<size_t>(P), 0);
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t p = idx[n * K + k] / L;
-      uint8_t& h = has[static_cast<size_t>(n * P + p)];
-      per_p[static_cast<size_t>(p)] += h == 0 ? 1 : 0;
-      h = 1;
+    std::fill(has.begin(), has.end(), uint8_t{0});
+    for (int64_t k = 0; k < K; ++k) has[static_cast<size_t>(p_of[static_cast<size_t>(idx[n * K + k])])] = 1;
+    for (int64_t p = 0; p < P; ++p) {
+      tokens[static_cast<size_t>(p * N + per_p[p])] = static_cast<int32_t>(n);
+      per_p[static_cast<size_t>(p)] += has[static_cast<size_t>(p)];
     }
   }
   int64_t S = 0;
@@ -50,18 +61,20 @@ void plan_vexpert_send(std::span<const int32_t> idx, std::span<const float> w, i
   int64_t row = 0;
   for (int64_t dst = 0; dst < R; ++dst) {
     const int64_t p = dst / T;
-    for (int64_t n = 0; n < N; ++n) {
-      if (has[static_cast<size_t>(n * P + p)] == 0) continue;
+    const int32_t* toks = tokens.data() + p * N;
+    for (int64_t i = 0; i < per_p[static_cast<size_t>(p)]; ++i, ++row) {
+      const int64_t n = toks[i];
       plan.send_token[static_cast<size_t>(row)] = n;
       int32_t* meta = plan.meta.data() + row * K;
       float* meta_w = plan.meta_w.data() + row * K;
+      // Selects by masks: whether an entry is ours is a coin flip under random routing.
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t e = idx[n * K + k];
-        const bool ours = e / L == p;
-        meta[k] = ours ? static_cast<int32_t>(e % L) : -1;
-        meta_w[k] = ours && !w.empty() ? w[n * K + k] : 0.0f;
+        const auto e = static_cast<size_t>(idx[n * K + k]);
+        const int32_t mask = -static_cast<int32_t>(p_of[e] == p);  // all ones where ours
+        meta[k] = j_of[e] | ~mask;                                  // j(e), or -1
+        const uint32_t wbits = w.empty() ? 0u : std::bit_cast<uint32_t>(w[n * K + k]);
+        meta_w[k] = std::bit_cast<float>(wbits & static_cast<uint32_t>(mask));  // weight, or +0
       }
-      ++row;
     }
   }
 }
@@ -76,27 +89,44 @@ VExpertSendPlan plan_vexpert_send(std::span<const int32_t> idx, std::span<const 
 void plan_vexpert_recv(std::span<const int32_t> meta, int64_t num_recv, int64_t C, int64_t L, VExpertRecvPlan& plan) {
   MOETP_CHECK(num_recv >= 0 && C >= 1 && L >= 1 && static_cast<int64_t>(meta.size()) == num_recv * C,
               "plan_vexpert_recv: meta has {} entries, expected {} x {} (L = {})", meta.size(), num_recv, C, L);
-  plan.offsets.assign(static_cast<size_t>(L) + 1, 0);
+  // Counts per local expert, and of the entries that are not ours (-1) in a last bucket: no branch
+  // on the (random) sign.
+  // Two sets of counters (even and odd entries) so that runs of -1 do not chain every increment
+  // through one memory location.
+  const auto bucket = [L](int32_t j) {  // j, or L for -1, without a branch
+    const int64_t neg = static_cast<int64_t>(j >> 31);  // all ones for -1
+    return static_cast<size_t>((static_cast<int64_t>(j) & ~neg) | (L & neg));
+  };
+  std::vector<int64_t> count(2 * (static_cast<size_t>(L) + 1), 0);
   for (int64_t f = 0; f < num_recv * C; ++f) {
     MOETP_CHECK(meta[f] >= -1 && meta[f] < L, "plan_vexpert_recv: meta[{}, {}] = {} is outside [-1, {})", f / C,
                 f % C, meta[f], L);
-    if (meta[f] >= 0) ++plan.offsets[static_cast<size_t>(meta[f]) + 1];
+    ++count[static_cast<size_t>(f & 1) * (static_cast<size_t>(L) + 1) + bucket(meta[f])];
+  }
+  plan.offsets.assign(static_cast<size_t>(L) + 1, 0);
+  for (int64_t j = 0; j < L; ++j) {
+    plan.offsets[static_cast<size_t>(j) + 1] = count[static_cast<size_t>(j)] + count[static_cast<size_t>(L + 1 + j)];
   }
   for (int64_t j = 0; j < L; ++j) plan.offsets[j + 1] += plan.offsets[j];
-  // A stable counting sort by local expert: (q, c) ascending within each expert.
+  // A stable counting sort by local expert: (q, c) ascending within each expert. Branch-free (the
+  // -1 entries are random): an entry that is not ours writes to a scratch slot past the end and
+  // advances nothing.
   const int64_t rows = plan.offsets[static_cast<size_t>(L)];
-  plan.row_recv.resize(static_cast<size_t>(rows));
-  plan.row_entry.resize(static_cast<size_t>(rows));
-  std::vector<int64_t> next(plan.offsets.begin(), plan.offsets.end() - 1);
+  plan.row_recv.resize(static_cast<size_t>(rows) + 1);
+  plan.row_entry.resize(static_cast<size_t>(rows) + 1);
+  std::vector<int64_t> next(plan.offsets.begin(), plan.offsets.end());  // next[L] = rows: the scratch slot
   for (int64_t q = 0; q < num_recv; ++q) {
     const int32_t* row = meta.data() + q * C;
     for (int64_t c = 0; c < C; ++c) {
-      if (row[c] < 0) continue;
-      const int64_t i = next[static_cast<size_t>(row[c])]++;
+      const size_t j = bucket(row[c]);
+      const int64_t i = next[j];
       plan.row_recv[static_cast<size_t>(i)] = q;
       plan.row_entry[static_cast<size_t>(i)] = c;
+      next[j] = i + 1 + (row[c] >> 31);  // + 0 for -1
     }
   }
+  plan.row_recv.resize(static_cast<size_t>(rows));
+  plan.row_entry.resize(static_cast<size_t>(rows));
 }
 
 VExpertRecvPlan plan_vexpert_recv(std::span<const int32_t> meta, int64_t num_recv, int64_t C, int64_t L) {
