@@ -6,6 +6,9 @@
 //   dgrad dx = dy · w per group         (M, N) × (N, K)
 //   wgrad dw += dyᵀ · x per group       f32 accumulate, beta = 1
 // with balanced groups (2048 rows each) and ragged groups of the same total (kRagged, one empty).
+// --rows R sets the rows per group (issue 7 asks for 128 to 8192): balanced groups of R rows and the
+// ragged list scaled to R (ragged_counts: each size · R / 2048 rounded down to a multiple of 16, the
+// remainder on group 2, so the total stays 16 · R).
 //
 // Same-run baseline: the cuBLAS per-group loop (cuda::grouped_linear / grouped_linear_backward, one
 // cublasGemmEx per non-empty group) on identical data. PyTorch's torch._grouped_mm on the same shapes
@@ -64,6 +67,7 @@ struct Args {
   bool sweep = false;
   std::vector<std::pair<int64_t, int64_t>> shapes = kShapes;  // --shape NxK (repeatable) narrows the list
   std::vector<std::string> dists = {"balanced", "ragged"};    // --dist balanced|ragged narrows it
+  int64_t rows = kRowsPerGroup;                                // --rows R: rows per group
 };
 
 Args parse_args(int argc, char** argv) {
@@ -80,6 +84,8 @@ Args parse_args(int argc, char** argv) {
       a.iters = std::stoi(value());
     } else if (arg == "--warmup") {
       a.warmup = std::stoi(value());
+    } else if (arg == "--rows") {
+      a.rows = std::stoll(value());
     } else if (arg == "--sweep") {
       a.sweep = true;
     } else if (arg == "--shape") {
@@ -105,12 +111,26 @@ Args parse_args(int argc, char** argv) {
     MOETP_CHECK(n >= 8 && k >= 8 && n % 8 == 0 && k % 8 == 0, "--shape {}x{}: N and K must be multiples of 8", n, k);
   }
   MOETP_CHECK(a.iters >= 1 && a.warmup >= 0, "bad --iters ({}) or --warmup ({})", a.iters, a.warmup);
+  MOETP_CHECK(a.rows >= 16 && a.rows % 16 == 0, "--rows wants a multiple of 16 (torch._grouped_mm's aligned offsets), got {}",
+              a.rows);
   MOETP_CHECK(static_cast<int64_t>(std::accumulate(kRagged.begin(), kRagged.end(), int64_t{0})) ==
                   kGroups * kRowsPerGroup,
               "kRagged does not sum to {}", kGroups * kRowsPerGroup);
   return a;
 }
 
+
+// kRagged scaled to `rows` per group on average (header comment); kRagged itself at 2048.
+std::vector<int64_t> ragged_counts(int64_t rows) {
+  std::vector<int64_t> c = kRagged;
+  int64_t total = 0;
+  for (int64_t& v : c) {
+    v = v * rows / kRowsPerGroup / 16 * 16;
+    total += v;
+  }
+  c[2] += kGroups * rows - total;
+  return c;
+}
 
 // Median milliseconds of `fn` on the legacy default stream (both paths enqueue there).
 double time_ms(const Args& args, const std::function<void()>& fn) {
@@ -169,21 +189,21 @@ int run(int argc, char** argv) {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const std::map<TorchKey, double> torch = read_torch(args.torch_results);
   std::printf("device: %s (%d SMs); G = %lld groups, M = %lld rows; iters %d, warmup %d\n", prop.name,
-              prop.multiProcessorCount, static_cast<long long>(kGroups), static_cast<long long>(kGroups * kRowsPerGroup),
+              prop.multiProcessorCount, static_cast<long long>(kGroups), static_cast<long long>(kGroups * args.rows),
               args.iters, args.warmup);
   std::printf("%-5s %-8s %5s %5s | %-6s %8s %8s | %9s %8s %6s | %8s %6s | %8s\n", "op", "dist", "N", "K", "kernel",
               "ms", "TFLOP/s", "cublas_ms", "TFLOP/s", "vs_cb", "torch_ms", "vs_pt", "check");
   nlohmann::json rows = nlohmann::json::array();
 
   for (const auto& [N, K] : args.shapes) {
-    const int64_t M = kGroups * kRowsPerGroup;
+    const int64_t M = kGroups * args.rows;
     const Tensor x = random_bf16({M, K}, 1, 1.0f).to(Device::kCuda);
     const Tensor w = random_bf16({kGroups, N, K}, 2, 0.05f).to(Device::kCuda);
     const Tensor dy = random_bf16({M, N}, 3, 1.0f).to(Device::kCuda);
     const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
     for (const std::string& dist : args.dists) {
       const std::vector<int64_t> counts =
-          dist == "balanced" ? std::vector<int64_t>(kGroups, kRowsPerGroup) : kRagged;
+          dist == "balanced" ? std::vector<int64_t>(kGroups, args.rows) : ragged_counts(args.rows);
       std::vector<int64_t> offsets(counts.size() + 1, 0);
       std::partial_sum(counts.begin(), counts.end(), offsets.begin() + 1);
       const Tensor off_g =

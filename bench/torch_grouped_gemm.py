@@ -87,11 +87,21 @@ def time_ms(fn, iters, warmup):
     return statistics.median(times)
 
 
+def ragged_counts(rows):
+    """RAGGED scaled to `rows` per group on average (each size rounded down to a multiple of 16, the
+    remainder on group 2), the same list as grouped_gemm_cuda_bench's ragged_counts."""
+    c = [v * rows // ROWS_PER_GROUP // 16 * 16 for v in RAGGED]
+    c[2] += GROUPS * rows - sum(c)
+    return c
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here for grouped_gemm_cuda_bench --torch-results")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=ROWS_PER_GROUP,
+                        help="rows per group (multiple of 16); ragged sizes scaled as grouped_gemm_cuda_bench does")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no GPU")
@@ -99,17 +109,18 @@ def main():
     device = torch.device("cuda")
     self_check(device)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}; G = {GROUPS}, "
-          f"M = {GROUPS * ROWS_PER_GROUP}")
+          f"M = {GROUPS * args.rows}")
     print(f"{'op':5} {'dist':8} {'N':>5} {'K':>5} | {'ms':>8} {'TFLOP/s':>8}")
     results = []
-    m = GROUPS * ROWS_PER_GROUP
+    assert args.rows >= 16 and args.rows % 16 == 0, f"--rows wants a multiple of 16, got {args.rows}"
+    m = GROUPS * args.rows
     for n, k in SHAPES:
         gen = torch.Generator(device=device).manual_seed(n * 7919 + k)
         x = torch.rand(m, k, device=device, generator=gen).mul_(2).sub_(1).bfloat16()
         w = torch.rand(GROUPS, n, k, device=device, generator=gen).mul_(0.1).sub_(0.05).bfloat16()
         dy = torch.rand(m, n, device=device, generator=gen).mul_(2).sub_(1).bfloat16()
         flops = 2.0 * m * n * k
-        for dist, counts in (("balanced", [ROWS_PER_GROUP] * GROUPS), ("ragged", RAGGED)):
+        for dist, counts in (("balanced", [args.rows] * GROUPS), ("ragged", ragged_counts(args.rows))):
             offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
             for op, fn in products(x, w, dy, offs).items():
                 ms = time_ms(fn, args.iters, args.warmup)
