@@ -1,9 +1,11 @@
 // Host-side `vexpert` planning (contract in vexpert_plan.h). These run on the host in every
-// `vexpert` forward of the CUDA layer, so they are linear passes over reused buffers.
+// `vexpert` forward of the CUDA layer, so they make passes of O(N·(K + P) + rows·K) without
+// divisions or data-dependent branches, into the plan's reused vectors.
 #include "moe/vexpert_plan.h"
 
 #include <algorithm>
 #include <bit>
+#include <climits>
 #include <cstdint>
 #include <vector>
 
@@ -24,6 +26,7 @@ void plan_vexpert_send(std::span<const int32_t> idx, std::span<const float> w, i
     MOETP_CHECK(idx[f] >= 0 && idx[f] < E, "plan_vexpert_send: topk_idx[{}, {}] = {} is outside [0, {})", f / K,
                 f % K, idx[f], E);
   }
+  MOETP_CHECK(N <= INT32_MAX, "plan_vexpert_send: N = {} tokens is more than the planner's 32-bit token ids hold", N);
   const int64_t L = E / P, R = static_cast<int64_t>(P) * T;
   plan.num_entries = K;
   plan.send_counts.assign(static_cast<size_t>(R), 0);

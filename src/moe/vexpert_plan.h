@@ -38,7 +38,8 @@ void plan_vexpert_send(std::span<const int32_t> topk_idx_NK, std::span<const flo
                        int64_t K, int64_t E, int P, int T, VExpertSendPlan& plan);
 
 // The expert-side order of the received rows: sorted by local expert j, then received row q
-// (= source rank, then token: the all-to-all order), then entry c (= slot k, then t).
+// (= source rank, then token: the all-to-all order), then entry c (= slot k; within one received row
+// the destination's t is fixed, so this is the spec's order of virtual entries k·T + t).
 struct VExpertRecvPlan {
   std::vector<int64_t> row_recv;   // expert-order row i is received row row_recv[i] ...
   std::vector<int64_t> row_entry;  // ... entry row_entry[i] of its C entries

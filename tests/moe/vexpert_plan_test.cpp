@@ -6,6 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <limits>
 #include <random>
 
 #include "core/check.h"
@@ -20,6 +23,12 @@ struct Case {
   int64_t N, K, E;
   int P, T;
 };
+
+std::vector<uint32_t> bits(const std::vector<float>& v) {
+  std::vector<uint32_t> b;
+  for (float x : v) b.push_back(std::bit_cast<uint32_t>(x));
+  return b;
+}
 
 // Random distinct top-K ids per token (or a skewed routing: slot 0 always expert 0).
 std::vector<int32_t> routing(const Case& c, uint32_t seed, bool skewed) {
@@ -36,16 +45,21 @@ std::vector<int32_t> routing(const Case& c, uint32_t seed, bool skewed) {
 }
 
 TEST(VExpertPlan, SendAndRecvMatchBruteForce) {
-  const std::vector<Case> cases = {{7, 3, 8, 1, 1}, {7, 3, 8, 2, 1}, {9, 2, 8, 2, 2}, {11, 3, 8, 4, 2},
-                                   {5, 1, 4, 1, 4}, {0, 2, 4, 2, 2}, {13, 4, 16, 4, 2}, {6, 2, 6, 3, 1}};
+  const std::vector<Case> cases = {{7, 3, 8, 1, 1}, {7, 3, 8, 2, 1}, {9, 2, 8, 2, 2},  {11, 3, 8, 4, 2},
+                                   {5, 1, 4, 1, 4}, {0, 2, 4, 2, 2}, {13, 4, 16, 4, 2}, {6, 2, 6, 3, 1},
+                                   {9, 2, 4, 4, 1}, {8, 3, 4, 4, 2}};  // the last two: L = 1 (E == ep)
   uint32_t seed = 1;
   for (const Case& c : cases) {
     for (bool skewed : {false, true}) {
       SCOPED_TRACE(::testing::Message() << "N " << c.N << " K " << c.K << " E " << c.E << " P " << c.P << " T "
                                         << c.T << (skewed ? " skewed" : ""));
       const std::vector<int32_t> idx = routing(c, seed++, skewed);
+      // Weights with negative values, -0 and NaN: the plan must carry their exact bits.
       std::vector<float> w;
-      for (int64_t f = 0; f < c.N * c.K; ++f) w.push_back(0.25f + 0.125f * static_cast<float>(f));
+      for (int64_t f = 0; f < c.N * c.K; ++f) {
+        const float special[4] = {-1.5f, -0.0f, std::numeric_limits<float>::quiet_NaN(), 3.0f};
+        w.push_back(f % 5 == 4 ? 0.25f + 0.125f * static_cast<float>(f) : special[f % 5]);
+      }
       const int64_t L = c.E / c.P, C = c.K * c.T, R = static_cast<int64_t>(c.P) * c.T;
       const int64_t W = c.K;  // wire entries per row
       const std::vector<int32_t> vid =
@@ -82,7 +96,7 @@ TEST(VExpertPlan, SendAndRecvMatchBruteForce) {
       EXPECT_EQ(plan.send_token, ref_token);
       EXPECT_EQ(plan.send_counts, ref_counts);
       EXPECT_EQ(plan.meta, ref_meta);
-      EXPECT_EQ(plan.meta_w, ref_w);
+      EXPECT_EQ(bits(plan.meta_w), bits(ref_w));  // by bit pattern: -0 and NaN included
       // Without weights: the same rows, zero weights.
       const VExpertSendPlan nw = plan_vexpert_send(idx, {}, c.N, c.K, c.E, c.P, c.T);
       EXPECT_EQ(nw.meta, ref_meta);
@@ -93,10 +107,14 @@ TEST(VExpertPlan, SendAndRecvMatchBruteForce) {
         std::vector<int32_t> recv;
         int64_t row0 = 0;
         for (int64_t d = 0; d < dst; ++d) row0 += ref_counts[d];
+        // Two copies, with a row that owns nothing (every entry -1) before, between and after them.
+        const std::vector<int32_t> none(static_cast<size_t>(W), -1);
+        recv.insert(recv.end(), none.begin(), none.end());
         for (int rep = 0; rep < 2; ++rep) {
           recv.insert(recv.end(), ref_meta.begin() + row0 * W, ref_meta.begin() + (row0 + ref_counts[dst]) * W);
+          recv.insert(recv.end(), none.begin(), none.end());
         }
-        const int64_t Q = 2 * ref_counts[dst];
+        const int64_t Q = 2 * ref_counts[dst] + 3;
         std::vector<int64_t> rr, re, off(static_cast<size_t>(L) + 1, 0);
         for (int64_t j = 0; j < L; ++j) {
           for (int64_t q = 0; q < Q; ++q) {
@@ -277,6 +295,35 @@ TEST(VExpertPlan, WholeExchangeEmulated) {
   }
 }
 
+// The in-place overloads refill a plan of another size (larger, smaller, empty) exactly as a fresh
+// plan would: every field, sizes included (the CUDA layer keeps one plan across forwards).
+TEST(VExpertPlan, RefilledPlansEqualFreshOnes) {
+  const std::vector<Case> seq = {{13, 4, 16, 4, 2}, {5, 4, 16, 4, 2}, {0, 4, 16, 4, 2}, {20, 4, 16, 4, 2},
+                                 {3, 2, 16, 2, 1}, {11, 4, 16, 1, 4}};
+  VExpertSendPlan send;
+  VExpertRecvPlan recv;
+  uint32_t seed = 300;
+  for (const Case& c : seq) {
+    SCOPED_TRACE(::testing::Message() << "N " << c.N << " K " << c.K << " P " << c.P << " T " << c.T);
+    const std::vector<int32_t> idx = routing(c, seed++, false);
+    std::vector<float> w;
+    for (int64_t f = 0; f < c.N * c.K; ++f) w.push_back(static_cast<float>(f) - 7.5f);
+    plan_vexpert_send(idx, w, c.N, c.K, c.E, c.P, c.T, send);
+    const VExpertSendPlan fresh = plan_vexpert_send(idx, w, c.N, c.K, c.E, c.P, c.T);
+    EXPECT_EQ(send.num_entries, fresh.num_entries);
+    EXPECT_EQ(send.send_token, fresh.send_token);
+    EXPECT_EQ(send.send_counts, fresh.send_counts);
+    EXPECT_EQ(send.meta, fresh.meta);
+    EXPECT_EQ(bits(send.meta_w), bits(fresh.meta_w));
+    const int64_t L = c.E / c.P, Q = static_cast<int64_t>(fresh.send_token.size());
+    plan_vexpert_recv(fresh.meta, Q, fresh.num_entries, L, recv);
+    const VExpertRecvPlan fresh_recv = plan_vexpert_recv(fresh.meta, Q, fresh.num_entries, L);
+    EXPECT_EQ(recv.row_recv, fresh_recv.row_recv);
+    EXPECT_EQ(recv.row_entry, fresh_recv.row_entry);
+    EXPECT_EQ(recv.offsets, fresh_recv.offsets);
+  }
+}
+
 TEST(VExpertPlan, RejectsBadInput) {
   const std::vector<int32_t> idx = {0, 8};
   EXPECT_THROW(plan_vexpert_send(idx, {}, 1, 2, 8, 2, 1), Error);          // id 8 >= E
@@ -285,6 +332,7 @@ TEST(VExpertPlan, RejectsBadInput) {
   const std::vector<int32_t> meta = {0, -1, 4, -1};
   EXPECT_THROW(plan_vexpert_recv(meta, 2, 2, 4), Error);                   // 4 >= L
   EXPECT_NO_THROW(plan_vexpert_recv(meta, 2, 2, 5));
+  EXPECT_THROW(plan_vexpert_recv(std::vector<int32_t>{-2, 0}, 1, 2, 4), Error);  // below -1
 }
 
 }  // namespace
