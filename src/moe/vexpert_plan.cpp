@@ -30,16 +30,16 @@ void plan_vexpert_send(std::span<const int32_t> idx, std::span<const float> w, i
   const int64_t L = E / P, R = static_cast<int64_t>(P) * T;
   plan.num_entries = K;
   plan.send_counts.assign(static_cast<size_t>(R), 0);
-  // A token sends one row to each of the T ranks (p, t) of every ep rank p holding one of its
-  // experts; rows are ordered by destination, then token. Pass 1: the tokens of each ep rank, in
-  // order (written branch-free: with random routing "does token n need ep rank p" is a coin flip,
-  // and a mispredicted branch per (token, destination) and per entry cost milliseconds per forward).
   // p(e) and j(e) from tables (no 64-bit division per entry).
   std::vector<int32_t> p_of(static_cast<size_t>(E)), j_of(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) {
     p_of[static_cast<size_t>(e)] = static_cast<int32_t>(e / L);
     j_of[static_cast<size_t>(e)] = static_cast<int32_t>(e % L);
   }
+  // A token sends one row to each of the T ranks (p, t) of every ep rank p holding one of its
+  // experts; rows are ordered by destination, then token. Pass 1: the tokens of each ep rank, in
+  // order (written branch-free: with random routing "does token n need ep rank p" is a coin flip,
+  // and a mispredicted branch per (token, destination) and per entry cost milliseconds per forward).
   std::vector<int32_t> tokens(static_cast<size_t>(P) * static_cast<size_t>(N));  // tokens[p·N + i]
   std::vector<int64_t> per_p(static_cast<size_t>(P), 0);
   std::vector<uint8_t> has(static_cast<size_t>(P), 0);

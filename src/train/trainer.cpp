@@ -81,6 +81,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
       batches_(std::move(data), cfg.train.seq_len, cfg.train.global_batch_size, static_cast<uint64_t>(cfg.train.seed)) {
   config::validate(cfg_);
   config::validate_with_model(cfg_, model_cfg_, world.size());
+  step_flops_ = config::training_flops(model_cfg_, cfg_.train.global_batch_size, cfg_.train.seq_len).total();
   MOETP_CHECK(batches_.file().vocab_size() <= model_cfg_.vocab_size,
               "data file {} has vocabulary size {} but the model's vocab_size is {}", batches_.file().path(),
               batches_.file().vocab_size(), model_cfg_.vocab_size);
@@ -191,8 +192,7 @@ StepResult Trainer::step() {
   }
 #endif
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double flops = config::training_flops(model_cfg_, cfg_.train.global_batch_size, S).total();
-  r.model_tflops_per_rank = r.seconds > 0 ? flops / r.seconds / static_cast<double>(world_.size()) / 1e12 : 0.0;
+  r.model_tflops_per_rank = r.seconds > 0 ? step_flops_ / r.seconds / static_cast<double>(world_.size()) / 1e12 : 0.0;
   return r;
 }
 

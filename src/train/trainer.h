@@ -76,6 +76,7 @@ class Trainer {
   data::Batches batches_;
   std::unique_ptr<AdamW> optim_;
   int64_t step_ = 0;
+  double step_flops_ = 0;  // model FLOPs of one step (config::training_flops), fixed by the configs
   std::string device_, device_reason_;
   struct Gpu;  // NCCL communicators, mesh and CUDA model (trainer.cpp; CUDA builds only)
   std::unique_ptr<Gpu> gpu_;
