@@ -247,7 +247,9 @@ int run(int argc, char** argv) {
         }
         for (int config : configs) {
           const double ms = time_ms(args, [&] { ours(config); });
-          const int used = config >= 0 ? config : cuda::launch::grouped_gemm_auto_config(op == "fwd" ? N : K, op == "wgrad");
+          const int product = op == "fwd" ? 0 : (op == "dgrad" ? 1 : 2);
+          const int used = config >= 0 ? config : cuda::launch::grouped_gemm_auto_config_for(product, M, N, K, kGroups);
+          MOETP_CHECK(used >= 0, "grouped_gemm_auto_config_for: the device could not be queried");
           // auto128 / co192 / pp256 / cs256: automatic choice, cooperative, ping-pong or cooperative with
           // the staged (shared memory + TMA store) epilogue, tile N.
           const char* kind = cuda::launch::kGroupedGemmPingpong[used] ? "pp"

@@ -527,18 +527,30 @@ TEST(GroupedGemmLayout, PingpongConsumersFollowTheProducer) {
 
 TEST(GroupedGemmLayout, AutoConfigFollowsTheMeasuredTable) {
   namespace L = cuda::launch;
-  // Every product (fwd, dgrad, wgrad): staged epilogue, tile N 192 unless it pads over 1/16 more
-  // than 128: 2048 -> 192 (2112 vs 2048 columns), 384, 768, 1536, 192 -> 192; 64 -> 128 (192 vs 128
-  // columns), 200 -> 128 (384 vs 256).
-  const std::vector<std::pair<int64_t, int>> want = {{2048, 192}, {384, 192}, {768, 192}, {1536, 192},
-                                                     {192, 192},  {64, 128},  {200, 128}};
-  for (const bool wgrad : {false, true}) {
-    for (const auto& [n_out, bn] : want) {
-      const int c = L::grouped_gemm_auto_config(n_out, wgrad);
-      EXPECT_TRUE(L::kGroupedGemmStaged[c]) << n_out << " wgrad " << wgrad;
-      EXPECT_FALSE(L::kGroupedGemmPingpong[c]) << n_out << " wgrad " << wgrad;
-      EXPECT_EQ(L::kGroupedGemmTileN[c], bn) << n_out << " wgrad " << wgrad;
-    }
+  // Staged epilogue, tile N 192 or 128 by the wave model, on 132 SMs (an H200), at the cases of the
+  // device sweeps (docs/performance.md, fifth session), {n_out, m_tiles, tile N}:
+  struct Case {
+    int64_t n_out, m_tiles;
+    int bn;
+  };
+  const std::vector<Case> cases = {
+      // 16 groups x 128 rows (16 row tiles): 128 won these by 9-27% ...
+      {384, 16, 128}, {2048, 16, 128}, {768, 16, 128}, {192, 16, 128},
+      // ... and lost this one (128 output tiles fill one wave with 192, 192 tiles need two with 128).
+      {1536, 16, 192},
+      // 16 x 512 rows: 192 won (384, 2048) fwd by 17%; 128 ahead at n_out 2048.
+      {384, 64, 192}, {2048, 64, 128},
+      // 16 x 2048 rows: 192 at every shape.
+      {2048, 256, 192}, {384, 256, 192}, {768, 256, 192}, {1536, 256, 192}, {192, 256, 192},
+      // wgrad (m_tiles = 16 · ceil(N / 128)): (1536, 2048), (384, 2048), (2048, 192): 192.
+      {2048, 192, 192}, {2048, 48, 192}, {192, 256, 192},
+      // Narrow outputs: 192 would pad a whole extra tile.
+      {64, 256, 128}, {200, 256, 128}};
+  for (const Case& c : cases) {
+    const int cfg = L::grouped_gemm_auto_config(c.n_out, c.m_tiles, 132);
+    EXPECT_TRUE(L::kGroupedGemmStaged[cfg]) << c.n_out << " x " << c.m_tiles;
+    EXPECT_FALSE(L::kGroupedGemmPingpong[cfg]) << c.n_out << " x " << c.m_tiles;
+    EXPECT_EQ(L::kGroupedGemmTileN[cfg], c.bn) << "n_out " << c.n_out << ", m_tiles " << c.m_tiles;
   }
   for (int c = 0; c < cuda::launch::kGroupedGemmConfigs; ++c) EXPECT_GE(cuda::launch::grouped_gemm_stages(c), 3);
 }

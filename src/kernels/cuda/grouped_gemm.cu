@@ -528,15 +528,34 @@ cudaError_t make_maps(Op op, int config, const void* a_base, const void* b_base,
 
 }  // namespace
 
-int grouped_gemm_auto_config(int64_t n_out, bool /*wgrad*/) {
-  const auto padded = [n_out](int64_t bn) { return (n_out + bn - 1) / bn * bn; };
-  // All three products: the staged epilogue (fwd/dgrad: TMA stores; wgrad: TMA reduce-adds into dW)
-  // with tile N 192, unless 192 pads the last n-tile by more than 1/16 over 128 (narrow outputs such
-  // as 64). Device sweeps on an H200 (grouped_gemm_cuda_bench --sweep, docs/performance.md): fwd and
-  // dgrad "GPU, fourth session" (staged won every shape; 192 first, 128 within 2%, 256 last: one
-  // pipeline stage fewer); wgrad "GPU, fifth session" (cs192 geometric mean over the 12 shapes 509
-  // TFLOP/s against 494 for the best direct choice, 468 cs128, 437 cs256; ping-pong never won).
-  return padded(192) * 16 <= padded(128) * 17 ? 7 : 6;
+int grouped_gemm_auto_config(int64_t n_out, int64_t m_tiles, int num_sms) {
+  // The staged epilogue (fwd/dgrad: TMA stores; wgrad: TMA reduce-adds into dW) for all three
+  // products: it won the device sweeps at every shape (H200, grouped_gemm_cuda_bench --sweep,
+  // docs/performance.md, fourth and fifth sessions; ping-pong and tile N 256 never won). Between
+  // tile N 192 and 128, a wave model: time ~ waves · N-columns per tile · per-column cost, waves =
+  // ceil(tiles / SMs), with 128-wide tiles 5% dearer per column (fewer A-tile reuses; the 192-wide
+  // tile won by ~4-5% where waves were many: 2048 and 8192 rows per group). It reproduces the
+  // sweeps: 128 wins when the tiles fill one or two waves badly (128 rows per group: 10 of 12
+  // shapes 9-27% faster with 128, the two where 192 wins predicted too), 192 at 2048 rows per group
+  // everywhere, and it takes 128 for narrow outputs (64, 200) where 192 pads a whole extra tile.
+  const auto cost = [&](int64_t bn) {
+    const int64_t tiles = std::max<int64_t>(1, m_tiles) * ((n_out + bn - 1) / bn);
+    const int64_t waves = (tiles + num_sms - 1) / std::max(1, num_sms);
+    return static_cast<double>(waves) * static_cast<double>(bn) * (bn == 128 ? 1.05 : 1.0);
+  };
+  return cost(192) <= cost(128) ? 7 : 6;
+}
+
+int grouped_gemm_auto_config_for(int product, int64_t M, int64_t N, int64_t K, int64_t L) {
+  // Output-row tiles of 128: wgrad L · ceil(N / 128) exactly; fwd/dgrad ceil(M / 128), exact when
+  // the group sizes are multiples of 128, a lower bound otherwise (the sizes live on the device).
+  const int64_t m_tiles = product == 2 ? L * ((N + 127) / 128) : (M + 127) / 128;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return -1;
+  }
+  return grouped_gemm_auto_config(product == 0 ? N : K, m_tiles, sms);
 }
 
 int grouped_gemm_stages(int config) {
@@ -563,7 +582,10 @@ cudaError_t run_product(const void* a_src, const void* b_src, const int64_t* off
                         int64_t K, int64_t L, cudaStream_t stream, int config) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   const int64_t n_out = kOp == Op::kFwd ? N : K;
-  if (config < 0) config = grouped_gemm_auto_config(n_out, kOp == Op::kWgrad);
+  if (config < 0) {
+    config = grouped_gemm_auto_config_for(kOp == Op::kFwd ? 0 : (kOp == Op::kDgrad ? 1 : 2), M, N, K, L);
+    if (config < 0) return cudaErrorInvalidDevice;
+  }
   CUtensorMap a, b, out_map;
   const cudaError_t err = make_maps(kOp, config, a_src, b_src, out, M, N, K, L, &a, &b, &out_map);
   if (err != cudaSuccess) return err;

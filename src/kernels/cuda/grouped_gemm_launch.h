@@ -20,16 +20,20 @@ inline constexpr int64_t kGroupedGemmMaxGroups = 1024;
 // that one's epilogue overlaps the other's mainloop), and cooperative with the staged epilogue
 // (kGroupedGemmStaged[c]: fwd/dgrad outputs go through shared memory and TMA stores, wgrad's
 // through shared memory and TMA reduce-adds into dW, grouped_gemm_layout.h; one pipeline stage fewer). config < 0: chosen per shape
-// (grouped_gemm_auto_config: staged, tile N 192 or 128, as measured).
+// (grouped_gemm_auto_config: staged, tile N 192 or 128 by a wave model, as measured).
 inline constexpr int kGroupedGemmConfigs = 9;
 inline constexpr int kGroupedGemmTileN[kGroupedGemmConfigs] = {128, 192, 256, 128, 192, 256, 128, 192, 256};
 inline constexpr bool kGroupedGemmPingpong[kGroupedGemmConfigs] = {false, false, false, true, true,
                                                                    true,  false, false, false};
 inline constexpr bool kGroupedGemmStaged[kGroupedGemmConfigs] = {false, false, false, false, false,
                                                                  false, true,  true,  true};
-// The configuration `config < 0` picks for an output of n_out columns (fwd: N, dgrad and wgrad: K) of
-// the forward / input-gradient (wgrad = false) or the weight-gradient product.
-int grouped_gemm_auto_config(int64_t n_out, bool wgrad);
+// The configuration `config < 0` picks for an output of n_out columns (fwd: N, dgrad and wgrad: K)
+// and m_tiles output-row tiles of 128 (fwd/dgrad: ceil(M / 128), a lower bound; wgrad: L·ceil(N / 128))
+// on a GPU of num_sms SMs: staged, tile N 192 or 128 by a wave model (grouped_gemm.cu).
+int grouped_gemm_auto_config(int64_t n_out, int64_t m_tiles, int num_sms);
+// What the launchers use with config < 0: product 0 fwd, 1 dgrad, 2 wgrad at the sizes of their
+// arguments, on the current device. -1 if the device cannot be queried.
+int grouped_gemm_auto_config_for(int product, int64_t M, int64_t N, int64_t K, int64_t L);
 int grouped_gemm_stages(int config);
 
 // y[rows of l] = x[rows of l] · w[l]ᵀ. x (M, K), w (L, N, K), y (M, N) bf16, overwritten. K >= 1.
