@@ -554,7 +554,9 @@ Dispatch make_dispatch() {
 
 TEST_F(CudaRowOps, ScatterAddMatchesCpuExactly) {
   const Dispatch d = make_dispatch();
-  const int64_t M = static_cast<int64_t>(d.rows.size()), H = 33;
+  const int64_t M = static_cast<int64_t>(d.rows.size());
+  // H 33: the one-column-per-thread kernel; H 64: the 8-columns-per-thread one (H % 8 == 0, aligned).
+  for (const int64_t H : {int64_t{33}, int64_t{64}})
   for (const bool integer : {true, false}) {
     // Integer-valued data makes the sums exact whatever the order; random data checks the order too.
     const Tensor src = integer ? random_ints({M, H}, 54, -8, 8) : rounded(random_tensor({M, H}, 54, 1));
@@ -564,24 +566,27 @@ TEST_F(CudaRowOps, ScatterAddMatchesCpuExactly) {
       moe::scatter_add_rows(src, d.rows, expected);
       Guarded dst = guarded(init);
       cuda::scatter_add_rows(gpu(src.to(dtype)), gpu(i64_tensor(d.rows)), dst.view);
-      EXPECT_TRUE(bit_equal(dst.view, expected)) << "integer=" << integer << " " << dtype_name(dtype);
+      EXPECT_TRUE(bit_equal(dst.view, expected)) << "H=" << H << " integer=" << integer << " " << dtype_name(dtype);
       EXPECT_TRUE(guard_intact(dst));
     }
   }
-  // Many rows onto few destinations (long runs), one destination row never hit.
-  std::vector<int64_t> rows = random_indices(5000, 9, 56);
-  const Tensor src = rounded(random_tensor({5000, 64}, 56, 1));
-  Tensor expected = random_tensor({10, 64}, 57, 1);
-  Guarded dst = guarded(expected);
-  moe::scatter_add_rows(src, rows, expected);
-  cuda::scatter_add_rows(gpu_bf16(src), gpu(i64_tensor(rows)), dst.view);
-  EXPECT_TRUE(bit_equal(dst.view, expected));
-  EXPECT_TRUE(guard_intact(dst));
+  // Many rows onto few destinations (long runs), one destination row never hit; both kernels.
+  for (const int64_t H : {int64_t{60}, int64_t{64}}) {
+    std::vector<int64_t> rows = random_indices(5000, 9, 56);
+    const Tensor src = rounded(random_tensor({5000, H}, 56, 1));
+    Tensor expected = random_tensor({10, H}, 57, 1);
+    Guarded dst = guarded(expected);
+    moe::scatter_add_rows(src, rows, expected);
+    cuda::scatter_add_rows(gpu_bf16(src), gpu(i64_tensor(rows)), dst.view);
+    EXPECT_TRUE(bit_equal(dst.view, expected)) << "H=" << H;
+    EXPECT_TRUE(guard_intact(dst));
+  }
 }
 
 TEST_F(CudaRowOps, FoldWeightedMatchesCpuExactly) {
   const Dispatch d = make_dispatch();
-  const int64_t M = static_cast<int64_t>(d.rows.size()), H = 33;
+  const int64_t M = static_cast<int64_t>(d.rows.size());
+  for (const int64_t H : {int64_t{33}, int64_t{64}})  // both kernels (see ScatterAddMatchesCpuExactly)
   for (const bool integer : {true, false}) {
     const Tensor y = integer ? random_ints({M, H}, 61, -8, 8) : rounded(random_tensor({M, H}, 61, 1));
     const Tensor w = integer ? random_ints({d.N, d.K}, 62, -4, 4) : random_tensor({d.N, d.K}, 62, 0.0f, 1.0f);
@@ -591,7 +596,7 @@ TEST_F(CudaRowOps, FoldWeightedMatchesCpuExactly) {
       moe::fold_weighted(y, d.rows, d.cols, w, expected);
       Guarded dst = guarded(init);
       cuda::fold_weighted(gpu(y.to(dtype)), gpu(i64_tensor(d.rows)), gpu(i64_tensor(d.cols)), gpu(w), dst.view);
-      EXPECT_TRUE(bit_equal(dst.view, expected)) << "integer=" << integer << " " << dtype_name(dtype);
+      EXPECT_TRUE(bit_equal(dst.view, expected)) << "H=" << H << " integer=" << integer << " " << dtype_name(dtype);
       EXPECT_TRUE(guard_intact(dst));
     }
   }

@@ -143,6 +143,77 @@ __global__ void sorted_accumulate_kernel(const Key* __restrict__ keys, const int
   }
 }
 
+// The same walk with 8 consecutive columns per thread (16-byte bf16 loads, two 16-byte f32 loads
+// and stores): for rows of H % 8 == 0 elements on 16-byte-aligned bases. Every column still sees
+// dst += (w ·) src[pos[j]] for j in run order, so the result is bit-identical to the scalar kernel.
+template <typename Src>
+__device__ __forceinline__ void load8(const Src* p, float (&v)[8]);
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+template <>
+__device__ __forceinline__ void load8<float>(const float* p, float (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+template <typename Key, typename Src, bool kWeighted>
+__global__ void sorted_accumulate8_kernel(const Key* __restrict__ keys, const int32_t* __restrict__ pos, int64_t M,
+                                          const Src* __restrict__ src, int64_t H, const int64_t* __restrict__ cols,
+                                          const float* __restrict__ w, int64_t C, float* __restrict__ dst, int64_t R,
+                                          IndexFault* fault, IndexOp row_op, IndexOp col_op) {
+  for (int64_t i = blockIdx.x; i < M; i += gridDim.x) {
+    const int64_t key = static_cast<int64_t>(keys[i]);
+    if (i > 0 && static_cast<int64_t>(keys[i - 1]) == key) continue;  // not the start of a run
+    int64_t end = i + 1;
+    while (end < M && static_cast<int64_t>(keys[end]) == key) ++end;
+    if (key < 0 || key >= R) {
+      if (threadIdx.x == 0) {
+        for (int64_t j = i; j < end; ++j) record_fault(fault, row_op, pos[j], key, R);
+      }
+      continue;
+    }
+    if constexpr (kWeighted) {
+      if (threadIdx.x == 0) {
+        for (int64_t j = i; j < end; ++j) {
+          const int64_t col = cols[pos[j]];
+          if (col < 0 || col >= C) record_fault(fault, col_op, pos[j], col, C);
+        }
+      }
+    }
+    float* d = dst + key * H;
+    for (int64_t c = 8 * static_cast<int64_t>(threadIdx.x); c < H; c += 8 * static_cast<int64_t>(blockDim.x)) {
+      float acc[8];
+      load8<float>(d + c, acc);
+      for (int64_t j = i; j < end; ++j) {
+        const int64_t p = pos[j];
+        float scale = 1.0f;
+        if constexpr (kWeighted) {
+          const int64_t col = cols[p];
+          if (col < 0 || col >= C) continue;
+          scale = w[key * C + col];
+        }
+        float v[8];
+        load8<Src>(src + p * H + c, v);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], kWeighted ? __fmul_rn(scale, v[e]) : v[e]);
+      }
+      reinterpret_cast<float4*>(d + c)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      reinterpret_cast<float4*>(d + c)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 template <typename Key, typename Src, bool kWeighted>
 cudaError_t sorted_accumulate(const Key* keys_in, int64_t M, const Src* src, int64_t H, const int64_t* cols,
                               const float* w, int64_t C, float* dst, int64_t R, void* workspace,
@@ -165,8 +236,13 @@ cudaError_t sorted_accumulate(const Key* keys_in, int64_t M, const Src* src, int
   err = cub::DeviceRadixSort::SortPairs(ws, sort_bytes, keys_in, keys_out, pos_in, pos_out, static_cast<int>(M), 0,
                                         key_bits(R, sizeof(Key) == 8), stream);
   if (err != cudaSuccess) return err;
-  sorted_accumulate_kernel<Key, Src, kWeighted><<<grid_blocks(M), row_threads(H), 0, stream>>>(
-      keys_out, pos_out, M, src, H, cols, w, C, dst, R, fault, row_op, col_op);
+  if (H % 8 == 0 && aligned16(src) && aligned16(dst)) {
+    sorted_accumulate8_kernel<Key, Src, kWeighted><<<grid_blocks(M), row_threads(H / 8), 0, stream>>>(
+        keys_out, pos_out, M, src, H, cols, w, C, dst, R, fault, row_op, col_op);
+  } else {
+    sorted_accumulate_kernel<Key, Src, kWeighted><<<grid_blocks(M), row_threads(H), 0, stream>>>(
+        keys_out, pos_out, M, src, H, cols, w, C, dst, R, fault, row_op, col_op);
+  }
   return cudaGetLastError();
 }
 
