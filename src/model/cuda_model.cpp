@@ -327,11 +327,26 @@ void CudaQwen3MoeModel::refresh_moe_params() {
 }
 
 void CudaQwen3MoeModel::zero_grads() {
+  // The MoE layers defer their expert gradients' zeroing to the next backward, which overwrites
+  // them (moe::CudaMoeLayer::grads); the rest is zeroed here.
+  std::vector<bool> deferred(params_.size(), false);
   for (Layer& L : layers_) {
-    if (L.is_moe) L.moe->zero_grads();
+    if (!L.is_moe) continue;
+    L.moe->zero_grads();
+    deferred[static_cast<size_t>(L.w13)] = deferred[static_cast<size_t>(L.w2)] = true;
   }
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].grad.zero_();  // MoE views again: harmless
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!deferred[i]) params_[i].grad.zero_();
+  }
   CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void CudaQwen3MoeModel::materialize_moe_grads() const {
+  // params_[...].grad are views of the layers' gradients: a read between zero_grads and the next
+  // backward must see zeros, so the layers zero whatever they deferred (a no-op after a backward).
+  for (const Layer& L : layers_) {
+    if (L.is_moe) (void)static_cast<const moe::CudaMoeLayer&>(*L.moe).grads();
+  }
 }
 
 const moe::CudaMoeLayer* CudaQwen3MoeModel::moe_layer(int64_t layer_idx) const {
@@ -549,6 +564,7 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
 }
 
 void CudaQwen3MoeModel::copy_grads_to(Qwen3MoeModel& cpu) const {
+  materialize_moe_grads();
   check_same_params("copy_grads_to", cpu.params(), params_, true);
   CUDA_CHECK(cudaDeviceSynchronize());
   for (size_t i = 0; i < params_.size(); ++i) cpu.params()[i].grad.copy_from(params_[i].grad);
@@ -561,6 +577,7 @@ void CudaQwen3MoeModel::copy_params_to(Qwen3MoeModel& cpu) const {
 }
 
 void CudaQwen3MoeModel::adamw_step(const CudaAdamWConfig& cfg, double lr, int64_t step) {
+  materialize_moe_grads();
   MOETP_CHECK(step >= 1, "AdamW step counts from 1, got {}", step);
   ensure_moments();
   for (CudaParam& p : params_) {
@@ -577,6 +594,7 @@ void CudaQwen3MoeModel::adamw_step(const CudaAdamWConfig& cfg, double lr, int64_
 }
 
 void CudaQwen3MoeModel::reduce_grads() {
+  materialize_moe_grads();
   if (opts_.mesh == nullptr) return;
   const comm::Mesh& mesh = *opts_.mesh;
   for (CudaParam& p : params_) {
@@ -587,6 +605,7 @@ void CudaQwen3MoeModel::reduce_grads() {
 }
 
 double CudaQwen3MoeModel::grad_norm() {
+  materialize_moe_grads();
   double replicated = 0, expert = 0;
   for (const CudaParam& p : params_) {
     (p.kind == ParamKind::kExpert ? expert : replicated) += cuda::sum_of_squares(p.grad);
@@ -599,6 +618,7 @@ double CudaQwen3MoeModel::grad_norm() {
 }
 
 void CudaQwen3MoeModel::scale_grads(float scale) {
+  materialize_moe_grads();
   for (CudaParam& p : params_) {
     check_dtype(p.grad, DType::kF32, p.name.c_str());
     check_contiguous(p.grad, p.name.c_str());

@@ -98,6 +98,8 @@ class CudaQwen3MoeModel {
   std::vector<CudaParam>& params() { return params_; }
   const std::vector<CudaParam>& params() const { return params_; }
   void zero_grads();
+  // Zeroes the MoE expert gradients zero_grads deferred, if no backward has run since.
+  void materialize_moe_grads() const;
 
   // One micro-batch, the CPU model's semantics (Qwen3MoeModel::forward_backward):
   //   tokens_BS1 [IN] i32 (B, S + 1), host: inputs [:, :S], targets [:, 1:]

@@ -216,9 +216,20 @@ void CudaMoeLayer::set_params(const MoeParams& src) {
 }
 
 void CudaMoeLayer::zero_grads() {
-  for (Tensor* g : {&grads_.wg_EH, &grads_.w13_L2iH, &grads_.w2_LHi}) {
-    CUDA_CHECK(cudaMemsetAsync(g->raw_data(), 0, g->num_bytes(), opts_.stream));
+  CUDA_CHECK(cudaMemsetAsync(grads_.wg_EH.raw_data(), 0, grads_.wg_EH.num_bytes(), opts_.stream));
+  // The expert gradients (almost all of the layer's) are zeroed by the next backward's first
+  // weight-gradient product, which stores instead of adding (experts_backward), or on first read.
+  expert_grads_zero_pending_ = true;
+}
+
+void CudaMoeLayer::materialize_zero_grads() const {
+  if (!expert_grads_zero_pending_) return;
+  for (const Tensor* g : {&grads_.w13_L2iH, &grads_.w2_LHi}) {
+    CUDA_CHECK(cudaMemsetAsync(const_cast<void*>(g->raw_data()), 0, g->num_bytes(), opts_.stream));
   }
+  // The reader may be on another stream (the model's): finish before handing the tensors out.
+  CUDA_CHECK(cudaStreamSynchronize(opts_.stream));
+  expert_grads_zero_pending_ = false;
 }
 
 void CudaMoeLayer::reserve(int64_t N) {
@@ -665,19 +676,26 @@ void CudaMoeLayer::experts_forward(int64_t e0, int64_t e1, cudaStream_t stream) 
 void CudaMoeLayer::experts_backward(int64_t e0, int64_t e1, cudaStream_t stream) {
   CudaMoeSaved& s = saved_;
   const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, i = i_;
+  Tensor dw13 = grads_.w13_L2iH.narrow_rows(e0, e1 - e0), dw2 = grads_.w2_LHi.narrow_rows(e0, e1 - e0);
+  // First backward after zero_grads: the grouped weight gradient overwrites (empty experts get
+  // zeros); the cuBLAS loop adds, so its slices are zeroed first. backward_into clears the flag
+  // after every chunk has run.
+  const bool overwrite = expert_grads_zero_pending_;
+  if (overwrite && (rows == 0 || opts_.expert_gemm != ExpertGemm::kGrouped)) {
+    for (Tensor* g : {&dw13, &dw2}) CUDA_CHECK(cudaMemsetAsync(g->raw_data(), 0, g->num_bytes(), stream));
+  }
   if (rows == 0) return;
   const Tensor w13 = params_.w13_L2iH.narrow_rows(e0, e1 - e0), w2 = params_.w2_LHi.narrow_rows(e0, e1 - e0);
-  Tensor dw13 = grads_.w13_L2iH.narrow_rows(e0, e1 - e0), dw2 = grads_.w2_LHi.narrow_rows(e0, e1 - e0);
   const Tensor x = s.x_RH.narrow_rows(r0, rows), h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows);
   Tensor dy = dy_RH_.narrow_rows(r0, rows), da = da_MI_.narrow_rows(r0, rows), dh = dh_M2I_.narrow_rows(r0, rows);
   if (opts_.expert_gemm == ExpertGemm::kGrouped) {
     // The offsets forward uploaded are still on the device (a backward follows its own forward).
     MOETP_CHECK(e0 == 0 && e1 == L_, "the grouped GEMM runs over all local experts");
     cuda::grouped_gemm_dgrad(dy, offsets_dev_L1_, w2, da, stream);
-    cuda::grouped_gemm_wgrad(dy, a, offsets_dev_L1_, dw2, stream);
+    cuda::grouped_gemm_wgrad(dy, a, offsets_dev_L1_, dw2, stream, -1, !overwrite);
     CUDA_CHECK(cuda::launch::swiglu_backward(bits(h), bits(da), bits(dh), rows, i, stream));
     // dx_RH goes into dy's rows: both w2 products above have consumed them (same stream).
-    cuda::grouped_gemm_wgrad(dh, x, offsets_dev_L1_, dw13, stream);
+    cuda::grouped_gemm_wgrad(dh, x, offsets_dev_L1_, dw13, stream, -1, !overwrite);
     cuda::grouped_gemm_dgrad(dh, offsets_dev_L1_, w13, dy, stream);
     return;
   }
@@ -722,6 +740,7 @@ void CudaMoeLayer::backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE
     // experts_backward overwrites dy_RH with dx_RH; on a mesh it comes back into dy_MH's rows.
     if (distributed()) move_to_slots(dy_RH_, dy_MH_);
   }
+  expert_grads_zero_pending_ = false;  // every expert chunk has overwritten or added (experts_backward)
   if (N == 0) return;
   const Tensor& dx_MH = dy_MH_;
 

@@ -151,8 +151,17 @@ class CudaMoeLayer {
   // rounding f32 to bf16 (round to nearest even). Synchronous.
   void set_params(const MoeParams& src);
   // Gradients, f32 on the GPU, the parameters' shapes; backward accumulates (+=) into them.
-  MoeParams& grads() { return grads_; }
-  const MoeParams& grads() const { return grads_; }
+  // The expert weight gradients' zeroing is deferred to the next backward (the grouped weight
+  // gradient then overwrites instead of adding: no memset, no read of dW); grads() zeroes first
+  // if it is still pending, so every reader sees zeros or the accumulated values.
+  MoeParams& grads() {
+    materialize_zero_grads();
+    return grads_;
+  }
+  const MoeParams& grads() const {
+    materialize_zero_grads();
+    return grads_;
+  }
   void zero_grads();
 
   //   x_NH   [IN]  (N, H) bf16, CUDA, contiguous; kept (not copied) for backward
@@ -207,6 +216,9 @@ class CudaMoeLayer {
   int64_t L_ = 0, i_ = 0;  // local experts, local expert FFN width
   MoeParams params_;  // bf16
   MoeParams grads_;   // f32
+  // zero_grads() left w13/w2 gradients unzeroed for the next backward to overwrite (see grads()).
+  mutable bool expert_grads_zero_pending_ = false;
+  void materialize_zero_grads() const;
   CudaMoeSaved saved_;
   bool has_forward_ = false;
   int64_t num_tokens_ = -1;  // N the buffers are sized for

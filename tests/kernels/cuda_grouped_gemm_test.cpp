@@ -186,6 +186,8 @@ TEST(GroupedGemmLayout, SchedulerCoversEveryOutputOnce) {
   std::vector<int32_t> row_start(counts.size() + 1, 0);
   for (size_t l = 0; l < counts.size(); ++l) row_start[l + 1] = row_start[l] + static_cast<int32_t>(counts[l]);
   const int M = row_start.back();
+  // overwrite: wgrad's store mode, where empty groups get their tiles too (a zero block each).
+  for (const bool overwrite : {false, true})
   for (gg::Op op : {gg::Op::kFwd, gg::Op::kDgrad, gg::Op::kWgrad}) {
     for (int cfg = 0; cfg < 6; ++cfg) {
       const int bn = 128 + 64 * (cfg % 3), tile_m = cfg < 3 ? gg::kBM : gg::kBMPingpong;
@@ -193,7 +195,7 @@ TEST(GroupedGemmLayout, SchedulerCoversEveryOutputOnce) {
       const int n_tiles = gg::ceil_div(n_out, bn);
       std::vector<int32_t> tile_start(counts.size() + 1, 0);
       for (size_t l = 0; l < counts.size(); ++l) {
-        tile_start[l + 1] = tile_start[l] + gg::group_tiles(op, counts[l], N, n_tiles, tile_m);
+        tile_start[l + 1] = tile_start[l] + gg::group_tiles(op, counts[l], N, n_tiles, tile_m, overwrite);
       }
       // Outputs: fwd/dgrad (M, n_out), wgrad (L, N, K).
       const int64_t out_rows = op == gg::Op::kWgrad ? L * N : M;
@@ -204,7 +206,9 @@ TEST(GroupedGemmLayout, SchedulerCoversEveryOutputOnce) {
         for (int tile = b; tile < tile_start[L]; tile += grid) {
           const gg::TileCoord tc = gg::decode_tile(tile_start.data(), group, tile, n_tiles);
           const int rows = row_start[tc.group + 1] - row_start[tc.group];
-          ASSERT_GT(rows, 0) << "a tile of an empty group";
+          if (!(overwrite && op == gg::Op::kWgrad)) {
+            ASSERT_GT(rows, 0) << "a tile of an empty group";
+          }
           const int mo_limit = op == gg::Op::kWgrad ? static_cast<int>(N) : rows;
           for (int i = 0; i < tile_m; ++i) {
             const int mo = tc.m_tile * tile_m + i;
@@ -220,9 +224,11 @@ TEST(GroupedGemmLayout, SchedulerCoversEveryOutputOnce) {
       }
       for (int64_t i = 0; i < out_rows * n_out; ++i) {
         const int64_t row = i / n_out;
-        const bool empty_group_dw = op == gg::Op::kWgrad && counts[static_cast<size_t>(row / N)] == 0;
+        const bool empty_group_dw =
+            op == gg::Op::kWgrad && !overwrite && counts[static_cast<size_t>(row / N)] == 0;
         ASSERT_EQ(seen[static_cast<size_t>(i)], empty_group_dw ? 0 : 1)
-            << "op " << static_cast<int>(op) << " bn " << bn << " tile_m " << tile_m << " element " << i;
+            << "op " << static_cast<int>(op) << " bn " << bn << " tile_m " << tile_m << " overwrite " << overwrite
+            << " element " << i;
       }
     }
   }
@@ -726,6 +732,26 @@ TEST_F(CudaGroupedGemmTest, IntegerInputsAreExact) {
     EXPECT_TRUE(testing::bit_equal(dx, dx_ref.to(DType::kBF16))) << "config " << config;
     EXPECT_TRUE(testing::bit_equal(dw, dw_ref)) << "config " << config;
   }
+  // Overwrite mode (accumulate = false): dw starts as dw0 (not zero) and must end as the products
+  // alone, with the empty group's slice zero, whatever the configuration (direct, staged, ping-pong).
+  Tensor fresh_ref = Tensor::zeros({L, N, K}, DType::kF32);
+  for (int64_t l = 0; l < L; ++l) {
+    if (counts[l] == 0) continue;
+    Tensor dw_l = fresh_ref.slice(0, l, l + 1).view({N, K});
+    cpu::linear_backward(dy.narrow_rows(offsets[l], counts[l]), x.narrow_rows(offsets[l], counts[l]),
+                         w.slice(0, l, l + 1).view({N, K}), nullptr, &dw_l);
+  }
+  for (int config = 0; config < cuda::launch::kGroupedGemmConfigs; ++config) {
+    Tensor dw = dw0.to(Device::kCuda);
+    cuda::grouped_gemm_wgrad(to_gpu_bf16(dy), to_gpu_bf16(x), off_g, dw, nullptr, config, /*accumulate=*/false);
+    EXPECT_TRUE(testing::bit_equal(dw, fresh_ref)) << "overwrite, config " << config;
+  }
+  // No rows at all: overwriting gives zeros.
+  Tensor dw_none = dw0.to(Device::kCuda);
+  cuda::grouped_gemm_wgrad(to_gpu_bf16(dy.narrow_rows(0, 0)), to_gpu_bf16(x.narrow_rows(0, 0)),
+                           device_offsets(std::vector<int64_t>(static_cast<size_t>(L) + 1, 0)), dw_none, nullptr, -1,
+                           false);
+  EXPECT_TRUE(testing::all_zero(dw_none.to(Device::kCpu).to_vector<float>()));
 }
 
 // Two calls accumulate: dw = dw0 + 2 · dyᵀx per group, and the kernel is deterministic.

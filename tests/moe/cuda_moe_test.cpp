@@ -382,6 +382,25 @@ TEST_F(CudaMoeLayer, GradientsAccumulate) {
                              testing::kF32Exactish));
   layer.zero_grads();
   EXPECT_TRUE(testing::all_zero(host_f32(layer.grads().w13_L2iH)));
+  // zero_grads defers the expert gradients' zeroing to the next backward, which then overwrites
+  // (grouped GEMM) or zeroes first (cuBLAS loop): with 2x in the buffers, zero_grads and one more
+  // backward without a read in between give exactly what the first backward gave (w13 and w2).
+  for (const moe::ExpertGemm gemm : {moe::ExpertGemm::kGrouped, moe::ExpertGemm::kCublas}) {
+    moe::CudaMoeOptions opts;
+    opts.expert_gemm = gemm;
+    moe::CudaMoeLayer l2({c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"}, opts);
+    l2.set_params(in.params);
+    l2.forward(x);
+    l2.backward(dout);
+    const Tensor w13_first = host(l2.grads().w13_L2iH), w2_first = host(l2.grads().w2_LHi);
+    l2.forward(x);
+    l2.backward(dout);
+    l2.zero_grads();
+    l2.forward(x);
+    l2.backward(dout);
+    EXPECT_TRUE(testing::bit_equal(host(l2.grads().w13_L2iH), w13_first)) << moe::expert_gemm_name(gemm);
+    EXPECT_TRUE(testing::bit_equal(host(l2.grads().w2_LHi), w2_first)) << moe::expert_gemm_name(gemm);
+  }
 }
 
 // Forced balance: token n slot k -> expert (n·K + k) % E, weight 1/K. The reference is the CPU

@@ -109,7 +109,7 @@ void grouped_gemm_dgrad(const Tensor& dy_MN, const Tensor& offsets_L1, const Ten
 }
 
 void grouped_gemm_wgrad(const Tensor& dy_MN, const Tensor& x_MK, const Tensor& offsets_L1, Tensor& dw_LNK,
-                        cudaStream_t stream, int config) {
+                        cudaStream_t stream, int config, bool accumulate) {
   const char* op = "cuda::grouped_gemm_wgrad";
   check_operand(dy_MN, DType::kBF16, 2, "cuda::grouped_gemm_wgrad dy_MN");
   check_operand(x_MK, DType::kBF16, 2, "cuda::grouped_gemm_wgrad x_MK");
@@ -120,9 +120,14 @@ void grouped_gemm_wgrad(const Tensor& dy_MN, const Tensor& x_MK, const Tensor& o
               x_MK.describe());
   check_shape(dw_LNK, {L, N, K}, "cuda::grouped_gemm_wgrad dw_LNK");
   check_common(op, offsets_L1, M, N, K, L);
-  if (M == 0 || N == 0 || K == 0) return;  // nothing to add
+  if (M == 0 || N == 0 || K == 0) {  // nothing to add; overwriting, dw = 0
+    if (!accumulate && dw_LNK.numel() > 0) {
+      CUDA_CHECK(cudaMemsetAsync(dw_LNK.raw_data(), 0, dw_LNK.num_bytes(), stream));
+    }
+    return;
+  }
   check_launch(launch::grouped_gemm_wgrad(bits(dy_MN), bits(x_MK), offsets_L1.data<int64_t>(), dw_LNK.data<float>(), M,
-                                          N, K, L, stream, config),
+                                          N, K, L, stream, config, accumulate),
                op, M, N, K, L, config);
 }
 

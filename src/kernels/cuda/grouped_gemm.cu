@@ -124,6 +124,7 @@ struct Params {
   int n_out;               // output columns: fwd N, dgrad K, wgrad K
   int red;                 // fwd K, dgrad N (wgrad: the group's rows, from the offsets)
   int n_tiles;             // ceil(n_out / BN)
+  int overwrite;           // wgrad: dW = block (stores; empty groups get zero blocks) instead of dW += block
 };
 
 // Zeroes rows [valid, 64) of a 64-row, 128-byte-per-row swizzled box (the swizzle permutes the 16-byte
@@ -198,7 +199,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     int carry = 0;
     for (int base = 0; base < L; base += 32) {
       const int l = base + lane;
-      int v = l < L ? gg::group_tiles(kOp, row_start[l + 1] - row_start[l], p.mo_fixed, p.n_tiles, kTileM) : 0;
+      int v = l < L ? gg::group_tiles(kOp, row_start[l + 1] - row_start[l], p.mo_fixed, p.n_tiles, kTileM,
+                                      p.overwrite != 0)
+                    : 0;
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
         const int t = __shfl_up_sync(0xffffffffu, v, d);
@@ -352,7 +355,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
               for (int j = 0; j < kBN / 64; ++j) {
                 const gg::StoreCoord sc = gg::wgrad_reduce_coord(kBN, kTileM, tc, p.mo_fixed, m_offset, h, j);
-                if (sc.c0 < p.n_out) tma_reduce_add_2d(&tmap_out, smem_addr(buf + j * gg::kOutBoxBytes), sc.c0, sc.c1);
+                if (sc.c0 >= p.n_out) continue;
+                if (p.overwrite) {
+                  tma_store_2d(&tmap_out, smem_addr(buf + j * gg::kOutBoxBytes), sc.c0, sc.c1);
+                } else {
+                  tma_reduce_add_2d(&tmap_out, smem_addr(buf + j * gg::kOutBoxBytes), sc.c0, sc.c1);
+                }
               }
               bulk_commit_group();
             }
@@ -392,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int j = 0; j < kWgradChunk; ++j) {
             idx[j] = gg::epilogue_index(kOp, kBN, kTileM, tc, row0, rows, p.mo_fixed, p.n_out, m_offset, t, i0 + 2 * j);
-            v[j] = idx[j] >= 0 ? *reinterpret_cast<const float2*>(dw + idx[j]) : make_float2(0.0f, 0.0f);
+            v[j] = idx[j] >= 0 && !p.overwrite ? *reinterpret_cast<const float2*>(dw + idx[j]) : make_float2(0.0f, 0.0f);
           }
 #pragma unroll
           for (int j = 0; j < kWgradChunk; ++j) {
@@ -579,7 +587,7 @@ namespace {
 // output width and which the reduction (wgrad's reduction is each group's rows, from the offsets).
 template <Op kOp>
 cudaError_t run_product(const void* a_src, const void* b_src, const int64_t* offsets, void* out, int64_t M, int64_t N,
-                        int64_t K, int64_t L, cudaStream_t stream, int config) {
+                        int64_t K, int64_t L, cudaStream_t stream, int config, bool overwrite = false) {
   if (!valid_sizes(M, N, K, L, config)) return cudaErrorInvalidValue;
   const int64_t n_out = kOp == Op::kFwd ? N : K;
   if (config < 0) {
@@ -592,7 +600,7 @@ cudaError_t run_product(const void* a_src, const void* b_src, const int64_t* off
   const int64_t mo_fixed = kOp == Op::kWgrad ? N : 0;
   const int64_t red = kOp == Op::kFwd ? K : (kOp == Op::kDgrad ? N : 0);
   const Params p{offsets, out, static_cast<int>(M), static_cast<int>(L), static_cast<int>(mo_fixed),
-                 static_cast<int>(n_out), static_cast<int>(red), 0};
+                 static_cast<int>(n_out), static_cast<int>(red), 0, overwrite ? 1 : 0};
   return dispatch<kOp>(config, a, b, out_map, p, M, N, L, stream);
 }
 
@@ -609,8 +617,8 @@ cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int6
 }
 
 cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int64_t* offsets, float* dw, int64_t M,
-                               int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config) {
-  return run_product<Op::kWgrad>(dy, x, offsets, dw, M, N, K, L, stream, config);
+                               int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config, bool accumulate) {
+  return run_product<Op::kWgrad>(dy, x, offsets, dw, M, N, K, L, stream, config, !accumulate);
 }
 
 }  // namespace moetp::cuda::launch

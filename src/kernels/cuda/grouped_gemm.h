@@ -41,7 +41,8 @@ void grouped_gemm_dgrad(const Tensor& dy_MN, const Tensor& offsets_L1, const Ten
 //   dy_MN  [IN]  (M, N) bf16
 //   x_MK   [IN]  (M, K) bf16
 //   dw_LNK [OUT] (L, N, K) f32, ACCUMULATED; empty groups untouched; must be defined. Deterministic.
+//   accumulate = false: OVERWRITTEN instead (dw is not read; empty groups become zero).
 void grouped_gemm_wgrad(const Tensor& dy_MN, const Tensor& x_MK, const Tensor& offsets_L1, Tensor& dw_LNK,
-                        cudaStream_t stream = nullptr, int config = -1);
+                        cudaStream_t stream = nullptr, int config = -1, bool accumulate = true);
 
 }  // namespace moetp::cuda

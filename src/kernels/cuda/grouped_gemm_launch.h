@@ -44,7 +44,10 @@ cudaError_t grouped_gemm_dgrad(const uint16_t* dy, const uint16_t* w, const int6
                                int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config = -1);
 // dw[l] += dy[rows of l]ᵀ · x[rows of l]. dy (M, N), x (M, K) bf16, dw (L, N, K) f32 accumulated
 // (beta = 1); empty groups leave dw[l] untouched. Deterministic (each dw element has one owner tile).
+// accumulate = false: dw[l] = dy[rows of l]ᵀ · x[rows of l] (stores, dw is not read; empty groups get
+// dw[l] = 0): the first accumulation after zeroing, without the zeroing or the read.
 cudaError_t grouped_gemm_wgrad(const uint16_t* dy, const uint16_t* x, const int64_t* offsets, float* dw, int64_t M,
-                               int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config = -1);
+                               int64_t N, int64_t K, int64_t L, cudaStream_t stream, int config = -1,
+                               bool accumulate = true);
 
 }  // namespace moetp::cuda::launch

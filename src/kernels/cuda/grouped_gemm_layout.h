@@ -92,8 +92,11 @@ MOETP_GG_FN RowCol acc_row_col(int thread, int reg) {
 MOETP_GG_FN int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 // Tiles of one group with `rows` rows (fwd/dgrad: ragged Mo; wgrad: ragged R, fixed Mo = mo_fixed).
-MOETP_GG_FN int group_tiles(Op op, int64_t rows, int64_t mo_fixed, int n_tiles, int tile_m) {
-  if (rows <= 0) return 0;
+// wgrad_overwrite: wgrad stores dW_l = block instead of adding, so an empty group gets its tiles too
+// (no mainloop, a zero block) and its dW_l becomes zero.
+MOETP_GG_FN int group_tiles(Op op, int64_t rows, int64_t mo_fixed, int n_tiles, int tile_m,
+                            bool wgrad_overwrite = false) {
+  if (rows <= 0 && !(wgrad_overwrite && op == Op::kWgrad)) return 0;
   const int64_t mo = op == Op::kWgrad ? mo_fixed : rows;
   return ceil_div(mo, tile_m) * n_tiles;
 }
