@@ -222,14 +222,25 @@ void CudaMoeLayer::zero_grads() {
   expert_grads_zero_pending_ = true;
 }
 
-void CudaMoeLayer::materialize_zero_grads() const {
-  if (!expert_grads_zero_pending_) return;
+void CudaMoeLayer::zero_expert_grads_async() const {
   for (const Tensor* g : {&grads_.w13_L2iH, &grads_.w2_LHi}) {
     CUDA_CHECK(cudaMemsetAsync(const_cast<void*>(g->raw_data()), 0, g->num_bytes(), opts_.stream));
   }
+  expert_grads_zero_pending_ = false;
+}
+
+void CudaMoeLayer::materialize_zero_grads() const {
+  if (!expert_grads_zero_pending_) return;
+  zero_expert_grads_async();
   // The reader may be on another stream (the model's): finish before handing the tensors out.
   CUDA_CHECK(cudaStreamSynchronize(opts_.stream));
-  expert_grads_zero_pending_ = false;
+}
+
+void CudaMoeLayer::begin_expert_grads() {
+  // Only the grouped weight gradient can overwrite. The cuBLAS loop adds, and with several expert
+  // streams it skips chunks without rows, so its pending zeroing happens here, for every expert,
+  // on the layer stream before the chunks fork from it.
+  if (expert_grads_zero_pending_ && opts_.expert_gemm != ExpertGemm::kGrouped) zero_expert_grads_async();
 }
 
 void CudaMoeLayer::reserve(int64_t N) {
@@ -678,10 +689,10 @@ void CudaMoeLayer::experts_backward(int64_t e0, int64_t e1, cudaStream_t stream)
   const int64_t r0 = s.offsets[e0], rows = s.offsets[e1] - r0, i = i_;
   Tensor dw13 = grads_.w13_L2iH.narrow_rows(e0, e1 - e0), dw2 = grads_.w2_LHi.narrow_rows(e0, e1 - e0);
   // First backward after zero_grads: the grouped weight gradient overwrites (empty experts get
-  // zeros); the cuBLAS loop adds, so its slices are zeroed first. backward_into clears the flag
-  // after every chunk has run.
+  // zeros; no rows at all: a memset). Still pending here only on the grouped path (one chunk over
+  // every expert: begin_expert_grads zeroed the cuBLAS path's gradients); backward_into clears it.
   const bool overwrite = expert_grads_zero_pending_;
-  if (overwrite && (rows == 0 || opts_.expert_gemm != ExpertGemm::kGrouped)) {
+  if (overwrite && rows == 0) {
     for (Tensor* g : {&dw13, &dw2}) CUDA_CHECK(cudaMemsetAsync(g->raw_data(), 0, g->num_bytes(), stream));
   }
   if (rows == 0) return;
@@ -728,6 +739,7 @@ void CudaMoeLayer::backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE
 
   // Combine backward: dy = w · dout[token], and the routing-weight gradient <dout[n], y[i]>.
   float* dtopk = routed_grad ? dtopk_weight_NK_.data<float>() : nullptr;
+  begin_expert_grads();
   if (vexpert()) {
     vexpert_backward(dout_NH, dtopk);
   } else {

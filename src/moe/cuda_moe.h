@@ -218,7 +218,9 @@ class CudaMoeLayer {
   MoeParams grads_;   // f32
   // zero_grads() left w13/w2 gradients unzeroed for the next backward to overwrite (see grads()).
   mutable bool expert_grads_zero_pending_ = false;
-  void materialize_zero_grads() const;
+  void zero_expert_grads_async() const;  // memset w13/w2 gradients on the layer stream, clear the flag
+  void materialize_zero_grads() const;   // the same if pending, then synchronise the layer stream
+  void begin_expert_grads();             // before a backward's expert chunks (see experts_backward)
   CudaMoeSaved saved_;
   bool has_forward_ = false;
   int64_t num_tokens_ = -1;  // N the buffers are sized for

@@ -645,6 +645,7 @@ TEST_P(CudaGroupedGemm, AllProductsMatchCpuAndCublas) {
 
   Tensor y_ref = Tensor::zeros({M, N}, DType::kF32), dx_ref = Tensor::zeros({M, K}, DType::kF32);
   Tensor dw_ref = dw0.clone();
+  Tensor dw_fresh = Tensor::zeros({L, N, K}, DType::kF32);  // wgrad's overwrite mode: the products alone
   for (int64_t l = 0; l < L; ++l) {
     const int64_t rows = c.counts[l];
     if (rows == 0) continue;
@@ -654,6 +655,8 @@ TEST_P(CudaGroupedGemm, AllProductsMatchCpuAndCublas) {
     Tensor dx_l = dx_ref.narrow_rows(offsets[l], rows);
     Tensor dw_l = dw_ref.slice(0, l, l + 1).view({N, K});
     cpu::linear_backward(dy.narrow_rows(offsets[l], rows), x_l, w_l, &dx_l, &dw_l);
+    Tensor dw_fresh_l = dw_fresh.slice(0, l, l + 1).view({N, K});
+    cpu::linear_backward(dy.narrow_rows(offsets[l], rows), x_l, w_l, nullptr, &dw_fresh_l);
   }
   const Tensor x_g = to_gpu_bf16(x), w_g = to_gpu_bf16(w), dy_g = to_gpu_bf16(dy), off_g = device_offsets(offsets);
 
@@ -669,6 +672,19 @@ TEST_P(CudaGroupedGemm, AllProductsMatchCpuAndCublas) {
     cuda::grouped_gemm_fwd(x_g, off_g, w_g, y.inner, nullptr, config);
     cuda::grouped_gemm_dgrad(dy_g, off_g, w_g, dx.inner, nullptr, config);
     cuda::grouped_gemm_wgrad(dy_g, x_g, off_g, dw, nullptr, config);
+    // Overwrite mode from a non-zero dw: the products alone, empty groups exactly zero (many tiles
+    // per block at the L16 cases, two of them empty; staged blocks where N >= 64).
+    Tensor dw_over = dw0.to(Device::kCuda);
+    cuda::grouped_gemm_wgrad(dy_g, x_g, off_g, dw_over, nullptr, config, /*accumulate=*/false);
+    EXPECT_TRUE(close(dw_over, dw_fresh, testing::kF32Parallel)) << what << " dw overwrite vs cpu";
+    {
+      const Tensor over_cpu = dw_over.to(Device::kCpu);
+      for (int64_t l = 0; l < L; ++l) {
+        if (c.counts[l] != 0) continue;
+        EXPECT_TRUE(testing::all_zero(over_cpu.slice(0, l, l + 1).contiguous().to_vector<float>()))
+            << what << ": empty group " << l << " must be zero after an overwrite";
+      }
+    }
     EXPECT_TRUE(y.guards_intact()) << what << ": y guard rows written";
     EXPECT_TRUE(dx.guards_intact()) << what << ": dx guard rows written";
     if (M == 0) {

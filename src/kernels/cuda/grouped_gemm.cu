@@ -16,7 +16,8 @@
 // into shared memory (clamped to [0, M]) and warp 0 computes the prefix of tiles per group
 // (grouped_gemm_layout.h: group by group, m-tile major, n-tile minor); block b then takes tiles
 // b, b + grid, ... and both roles decode them with the same cursor. No host synchronisation: the
-// host knows only M, N, K, L; empty groups own no tiles.
+// host knows only M, N, K, L; empty groups own no tiles (except in wgrad's overwrite mode, where
+// each gets zero tiles of its dW).
 //
 // Ragged groups. fwd/dgrad: a tile of group l loads rows [row0 + 128·m, +128) of X or dY; rows past
 // the group's end belong to group l + 1 (or lie past M, where TMA fills zeros) and only produce
@@ -44,7 +45,8 @@
 // group end use the direct path. The buffers take one pipeline stage's memory. wgrad, staged: the
 // f32 block leaves in two halves through the same buffer as TMA reduce-adds into dW (dW += block in
 // L2, no global load in the SM; "staged wgrad epilogue" in grouped_gemm_layout.h); blocks past N
-// use the direct path.
+// use the direct path. wgrad's overwrite mode (Params::overwrite, the first accumulation after the
+// gradients were zeroed) stores instead: TMA stores of the same boxes, no dW load in the direct path.
 //
 // STATUS: every configuration ran on H200s (all tests pass; the staged ones 6-8 since the fourth
 // session, their wgrad epilogue since the fifth; also covered by the host emulator
@@ -336,7 +338,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kStaged) staged = gg::staged_block(kOp, kTileM, tc, rows, p.mo_fixed, m_offset);
       if (staged) {
         if constexpr (kStaged && kOp == Op::kWgrad) {
-          // dW += block through shared memory and TMA reduce-adds, in two halves of BN/2 columns
+          // dW += block through shared memory and TMA reduce-adds (overwrite mode: dW = block, TMA
+          // stores), in two halves of BN/2 columns
           // (grouped_gemm_layout.h "staged wgrad epilogue").
           uint8_t* buf = out_smem + c * gg::out_block_bytes(kBN);
           const int bar = 3 + c;
