@@ -5,6 +5,8 @@
 //   fwd   y = x · wᵀ per group          (M, K) × (N, K)ᵀ
 //   dgrad dx = dy · w per group         (M, N) × (N, K)
 //   wgrad dw += dyᵀ · x per group       f32 accumulate, beta = 1
+//   wgrad0 dw = dyᵀ · x per group        f32 overwrite (the first backward after zero_grads: the
+//                                       trainer's case with one micro-batch; no dW read)
 // with balanced groups (2048 rows each) and ragged groups of the same total (kRagged, one empty).
 // --rows R sets the rows per group (issue 7 asks for 128 to 8192): balanced groups of R rows and the
 // ragged list scaled to R (ragged_counts: each size · R / 2048 rounded down to a multiple of 16, the
@@ -13,7 +15,9 @@
 // Same-run baseline: the cuBLAS per-group loop (cuda::grouped_linear / grouped_linear_backward, one
 // cublasGemmEx per non-empty group) on identical data. PyTorch's torch._grouped_mm on the same shapes
 // runs separately (bench/torch_grouped_gemm.py) and its JSON adds torch_ms and torch_ms / moetp_ms
-// (> 1: moetp faster). Each row also checks moetp against cuBLAS: max |moetp − cublas| / max |cublas|.
+// (> 1: moetp faster; wgrad0 is compared with torch's wgrad, which also writes a fresh dW, and with
+// the accumulating cuBLAS loop from zero). Each row also checks moetp against cuBLAS:
+// max |moetp − cublas| / max |cublas| (wgrad0 from a dW filled with garbage first).
 // Timing: CUDA events around each call (host-side setup included: tensor maps and the launch for
 // moetp, 16 cuBLAS calls for the loop), median over --iters after --warmup. FLOPs: 2·M·N·K.
 //   python3 bench/torch_grouped_gemm.py --json torch_gg.json
@@ -191,7 +195,7 @@ int run(int argc, char** argv) {
   std::printf("device: %s (%d SMs); G = %lld groups, M = %lld rows; iters %d, warmup %d\n", prop.name,
               prop.multiProcessorCount, static_cast<long long>(kGroups), static_cast<long long>(kGroups * args.rows),
               args.iters, args.warmup);
-  std::printf("%-5s %-8s %5s %5s | %-6s %8s %8s | %9s %8s %6s | %8s %6s | %8s\n", "op", "dist", "N", "K", "kernel",
+  std::printf("%-6s %-8s %5s %5s | %-6s %8s %8s | %9s %8s %6s | %8s %6s | %8s\n", "op", "dist", "N", "K", "kernel",
               "ms", "TFLOP/s", "cublas_ms", "TFLOP/s", "vs_cb", "torch_ms", "vs_pt", "check");
   nlohmann::json rows = nlohmann::json::array();
 
@@ -208,7 +212,7 @@ int run(int argc, char** argv) {
       std::partial_sum(counts.begin(), counts.end(), offsets.begin() + 1);
       const Tensor off_g =
           Tensor::from_vector(offsets, {static_cast<int64_t>(offsets.size())}).to(Device::kCuda);
-      for (const std::string op : {"fwd", "dgrad", "wgrad"}) {
+      for (const std::string op : {"fwd", "dgrad", "wgrad", "wgrad0"}) {
         Tensor out_blas, out;
         std::function<void()> blas;
         std::function<void(int)> ours;
@@ -223,14 +227,18 @@ int run(int argc, char** argv) {
           blas = [&] { cuda::grouped_linear_backward(dy, x, offsets, w, &out_blas, nullptr); };
           ours = [&](int config) { cuda::grouped_gemm_dgrad(dy, off_g, w, out, nullptr, config); };
         } else {
+          const bool accumulate = op == "wgrad";
           out_blas = Tensor::zeros({kGroups, N, K}, DType::kF32, Device::kCuda);
           out = Tensor::zeros({kGroups, N, K}, DType::kF32, Device::kCuda);
           blas = [&] { cuda::grouped_linear_backward(dy, x, offsets, w, nullptr, &out_blas); };
-          ours = [&](int config) { cuda::grouped_gemm_wgrad(dy, x, off_g, out, nullptr, config); };
+          ours = [&, accumulate](int config) {
+            cuda::grouped_gemm_wgrad(dy, x, off_g, out, nullptr, config, accumulate);
+          };
         }
-        // Correctness check on one call from zero (wgrad accumulates).
-        if (op == "wgrad") {
-          CUDA_CHECK(cudaMemset(out.raw_data(), 0, out.num_bytes()));
+        // Correctness check on one call: wgrad accumulates from zero, wgrad0 overwrites garbage
+        // (0x7f bytes: large finite floats; every element, empty groups included, must be written).
+        if (op == "wgrad" || op == "wgrad0") {
+          CUDA_CHECK(cudaMemset(out.raw_data(), op == "wgrad" ? 0 : 0x7f, out.num_bytes()));
           CUDA_CHECK(cudaMemset(out_blas.raw_data(), 0, out_blas.num_bytes()));
         }
         blas();
@@ -239,7 +247,7 @@ int run(int argc, char** argv) {
         const double check = rel_diff(out, out_blas);
 
         const double blas_ms = time_ms(args, blas);
-        const auto it = torch.find({op, dist, N, K});
+        const auto it = torch.find({op == "wgrad0" ? "wgrad" : op, dist, N, K});
         const double torch_ms = it == torch.end() ? std::nan("") : it->second;
         std::vector<int> configs = {-1};
         if (args.sweep) {
@@ -247,7 +255,7 @@ int run(int argc, char** argv) {
         }
         for (int config : configs) {
           const double ms = time_ms(args, [&] { ours(config); });
-          const int product = op == "fwd" ? 0 : (op == "dgrad" ? 1 : 2);
+          const int product = op == "fwd" ? 0 : (op == "dgrad" ? 1 : 2);  // wgrad0: the wgrad product
           const int used = config >= 0 ? config : cuda::launch::grouped_gemm_auto_config_for(product, M, N, K, kGroups);
           MOETP_CHECK(used >= 0, "grouped_gemm_auto_config_for: the device could not be queried");
           // auto128 / co192 / pp256 / cs256: automatic choice, cooperative, ping-pong or cooperative with
@@ -257,7 +265,7 @@ int run(int argc, char** argv) {
                                                                       : "co";
           const std::string kernel = std::string(config < 0 ? "auto" : kind) +
                                      std::to_string(cuda::launch::kGroupedGemmTileN[used]);
-          std::printf("%-5s %-8s %5lld %5lld | %-6s %8.3f %8.1f | %9.3f %8.1f %6.2f | %8.3f %6.2f | %8.1e\n",
+          std::printf("%-6s %-8s %5lld %5lld | %-6s %8.3f %8.1f | %9.3f %8.1f %6.2f | %8.3f %6.2f | %8.1e\n",
                       op.c_str(), dist.c_str(), static_cast<long long>(N), static_cast<long long>(K), kernel.c_str(), ms,
                       flops / ms * 1e-9, blas_ms, flops / blas_ms * 1e-9, blas_ms / ms, torch_ms, torch_ms / ms,
                       check);
