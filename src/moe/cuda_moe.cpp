@@ -77,12 +77,15 @@ void check_nccl_group(comm::Comm& c, cudaStream_t stream) {
               c.name());
 }
 
-// The first `rows` rows of a (capacity, cols) CUDA buffer, regrown to 1.25x (at least 64 rows)
-// when too small, so that a steady-state step allocates nothing.
+// The first `rows` rows of a (capacity, cols) CUDA buffer. The first allocation is exact (as the
+// expert side's, reserve_expert_side: forced balance never grows, and the per-token buffers are
+// sized by N); a growth adds 1/8 slack (at least 64 rows), so that a steady-state step allocates
+// nothing.
 Tensor grow_rows(Tensor& cap, int64_t rows, int64_t cols, DType dtype) {
   if (!cap.defined() || cap.size(0) < rows) {
+    const int64_t n = !cap.defined() ? std::max<int64_t>(rows, 1) : std::max<int64_t>(rows + rows / 8, 64);
     cap = Tensor();  // the old one goes first
-    cap = device_empty({std::max<int64_t>(rows + rows / 4, 64), cols}, dtype);
+    cap = device_empty({n, cols}, dtype);
   }
   return cap.narrow_rows(0, rows);
 }
@@ -303,10 +306,14 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
       cap_x_ = device_empty({cap, H}, DType::kBF16);
       cap_y_ = device_empty({cap, H}, DType::kBF16);
       cap_dy_ = device_empty({cap, H}, DType::kBF16);
-      cap_recv_ = device_empty({cap, H}, DType::kBF16);
-      if (opts_.mesh->etp_size() > 1) cap_gath_ = device_empty({cap, H}, DType::kBF16);
-      cap_perm_ = device_empty({cap}, DType::kI64);
-      cap_inv_perm_ = device_empty({cap}, DType::kI64);
+      // The all2all exchange's buffers (move_to_experts / move_to_slots); `vexpert` moves its rows
+      // through vx_ and never touches them (R·H·2 bytes, twice that with etp > 1: 1 GiB at 2x2).
+      if (!vexpert()) {
+        cap_recv_ = device_empty({cap, H}, DType::kBF16);
+        if (opts_.mesh->etp_size() > 1) cap_gath_ = device_empty({cap, H}, DType::kBF16);
+        cap_perm_ = device_empty({cap}, DType::kI64);
+        cap_inv_perm_ = device_empty({cap}, DType::kI64);
+      }
     }
     exp_capacity_ = cap;
   }

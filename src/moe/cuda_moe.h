@@ -46,9 +46,10 @@
 // dout are ready on it (a non-blocking stream does not wait for the legacy one). forward()
 // synchronises that stream once (the per-expert counts); backward() does not synchronise. The
 // layer owns its buffers: the slot-side ones sized for the last N, the expert-side ones (whose row
-// count R changes with the routing every step) grown to 1.125× the largest R seen (the vexpert
-// buffers 1.25×) and used through views, so a steady-state step allocates nothing (with the direct
-// allocator core's cudaFree would synchronise the device).
+// count R changes with the routing every step) allocated exactly for the first R and regrown to
+// 1.125× R when a larger R comes (the vexpert buffers likewise), used through views, so a
+// steady-state step allocates nothing (with the direct allocator core's cudaFree would synchronise
+// the device).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -237,8 +238,8 @@ class CudaMoeLayer {
   // Expert side: capacity buffers (rows = exp_capacity_) and the views of the last forward.
   int64_t exp_capacity_ = -1;
   Tensor cap_x_, cap_h_, cap_a_, cap_y_, cap_dy_, cap_da_, cap_dh_;  // mesh: x, y, dy own buffers
-  Tensor cap_recv_, cap_gath_;  // mesh: the all-to-all output; the etp all-gather output (T > 1)
-  Tensor cap_perm_, cap_inv_perm_;  // mesh: (R) i64 expert order <- gathered order, and its inverse
+  Tensor cap_recv_, cap_gath_;  // all2all: the all-to-all output; the etp all-gather output (T > 1)
+  Tensor cap_perm_, cap_inv_perm_;  // all2all: (R) i64 expert order <- gathered order, and its inverse
   Tensor dy_RH_, da_MI_, dh_M2I_;   // views of the last forward: (R, H), (R, i), (R, 2i)
 
   // Mesh: what the counts exchange decided for the last forward.
@@ -267,7 +268,7 @@ class CudaMoeLayer {
     Tensor z_QH, back_SH, acc_NH;      // views f32: per received row, per sent row, per token
     Tensor dw_QC, dw_SC;               // views f32: routing-weight gradient, received / sent side
     Tensor workspace;                  // deterministic scatter-add / fold scratch
-    // Capacity buffers behind the views (rows grown 1.25x, never shrunk).
+    // Capacity buffers behind the views (first allocation exact, regrown 1.125x, never shrunk).
     Tensor cap_send_token, cap_tok_begin, cap_tok_rows, cap_row_recv, cap_row_entry, cap_recv_w, cap_send, cap_recv,
         cap_z, cap_back, cap_acc, cap_dw_q, cap_dw_s, cap_ws;
   } vx_;
