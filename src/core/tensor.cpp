@@ -129,6 +129,25 @@ Tensor Tensor::view(Shape shape) const {
   return t;
 }
 
+Tensor Tensor::reinterpret(DType dtype, Shape shape) const {
+  MOETP_CHECK(defined(), "reinterpret of an undefined tensor");
+  check_contiguous(*this, "reinterpret source");
+  for (int64_t d : shape) MOETP_CHECK(d >= 0, "reinterpret: negative size in {}", shape_str(shape));
+  const size_t esize = dtype_size(dtype);
+  const size_t bytes = static_cast<size_t>(shape_numel(shape)) * esize;
+  MOETP_CHECK(bytes <= num_bytes(), "reinterpret: {}{} needs {} bytes, {} has {}", dtype_name(dtype),
+              shape_str(shape), bytes, describe(), num_bytes());
+  const size_t byte_offset = static_cast<size_t>(offset_) * element_size();
+  MOETP_CHECK(byte_offset % esize == 0, "reinterpret: {} starts at byte {}, not aligned to {} ({} bytes)", describe(),
+              byte_offset, dtype_name(dtype), esize);
+  Tensor t = *this;
+  t.dtype_ = dtype;
+  t.offset_ = static_cast<int64_t>(byte_offset / esize);
+  t.strides_ = contiguous_strides(shape);
+  t.shape_ = std::move(shape);
+  return t;
+}
+
 Tensor Tensor::slice(int64_t dim, int64_t start, int64_t end) const {
   const int64_t n = ndim();
   const int64_t d = dim < 0 ? dim + n : dim;

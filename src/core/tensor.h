@@ -89,6 +89,10 @@ class Tensor {
   Tensor slice(int64_t dim, int64_t start, int64_t end) const;  // [start, end) along dim
   Tensor narrow_rows(int64_t start, int64_t length) const { return slice(0, start, start + length); }
   Tensor transpose(int64_t dim0, int64_t dim1) const;
+  // The first bytes of this contiguous view read as a contiguous `dtype` tensor of `shape` (shares
+  // storage; for a buffer whose halves serve two dtypes at different times). Needs the bytes to fit
+  // in this view and its start to be aligned to `dtype`.
+  Tensor reinterpret(DType dtype, Shape shape) const;
 
   // Copies.
   Tensor clone() const;       // contiguous copy on the same device

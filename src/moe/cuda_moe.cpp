@@ -471,10 +471,15 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
     CUDA_CHECK(cudaMemcpyAsync(v.recv_w.raw_data(), recv_w.raw_data(), recv_w.num_bytes(), cudaMemcpyHostToDevice,
                                stream));
   }
-  v.send_SH = grow_rows(v.cap_send, S, H, DType::kBF16);
-  v.recv_QH = grow_rows(v.cap_recv, Q, H, DType::kBF16);
   v.z_QH = grow_rows(v.cap_z, Q, H, DType::kF32);
   v.back_SH = grow_rows(v.cap_back, S, H, DType::kF32);
+  // The bf16 rows live in the first half of the f32 buffers of the same rows: in forward and in
+  // backward the sent rows (send_SH) are dead once the first all-to-all has read them, before the
+  // second one writes back_SH, and the received rows (recv_QH) once gathered into x_RH (forward) or
+  // read by the combine backward, before z_QH is zeroed; every use is ordered on the layer stream
+  // (NcclComm orders its stream against it both ways). (S + Q)·H·2 bytes less.
+  v.send_SH = v.back_SH.reinterpret(DType::kBF16, {S, H});
+  v.recv_QH = v.z_QH.reinterpret(DType::kBF16, {Q, H});
   v.acc_NH = grow_rows(v.cap_acc, N, H, DType::kF32);
   v.dw_QC = grow_rows(v.cap_dw_q, Q, C, DType::kF32);
   v.dw_SC = grow_rows(v.cap_dw_s, S, C, DType::kF32);

@@ -264,13 +264,14 @@ class CudaMoeLayer {
     int64_t S = 0, Q = 0, C = 0;
     Tensor send_token, tok_begin, tok_rows, row_recv, row_entry;  // views: (S), (N+1), (S), (R), (R) i64
     Tensor recv_w;                     // view (Q, C) f32, the received weights (C = K, vexpert_plan.h)
-    Tensor send_SH, recv_QH;           // views (S, H), (Q, H) bf16: sent / received rows (x, then dout)
+    Tensor send_SH, recv_QH;           // views (S, H), (Q, H) bf16: sent / received rows (x, then dout),
+                                       // in the storage of back_SH / z_QH (their lifetimes do not overlap)
     Tensor z_QH, back_SH, acc_NH;      // views f32: per received row, per sent row, per token
     Tensor dw_QC, dw_SC;               // views f32: routing-weight gradient, received / sent side
     Tensor workspace;                  // deterministic scatter-add / fold scratch
     // Capacity buffers behind the views (first allocation exact, regrown 1.125x, never shrunk).
-    Tensor cap_send_token, cap_tok_begin, cap_tok_rows, cap_row_recv, cap_row_entry, cap_recv_w, cap_send, cap_recv,
-        cap_z, cap_back, cap_acc, cap_dw_q, cap_dw_s, cap_ws;
+    Tensor cap_send_token, cap_tok_begin, cap_tok_rows, cap_row_recv, cap_row_entry, cap_recv_w, cap_z, cap_back,
+        cap_acc, cap_dw_q, cap_dw_s, cap_ws;
   } vx_;
 
   struct PinnedDeleter {

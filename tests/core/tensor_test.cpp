@@ -43,6 +43,24 @@ TEST(Tensor, SliceAndTransposeAreStridedViews) {
   EXPECT_EQ(dst.to_vector<int64_t>(), (std::vector<int64_t>{0, 3, 1, 4, 2, 5}));
 }
 
+TEST(Tensor, ReinterpretSharesTheBytes) {
+  Tensor f = Tensor::zeros({3, 2}, DType::kF32);
+  Tensor rows = f.narrow_rows(1, 2);  // 16 bytes from byte 8
+  Tensor b = rows.reinterpret(DType::kBF16, {2, 3});  // the first 12 of them
+  EXPECT_EQ(b.dtype(), DType::kBF16);
+  EXPECT_EQ(b.shape(), (Shape{2, 3}));
+  EXPECT_TRUE(b.is_contiguous());
+  EXPECT_EQ(b.raw_data(), rows.raw_data());
+  reinterpret_cast<uint16_t*>(b.raw_data())[1] = 0x3f80;  // the high half of f[1, 0] (little endian): 1.0f
+  EXPECT_EQ(f.to_vector<float>()[2], 1.0f);
+  EXPECT_EQ(rows.reinterpret(DType::kI64, {2}).shape(), (Shape{2}));
+  EXPECT_EQ(f.reinterpret(DType::kBF16, {0, 4}).numel(), 0);
+  EXPECT_THROW(rows.reinterpret(DType::kBF16, {3, 3}), Error);  // 18 bytes > 16
+  EXPECT_THROW(f.narrow_rows(0, 1).slice(1, 1, 2).reinterpret(DType::kI64, {0}), Error);  // byte 4 is not 8-aligned
+  EXPECT_THROW(f.transpose(0, 1).reinterpret(DType::kBF16, {2}), Error);  // not contiguous
+  EXPECT_THROW(f.reinterpret(DType::kBF16, {-1, 2}), Error);
+}
+
 TEST(Tensor, ZeroSizedTensorsAreValid) {
   Tensor t = Tensor::zeros({0, 5}, DType::kF32);
   EXPECT_EQ(t.numel(), 0);
