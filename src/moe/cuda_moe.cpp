@@ -80,7 +80,7 @@ void check_nccl_group(comm::Comm& c, cudaStream_t stream) {
 // The first `rows` rows of a (capacity, cols) CUDA buffer. The first allocation is exact (as the
 // expert side's, reserve_expert_side: forced balance never grows, and the per-token buffers are
 // sized by N); a growth adds 1/8 slack (at least 64 rows), so that a steady-state step allocates
-// nothing.
+// nothing. The caller drops its views of `cap` first (else a growth holds old and new at once).
 Tensor grow_rows(Tensor& cap, int64_t rows, int64_t cols, DType dtype) {
   if (!cap.defined() || cap.size(0) < rows) {
     const int64_t n = !cap.defined() ? std::max<int64_t>(rows, 1) : std::max<int64_t>(rows + rows / 8, 64);
@@ -461,6 +461,14 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
   s.offsets = rp.offsets;
   reserve_expert_side(R);
 
+  // The last forward's views share the capacity buffers' storage: drop them before any grow_rows
+  // (whose `cap = Tensor()` frees nothing while a view lives), else a growth holds old and new at
+  // once (z and back with their send/recv aliases: (S + Q)·H·4 bytes, 0.45 GiB at 4x1 random), as
+  // reserve_expert_side drops its views. Freed as before, only earlier.
+  for (Tensor* t : {&v.send_token, &v.tok_begin, &v.tok_rows, &v.row_recv, &v.row_entry, &v.recv_w, &v.send_SH,
+                    &v.recv_QH, &v.z_QH, &v.back_SH, &v.acc_NH, &v.dw_QC, &v.dw_SC, &v.workspace}) {
+    *t = Tensor();
+  }
   v.send_token = upload_i64(v.cap_send_token, plan.send_token, stream);
   v.tok_begin = upload_i64(v.cap_tok_begin, tr.begin, stream);
   v.tok_rows = upload_i64(v.cap_tok_rows, tr.rows, stream);
