@@ -328,7 +328,8 @@ void CudaQwen3MoeModel::refresh_moe_params() {
 
 void CudaQwen3MoeModel::zero_grads() {
   // The MoE layers defer their expert gradients' zeroing to the next backward, which overwrites
-  // them (moe::CudaMoeLayer::grads); the rest is zeroed here.
+  // them (moe::CudaMoeLayer::grads), and zero their router gradient themselves; the rest is zeroed
+  // here (the router gradient again: a few KB, kept simple).
   std::vector<bool> deferred(params_.size(), false);
   for (Layer& L : layers_) {
     if (!L.is_moe) continue;

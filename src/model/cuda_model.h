@@ -95,8 +95,16 @@ class CudaQwen3MoeModel {
   CudaQwen3MoeModel& operator=(const CudaQwen3MoeModel&) = delete;
 
   const config::ModelConfig& config() const { return cfg_; }
-  std::vector<CudaParam>& params() { return params_; }
-  const std::vector<CudaParam>& params() const { return params_; }
+  // The parameters with their gradients; expert gradients zero_grads deferred are zeroed first
+  // (materialize_moe_grads), so a read between zero_grads and the next backward sees zeros.
+  std::vector<CudaParam>& params() {
+    materialize_moe_grads();
+    return params_;
+  }
+  const std::vector<CudaParam>& params() const {
+    materialize_moe_grads();
+    return params_;
+  }
   void zero_grads();
   // Zeroes the MoE expert gradients zero_grads deferred, if no backward has run since.
   void materialize_moe_grads() const;

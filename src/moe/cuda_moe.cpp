@@ -220,8 +220,9 @@ void CudaMoeLayer::set_params(const MoeParams& src) {
 
 void CudaMoeLayer::zero_grads() {
   CUDA_CHECK(cudaMemsetAsync(grads_.wg_EH.raw_data(), 0, grads_.wg_EH.num_bytes(), opts_.stream));
-  // The expert gradients (almost all of the layer's) are zeroed by the next backward's first
-  // weight-gradient product, which stores instead of adding (experts_backward), or on first read.
+  // The expert gradients (almost all of the layer's) are zeroed by the next backward: on the
+  // grouped path its weight-gradient products store instead of adding (experts_backward), on the
+  // cuBLAS path begin_expert_grads memsets them before the experts run; or on first read (grads()).
   expert_grads_zero_pending_ = true;
 }
 
@@ -465,10 +466,7 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
   // (whose `cap = Tensor()` frees nothing while a view lives), else a growth holds old and new at
   // once (z and back with their send/recv aliases: (S + Q)·H·4 bytes, 0.45 GiB at 4x1 random), as
   // reserve_expert_side drops its views. Freed as before, only earlier.
-  for (Tensor* t : {&v.send_token, &v.tok_begin, &v.tok_rows, &v.row_recv, &v.row_entry, &v.recv_w, &v.send_SH,
-                    &v.recv_QH, &v.z_QH, &v.back_SH, &v.acc_NH, &v.dw_QC, &v.dw_SC, &v.workspace}) {
-    *t = Tensor();
-  }
+  v.drop_views();
   v.send_token = upload_i64(v.cap_send_token, plan.send_token, stream);
   v.tok_begin = upload_i64(v.cap_tok_begin, tr.begin, stream);
   v.tok_rows = upload_i64(v.cap_tok_rows, tr.rows, stream);
@@ -712,10 +710,11 @@ void CudaMoeLayer::experts_backward(int64_t e0, int64_t e1, cudaStream_t stream)
   // zeros; no rows at all: a memset). Still pending here only on the grouped path (one chunk over
   // every expert: begin_expert_grads zeroed the cuBLAS path's gradients); backward_into clears it.
   const bool overwrite = expert_grads_zero_pending_;
-  if (overwrite && rows == 0) {
-    for (Tensor* g : {&dw13, &dw2}) CUDA_CHECK(cudaMemsetAsync(g->raw_data(), 0, g->num_bytes(), stream));
+  if (rows == 0) {
+    // Only on the grouped path (one chunk, the layer stream): no rows at all.
+    if (overwrite) zero_expert_grads_async();
+    return;
   }
-  if (rows == 0) return;
   const Tensor w13 = params_.w13_L2iH.narrow_rows(e0, e1 - e0), w2 = params_.w2_LHi.narrow_rows(e0, e1 - e0);
   const Tensor x = s.x_RH.narrow_rows(r0, rows), h = s.h_M2I.narrow_rows(r0, rows), a = s.a_MI.narrow_rows(r0, rows);
   Tensor dy = dy_RH_.narrow_rows(r0, rows), da = da_MI_.narrow_rows(r0, rows), dh = dh_M2I_.narrow_rows(r0, rows);

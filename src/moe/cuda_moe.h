@@ -269,6 +269,14 @@ class CudaMoeLayer {
     Tensor z_QH, back_SH, acc_NH;      // views f32: per received row, per sent row, per token
     Tensor dw_QC, dw_SC;               // views f32: routing-weight gradient, received / sent side
     Tensor workspace;                  // deterministic scatter-add / fold scratch
+    // Releases every view above (a view keeps its capacity buffer's storage alive; grow_rows can
+    // free a buffer only after this). A new view member belongs in this list.
+    void drop_views() {
+      for (Tensor* t : {&send_token, &tok_begin, &tok_rows, &row_recv, &row_entry, &recv_w, &send_SH, &recv_QH, &z_QH,
+                        &back_SH, &acc_NH, &dw_QC, &dw_SC, &workspace}) {
+        *t = Tensor();
+      }
+    }
     // Capacity buffers behind the views (first allocation exact, regrown 1.125x, never shrunk).
     Tensor cap_send_token, cap_tok_begin, cap_tok_rows, cap_row_recv, cap_row_entry, cap_recv_w, cap_z, cap_back,
         cap_acc, cap_dw_q, cap_dw_s, cap_ws;

@@ -613,22 +613,26 @@ TEST_F(CudaRowOps, EmptyLeavesDestinationUntouched) {
 }
 
 TEST_F(CudaRowOps, BadIndicesAreReportedAndSkipped) {
-  const Tensor init = random_ints({4, 3}, 65, -10, 10);
-  const Tensor src = random_ints({2, 3}, 66, -10, 10);
-  Tensor dst = gpu(init);
-  expect_fault([&] { cuda::scatter_add_rows(gpu_bf16(src), gpu(i64_tensor({1, 4})), dst); },
-               "scatter_add_rows: row index rows[1] = 4 out of range [0, 4)");
-  Tensor expected = init.clone();
-  moe::scatter_add_rows(src.narrow_rows(0, 1), std::vector<int64_t>{1}, expected);
-  EXPECT_TRUE(bit_equal(dst, expected));
+  // H = 3: the scalar kernel; H = 64: 8 columns per thread (16-byte loads).
+  for (const int64_t H : {int64_t{3}, int64_t{64}}) {
+    SCOPED_TRACE("H = " + std::to_string(H));
+    const Tensor init = random_ints({4, H}, 65, -10, 10);
+    const Tensor src = random_ints({2, H}, 66, -10, 10);
+    Tensor dst = gpu(init);
+    expect_fault([&] { cuda::scatter_add_rows(gpu_bf16(src), gpu(i64_tensor({1, 4})), dst); },
+                 "scatter_add_rows: row index rows[1] = 4 out of range [0, 4)");
+    Tensor expected = init.clone();
+    moe::scatter_add_rows(src.narrow_rows(0, 1), std::vector<int64_t>{1}, expected);
+    EXPECT_TRUE(bit_equal(dst, expected));
 
-  Tensor dst2 = gpu(init);
-  expect_fault(
-      [&] {
-        cuda::fold_weighted(gpu_bf16(src), gpu(i64_tensor({0, 2})), gpu(i64_tensor({0, 2})),
-                            gpu(random_ints({4, 2}, 67, 1, 3)), dst2);
-      },
-      "fold_weighted (cols): column index cols[1] = 2 out of range [0, 2)");
+    Tensor dst2 = gpu(init);
+    expect_fault(
+        [&] {
+          cuda::fold_weighted(gpu_bf16(src), gpu(i64_tensor({0, 2})), gpu(i64_tensor({0, 2})),
+                              gpu(random_ints({4, 2}, 67, 1, 3)), dst2);
+        },
+        "fold_weighted (cols): column index cols[1] = 2 out of range [0, 2)");
+  }
 }
 
 // ---- cross-entropy ------------------------------------------------------------------------------

@@ -40,6 +40,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -383,13 +384,31 @@ TEST_F(CudaMoeLayer, GradientsAccumulate) {
   layer.zero_grads();
   EXPECT_TRUE(testing::all_zero(host_f32(layer.grads().w13_L2iH)));
   // zero_grads defers the expert gradients' zeroing to the next backward, which then overwrites
-  // (grouped GEMM) or zeroes first (cuBLAS loop, also with two expert streams, whose chunks without
-  // rows are skipped). Two passes over all N tokens leave gradients in every expert; after
-  // zero_grads one backward over a single token (K of E experts used, the others empty) must give
-  // exactly what a fresh layer gives for that token (w13 and w2, the empty experts zero).
-  const Tensor x1 = x.narrow_rows(0, 1), dout1 = dout.narrow_rows(0, 1);
-  const std::vector<std::pair<moe::ExpertGemm, int>> variants = {
-      {moe::ExpertGemm::kGrouped, 1}, {moe::ExpertGemm::kCublas, 1}, {moe::ExpertGemm::kCublas, 2}};
+  // (grouped GEMM) or zeroes first (cuBLAS loop, also with several expert streams, whose chunks
+  // without rows are skipped). Two passes over all N tokens leave gradients in every expert; after
+  // zero_grads one backward over 8 copies of one token (K of E experts used, 8 rows each, the
+  // others empty) must give exactly what a fresh layer gives for them (w13 and w2, the empty
+  // experts zero), and a second backward exactly twice that (accumulating after the overwrite).
+  // With K + 1 streams the chunks split the rows 8 / 8 / 8 / 8 / 0: the last chunk, the experts after
+  // the last used one, has no rows and is skipped (the token is one that leaves expert E - 1 unused).
+  auto copies_of = [&](const Tensor& rows_NH, int64_t n) {
+    Tensor out = Tensor::zeros({8, c.H}, DType::kF32);
+    for (int64_t r = 0; r < 8; ++r) out.narrow_rows(r, 1).copy_from(rows_NH.narrow_rows(n, 1));
+    return gpu_bf16(out);
+  };
+  int64_t token = -1;
+  for (int64_t n = 0; n < c.N && token < 0; ++n) {
+    moe::CudaMoeLayer probe({c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"});
+    probe.set_params(in.params);
+    probe.forward(copies_of(in.x_NH, n));
+    if (probe.counts_E().back() == 0) token = n;
+  }
+  ASSERT_GE(token, 0) << "no token leaves expert E - 1 unused";
+  const Tensor x1 = copies_of(in.x_NH, token), dout1 = copies_of(in.dout_NH, token);
+  const std::vector<std::pair<moe::ExpertGemm, int>> variants = {{moe::ExpertGemm::kGrouped, 1},
+                                                                  {moe::ExpertGemm::kCublas, 1},
+                                                                  {moe::ExpertGemm::kCublas, 2},
+                                                                  {moe::ExpertGemm::kCublas, static_cast<int>(c.K) + 1}};
   for (const auto& [gemm, streams] : variants) {
     const std::string what = std::string(moe::expert_gemm_name(gemm)) + " streams " + std::to_string(streams);
     moe::CudaMoeOptions opts;
@@ -399,6 +418,8 @@ TEST_F(CudaMoeLayer, GradientsAccumulate) {
     fresh.set_params(in.params);
     fresh.forward(x1);
     fresh.backward(dout1);
+    ASSERT_EQ(fresh.counts_E().back(), 0) << what << ": the last expert must be unused (an empty last chunk)";
+    ASSERT_EQ(std::count(fresh.counts_E().begin(), fresh.counts_E().end(), int64_t{8}), c.K) << what;
     moe::CudaMoeLayer l2({c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"}, opts);
     l2.set_params(in.params);
     for (int pass = 0; pass < 2; ++pass) {
@@ -411,6 +432,15 @@ TEST_F(CudaMoeLayer, GradientsAccumulate) {
     l2.backward(dout1);
     EXPECT_TRUE(testing::bit_equal(host(l2.grads().w13_L2iH), host(fresh.grads().w13_L2iH))) << what;
     EXPECT_TRUE(testing::bit_equal(host(l2.grads().w2_LHi), host(fresh.grads().w2_LHi))) << what;
+    l2.forward(x1);
+    l2.backward(dout1);
+    for (const auto& [got, one] : {std::pair{&l2.grads().w13_L2iH, &fresh.grads().w13_L2iH},
+                                   std::pair{&l2.grads().w2_LHi, &fresh.grads().w2_LHi}}) {
+      std::vector<float> twice = host_f32(*one);
+      for (float& v : twice) v *= 2.0f;  // a + a is exact in f32
+      EXPECT_TRUE(testing::bit_equal(host(*got), Tensor::from_vector<float>(twice, one->shape())))
+          << what << ": the second backward after zero_grads accumulates";
+    }
   }
 }
 

@@ -14,7 +14,7 @@
 // aligned; N % 8 == 0 and K % 8 == 0 (TMA row strides); 1 <= L <= 1024; sizes below 2^31.
 // bf16 outputs are rounded once from f32 accumulators. Work is enqueued on `stream`; calls return
 // without waiting. `config`: tile configuration (launch::kGroupedGemmConfigs, for tests and the
-// benchmark); -1 picks one per shape (launch::grouped_gemm_auto_config).
+// benchmark); -1 picks one per shape (launch::grouped_gemm_auto_config_for).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -246,7 +246,8 @@ MOETP_GG_FN StoreCoord staged_store_coord(int bn, int tile_m, const TileCoord& t
 }
 
 // ---- staged wgrad epilogue: TMA reduce-add of f32 boxes into dW --------------------------------
-// wgrad accumulates into f32 dW. Staged, a consumer warpgroup's 64 × BN block leaves in two halves
+// wgrad accumulates into f32 dW (or, in overwrite mode, stores: the same boxes leave by plain TMA
+// stores, cp.async.bulk.tensor, instead of reduce-adds). Staged, a consumer warpgroup's 64 × BN block leaves in two halves
 // of BN/2 columns (the buffer holds 64 × BN bf16 = 64 × BN/2 f32): each half is written into the
 // buffer as BN/64 boxes of 64 rows × 32 f32 columns in the SWIZZLE_128B layout (128-byte rows,
 // 8 KiB per box), then one thread issues cp.reduce.async.bulk.tensor .add per box: the dW += block
