@@ -288,7 +288,7 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
     // One GPU: R = M exactly, every step. A mesh: R follows the routing. The first allocation is
     // exact (forced-balance routing never grows); a growth adds 1/8 slack so that the next slightly
     // larger step does not reallocate again (the step-to-step spread of R at ep 4 with real routing
-    // is a few percent; the slack costs memory on eight (R, ·) buffers, 0.37 GiB at 2x2).
+    // is a few percent; the slack costs memory on every (R, ·) buffer, 1/8 of their sum).
     const int64_t cap = !distributed()       ? R
                         : exp_capacity_ < 0 ? std::max<int64_t>(R, 1)
                                             : std::max<int64_t>(R + R / 8, 64);
@@ -306,7 +306,14 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
     if (distributed()) {
       cap_x_ = device_empty({cap, H}, DType::kBF16);
       cap_y_ = device_empty({cap, H}, DType::kBF16);
-      cap_dy_ = device_empty({cap, H}, DType::kBF16);
+      // all2all: y_RH is dead once the forward's move_to_slots has gathered it (the backward reads
+      // the slot rows y_MH, never y_RH), and dy_RH is first written by the backward's
+      // move_to_experts: one buffer serves both (R·H bf16 less, 0.25 GiB at 2x1, 0.5 GiB at 1x2;
+      // saved().y_RH is valid until the backward starts). Every access is in the layer stream's
+      // order (the collectives and the expert chunks are joined back to it with events), so the
+      // next forward's experts write y only after this backward's move_to_slots has read dx.
+      // `vexpert`'s combine backward reads y_RH while it writes dy_RH: two buffers there.
+      cap_dy_ = vexpert() ? device_empty({cap, H}, DType::kBF16) : cap_y_;
       // The all2all exchange's buffers (move_to_experts / move_to_slots); `vexpert` moves its rows
       // through vx_ and never touches them (R·H·2 bytes, twice that with etp > 1: 1 GiB at 2x2).
       if (!vexpert()) {

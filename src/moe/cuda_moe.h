@@ -121,7 +121,8 @@ struct CudaMoeSaved {
   Tensor x_RH;            // (R, H) bf16
   Tensor h_M2I;           // (R, 2i) bf16, gate | up
   Tensor a_MI;            // (R, i) bf16
-  Tensor y_RH;            // (R, H) bf16, this rank's TP partial
+  Tensor y_RH;            // (R, H) bf16, this rank's TP partial; on a mesh with `all2all` valid until
+                          // the backward starts (its storage is the backward's dy_RH)
   std::vector<int64_t> counts_E;  // host: slot rows per global expert (this rank's tokens)
   std::vector<int64_t> offsets;   // host, L + 1: local expert j owns expert-side rows [offsets[j], offsets[j + 1])
 };
@@ -237,7 +238,8 @@ class CudaMoeLayer {
 
   // Expert side: capacity buffers (rows = exp_capacity_) and the views of the last forward.
   int64_t exp_capacity_ = -1;
-  Tensor cap_x_, cap_h_, cap_a_, cap_y_, cap_dy_, cap_da_, cap_dh_;  // mesh: x, y, dy own buffers
+  // Mesh: x and y own buffers; dy is y's buffer with `all2all`, its own with `vexpert`.
+  Tensor cap_x_, cap_h_, cap_a_, cap_y_, cap_dy_, cap_da_, cap_dh_;
   Tensor cap_recv_, cap_gath_;  // all2all: the all-to-all output; the etp all-gather output (T > 1)
   Tensor cap_perm_, cap_inv_perm_;  // all2all: (R) i64 expert order <- gathered order, and its inverse
   Tensor dy_RH_, da_MI_, dh_M2I_;   // views of the last forward: (R, H), (R, i), (R, 2i)
