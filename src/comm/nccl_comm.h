@@ -8,9 +8,12 @@
 //   broadcast         ncclBroadcast, in place, as bytes
 //   all_reduce        ncclAllReduce, in place; sum/max on f32, bf16, i32, i64
 //   all_gather        ncclAllGather, as bytes
-//   all_gather_v      one ncclBroadcast per rank with rows, inside one ncclGroupStart/End
+//   all_gather_v      one ncclBroadcast per rank with rows, inside one ncclGroupStart/End; `in`
+//                     may be this rank's own block of `out` (in place: NCCL's send buffer ==
+//                     receive buffer on the root; CudaMoeLayer's etp exchange relies on it)
 //   reduce_scatter    ncclReduceScatter; f32, bf16, i32, i64
-//   reduce_scatter_v  one ncclReduce per destination rank with rows (root = that rank), one group
+//   reduce_scatter_v  one ncclReduce per destination rank with rows (root = that rank), one group;
+//                     `out` may be this rank's own block of `in` (in place, as above)
 //   all_to_all_v      ncclSend/ncclRecv per peer with rows, one group; the self piece is a
 //                     cudaMemcpyAsync on the communication stream
 //   split             MPI_Comm_split of the host communicator + ncclCommSplit (same color, key)

@@ -314,11 +314,15 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
       // next forward's experts write y only after this backward's move_to_slots has read dx.
       // `vexpert`'s combine backward reads y_RH while it writes dy_RH: two buffers there.
       cap_dy_ = vexpert() ? device_empty({cap, H}, DType::kBF16) : cap_y_;
-      // The all2all exchange's buffers (move_to_experts / move_to_slots); `vexpert` moves its rows
-      // through vx_ and never touches them (R·H·2 bytes, twice that with etp > 1: 1 GiB at 2x2).
+      // The all2all exchange's buffer (move_to_experts / move_to_slots); `vexpert` moves its rows
+      // through vx_ and never touches it (R·H·2 bytes: 0.25 GiB at 2x1, 0.5 GiB at 1x2). With
+      // etp > 1 the all-to-all's rows are this rank's block of the gathered rows (exchange_views).
       if (!vexpert()) {
-        cap_recv_ = device_empty({cap, H}, DType::kBF16);
-        if (opts_.mesh->etp_size() > 1) cap_gath_ = device_empty({cap, H}, DType::kBF16);
+        if (opts_.mesh->etp_size() > 1) {
+          cap_gath_ = device_empty({cap, H}, DType::kBF16);
+        } else {
+          cap_recv_ = device_empty({cap, H}, DType::kBF16);
+        }
         cap_perm_ = device_empty({cap}, DType::kI64);
         cap_inv_perm_ = device_empty({cap}, DType::kI64);
       }
@@ -370,6 +374,8 @@ void CudaMoeLayer::plan_exchange() {
   }
   ex_.num_recv = comm::sum_counts(ex_.recv_counts);
   ex_.num_rows = comm::sum_counts(ex_.tp_counts);
+  ex_.recv_offset = 0;
+  for (int t = 0; t < t_me; ++t) ex_.recv_offset += ex_.tp_counts[static_cast<size_t>(t)];
 
   // Gathered rows come as blocks (t', q', j); the expert order is (j, q', t') (moe/dispatcher.h).
   std::vector<int64_t> block_off(cnt.size() + 1, 0);
@@ -403,17 +409,28 @@ void CudaMoeLayer::plan_exchange() {
   }
 }
 
+void CudaMoeLayer::exchange_views(Tensor& recv, Tensor& gathered) {
+  if (opts_.mesh->etp_size() > 1) {
+    // Rank t's block of the gathered rows is exactly what its all-to-all receives (tp_counts[t] =
+    // num_recv): the all-to-all writes there, and the etp all-gather / reduce-scatter run in place
+    // (NcclComm: one ncclBroadcast / ncclReduce per rank, whose send buffer is then the receive
+    // buffer on the root, NCCL's in-place form).
+    gathered = cap_gath_.narrow_rows(0, ex_.num_rows);
+    recv = gathered.narrow_rows(ex_.recv_offset, ex_.num_recv);
+  } else {
+    recv = cap_recv_.narrow_rows(0, ex_.num_recv);
+    gathered = recv;
+  }
+}
+
 void CudaMoeLayer::move_to_experts(const Tensor& slot_MH, Tensor& exp_RH) {
   const comm::Mesh& mesh = *opts_.mesh;
   const int64_t H = cfg_.hidden, R = ex_.num_rows;
   const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
-  Tensor recv = cap_recv_.narrow_rows(0, ex_.num_recv);
+  Tensor recv, gathered;
+  exchange_views(recv, gathered);
   mesh.ep().all_to_all_v(slot_MH, ex_.send_counts, recv, ex_.recv_counts);
-  Tensor gathered = recv;
-  if (mesh.etp_size() > 1) {
-    gathered = cap_gath_.narrow_rows(0, R);
-    mesh.etp().all_gather_v(recv, gathered, ex_.tp_counts);
-  }
+  if (mesh.etp_size() > 1) mesh.etp().all_gather_v(recv, gathered, ex_.tp_counts);  // in place
   if (R == 0) return;
   CUDA_CHECK(cuda::launch::gather_rows(gathered.raw_data(), exp_RH.raw_data(), cap_perm_.data<int64_t>(), R, R,
                                        row_bytes, nullptr, opts_.stream));
@@ -424,13 +441,14 @@ void CudaMoeLayer::move_to_slots(const Tensor& exp_RH, Tensor& slot_MH) {
   const int64_t H = cfg_.hidden, R = ex_.num_rows;
   const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
   const bool tp = mesh.etp_size() > 1;
-  Tensor recv = cap_recv_.narrow_rows(0, ex_.num_recv);
-  Tensor gathered = tp ? cap_gath_.narrow_rows(0, R) : recv;
+  Tensor recv, gathered;
+  exchange_views(recv, gathered);
   if (R > 0) {
     CUDA_CHECK(cuda::launch::gather_rows(exp_RH.raw_data(), gathered.raw_data(), cap_inv_perm_.data<int64_t>(), R, R,
                                          row_bytes, nullptr, opts_.stream));
   }
-  // The etp partials summed (bf16, NCCL's order) into the rows this rank received.
+  // The etp partials summed (bf16, NCCL's order) into the rows this rank received (in place: its
+  // own block of the gathered rows).
   if (tp) mesh.etp().reduce_scatter_v(gathered, recv, ex_.tp_counts);
   mesh.ep().all_to_all_v(recv, ex_.recv_counts, slot_MH, ex_.send_counts);
 }

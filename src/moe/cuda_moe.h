@@ -206,6 +206,9 @@ class CudaMoeLayer {
   // Mesh only: slot rows (M, H) -> expert side (R, H), and back (summing the etp partials).
   void move_to_experts(const Tensor& slot_MH, Tensor& exp_RH);
   void move_to_slots(const Tensor& exp_RH, Tensor& slot_MH);
+  // The all-to-all's rows (num_recv) and the gathered rows (R) of the last plan; one view with T = 1,
+  // the first inside the second with T > 1 (the etp collectives then run in place).
+  void exchange_views(Tensor& recv, Tensor& gathered);
   // Calls fn(first_expert, end_expert, stream) once per non-empty chunk of local experts (see
   // CudaMoeOptions::expert_streams), ordered after the work already on the layer stream and before
   // the work queued on it afterwards.
@@ -240,7 +243,9 @@ class CudaMoeLayer {
   int64_t exp_capacity_ = -1;
   // Mesh: x and y own buffers; dy is y's buffer with `all2all`, its own with `vexpert`.
   Tensor cap_x_, cap_h_, cap_a_, cap_y_, cap_dy_, cap_da_, cap_dh_;
-  Tensor cap_recv_, cap_gath_;  // all2all: the all-to-all output; the etp all-gather output (T > 1)
+  // all2all: the all-to-all output (T = 1); the etp all-gather output (T > 1), whose block
+  // [recv_offset, recv_offset + num_recv) is then the all-to-all output (exchange_views).
+  Tensor cap_recv_, cap_gath_;
   Tensor cap_perm_, cap_inv_perm_;  // all2all: (R) i64 expert order <- gathered order, and its inverse
   Tensor dy_RH_, da_MI_, dh_M2I_;   // views of the last forward: (R, H), (R, i), (R, 2i)
 
@@ -251,6 +256,7 @@ class CudaMoeLayer {
     std::vector<int64_t> tp_counts;    // rows each etp rank received (the all-gather counts)
     int64_t num_recv = 0;              // Σ recv_counts
     int64_t num_rows = 0;              // R = Σ tp_counts
+    int64_t recv_offset = 0;           // Σ tp_counts[t' < t]: this rank's block of the gathered rows
   } ex_;
   std::vector<int64_t> perm_host_;     // pinned staging would be nicer; uploaded once per forward
 
