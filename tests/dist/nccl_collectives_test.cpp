@@ -258,6 +258,42 @@ TYPED_TEST(NcclCollectives, ReduceScatterVUnevenWithEmptyPieces) {
   }
 }
 
+// In place, as CudaMoeLayer's etp exchange runs them: all_gather_v's input is this rank's own block
+// of the output, reduce_scatter_v's output is this rank's own block of the input.
+TYPED_TEST(NcclCollectives, AllGatherVAndReduceScatterVInPlace) {
+  auto& n = this->nccl();
+  const DType dtype = DTypeOf<TypeParam>::value;
+  std::vector<int64_t> counts(n.size());
+  for (int r = 0; r < n.size(); ++r) counts[r] = count(r, 0);  // 0, 1, 2, 0, ...
+  std::vector<int64_t> offsets(counts.size() + 1, 0);
+  for (size_t r = 0; r < counts.size(); ++r) offsets[r + 1] = offsets[r] + counts[r];
+  const int64_t me = n.rank(), total = comm::sum_counts(counts);
+
+  GuardedOut g = guarded_out(total, dtype);
+  Tensor own = g.out.narrow_rows(offsets[me], counts[me]);
+  own.copy_from(rows_from<TypeParam>(n.rank(), 0, counts[me]));
+  n.all_gather_v(own, g.out, counts);
+  std::vector<Tensor> expected;
+  for (int r = 0; r < n.size(); ++r) expected.push_back(rows_from<TypeParam>(r, 0, counts[r]));
+  EXPECT_TRUE(testing::bit_equal(g.out, concat_rows(expected, dtype))) << "all_gather_v in place";
+  EXPECT_TRUE(guard_intact(g));
+
+  std::vector<Tensor> blocks;
+  for (int q = 0; q < n.size(); ++q) blocks.push_back(reduce_rows<TypeParam>(n.rank(), q, counts[q]));
+  const Tensor host = concat_rows(blocks, dtype);
+  Tensor in = host.to(Device::kCuda);
+  Tensor out = in.narrow_rows(offsets[me], counts[me]);
+  n.reduce_scatter_v(in, out, counts);
+  EXPECT_TRUE(testing::bit_equal(out, expected_reduced<TypeParam>(n.size(), n.rank(), counts[me], ReduceOp::kSum)))
+      << "reduce_scatter_v in place";
+  // The other ranks' blocks were only sent.
+  for (int q = 0; q < n.size(); ++q) {
+    if (q == me) continue;
+    EXPECT_TRUE(testing::bit_equal(in.narrow_rows(offsets[q], counts[q]), blocks[static_cast<size_t>(q)]))
+        << "block of rank " << q << " modified";
+  }
+}
+
 TYPED_TEST(NcclCollectives, AllToAllVUnevenWithEmptyPiecesMatchesMpi) {
   auto& w = world();
   auto& n = this->nccl();
