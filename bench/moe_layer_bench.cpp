@@ -31,7 +31,7 @@ Tensor randn(moetp::Shape shape, uint64_t stream, float std) {
 void BM_MoeLayerFwdBwd(benchmark::State& state) {
   const Shape s = kShapes[state.range(0)];
   comm::Mesh mesh(*g_world, 1, 1);
-  moe::MoeBlock block({s.H, s.E, s.K, s.I, true, "local"}, mesh);
+  moe::MoeBlock block({s.H, s.E, s.K, s.I, true, DispatcherKind::kLocal}, mesh);
   moe::MoeParams p{randn({s.E, s.H}, 1, 0.1f), randn({s.E, 2 * s.I, s.H}, 2, 0.05f), randn({s.E, s.H, s.I}, 3, 0.05f)};
   const Tensor x = randn({s.N, s.H}, 4, 1.0f);
   const Tensor dout = randn({s.N, s.H}, 5, 1.0f);

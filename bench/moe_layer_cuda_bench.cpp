@@ -182,7 +182,7 @@ Result run_case(const Args& args, int64_t I, bool balanced, Variant variant, con
   r.variant = variant;
   bench::reset_peak();  // from the bytes live now (the inputs), as the baseline counts its inputs
   {
-    moe::CudaMoeLayer layer({kH, kE, kK, I, true, variant.dispatcher}, opts);
+    moe::CudaMoeLayer layer({kH, kE, kK, I, true, parse_option<DispatcherKind>(variant.dispatcher, "--dispatchers")}, opts);
     layer.set_params(host_params);
     Tensor out, dx;
     auto step = [&](int it) {

@@ -283,7 +283,7 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
   opts.mesh = mesh.get();
   opts.force_balance = balanced;
   opts.expert_gemm = args.expert_gemm;
-  opts.dispatcher = args.dispatcher;
+  opts.dispatcher = parse_option<DispatcherKind>(args.dispatcher, "--dispatcher");
   MOETP_CHECK(W > 1 || (layout.P == 1 && layout.T == 1), "layout {}x{} needs {} ranks (run under mpirun)", layout.P,
               layout.T, layout.P * layout.T);
 

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,20 @@ struct Tolerance {
 inline constexpr Tolerance kF32Exactish{1e-6, 1e-6};       // same math, different summation order
 inline constexpr Tolerance kF32Parallel{1e-5, 1e-6, 0.1};  // parallel layouts vs single rank (ETP_SPEC)
 inline constexpr Tolerance kBF16{2e-2, 1e-2};              // bf16 storage, f32 accumulation
+// CUDA ops against their CPU references (tests/kernels/cuda_*_test.cpp):
+inline constexpr Tolerance kBF16Rel{1e-2, 1e-12};   // bf16 outputs without cancellation, small magnitudes
+inline constexpr Tolerance kF32Op{1e-5, 1e-6};      // f32 math, short reductions (expf vs exp, f32 vs double)
+inline constexpr Tolerance kF32Sum{1e-4, 1e-6, 0.1};  // long f32 reductions with cancellation
+inline constexpr Tolerance kRoutingWeight{1e-4, 1e-6};  // f32 softmax of two differently ordered GEMMs
+
+// Relative L2 bounds of the CUDA path against the CPU path (bf16 activations, f32 accumulation;
+// each bf16 rounding is at most 2^-9 relative, a chain of about six gives about 3e-3 in L2):
+inline constexpr double kMoeGlobalRel = 1e-2;  // MoE layer: ‖a − b‖₂ / ‖b‖₂ over a whole tensor
+inline constexpr double kMoeBlockRel = 3e-2;   // MoE layer: the same per row / per expert slab
+inline constexpr double kModelCeRel = 1e-3;    // model: cross-entropy of one micro-batch
+inline constexpr double kModelAuxRel = 1e-3;   // model: aux loss of one micro-batch
+inline constexpr double kModelGradRel = 5e-2;  // model: each parameter's gradient (rel L2)
+inline constexpr double kModelAdamLossRel = 2e-2;  // model: loss after a few AdamW steps on both
 
 // Flat index -> "[i, j, k]".
 inline std::string coords_str(const Shape& shape, int64_t flat) {
@@ -117,6 +132,21 @@ inline std::string error_of(const std::function<void()>& fn) {
     return e.what();
   }
   return "<no error>";
+}
+
+// Expects fn() to throw a moetp::Error whose message contains every one of `substrings` (the
+// values an error must name); reports the message when one is missing.
+inline void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> substrings) {
+  try {
+    fn();
+  } catch (const moetp::Error& e) {
+    const std::string message = e.what();
+    for (const std::string& s : substrings) {
+      EXPECT_NE(message.find(s), std::string::npos) << "missing '" << s << "' in: " << message;
+    }
+    return;
+  }
+  ADD_FAILURE() << "expected moetp::Error";
 }
 
 // Random f32 tensor from the counter RNG (never zeros: values in [lo, hi) with lo < hi).

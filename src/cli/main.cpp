@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
     eval_cmd->add_option("--dump-logits", ev.dump_logits, "write the logits to this .safetensors file");
     eval_cmd->add_option("--ep", ev.ep, "expert-parallel degree")->capture_default_str();
     eval_cmd->add_option("--etp", ev.etp, "expert tensor-parallel degree")->capture_default_str();
-    eval_cmd->add_option("--dispatcher", ev.dispatcher, "auto | local | allgather | all2all | vexpert")->capture_default_str();
+    eval_cmd->add_option("--dispatcher", ev.dispatcher, moetp::option_choices<moetp::DispatcherKind>())->capture_default_str();
     try {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

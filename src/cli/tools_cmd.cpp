@@ -6,6 +6,7 @@
 
 #include "comm/mesh.h"
 #include "config/model_config.h"
+#include "config/train_config.h"
 #include "data/loader.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
@@ -24,11 +25,6 @@ uint64_t fnv1a(std::span<const std::byte> bytes) {
     h *= 0x100000001b3ull;
   }
   return h;
-}
-
-std::string dispatcher_for(const std::string& name, int ep, int etp) {
-  if (name != "auto") return name;
-  return ep * etp == 1 ? "local" : "all2all";
 }
 
 bool is_native(const std::string& dir) { return fs::exists(fs::path(dir) / "trainer_state.json"); }
@@ -66,7 +62,7 @@ int run_convert(const ConvertArgs& a, comm::Comm& world) {
               "convert --from/--to take hf or native, got '{}' -> '{}'", a.from, a.to);
   const config::ModelConfig cfg = config::ModelConfig::load(a.input + "/config.json");
   comm::Mesh mesh(world, a.ep, a.etp);
-  model::Qwen3MoeModel model(cfg, mesh, dispatcher_for("auto", a.ep, a.etp), 0);
+  model::Qwen3MoeModel model(cfg, mesh, config::resolve_dispatcher(DispatcherKind::kAuto, a.ep, a.etp), 0);
   std::vector<Tensor> m, v;
   for (const model::Param& p : model.params()) {
     m.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
@@ -91,7 +87,8 @@ int run_convert(const ConvertArgs& a, comm::Comm& world) {
 int run_eval(const EvalArgs& a, comm::Comm& world) {
   const config::ModelConfig cfg = config::ModelConfig::load(a.model_dir + "/config.json");
   comm::Mesh mesh(world, a.ep, a.etp);
-  model::Qwen3MoeModel model(cfg, mesh, dispatcher_for(a.dispatcher, a.ep, a.etp), 0);
+  const DispatcherKind dispatcher = parse_option<DispatcherKind>(a.dispatcher, "moetp eval --dispatcher");
+  model::Qwen3MoeModel model(cfg, mesh, config::resolve_dispatcher(dispatcher, a.ep, a.etp), 0);
   if (is_native(a.model_dir)) {
     io::load_native(model, {}, a.model_dir);
   } else {

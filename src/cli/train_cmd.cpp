@@ -47,7 +47,7 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
                 cfg.data.path.c_str());
     std::printf("%s", config::format_table(config::rows(cfg)).c_str());
     std::printf("  (dispatcher resolved to '%s'; model: %lld layers, %lld experts, top-%lld, %.2fM parameters, %.2fM active)\n",
-                config::resolved_dispatcher(cfg).c_str(), static_cast<long long>(model_cfg.num_hidden_layers),
+                option_name(config::resolved_dispatcher(cfg)).data(), static_cast<long long>(model_cfg.num_hidden_layers),
                 static_cast<long long>(model_cfg.num_experts), static_cast<long long>(model_cfg.num_experts_per_tok),
                 static_cast<double>(model_cfg.num_params()) / 1e6, static_cast<double>(model_cfg.num_active_params()) / 1e6);
     std::filesystem::create_directories(cfg.run.dir);
@@ -64,7 +64,7 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
     trainer_ptr = std::make_unique<train::Trainer>(cfg, model_cfg, world, data::TokenFile::open(cfg.data.path));
     train::Trainer& trainer = *trainer_ptr;
     if (lead) {
-      std::printf("device: %s (%s)\n", trainer.device().c_str(), trainer.device_reason().c_str());
+      std::printf("device: %s (%s)\n", device_name(trainer.device()).data(), trainer.device_reason().c_str());
       std::fflush(stdout);
     }
     const std::string ckpt_root = cfg.checkpoint.dir.empty() ? cfg.run.dir + "/checkpoints" : cfg.checkpoint.dir;

@@ -27,7 +27,7 @@ using Value = std::variant<int64_t, double, bool, std::string>;
 
 struct Field {
   std::string name;  // dotted: "train.steps"
-  std::string type;  // "int" | "double" | "bool" | "string"
+  std::string type;  // "int" | "double" | "bool" | "string" | "choice" (an enum of core/options.h)
   Value default_value;
   std::string help;
   std::function<Value(const TrainConfig&)> get;
@@ -36,7 +36,8 @@ struct Field {
 
 template <typename T>
 constexpr const char* type_name() {
-  if constexpr (std::is_same_v<T, bool>) return "bool";
+  if constexpr (std::is_enum_v<T>) return "choice";
+  else if constexpr (std::is_same_v<T, bool>) return "bool";
   else if constexpr (std::is_integral_v<T>) return "int";
   else if constexpr (std::is_floating_point_v<T>) return "double";
   else return "string";
@@ -44,7 +45,8 @@ constexpr const char* type_name() {
 
 template <typename T>
 Value to_value(const T& v) {
-  if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, double> || std::is_same_v<T, std::string>) return v;
+  if constexpr (std::is_enum_v<T>) return std::string(option_name(v));
+  else if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, double> || std::is_same_v<T, std::string>) return v;
   else return static_cast<int64_t>(v);
 }
 
@@ -55,7 +57,9 @@ Field field(std::string name, S TrainConfig::*section, T S::*member, std::type_i
   Field f{std::move(name), type_name<T>(), to_value(default_value), std::move(help), nullptr, nullptr};
   f.get = [section, member](const TrainConfig& c) { return to_value(c.*section.*member); };
   f.set = [section, member, key = f.name](TrainConfig& c, const Value& v) {
-    if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, double> || std::is_same_v<T, std::string>) {
+    if constexpr (std::is_enum_v<T>) {
+      c.*section.*member = parse_option<T>(std::get<std::string>(v), "config key '" + key + "'");
+    } else if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, double> || std::is_same_v<T, std::string>) {
       c.*section.*member = std::get<T>(v);
     } else {
       const int64_t i = std::get<int64_t>(v);
@@ -77,11 +81,11 @@ const std::vector<Field>& fields() {
       field("parallel.ep", &C::parallel, &C::Parallel::ep, 1, "expert-parallel degree P (experts split over P ranks)"),
       field("parallel.etp", &C::parallel, &C::Parallel::etp, 1,
             "expert tensor-parallel degree T (each expert's FFN split over T ranks)"),
-      field("moe.dispatcher", &C::moe, &C::Moe::dispatcher, "auto",
+      field("moe.dispatcher", &C::moe, &C::Moe::dispatcher, DispatcherKind::kAuto,
             "auto (local when ep = etp = 1, else all2all) | local | allgather | all2all | vexpert"),
       field("moe.force_balance", &C::moe, &C::Moe::force_balance, false,
             "round-robin expert assignment instead of the router's (debug/benchmark only)"),
-      field("moe.expert_gemm", &C::moe, &C::Moe::expert_gemm, "auto",
+      field("moe.expert_gemm", &C::moe, &C::Moe::expert_gemm, ExpertGemmChoice::kAuto,
             "CUDA device: auto (= grouped) | grouped (Hopper grouped GEMM, one launch over the local experts) | "
             "cublas (one cuBLAS GEMM per expert)"),
       field("train.steps", &C::train, &C::Train::steps, 200, "optimizer steps"),
@@ -91,9 +95,9 @@ const std::vector<Field>& fields() {
       field("train.micro_batches", &C::train, &C::Train::micro_batches, 1, "gradient accumulation steps per step"),
       field("train.seed", &C::train, &C::Train::seed, int64_t{1234}, "seed of initialisation and data order"),
       field("train.log_every", &C::train, &C::Train::log_every, 1, "log metrics every N steps"),
-      field("train.device", &C::train, &C::Train::device, "auto",
+      field("train.device", &C::train, &C::Train::device, DeviceChoice::kAuto,
             "auto (cuda when this build has CUDA and a GPU is visible, else cpu) | cpu | cuda (one GPU per rank)"),
-      field("train.cuda_allocator", &C::train, &C::Train::cuda_allocator, "auto",
+      field("train.cuda_allocator", &C::train, &C::Train::cuda_allocator, AllocatorChoice::kAuto,
             "CUDA device: auto (= caching) | caching (freed blocks reused without cudaFree, which synchronises "
             "the device) | direct (cudaMalloc/cudaFree per tensor)"),
       field("optim.lr", &C::optim, &C::Optim::lr, 3e-3, "peak learning rate (after warmup)"),
@@ -344,28 +348,22 @@ nlohmann::json to_json(const TrainConfig& cfg) {
   return out;
 }
 
-const std::vector<std::string>& dispatcher_names() {
-  static const std::vector<std::string> kNames = {"local", "allgather", "all2all", "vexpert"};
-  return kNames;
+DispatcherKind resolve_dispatcher(DispatcherKind kind, int ep, int etp) {
+  if (kind != DispatcherKind::kAuto) return kind;
+  return ep == 1 && etp == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all;
 }
 
-std::string resolved_dispatcher(const TrainConfig& cfg) {
-  if (cfg.moe.dispatcher != "auto") return cfg.moe.dispatcher;
-  return cfg.parallel.ep == 1 && cfg.parallel.etp == 1 ? "local" : "all2all";
+DispatcherKind resolved_dispatcher(const TrainConfig& cfg) {
+  return resolve_dispatcher(cfg.moe.dispatcher, cfg.parallel.ep, cfg.parallel.etp);
 }
 
 void validate(const TrainConfig& c) {
   MOETP_CHECK(!c.model.config.empty(), "model.config must name a config.json");
   MOETP_CHECK(c.parallel.ep >= 1, "parallel.ep ({}) must be >= 1", c.parallel.ep);
   MOETP_CHECK(c.parallel.etp >= 1, "parallel.etp ({}) must be >= 1", c.parallel.etp);
-  const auto& names = dispatcher_names();
-  MOETP_CHECK(c.moe.dispatcher == "auto" || std::find(names.begin(), names.end(), c.moe.dispatcher) != names.end(),
-              "moe.dispatcher '{}' is unknown (valid: auto, {})", c.moe.dispatcher, fmt::join(names, ", "));
-  MOETP_CHECK(c.moe.dispatcher != "local" || (c.parallel.ep == 1 && c.parallel.etp == 1),
+  MOETP_CHECK(c.moe.dispatcher != DispatcherKind::kLocal || (c.parallel.ep == 1 && c.parallel.etp == 1),
               "moe.dispatcher 'local' needs parallel.ep = parallel.etp = 1, got ep = {}, etp = {}", c.parallel.ep,
               c.parallel.etp);
-  MOETP_CHECK(c.moe.expert_gemm == "auto" || c.moe.expert_gemm == "grouped" || c.moe.expert_gemm == "cublas",
-              "moe.expert_gemm '{}' is unknown (valid: auto, grouped, cublas)", c.moe.expert_gemm);
   MOETP_CHECK(c.train.steps >= 1, "train.steps ({}) must be >= 1", c.train.steps);
   MOETP_CHECK(c.train.global_batch_size >= 1, "train.global_batch_size ({}) must be >= 1", c.train.global_batch_size);
   MOETP_CHECK(c.train.seq_len >= 1, "train.seq_len ({}) must be >= 1", c.train.seq_len);
@@ -375,11 +373,6 @@ void validate(const TrainConfig& c) {
               c.train.micro_batches);
   MOETP_CHECK(c.train.seed >= 0, "train.seed ({}) must be >= 0", c.train.seed);
   MOETP_CHECK(c.train.log_every >= 1, "train.log_every ({}) must be >= 1", c.train.log_every);
-  MOETP_CHECK(c.train.device == "auto" || c.train.device == "cpu" || c.train.device == "cuda",
-              "train.device '{}' is unknown (valid: auto, cpu, cuda)", c.train.device);
-  MOETP_CHECK(c.train.cuda_allocator == "auto" || c.train.cuda_allocator == "caching" ||
-                  c.train.cuda_allocator == "direct",
-              "train.cuda_allocator '{}' is unknown (valid: auto, caching, direct)", c.train.cuda_allocator);
   MOETP_CHECK(c.optim.min_lr >= 0 && c.optim.lr >= c.optim.min_lr,
               "need optim.lr ({}) >= optim.min_lr ({}) >= 0", c.optim.lr, c.optim.min_lr);
   MOETP_CHECK(c.optim.lr > 0, "optim.lr ({}) must be > 0", c.optim.lr);

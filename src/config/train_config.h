@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/options.h"
+
 namespace moetp::config {
 
 struct ModelConfig;
@@ -30,9 +32,9 @@ struct TrainConfig {
     bool operator==(const Parallel&) const = default;
   };
   struct Moe {
-    std::string dispatcher;  // auto | local | allgather | all2all | vexpert
+    DispatcherKind dispatcher = DispatcherKind::kAuto;
     bool force_balance = false;
-    std::string expert_gemm;  // auto | grouped | cublas (CUDA device)
+    ExpertGemmChoice expert_gemm = ExpertGemmChoice::kAuto;  // CUDA device
     bool operator==(const Moe&) const = default;
   };
   struct Train {
@@ -42,8 +44,8 @@ struct TrainConfig {
     int micro_batches = 0;  // gradient accumulation steps per step
     int64_t seed = 0;
     int log_every = 0;
-    std::string device;  // auto | cpu | cuda
-    std::string cuda_allocator;  // auto (= caching) | caching | direct (CUDA device)
+    DeviceChoice device = DeviceChoice::kAuto;
+    AllocatorChoice cuda_allocator = AllocatorChoice::kAuto;  // CUDA device
     bool operator==(const Train&) const = default;
   };
   struct Optim {
@@ -105,16 +107,17 @@ std::string format_table(const std::vector<std::pair<std::string, std::string>>&
 nlohmann::json to_json(const TrainConfig& cfg);
 
 // Checks that need only this config (sizes positive, micro_batches >= 1, lr >= min_lr >= 0,
-// betas in [0, 1), a known dispatcher, "local" only with ep = etp = 1, ...). Messages name values.
+// betas in [0, 1), "local" only with ep = etp = 1, ...). Messages name values. Option names are
+// checked earlier, when they are parsed (apply_json, apply_override).
 void validate(const TrainConfig& cfg);
 // Checks that need the model and the world size (ETP_SPEC §2): W % (ep·etp) == 0,
 // num_experts % ep == 0, moe_intermediate_size % etp == 0, global_batch_size % (W·micro_batches)
 // == 0 (every rank gets the same number of whole micro-batches), seq_len <= max_position_embeddings.
 void validate_with_model(const TrainConfig& cfg, const ModelConfig& model, int world_size);
 
-// "auto" resolves to "local" when ep = etp = 1, else "all2all"; other names are returned as is.
-std::string resolved_dispatcher(const TrainConfig& cfg);
-// The dispatcher names moe.dispatcher accepts besides "auto".
-const std::vector<std::string>& dispatcher_names();
+// kAuto resolves to kLocal when ep = etp = 1, else kAll2all; other choices are returned as is.
+DispatcherKind resolve_dispatcher(DispatcherKind kind, int ep, int etp);
+// resolve_dispatcher of the config's moe.dispatcher and parallel layout.
+DispatcherKind resolved_dispatcher(const TrainConfig& cfg);
 
 }  // namespace moetp::config

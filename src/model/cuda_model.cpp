@@ -277,7 +277,7 @@ void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
       mo.expert_gemm = opts_.expert_gemm;
       mo.mesh = opts_.mesh;
       L.moe = std::make_unique<moe::CudaMoeLayer>(
-          moe::MoeConfig{H, E, cfg_.num_experts_per_tok, I, cfg_.norm_topk_prob, opts_.mesh ? opts_.dispatcher : "local"},
+          moe::MoeConfig{H, E, cfg_.num_experts_per_tok, I, cfg_.norm_topk_prob, opts_.mesh ? opts_.dispatcher : DispatcherKind::kLocal},
           mo);
       L.router = idx++;
       L.w13 = idx++;

@@ -72,7 +72,7 @@ struct CudaModelOptions {
   // One process per GPU over this mesh (every group a comm::NcclComm whose compute stream is the
   // legacy default stream; must outlive the model), or null: one GPU, every expert local.
   const comm::Mesh* mesh = nullptr;
-  std::string dispatcher = "all2all";  // with a mesh: the CUDA dispatcher (moe/cuda_moe.h)
+  DispatcherKind dispatcher = DispatcherKind::kAll2all;  // with a mesh: kAll2all or kVexpert (moe/cuda_moe.h)
   bool force_balance = false;          // round-robin routing (moe.force_balance; benchmarks)
   int expert_streams = 1;              // moe::CudaMoeOptions::expert_streams
   moe::ExpertGemm expert_gemm = moe::ExpertGemm::kGrouped;  // moe::CudaMoeOptions::expert_gemm

@@ -57,7 +57,7 @@ struct Qwen3MoeModel::Saved {
   std::vector<LayerSaved> layers;
 };
 
-Qwen3MoeModel::Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, const std::string& dispatcher,
+Qwen3MoeModel::Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, DispatcherKind dispatcher,
                              uint64_t seed)
     : cfg_(cfg), mesh_(mesh), seed_(seed) {
   const int64_t H = cfg.hidden_size, V = cfg.vocab_size, D = cfg.head_dim;

@@ -48,9 +48,8 @@ struct MicroStats {
 
 class Qwen3MoeModel {
  public:
-  // Collective over the mesh when the model has MoE layers. `dispatcher` is a concrete name
-  // (local, allgather, all2all, vexpert).
-  Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, const std::string& dispatcher,
+  // Collective over the mesh when the model has MoE layers. `dispatcher` is concrete (not kAuto).
+  Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, DispatcherKind dispatcher,
                 uint64_t seed);
   ~Qwen3MoeModel();
   Qwen3MoeModel(const Qwen3MoeModel&) = delete;

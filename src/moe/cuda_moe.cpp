@@ -106,13 +106,9 @@ void zero_async(Tensor& t, cudaStream_t stream) {
 
 }  // namespace
 
-ExpertGemm parse_expert_gemm(const std::string& name) {
-  if (name == "grouped") return ExpertGemm::kGrouped;
-  if (name == "cublas") return ExpertGemm::kCublas;
-  MOETP_FAIL("expert GEMM '{}' is not one of: grouped, cublas", name);
-}
+ExpertGemm parse_expert_gemm(const std::string& name) { return parse_option<ExpertGemm>(name, "expert GEMM"); }
 
-const char* expert_gemm_name(ExpertGemm g) { return g == ExpertGemm::kGrouped ? "grouped" : "cublas"; }
+const char* expert_gemm_name(ExpertGemm g) { return option_name(g).data(); }
 
 bool grouped_gemm_fits(int64_t hidden, int64_t local_intermediate) {
   return hidden % 8 == 0 && local_intermediate % 8 == 0;
@@ -143,15 +139,15 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
   if (opts.mesh != nullptr) {
     const comm::Mesh& mesh = *opts.mesh;
     const int P = mesh.ep_size(), T = mesh.etp_size();
-    MOETP_CHECK(cfg.dispatcher == "all2all" || cfg.dispatcher == "vexpert",
+    MOETP_CHECK(cfg.dispatcher == DispatcherKind::kAll2all || cfg.dispatcher == DispatcherKind::kVexpert,
                 "CudaMoeLayer: dispatcher '{}' is not implemented on the CUDA backend; use 'all2all' or 'vexpert' "
                 "(ep {} x etp {})",
-                cfg.dispatcher, P, T);
+                option_name(cfg.dispatcher), P, T);
     MOETP_CHECK(E % P == 0, "CudaMoeLayer: num_experts ({}) % ep ({}) = {} != 0", E, P, E % P);
     MOETP_CHECK(I % T == 0, "CudaMoeLayer: moe_intermediate_size ({}) % etp ({}) = {} != 0", I, T, I % T);
     check_nccl_group(mesh.ep(), opts.stream);
     check_nccl_group(mesh.etp(), opts.stream);
-    if (cfg.dispatcher == "vexpert") check_nccl_group(mesh.ep_etp(), opts.stream);
+    if (cfg.dispatcher == DispatcherKind::kVexpert) check_nccl_group(mesh.ep_etp(), opts.stream);
     L_ = E / P;
     i_ = I / T;
   }

@@ -71,7 +71,7 @@ namespace moetp::moe {
 // launch per product over all local experts, group boundaries read from device memory); kCublas,
 // one cuBLAS GEMM per expert (kernels/cuda/gemm.h grouped_linear), kept as the reference path.
 enum class ExpertGemm { kGrouped, kCublas };
-// "grouped" | "cublas"; anything else throws, naming the value.
+// "grouped" | "cublas" (parse_option<ExpertGemm> names the value and the choices when it throws).
 ExpertGemm parse_expert_gemm(const std::string& name);
 const char* expert_gemm_name(ExpertGemm g);
 // Whether kGrouped can run experts of hidden size H and local width i (its TMA row strides need
@@ -189,7 +189,7 @@ class CudaMoeLayer {
 
  private:
   bool distributed() const { return opts_.mesh != nullptr; }
-  bool vexpert() const { return distributed() && cfg_.dispatcher == "vexpert"; }
+  bool vexpert() const { return distributed() && cfg_.dispatcher == DispatcherKind::kVexpert; }
   // `vexpert` (ETP_SPEC §5.4, the CPU spec moe/dispatch_vexpert.cpp, planning shared through
   // moe/vexpert_plan.h): after the router and the host copy of the routing, everything from the
   // send plan to out_NH. Collective over ep_etp.
@@ -311,3 +311,8 @@ class CudaMoeLayer {
 };
 
 }  // namespace moetp::moe
+
+template <>
+struct moetp::OptionNames<moetp::moe::ExpertGemm> {
+  static constexpr std::array<std::string_view, 2> names = {"grouped", "cublas"};
+};

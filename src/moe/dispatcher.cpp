@@ -230,23 +230,20 @@ std::unique_ptr<Dispatcher> make_allgather(const comm::Mesh& mesh, const Dispatc
 
 }  // namespace detail
 
-const std::vector<std::string>& dispatcher_names() {
-  static const std::vector<std::string> names = {"local", "allgather", "all2all", "vexpert"};
-  return names;
-}
-
-std::unique_ptr<Dispatcher> make_dispatcher(const std::string& name, const comm::Mesh& mesh,
-                                            const DispatcherConfig& cfg) {
+std::unique_ptr<Dispatcher> make_dispatcher(DispatcherKind kind, const comm::Mesh& mesh, const DispatcherConfig& cfg) {
   MOETP_CHECK(cfg.num_experts >= 1 && cfg.top_k >= 1, "num_experts ({}) and top_k ({}) must be >= 1",
               cfg.num_experts, cfg.top_k);
   MOETP_CHECK(cfg.top_k <= cfg.num_experts, "top_k ({}) > num_experts ({})", cfg.top_k, cfg.num_experts);
   MOETP_CHECK(cfg.num_experts % mesh.ep_size() == 0, "num_experts ({}) % ep ({}) = {} != 0", cfg.num_experts,
               mesh.ep_size(), cfg.num_experts % mesh.ep_size());
-  if (name == "local") return detail::make_local(mesh, cfg);
-  if (name == "allgather") return detail::make_allgather(mesh, cfg);
-  if (name == "all2all") return detail::make_all2all(mesh, cfg);
-  if (name == "vexpert") return detail::make_vexpert(mesh, cfg);
-  MOETP_FAIL("unknown dispatcher '{}' (valid: {})", name, fmt::join(dispatcher_names(), ", "));
+  switch (kind) {
+    case DispatcherKind::kLocal: return detail::make_local(mesh, cfg);
+    case DispatcherKind::kAllgather: return detail::make_allgather(mesh, cfg);
+    case DispatcherKind::kAll2all: return detail::make_all2all(mesh, cfg);
+    case DispatcherKind::kVexpert: return detail::make_vexpert(mesh, cfg);
+    case DispatcherKind::kAuto: break;
+  }
+  MOETP_FAIL("make_dispatcher: dispatcher 'auto' must be resolved to a concrete one first (config::resolved_dispatcher)");
 }
 
 Tensor expand_topk_for_tp(const Tensor& topk_idx_NK, int64_t num_experts, int ep, int etp) {

@@ -17,11 +17,13 @@
 // what the backward needs. All calls are collective over the dispatcher's group.
 #pragma once
 
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "comm/mesh.h"
+#include "core/options.h"
 #include "core/tensor.h"
 
 namespace moetp::moe {
@@ -65,11 +67,12 @@ struct DispatcherConfig {
   int64_t top_k = 0;        // K
 };
 
-// Dispatcher names: "local" (P = T = 1), "allgather", "all2all", "vexpert". Throws naming the
-// name and the valid ones. Validates E % P == 0 and K <= E.
-std::unique_ptr<Dispatcher> make_dispatcher(const std::string& name, const comm::Mesh& mesh,
-                                            const DispatcherConfig& cfg);
-const std::vector<std::string>& dispatcher_names();
+// kLocal (P = T = 1), kAllgather, kAll2all, kVexpert; kAuto must be resolved first
+// (config::resolved_dispatcher). Validates E % P == 0 and K <= E.
+std::unique_ptr<Dispatcher> make_dispatcher(DispatcherKind kind, const comm::Mesh& mesh, const DispatcherConfig& cfg);
+// Every concrete dispatcher, in OptionNames order.
+inline constexpr std::array<DispatcherKind, 4> kDispatchers = {DispatcherKind::kLocal, DispatcherKind::kAllgather,
+                                                               DispatcherKind::kAll2all, DispatcherKind::kVexpert};
 
 // Virtual-expert expansion for `vexpert` (ETP_SPEC §5.4): entry k·T + t of the result is
 // v(e, t) = (p(e)·T + t)·L + j(e) for e = topk_idx[n, k]; p(e) = e / L, j(e) = e % L.

@@ -24,7 +24,7 @@ struct MoeConfig {
   int64_t top_k = 0;             // K
   int64_t intermediate = 0;      // I (moe_intermediate_size)
   bool norm_topk_prob = true;
-  std::string dispatcher = "all2all";
+  DispatcherKind dispatcher = DispatcherKind::kAll2all;  // concrete (not kAuto)
 };
 
 // This rank's parameters (or their gradients: same shapes).
@@ -47,7 +47,7 @@ struct MoeSaved {
 
 class MoeBlock {
  public:
-  // Validates E % P, I % T, 1 <= K <= E and the dispatcher name (errors name the values).
+  // Validates E % P, I % T and 1 <= K <= E (errors name the values).
   MoeBlock(const MoeConfig& cfg, const comm::Mesh& mesh);
 
   const MoeConfig& config() const { return cfg_; }

@@ -27,6 +27,11 @@ struct Trainer::Gpu {};
 
 namespace {
 
+// The dispatchers the CUDA model implements (kLocal on one rank runs as the layer without a mesh).
+bool runs_on_cuda(DispatcherKind d) {
+  return d == DispatcherKind::kLocal || d == DispatcherKind::kAll2all || d == DispatcherKind::kVexpert;
+}
+
 // This rank's index among the ranks of its node, and how many there are (MPI shared-memory split).
 std::pair<int, int> node_local_rank(comm::Comm& world) {
   auto* mpi = dynamic_cast<comm::MpiComm*>(&world);
@@ -41,8 +46,7 @@ std::pair<int, int> node_local_rank(comm::Comm& world) {
 }
 
 // (device, reason) for train.device; collective (every rank decides alike).
-std::pair<std::string, std::string> pick_device(const std::string& want, const std::string& dispatcher,
-                                                comm::Comm& world) {
+std::pair<Device, std::string> pick_device(DeviceChoice want, DispatcherKind dispatcher, comm::Comm& world) {
   const auto [local_rank, local_size] = node_local_rank(world);
 #if MOETP_HAVE_CUDA
   const int gpus = cuda::device_count();
@@ -56,18 +60,19 @@ std::pair<std::string, std::string> pick_device(const std::string& want, const s
   const bool all_enough = enough == world.size();
   const std::string counts = fmt::format("{} GPU(s) visible for {} rank(s) on rank {}'s node", gpus, local_size,
                                          world.rank());
-  if (want == "cpu") return {"cpu", "train.device = cpu"};
-  if (want == "cuda") {
+  if (want == DeviceChoice::kCpu) return {Device::kCpu, "train.device = cpu"};
+  if (want == DeviceChoice::kCuda) {
     world.raise_if_any(gpus >= local_size ? "" : fmt::format("train.device = cuda needs one GPU per rank: {}{}", counts,
                                                                   why_not.empty() ? "" : " (" + why_not + ")"),
                        "train.device");
-    return {"cuda", fmt::format("train.device = cuda, rank {} on GPU {}", world.rank(), local_rank)};
+    return {Device::kCuda, fmt::format("train.device = cuda, rank {} on GPU {}", world.rank(), local_rank)};
   }
-  if (dispatcher != "local" && dispatcher != "all2all" && dispatcher != "vexpert") {
-    return {"cpu", fmt::format("train.device = auto: moe.dispatcher '{}' runs on the CPU device only", dispatcher)};
+  if (!runs_on_cuda(dispatcher)) {
+    return {Device::kCpu, fmt::format("train.device = auto: moe.dispatcher '{}' runs on the CPU device only",
+                                      option_name(dispatcher))};
   }
-  if (all_enough) return {"cuda", fmt::format("train.device = auto: one GPU per rank ({})", counts)};
-  return {"cpu", fmt::format("train.device = auto: not every rank has a GPU ({}{})", counts,
+  if (all_enough) return {Device::kCuda, fmt::format("train.device = auto: one GPU per rank ({})", counts)};
+  return {Device::kCpu, fmt::format("train.device = auto: not every rank has a GPU ({}{})", counts,
                              why_not.empty() ? "" : ", " + why_not)};
 }
 
@@ -86,30 +91,31 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
               "data file {} has vocabulary size {} but the model's vocab_size is {}", batches_.file().path(),
               batches_.file().vocab_size(), model_cfg_.vocab_size);
   std::tie(device_, device_reason_) = pick_device(cfg_.train.device, config::resolved_dispatcher(cfg_), world_);
-  MOETP_CHECK(!cfg_.moe.force_balance || device_ == "cuda",
-              "moe.force_balance is implemented on the CUDA device only (train.device resolved to '{}': {})", device_,
+  const std::string_view dev = device_name(device_);
+  MOETP_CHECK(!cfg_.moe.force_balance || device_ == Device::kCuda,
+              "moe.force_balance is implemented on the CUDA device only (train.device resolved to '{}': {})", dev,
               device_reason_);
-  MOETP_CHECK(cfg_.moe.expert_gemm == "auto" || device_ == "cuda",
+  MOETP_CHECK(cfg_.moe.expert_gemm == ExpertGemmChoice::kAuto || device_ == Device::kCuda,
               "moe.expert_gemm = {} applies to the CUDA device only (train.device resolved to '{}': {})",
-              cfg_.moe.expert_gemm, device_, device_reason_);
-  MOETP_CHECK(cfg_.train.cuda_allocator == "auto" || device_ == "cuda",
+              option_name(cfg_.moe.expert_gemm), dev, device_reason_);
+  MOETP_CHECK(cfg_.train.cuda_allocator == AllocatorChoice::kAuto || device_ == Device::kCuda,
               "train.cuda_allocator = {} applies to the CUDA device only (train.device resolved to '{}': {})",
-              cfg_.train.cuda_allocator, device_, device_reason_);
+              option_name(cfg_.train.cuda_allocator), dev, device_reason_);
   mesh_ = std::make_unique<comm::Mesh>(world_, cfg_.parallel.ep, cfg_.parallel.etp);
   model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, *mesh_, config::resolved_dispatcher(cfg_),
                                                   static_cast<uint64_t>(cfg_.train.seed));
   optim_ = std::make_unique<AdamW>(model_->params(), AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps,
                                                                  cfg_.optim.weight_decay});
 #if MOETP_HAVE_CUDA
-  if (device_ == "cuda") {
-    const std::string dispatcher = config::resolved_dispatcher(cfg_);
-    MOETP_CHECK(dispatcher == "local" || dispatcher == "all2all" || dispatcher == "vexpert",
+  if (device_ == Device::kCuda) {
+    const DispatcherKind dispatcher = config::resolved_dispatcher(cfg_);
+    MOETP_CHECK(runs_on_cuda(dispatcher),
                 "moe.dispatcher '{}' is not implemented on the CUDA device; use all2all (or auto) or vexpert",
-                dispatcher);
+                option_name(dispatcher));
     gpu_ = std::make_unique<Gpu>();
     // The caching allocator by default: with cudaFree per temporary, every free synchronises the
     // device, which cost 49 ms of a 120 ms step at ep 4 (docs/performance.md, fourth session).
-    const bool direct = cfg_.train.cuda_allocator == "direct";
+    const bool direct = cfg_.train.cuda_allocator == AllocatorChoice::kDirect;
     world_.run_collectively("selecting this rank's GPU", [&] {
       cuda::init(node_local_rank(world_).first, direct ? cuda::AllocMode::kDirect : cuda::AllocMode::kCaching);
     });
@@ -117,14 +123,15 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
     gpu_->mesh = std::make_unique<comm::Mesh>(*gpu_->world, cfg_.parallel.ep, cfg_.parallel.etp);
     model::CudaModelOptions opts;
     opts.mesh = world_.size() > 1 ? gpu_->mesh.get() : nullptr;
-    opts.dispatcher = dispatcher == "local" ? "all2all" : dispatcher;
+    opts.dispatcher = dispatcher == DispatcherKind::kLocal ? DispatcherKind::kAll2all : dispatcher;
     opts.force_balance = cfg_.moe.force_balance;
     // auto: the grouped GEMM where its TMA strides allow (multiples of 8), else cuBLAS; said in the banner.
     const int64_t local_i = model_cfg_.moe_intermediate_size / cfg_.parallel.etp;
     const bool fits = moe::grouped_gemm_fits(model_cfg_.hidden_size, local_i);
     std::string why = "moe.expert_gemm";
-    if (cfg_.moe.expert_gemm != "auto") {
-      opts.expert_gemm = moe::parse_expert_gemm(cfg_.moe.expert_gemm);
+    if (cfg_.moe.expert_gemm != ExpertGemmChoice::kAuto) {
+      opts.expert_gemm =
+          cfg_.moe.expert_gemm == ExpertGemmChoice::kGrouped ? moe::ExpertGemm::kGrouped : moe::ExpertGemm::kCublas;
     } else {
       opts.expert_gemm = fits ? moe::ExpertGemm::kGrouped : moe::ExpertGemm::kCublas;
       why = fits ? "moe.expert_gemm = auto"

@@ -59,8 +59,8 @@ class Trainer {
   void load_checkpoint(const std::string& dir);
   // Starts from Hugging Face weights (collective); optimizer state stays at zero.
   void init_from_hf(const std::string& dir);
-  // "cpu" or "cuda", and a line saying why (for the run's banner).
-  const std::string& device() const { return device_; }
+  // Where the model runs (train.device resolved), and a line saying why (for the run's banner).
+  Device device() const { return device_; }
   const std::string& device_reason() const { return device_reason_; }
   // The CPU model: the trained values on the CPU device; on cuda, the staging copy (see above).
   model::Qwen3MoeModel& model() { return *model_; }
@@ -77,7 +77,8 @@ class Trainer {
   std::unique_ptr<AdamW> optim_;
   int64_t step_ = 0;
   double step_flops_ = 0;  // model FLOPs of one step (config::training_flops), fixed by the configs
-  std::string device_, device_reason_;
+  Device device_ = Device::kCpu;
+  std::string device_reason_;
   struct Gpu;  // NCCL communicators, mesh and CUDA model (trainer.cpp; CUDA builds only)
   std::unique_ptr<Gpu> gpu_;
   // One step's device operations: the CPU model with MPI, or the CUDA model with NCCL.

@@ -70,7 +70,7 @@ void save_load_roundtrip(bool native) {
     auto group = w.split(w.rank() < src.W() ? 1 : 0, w.rank(), "saver");
     if (w.rank() < src.W()) {
       comm::Mesh mesh(*group, src.P, src.T);
-      model::Qwen3MoeModel m(cfg, mesh, src.P * src.T == 1 ? "local" : "all2all", 7);
+      model::Qwen3MoeModel m(cfg, mesh, src.P * src.T == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 7);
       if (native) {
         io::save_native(m, {}, {{"format", "moetp-native"}, {"version", 1}, {"step", 0}}, dir, {io::HfExpertLayout::kPerExpert, false});
       } else {
@@ -85,7 +85,7 @@ void save_load_roundtrip(bool native) {
       auto loaders = w.split(w.rank() < dst.W() ? 1 : 0, w.rank(), "loader");
       if (w.rank() < dst.W()) {
         comm::Mesh mesh(*loaders, dst.P, dst.T);
-        const std::string disp = dst.P * dst.T == 1 ? "local" : "vexpert";
+        const DispatcherKind disp = dst.P * dst.T == 1 ? DispatcherKind::kLocal : DispatcherKind::kVexpert;
         model::Qwen3MoeModel loaded(cfg, mesh, disp, 99);  // different initial values...
         if (native) {
           io::load_native(loaded, {}, dir);
@@ -114,7 +114,7 @@ TEST(CheckpointHf, StackedExpertTensorsRoundTripAcrossLayouts) {
   const int etp = w.size() % 4 == 0 ? 2 : 1;
   {
     comm::Mesh mesh(w, ep, etp);
-    model::Qwen3MoeModel m(tiny_model(), mesh, ep * etp == 1 ? "local" : "all2all", 5);
+    model::Qwen3MoeModel m(tiny_model(), mesh, ep * etp == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 5);
     io::save_hf(m, dir, {io::HfExpertLayout::kStacked, false});
   }
   if (w.rank() == 0) {
@@ -127,9 +127,9 @@ TEST(CheckpointHf, StackedExpertTensorsRoundTripAcrossLayouts) {
   }
   // Load at the transposed layout (etp and ep swapped where possible).
   comm::Mesh mesh(w, etp, ep);
-  model::Qwen3MoeModel loaded(tiny_model(), mesh, ep * etp == 1 ? "local" : "vexpert", 77);
+  model::Qwen3MoeModel loaded(tiny_model(), mesh, ep * etp == 1 ? DispatcherKind::kLocal : DispatcherKind::kVexpert, 77);
   io::load_hf(loaded, dir);
-  model::Qwen3MoeModel expected(tiny_model(), mesh, ep * etp == 1 ? "local" : "vexpert", 5);
+  model::Qwen3MoeModel expected(tiny_model(), mesh, ep * etp == 1 ? DispatcherKind::kLocal : DispatcherKind::kVexpert, 5);
   EXPECT_TRUE(all_params_equal(loaded, expected));
   w.barrier();
   if (w.rank() == 0) fs::remove_all(dir);
@@ -139,11 +139,11 @@ TEST(CheckpointHf, FilesUseTransformersNamesPerExpert) {
   auto& w = world();
   const std::string dir = shared_dir("names");
   comm::Mesh mesh(w, w.size() % 2 == 0 ? 2 : 1, 1);
-  model::Qwen3MoeModel m(tiny_model(), mesh, mesh.ep_size() == 1 ? "local" : "all2all", 3);
+  model::Qwen3MoeModel m(tiny_model(), mesh, mesh.ep_size() == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 3);
   io::save_hf(m, dir, {io::HfExpertLayout::kPerExpert, false});
   auto self = w.split(w.rank(), 0, "self");  // collective: every rank gets a group of one
   comm::Mesh single_mesh(*self, 1, 1);
-  model::Qwen3MoeModel single(tiny_model(), single_mesh, "local", 3);
+  model::Qwen3MoeModel single(tiny_model(), single_mesh, DispatcherKind::kLocal, 3);
   if (w.rank() == 0) {
     const io::SafetensorsDir d = io::SafetensorsDir::open(dir);
     for (int e = 0; e < 8; ++e) {
@@ -176,7 +176,7 @@ config::TrainConfig train_cfg(int ep, int etp) {
   config::TrainConfig c;
   c.parallel.ep = ep;
   c.parallel.etp = etp;
-  c.moe.dispatcher = ep * etp == 1 ? "local" : "all2all";
+  c.moe.dispatcher = ep * etp == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all;
   c.train.steps = 6;
   c.train.global_batch_size = 8;
   c.train.seq_len = 8;
@@ -234,12 +234,12 @@ TEST(CheckpointBadInput, MissingTensorWrongShapeAndOtherModelNameTheFileAndTenso
   auto& w = world();
   const std::string dir = shared_dir("bad");
   comm::Mesh mesh(w, 1, 1);
-  model::Qwen3MoeModel m(tiny_model(), mesh, "local", 1);
+  model::Qwen3MoeModel m(tiny_model(), mesh, DispatcherKind::kLocal, 1);
   io::save_hf(m, dir, {io::HfExpertLayout::kPerExpert, false});
   // A model with a different hidden size is refused by config.json.
   config::ModelConfig other = tiny_model();
   other.hidden_size = 64;
-  model::Qwen3MoeModel bigger(other, mesh, "local", 1);
+  model::Qwen3MoeModel bigger(other, mesh, DispatcherKind::kLocal, 1);
   EXPECT_NE(testing::error_of([&] { io::load_hf(bigger, dir); }).find("describes a different model"), std::string::npos);
   // Not a directory.
   EXPECT_NE(testing::error_of([&] { io::load_hf(m, dir + "_nope"); }).find("does not exist"), std::string::npos);

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "core/check.h"
+#include "testing.h"
 
 namespace moetp::config {
 namespace {
@@ -20,18 +21,7 @@ namespace {
 using nlohmann::json;
 
 // Runs `fn`, expects moetp::Error, and expects every substring in its message.
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> substrings) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string message = e.what();
-    for (const std::string& s : substrings) {
-      EXPECT_NE(message.find(s), std::string::npos) << "missing '" << s << "' in: " << message;
-    }
-    return;
-  }
-  ADD_FAILURE() << "expected moetp::Error";
-}
+using testing::expect_error;
 
 // A small config in the released-checkpoint spelling.
 json released_json() {

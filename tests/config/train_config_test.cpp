@@ -15,24 +15,14 @@
 
 #include "config/model_config.h"
 #include "core/check.h"
+#include "testing.h"
 
 namespace moetp::config {
 namespace {
 
 using nlohmann::json;
 
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> substrings) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string message = e.what();
-    for (const std::string& s : substrings) {
-      EXPECT_NE(message.find(s), std::string::npos) << "missing '" << s << "' in: " << message;
-    }
-    return;
-  }
-  ADD_FAILURE() << "expected moetp::Error";
-}
+using testing::expect_error;
 
 TEST(TrainConfig, Defaults) {
   const TrainConfig c = TrainConfig::defaults();
@@ -40,7 +30,7 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.model.config, "configs/tiny-moe.json");
   EXPECT_EQ(c.parallel.ep, 1);
   EXPECT_EQ(c.parallel.etp, 1);
-  EXPECT_EQ(c.moe.dispatcher, "auto");
+  EXPECT_EQ(c.moe.dispatcher, DispatcherKind::kAuto);
   EXPECT_FALSE(c.moe.force_balance);
   EXPECT_EQ(c.train.steps, 200);
   EXPECT_EQ(c.train.global_batch_size, 16);
@@ -48,7 +38,7 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.train.micro_batches, 1);
   EXPECT_EQ(c.train.seed, 1234);
   EXPECT_EQ(c.train.log_every, 1);
-  EXPECT_EQ(c.train.device, "auto");
+  EXPECT_EQ(c.train.device, DeviceChoice::kAuto);
   EXPECT_EQ(c.optim.lr, 3e-3);
   EXPECT_EQ(c.optim.min_lr, 3e-4);
   EXPECT_EQ(c.optim.warmup_steps, 20);
@@ -64,8 +54,8 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.checkpoint.every, 0);
   EXPECT_EQ(c.checkpoint.keep, 3);
   EXPECT_NO_THROW(validate(c));
-  EXPECT_EQ(c.moe.expert_gemm, "auto");
-  EXPECT_EQ(c.train.cuda_allocator, "auto");
+  EXPECT_EQ(c.moe.expert_gemm, ExpertGemmChoice::kAuto);
+  EXPECT_EQ(c.train.cuda_allocator, AllocatorChoice::kAuto);
   EXPECT_EQ(field_names().size(), 28u);
 }
 
@@ -144,7 +134,7 @@ TEST(TrainConfig, SetOverridesEachType) {
   EXPECT_EQ(c.optim.lr, 1e-2);
   EXPECT_EQ(c.optim.grad_clip, 0.0);
   EXPECT_TRUE(c.moe.force_balance);
-  EXPECT_EQ(c.moe.dispatcher, "vexpert");
+  EXPECT_EQ(c.moe.dispatcher, DispatcherKind::kVexpert);
   EXPECT_EQ(c.run.dir, "");
   EXPECT_EQ(c.data.path, "a=b.tokens");
   apply_override(c, "moe.force_balance=0");
@@ -225,10 +215,11 @@ TEST(TrainConfig, ValidateNamesValues) {
   c.train.micro_batches = 4;
   expect_error([&] { validate(c); }, {"train.global_batch_size (6) % train.micro_batches (4) != 0"});
   expect_error([&] { validate(with("train.steps=0")); }, {"train.steps (0)"});
-  expect_error([&] { validate(with("moe.expert_gemm=cutlass")); },
-               {"moe.expert_gemm 'cutlass' is unknown (valid: auto, grouped, cublas)"});
-  expect_error([&] { validate(with("train.cuda_allocator=pool")); },
-               {"train.cuda_allocator 'pool' is unknown (valid: auto, caching, direct)"});
+  // Option names are checked when they are read, before validate().
+  expect_error([&] { with("moe.expert_gemm=cutlass"); },
+               {"config key 'moe.expert_gemm': 'cutlass' is not one of auto | grouped | cublas"});
+  expect_error([&] { with("train.cuda_allocator=pool"); },
+               {"config key 'train.cuda_allocator': 'pool' is not one of auto | caching | direct"});
   expect_error([&] { validate(with("train.seq_len=-3")); }, {"train.seq_len (-3)"});
   expect_error([&] { validate(with("optim.min_lr=0.01")); }, {"optim.lr (0.003) >= optim.min_lr (0.01)"});
   expect_error([&] { validate(with("optim.min_lr=-1")); }, {"optim.min_lr (-1)"});
@@ -236,8 +227,8 @@ TEST(TrainConfig, ValidateNamesValues) {
   expect_error([&] { validate(with("optim.beta2=-0.1")); }, {"optim.beta2 (-0.1)"});
   expect_error([&] { validate(with("optim.eps=0")); }, {"optim.eps (0)"});
   expect_error([&] { validate(with("optim.grad_clip=-1")); }, {"optim.grad_clip (-1)"});
-  expect_error([&] { validate(with("moe.dispatcher=nccl")); },
-               {"moe.dispatcher 'nccl' is unknown", "auto, local, allgather, all2all, vexpert"});
+  expect_error([&] { with("moe.dispatcher=nccl"); },
+               {"config key 'moe.dispatcher': 'nccl' is not one of auto | local | allgather | all2all | vexpert"});
   c = with("moe.dispatcher=local");
   c.parallel.ep = 2;
   expect_error([&] { validate(c); }, {"'local' needs", "ep = 2, etp = 1"});
@@ -246,7 +237,7 @@ TEST(TrainConfig, ValidateNamesValues) {
   expect_error([&] { validate(with("checkpoint.every=-1")); }, {"checkpoint.every (-1)"});
   expect_error([&] { validate(with("checkpoint.keep=0")); }, {"checkpoint.keep (0)"});
   expect_error([&] { validate(with("data.path=")); }, {"data.path"});
-  expect_error([&] { validate(with("train.device=gpu")); }, {"train.device 'gpu' is unknown", "auto, cpu, cuda"});
+  expect_error([&] { with("train.device=gpu"); }, {"config key 'train.device': 'gpu' is not one of auto | cpu | cuda"});
 }
 
 TEST(TrainConfig, ValidateWithModelChecksTheMesh) {
@@ -276,17 +267,40 @@ TEST(TrainConfig, ValidateWithModelChecksTheMesh) {
   expect_error([&] { validate_with_model(c, m, 1); }, {"train.seq_len (1024) > max_position_embeddings (512)"});
 }
 
+TEST(TrainConfig, ChoicesAreParsedOnceFromJsonAndText) {
+  TrainConfig c;
+  apply_json(c, nlohmann::json::parse(R"({"moe": {"dispatcher": "allgather", "expert_gemm": "cublas"},
+                                          "train.device": "cpu", "train.cuda_allocator": "direct"})"),
+             "test.json");
+  EXPECT_EQ(c.moe.dispatcher, DispatcherKind::kAllgather);
+  EXPECT_EQ(c.moe.expert_gemm, ExpertGemmChoice::kCublas);
+  EXPECT_EQ(c.train.device, DeviceChoice::kCpu);
+  EXPECT_EQ(c.train.cuda_allocator, AllocatorChoice::kDirect);
+  // The saved JSON holds the names, and reading it back gives the same enums.
+  const nlohmann::json saved = to_json(c);
+  EXPECT_EQ(saved["moe"]["dispatcher"], "allgather");
+  TrainConfig back;
+  apply_json(back, saved, "saved.json");
+  EXPECT_EQ(back, c);
+  expect_error([&] { apply_json(back, nlohmann::json::parse(R"({"moe.dispatcher": 3})"), "bad.json"); },
+               {"bad.json: config key 'moe.dispatcher' expects choice, got 3"});
+  expect_error([&] { apply_json(back, nlohmann::json::parse(R"({"train.device": "gpu"})"), "bad.json"); },
+               {"'train.device': 'gpu' is not one of auto | cpu | cuda"});
+  EXPECT_NE(help_text().find("moe.dispatcher"), std::string::npos);
+  EXPECT_NE(help_text().find("choice"), std::string::npos);
+}
+
 TEST(TrainConfig, ResolvedDispatcher) {
   TrainConfig c;
-  EXPECT_EQ(resolved_dispatcher(c), "local");
+  EXPECT_EQ(resolved_dispatcher(c), DispatcherKind::kLocal);
   c.parallel.ep = 2;
-  EXPECT_EQ(resolved_dispatcher(c), "all2all");
+  EXPECT_EQ(resolved_dispatcher(c), DispatcherKind::kAll2all);
   c.parallel.ep = 1;
   c.parallel.etp = 2;
-  EXPECT_EQ(resolved_dispatcher(c), "all2all");
-  c.moe.dispatcher = "vexpert";
-  EXPECT_EQ(resolved_dispatcher(c), "vexpert");
-  EXPECT_EQ(dispatcher_names(), (std::vector<std::string>{"local", "allgather", "all2all", "vexpert"}));
+  EXPECT_EQ(resolved_dispatcher(c), DispatcherKind::kAll2all);
+  c.moe.dispatcher = DispatcherKind::kVexpert;
+  EXPECT_EQ(resolved_dispatcher(c), DispatcherKind::kVexpert);
+  EXPECT_EQ(option_choices<DispatcherKind>(), "auto | local | allgather | all2all | vexpert");
 }
 
 }  // namespace

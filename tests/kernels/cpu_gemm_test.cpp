@@ -154,15 +154,7 @@ TEST(CpuGemm, EmptyMOrNIsANoOp) {
   EXPECT_EQ(C.to_vector<float>()[0], 7.0f);
 }
 
-template <typename Fn>
-void expect_error(Fn&& fn, const std::vector<std::string>& substrings) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected moetp::Error";
-  } catch (const Error& e) {
-    for (const std::string& s : substrings) EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << e.what();
-  }
-}
+using testing::expect_error;
 
 TEST(CpuGemm, RejectsBadLeadingDimensions) {
   std::vector<float> a(12), b(12), c(16);

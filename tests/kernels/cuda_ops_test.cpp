@@ -2,7 +2,7 @@
 // train::AdamW) on random inputs. Inputs are rounded to bf16 first, so both sides see the same values;
 // the CPU reference then computes in f32/double from those values.
 //
-// Tolerances (beyond testing.h's table):
+// Tolerances (testing.h's table):
 //   kBF16      bf16 outputs of O(1) values (bf16 rounding alone is 2^-9 relative)
 //   kBF16Rel   bf16 outputs with no cancellation but small magnitudes (softmax gradients):
 //              1% of each element, no absolute floor to hide behind
@@ -49,9 +49,9 @@ using testing::kBF16;
 using testing::random_tensor;
 using testing::Tolerance;
 
-constexpr Tolerance kBF16Rel{1e-2, 1e-12};
-constexpr Tolerance kF32Op{1e-5, 1e-6};
-constexpr Tolerance kF32Sum{1e-4, 1e-6, 0.1};
+using testing::kBF16Rel;
+using testing::kF32Op;
+using testing::kF32Sum;
 
 constexpr unsigned char kGuardByte = 0x5a;
 

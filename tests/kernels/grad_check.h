@@ -40,14 +40,4 @@ inline std::vector<double> central_diff(std::vector<double>& p, Loss&& loss) {
   return g;
 }
 
-template <typename Fn>
-inline void expect_error(Fn&& fn, const std::vector<std::string>& substrings) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected moetp::Error";
-  } catch (const Error& e) {
-    for (const std::string& s : substrings) EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << e.what();
-  }
-}
-
 }  // namespace moetp::testing

@@ -63,10 +63,10 @@ namespace moetp {
 namespace {
 
 constexpr double kMinMargin = 2e-3;
-constexpr double kCeRel = 1e-3;
-constexpr double kAuxRel = 1e-3;
-constexpr double kGradRel = 5e-2;
-constexpr double kAdamLossRel = 2e-2;
+constexpr double kCeRel = testing::kModelCeRel;
+constexpr double kAuxRel = testing::kModelAuxRel;
+constexpr double kGradRel = testing::kModelGradRel;
+constexpr double kAdamLossRel = testing::kModelAdamLossRel;
 constexpr int64_t kB = 2, kS = 16;
 
 config::ModelConfig tiny_config(bool tied) {
@@ -146,7 +146,7 @@ TEST_F(CudaModel, FromSeedMatchesCpuInit) {
   comm::Mesh mesh(testing::world(), 1, 1);
   for (const bool tied : {false, true}) {
     const config::ModelConfig cfg = tiny_config(tied);
-    model::Qwen3MoeModel cpu(cfg, mesh, "local", 5);
+    model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 5);
     model::CudaQwen3MoeModel gpu(cfg, 5);
     ASSERT_EQ(gpu.params().size(), cpu.params().size());
     for (size_t i = 0; i < cpu.params().size(); ++i) {
@@ -178,7 +178,7 @@ TEST_F(CudaModel, MatchesCpuModel) {
     SCOPED_TRACE(tied ? "tied_L2" : "untied_L3");
     std::printf(" %s\n", tied ? "tied, 2 layers (0 dense)" : "untied, 3 layers (1 dense)");
     const config::ModelConfig cfg = tiny_config(tied);
-    model::Qwen3MoeModel cpu(cfg, mesh, "local", 7);
+    model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 7);
     round_to_bf16(cpu);
     const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu);
     double margin = 0;
@@ -220,7 +220,7 @@ TEST_F(CudaModel, MatchesCpuModel) {
 TEST_F(CudaModel, AdamWStepsTrackCpu) {
   comm::Mesh mesh(testing::world(), 1, 1);
   const config::ModelConfig cfg = tiny_config(false);
-  model::Qwen3MoeModel cpu(cfg, mesh, "local", 9);
+  model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 9);
   round_to_bf16(cpu);
   const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu);
   double margin = 0;
@@ -305,10 +305,10 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
   std::unique_ptr<comm::Comm> self = w.split(r, 0, "self");
   comm::Mesh self_mesh(*self, 1, 1);
   const config::ModelConfig cfg = tiny_config(false);
-  const std::string dispatcher = l.dispatcher;
+  const DispatcherKind dispatcher = parse_option<DispatcherKind>(l.dispatcher, "dispatcher");
   model::Qwen3MoeModel cpu(cfg, cpu_mesh, dispatcher, 7);
   round_to_bf16(cpu);
-  model::Qwen3MoeModel cpu_one(cfg, self_mesh, "local", 7);
+  model::Qwen3MoeModel cpu_one(cfg, self_mesh, DispatcherKind::kLocal, 7);
   round_to_bf16(cpu_one);
   model::CudaModelOptions opts;
   opts.mesh = &gpu_mesh;
@@ -355,7 +355,7 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
   if (r == 0) {
     std::printf("  %s ep %d x etp %d (W %d), token seed %llu: ce %.6f vs cpu layout %.6f vs one GPU %.6f; aux %.6f vs %.6f "
                 "vs %.6f; grad norm %.6f vs cpu layout %.6f\n",
-                dispatcher.c_str(), l.P, l.T, W, static_cast<unsigned long long>(seed), ce_got, ce_ref, ce_one, got.aux, ref.aux, ref1.aux,
+                l.dispatcher, l.P, l.T, W, static_cast<unsigned long long>(seed), ce_got, ce_ref, ce_one, got.aux, ref.aux, ref1.aux,
                 got_norm, ref_norm);
   }
   EXPECT_NEAR(ce_got, ce_ref, kCeRel * ce_ref) << "cross-entropy mean vs the CPU layout";

@@ -36,7 +36,7 @@ void check_parity(int ep, int etp) {
   const io::SafetensorsFile fx = io::SafetensorsFile::open(kDir + "/fixture.safetensors");
   const config::ModelConfig cfg = config::ModelConfig::load(kDir + "/model/config.json");
   comm::Mesh mesh(w, ep, etp);
-  model::Qwen3MoeModel m(cfg, mesh, ep * etp == 1 ? "local" : "all2all", 1);
+  model::Qwen3MoeModel m(cfg, mesh, ep * etp == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 1);
   io::load_hf(m, kDir + "/model");
   const Tensor ids = fx.read("input_ids");  // (2, 17) i32
   const int64_t targets = ids.size(0) * (ids.size(1) - 1);

@@ -61,11 +61,11 @@
 namespace moetp {
 namespace {
 
-constexpr double kGlobalRel = 1e-2;
-constexpr double kBlockRel = 3e-2;
+constexpr double kGlobalRel = testing::kMoeGlobalRel;
+constexpr double kBlockRel = testing::kMoeBlockRel;
 // Routing weights: f32 softmax of logits from two f32 GEMMs with different summation orders
 // (about 1e-6 apart), expf vs exp in double.
-constexpr testing::Tolerance kRoutingWeight{1e-4, 1e-6};
+using testing::kRoutingWeight;
 
 enum class Routing { kRandom, kSkewed };
 
@@ -308,7 +308,7 @@ TEST_F(CudaMoeLayer, MatchesCpuBlock) {
     SCOPED_TRACE(c.name);
     std::printf("  %s\n", c.name);
     const Inputs in = make_inputs(c, 11);
-    const moe::MoeConfig cfg{c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"};
+    const moe::MoeConfig cfg{c.H, c.E, c.K, c.I, c.norm_topk_prob, DispatcherKind::kLocal};
 
     moe::MoeBlock block(cfg, mesh);
     moe::MoeSaved cpu_saved;
@@ -369,7 +369,7 @@ TEST_F(CudaMoeLayer, MatchesCpuBlock) {
 TEST_F(CudaMoeLayer, GradientsAccumulate) {
   const Case c = kCases[3];
   const Inputs in = make_inputs(c, 12);
-  moe::CudaMoeLayer layer({c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"});
+  moe::CudaMoeLayer layer({c.H, c.E, c.K, c.I, c.norm_topk_prob, DispatcherKind::kLocal});
   layer.set_params(in.params);
   const Tensor x = gpu_bf16(in.x_NH), dout = gpu_bf16(in.dout_NH);
   layer.forward(x);
@@ -398,7 +398,7 @@ TEST_F(CudaMoeLayer, GradientsAccumulate) {
   };
   int64_t token = -1;
   for (int64_t n = 0; n < c.N && token < 0; ++n) {
-    moe::CudaMoeLayer probe({c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"});
+    moe::CudaMoeLayer probe({c.H, c.E, c.K, c.I, c.norm_topk_prob, DispatcherKind::kLocal});
     probe.set_params(in.params);
     probe.forward(copies_of(in.x_NH, n));
     if (probe.counts_E().back() == 0) token = n;
@@ -414,13 +414,13 @@ TEST_F(CudaMoeLayer, GradientsAccumulate) {
     moe::CudaMoeOptions opts;
     opts.expert_gemm = gemm;
     opts.expert_streams = streams;
-    moe::CudaMoeLayer fresh({c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"}, opts);
+    moe::CudaMoeLayer fresh({c.H, c.E, c.K, c.I, c.norm_topk_prob, DispatcherKind::kLocal}, opts);
     fresh.set_params(in.params);
     fresh.forward(x1);
     fresh.backward(dout1);
     ASSERT_EQ(fresh.counts_E().back(), 0) << what << ": the last expert must be unused (an empty last chunk)";
     ASSERT_EQ(std::count(fresh.counts_E().begin(), fresh.counts_E().end(), int64_t{8}), c.K) << what;
-    moe::CudaMoeLayer l2({c.H, c.E, c.K, c.I, c.norm_topk_prob, "local"}, opts);
+    moe::CudaMoeLayer l2({c.H, c.E, c.K, c.I, c.norm_topk_prob, DispatcherKind::kLocal}, opts);
     l2.set_params(in.params);
     for (int pass = 0; pass < 2; ++pass) {
       l2.forward(x);
@@ -455,7 +455,7 @@ TEST_F(CudaMoeLayer, ForceBalanceRoundRobin) {
   opts.force_balance = true;
   opts.expert_gemm = moe::ExpertGemm::kCublas;
   opts.expert_streams = 4;  // four chunks of two experts
-  moe::CudaMoeLayer layer({H, E, K, I, true, "local"}, opts);
+  moe::CudaMoeLayer layer({H, E, K, I, true, DispatcherKind::kLocal}, opts);
   layer.set_params(in.params);
   const Tensor out = layer.forward(gpu_bf16(in.x_NH));
   for (int64_t e = 0; e < E; ++e) EXPECT_EQ(layer.counts_E()[e], N * K / E) << "expert " << e;
@@ -499,19 +499,19 @@ TEST_F(CudaMoeLayer, ForceBalanceRaggedCounts) {
   const Inputs in = make_inputs(c, 14);
   moe::CudaMoeOptions opts;
   opts.force_balance = true;
-  moe::CudaMoeLayer layer({c.H, c.E, c.K, c.I, true, "local"}, opts);
+  moe::CudaMoeLayer layer({c.H, c.E, c.K, c.I, true, DispatcherKind::kLocal}, opts);
   layer.set_params(in.params);
   layer.forward(gpu_bf16(in.x_NH));
   EXPECT_EQ(layer.counts_E(), (std::vector<int64_t>{4, 4, 3, 3}));
 }
 
 TEST_F(CudaMoeLayer, RejectsBadCallsWithTheValues) {
-  EXPECT_NE(testing::error_of([] { moe::CudaMoeLayer l({16, 4, 5, 8, true, "local"}); }).find("top_k (5)"), std::string::npos);
+  EXPECT_NE(testing::error_of([] { moe::CudaMoeLayer l({16, 4, 5, 8, true, DispatcherKind::kLocal}); }).find("top_k (5)"), std::string::npos);
   EXPECT_NE(testing::error_of([] {
-              moe::CudaMoeLayer l({16, 2000, 2, 8, true, "local"});
+              moe::CudaMoeLayer l({16, 2000, 2, 8, true, DispatcherKind::kLocal});
             }).find("num_experts (2000)"),
             std::string::npos);
-  moe::CudaMoeLayer layer({16, 4, 2, 8, true, "local"});
+  moe::CudaMoeLayer layer({16, 4, 2, 8, true, DispatcherKind::kLocal});
   const Tensor wrong = gpu_bf16(testing::random_tensor({3, 12}, 1, 1));
   EXPECT_NE(testing::error_of([&] { layer.forward(wrong); }).find("(N, 16)"), std::string::npos);
   EXPECT_NE(testing::error_of([&] {
@@ -564,10 +564,10 @@ TEST_P(CudaMoeLayerDist, MatchesOneGpuAndMpiDispatch) {
   comm::NcclComm& nccl = *testing::nccl_env().comm();
   comm::Mesh gpu_mesh(nccl, P, T), cpu_mesh(w, P, T);
   const int p = gpu_mesh.coords().p, t = gpu_mesh.coords().t;
-  for (const std::string dispatcher : {"all2all", "vexpert"}) {
+  for (const DispatcherKind dispatcher : {DispatcherKind::kAll2all, DispatcherKind::kVexpert}) {
     for (const DistCase& c : kDistCases) {
-      SCOPED_TRACE(dispatcher + " " + c.name);
-      if (r == 0) std::printf("  ep %d x etp %d, %s: %s (%s GEMM)\n", P, T, dispatcher.c_str(), c.name, moe::expert_gemm_name(c.gemm));
+      SCOPED_TRACE(std::string(option_name(dispatcher)) + " " + c.name);
+      if (r == 0) std::printf("  ep %d x etp %d, %s: %s (%s GEMM)\n", P, T, option_name(dispatcher).data(), c.name, moe::expert_gemm_name(c.gemm));
       std::vector<int64_t> counts;
       for (int q = 0; q < W; ++q) counts.push_back(tokens_of(c, q, W));
       const int64_t N_all = comm::sum_counts(counts), N = counts[static_cast<size_t>(r)];
@@ -606,7 +606,7 @@ TEST_P(CudaMoeLayerDist, MatchesOneGpuAndMpiDispatch) {
       const Tensor dx = layer.backward(gpu_bf16(in.dout_NH.narrow_rows(first, N).contiguous()), d_probs);
 
       // One GPU, the whole batch.
-      moe::CudaMoeLayer ref({c.H, c.E, c.K, c.I, true, "local"});
+      moe::CudaMoeLayer ref({c.H, c.E, c.K, c.I, true, DispatcherKind::kLocal});
       ref.set_params(in.params);
       const Tensor ref_out = host(ref.forward(gpu_bf16(in.x_NH)));
       ASSERT_TRUE(testing::bit_equal(host(s.topk_idx_NK), host(ref.saved().topk_idx_NK).narrow_rows(first, N).contiguous()))
@@ -645,13 +645,13 @@ TEST(CudaMoeLayerDistErrors, RejectsOtherDispatchersAndHostGroups) {
   const int64_t E = 4 * w.size();
   moe::CudaMoeOptions opts;
   opts.mesh = &gpu_mesh;
-  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "allgather"}, opts); })
+  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, DispatcherKind::kAllgather}, opts); })
                 .find("dispatcher 'allgather' is not implemented on the CUDA backend"),
             std::string::npos);
-  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E + 1, 2, 8, true, "all2all"}, opts); }).find("% ep"),
+  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E + 1, 2, 8, true, DispatcherKind::kAll2all}, opts); }).find("% ep"),
             std::string::npos);
   opts.mesh = &cpu_mesh;
-  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, "all2all"}, opts); }).find("needs NCCL"),
+  EXPECT_NE(testing::error_of([&] { moe::CudaMoeLayer l({16, E, 2, 8, true, DispatcherKind::kAll2all}, opts); }).find("needs NCCL"),
             std::string::npos);
 }
 

@@ -117,9 +117,9 @@ std::vector<Case> cases_for_world(int w) {
   std::vector<Case> out;
   for (const Layout& l : kLayouts) {
     if (l.D * l.P * l.T != w) continue;
-    for (const std::string& name : moe::dispatcher_names()) {
-      if (name == "local" && (l.P != 1 || l.T != 1)) continue;
-      for (Routing r : {Routing::kRandom, Routing::kSkewed}) out.push_back({l, name, r});
+    for (const DispatcherKind kind : moe::kDispatchers) {
+      if (kind == DispatcherKind::kLocal && (l.P != 1 || l.T != 1)) continue;
+      for (Routing r : {Routing::kRandom, Routing::kSkewed}) out.push_back({l, std::string(option_name(kind)), r});
     }
   }
   return out;
@@ -129,7 +129,7 @@ void run_case(const Case& c) {
   SCOPED_TRACE(c.label());
   auto& w = world();
   Mesh mesh(w, c.layout.P, c.layout.T);
-  auto disp = moe::make_dispatcher(c.dispatcher, mesh, {kE, kK});
+  auto disp = moe::make_dispatcher(parse_option<DispatcherKind>(c.dispatcher, "dispatcher"), mesh, {kE, kK});
   const int g = w.rank();
   const int t = mesh.coords().t;
   const Tensor x = payload(g);
@@ -236,9 +236,9 @@ TEST(MoeDispatch, XtunerWorkedExampleAllDispatchers) {
   const float expected[4][2] = {{620, 382}, {604, 666}, {560, 642}, {944, 386}};
   Mesh mesh(w, 2, 2);
   const int g = w.rank();
-  for (const std::string name : {"allgather", "all2all", "vexpert"}) {
-    SCOPED_TRACE(name);
-    auto disp = moe::make_dispatcher(name, mesh, {6, 2});
+  for (const DispatcherKind kind : {DispatcherKind::kAllgather, DispatcherKind::kAll2all, DispatcherKind::kVexpert}) {
+    SCOPED_TRACE(option_name(kind));
+    auto disp = moe::make_dispatcher(kind, mesh, {6, 2});
     std::unique_ptr<moe::DispatchState> state;
     moe::Dispatched d = disp->dispatch(Tensor::from_vector<float>({tokens[g][0], tokens[g][1]}, {2, 1}),
                                        Tensor::from_vector<int32_t>({ids[g][0], ids[g][1], ids[g][2], ids[g][3]}, {2, 2}),
@@ -263,13 +263,17 @@ TEST(MoeDispatch, ExpandTopkForTpMatchesTheSpecExample) {
 TEST(MoeDispatchBadInput, ErrorsNameTheValuesOnEveryRank) {
   auto& w = world();
   Mesh mesh(w, 1, 1);
-  EXPECT_NE(testing::error_of([&] { moe::make_dispatcher("deepep", mesh, {8, 2}); }).find("unknown dispatcher 'deepep' (valid: local, allgather, all2all, vexpert)"),
+  EXPECT_NE(testing::error_of([&] { parse_option<DispatcherKind>("deepep", "moe.dispatcher"); })
+                .find("moe.dispatcher: 'deepep' is not one of auto | local | allgather | all2all | vexpert"),
             std::string::npos);
-  EXPECT_NE(testing::error_of([&] { moe::make_dispatcher("allgather", mesh, {4, 5}); }).find("top_k (5) > num_experts (4)"),
+  EXPECT_NE(testing::error_of([&] { moe::make_dispatcher(DispatcherKind::kAuto, mesh, {8, 2}); })
+                .find("dispatcher 'auto' must be resolved"),
+            std::string::npos);
+  EXPECT_NE(testing::error_of([&] { moe::make_dispatcher(DispatcherKind::kAllgather, mesh, {4, 5}); }).find("top_k (5) > num_experts (4)"),
             std::string::npos);
   // An out-of-range expert id on rank 0 only: every rank of the group gets the error, nobody hangs.
   Mesh flat(w, w.size(), 1);
-  auto disp = moe::make_dispatcher(w.size() == 1 ? "local" : "allgather", flat, {8, 2});
+  auto disp = moe::make_dispatcher(w.size() == 1 ? DispatcherKind::kLocal : DispatcherKind::kAllgather, flat, {8, 2});
   std::unique_ptr<moe::DispatchState> state;
   const int32_t bad = w.rank() == 0 ? 9 : 1;
   const std::string err = testing::error_of([&] {
@@ -279,7 +283,7 @@ TEST(MoeDispatchBadInput, ErrorsNameTheValuesOnEveryRank) {
   EXPECT_NE(err.find("rank 0: topk_idx[0, 1] = 9 is not an expert id in [0, 8)"), std::string::npos) << err;
   if (w.size() % 4 == 0) {
     Mesh m4(w, 4, 1);
-    EXPECT_NE(testing::error_of([&] { moe::make_dispatcher("all2all", m4, {6, 2}); }).find("num_experts (6) % ep (4) = 2 != 0"),
+    EXPECT_NE(testing::error_of([&] { moe::make_dispatcher(DispatcherKind::kAll2all, m4, {6, 2}); }).find("num_experts (6) % ep (4) = 2 != 0"),
               std::string::npos);
   }
 }

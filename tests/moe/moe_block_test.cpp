@@ -57,7 +57,7 @@ struct Result {
 
 // Forward + backward of L = Σ out ⊙ R + coef · aux on this rank's tokens.
 Result run_layer(const Mesh& mesh, const std::string& dispatcher, const Tensor& x, const Tensor& r, bool skewed) {
-  moe::MoeBlock block({kH, kE, kK, kI, true, dispatcher}, mesh);
+  moe::MoeBlock block({kH, kE, kK, kI, true, parse_option<DispatcherKind>(dispatcher, "dispatcher")}, mesh);
   const moe::MoeParams params = init_params(block, skewed);
   moe::MoeSaved saved;
   Result res;
@@ -134,16 +134,17 @@ TEST(MoeBlockBadInput, InvalidSizesAndNaNLogitsFailOnEveryRank) {
   auto& w = world();
   Mesh flat(w, 1, w.size());
   if (w.size() > 1) {
-    EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, kK, 3, true, "all2all"}, flat); })
+    EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, kK, 3, true, DispatcherKind::kAll2all}, flat); })
                   .find("moe_intermediate_size (3) % etp (" + std::to_string(w.size()) + ")"),
               std::string::npos);
   }
-  EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, 9, kI, true, "all2all"}, flat); }).find("top_k (9) > num_experts (8)"),
+  EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, 9, kI, true, DispatcherKind::kAll2all}, flat); }).find("top_k (9) > num_experts (8)"),
             std::string::npos);
-  EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, kK, kI, true, "nccl"}, flat); }).find("unknown dispatcher 'nccl'"),
+  EXPECT_NE(testing::error_of([&] { moe::MoeBlock b({kH, kE, kK, kI, true, DispatcherKind::kAuto}, flat); })
+                .find("dispatcher 'auto' must be resolved"),
             std::string::npos);
   // NaN in one rank's input: every rank stops with a message naming rank 0's token.
-  moe::MoeBlock block({kH, kE, kK, kI, true, w.size() == 1 ? "local" : "vexpert"}, flat);
+  moe::MoeBlock block({kH, kE, kK, kI, true, w.size() == 1 ? DispatcherKind::kLocal : DispatcherKind::kVexpert}, flat);
   const moe::MoeParams params = init_params(block, false);
   Tensor x = tokens(w.rank(), false);
   if (w.rank() == 0) x.data<float>()[3] = std::nanf("");

@@ -42,13 +42,13 @@ config::TrainConfig train_config(int ep, int etp, const std::string& dispatcher,
   config::TrainConfig c;
   c.parallel.ep = ep;
   c.parallel.etp = etp;
-  c.moe.dispatcher = dispatcher;
+  c.moe.dispatcher = parse_option<DispatcherKind>(dispatcher, "moe.dispatcher");
   c.train.steps = 10;
   c.train.global_batch_size = batch;
   c.train.seq_len = 8;
   c.train.micro_batches = micro;
   c.optim.warmup_steps = 2;
-  c.train.device = "cpu";  // the CPU reference path, also on a GPU host
+  c.train.device = DeviceChoice::kCpu;  // the CPU reference path, also on a GPU host
   return c;
 }
 
@@ -179,20 +179,20 @@ TEST(TrainerBadInput, ErrorsNameTheValues) {
   // train.device = auto keeps a CPU-only dispatcher on the CPU and says why.
   {
     config::TrainConfig c = train_config(w.size(), 1, "allgather", 1, 8 * w.size());
-    c.train.device = "auto";
+    c.train.device = DeviceChoice::kAuto;
     train::Trainer t(c, tiny_model(0.01), w, random_tokens(4000, 64, 1));
-    EXPECT_EQ(t.device(), "cpu");
+    EXPECT_EQ(t.device(), Device::kCpu);
     EXPECT_NE(t.device_reason().find("moe.dispatcher 'allgather' runs on the CPU device only"), std::string::npos)
         << t.device_reason();
   }
   // The expert GEMM and the allocator are CUDA-device options: the CPU device rejects them.
   const std::vector<std::pair<std::function<void(config::TrainConfig&)>, std::string>> cuda_only = {
-      {[](config::TrainConfig& c) { c.moe.expert_gemm = "cublas"; }, "moe.expert_gemm = cublas"},
-      {[](config::TrainConfig& c) { c.train.cuda_allocator = "direct"; }, "train.cuda_allocator = direct"}};
+      {[](config::TrainConfig& c) { c.moe.expert_gemm = ExpertGemmChoice::kCublas; }, "moe.expert_gemm = cublas"},
+      {[](config::TrainConfig& c) { c.train.cuda_allocator = AllocatorChoice::kDirect; }, "train.cuda_allocator = direct"}};
   for (const auto& [set, what] : cuda_only) {
     config::TrainConfig c = train_config(1, 1, "auto", 1, 8 * w.size());
     set(c);
-    c.train.device = "cpu";
+    c.train.device = DeviceChoice::kCpu;
     EXPECT_NE(testing::error_of([&] { run(c, tiny_model(0.01), w, 1, random_tokens(4000, 64, 1)); })
                   .find(what + " applies to the CUDA device only"),
               std::string::npos)

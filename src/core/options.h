@@ -1,0 +1,75 @@
+// The typed options of a run: every choice a user makes by name (dispatcher, device, expert GEMM,
+// allocator) is one of these enums. Text becomes an enum in one place, `parse_option`, when a
+// config or a command line is read; everything downstream switches on the enum. Each enum's names
+// are its `kOptionNames` table, which drives parsing, error messages, --help and printing.
+#pragma once
+
+#include <array>
+#include <string>
+#include <string_view>
+
+#include "core/check.h"
+
+namespace moetp {
+
+// moe.dispatcher: how routed tokens reach the ranks that hold their experts (docs/moe.md).
+// kAuto resolves to kLocal on one expert rank, else kAll2all (config::resolved_dispatcher).
+enum class DispatcherKind { kAuto, kLocal, kAllgather, kAll2all, kVexpert };
+// train.device: where the model runs. kAuto picks cuda when every rank has a GPU.
+enum class DeviceChoice { kAuto, kCpu, kCuda };
+// moe.expert_gemm (CUDA device): one Hopper grouped GEMM over the local experts, or one cuBLAS
+// GEMM per expert. kAuto takes the grouped GEMM where its strides allow.
+enum class ExpertGemmChoice { kAuto, kGrouped, kCublas };
+// train.cuda_allocator (CUDA device): block cache (kAuto = kCaching) or cudaMalloc/cudaFree per tensor.
+enum class AllocatorChoice { kAuto, kCaching, kDirect };
+
+template <typename E>
+struct OptionNames;  // specialised below: `static constexpr std::array names` in enum order
+
+template <>
+struct OptionNames<DispatcherKind> {
+  static constexpr std::array<std::string_view, 5> names = {"auto", "local", "allgather", "all2all", "vexpert"};
+};
+template <>
+struct OptionNames<DeviceChoice> {
+  static constexpr std::array<std::string_view, 3> names = {"auto", "cpu", "cuda"};
+};
+template <>
+struct OptionNames<ExpertGemmChoice> {
+  static constexpr std::array<std::string_view, 3> names = {"auto", "grouped", "cublas"};
+};
+template <>
+struct OptionNames<AllocatorChoice> {
+  static constexpr std::array<std::string_view, 3> names = {"auto", "caching", "direct"};
+};
+
+template <typename E>
+concept NamedOption = requires { OptionNames<E>::names; };
+
+template <NamedOption E>
+constexpr std::string_view option_name(E value) {
+  return OptionNames<E>::names[static_cast<size_t>(value)];
+}
+
+// "a | b | c": the accepted names, for help texts and errors.
+template <NamedOption E>
+std::string option_choices() {
+  std::string out;
+  for (std::string_view n : OptionNames<E>::names) {
+    if (!out.empty()) out += " | ";
+    out += n;
+  }
+  return out;
+}
+
+// The enum named `text`; throws naming `what` (e.g. "moe.dispatcher"), the text and the choices.
+template <NamedOption E>
+E parse_option(std::string_view text, std::string_view what) {
+  const auto& names = OptionNames<E>::names;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (names[i] == text) return static_cast<E>(i);
+  }
+  MOETP_FAIL("{}: '{}' is not one of {}", what, text, option_choices<E>());
+}
+
+}  // namespace moetp
