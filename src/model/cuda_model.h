@@ -5,11 +5,11 @@
 // holds the 2- and 4-GPU layouts to the one-GPU model.
 //
 // Layouts: one GPU (no mesh), or one process per GPU over a mesh of NCCL communicators
-// (CudaModelOptions::mesh; ETP_SPEC §2): every non-expert parameter replicated on every rank (data
+// (CudaModelOptions::mesh; etp_spec §2): every non-expert parameter replicated on every rank (data
 // parallel over world), the routed experts sharded over (ep, etp) exactly as the CPU model shards
 // them (the same names, ShardSpecs and initial values), each rank running its own tokens.
 // Gradients: reduce_grads() sums replicated gradients over world and expert shards over expert_dp
-// (NCCL all-reduce, f32), grad_norm() counts every unique element once (ETP_SPEC §7).
+// (NCCL all-reduce, f32), grad_norm() counts every unique element once (etp_spec §8).
 //
 // Storage: per parameter an f32 master, a bf16 working copy (what the kernels read) and an f32
 // gradient (accumulated, +=). Activations are bf16, every accumulation f32. The residual stream is
