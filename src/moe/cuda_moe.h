@@ -13,8 +13,8 @@
 // With cfg.dispatcher == "vexpert" the rows move as the `vexpert` dispatcher does instead (etp_spec
 // §6.5, moe/dispatch_vexpert.cpp, planned on the host by moe/vexpert_plan.h): one row per (token,
 // destination ep_etp rank) by NCCL all_to_all_v over ep_etp, folded with the routing weights on the
-// expert side (f32), the folded sums sent back (f32) and added into the tokens (run on H200s at
-// every 2- and 4-GPU layout: docs/gpu.md).
+// expert side (f32), the folded sums sent back (f32) and added into the tokens (tested at every 2-
+// and 4-GPU layout: docs/gpu.md).
 //
 // Legend: N tokens on this rank, H hidden, E experts, K top-k, I expert FFN width
 // (moe_intermediate_size), M = N·K "slot rows" (this rank's (token, slot) pairs), L local experts,
