@@ -1,8 +1,8 @@
 // Qwen3-MoE decoder on the GPU: one micro-batch's forward + backward composed from the CUDA kernels
 // (kernels/cuda/{ops,attention,gemm}.h) and the CUDA MoE layer (moe/cuda_moe.h), in exactly the
 // layer order of the CPU model (model/model.h, the executable spec), which
-// tests/model/cuda_model_test.cpp holds it to on one GPU and tests/model/cuda_model_dist_test.cpp
-// holds the 2- and 4-GPU layouts to the one-GPU model.
+// tests/model/cuda_model_test.cpp holds it to on one GPU (np 1), and holds the 2- and 4-GPU layouts
+// to the one-GPU model (np 2 and 4).
 //
 // Layouts: one GPU (no mesh), or one process per GPU over a mesh of NCCL communicators
 // (CudaModelOptions::mesh; etp_spec §2): every non-expert parameter replicated on every rank (data

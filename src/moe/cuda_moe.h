@@ -1,6 +1,6 @@
 // The MoE block of one Qwen3-MoE layer on the GPU, forward and backward, bf16 parameters and
 // activations with f32 accumulation. The CUDA counterpart of moe::MoeBlock (etp_spec §3-§6), held
-// to it by tests/moe/cuda_moe_test.cpp (one GPU) and tests/moe/cuda_moe_dist_test.cpp (2 and 4 GPUs).
+// to it by tests/moe/cuda_moe_test.cpp (one GPU at np 1; the 2- and 4-GPU layouts at np 2 and 4).
 //
 // Layouts: without a mesh, one GPU holds every expert (the `local` dispatcher, no communication).
 // With a mesh of NCCL communicators (comm::NcclComm, one GPU per rank), rank (p, t) holds the
