@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch multi-GPU baseline: one Qwen3-MoE MoE block, forward + backward, with expert parallelism
 (EP, P ranks) x expert tensor parallelism (ETP, T ranks) x D data-parallel replicas, the `all2all`
-dispatcher of shared/docs/ETP_SPEC.md section 5 written with torch.distributed (NCCL).
+dispatcher of docs/etp_spec.md (etp_spec §6.4) written with torch.distributed (NCCL).
 
-Mesh (ETP_SPEC section 2): W = D·P·T ranks, world rank g = d·(P·T) + p·T + t (etp fastest);
+Mesh (etp_spec §2): W = D·P·T ranks, world rank g = d·(P·T) + p·T + t (etp fastest);
   ep group = same (d, t), etp group = same (d, p), expert_dp group = same (p, t).
 Parameters (bf16): router wg (E, H) replicated; rank (p, t) holds the L = E/P experts
   [p·L, (p+1)·L) and of each the t-th slice of width i = I/T: w13_local (L, 2i, H) = gate rows
@@ -125,7 +125,7 @@ def fail_all(msg):
 
 
 class Mesh:
-    """(D, P, T) mesh of ETP_SPEC section 2: coordinates (d, p, t) of this rank and its ep, etp and
+    """(D, P, T) mesh of etp_spec §2: coordinates (d, p, t) of this rank and its ep, etp and
     expert_dp groups (None where the group has one rank: nothing to communicate). Build meshes with
     Mesh.get: dist.new_group is collective, so every rank must create the same groups in the same
     order; get() caches one mesh per (P, T)."""

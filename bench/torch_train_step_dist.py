@@ -24,7 +24,7 @@ rejected), bf16 parameters:
   targets; plus router_aux_loss_coef x the HF load-balancing loss (Qwen3-MoE's
   load_balancing_loss_func: E · Σ_{k,e} f[k,e] · P[e] with f = fraction of (layer, token) rows
   whose slot k picked expert e and P = mean router probability, both over all MoE layers),
-  computed on the GLOBAL batch as ETP_SPEC section 4 asks: f is all-reduced (mean over ranks, no
+  computed on the GLOBAL batch as etp_spec §5.2 describes: f is all-reduced (mean over ranks, no
   gradient, one small all_reduce per step) and P is the rank's own mean, so that the mean over
   ranks of the per-rank losses is the global aux loss. --aux-loss off drops it.
 Initialisation: normal(0, initializer_range) for replicated matrices (same seed on every rank),

@@ -30,7 +30,7 @@ struct Tolerance {
   double scale_floor = 0.0;
 };
 inline constexpr Tolerance kF32Exactish{1e-6, 1e-6};       // same math, different summation order
-inline constexpr Tolerance kF32Parallel{1e-5, 1e-6, 0.1};  // parallel layouts vs single rank (ETP_SPEC)
+inline constexpr Tolerance kF32Parallel{1e-5, 1e-6, 0.1};  // parallel layouts vs single rank (docs/moe.md)
 inline constexpr Tolerance kBF16{2e-2, 1e-2};              // bf16 storage, f32 accumulation
 // CUDA ops against their CPU references (tests/kernels/cuda_*_test.cpp):
 inline constexpr Tolerance kBF16Rel{1e-2, 1e-12};   // bf16 outputs without cancellation, small magnitudes

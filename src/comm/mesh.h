@@ -1,4 +1,4 @@
-// The process mesh of ETP_SPEC §2. World rank g = d·(P·T) + p·T + t: etp varies fastest so that
+// The process mesh of etp_spec §2. World rank g = d·(P·T) + p·T + t: etp varies fastest so that
 // TP partners are neighbours (same node, NVLink).
 //
 //   group      members          used for

@@ -110,7 +110,7 @@ nlohmann::json to_json(const TrainConfig& cfg);
 // betas in [0, 1), "local" only with ep = etp = 1, ...). Messages name values. Option names are
 // checked earlier, when they are parsed (apply_json, apply_override).
 void validate(const TrainConfig& cfg);
-// Checks that need the model and the world size (ETP_SPEC §2): W % (ep·etp) == 0,
+// Checks that need the model and the world size (etp_spec §2): W % (ep·etp) == 0,
 // num_experts % ep == 0, moe_intermediate_size % etp == 0, global_batch_size % (W·micro_batches)
 // == 0 (every rank gets the same number of whole micro-batches), seq_len <= max_position_embeddings.
 void validate_with_model(const TrainConfig& cfg, const ModelConfig& model, int world_size);

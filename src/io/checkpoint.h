@@ -1,4 +1,4 @@
-// Checkpoints in global coordinates, for any layout (ETP_SPEC §8):
+// Checkpoints in global coordinates, for any layout (etp_spec §9):
 //   - Hugging Face: config.json, model-XXXXX-of-YYYYY.safetensors, model.safetensors.index.json,
 //     tensor names as transformers' Qwen3-MoE; routed experts per expert
 //     (mlp.experts.{e}.{gate,up,down}_proj.weight, the default) or stacked

@@ -1,15 +1,15 @@
 // Qwen3-MoE decoder on the GPU: one micro-batch's forward + backward composed from the CUDA kernels
 // (kernels/cuda/{ops,attention,gemm}.h) and the CUDA MoE layer (moe/cuda_moe.h), in exactly the
 // layer order of the CPU model (model/model.h, the executable spec), which
-// tests/model/cuda_model_test.cpp holds it to on one GPU and tests/model/cuda_model_dist_test.cpp
-// holds the 2- and 4-GPU layouts to the one-GPU model.
+// tests/model/cuda_model_test.cpp holds it to on one GPU (np 1), and holds the 2- and 4-GPU layouts
+// to the one-GPU model (np 2 and 4).
 //
 // Layouts: one GPU (no mesh), or one process per GPU over a mesh of NCCL communicators
-// (CudaModelOptions::mesh; ETP_SPEC §2): every non-expert parameter replicated on every rank (data
+// (CudaModelOptions::mesh; etp_spec §2): every non-expert parameter replicated on every rank (data
 // parallel over world), the routed experts sharded over (ep, etp) exactly as the CPU model shards
 // them (the same names, ShardSpecs and initial values), each rank running its own tokens.
 // Gradients: reduce_grads() sums replicated gradients over world and expert shards over expert_dp
-// (NCCL all-reduce, f32), grad_norm() counts every unique element once (ETP_SPEC §7).
+// (NCCL all-reduce, f32), grad_norm() counts every unique element once (etp_spec §8).
 //
 // Storage: per parameter an f32 master, a bf16 working copy (what the kernels read) and an f32
 // gradient (accumulated, +=). Activations are bf16, every accumulation f32. The residual stream is

@@ -3,7 +3,7 @@
 // needs and the model runs the layers in order and in reverse).
 //
 // Parameters are named as in Hugging Face transformers, except the routed experts of a layer,
-// which are two fused tensors in global (HF-equivalent) coordinates (ETP_SPEC §3):
+// which are two fused tensors in global (HF-equivalent) coordinates (etp_spec §3.1):
 //   model.layers.{l}.mlp.experts.w13  [E·2I, H]  stripes gate_0, up_0, gate_1, ...  (InterleavedShard)
 //   model.layers.{l}.mlp.experts.w2   [E·H, I]   down_proj of expert e = rows [e·H, (e+1)·H)
 // Every other parameter is replicated on every rank. Initial values are a pure function of

@@ -1,20 +1,20 @@
 // The MoE block of one Qwen3-MoE layer on the GPU, forward and backward, bf16 parameters and
-// activations with f32 accumulation. The CUDA counterpart of moe::MoeBlock (ETP_SPEC §3-§5), held
-// to it by tests/moe/cuda_moe_test.cpp (one GPU) and tests/moe/cuda_moe_dist_test.cpp (2 and 4 GPUs).
+// activations with f32 accumulation. The CUDA counterpart of moe::MoeBlock (etp_spec §3-§6), held
+// to it by tests/moe/cuda_moe_test.cpp (one GPU at np 1; the 2- and 4-GPU layouts at np 2 and 4).
 //
 // Layouts: without a mesh, one GPU holds every expert (the `local` dispatcher, no communication).
 // With a mesh of NCCL communicators (comm::NcclComm, one GPU per rank), rank (p, t) holds the
-// L = E/P experts [p·L, (p+1)·L) and the t-th slice of width i = I/T of each (ETP_SPEC §3), and the
-// rows move as the `all2all` dispatcher does (ETP_SPEC §5.3, moe/dispatch_all2all.cpp): EP
+// L = E/P experts [p·L, (p+1)·L) and the t-th slice of width i = I/T of each (etp_spec §3.2), and the
+// rows move as the `all2all` dispatcher does (etp_spec §6.4, moe/dispatch_all2all.cpp): EP
 // all-to-all by owning rank, then a TP all-gather inside the etp group; back by a TP reduce-scatter
 // of the partial outputs and the reverse all-to-all. The row order on the expert side is the
 // dispatcher contract of moe/dispatcher.h (local expert, source rank, token, slot), so the CPU
 // dispatcher over MPI and this layer over NCCL produce bit-identical dispatched rows.
-// With cfg.dispatcher == "vexpert" the rows move as the `vexpert` dispatcher does instead (ETP_SPEC
-// §5.4, moe/dispatch_vexpert.cpp, planned on the host by moe/vexpert_plan.h): one row per (token,
+// With cfg.dispatcher == "vexpert" the rows move as the `vexpert` dispatcher does instead (etp_spec
+// §6.5, moe/dispatch_vexpert.cpp, planned on the host by moe/vexpert_plan.h): one row per (token,
 // destination ep_etp rank) by NCCL all_to_all_v over ep_etp, folded with the routing weights on the
-// expert side (f32), the folded sums sent back (f32) and added into the tokens (run on H200s at
-// every 2- and 4-GPU layout: docs/gpu.md).
+// expert side (f32), the folded sums sent back (f32) and added into the tokens (tested at every 2-
+// and 4-GPU layout: docs/gpu.md).
 //
 // Legend: N tokens on this rank, H hidden, E experts, K top-k, I expert FFN width
 // (moe_intermediate_size), M = N·K "slot rows" (this rank's (token, slot) pairs), L local experts,
@@ -190,7 +190,7 @@ class CudaMoeLayer {
  private:
   bool distributed() const { return opts_.mesh != nullptr; }
   bool vexpert() const { return distributed() && cfg_.dispatcher == DispatcherKind::kVexpert; }
-  // `vexpert` (ETP_SPEC §5.4, the CPU spec moe/dispatch_vexpert.cpp, planning shared through
+  // `vexpert` (etp_spec §6.5, the CPU spec moe/dispatch_vexpert.cpp, planning shared through
   // moe/vexpert_plan.h): after the router and the host copy of the routing, everything from the
   // send plan to out_NH. Collective over ep_etp.
   void vexpert_forward(const Tensor& x_NH, Tensor& out_NH);

@@ -63,7 +63,7 @@ cudaError_t combine_backward(const uint16_t* dout_NH, const uint16_t* y_MH, cons
                              const float* weight_NK, uint16_t* dy_MH, float* dweight_NK, int64_t M, int64_t K,
                              int64_t H, cudaStream_t stream);
 
-// `vexpert` (ETP_SPEC §5.4) combine backward on the expert side: expert-side row i is entry
+// `vexpert` (etp_spec §6.5) combine backward on the expert side: expert-side row i is entry
 // c = cols[i] of received row q = rows[i] (moe/vexpert_plan.h). One block per row i:
 //   dy[i]          = bf16(w[q, c] · dz[q])          (f32 multiply, one rounding; moe::weighted_gather)
 //   dweight[q, c]  = Σ_h dz[q, h] · y[i, h]          (f32, fixed block-tree order; moe::dot_rows: each

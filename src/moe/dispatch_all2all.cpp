@@ -1,6 +1,6 @@
 // `all2all`: EP all-to-all by owning EP rank, then (T > 1) a TP all-gather of the received rows
 // inside dispatch; combine is the reverse (TP reduce-scatter of the partials, reverse EP
-// all-to-all), and the routing weights are applied on the source rank (ETP_SPEC §5.3).
+// all-to-all), and the routing weights are applied on the source rank (etp_spec §6.4).
 //
 // Two data paths are reused four times:
 //   forward_move:  source slot rows (S, H) -> a2a over ep -> all-gather over etp -> expert order (M, H)

@@ -1,4 +1,4 @@
-// `vexpert`: virtual experts on the flat ep_etp group (ETP_SPEC §5.4). Expert e becomes T virtual
+// `vexpert`: virtual experts on the flat ep_etp group (etp_spec §6.5). Expert e becomes T virtual
 // experts v(e, t) owned by ep_etp rank p(e)·T + t. One row goes to each (token, destination rank)
 // pair, carrying the K virtual entries that destination (p, t) can own (entry k = virtual entry
 // k·T + t, moe/vexpert_plan.h): the local expert id where it owns the entry, -1 elsewhere, and the

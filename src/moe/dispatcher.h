@@ -1,5 +1,5 @@
 // Dispatchers: move each token row to the ranks that hold its experts and bring the expert
-// outputs back (ETP_SPEC §5). All four compute the same function; the MoE block does not know
+// outputs back (etp_spec §6). All four compute the same function; the MoE block does not know
 // which one runs.
 //
 // Legend: N tokens on this rank, H hidden, K experts per token, E experts, L = E/P local experts,
@@ -9,7 +9,7 @@
 // rows sorted by local expert j, then by source rank (group rank r = p·T + t in ep_etp), then by
 // source token index n, then by slot k. Row i of x_MH is a bit-exact copy of x_NH[n] of its
 // source rank. The expert output y_MH has the same rows; on rank (p, t) it is the TP-partial
-// y_t of ETP_SPEC §3, and combine sums the partials over t and folds them with the routing
+// y_t of etp_spec §4, and combine sums the partials over t and folds them with the routing
 // weights: out[n] = Σ_k w[n, k] · Σ_t y_t(n, k).
 //
 // One layer's step calls dispatch → combine → combine_backward → dispatch_backward with the same
@@ -74,7 +74,7 @@ std::unique_ptr<Dispatcher> make_dispatcher(DispatcherKind kind, const comm::Mes
 inline constexpr std::array<DispatcherKind, 4> kDispatchers = {DispatcherKind::kLocal, DispatcherKind::kAllgather,
                                                                DispatcherKind::kAll2all, DispatcherKind::kVexpert};
 
-// Virtual-expert expansion for `vexpert` (ETP_SPEC §5.4): entry k·T + t of the result is
+// Virtual-expert expansion for `vexpert` (etp_spec §6.5): entry k·T + t of the result is
 // v(e, t) = (p(e)·T + t)·L + j(e) for e = topk_idx[n, k]; p(e) = e / L, j(e) = e % L.
 //   topk_idx_NK [IN] i32 (N, K); returns i32 (N, K·T)
 Tensor expand_topk_for_tp(const Tensor& topk_idx_NK, int64_t num_experts, int ep, int etp);

@@ -1,5 +1,5 @@
 // The MoE block of a Qwen3-MoE layer: router → dispatcher → grouped SwiGLU on the local expert
-// shards → combine, forward and backward (ETP_SPEC §3-§5). The dispatcher is picked by name; the
+// shards → combine, forward and backward (etp_spec §3-§6). The dispatcher is picked by name; the
 // block does not know which one runs. Collective over the mesh (ep_etp group; the router's error
 // check agrees over world so that a NaN on one rank stops every rank).
 //

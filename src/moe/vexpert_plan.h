@@ -1,4 +1,4 @@
-// Host-side planning of the `vexpert` dispatcher (ETP_SPEC §5.4), shared by the CPU dispatcher
+// Host-side planning of the `vexpert` dispatcher (etp_spec §6.5), shared by the CPU dispatcher
 // (dispatch_vexpert.cpp, over MPI) and the CUDA MoE layer (cuda_moe.cpp, over NCCL), so both move
 // exactly the same rows in exactly the same order. Pure functions: no communication, no tensors.
 //
@@ -9,7 +9,7 @@
 // Of a token's K·T virtual entries, rank dst = (p, t) owns only entries k·T + t (the slots k whose
 // expert lives on ep rank p), so a row sent to dst carries K entries, entry k standing for virtual
 // entry k·T + t: the wire tables are (rows, K), not (rows, K·T) (T times fewer bytes to plan, send
-// and upload; the expert-side order, (local expert, received row, k), is the spec's order, since
+// and upload; the expert-side order, (local expert, received row, k), is the order of etp_spec §6.1, since
 // within one received row c = k·T + t grows with k).
 #pragma once
 
@@ -39,7 +39,7 @@ void plan_vexpert_send(std::span<const int32_t> topk_idx_NK, std::span<const flo
 
 // The expert-side order of the received rows: sorted by local expert j, then received row q
 // (= source rank, then token: the all-to-all order), then entry c (= slot k; within one received row
-// the destination's t is fixed, so this is the spec's order of virtual entries k·T + t).
+// the destination's t is fixed, so this is etp_spec §6.1's order of virtual entries k·T + t).
 struct VExpertRecvPlan {
   std::vector<int64_t> row_recv;   // expert-order row i is received row row_recv[i] ...
   std::vector<int64_t> row_entry;  // ... entry row_entry[i] of its C entries

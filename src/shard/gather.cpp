@@ -1,5 +1,5 @@
 // gather_full: every member of a group rebuilds the full global tensor from the members' shards
-// (ETP_SPEC §3; XTuner's reconstruct_full_tensor, xtuner notes §4.5). Used by HF save, checkpoint
+// (etp_spec §3.3; XTuner's reconstruct_full_tensor, etp_spec §10). Used by HF save, checkpoint
 // conversion and tests; not on the training hot path, so placement runs on the host.
 //
 // Instead of undoing placements mesh dim by mesh dim (XTuner gathers TP first, then EP), each

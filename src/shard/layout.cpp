@@ -1,5 +1,5 @@
 // Shard layouts: compute_runs by interval algebra, local shapes, extract/scatter on the host, and
-// the expert-weight specs of ETP_SPEC §3. gather_full lives in gather.cpp.
+// the expert-weight specs of etp_spec §3.3. gather_full lives in gather.cpp.
 #include "shard/layout.h"
 
 #include <fmt/format.h>

@@ -1,18 +1,19 @@
-// Shard layouts (ETP_SPEC §3): which rows (and columns) of a global tensor a rank holds, and where
+// Shard layouts (etp_spec §3.3): which rows (and columns) of a global tensor a rank holds, and where
 // they sit in its local tensor. compute_runs is the one answer to "which global rows do I own and
 // where are they locally"; HF load/save, native checkpoints, resharding and parameter init all go
 // through it. This layer sits between comm (below) and moe/model/io (above): it knows placements
 // and meshes, nothing of models beyond the expert-weight convenience specs at the bottom.
 //
 // Model. Sharding is always along dim 0 ("rows"); a spec applies a chain of mesh-dim placements,
-// outer to inner, each to the rows left by the previous ones (xtuner notes §4.4, without FSDP):
+// outer to inner, each to the rows left by the previous ones (XTuner's compute_runs without FSDP,
+// etp_spec §10):
 //   replicate()        keep all current rows;
 //   shard()            contiguous equal chunks: rank r of M keeps rows [r·n/M, (r+1)·n/M);
 //   interleaved(sf)    torch _StridedShard: cut the n current rows into M·sf equal chunks, rank r
 //                      keeps chunks r, r+M, …, r+(sf−1)·M in that order (the r-th 1/M slice of
 //                      every one of sf stripes; XTuner's InterleavedShard).
 // Sizes must divide exactly (no ceil-chunking); errors name the values. An optional column slice
-// [col_begin, col_end) of dim 1 applies to every owned row (row parallelism of w2, §3).
+// [col_begin, col_end) of dim 1 applies to every owned row (row parallelism of w2, etp_spec §3.2).
 //
 // Legend for tensor shapes: E experts, I expert FFN width, H hidden, P ep, T etp, L = E/P,
 // lowercase = this rank's shard (i = I/T).
@@ -57,7 +58,7 @@ struct ShardSpec {
   int64_t col_end = -1;
 };
 
-// ETP_SPEC §3: global rows [global_row, global_row + length) sit at local rows
+// etp_spec §3.3: global rows [global_row, global_row + length) sit at local rows
 // [local_row, local_row + length). The column slice of the spec applies to every run.
 struct Run {
   int64_t global_row = 0;
@@ -99,7 +100,7 @@ Tensor extract_local(const Tensor& global, const ShardSpec& spec);
 //   global  [IN/OUT] global_shape, any device, any strides
 void scatter_into_global(const Tensor& local, const ShardSpec& spec, Tensor& global);
 
-// Convenience specs for the expert weights of ETP_SPEC §3 (rank (p, t) of a P x T expert mesh).
+// Convenience specs for the expert weights of etp_spec §3.2 (rank (p, t) of a P x T expert mesh).
 // Check E % P == 0, I % T == 0, sizes > 0 and coordinates in range, naming the values.
 // w13: global [E·2I, H] (stripes gate_0, up_0, gate_1, …), dims {{P, p, shard()},
 // {T, t, interleaved(2L)}}; local [L·2·i, H] = per local expert, gate rows [t·i, (t+1)·i) then up

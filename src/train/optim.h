@@ -1,4 +1,4 @@
-// Optimiser pieces of one training step (ETP_SPEC §7): gradient reduction over the right group,
+// Optimiser pieces of one training step (etp_spec §8): gradient reduction over the right group,
 // the global gradient norm with each unique shard counted once, clipping, AdamW on f32 master
 // weights, and the warmup + cosine learning-rate schedule.
 #pragma once

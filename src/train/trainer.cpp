@@ -114,7 +114,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
                 option_name(dispatcher));
     gpu_ = std::make_unique<Gpu>();
     // The caching allocator by default: with cudaFree per temporary, every free synchronises the
-    // device, which cost 49 ms of a 120 ms step at ep 4 (docs/performance.md, fourth session).
+    // device (docs/performance.md, Allocator).
     const bool direct = cfg_.train.cuda_allocator == AllocatorChoice::kDirect;
     world_.run_collectively("selecting this rank's GPU", [&] {
       cuda::init(node_local_rank(world_).first, direct ? cuda::AllocMode::kDirect : cuda::AllocMode::kCaching);

@@ -1,5 +1,5 @@
 // The training loop of one rank: global batch -> this rank's slice -> micro-batches ->
-// forward/backward -> gradient reduction (ETP_SPEC §7) -> global norm, clipping -> AdamW.
+// forward/backward -> gradient reduction (etp_spec §8.1) -> global norm, clipping -> AdamW.
 // Collective: every rank of `world` constructs a Trainer and calls step() in lockstep.
 //
 // Devices (train.device): "cpu" runs the CPU model (model/model.h) with MPI collectives; "cuda"

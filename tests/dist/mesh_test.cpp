@@ -1,5 +1,5 @@
 // Mesh group memberships for every (D, P, T) whose product is the job's world size, checked
-// against ETP_SPEC §2: g = d·(P·T) + p·T + t; ep_etp = same d, ep = same (d, t), etp = same (d, p),
+// against etp_spec §2: g = d·(P·T) + p·T + t; ep_etp = same d, ep = same (d, t), etp = same (d, p),
 // expert_dp = same (p, t); each group ordered by its own coordinate.
 #include <gtest/gtest.h>
 

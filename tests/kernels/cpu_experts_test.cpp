@@ -1,4 +1,4 @@
-// CPU grouped SwiGLU experts (ETP_SPEC §3): forward against an fp64 re-implementation, backward
+// CPU grouped SwiGLU experts (etp_spec §4): forward against an fp64 re-implementation, backward
 // against central finite differences of it (dx overwritten over NaN, weight gradients accumulated
 // over random prefills), T-way sharded experts summing to the unsharded one, SwiGLU by hand, and
 // argument errors. Cases: an empty expert, all rows on one expert, sizes that are multiples of
@@ -184,7 +184,8 @@ Tensor shard_w2(const Tensor& w2_LHI, int64_t T, int64_t t) {
   return w2_LHI.slice(2, t * i, (t + 1) * i).contiguous();
 }
 
-// ETP_SPEC's "1e-5 relative" for parallel layouts, relative to the reference's scale (its max |value|):
+// kF32Parallel's 1e-5 relative bound for parallel layouts (docs/moe.md, Tolerances), relative to
+// the reference's scale (its max |value|):
 // summing T partials reorders f32 sums, so entries near zero carry absolute, not relative, error.
 Tolerance scale_relative(double rel, const Tensor& reference) {
   double scale = 0;

@@ -1,4 +1,4 @@
-// CPU router (ETP_SPEC §4): forward by hand (ties to the lower expert id, norm_topk_prob on/off),
+// CPU router (etp_spec §5.1): forward by hand (ties to the lower expert id, norm_topk_prob on/off),
 // backward against central finite differences of a double-precision re-implementation, the
 // load-balancing loss against a direct double-precision port of transformers'
 // load_balancing_loss_func, and argument errors.

@@ -534,7 +534,7 @@ TEST(GroupedGemmLayout, PingpongConsumersFollowTheProducer) {
 TEST(GroupedGemmLayout, AutoConfigFollowsTheMeasuredTable) {
   namespace L = cuda::launch;
   // Staged epilogue, tile N 192 or 128 by the wave model, on 132 SMs (an H200), at the cases of the
-  // device sweeps (docs/performance.md, fifth session), {n_out, m_tiles, tile N}:
+  // device sweeps (docs/performance.md, Grouped GEMM), {n_out, m_tiles, tile N}:
   struct Case {
     int64_t n_out, m_tiles;
     int bn;

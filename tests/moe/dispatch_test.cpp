@@ -79,7 +79,7 @@ struct RowId {
   int32_t e;  // global expert
 };
 
-// ETP_SPEC §5 order on rank (d, p, ·): local expert, source rank, token, slot.
+// etp_spec §6.1 order on rank (d, p, ·): local expert, source rank, token, slot.
 std::vector<RowId> expected_rows(const Mesh& mesh, Routing kind, std::vector<int64_t>& offsets) {
   const int64_t L = kE / mesh.ep_size();
   const int group = mesh.ep_size() * mesh.etp_size();
@@ -225,7 +225,7 @@ INSTANTIATE_TEST_SUITE_P(Dispatchers, MoeDispatchByName,
                          ::testing::Values("local", "allgather", "all2all", "vexpert"),
                          [](const auto& info) { return info.param; });
 
-// The worked example of the original work (xtuner notes §3.4): E=6, P=2, T=2, K=2, two scalar
+// The worked example of XTuner's validation script (etp_spec §10): E=6, P=2, T=2, K=2, two scalar
 // tokens per rank, mock expert in + 100·e identical on both TP ranks, so partials double.
 TEST(MoeDispatch, XtunerWorkedExampleAllDispatchers) {
   auto& w = world();

@@ -1,4 +1,4 @@
-// moe/vexpert_plan.h against a brute-force reference written from ETP_SPEC §5.4 with the spec's
+// moe/vexpert_plan.h against a brute-force reference written from etp_spec §6.5 with the spec's
 // expansion (moe::expand_topk_for_tp): the rows sent per destination (sorted by destination, then
 // token), the (rows, K) local-entry and weight tables (entry k of a row to rank (p, t) stands for
 // virtual entry k·T + t), the expert-side order (local expert, received row, entry) and offsets,

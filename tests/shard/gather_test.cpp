@@ -1,7 +1,7 @@
 // gather_full over the ep_etp group of every mesh (P, T) with P·T dividing the job's world size.
 // Every rank builds the same global tensor whose values encode their position,
 //   global[row, col] = row·num_cols + col   (exact in f32 below 2^24),
-// extracts its own shard (w13: InterleavedShard rows; w2: EP rows x TP columns, ETP_SPEC §3) and
+// extracts its own shard (w13: InterleavedShard rows; w2: EP rows x TP columns, etp_spec §3.2) and
 // gathers; the result must be the global tensor, bit for bit, on every rank. Bad calls must throw
 // the same moetp::Error on every member instead of hanging.
 #include <gtest/gtest.h>

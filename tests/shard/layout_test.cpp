@@ -1,8 +1,8 @@
-// Shard layouts on one process: compute_runs against the hand examples of ETP_SPEC §3 and xtuner
-// notes §4.4, against two independent references (the expert-weight formula below and XTuner's
-// index-list algorithm), and extract_local / scatter_into_global round trips over every rank.
+// Shard layouts on one process: compute_runs against hand examples (etp_spec §3.3), against two
+// independent references (the expert-weight formula below and XTuner's index-list algorithm,
+// etp_spec §10), and extract_local / scatter_into_global round trips over every rank.
 //
-// Expert-weight formula (ETP_SPEC §3), rank (p, t), L = E/P, i = I/T, local expert j:
+// Expert-weight formula (etp_spec §3.2), rank (p, t), L = E/P, i = I/T, local expert j:
 //   w13 local row (2j + proj)·i + k  <-  global row (p·L + j)·2I + proj·I + t·i + k   (proj 0 gate, 1 up)
 //   w2  local row j·H + h            <-  global row (p·L + j)·H + h, columns [t·i, (t+1)·i)
 // Payloads encode their origin: global[row, col] = row·num_cols + col (exact in f32 below 2^24).

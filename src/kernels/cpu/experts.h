@@ -1,4 +1,4 @@
-// Grouped SwiGLU over this rank's local expert shards, CPU reference (ETP_SPEC §3). Runs between
+// Grouped SwiGLU over this rank's local expert shards, CPU reference (etp_spec §4). Runs between
 // dispatch and combine: rows arrive grouped by local expert; with T > 1 each rank holds a 1/T slice
 // of every expert's FFN width and produces an H-wide partial output that combine sums over the TP
 // group. Pure functions: no communication, no config.

@@ -1,4 +1,4 @@
-// Qwen3-MoE router and its load-balancing loss, CPU reference (ETP_SPEC §4). The router runs
+// Qwen3-MoE router and its load-balancing loss, CPU reference (etp_spec §5). The router runs
 // replicated on every rank on that rank's own tokens, before dispatch; the aux loss is a function of
 // GLOBAL per-expert statistics (summed over MoE layers and all-reduced over ranks by the caller), so
 // every parallel layout gives the single-rank value. Pure functions: no communication, no config.

@@ -20,8 +20,8 @@
 // head_dim D ≤ 128 with D % 8 == 0 (tiles padded to 64 or 128 columns with zeros).
 // Performance limits: no tensor cores, no cp.async pipelining, f32 tiles in shared memory (forward
 // ~82 KB, backward ~165 KB at D = 128, so 2 and 1 blocks per SM), and a __syncthreads between every
-// load and compute phase. Measured on one H100 (B 1, S 4096, Q 32, G 4, causal FLOPs): forward
-// 25 / 29 TFLOP/s and backward 15 / 20 TFLOP/s at D = 64 / 128.
+// load and compute phase; much slower than the tensor-core kernels at D = 64 and 128
+// (docs/performance.md, Attention).
 #include <cuda_bf16.h>
 
 #include <cstdint>

@@ -289,9 +289,8 @@ cudaError_t backward_tc_config(int config, const uint16_t* dout, const uint16_t*
                                uint16_t* dv, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale,
                                cudaStream_t stream) {
   switch (config) {
-    // Measured on one H200 (bench/attention_cuda_bench.cpp, B 2, S 4096, Q 32, G 4): config 0 runs at
-    // 226 / 200 TFLOP/s at D = 128 / 64, config 1 at 187 / 197 (config 0 with the head_dim loop not
-    // unrolled, tried as well: 222 / 191). Config 0 is the default.
+    // Config 0 is the default: the faster of the two at D = 128 and 64 (docs/performance.md,
+    // Attention).
     case 0:  // 8 warps, 128-key tiles, 64-row query tiles, one block per SM
       return launch_backward_tc<kD, 8, 64, 1>(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, scale,
                                               stream);

@@ -224,9 +224,8 @@ cudaError_t forward_tc_config(int config, const uint16_t* q, const uint16_t* k, 
                               float* lse, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale,
                               cudaStream_t stream) {
   switch (config) {
-    // Measured on one H200 (bench/attention_cuda_bench.cpp, B 2, S 4096, Q 32, G 4): at D = 128 both
-    // run at 298 TFLOP/s; at D = 64 config 1 runs at 277, config 0 at 230 (128-key tiles at 8 warps,
-    // tried as well: 296 and 265). Config 1 is the default.
+    // Config 1 is the default: as fast as config 0 at D = 128, faster at D = 64 (docs/performance.md,
+    // Attention).
     case 0:  // 8 warps, 128 query rows, 64-key tiles, one block per SM
       return launch_forward_tc<kD, 8, 64, 1>(q, k, v, out, lse, B, S, Hq, Hkv, scale, stream);
     case 1:  // 4 warps, 64 query rows, 64-key tiles, two blocks per SM

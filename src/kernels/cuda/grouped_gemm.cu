@@ -48,21 +48,18 @@
 // use the direct path. wgrad's overwrite mode (Params::overwrite, the first accumulation after the
 // gradients were zeroed) stores instead: TMA stores of the same boxes, no dW load in the direct path.
 //
-// STATUS: every configuration ran on H200s (all tests pass; the staged ones 6-8 since the fourth
-// session, their wgrad epilogue since the fifth; also covered by the host emulator
-// GroupedGemmLayout.EmulatedKernelMatchesReference: staging offsets, every buffer slot written
-// once, TMA box and reduce coordinates inside the group). The automatic choice takes the staged
-// epilogue for all three products, from device sweeps. An mbarrier wait that lasts ~10 s traps, so a pipeline deadlock fails
-// the launch instead of hanging.
+// Tests: every configuration against the CPU and cuBLAS on H200s (cuda_grouped_gemm_test), and the
+// host emulator GroupedGemmLayout.EmulatedKernelMatchesReference (staging offsets, every buffer slot
+// written once, TMA box and reduce coordinates inside the group). The automatic choice takes the
+// staged epilogue for all three products, from device sweeps. An mbarrier wait that lasts ~10 s
+// traps, so a pipeline deadlock fails the launch instead of hanging.
 //
-// Performance (fourth session, H200: docs/performance.md): forward 420-736 TFLOP/s at the Qwen3
-// expert shapes (1.12-1.68x torch._grouped_mm), dgrad 508-720, wgrad 426-575. The staged epilogue
-// fixed the wide-output, short-reduction products (fwd N = 2048, K = 192: 190 -> 420). wgrad
-// accumulates into f32 dW (8 bytes read + written per element against the forward's 2) in an
-// epilogue that is not overlapped with the next tile; that traffic is its remaining gap to the
-// forward (0.78-1.01x). Not taken yet: an overlapped wgrad epilogue (ping-pong after the batched
-// loads, or a TMA reduce-add from shared memory); a 2-CTA cluster multicasting the shared operand
-// tile; wgrad tiles ordered largest group first.
+// Performance (docs/performance.md, Grouped GEMM): the staged epilogue is what makes the
+// wide-output, short-reduction products (fwd N = 2048, K = 192) fast. The accumulating wgrad reads
+// and writes f32 dW (8 bytes per element against the forward's 2) in an epilogue that the tensor
+// cores wait for, which bounds it below the forward at K = 2048; the overwrite mode avoids the read.
+// Not implemented: an overlapped wgrad epilogue (needs a second f32 accumulator set), a 2-CTA
+// cluster multicasting the shared operand tile, wgrad tiles ordered largest group first.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -542,7 +539,7 @@ cudaError_t make_maps(Op op, int config, const void* a_base, const void* b_base,
 int grouped_gemm_auto_config(int64_t n_out, int64_t m_tiles, int num_sms) {
   // The staged epilogue (fwd/dgrad: TMA stores; wgrad: TMA reduce-adds into dW) for all three
   // products: it won the device sweeps at every shape (H200, grouped_gemm_cuda_bench --sweep,
-  // docs/performance.md, fourth and fifth sessions; ping-pong and tile N 256 never won). Between
+  // docs/performance.md, Grouped GEMM; ping-pong and tile N 256 never won). Between
   // tile N 192 and 128, a wave model: time ~ waves · N-columns per tile · per-column cost, waves =
   // ceil(tiles / SMs), with 128-wide tiles 5% dearer per column (fewer A-tile reuses; the 192-wide
   // tile won by ~4-5% where waves were many: 2048 and 8192 rows per group). It reproduces the
