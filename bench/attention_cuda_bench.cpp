@@ -3,8 +3,10 @@
 // same at D 64, and the tiny preset (configs/tiny-moe.json: Q 4, G 2, D 16) at B 16, S 128, plus that
 // shape at D 64.
 //
-// Timing: CUDA events around each iteration's forward and backward on one stream, after warm-up; the
-// median over the iterations. The kernels are driven through the launchers (kernels/cuda/launch.h)
+// Timing (bench/cuda_timing.h, as bench/torch_attention.py times SDPA): max(2, ceil(4 · L2 /
+// bytes)) sets of (q, k, v, dout) with their own outputs, rotated; the forward and the backward are
+// timed in two loops, each --warmup untimed iterations and then --iters back to back between two
+// CUDA events on one stream (mean); every set's forward runs before the backward loop. The kernels are driven through the launchers (kernels/cuda/launch.h)
 // on preallocated buffers, so allocation is not timed; the backward is the host wrapper's sequence:
 // zero the f32 dq accumulator, delta = rowsum(dout ⊙ out), the backward kernel, dq to bf16.
 // FLOPs (causal, as flash-attention reports them): forward 2·B·Q·S²·D, backward 2.5 times that.
@@ -17,7 +19,7 @@
 // is_causal, enable_gqa), run separately on the same card; with its JSON the table gains torch_ms and
 // torch_ms / moetp_ms (> 1: moetp faster):
 //   python3 bench/torch_attention.py --json torch.json
-//   ./attention_cuda_bench --torch-results torch.json [--iters 20] [--warmup 3] [--json moetp.json]
+//   ./attention_cuda_bench --torch-results torch.json [--iters 50] [--warmup 5] [--json moetp.json]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -33,6 +35,7 @@
 #include "core/bf16.h"
 #include "core/tensor.h"
 #include "bench_util.h"
+#include "cuda_timing.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/runtime.h"
@@ -40,7 +43,6 @@
 namespace moetp {
 namespace {
 
-using bench::median;
 using bench::random_bf16;
 
 namespace launch = cuda::launch;
@@ -59,7 +61,7 @@ const std::vector<Shape5> kShapes = {
 
 struct Args {
   std::string torch_results, json_out;
-  int iters = 20, warmup = 3;
+  int iters = 50, warmup = 5;
 };
 
 Args parse_args(int argc, char** argv) {
@@ -90,13 +92,17 @@ struct Buffers {
   Tensor q, k, v, dout, out, lse, delta, dq_accum, dq, dk, dv;
 };
 
-Buffers make_buffers(const Shape5& s) {
+// Bytes of one set's inputs (q, k, v, dout, bf16), as bench/torch_attention.py counts them.
+size_t input_bytes(const Shape5& s) { return static_cast<size_t>(2 * 2 * s.B * s.S * (s.Q + s.G) * s.D); }
+
+Buffers make_buffers(const Shape5& s, uint64_t set) {
   Buffers b;
+  const uint64_t seed = 10 * set;
   // q, k in [-2, 2): scores of standard deviation ~1.3 after the 1/sqrt(D) scale.
-  b.q = random_bf16({s.B, s.S, s.Q, s.D}, 1, 2.0f).to(Device::kCuda);
-  b.k = random_bf16({s.B, s.S, s.G, s.D}, 2, 2.0f).to(Device::kCuda);
-  b.v = random_bf16({s.B, s.S, s.G, s.D}, 3, 1.0f).to(Device::kCuda);
-  b.dout = random_bf16({s.B, s.S, s.Q, s.D}, 4, 1.0f).to(Device::kCuda);
+  b.q = random_bf16({s.B, s.S, s.Q, s.D}, seed + 1, 2.0f).to(Device::kCuda);
+  b.k = random_bf16({s.B, s.S, s.G, s.D}, seed + 2, 2.0f).to(Device::kCuda);
+  b.v = random_bf16({s.B, s.S, s.G, s.D}, seed + 3, 1.0f).to(Device::kCuda);
+  b.dout = random_bf16({s.B, s.S, s.Q, s.D}, seed + 4, 1.0f).to(Device::kCuda);
   b.out = Tensor::empty({s.B, s.S, s.Q, s.D}, DType::kBF16, Device::kCuda);
   b.dq = Tensor::empty({s.B, s.S, s.Q, s.D}, DType::kBF16, Device::kCuda);
   b.dk = Tensor::empty({s.B, s.S, s.G, s.D}, DType::kBF16, Device::kCuda);
@@ -151,26 +157,13 @@ bool backward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) 
   return true;
 }
 
-// Median milliseconds of `step` (nan when it enqueues nothing).
-double time_ms(const std::function<bool()>& step, const Args& args, cudaStream_t st) {
-  if (!step()) return NAN;
-  for (int it = 1; it < args.warmup; ++it) step();
-  std::vector<cudaEvent_t> ev(2 * static_cast<size_t>(args.iters));
-  for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e));
-  for (int it = 0; it < args.iters; ++it) {
-    CUDA_CHECK(cudaEventRecord(ev[2 * it], st));
-    step();
-    CUDA_CHECK(cudaEventRecord(ev[2 * it + 1], st));
-  }
-  CUDA_CHECK(cudaStreamSynchronize(st));
-  std::vector<double> ms;
-  for (int it = 0; it < args.iters; ++it) {
-    float a = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&a, ev[2 * it], ev[2 * it + 1]));
-    ms.push_back(a);
-  }
-  for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventDestroy(e));
-  return median(ms);
+// Mean milliseconds of step(set) over the rotated sets (bench/cuda_timing.h); nan when the variant
+// has no such kernel (step(0) enqueues nothing and returns false).
+double time_ms(const std::function<bool(Buffers&)>& step, std::vector<Buffers>& sets, const Args& args,
+               cudaStream_t st) {
+  if (!step(sets[0])) return NAN;
+  const size_t n = sets.size();
+  return bench::time_loop(st, args.iters, args.warmup, 0, [&](int i, const bench::Mark&) { step(sets[i % n]); }).ms;
 }
 
 std::vector<float> host_f32(const Tensor& t) { return t.to(Device::kCpu).to(DType::kF32).to_vector<float>(); }
@@ -220,16 +213,20 @@ int run(int argc, char** argv) {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t st = nullptr;
   CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  std::printf("attention_cuda_bench: %s (%d SMs); median of %d iterations after %d warm-up; torch baseline: %s\n",
-              prop.name, prop.multiProcessorCount, args.iters, args.warmup,
+  std::printf("attention_cuda_bench: %s (%d SMs); %s; torch baseline: %s\n", prop.name, prop.multiProcessorCount,
+              bench::timing_method(args.iters, args.warmup).c_str(),
               args.torch_results.empty() ? "(none: --torch-results not given)" : args.torch_results.c_str());
   std::printf("%-22s %-7s %8s %8s %8s %8s %9s %7s %9s %8s\n", "case", "kernel", "fwd_ms", "fwd_TF/s", "bwd_ms",
               "bwd_TF/s", "total_ms", "vs_f32", "torch_ms", "torch/me");
   nlohmann::json out_json;
   out_json["device"] = prop.name;
+  out_json["timing"] = bench::timing_method(args.iters, args.warmup);
   out_json["cases"] = nlohmann::json::array();
   for (const Shape5& s : kShapes) {
-    Buffers b = make_buffers(s);
+    std::vector<Buffers> sets;
+    const int n_sets = bench::rotation_sets(input_bytes(s));
+    for (int i = 0; i < n_sets; ++i) sets.push_back(make_buffers(s, static_cast<uint64_t>(i)));
+    Buffers& b = sets[0];
     CUDA_CHECK(cudaDeviceSynchronize());
     const bool tc = launch::attention_uses_tensor_cores(s.D);
     std::vector<Variant> variants = {{"f32", Variant::kF32}, {"moetp", Variant::kAuto}};
@@ -242,9 +239,10 @@ int run(int argc, char** argv) {
     const double bwd_flops = 2.5 * fwd_flops;
     double f32_total = NAN;
     for (const Variant& var : variants) {
-      forward(var, s, b, st);  // the backward reads out and lse of this variant's forward
-      const double fwd_ms = time_ms([&] { return forward(var, s, b, st); }, args, st);
-      const double bwd_ms = time_ms([&] { return backward(var, s, b, st); }, args, st);
+      auto fwd = [&](Buffers& set) { return forward(var, s, set, st); };
+      const double fwd_ms = time_ms(fwd, sets, args, st);
+      for (Buffers& set : sets) fwd(set);  // the backward reads out and lse of this variant's forward
+      const double bwd_ms = time_ms([&](Buffers& set) { return backward(var, s, set, st); }, sets, args, st);
       const double total = fwd_ms + bwd_ms;
       if (var.kind == Variant::kF32) f32_total = total;
       std::string torch_col = "-", ratio_col = "-";

@@ -1,4 +1,4 @@
-// Helpers the GPU benchmarks share: medians, non-zero random bf16 data, PxT layout lists, and a
+// Helpers the GPU benchmarks share (timing: cuda_timing.h): non-zero random bf16 data, PxT layout lists, and a
 // main() wrapper for programs that run under mpirun (one rank per GPU).
 #pragma once
 
@@ -17,13 +17,6 @@
 #include "core/tensor.h"
 
 namespace moetp::bench {
-
-inline double median(std::vector<double> v) {
-  MOETP_CHECK(!v.empty(), "median of no values");
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 == 1 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
 
 // Uniform bf16 values in [-a, a) from a counter hash (splitmix64): fast enough for hundreds of
 // millions of expert-weight values, and never all zeros (zeros can run faster than real data).

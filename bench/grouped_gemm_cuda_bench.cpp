@@ -18,10 +18,13 @@
 // (> 1: moetp faster; wgrad0 is compared with torch's wgrad, which also writes a fresh dW, and with
 // the accumulating cuBLAS loop from zero). Each row also checks moetp against cuBLAS:
 // max |moetp − cublas| / max |cublas| (wgrad0 from a dW filled with garbage first).
-// Timing: CUDA events around each call (host-side setup included: tensor maps and the launch for
-// moetp, 16 cuBLAS calls for the loop), median over --iters after --warmup. FLOPs: 2·M·N·K.
+// Timing (bench/cuda_timing.h, as bench/torch_grouped_gemm.py times torch): per shape
+// max(2, ceil(4 · L2 / bytes)) sets of (x, w, dy) and outputs, rotated; after --warmup calls,
+// --iters calls back to back between two CUDA events, ms = elapsed / iters (host-side setup
+// included where the GPU waits for it: tensor maps and the launch for moetp, 16 cuBLAS calls for
+// the loop). FLOPs: 2·M·N·K.
 //   python3 bench/torch_grouped_gemm.py --json torch_gg.json
-//   ./grouped_gemm_cuda_bench --torch-results torch_gg.json [--iters 20] [--warmup 5] [--sweep]
+//   ./grouped_gemm_cuda_bench --torch-results torch_gg.json [--iters 100] [--warmup 10] [--sweep]
 //       [--shape NxK ...] [--dist balanced|ragged]   (a subset, e.g. to profile one kernel with ncu)
 // --sweep adds a row per tile configuration (launch::kGroupedGemmTileN, coN = cooperative 128 × N tiles,
 // ppN = ping-pong 64 × N tiles, csN = cooperative with the staged TMA-store epilogue) to tune the
@@ -50,11 +53,11 @@
 #include "kernels/cuda/grouped_gemm_launch.h"
 #include "kernels/cuda/runtime.h"
 #include "bench_util.h"
+#include "cuda_timing.h"
 
 namespace moetp {
 namespace {
 
-using bench::median;
 using bench::random_bf16;
 
 constexpr int64_t kGroups = 16, kRowsPerGroup = 2048;
@@ -67,7 +70,7 @@ const std::vector<std::pair<int64_t, int64_t>> kShapes = {{384, 2048}, {2048, 19
 
 struct Args {
   std::string torch_results, json_out;
-  int iters = 20, warmup = 5;
+  int iters = 100, warmup = 10;
   bool sweep = false;
   std::vector<std::pair<int64_t, int64_t>> shapes = kShapes;  // --shape NxK (repeatable) narrows the list
   std::vector<std::string> dists = {"balanced", "ragged"};    // --dist balanced|ragged narrows it
@@ -136,26 +139,10 @@ std::vector<int64_t> ragged_counts(int64_t rows) {
   return c;
 }
 
-// Median milliseconds of `fn` on the legacy default stream (both paths enqueue there).
-double time_ms(const Args& args, const std::function<void()>& fn) {
-  for (int i = 0; i < args.warmup; ++i) fn();
-  CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<cudaEvent_t> ev(2 * static_cast<size_t>(args.iters));
-  for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e));
-  for (int it = 0; it < args.iters; ++it) {
-    CUDA_CHECK(cudaEventRecord(ev[2 * it], nullptr));
-    fn();
-    CUDA_CHECK(cudaEventRecord(ev[2 * it + 1], nullptr));
-  }
-  CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<double> ms;
-  for (int it = 0; it < args.iters; ++it) {
-    float a = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&a, ev[2 * it], ev[2 * it + 1]));
-    ms.push_back(a);
-  }
-  for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventDestroy(e));
-  return median(ms);
+// Mean milliseconds of fn(set) over the rotated sets, on the legacy default stream (both paths
+// enqueue there).
+double time_ms(const Args& args, int sets, const std::function<void(int)>& fn) {
+  return bench::time_loop(nullptr, args.iters, args.warmup, 0, [&](int i, const bench::Mark&) { fn(i % sets); }).ms;
 }
 
 // max |a − b| / max |b| over two tensors of the same shape (any float dtype).
@@ -192,18 +179,27 @@ int run(int argc, char** argv) {
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const std::map<TorchKey, double> torch = read_torch(args.torch_results);
-  std::printf("device: %s (%d SMs); G = %lld groups, M = %lld rows; iters %d, warmup %d\n", prop.name,
-              prop.multiProcessorCount, static_cast<long long>(kGroups), static_cast<long long>(kGroups * args.rows),
-              args.iters, args.warmup);
+  std::printf("device: %s (%d SMs, L2 %.0f MiB); G = %lld groups, M = %lld rows; %s\n", prop.name,
+              prop.multiProcessorCount, static_cast<double>(bench::l2_bytes()) / (1 << 20),
+              static_cast<long long>(kGroups), static_cast<long long>(kGroups * args.rows),
+              bench::timing_method(args.iters, args.warmup).c_str());
   std::printf("%-6s %-8s %5s %5s | %-6s %8s %8s | %9s %8s %6s | %8s %6s | %8s\n", "op", "dist", "N", "K", "kernel",
               "ms", "TFLOP/s", "cublas_ms", "TFLOP/s", "vs_cb", "torch_ms", "vs_pt", "check");
   nlohmann::json rows = nlohmann::json::array();
 
   for (const auto& [N, K] : args.shapes) {
     const int64_t M = kGroups * args.rows;
-    const Tensor x = random_bf16({M, K}, 1, 1.0f).to(Device::kCuda);
-    const Tensor w = random_bf16({kGroups, N, K}, 2, 0.05f).to(Device::kCuda);
-    const Tensor dy = random_bf16({M, N}, 3, 1.0f).to(Device::kCuda);
+    const int sets = bench::rotation_sets(static_cast<size_t>(2 * (M * K + kGroups * N * K + M * N)));  // bf16 x, w, dy
+    struct Set {
+      Tensor x, w, dy;
+    };
+    std::vector<Set> in;
+    for (int s = 0; s < sets; ++s) {
+      const uint64_t seed = 10 * static_cast<uint64_t>(s);
+      in.push_back({random_bf16({M, K}, seed + 1, 1.0f).to(Device::kCuda),
+                    random_bf16({kGroups, N, K}, seed + 2, 0.05f).to(Device::kCuda),
+                    random_bf16({M, N}, seed + 3, 1.0f).to(Device::kCuda)});
+    }
     const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
     for (const std::string& dist : args.dists) {
       const std::vector<int64_t> counts =
@@ -213,40 +209,41 @@ int run(int argc, char** argv) {
       const Tensor off_g =
           Tensor::from_vector(offsets, {static_cast<int64_t>(offsets.size())}).to(Device::kCuda);
       for (const std::string op : {"fwd", "dgrad", "wgrad", "wgrad0"}) {
-        Tensor out_blas, out;
-        std::function<void()> blas;
-        std::function<void(int)> ours;
+        // One output per set (wgrad reads its dW: a shared one would stay in the L2).
+        std::vector<Tensor> out_blas, out;
+        std::function<void(int)> blas;
+        std::function<void(int, int)> ours;  // (set, config)
+        for (int s = 0; s < sets; ++s) {
+          const Shape shape = op == "fwd" ? Shape{M, N} : op == "dgrad" ? Shape{M, K} : Shape{kGroups, N, K};
+          const DType dtype = op == "fwd" || op == "dgrad" ? DType::kBF16 : DType::kF32;
+          out_blas.push_back(Tensor::zeros(shape, dtype, Device::kCuda));
+          out.push_back(Tensor::zeros(shape, dtype, Device::kCuda));
+        }
         if (op == "fwd") {
-          out_blas = Tensor::empty({M, N}, DType::kBF16, Device::kCuda);
-          out = Tensor::empty({M, N}, DType::kBF16, Device::kCuda);
-          blas = [&] { cuda::grouped_linear(x, offsets, w, out_blas); };
-          ours = [&](int config) { cuda::grouped_gemm_fwd(x, off_g, w, out, nullptr, config); };
+          blas = [&](int s) { cuda::grouped_linear(in[s].x, offsets, in[s].w, out_blas[s]); };
+          ours = [&](int s, int config) { cuda::grouped_gemm_fwd(in[s].x, off_g, in[s].w, out[s], nullptr, config); };
         } else if (op == "dgrad") {
-          out_blas = Tensor::empty({M, K}, DType::kBF16, Device::kCuda);
-          out = Tensor::empty({M, K}, DType::kBF16, Device::kCuda);
-          blas = [&] { cuda::grouped_linear_backward(dy, x, offsets, w, &out_blas, nullptr); };
-          ours = [&](int config) { cuda::grouped_gemm_dgrad(dy, off_g, w, out, nullptr, config); };
+          blas = [&](int s) { cuda::grouped_linear_backward(in[s].dy, in[s].x, offsets, in[s].w, &out_blas[s], nullptr); };
+          ours = [&](int s, int config) { cuda::grouped_gemm_dgrad(in[s].dy, off_g, in[s].w, out[s], nullptr, config); };
         } else {
           const bool accumulate = op == "wgrad";
-          out_blas = Tensor::zeros({kGroups, N, K}, DType::kF32, Device::kCuda);
-          out = Tensor::zeros({kGroups, N, K}, DType::kF32, Device::kCuda);
-          blas = [&] { cuda::grouped_linear_backward(dy, x, offsets, w, nullptr, &out_blas); };
-          ours = [&, accumulate](int config) {
-            cuda::grouped_gemm_wgrad(dy, x, off_g, out, nullptr, config, accumulate);
+          blas = [&](int s) { cuda::grouped_linear_backward(in[s].dy, in[s].x, offsets, in[s].w, nullptr, &out_blas[s]); };
+          ours = [&, accumulate](int s, int config) {
+            cuda::grouped_gemm_wgrad(in[s].dy, in[s].x, off_g, out[s], nullptr, config, accumulate);
           };
         }
-        // Correctness check on one call: wgrad accumulates from zero, wgrad0 overwrites garbage
+        // Correctness check on one call (set 0): wgrad accumulates from zero, wgrad0 overwrites garbage
         // (0x7f bytes: large finite floats; every element, empty groups included, must be written).
         if (op == "wgrad" || op == "wgrad0") {
-          CUDA_CHECK(cudaMemset(out.raw_data(), op == "wgrad" ? 0 : 0x7f, out.num_bytes()));
-          CUDA_CHECK(cudaMemset(out_blas.raw_data(), 0, out_blas.num_bytes()));
+          CUDA_CHECK(cudaMemset(out[0].raw_data(), op == "wgrad" ? 0 : 0x7f, out[0].num_bytes()));
+          CUDA_CHECK(cudaMemset(out_blas[0].raw_data(), 0, out_blas[0].num_bytes()));
         }
-        blas();
-        ours(-1);
+        blas(0);
+        ours(0, -1);
         CUDA_CHECK(cudaDeviceSynchronize());
-        const double check = rel_diff(out, out_blas);
+        const double check = rel_diff(out[0], out_blas[0]);
 
-        const double blas_ms = time_ms(args, blas);
+        const double blas_ms = time_ms(args, sets, blas);
         const auto it = torch.find({op == "wgrad0" ? "wgrad" : op, dist, N, K});
         const double torch_ms = it == torch.end() ? std::nan("") : it->second;
         std::vector<int> configs = {-1};
@@ -254,7 +251,7 @@ int run(int argc, char** argv) {
           for (int c = 0; c < cuda::launch::kGroupedGemmConfigs; ++c) configs.push_back(c);
         }
         for (int config : configs) {
-          const double ms = time_ms(args, [&] { ours(config); });
+          const double ms = time_ms(args, sets, [&](int s) { ours(s, config); });
           const int product = op == "fwd" ? 0 : (op == "dgrad" ? 1 : 2);  // wgrad0: the wgrad product
           const int used = config >= 0 ? config : cuda::launch::grouped_gemm_auto_config_for(product, M, N, K, kGroups);
           MOETP_CHECK(used >= 0, "grouped_gemm_auto_config_for: the device could not be queried");
@@ -271,14 +268,17 @@ int run(int argc, char** argv) {
                       check);
           rows.push_back({{"op", op}, {"dist", dist}, {"N", N}, {"K", K}, {"kernel", kernel}, {"ms", ms},
                           {"tflops", flops / ms * 1e-9}, {"cublas_ms", blas_ms}, {"torch_ms", torch_ms},
-                          {"check", check}});
+                          {"check", check}, {"input_sets", sets}});
         }
       }
     }
   }
   if (!args.json_out.empty()) {
     std::ofstream out(args.json_out);
-    out << nlohmann::json{{"device", prop.name}, {"results", rows}}.dump(2) << "\n";
+    out << nlohmann::json{{"device", prop.name}, {"timing", bench::timing_method(args.iters, args.warmup)},
+                          {"results", rows}}
+               .dump(2)
+        << "\n";
   }
   return 0;
 }

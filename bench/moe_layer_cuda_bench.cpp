@@ -3,11 +3,14 @@
 // full expert width) and 384, 192 (its ETP shards at T = 2, 4); routing either real (random router
 // weights, top-K of the softmax) or forced balance (token n slot k -> expert (n·K + k) % E).
 //
-// Timing: CUDA events around each iteration's forward and backward, after warm-up; the median over
-// the iterations. Inputs cycle through --input-sets sets (default 2). With real routing every set
-// has its own per-expert row counts, so each set is a new set of GEMM shapes for cuBLAS; many sets
-// (e.g. --input-sets 40 with --iters 40) show what a training run sees, where the routing changes
-// every step. Per case one line: forward, backward and total
+// Timing (bench/cuda_timing.h, as bench/torch_moe_layer*.py time torch): after --warmup untimed
+// iterations, --iters iterations (forward, backward) back to back on the layer's stream between
+// CUDA events, one more event between forward and backward; fwd, bwd and total ms are means.
+// Inputs (x, dout) cycle through --input-sets sets (default max(2, ceil(4 · L2 / bytes of one
+// set)), the baselines' rule). With real routing every set has its own per-expert row counts, so
+// each set is a new set of GEMM shapes; many sets (e.g. --input-sets 40 with --iters 40) show what a
+// training run sees, where the routing changes every step. The weights are one model, as in
+// training (0.3 to 1.2 GB, far more than the L2). Per case one line: forward, backward and total
 // ms, the expert-GEMM rate (2·N·K·(2I·H + I·H) FLOPs forward, three times that forward + backward),
 // tokens/s, the routing's load imbalance (largest expert count / mean) and peak_GiB: the peak of
 // CUDA tensor bytes (bench/cuda_alloc_counter.h) from the layer's construction to its last
@@ -18,7 +21,7 @@
 // autograd backward), run separately on the same card; with its JSON the table gains torch_ms and
 // torch_ms / moetp_ms (> 1: moetp faster):
 //   python3 bench/torch_moe_layer.py --json torch.json
-//   ./moe_layer_cuda_bench --torch-results torch.json [--iters 30] [--warmup 5] [--tokens 8192]
+//   ./moe_layer_cuda_bench --torch-results torch.json [--iters 50] [--warmup 5] [--tokens 8192]
 //                          [--expert-streams 1,4] [--json moetp.json]
 // Each case runs once per expert GEMM of --expert-gemm (default grouped,cublas; moe::ExpertGemm) and,
 // for cublas, once per --expert-streams value (CudaMoeOptions::expert_streams): the grouped rows
@@ -26,7 +29,7 @@
 //
 // Expert parallel: under mpirun with one rank per GPU, --layouts PxT[,PxT...] (default Wx1) runs
 // the layer over NCCL (the all2all dispatcher, moe/cuda_moe.h) at I = 768 only, every rank with its
-// own N tokens and its shards (L = E/P experts, width I/T); the time is the slowest rank's median,
+// own N tokens and its shards (L = E/P experts, width I/T); the time is the slowest rank's mean,
 // the NCCL argument agreement is off (production setting). Case names
 // N<N>_H<H>_E<E>_K<K>_I<I>_D<D>xP<P>xT<T>_<routing>, as bench/torch_moe_layer_dist.py writes them:
 //   torchrun --nproc-per-node 4 bench/torch_moe_layer_dist.py --layouts 4x1,2x2,1x4 --json dist.json
@@ -50,6 +53,7 @@
 #include "core/bf16.h"
 #include "bench_util.h"
 #include "cuda_alloc_counter.h"
+#include "cuda_timing.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
 #include "moe/cuda_moe.h"
@@ -58,7 +62,6 @@ namespace moetp {
 namespace {
 
 using bench::Layout;
-using bench::median;
 using bench::parse_layouts;
 using bench::random_bf16;
 using bench::split_commas;
@@ -69,9 +72,9 @@ constexpr int64_t kIntermediates[] = {768, 384, 192};
 struct Args {
   std::vector<Layout> layouts;  // empty: W x 1
   std::string torch_results, json_out;
-  int iters = 30, warmup = 5;
+  int iters = 50, warmup = 5;
   int64_t tokens = 8192;
-  int input_sets = 2;  // distinct (x, dout) pairs cycled through; more sets = more distinct routings
+  int input_sets = 0;  // distinct (x, dout) pairs cycled through (0: bench::rotation_sets); more sets = more routings
   std::vector<int> expert_streams = {1, 4};
   std::vector<moe::ExpertGemm> expert_gemms = {moe::ExpertGemm::kGrouped, moe::ExpertGemm::kCublas};
   std::vector<std::string> dispatchers = {"all2all"};  // with --layouts
@@ -116,7 +119,7 @@ Args parse_args(int argc, char** argv) {
           arg);
     }
   }
-  MOETP_CHECK(a.iters >= 1 && a.warmup >= 0 && a.tokens >= 1 && a.input_sets >= 1,
+  MOETP_CHECK(a.iters >= 1 && a.warmup >= 0 && a.tokens >= 1 && a.input_sets >= 0,
               "bad --iters ({}), --warmup ({}), --tokens ({}) or --input-sets ({})", a.iters, a.warmup, a.tokens,
               a.input_sets);
   MOETP_CHECK(!a.expert_streams.empty() && *std::min_element(a.expert_streams.begin(), a.expert_streams.end()) >= 1,
@@ -185,37 +188,15 @@ Result run_case(const Args& args, int64_t I, bool balanced, Variant variant, con
     moe::CudaMoeLayer layer({kH, kE, kK, I, true, parse_option<DispatcherKind>(variant.dispatcher, "--dispatchers")}, opts);
     layer.set_params(host_params);
     Tensor out, dx;
-    auto step = [&](int it) {
-      layer.forward_into(x[it % x.size()], out);
-      layer.backward_into(dout[it % dout.size()], Tensor(), dx);
-    };
-    for (int it = 0; it < args.warmup; ++it) step(it);
-    CUDA_CHECK(cudaStreamSynchronize(opts.stream));
-
-    const int n = args.iters;
-    std::vector<cudaEvent_t> ev(3 * static_cast<size_t>(n));
-    for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e));
-    for (int it = 0; it < n; ++it) {
-      CUDA_CHECK(cudaEventRecord(ev[3 * it], opts.stream));
-      layer.forward_into(x[it % x.size()], out);
-      CUDA_CHECK(cudaEventRecord(ev[3 * it + 1], opts.stream));
-      layer.backward_into(dout[it % dout.size()], Tensor(), dx);
-      CUDA_CHECK(cudaEventRecord(ev[3 * it + 2], opts.stream));
-    }
-    CUDA_CHECK(cudaStreamSynchronize(opts.stream));
-    std::vector<double> fwd, bwd, total;
-    for (int it = 0; it < n; ++it) {
-      float a = 0, b = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&a, ev[3 * it], ev[3 * it + 1]));
-      CUDA_CHECK(cudaEventElapsedTime(&b, ev[3 * it + 1], ev[3 * it + 2]));
-      fwd.push_back(a);
-      bwd.push_back(b);
-      total.push_back(static_cast<double>(a) + b);
-    }
-    for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventDestroy(e));
-    r.fwd_ms = median(fwd);
-    r.bwd_ms = median(bwd);
-    r.ms = median(total);
+    const bench::Timing t =
+        bench::time_loop(opts.stream, args.iters, args.warmup, 1, [&](int it, const bench::Mark& mark) {
+          layer.forward_into(x[it % x.size()], out);
+          mark();
+          layer.backward_into(dout[it % dout.size()], Tensor(), dx);
+        });
+    r.fwd_ms = t.parts[0];
+    r.bwd_ms = t.parts[1];
+    r.ms = t.ms;
     const std::vector<int64_t>& counts = layer.counts_E();
     const double mean = static_cast<double>(N * kK) / static_cast<double>(kE);
     r.imbalance = static_cast<double>(*std::max_element(counts.begin(), counts.end())) / mean;
@@ -273,7 +254,9 @@ int run(int argc, char** argv) {
   // Logits of std ~1 for x ~ U(-1, 1): var = H · (1/3) · (a²/3).
   const float a_router = 3.0f / std::sqrt(static_cast<float>(kH));
   std::vector<Tensor> x, dout;
-  for (uint64_t s = 0; s < static_cast<uint64_t>(args.input_sets); ++s) {
+  const int input_sets =
+      args.input_sets > 0 ? args.input_sets : bench::rotation_sets(static_cast<size_t>(2 * 2 * N * kH));  // bf16 x, dout
+  for (uint64_t s = 0; s < static_cast<uint64_t>(input_sets); ++s) {
     x.push_back(random_bf16({N, kH}, 100 + s + 10 * static_cast<uint64_t>(rank), 1.0f).to(Device::kCuda));
     dout.push_back(random_bf16({N, kH}, 200 + s + 10 * static_cast<uint64_t>(rank), 1.0f).to(Device::kCuda));
   }
@@ -281,16 +264,19 @@ int run(int argc, char** argv) {
 
   if (lead) {
     std::printf(
-        "moe_layer_cuda_bench: %d x %s (%d SMs); N=%lld per GPU, H=%lld E=%lld K=%lld; median of %d iterations after "
-        "%d warm-up; with layouts the slowest rank's\n",
+        "moe_layer_cuda_bench: %d x %s (%d SMs); N=%lld per GPU, H=%lld E=%lld K=%lld; %s (%d sets); with layouts "
+        "the slowest rank's\n",
         W, prop.name, prop.multiProcessorCount, static_cast<long long>(N), static_cast<long long>(kH),
-        static_cast<long long>(kE), static_cast<long long>(kK), args.iters, args.warmup);
+        static_cast<long long>(kE), static_cast<long long>(kK), bench::timing_method(args.iters, args.warmup).c_str(),
+        input_sets);
     std::printf("%-56s %8s %8s %9s %14s %12s %9s %9s %9s %12s %9s\n", "case", "fwd_ms", "bwd_ms", "total_ms",
                 "expert_TFLOP/s", "tokens/s", "max/mean", "peak_GiB", "torch_ms", "torch/moetp", "torch_GiB");
   }
   nlohmann::json out_json;
   out_json["device"] = prop.name;
   out_json["world_size"] = W;
+  out_json["timing"] = bench::timing_method(args.iters, args.warmup);
+  out_json["input_sets"] = input_sets;
   out_json["cases"] = nlohmann::json::array();
   auto report = [&](Result r, int64_t I) {
     r.fwd_ms = world->all_reduce_scalar(r.fwd_ms, comm::ReduceOp::kMax);

@@ -7,8 +7,10 @@ bf16, passed to SDPA as (B, heads, S, D) views), so the numbers compare one to o
 Shapes (names as in the C++ benchmark): B2_S4096_Q32_G4_D128 (qwen3-30b-a3b attention), the same
 at D 64, B16_S128_Q4_G2_D16 (configs/tiny-moe.json) and B16_S128_Q4_G2_D64. Per shape one row per
 SDPA backend that accepts it (default dispatch, flash, efficient, cudnn; a backend that refuses the
-shape is listed as such). Each iteration is timed with torch.cuda.Event around the forward and
-around out.backward(dout), after warm-up; the median is printed. FLOPs (causal, as flash-attention
+shape is listed as such). Timing (bench/torch_timing.py): max(2, ceil(4 x L2 / bytes)) sets of
+(q, k, v, dout) rotated; after warm-up, --iters iterations (forward, out.backward(dout)) back to
+back between CUDA events, an event between forward and backward; fwd and bwd ms are the means
+over the iterations. FLOPs (causal, as flash-attention
 counts them): forward 2·B·Q·S²·D, backward 2.5 times that. --json FILE writes, per shape, the fastest
 backend's numbers for `attention_cuda_bench --torch-results FILE`.
 
@@ -16,18 +18,21 @@ Before timing, a small case is checked against a float64 reference (explicit cau
 repeat_interleave'd key/value heads): max error of out, dq, dk, dv under 2e-2 of the largest
 element.
 
-  python3 bench/torch_attention.py [--json torch.json] [--iters 20] [--warmup 3]
+  python3 bench/torch_attention.py [--json torch.json] [--iters 50] [--warmup 5]
 """
 import argparse
 import json
 import math
-import statistics
+import os
 import sys
 
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_timing  # noqa: E402
 
 # SDPA explains at length (UserWarning) why a backend refuses a shape; the table says "refused".
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -99,31 +104,27 @@ def self_check(device):
 
 
 def time_case(B, S, Q, G, D, ctx, iters, warmup):
-    q, k, v, dout = make_inputs(B, S, Q, G, D, "cuda")
-    evs = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
+    one = make_inputs(B, S, Q, G, D, "cuda")
+    n_sets = torch_timing.rotation_sets(torch_timing.tensor_bytes(*one))
+    sets = [one] + [make_inputs(B, S, Q, G, D, "cuda", seed=s) for s in range(1, n_sets)]
+
+    def step(i, mark):
+        q, k, v, dout = sets[i % n_sets]
+        q.grad = k.grad = v.grad = None
+        out = attention(q, k, v)
+        mark()
+        out.backward(dout)
+
     with ctx():
-        for it in range(warmup + iters):
-            q.grad = k.grad = v.grad = None
-            e = evs[it - warmup] if it >= warmup else None
-            if e:
-                e[0].record()
-            out = attention(q, k, v)
-            if e:
-                e[1].record()
-            out.backward(dout)
-            if e:
-                e[2].record()
-    torch.cuda.synchronize()
-    fwd = [a.elapsed_time(b) for a, b, _ in evs]
-    bwd = [b.elapsed_time(c) for _, b, c in evs]
-    return statistics.median(fwd), statistics.median(bwd)
+        t = torch_timing.time_loop(step, iters, warmup, sets=n_sets, marks=1)
+    return t.parts[0], t.parts[1]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here (for attention_cuda_bench --torch-results)")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         self_check("cpu")
@@ -132,7 +133,7 @@ def main():
     self_check("cuda")
     props = torch.cuda.get_device_properties(0)
     print(f"torch_attention: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}; "
-          f"median of {args.iters} iterations after {args.warmup} warm-up")
+          f"{torch_timing.method(args.iters, args.warmup)}")
     print(f"{'case':<22} {'backend':<9} {'fwd_ms':>8} {'fwd_TF/s':>8} {'bwd_ms':>8} {'bwd_TF/s':>8} {'total_ms':>9}")
     results = []
     for name, B, S, Q, G, D in SHAPES:
@@ -153,7 +154,8 @@ def main():
             results.append(best)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": props.name, "torch_version": torch.__version__, "cases": results}, f, indent=2)
+            json.dump({"device": props.name, "torch_version": torch.__version__,
+                       "timing": torch_timing.method(args.iters, args.warmup), "cases": results}, f, indent=2)
 
 
 if __name__ == "__main__":

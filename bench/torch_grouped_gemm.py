@@ -11,19 +11,24 @@ inside) on the same shapes, group sizes and layouts as moetp's grouped GEMM (ker
 The weight gradient is what autograd of _grouped_mm computes: a fresh bf16 tensor, where moetp
 accumulates into an f32 dW (beta = 1); the extra add is not timed here.
 
-Each call is timed with torch.cuda.Event after warm-up; the median is printed and, with --json FILE,
-written for `grouped_gemm_cuda_bench --torch-results FILE` (keys op, dist, N, K, ms). Before timing, a
+Timing (bench/torch_timing.py): per shape, max(2, ceil(4 x L2 / bytes)) sets of (x, w, dy) are
+allocated and rotated; after warm-up, --iters calls back to back between two CUDA events (or, with
+--cuda-graph, one replay of a CUDA graph holding the --iters calls); ms = elapsed / iters. Printed
+and, with --json FILE, written for `grouped_gemm_cuda_bench --torch-results FILE` (keys op, dist, N, K, ms). Before timing, a
 small ragged case (an empty group, sizes that are multiples of 16) is checked against a float64
 per-group loop (max error under 2e-2 of the largest element).
 
-  python3 bench/torch_grouped_gemm.py [--json torch_gg.json] [--iters 20] [--warmup 5]
+  python3 bench/torch_grouped_gemm.py [--json torch_gg.json] [--iters 100] [--warmup 10] [--cuda-graph]
 """
 import argparse
 import json
-import statistics
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_timing  # noqa: E402
 
 GROUPS, ROWS_PER_GROUP = 16, 2048
 RAGGED = [1008, 3104, 2048, 16, 4096, 1504, 2592, 0, 2896, 1808, 2240, 3008, 1200, 2496, 1776, 2976]
@@ -72,21 +77,6 @@ def self_check(device):
     print("self-check vs float64 per-group loop: ok")
 
 
-def time_ms(fn, iters, warmup):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
 def ragged_counts(rows):
     """RAGGED scaled to `rows` per group on average (each size rounded down to a multiple of 16, the
     remainder on group 2), the same list as grouped_gemm_cuda_bench's ragged_counts."""
@@ -98,8 +88,9 @@ def ragged_counts(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here for grouped_gemm_cuda_bench --torch-results")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--cuda-graph", action="store_true", help="time one replay of a CUDA graph of the --iters calls")
     parser.add_argument("--rows", type=int, default=ROWS_PER_GROUP,
                         help="rows per group (multiple of 16); ragged sizes scaled as grouped_gemm_cuda_bench does")
     args = parser.parse_args()
@@ -109,27 +100,39 @@ def main():
     device = torch.device("cuda")
     self_check(device)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}; G = {GROUPS}, "
-          f"M = {GROUPS * args.rows}")
-    print(f"{'op':5} {'dist':8} {'N':>5} {'K':>5} | {'ms':>8} {'TFLOP/s':>8}")
+          f"M = {GROUPS * args.rows}; {torch_timing.method(args.iters, args.warmup, args.cuda_graph)} "
+          f"(L2 {torch_timing.l2_bytes() / 2**20:.0f} MiB)")
+    print(f"{'op':5} {'dist':8} {'N':>5} {'K':>5} | {'ms':>8} {'TFLOP/s':>8} {'sets':>5}")
     results = []
     assert args.rows >= 16 and args.rows % 16 == 0, f"--rows wants a multiple of 16, got {args.rows}"
     m = GROUPS * args.rows
     for n, k in SHAPES:
+        n_sets = torch_timing.rotation_sets(2 * (m * k + GROUPS * n * k + m * n))  # bf16 x, w, dy
         gen = torch.Generator(device=device).manual_seed(n * 7919 + k)
-        x = torch.rand(m, k, device=device, generator=gen).mul_(2).sub_(1).bfloat16()
-        w = torch.rand(GROUPS, n, k, device=device, generator=gen).mul_(0.1).sub_(0.05).bfloat16()
-        dy = torch.rand(m, n, device=device, generator=gen).mul_(2).sub_(1).bfloat16()
+        sets = []
+        for _ in range(n_sets):
+            x = torch.rand(m, k, device=device, generator=gen).mul_(2).sub_(1).bfloat16()
+            w = torch.rand(GROUPS, n, k, device=device, generator=gen).mul_(0.1).sub_(0.05).bfloat16()
+            dy = torch.rand(m, n, device=device, generator=gen).mul_(2).sub_(1).bfloat16()
+            sets.append((x, w, dy))
         flops = 2.0 * m * n * k
         for dist, counts in (("balanced", [args.rows] * GROUPS), ("ragged", ragged_counts(args.rows))):
             offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
-            for op, fn in products(x, w, dy, offs).items():
-                ms = time_ms(fn, args.iters, args.warmup)
-                print(f"{op:5} {dist:8} {n:5d} {k:5d} | {ms:8.3f} {flops / ms * 1e-9:8.1f}")
-                results.append({"op": op, "dist": dist, "N": n, "K": k, "ms": ms, "tflops": flops / ms * 1e-9})
+            fns = [products(x, w, dy, offs) for x, w, dy in sets]
+            for op in fns[0]:
+                t = torch_timing.time_loop(lambda i, mark, op=op: fns[i % n_sets][op](), args.iters, args.warmup,
+                                           sets=n_sets, graph=args.cuda_graph)
+                ms = t.ms
+                print(f"{op:5} {dist:8} {n:5d} {k:5d} | {ms:8.3f} {flops / ms * 1e-9:8.1f} {n_sets:5d}", flush=True)
+                results.append({"op": op, "dist": dist, "N": n, "K": k, "ms": ms, "tflops": flops / ms * 1e-9,
+                                "input_sets": n_sets})
+        del sets, fns
+        torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
-                      indent=2)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "timing": torch_timing.method(args.iters, args.warmup, args.cuda_graph), "results": results},
+                      f, indent=2)
         print(f"wrote {args.json}")
 
 

@@ -11,24 +11,31 @@ backward on one GPU, the same computation and shapes as moetp's CudaMoeLayer (mo
 
 Shapes: H = 2048, E = 128, K = 8, N = 8192 tokens, I in (768, 384, 192); routing "random" (random
 router weights) or "balanced" (token n slot k -> expert (n·K + k) % E, weight 1/K, no router
-gradient). Each iteration is timed with torch.cuda.Event around forward and backward after warm-up;
-the median is printed per case, the same table as the C++ benchmark. --json FILE writes the numbers
-for `moe_layer_cuda_bench --torch-results FILE`.
+gradient). Timing (bench/torch_timing.py): max(2, ceil(4 x L2 / bytes)) (x, dout) sets rotated (with
+random routing each set is also a different routing); after warm-up, --iters iterations (forward,
+backward) back to back between CUDA events, an event between forward and backward; fwd, bwd and
+total ms are means over the iterations. The weights (E·3·I·H bf16, 0.3 to 1.2 GB) are one model,
+as in training; they exceed the L2 many times over, so an iteration does not find them there.
+Printed per case, the same table as the C++ benchmark. --json FILE writes the numbers for
+`moe_layer_cuda_bench --torch-results FILE`.
 
 Before timing, a small case is checked against a float64 reference (per-expert dense loop,
 autograd) so that the baseline computes the same function: rel L2 of out, dx, dwg, dw13, dw2 under
 5e-2 (see self_check).
 
-  python3 bench/torch_moe_layer.py [--json torch.json] [--iters 30] [--warmup 5] [--tokens 8192]
+  python3 bench/torch_moe_layer.py [--json torch.json] [--iters 50] [--warmup 5] [--tokens 8192]
   python3 bench/torch_moe_layer.py --check-only     # the self-check alone (CPU when no GPU)
 """
 import argparse
 import json
-import statistics
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_timing  # noqa: E402
 
 H, E, K = 2048, 128, 8
 INTERMEDIATES = (768, 384, 192)
@@ -164,39 +171,25 @@ def run_case(N, I, balanced, xs, douts, iters, warmup):
     layer = TorchMoeLayer(H, E, K, I, force_balance=balanced, seed=I)
     params = layer.params()
 
-    def step(i, events=None):
+    def step(i, mark):
         for p in params:
             p.grad = None
         x = xs[i % len(xs)]
         x.grad = None
-        if events:
-            events[0].record()
         out = layer.forward(x)
-        if events:
-            events[1].record()
+        mark()
         out.backward(douts[i % len(douts)])
-        if events:
-            events[2].record()
 
-    for i in range(warmup):
-        step(i)
-    torch.cuda.synchronize()
-    evs = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
-    for i in range(iters):
-        step(i, evs[i])
-    torch.cuda.synchronize()
-    fwd = [e[0].elapsed_time(e[1]) for e in evs]
-    bwd = [e[1].elapsed_time(e[2]) for e in evs]
-    total = [a + b for a, b in zip(fwd, bwd)]
+    t = torch_timing.time_loop(step, iters, warmup, sets=len(xs), marks=1)
     counts = layer.counts.float()
     imbalance = (counts.max() / counts.mean()).item()
-    return statistics.median(fwd), statistics.median(bwd), statistics.median(total), imbalance
+    return t.parts[0], t.parts[1], t.ms, imbalance
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here (for moe_layer_cuda_bench --torch-results)")
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--skip-check", action="store_true", help="skip the float64 self-check")
@@ -214,13 +207,14 @@ def main():
 
     N = args.tokens
     g = torch.Generator(device=device).manual_seed(100)
+    n_sets = torch_timing.rotation_sets(2 * 2 * N * H)  # bf16 x and dout
     xs = [(torch.rand(N, H, generator=g, device=device) * 2 - 1).to(torch.bfloat16).requires_grad_()
-          for _ in range(2)]
-    douts = [(torch.rand(N, H, generator=g, device=device) * 2 - 1).to(torch.bfloat16) for _ in range(2)]
+          for _ in range(n_sets)]
+    douts = [(torch.rand(N, H, generator=g, device=device) * 2 - 1).to(torch.bfloat16) for _ in range(n_sets)]
 
     props = torch.cuda.get_device_properties(0)
     print(f"torch_moe_layer: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}; "
-          f"N={N} H={H} E={E} K={K}; median of {args.iters} iterations after {args.warmup} warm-up")
+          f"N={N} H={H} E={E} K={K}; {torch_timing.method(args.iters, args.warmup)} ({n_sets} sets)")
     print(f"{'case':<36} {'fwd_ms':>8} {'bwd_ms':>8} {'total_ms':>9} {'expert_TFLOP/s':>14} {'tokens/s':>12} "
           f"{'max/mean':>9}")
     results = []
@@ -238,7 +232,9 @@ def main():
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": props.name, "torch_version": torch.__version__, "cases": results}, f, indent=2)
+            json.dump({"device": props.name, "torch_version": torch.__version__,
+                       "timing": torch_timing.method(args.iters, args.warmup), "input_sets": n_sets,
+                       "cases": results}, f, indent=2)
             f.write("\n")
 
 

@@ -36,9 +36,11 @@ is the reverse all_to_all, all_gather's backward is reduce_scatter (sum) and vic
 permutation's backward is the inverse permutation. Expert gradients stay local (D = 1: nothing to
 reduce); the timed step does not all-reduce any gradient.
 
-Timing: per case (layout x routing), torch.cuda.Event around forward and backward of each
-iteration after --warmup iterations; each rank takes its median over --iters; the table shows the
-max over ranks of the per-rank medians (fwd, bwd, fwd+bwd), expert TFLOP/s per GPU
+Timing (bench/torch_timing.py), per case (layout x routing) and on every rank: max(2, ceil(4 x L2
+/ bytes)) (x, dout) sets rotated; --warmup iterations, a barrier, then --iters iterations back to
+back between CUDA events (an event between forward and backward; the dispatcher's one host sync
+per forward stays, it is part of the algorithm); each rank takes its means; the table shows the
+max over ranks of the per-rank means (fwd, bwd, fwd+bwd), expert TFLOP/s per GPU
 (6·N·K·3·I·H per rank per iteration: every rank computes the same FLOPs whatever the layout), the
 load imbalance of the rows each rank multiplies (max / mean over ranks) and the peak memory
 (torch.cuda.max_memory_allocated, max over ranks, GiB, reset before each case).
@@ -54,7 +56,7 @@ Run (one node, 4 GPUs):
   torchrun --nproc-per-node 4 bench/torch_moe_layer_dist.py --check-only
   torchrun --nproc-per-node 4 bench/torch_moe_layer_dist.py --ep 2 --etp 2 [--routing balanced]
   torchrun --nproc-per-node 4 bench/torch_moe_layer_dist.py --layouts 4x1,2x2,1x4 --json out.json
-Options: --tokens N (per rank, 8192), --intermediate I (768), --iters (20), --warmup (5),
+Options: --tokens N (per rank, 8192), --intermediate I (768), --iters (50), --warmup (5),
 --routing balanced|random|both (both), --check (self-check first), --check-only, --json FILE.
 --cpu runs on the CPU with gloo in float32 (gloo has no bf16; a development check of the logic
 where there is no GPU, e.g. `--cpu --check-only`; its timings mean nothing).
@@ -66,9 +68,7 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -76,6 +76,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_moe_layer import experts_dense  # noqa: E402  (the float64 reference loop, shared)
+import torch_timing  # noqa: E402
 
 H_DEFAULT, E_DEFAULT, K_DEFAULT = 2048, 128, 8
 
@@ -556,24 +557,6 @@ def parse_layouts(args, W):
     return [(P, args.etp)]
 
 
-class Timer:
-    """CUDA events on the GPU, perf_counter on the CPU."""
-
-    def __init__(self, cuda):
-        self.cuda = cuda
-        self.ev = torch.cuda.Event(enable_timing=True) if cuda else None
-        self.t = None
-
-    def record(self):
-        if self.cuda:
-            self.ev.record()
-        else:
-            self.t = time.perf_counter()
-
-    def ms_to(self, other):
-        return self.ev.elapsed_time(other.ev) if self.cuda else (other.t - self.t) * 1e3
-
-
 def run_case(P, T, balanced, N, H, E, K, I, iters, warmup, device, dtype):
     cuda = device.type == "cuda"
     gc.collect()  # the previous case's tensors
@@ -583,36 +566,21 @@ def run_case(P, T, balanced, N, H, E, K, I, iters, warmup, device, dtype):
     mesh = Mesh.get(P, T)
     layer = DistMoeLayer(H, E, K, I, mesh, balanced, device, dtype, seed=I)
     gen = torch.Generator(device=device).manual_seed(100 + mesh.rank)
-    xs = [uniform((N, H), 1.0, gen, device, dtype).requires_grad_() for _ in range(2)]
-    douts = [uniform((N, H), 1.0, gen, device, dtype) for _ in range(2)]
+    n_sets = torch_timing.rotation_sets(2 * N * H * torch.tensor([], dtype=dtype).element_size(), device)
+    xs = [uniform((N, H), 1.0, gen, device, dtype).requires_grad_() for _ in range(n_sets)]
+    douts = [uniform((N, H), 1.0, gen, device, dtype) for _ in range(n_sets)]
 
-    def step(it, evs=None):
+    def step(it, mark):
         for p in layer.params():
             p.grad = None
-        x = xs[it % 2]
+        x = xs[it % n_sets]
         x.grad = None
-        if evs:
-            evs[0].record()
         out = layer.forward(x)
-        if evs:
-            evs[1].record()
-        out.backward(douts[it % 2])
-        if evs:
-            evs[2].record()
+        mark()
+        out.backward(douts[it % n_sets])
 
-    for it in range(warmup):
-        step(it)
-    if cuda:
-        torch.cuda.synchronize()
-    dist.barrier()
-    evs = [[Timer(cuda) for _ in range(3)] for _ in range(iters)]
-    for it in range(iters):
-        step(it, evs[it])
-    if cuda:
-        torch.cuda.synchronize()
-    fwd = statistics.median(e[0].ms_to(e[1]) for e in evs)
-    bwd = statistics.median(e[1].ms_to(e[2]) for e in evs)
-    tot = statistics.median(e[0].ms_to(e[2]) for e in evs)
+    t = torch_timing.time_loop(step, iters, warmup, sets=n_sets, marks=1, cuda=cuda, before_timed=dist.barrier)
+    fwd, bwd, tot = t.parts[0], t.parts[1], t.ms
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
     rows = float(layer.stats["rows"])
     mx = torch.tensor([fwd, bwd, tot, peak, rows], dtype=torch.float64, device=device)
@@ -626,7 +594,7 @@ def run_case(P, T, balanced, N, H, E, K, I, iters, warmup, device, dtype):
             "dp": mesh.D, "ep": P, "etp": T, "routing": "balanced" if balanced else "random",
             "tokens_per_rank": N, "fwd_ms": fwd, "bwd_ms": bwd, "ms": tot,
             "expert_tflops_per_gpu": flops / (tot * 1e-3) / 1e12, "tokens_per_s_per_gpu": N / (tot * 1e-3),
-            "rows_max_over_mean": imbalance, "peak_gib": peak}
+            "rows_max_over_mean": imbalance, "peak_gib": peak, "input_sets": n_sets}
 
 
 def main():
@@ -641,7 +609,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=H_DEFAULT)
     ap.add_argument("--experts", type=int, default=E_DEFAULT)
     ap.add_argument("--topk", type=int, default=K_DEFAULT)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--check", action="store_true", help="run the float64 self-check before timing")
     ap.add_argument("--check-only", action="store_true", help="run only the self-check")
@@ -673,7 +641,8 @@ def main():
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (gloo, float32)"
         print(f"torch_moe_layer_dist: {W} x {dev}, torch {torch.__version__}; per rank N={N} H={H} E={E} K={K} "
               f"I={I}; all2all dispatcher (EP all_to_all_single, ETP padded all_gather_into_tensor / "
-              f"reduce_scatter_tensor); median of {args.iters} iterations after {args.warmup} warm-up, max over ranks",
+              f"reduce_scatter_tensor); per rank {torch_timing.method(args.iters, args.warmup)}; "
+              f"max over ranks of the per-rank means",
               flush=True)
         print(f"{'layout (DxPxT)':<15} {'routing':<9} {'fwd_ms':>8} {'bwd_ms':>8} {'fwd+bwd_ms':>10} "
               f"{'TFLOP/s/GPU':>11} {'rows max/mean':>13} {'peak_GiB':>9}", flush=True)
@@ -691,6 +660,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        "torch_version": torch.__version__, "world_size": W,
+                       "timing": torch_timing.method(args.iters, args.warmup) + "; max over ranks",
                        "dispatcher": "all2all (EP all_to_all_single; ETP padded all_gather_into_tensor, "
                                      "reduce_scatter_tensor)",
                        "cases": results}, f, indent=2)

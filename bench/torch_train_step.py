@@ -13,7 +13,11 @@ Qwen3MoeForCausalLM on one GPU, the same configurations and shapes as the C++ be
   tokens: uniform ids < vocab, (B, S), fixed seed, the same every step. labels=input_ids: HF shifts
           internally, so each sequence has S - 1 targets (moetp: S targets from B·(S+1) tokens);
           the cost difference is negligible.
-  timing: torch.cuda.Event around each step after warm-up, median; peak memory from
+  timing: bench/torch_timing.py: --warmup steps, then --steps steps back to back between two CUDA
+          events, ms = elapsed / steps. The same tokens every step: a step reads the model, its
+          gradients and the AdamW state (GBs for qwen3-30b-a3b-l4), so the L2 holds nothing of the
+          previous step and rotating the token ids would change nothing (tiny-moe fits in the L2
+          whatever the tokens: a latency case, on both sides). Peak memory from
           torch.cuda.max_memory_allocated over the whole case (model build, warm-up, timed steps).
 
 NOTE: torch keeps bf16 master weights and bf16 AdamW state (fused AdamW on the bf16 parameters,
@@ -26,17 +30,19 @@ Cases (same names as the C++ program, <config stem>_B<B>_S<S>):
 --config (repeatable) replaces the list; --seq-len / --batch override S / B of every case (a
 --config without them gets S = 128, B = 16, except the two default files).
 
-  python3 bench/torch_train_step.py [--json torch_step.json] [--steps 10] [--warmup 3]
+  python3 bench/torch_train_step.py [--json torch_step.json] [--steps 20] [--warmup 3]
   ./build/bench/train_step_cuda_bench --torch-results torch_step.json
 """
 import argparse
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_timing  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("configs/tiny-moe.json", "configs/qwen3-30b-a3b-l4.json")
@@ -120,24 +126,17 @@ def run_case(path, S, B, steps, warmup, experts_impl):
     input_ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g, device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
 
-    def step():
+    losses = []
+
+    def step(i, mark):
         opt.zero_grad(set_to_none=True)
         out = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, use_cache=False)
         out.loss.backward()
         opt.step()
-        return out.loss.detach()
+        if i >= warmup:
+            losses.append(out.loss.detach())
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    losses = []
-    for i in range(steps):
-        evs[i][0].record()
-        losses.append(step())
-        evs[i][1].record()
-    torch.cuda.synchronize()
-    ms = statistics.median(a.elapsed_time(b) for a, b in evs)
+    ms = torch_timing.time_loop(step, steps, warmup).ms
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
     n_params = sum(p.numel() for p in model.parameters())
     del opt, model
@@ -149,7 +148,7 @@ def run_case(path, S, B, steps, warmup, experts_impl):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here (for train_step_cuda_bench --torch-results)")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--config", action="append", help="config.json (repeatable; replaces the default cases)")
     ap.add_argument("--seq-len", type=int, default=0)
@@ -164,7 +163,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     print(f"torch_train_step: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
           f"transformers {transformers.__version__}; one step = zero_grad + forward(loss incl. aux) + backward + "
-          f"fused AdamW (lr {LR}); median of {args.steps} steps after {args.warmup} warm-up")
+          f"fused AdamW (lr {LR}); {torch_timing.step_method(args.steps, args.warmup)}")
     print("note: torch keeps bf16 master weights and bf16 AdamW state; moetp keeps f32 masters, moments and "
           "gradients, so torch does less optimizer work")
     print(f"{'case':<28} {'ms':>10} {'tokens/s':>12} {'peak_GB':>9} {'loss_first':>11} {'loss_last':>11}  "
@@ -190,6 +189,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"device": props.name, "torch_version": torch.__version__,
                        "transformers_version": transformers.__version__,
+                       "timing": torch_timing.step_method(args.steps, args.warmup),
                        "note": "torch: bf16 master weights and bf16 AdamW state (fused AdamW on bf16 params)",
                        "cases": results}, f, indent=2)
             f.write("\n")

@@ -40,8 +40,12 @@ Step (timed): optimizer.zero_grad(set_to_none=True); loss = model(ids); (loss / 
   lr 1e-4, betas (0.9, 0.95), eps 1e-8, weight_decay 0.1) on all parameters (bf16 parameters and
   bf16 optimizer state, as bench/torch_train_step.py).
 
-Reported per layout (max over ranks of each rank's median over --steps after --warmup steps,
-torch.cuda.Event): step ms, and its parts forward / backward / gradient all-reduce / optimizer;
+Timing (bench/torch_timing.py), on every rank: --warmup steps, a barrier, then --steps steps back
+to back between CUDA events (events at the part boundaries too; no host synchronisation between
+steps beyond the dispatcher's own); step ms = elapsed / steps, each part the mean over the steps.
+The same tokens every step: a step reads the model, its gradients and the optimizer state (GBs),
+so no step finds the previous one's data in the L2 and rotating the token ids would change nothing.
+Reported per layout (max over ranks of each rank's means): step ms, and its parts forward / backward / gradient all-reduce / optimizer;
 tokens/s per GPU = B·S / step time; model TFLOP/s per GPU = FLOPs / step time with
     FLOPs = 6 · N_active · B·S  +  6 · n_layers · Hq · head_dim · S · B·S
   (per GPU per step; the second term is causal attention forward + backward: QKᵀ and PV are
@@ -58,7 +62,7 @@ Run (one node, 4 GPUs):
   torchrun --nproc-per-node 4 bench/torch_train_step_dist.py --config configs/tiny-moe.json --ep 2 --etp 2
 Defaults: --config configs/qwen3-30b-a3b-l4.json (relative to the repository when not found),
 B = 2, S = 4096 for qwen3-30b-a3b-l4 and B = 16, S = 128 for any other config (--batch, --seq-len
-override), --steps 10, --warmup 3, --routing balanced, --ep W/etp, --etp 1.
+override), --steps 20, --warmup 3, --routing balanced, --ep W/etp, --etp 1.
 --cpu runs on the CPU with gloo in float32 (development check of the logic; timings mean nothing).
 """
 import os
@@ -69,7 +73,6 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
@@ -78,6 +81,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_moe_layer_dist as moe  # noqa: E402
+import torch_timing  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/qwen3-30b-a3b-l4.json"
@@ -304,16 +308,14 @@ def run_layout(cfg, P, T, balanced, B, S, steps, warmup, aux_loss, device, dtype
     tok = torch.randint(0, cfg.V, (B, S + 1), generator=g, device=device)
     ids, targets = tok[:, :S].contiguous(), tok[:, 1:].contiguous()
 
-    def step(evs=None):
-        if evs:
-            evs[0].record()
+    losses = []
+
+    def step(i, mark):
         opt.zero_grad(set_to_none=True)
         loss, ce = model.forward(ids, targets, aux_loss)
-        if evs:
-            evs[1].record()
+        mark()
         (loss / W).backward()
-        if evs:
-            evs[2].record()
+        mark()
         rep = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.replicated_params]
         for p, gr in zip(model.replicated_params, rep):
             p.grad = gr
@@ -321,27 +323,13 @@ def run_layout(cfg, P, T, balanced, B, S, steps, warmup, aux_loss, device, dtype
             flat_all_reduce(rep, None)
         if mesh.D > 1:
             flat_all_reduce([p.grad for p in model.expert_params], mesh.expert_dp)
-        if evs:
-            evs[3].record()
+        mark()
         opt.step()
-        if evs:
-            evs[4].record()
-        return loss.detach()
+        if i >= warmup:
+            losses.append(loss.detach())
 
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    dist.barrier()
-    evs = [[moe.Timer(cuda) for _ in range(5)] for _ in range(steps)]
-    losses = [step(evs[i]) for i in range(steps)]
-    if cuda:
-        torch.cuda.synchronize()
-
-    def med(a, b):
-        return statistics.median(e[a].ms_to(e[b]) for e in evs)
-
-    parts = [med(0, 4), med(0, 1), med(1, 2), med(2, 3), med(3, 4)]
+    t = torch_timing.time_loop(step, steps, warmup, marks=3, cuda=cuda, before_timed=dist.barrier)
+    parts = [t.ms] + t.parts
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
     mx = torch.tensor(parts + [peak], dtype=torch.float64, device=device)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX)
@@ -371,7 +359,7 @@ def main():
     ap.add_argument("--routing", choices=("balanced", "random", "both"), default="balanced")
     ap.add_argument("--batch", type=int, default=0, help="sequences per rank B")
     ap.add_argument("--seq-len", type=int, default=0, help="sequence length S")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--aux-loss", choices=("on", "off"), default="on")
     ap.add_argument("--json", help="write the results here (rank 0)")
@@ -400,14 +388,14 @@ def main():
     routings = (True, False) if args.routing == "both" else (args.routing == "balanced",)
     aux = args.aux_loss == "on"
 
+    how = torch_timing.step_method(args.steps, args.warmup) + "; per rank, max over ranks"
     if rank == 0:
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (gloo, float32)"
         print(f"torch_train_step_dist: {W} x {dev}, torch {torch.__version__}; {cfg.stem}: {cfg.n_layers} layers, "
               f"H={cfg.H}, E={cfg.E}, K={cfg.K}, I={cfg.I}, V={cfg.V}; per GPU B={B} S={S} ({B * S} tokens); "
               f"N_active={cfg.active_params() / 1e6:.1f}M, FLOPs/GPU/step={cfg.flops(B, S) / 1e12:.2f}T; "
               f"aux loss {'on (global)' if aux else 'off'}; step = zero_grad + fwd + bwd + flat grad all-reduce + "
-              f"fused AdamW (bf16 params and state); median of {args.steps} steps after {args.warmup} warm-up, "
-              f"max over ranks", flush=True)
+              f"fused AdamW (bf16 params and state); {how}", flush=True)
         print(f"{'layout (DxPxT)':<15} {'routing':<9} {'step_ms':>9} {'fwd':>8} {'bwd':>8} {'allred':>7} {'optim':>7} "
               f"{'tok/s/GPU':>10} {'TFLOP/s/GPU':>11} {'peak_GiB':>9} {'loss_first':>10} {'loss_last':>10}",
               flush=True)
@@ -428,6 +416,7 @@ def main():
             json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        "torch_version": torch.__version__, "world_size": W,
                        "flops_formula": "6*N_active*B*S + 6*n_layers*Hq*head_dim*S*B*S per GPU per step",
+                       "timing": how,
                        "cases": results}, f, indent=2)
             f.write("\n")
     dist.destroy_process_group()

@@ -4,12 +4,13 @@
 //
 // Layouts: run under mpirun with one rank per GPU (`--layouts PxT,...`, default Wx1; every P·T must
 // divide the world size W, the rest is data parallel); without mpirun it is one GPU (1x1). Every
-// rank runs its own B sequences; numbers are per GPU: step ms is the largest of the ranks' medians,
+// rank runs its own B sequences; numbers are per GPU: step ms is the largest of the ranks' means,
 // tokens/s per GPU = B·S / step time, peak memory the largest over ranks. The NCCL communicators'
 // argument agreement (comm/nccl_comm.h) is off, as in a production run. --routing random | balanced
 // | both (balanced = moe.force_balance: token n slot k -> expert (n·K + k) % E).
-// Per-phase columns (medians, rank 0): fwd_ms = a forward-only pass on the same tokens (measured
-// separately), fb_ms = forward_backward, red_ms = reduce_grads + grad_norm, opt_ms = adamw_step.
+// Per-phase columns (means, rank 0): fwd_ms = a forward-only pass on the same tokens (measured
+// separately), fb_ms = forward_backward, red_ms = reduce_grads + grad_norm, opt_ms = adamw_step
+// and the loss all-reduce (the rest of the step).
 // --alloc caching (default, as `moetp train`) puts core's caching allocator (kernels/cuda/runtime.h
 // AllocMode::kCaching) under the tensors, --alloc direct cudaMalloc/cudaFree per tensor; peak_GB
 // counts live tensor bytes either way, dev_used_GB includes what the cache holds.
@@ -33,12 +34,19 @@
 // Tokens: host i32 (B, S + 1), uniform ids < vocab from a fixed seed (inputs [:, :S], targets
 // [:, 1:]), the same tokens every step. Model: CudaQwen3MoeModel(cfg, seed 1234) (random init).
 //
-// Timing: W warm-up steps, then N timed steps; per step a CUDA event pair on the legacy default
-// stream (the stream the model runs on) around the whole step, plus host wall time (steady_clock;
-// the step ends in a device synchronisation, so the two agree up to launch latency). Medians.
+// Timing (bench/cuda_timing.h, as the PyTorch baselines time their steps): --warmup untimed steps,
+// then --steps steps back to back on the legacy default stream (the stream the model runs on)
+// between two CUDA events, ms = elapsed / steps; events at the phase boundaries give fb_ms, red_ms
+// and opt_ms (means); wall_ms = host clock over the same steps / steps. forward_backward is
+// synchronous (it returns with the work done; the loss and the routing counts come back to the
+// host) and every step all-reduces its loss over MPI: those waits are part of a step and stay in
+// the time. Inputs are not rotated: the same tokens every step, as the baselines do, because a
+// step reads the weights, gradients and AdamW state (GBs for qwen3-30b-a3b-l4), so nothing of the
+// previous step is left in the L2; tiny-moe's model fits in the L2 whatever the tokens (a latency
+// case, on both sides).
 //
 // Model FLOPs per step: config::training_flops (config/model_config.h: 6 · P_active · B·S +
-// 6 · L · Hq · D · S² · B); TFLOP/s = that / median step time.
+// 6 · L · Hq · D · S² · B); TFLOP/s = that / mean step time.
 //
 // Memory, two numbers per case:
 //   peak_alloc_GB: the peak of bytes live in tensors allocated through core's CUDA hooks, from this
@@ -61,7 +69,7 @@
 // state, while moetp keeps f32 masters, f32 moments and f32 gradients: torch does less optimizer
 // work and holds less memory per parameter.
 //   python3 bench/torch_train_step.py --json torch_step.json
-//   ./train_step_cuda_bench --torch-results torch_step.json [--steps 10] [--warmup 3] [--json F]
+//   ./train_step_cuda_bench --torch-results torch_step.json [--steps 20] [--warmup 3] [--json F]
 //   torchrun --nproc-per-node 4 bench/torch_train_step_dist.py --layouts 4x1,2x2,1x4 --json dist.json
 //   mpirun -np 4 ./train_step_cuda_bench --layouts 4x1,2x2,1x4 --torch-results dist.json
 #include <cuda_runtime.h>
@@ -87,6 +95,7 @@
 #include "core/tensor.h"
 #include "bench_util.h"
 #include "cuda_alloc_counter.h"
+#include "cuda_timing.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
@@ -99,12 +108,25 @@ namespace moetp {
 namespace {
 
 using bench::Layout;
-using bench::median;
 using bench::parse_layouts;
 using bench::install_counting_hooks;
 using bench::peak_bytes;
 using bench::reset_peak;
 
+
+// Published step throughput of the frameworks users compare moetp with (printed under the table).
+struct PublishedStep {
+  const char* name;
+  double tflops;  // model TFLOP/s per GPU as published
+  const char* source;
+};
+const PublishedStep kPublishedSteps[] = {
+    {"Megatron-Bridge Qwen3-30B-A3B H100 (published)", 299,
+     "Megatron-Bridge performance summary (docs.nvidia.com/nemo/megatron-bridge, performance-summary)"},
+    {"NeMo Automodel Qwen3-30B-A3B 8xH100 (published)", 277,
+     "NeMo Automodel performance docs (docs.nvidia.com/nemo/automodel, performance-summary: Qwen3 MoE 30B, "
+     "8 GPUs, EP 8, seq 4096, TE + DeepEP)"},
+};
 
 constexpr uint64_t kModelSeed = 1234;
 constexpr uint64_t kTokenSeed = 4321;
@@ -125,7 +147,7 @@ struct Case {
 struct Args {
   std::vector<std::string> configs;
   int64_t seq_len = 0, batch = 0;  // 0: the case's default
-  int steps = 10, warmup = 3;
+  int steps = 20, warmup = 3;
   std::vector<std::string> torch_results;
   std::string json_out;
   std::vector<Layout> layouts;  // empty: W x 1
@@ -292,34 +314,14 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
   try {
     auto model = std::make_unique<model::CudaQwen3MoeModel>(cfg, kModelSeed, opts);
     int64_t step_no = 0;
-    cudaEvent_t ev[4];
-    for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e));
-    std::vector<double> ms, wall, fb, red, optm;
-    auto step = [&](bool timed) -> double {
-      const auto t0 = std::chrono::steady_clock::now();
-      CUDA_CHECK(cudaEventRecord(ev[0], 0));
+    auto step = [&](int i, const bench::Mark& mark) {
       model->zero_grads();
       const model::MicroStats st = model->forward_backward(tokens, ce_scale, aux_scale);
-      CUDA_CHECK(cudaEventRecord(ev[1], 0));
+      mark();
       model->reduce_grads();
       model->grad_norm();
-      CUDA_CHECK(cudaEventRecord(ev[2], 0));
+      mark();
       model->adamw_step(opt, kLr, ++step_no);
-      CUDA_CHECK(cudaEventRecord(ev[3], 0));
-      CUDA_CHECK(cudaEventSynchronize(ev[3]));
-      const auto t1 = std::chrono::steady_clock::now();
-      if (timed) {
-        float e01 = 0, e12 = 0, e23 = 0, e03 = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&e01, ev[0], ev[1]));
-        CUDA_CHECK(cudaEventElapsedTime(&e12, ev[1], ev[2]));
-        CUDA_CHECK(cudaEventElapsedTime(&e23, ev[2], ev[3]));
-        CUDA_CHECK(cudaEventElapsedTime(&e03, ev[0], ev[3]));
-        fb.push_back(e01);
-        red.push_back(e12);
-        optm.push_back(e23);
-        ms.push_back(e03);
-        wall.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-      }
       const double ce = ctx.world.all_reduce_scalar(st.ce_sum, comm::ReduceOp::kSum) * ce_scale;
       r.load = 0;
       for (const std::vector<float>& counts : st.expert_counts) {  // global counts per layer
@@ -330,39 +332,35 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
         }
         if (sum > 0) r.load = std::max(r.load, mx * static_cast<double>(counts.size()) / sum);
       }
-      return ce + cfg.router_aux_loss_coef * st.aux;
-    };
-    for (int i = 0; i < args.warmup; ++i) {
-      step(false);
-      dev_used = std::max(dev_used, device_used_bytes());
-    }
-    model->set_phase_timing(args.phases);
-    for (int i = 0; i < args.steps; ++i) {
-      const double loss = step(true);
-      if (i == 0) r.loss_first = loss;
+      const double loss = ce + cfg.router_aux_loss_coef * st.aux;
+      if (i < args.warmup) {
+        dev_used = std::max(dev_used, device_used_bytes());  // sampled outside the timed steps
+        if (i + 1 == args.warmup) model->set_phase_timing(args.phases);
+        return;
+      }
+      if (i == args.warmup) r.loss_first = loss;
       r.loss_last = loss;
-      dev_used = std::max(dev_used, device_used_bytes());
-    }
+    };
+    std::chrono::steady_clock::time_point t0;  // host clock at the first timed step's start
+    auto timed_step = [&](int i, const bench::Mark& mark) {
+      if (i == args.warmup) t0 = std::chrono::steady_clock::now();
+      step(i, mark);
+    };
+    model->set_phase_timing(args.phases && args.warmup == 0);
+    const bench::Timing t = bench::time_loop(0, args.steps, args.warmup, 2, timed_step);
+    const auto t1 = std::chrono::steady_clock::now();
+    dev_used = std::max(dev_used, device_used_bytes());
     for (const auto& [phase, ms_total] : model->phase_ms()) r.phase_ms[phase] = ms_total / args.steps;
     model->set_phase_timing(false);
-    // Forward alone, same tokens (no gradients).
-    std::vector<double> fwd;
-    for (int i = 0; i < args.steps; ++i) {
-      CUDA_CHECK(cudaEventRecord(ev[0], 0));
-      model->forward(tokens);
-      CUDA_CHECK(cudaEventRecord(ev[1], 0));
-      CUDA_CHECK(cudaEventSynchronize(ev[1]));
-      float e = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&e, ev[0], ev[1]));
-      fwd.push_back(e);
-    }
-    for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventDestroy(e));
-    r.ms = median(ms);
-    r.wall_ms = median(wall);
-    r.fwd_ms = median(fwd);
-    r.fb_ms = median(fb);
-    r.red_ms = median(red);
-    r.opt_ms = median(optm);
+    // Forward alone, same tokens (no gradients; forward is synchronous like forward_backward).
+    const bench::Timing f =
+        bench::time_loop(0, args.steps, 1, 0, [&](int, const bench::Mark&) { model->forward(tokens); });
+    r.ms = t.ms;
+    r.wall_ms = std::chrono::duration<double, std::milli>(t1 - t0).count() / args.steps;
+    r.fwd_ms = f.ms;
+    r.fb_ms = t.parts[0];
+    r.red_ms = t.parts[1];
+    r.opt_ms = t.parts[2];
   } catch (const std::exception& e) {
     const std::string msg = e.what();
     cudaGetLastError();  // clear a (non-sticky) allocation error
@@ -375,7 +373,7 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
     return r;
   }
   r.ok = true;
-  // Per GPU: the slowest rank's medians, the largest memory.
+  // Per GPU: the slowest rank's means, the largest memory.
   r.ms = max_over_ranks(ctx, r.ms);
   r.wall_ms = max_over_ranks(ctx, r.wall_ms);
   r.tokens_per_s = static_cast<double>(c.batch * c.seq_len) / (r.ms * 1e-3);
@@ -446,18 +444,20 @@ int run(int argc, char** argv) {
   if (lead) {
     std::printf(
         "train_step_cuda_bench: %d x %s (%d SMs); one step = zero_grads + forward_backward + reduce_grads + grad_norm "
-        "+ adamw_step (lr %g, f32 masters/moments/grads); median of %d steps after %d warm-up; per GPU, slowest "
-        "rank; allocator %s; expert GEMM %s; dispatcher %s\n",
-        W, prop.name, prop.multiProcessorCount, kLr, args.steps, args.warmup,
+        "+ adamw_step (lr %g, f32 masters/moments/grads); %s; per GPU, slowest rank; allocator %s; expert GEMM %s; "
+        "dispatcher %s\n",
+        W, prop.name, prop.multiProcessorCount, kLr, bench::step_timing_method(args.steps, args.warmup).c_str(),
         args.alloc == cuda::AllocMode::kCaching ? "caching" : "direct", moe::expert_gemm_name(args.expert_gemm),
         W > 1 ? args.dispatcher.c_str() : "local");
     std::printf(
         "  TFLOP/s = (6·P_active·T + attn) / time; P_active = num_active_params - embedding table (LM head kept); "
         "T = B·S;\n  attn = B · 3 (fwd+bwd) · 2 (QK^T, PV) · 2 (mul+add) · Hq · D · S^2 / 2 (causal) · L\n"
-        "  ms: CUDA events around the step (wall_ms: host clock); fwd_ms: forward alone (separate run), fb_ms: "
-        "forward_backward, red_ms: reduce_grads + grad_norm, opt_ms: adamw_step (rank 0's medians);\n"
+        "  ms: mean of back-to-back steps between two CUDA events (wall_ms: host clock); fwd_ms: forward alone "
+        "(separate run), fb_ms: "
+        "forward_backward, red_ms: reduce_grads + grad_norm, opt_ms: adamw_step + the loss all-reduce (rank 0's "
+        "means);\n"
         "  peak_GB: peak of tensor bytes through the CUDA hooks; dev_used_GB: max of cudaMemGetInfo total-free after "
-        "each step;\n  load: routing skew of the last step, max over MoE layers of (largest / mean tokens per expert)\n");
+        "each warm-up step and after the timed steps;\n  load: routing skew of the last step, max over MoE layers of (largest / mean tokens per expert)\n");
     std::printf("%-50s %9s %9s %8s %8s %7s %7s %10s %7s %8s %9s %10s %10s %6s %9s %8s %8s\n", "case", "ms",
                 "wall_ms", "fwd_ms", "fb_ms", "red_ms", "opt_ms", "tok/s/GPU", "TFLOP/s", "peak_GB", "dev_GB",
                 "loss_first", "loss_last", "load", "torch_ms", "torch_GB", "torch/us");
@@ -528,6 +528,16 @@ int run(int argc, char** argv) {
     }
   }
   if (lead) {
+    // Published figures of the frameworks users compare with (full Qwen3-30B-A3B, many H100s, their
+    // own FLOP counts): reference rows, not measurements of this program.
+    std::printf("published, not measured here (Qwen3-30B-A3B pre-training, BF16, H100; model TFLOP/s per GPU as "
+                "each source counts it):\n");
+    for (const PublishedStep& p : kPublishedSteps) {
+      std::printf("%-50s %9s %9s %8s %8s %7s %7s %10s %7.0f   source: %s\n", p.name, "-", "-", "-", "-", "-", "-", "-",
+                  p.tflops, p.source);
+      out_json["published_not_measured_here"].push_back(
+          {{"case", p.name}, {"model_tflops_per_gpu", p.tflops}, {"source", p.source}});
+    }
     std::printf(
         "note: torch keeps bf16 master weights and bf16 AdamW state (fused AdamW on bf16 parameters); moetp keeps f32 "
         "masters, f32 moments and f32 gradients, so torch does less optimizer work and holds less memory.\n");
