@@ -174,7 +174,7 @@ Result run_case(const Args& args, int64_t I, bool balanced, Variant variant, con
   opts.mesh = mesh;
   CUDA_CHECK(cudaStreamCreateWithFlags(&opts.stream, cudaStreamNonBlocking));
   if (mesh != nullptr) {
-    for (comm::Comm* g : {&mesh->ep(), &mesh->etp(), &mesh->ep_etp()}) static_cast<comm::NcclComm*>(g)->set_compute_stream(opts.stream);
+    for (comm::Comm* g : {&mesh->ep(), &mesh->etp(), &mesh->ep_etp()}) g->set_compute_stream(opts.stream);
   }
   Result r;
   r.torch_name = case_name(N, I, balanced, mesh);

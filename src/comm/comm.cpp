@@ -1,5 +1,7 @@
 #include "comm/comm.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <bit>
 
@@ -9,6 +11,31 @@ int64_t sum_counts(std::span<const int64_t> counts) {
   int64_t s = 0;
   for (int64_t c : counts) s += c;
   return s;
+}
+
+void Comm::set_compute_stream(CUstream_st* stream) {
+  MOETP_CHECK(stream == nullptr, "group '{}' ({} backend) runs its collectives on the host: it has no compute stream",
+              name(), device_name(device()));
+}
+
+NodeLocal node_local(Comm& group) {
+  // Host names travel as fixed-width rows of i32 (one character each), compared whole.
+  constexpr int64_t kWidth = 256;
+  char name[kWidth] = {};
+  MOETP_CHECK(gethostname(name, kWidth - 1) == 0, "node_local on group '{}': gethostname failed", group.name());
+  std::vector<int32_t> mine(kWidth);
+  for (int64_t i = 0; i < kWidth; ++i) mine[static_cast<size_t>(i)] = static_cast<unsigned char>(name[i]);
+  Comm& host = group.host();
+  Tensor out = Tensor::empty({host.size(), kWidth}, DType::kI32);
+  host.all_gather(Tensor::from_vector<int32_t>(mine, {1, kWidth}), out);
+  const std::vector<int32_t> all = out.to_vector<int32_t>();
+  NodeLocal r{0, 0};
+  for (int q = 0; q < host.size(); ++q) {
+    if (!std::equal(mine.begin(), mine.end(), all.begin() + q * kWidth)) continue;
+    if (q < host.rank()) ++r.rank;
+    ++r.size;
+  }
+  return r;
 }
 
 int64_t Comm::all_reduce_scalar(int64_t v, ReduceOp op) {

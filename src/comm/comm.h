@@ -17,6 +17,13 @@
 
 #include "core/tensor.h"
 
+// A CUDA stream (cudaStream_t is CUstream_st*), named without CUDA's headers.
+struct CUstream_st;
+
+namespace moetp::comm::detail {
+struct Agreement;
+}
+
 namespace moetp::comm {
 
 enum class ReduceOp { kSum, kMax };
@@ -29,6 +36,18 @@ class Comm {
   virtual int size() const = 0;
   virtual std::string name() const = 0;  // e.g. "world", "ep", for messages
   virtual Device device() const = 0;     // where this backend's tensors live
+  // The same members in the same order, for host (CPU) tensors: this communicator on a host
+  // backend; a device backend's own host communicator (counts, scalars, planning tables).
+  virtual Comm& host() = 0;
+  // Argument agreement before a collective (comm/agreement.h): every member passes the words its
+  // call must agree on and its local error; on any mismatch or error every member throws the same
+  // moetp::Error. One small host exchange; a device backend agrees through host().
+  virtual void agree(const char* op, detail::Agreement& a) = 0;
+  // Device backends order their collectives against a compute stream (see nccl_comm.h); nullptr =
+  // the legacy default stream. A host backend has none: compute_stream() is nullptr and setting a
+  // stream throws, naming the group.
+  virtual void set_compute_stream(CUstream_st* stream);
+  virtual CUstream_st* compute_stream() const { return nullptr; }
 
   virtual void barrier() = 0;
   // t (same shape on every rank) takes root's values.
@@ -76,5 +95,13 @@ class Comm {
 };
 
 int64_t sum_counts(std::span<const int64_t> counts);
+
+// This rank's index among the members on its host, and how many members share that host (by host
+// name, through the host communicator). Collective.
+struct NodeLocal {
+  int rank = 0;
+  int size = 1;
+};
+NodeLocal node_local(Comm& group);
 
 }  // namespace moetp::comm

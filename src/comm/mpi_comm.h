@@ -43,6 +43,8 @@ class MpiComm final : public Comm {
   int size() const override { return size_; }
   std::string name() const override { return name_; }
   Device device() const override { return Device::kCpu; }
+  Comm& host() override { return *this; }
+  void agree(const char* op, detail::Agreement& a) override;
   MPI_Comm raw() const { return comm_; }
 
   void barrier() override;
@@ -57,9 +59,6 @@ class MpiComm final : public Comm {
   std::unique_ptr<Comm> split(int color, int key, std::string name) override;
 
  private:
-  // detail::agree over this communicator (see comm/agreement.h).
-  void agree(const char* op, detail::Agreement& a);
-
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::string name_;
   int rank_ = 0;

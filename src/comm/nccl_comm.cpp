@@ -8,6 +8,7 @@
 #include <fmt/ranges.h>
 
 #include <climits>
+#include <cstring>
 #include <functional>
 
 #include "kernels/cuda/cuda_check.h"
@@ -87,8 +88,11 @@ class GroupCloser {
 
 // ---- construction ----
 
-std::unique_ptr<NcclComm> NcclComm::create(MpiComm& host, std::string name) {
-  auto own = std::make_unique<MpiComm>(host.raw(), name);
+std::unique_ptr<NcclComm> NcclComm::create(Comm& host, std::string name) {
+  MOETP_CHECK(host.device() == Device::kCpu, "NcclComm::create '{}': the host communicator '{}' must be a host (cpu) "
+              "backend, got {}", name, host.name(), device_name(host.device()));
+  // Our own copy of the group (same members, same order), so `host` may be destroyed first.
+  std::unique_ptr<Comm> own = host.split(0, host.rank(), name);
   // Agree that every member is ready before any enters ncclCommInitRank, which would wait forever
   // for a member that threw.
   std::string local;
@@ -104,8 +108,12 @@ std::unique_ptr<NcclComm> NcclComm::create(MpiComm& host, std::string name) {
   ncclUniqueId id{};
   int status = ncclSuccess;
   if (own->rank() == 0) status = ncclGetUniqueId(&id);
-  MOETP_MPI_CHECK(MPI_Bcast(&status, 1, MPI_INT, 0, own->raw()));
-  MOETP_MPI_CHECK(MPI_Bcast(&id, static_cast<int>(sizeof(id)), MPI_BYTE, 0, own->raw()));
+  status = static_cast<int>(own->all_reduce_scalar(int64_t{status}, ReduceOp::kMax));  // rank 0's; others are 0
+  static_assert(sizeof(id) % sizeof(int32_t) == 0);
+  Tensor id_words = Tensor::empty({static_cast<int64_t>(sizeof(id) / sizeof(int32_t))}, DType::kI32);
+  std::memcpy(id_words.raw_data(), &id, sizeof(id));
+  own->broadcast(id_words, 0);
+  std::memcpy(&id, id_words.raw_data(), sizeof(id));
   MOETP_CHECK(status == ncclSuccess, "NcclComm::create on group '{}': ncclGetUniqueId failed on rank 0: {}", name,
               ncclGetErrorString(static_cast<ncclResult_t>(status)));
 
@@ -125,7 +133,7 @@ std::unique_ptr<NcclComm> NcclComm::create(MpiComm& host, std::string name) {
   return std::unique_ptr<NcclComm>(new NcclComm(std::move(own), comm, std::move(name)));
 }
 
-NcclComm::NcclComm(std::unique_ptr<MpiComm> host, ncclComm_t comm, std::string name)
+NcclComm::NcclComm(std::unique_ptr<Comm> host, ncclComm_t comm, std::string name)
     : host_(std::move(host)), comm_(comm), name_(std::move(name)) {
   rank_ = host_->rank();
   size_ = host_->size();
@@ -206,7 +214,7 @@ void NcclComm::agree(const char* op, Agreement& a) {
                 size_, rank_, a.local_error);
     return;
   }
-  detail::agree(host_->raw(), name_, op, a);
+  host_->agree(op, a);
 }
 
 // ---- streams ----
@@ -384,14 +392,10 @@ std::unique_ptr<Comm> NcclComm::split(int color, int key, std::string name) {
   // Host first (MPI_Comm_split orders by (key, rank) as ncclCommSplit does; the constructor checks
   // that the two agree), then the device communicator.
   std::unique_ptr<Comm> sub_host = host_->split(color, key, name);
-  auto* sub_mpi = dynamic_cast<MpiComm*>(sub_host.get());
-  MOETP_CHECK(sub_mpi != nullptr, "split of '{}': the host communicator's split is not an MpiComm", name_);
-  sub_host.release();
-  std::unique_ptr<MpiComm> sub_host_mpi(sub_mpi);
   ncclComm_t sub = nullptr;
   MOETP_NCCL_OP(ncclCommSplit(comm_, color, key, &sub, nullptr),
                 fmt::format("split '{}', color {}, key {}", name, color, key));
-  std::unique_ptr<NcclComm> result(new NcclComm(std::move(sub_host_mpi), sub, std::move(name)));
+  std::unique_ptr<NcclComm> result(new NcclComm(std::move(sub_host), sub, std::move(name)));
   result->validate_ = validate_;
   result->compute_stream_ = compute_stream_;
   return result;

@@ -54,7 +54,6 @@
 #include <string>
 
 #include "comm/comm.h"
-#include "comm/mpi_comm.h"
 
 namespace moetp::comm::detail {
 struct Agreement;
@@ -67,10 +66,10 @@ class NcclComm final : public Comm {
   // Collective over `host` (every member calls it, in the same order as other collectives). The
   // caller has selected this rank's GPU (cuda::init(local_rank)) before; the communicator uses
   // that device. Duplicates `host` (the NcclComm owns its own MpiComm for argument agreement, so
-  // `host` may be destroyed first); rank 0 creates the NCCL unique id and broadcasts it over MPI;
+  // `host` may be destroyed first); rank 0 creates the NCCL unique id and broadcasts it over host;
   // every member then calls ncclCommInitRank. Ranks equal host's ranks. Throws moetp::Error (on
   // every rank alike) when a member has no CUDA device selected or rank 0 cannot create the id.
-  static std::unique_ptr<NcclComm> create(MpiComm& host, std::string name);
+  static std::unique_ptr<NcclComm> create(Comm& host, std::string name);
   ~NcclComm() override;  // waits for the communication stream, then destroys the communicator
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
@@ -85,14 +84,16 @@ class NcclComm final : public Comm {
   // Work the collectives are ordered against (see the header comment). nullptr = the legacy
   // default stream (the default). The stream must belong to this communicator's device and outlive
   // its use here. Local: no communication. Inherited by split().
-  void set_compute_stream(cudaStream_t compute_stream) { compute_stream_ = compute_stream; }
-  cudaStream_t compute_stream() const { return compute_stream_; }
+  void set_compute_stream(cudaStream_t compute_stream) override { compute_stream_ = compute_stream; }
+  cudaStream_t compute_stream() const override { return compute_stream_; }
   // Cross-rank argument agreement before every collective (default on; see the header comment).
   // Must be set to the same value on every member. Inherited by split().
   void set_validate(bool validate) { validate_ = validate; }
   bool validate() const { return validate_; }
   // The host communicator used for agreement (same ranks and size as this one).
-  MpiComm& host() const { return *host_; }
+  Comm& host() override { return *host_; }
+  // Agreement through host() (with validation off: local errors only, locally).
+  void agree(const char* op, detail::Agreement& a) override;
   ncclComm_t raw() const { return comm_; }
   int cuda_device() const { return device_; }
 
@@ -113,20 +114,17 @@ class NcclComm final : public Comm {
 
  private:
   // Takes ownership of `host` (same members and order as `comm`) and of `comm`.
-  NcclComm(std::unique_ptr<MpiComm> host, ncclComm_t comm, std::string name);
+  NcclComm(std::unique_ptr<Comm> host, ncclComm_t comm, std::string name);
 
   // Local checks every call makes (device current, no asynchronous NCCL error); "" when fine.
   std::string local_state_error() const;
-  // Throws the same error on every rank when any rank's arguments are invalid or disagree (see
-  // MpiComm::agree); with validation off, throws only a local error, locally.
-  void agree(const char* op, detail::Agreement& a);
   // Orders the communication stream after the compute stream, and back (see the header comment).
   void enter_stream();
   void leave_stream();
   // "{call} failed on group 'g' (rank r of n, CUDA device d): {status}; {sizes}"
   std::string failure(const char* call, const std::string& status, const std::string& sizes) const;
 
-  std::unique_ptr<MpiComm> host_;
+  std::unique_ptr<Comm> host_;
   ncclComm_t comm_ = nullptr;
   std::string name_;
   int rank_ = 0;

@@ -486,7 +486,7 @@ MicroStats CudaQwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, doubl
     }
     int64_t global_tokens = N;
     if (opts_.mesh != nullptr && opts_.mesh->world().size() > 1) {
-      comm::MpiComm& host = static_cast<comm::NcclComm&>(opts_.mesh->world()).host();
+      comm::Comm& host = opts_.mesh->world().host();
       host.all_reduce(stats_t, comm::ReduceOp::kSum);
       global_tokens = host.all_reduce_scalar(N, comm::ReduceOp::kSum);
     }
@@ -613,7 +613,7 @@ double CudaQwen3MoeModel::grad_norm() {
   }
   // Expert shards partition the expert tensors over ep_etp (rank-order sum: identical everywhere).
   if (opts_.mesh != nullptr && opts_.mesh->ep_etp().size() > 1) {
-    expert = static_cast<comm::NcclComm&>(opts_.mesh->ep_etp()).host().all_reduce_scalar(expert, comm::ReduceOp::kSum);
+    expert = opts_.mesh->ep_etp().host().all_reduce_scalar(expert, comm::ReduceOp::kSum);
   }
   return std::sqrt(replicated + expert);
 }

@@ -64,14 +64,12 @@ void gemm_f32_out(const char* what, cudaStream_t stream, cublasOperation_t op_a,
               cublasGetStatusString(status));
 }
 
-// The NCCL communicator behind a mesh group (checked at construction).
-comm::NcclComm& nccl(comm::Comm& c) { return static_cast<comm::NcclComm&>(c); }
-
 void check_nccl_group(comm::Comm& c, cudaStream_t stream) {
-  auto* n = dynamic_cast<comm::NcclComm*>(&c);
-  MOETP_CHECK(n != nullptr, "CudaMoeLayer: mesh group '{}' is a {} communicator; the CUDA layer needs NCCL (comm::NcclComm)",
-              c.name(), c.device() == Device::kCuda ? "CUDA" : "host");
-  MOETP_CHECK(n->compute_stream() == stream,
+  MOETP_CHECK(c.device() == Device::kCuda,
+              "CudaMoeLayer: mesh group '{}' is a host communicator; the CUDA layer needs one over CUDA tensors "
+              "(comm::NcclComm)",
+              c.name());
+  MOETP_CHECK(c.compute_stream() == stream,
               "CudaMoeLayer: mesh group '{}' orders its collectives against another stream than the layer's "
               "(set_compute_stream to CudaMoeOptions::stream)",
               c.name());
@@ -350,9 +348,9 @@ void CudaMoeLayer::plan_exchange() {
   Tensor cnt_send = Tensor::from_vector<int64_t>(s.counts_E, {E, 1});
   Tensor cnt_recv = Tensor::empty({P * L, 1}, DType::kI64);
   const std::vector<int64_t> l_each(static_cast<size_t>(P), L);
-  nccl(mesh.ep()).host().all_to_all_v(cnt_send, l_each, cnt_recv, l_each);
+  mesh.ep().host().all_to_all_v(cnt_send, l_each, cnt_recv, l_each);
   Tensor cnt_all = Tensor::empty({T * P * L, 1}, DType::kI64);
-  nccl(mesh.etp()).host().all_gather(cnt_recv, cnt_all);
+  mesh.etp().host().all_gather(cnt_recv, cnt_all);
   const std::vector<int64_t> cnt = cnt_all.to_vector<int64_t>();
 
   ex_.send_counts.assign(static_cast<size_t>(P), 0);
@@ -452,7 +450,7 @@ void CudaMoeLayer::move_to_slots(const Tensor& exp_RH, Tensor& slot_MH) {
 void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
   const comm::Mesh& mesh = *opts_.mesh;
   comm::Comm& g = mesh.ep_etp();
-  comm::MpiComm& host = nccl(g).host();
+  comm::Comm& host = g.host();
   const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k, L = L_, N = x_NH.size(0);
   const int P = mesh.ep_size(), T = mesh.etp_size();
   const cudaStream_t stream = opts_.stream;

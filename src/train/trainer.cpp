@@ -1,11 +1,8 @@
 #include "train/trainer.h"
 
-#include <mpi.h>
-
 #include <chrono>
 #include <cmath>
 
-#include "comm/mpi_comm.h"
 #include "io/checkpoint.h"
 #if MOETP_HAVE_CUDA
 #include "comm/nccl_comm.h"
@@ -32,22 +29,9 @@ bool runs_on_cuda(DispatcherKind d) {
   return d == DispatcherKind::kLocal || d == DispatcherKind::kAll2all || d == DispatcherKind::kVexpert;
 }
 
-// This rank's index among the ranks of its node, and how many there are (MPI shared-memory split).
-std::pair<int, int> node_local_rank(comm::Comm& world) {
-  auto* mpi = dynamic_cast<comm::MpiComm*>(&world);
-  MOETP_CHECK(mpi != nullptr, "Trainer: the world communicator must be an MPI communicator, got '{}'", world.name());
-  MPI_Comm node = MPI_COMM_NULL;
-  MPI_Comm_split_type(mpi->raw(), MPI_COMM_TYPE_SHARED, world.rank(), MPI_INFO_NULL, &node);
-  int rank = 0, size = 1;
-  MPI_Comm_rank(node, &rank);
-  MPI_Comm_size(node, &size);
-  MPI_Comm_free(&node);
-  return {rank, size};
-}
-
 // (device, reason) for train.device; collective (every rank decides alike).
 std::pair<Device, std::string> pick_device(DeviceChoice want, DispatcherKind dispatcher, comm::Comm& world) {
-  const auto [local_rank, local_size] = node_local_rank(world);
+  const auto [local_rank, local_size] = comm::node_local(world);
 #if MOETP_HAVE_CUDA
   const int gpus = cuda::device_count();
   const std::string why_not = gpus == 0 ? cuda::unavailable_reason() : "";
@@ -117,9 +101,9 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
     // device (docs/performance.md, Allocator).
     const bool direct = cfg_.train.cuda_allocator == AllocatorChoice::kDirect;
     world_.run_collectively("selecting this rank's GPU", [&] {
-      cuda::init(node_local_rank(world_).first, direct ? cuda::AllocMode::kDirect : cuda::AllocMode::kCaching);
+      cuda::init(comm::node_local(world_).rank, direct ? cuda::AllocMode::kDirect : cuda::AllocMode::kCaching);
     });
-    gpu_->world = comm::NcclComm::create(dynamic_cast<comm::MpiComm&>(world_), "world");
+    gpu_->world = comm::NcclComm::create(world_.host(), "world");
     gpu_->mesh = std::make_unique<comm::Mesh>(*gpu_->world, cfg_.parallel.ep, cfg_.parallel.etp);
     model::CudaModelOptions opts;
     opts.mesh = world_.size() > 1 ? gpu_->mesh.get() : nullptr;

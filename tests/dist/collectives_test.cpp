@@ -211,6 +211,24 @@ std::string error_of(Fn&& fn) {
   return "";
 }
 
+// Every rank of a test job runs on this one machine: the node-local rank is the group rank.
+TEST(Collectives, NodeLocalRankOnOneHost) {
+  auto& w = world();
+  const comm::NodeLocal local = comm::node_local(w);
+  EXPECT_EQ(local.rank, w.rank());
+  EXPECT_EQ(local.size, w.size());
+  // A split group counts its own members only.
+  auto half = w.split(w.rank() % 2, w.rank(), "half");
+  const comm::NodeLocal sub = comm::node_local(*half);
+  EXPECT_EQ(sub.rank, half->rank());
+  EXPECT_EQ(sub.size, half->size());
+  // A host backend is its own host communicator and has no compute stream.
+  EXPECT_EQ(&w.host(), &w);
+  EXPECT_EQ(w.compute_stream(), nullptr);
+  testing::expect_error([&] { w.set_compute_stream(reinterpret_cast<CUstream_st*>(0x10)); },
+                        {"group 'world' (cpu backend) runs its collectives on the host"});
+}
+
 TEST(CollectivesBadInput, MismatchedAllToAllCountsFailOnEveryRank) {
   auto& w = world();
   if (w.size() < 2) GTEST_SKIP() << "needs 2 ranks";
