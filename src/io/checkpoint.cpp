@@ -5,8 +5,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <optional>
 
 #include "io/safetensors.h"
@@ -226,41 +229,67 @@ void save_impl(const model::ParamStore& store, Naming naming, const std::string&
 
   const std::vector<Source> sources = sources_of(store, state != nullptr);
   const auto [d, p, t] = mesh.coords();
-  const bool writer = d == 0 && t == 0;
+  const bool writer = d == 0 && t == 0;  // writes EP rank p's file; rank 0 also the replicated tensors
   const int64_t L = cfg.num_experts > 0 ? cfg.num_experts / mesh.ep_size() : 0;
-  std::vector<WriteTensor> out;
+  // The tensors this rank writes for a source, in file order; per-expert blocks are rows
+  // [base, base + L · rows per expert) of the EP group's gathered rows (ep_block).
+  auto ep_rows = [&](const model::ParamDesc& param) { return L * (param.spec.global_shape[0] / cfg.num_experts); };
+  auto outputs = [&](const Source& s) {
+    const model::ParamDesc& param = store.param(s.index);
+    std::vector<Block> blocks = blocks_of(param, cfg, naming, s.prefix);
+    if (param.kind == model::ParamKind::kReplicated || naming == Naming::kHfStacked) {
+      blocks.resize(world.rank() == 0 ? 1 : 0);  // one whole tensor (stacked: every block names it)
+      return blocks;
+    }
+    const int64_t base = p * ep_rows(param), end = base + ep_rows(param);
+    std::erase_if(blocks, [&](const Block& b) { return !writer || b.first_row < base || b.first_row >= end; });
+    return blocks;
+  };
   uint64_t bytes = 0;
+  std::unique_ptr<SafetensorsStreamWriter> out;
+  world.run_collectively("checkpoint save (plan)", [&] {
+    if (!writer) return;
+    std::vector<SafetensorsStreamWriter::Entry> entries;
+    for (const Source& s : sources) {
+      for (const Block& b : outputs(s)) entries.push_back({b.tensor, b.disk_shape, "F32"});
+    }
+    out = std::make_unique<SafetensorsStreamWriter>(tmp + "/" + file_name(p, mesh.ep_size()), std::move(entries),
+                                                    std::map<std::string, std::string>{{"format", "pt"}});
+    bytes = out->data_bytes();
+  });
   world.run_collectively("checkpoint save (write)", [&] {
+    // A failed write is kept until the loop ends, so this rank still joins every collective.
+    std::exception_ptr write_error;
+    auto write = [&](const Tensor& value) {
+      if (write_error) return;
+      try {
+        out->write_next(value);
+      } catch (...) {
+        write_error = std::current_exception();
+      }
+    };
+    // One source at a time: host memory holds one shard and one gathered block.
     for (const Source& s : sources) {
       const model::ParamDesc& param = store.param(s.index);
-      const std::vector<Block> blocks = blocks_of(param, cfg, naming, s.prefix);
+      const std::vector<Block> mine = outputs(s);
       const bool replicated = param.kind == model::ParamKind::kReplicated;
-      if (replicated && world.rank() != 0) continue;  // rank 0 writes the replicated tensors
+      if (replicated && mine.empty()) continue;  // no collective for replicated tensors
       Tensor local = Tensor::empty(shard::local_shape(param.spec), DType::kF32);
       store.read(s.index, s.slot, local);
       if (replicated) {
-        out.push_back({blocks.front().tensor, std::move(local), "F32"});
-        continue;
-      }
-      if (naming == Naming::kHfStacked) {
+        write(local);
+      } else if (naming == Naming::kHfStacked) {
         // One tensor holds every expert: gather it whole (on request only; per-expert is the default).
         const Tensor full = shard::gather_full(local, param.spec, mesh.ep_etp());
-        if (world.rank() == 0) out.push_back({blocks.front().tensor, full.view(blocks.front().disk_shape), "F32"});
-        continue;
-      }
-      const int64_t rows_per_expert = param.spec.global_shape[0] / cfg.num_experts;
-      const int64_t base = p * L * rows_per_expert;
-      const Tensor block = ep_block(param, local, mesh, cfg, base, L * rows_per_expert);
-      if (!writer) continue;
-      for (const Block& b : blocks) {
-        if (b.first_row < base || b.first_row >= base + L * rows_per_expert) continue;
-        out.push_back({b.tensor, block.narrow_rows(b.first_row - base, b.rows).contiguous(), "F32"});
+        if (!mine.empty()) write(full.view(mine.front().disk_shape));
+      } else {
+        const int64_t base = p * ep_rows(param);
+        const Tensor block = ep_block(param, local, mesh, cfg, base, ep_rows(param));
+        for (const Block& b : mine) write(block.narrow_rows(b.first_row - base, b.rows));
       }
     }
-    if (writer || world.rank() == 0) {
-      for (const WriteTensor& w : out) bytes += w.value.num_bytes();
-      write_safetensors(tmp + "/" + file_name(p, mesh.ep_size()), out, {{"format", "pt"}});
-    }
+    if (write_error) std::rethrow_exception(write_error);
+    if (out) out->commit();
   });
   world.barrier();
   const uint64_t total = static_cast<uint64_t>(world.all_reduce_scalar(static_cast<int64_t>(bytes), comm::ReduceOp::kSum));

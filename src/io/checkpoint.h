@@ -14,9 +14,9 @@
 // never replaces a good checkpoint. All functions are collective over the store's mesh.
 //
 // The model is a model::ParamStore (model/param_store.h): parameters move between files and the
-// store one tensor at a time through host f32 tensors, so a GPU model is saved and loaded without
-// a host copy of the whole model. (A save still holds the tensors of the one file each writer
-// writes until that file is written.)
+// store one tensor at a time through host f32 tensors (a save streams each file, header first), so
+// host memory is bounded by one shard plus one EP group's rows of a tensor (a whole expert tensor
+// with the stacked HF layout), whatever the model size; a GPU model needs no host copy.
 #pragma once
 
 #include <functional>
