@@ -68,7 +68,7 @@ int run_convert(const ConvertArgs& a, comm::Comm& world) {
     m.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
     v.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
   }
-  const std::vector<io::ExtraState> extras = {{"optim.exp_avg.", &m}, {"optim.exp_avg_sq.", &v}};
+  const std::vector<io::ExtraState> extras = {{model::kAdamWStatePrefixes[0], &m}, {model::kAdamWStatePrefixes[1], &v}};
   nlohmann::json state = {{"format", "moetp-native"}, {"version", 1}, {"step", 0}, {"seed", 1234}};
   if (a.from == "hf") {
     io::load_hf(model, a.input);

@@ -5,8 +5,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
 
 #include "io/safetensors.h"
 
@@ -58,12 +62,12 @@ struct Block {
   Shape disk_shape;         // expected shape of the tensor on disk
 };
 
-bool is_expert_w13(const model::Param& p) { return p.kind == model::ParamKind::kExpert && p.name.ends_with(".w13"); }
+bool is_expert_w13(const model::ParamDesc& p) { return p.kind == model::ParamKind::kExpert && p.name.ends_with(".w13"); }
 
 // "model.layers.{l}.mlp.experts.w13" -> "model.layers.{l}.mlp.experts."
-std::string experts_prefix(const model::Param& p) { return p.name.substr(0, p.name.rfind('.') + 1); }
+std::string experts_prefix(const model::ParamDesc& p) { return p.name.substr(0, p.name.rfind('.') + 1); }
 
-std::vector<Block> blocks_of(const model::Param& p, const config::ModelConfig& cfg, Naming naming,
+std::vector<Block> blocks_of(const model::ParamDesc& p, const config::ModelConfig& cfg, Naming naming,
                              const std::string& prefix) {
   const Shape& g = p.spec.global_shape;
   if (p.kind == model::ParamKind::kReplicated) return {Block{prefix + p.name, 0, g[0], -1, g}};
@@ -98,8 +102,8 @@ void copy_rows_into(const Tensor& src, Tensor& dst, int64_t dst_row) {
   dst.narrow_rows(dst_row, src.rows()).copy_from(src.view(dst.narrow_rows(dst_row, src.rows()).shape()));
 }
 
-// Reads this rank's shard of one parameter (or of an extra tensor with the same layout).
-Tensor load_shard(const SafetensorsDir& dir, const model::Param& p, const std::vector<Block>& blocks) {
+// Every tensor of `blocks` is in the checkpoint with the shape the model needs.
+void check_blocks(const SafetensorsDir& dir, const model::ParamDesc& p, const std::vector<Block>& blocks) {
   for (const Block& b : blocks) {
     MOETP_CHECK(dir.contains(b.tensor), "checkpoint {}: tensor '{}' (for parameter '{}') is missing", dir.dir(),
                 b.tensor, p.name);
@@ -107,8 +111,13 @@ Tensor load_shard(const SafetensorsDir& dir, const model::Param& p, const std::v
     MOETP_CHECK(info.shape == b.disk_shape, "checkpoint {}: tensor '{}' has shape {}, the model needs {}",
                 dir.file_of(b.tensor).path(), b.tensor, shape_str(info.shape), shape_str(b.disk_shape));
   }
-  Tensor local = Tensor::empty(p.value.shape(), DType::kF32);
-  if (p.value.ndim() == 1) {
+}
+
+// Reads this rank's shard of one parameter (or of a state tensor with the same layout) from
+// blocks check_blocks accepted.
+Tensor load_shard(const SafetensorsDir& dir, const model::ParamDesc& p, const std::vector<Block>& blocks) {
+  Tensor local = Tensor::empty(shard::local_shape(p.spec), DType::kF32);
+  if (local.ndim() == 1) {
     local.copy_from(dir.read(blocks.front().tensor));
     return local;
   }
@@ -141,7 +150,7 @@ Tensor load_shard(const SafetensorsDir& dir, const model::Param& p, const std::v
 
 // The rows [base, base + count) of a parameter's global tensor, all columns, rebuilt on a
 // member of the etp group from every TP rank's shard (collective over etp).
-Tensor ep_block(const model::Param& p, const Tensor& local, const comm::Mesh& mesh, const config::ModelConfig& cfg,
+Tensor ep_block(const model::ParamDesc& p, const Tensor& local, const comm::Mesh& mesh, const config::ModelConfig& cfg,
                 int64_t base, int64_t count) {
   const int T = mesh.etp_size();
   Tensor all = Tensor::empty({T, local.numel()}, DType::kF32);
@@ -184,17 +193,30 @@ void write_json(const std::string& path, const nlohmann::json& j) {
   fs::rename(tmp, path);
 }
 
+// Slot `slot` of parameter `index` (0: values, k: state k - 1) under checkpoint prefix `prefix`.
 struct Source {
-  const model::Param* param;
-  const Tensor* local;
+  size_t index;
+  int slot;
   std::string prefix;
 };
 
-void save_impl(const model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras, Naming naming,
-               const std::string& dir, const nlohmann::json* state, const SaveOptions& opts) {
-  const comm::Mesh& mesh = model.mesh();
+// The sources a save writes or a load reads: values, then (with_state) each state slot.
+std::vector<Source> sources_of(const model::ParamStore& store, bool with_state) {
+  std::vector<Source> out;
+  for (size_t i = 0; i < store.num_params(); ++i) out.push_back({i, 0, ""});
+  if (!with_state) return out;
+  const std::vector<std::string> prefixes = store.state_prefixes();
+  for (size_t k = 0; k < prefixes.size(); ++k) {
+    for (size_t i = 0; i < store.num_params(); ++i) out.push_back({i, static_cast<int>(k + 1), prefixes[k]});
+  }
+  return out;
+}
+
+void save_impl(const model::ParamStore& store, Naming naming, const std::string& dir, const nlohmann::json* state,
+               const SaveOptions& opts) {
+  const comm::Mesh& mesh = store.mesh();
   comm::Comm& world = mesh.world();
-  const config::ModelConfig& cfg = model.config();
+  const config::ModelConfig& cfg = store.config();
   const auto t0 = std::chrono::steady_clock::now();
   const std::string tmp = dir + ".tmp";
   world.run_collectively("checkpoint save (prepare)", [&] {
@@ -205,46 +227,69 @@ void save_impl(const model::Qwen3MoeModel& model, const std::vector<ExtraState>&
   });
   world.barrier();
 
-  std::vector<Source> sources;
-  const auto& params = model.params();
-  for (size_t i = 0; i < params.size(); ++i) sources.push_back({&params[i], &params[i].value, ""});
-  for (const ExtraState& x : extras) {
-    MOETP_CHECK(x.tensors->size() == params.size(), "extra state '{}' has {} tensors for {} parameters", x.prefix,
-                x.tensors->size(), params.size());
-    for (size_t i = 0; i < params.size(); ++i) sources.push_back({&params[i], &(*x.tensors)[i], x.prefix});
-  }
-
+  const std::vector<Source> sources = sources_of(store, state != nullptr);
   const auto [d, p, t] = mesh.coords();
-  const bool writer = d == 0 && t == 0;
+  const bool writer = d == 0 && t == 0;  // writes EP rank p's file; rank 0 also the replicated tensors
   const int64_t L = cfg.num_experts > 0 ? cfg.num_experts / mesh.ep_size() : 0;
-  std::vector<WriteTensor> out;
+  // The tensors this rank writes for a source, in file order; per-expert blocks are rows
+  // [base, base + L · rows per expert) of the EP group's gathered rows (ep_block).
+  auto ep_rows = [&](const model::ParamDesc& param) { return L * (param.spec.global_shape[0] / cfg.num_experts); };
+  auto outputs = [&](const Source& s) {
+    const model::ParamDesc& param = store.param(s.index);
+    std::vector<Block> blocks = blocks_of(param, cfg, naming, s.prefix);
+    if (param.kind == model::ParamKind::kReplicated || naming == Naming::kHfStacked) {
+      blocks.resize(world.rank() == 0 ? 1 : 0);  // one whole tensor (stacked: every block names it)
+      return blocks;
+    }
+    const int64_t base = p * ep_rows(param), end = base + ep_rows(param);
+    std::erase_if(blocks, [&](const Block& b) { return !writer || b.first_row < base || b.first_row >= end; });
+    return blocks;
+  };
   uint64_t bytes = 0;
-  world.run_collectively("checkpoint save (write)", [&] {
+  std::unique_ptr<SafetensorsStreamWriter> out;
+  world.run_collectively("checkpoint save (plan)", [&] {
+    if (!writer) return;
+    std::vector<SafetensorsStreamWriter::Entry> entries;
     for (const Source& s : sources) {
-      const std::vector<Block> blocks = blocks_of(*s.param, cfg, naming, s.prefix);
-      if (s.param->kind == model::ParamKind::kReplicated) {
-        if (world.rank() == 0) out.push_back({blocks.front().tensor, s.local->clone(), "F32"});
-        continue;
+      for (const Block& b : outputs(s)) entries.push_back({b.tensor, b.disk_shape, "F32"});
+    }
+    out = std::make_unique<SafetensorsStreamWriter>(tmp + "/" + file_name(p, mesh.ep_size()), std::move(entries),
+                                                    std::map<std::string, std::string>{{"format", "pt"}});
+    bytes = out->data_bytes();
+  });
+  world.run_collectively("checkpoint save (write)", [&] {
+    // A failed write is kept until the loop ends, so this rank still joins every collective.
+    std::exception_ptr write_error;
+    auto write = [&](const Tensor& value) {
+      if (write_error) return;
+      try {
+        out->write_next(value);
+      } catch (...) {
+        write_error = std::current_exception();
       }
-      if (naming == Naming::kHfStacked) {
+    };
+    // One source at a time: host memory holds one shard and one gathered block.
+    for (const Source& s : sources) {
+      const model::ParamDesc& param = store.param(s.index);
+      const std::vector<Block> mine = outputs(s);
+      const bool replicated = param.kind == model::ParamKind::kReplicated;
+      if (replicated && mine.empty()) continue;  // no collective for replicated tensors
+      Tensor local = Tensor::empty(shard::local_shape(param.spec), DType::kF32);
+      store.read(s.index, s.slot, local);
+      if (replicated) {
+        write(local);
+      } else if (naming == Naming::kHfStacked) {
         // One tensor holds every expert: gather it whole (on request only; per-expert is the default).
-        const Tensor full = shard::gather_full(*s.local, s.param->spec, mesh.ep_etp());
-        if (world.rank() == 0) out.push_back({blocks.front().tensor, full.view(blocks.front().disk_shape), "F32"});
-        continue;
-      }
-      const int64_t rows_per_expert = s.param->spec.global_shape[0] / cfg.num_experts;
-      const int64_t base = p * L * rows_per_expert;
-      const Tensor block = ep_block(*s.param, *s.local, mesh, cfg, base, L * rows_per_expert);
-      if (!writer) continue;
-      for (const Block& b : blocks) {
-        if (b.first_row < base || b.first_row >= base + L * rows_per_expert) continue;
-        out.push_back({b.tensor, block.narrow_rows(b.first_row - base, b.rows).contiguous(), "F32"});
+        const Tensor full = shard::gather_full(local, param.spec, mesh.ep_etp());
+        if (!mine.empty()) write(full.view(mine.front().disk_shape));
+      } else {
+        const int64_t base = p * ep_rows(param);
+        const Tensor block = ep_block(param, local, mesh, cfg, base, ep_rows(param));
+        for (const Block& b : mine) write(block.narrow_rows(b.first_row - base, b.rows));
       }
     }
-    if (writer || world.rank() == 0) {
-      for (const WriteTensor& w : out) bytes += w.value.num_bytes();
-      write_safetensors(tmp + "/" + file_name(p, mesh.ep_size()), out, {{"format", "pt"}});
-    }
+    if (write_error) std::rethrow_exception(write_error);
+    if (out) out->commit();
   });
   world.barrier();
   const uint64_t total = static_cast<uint64_t>(world.all_reduce_scalar(static_cast<int64_t>(bytes), comm::ReduceOp::kSum));
@@ -254,10 +299,11 @@ void save_impl(const model::Qwen3MoeModel& model, const std::vector<ExtraState>&
     IndexFile index;
     index.metadata["total_size"] = total;
     for (const Source& s : sources) {
-      for (const Block& b : blocks_of(*s.param, cfg, naming, s.prefix)) {
-        const int ep_rank = s.param->kind == model::ParamKind::kReplicated || naming == Naming::kHfStacked
+      const model::ParamDesc& param = store.param(s.index);
+      for (const Block& b : blocks_of(param, cfg, naming, s.prefix)) {
+        const int ep_rank = param.kind == model::ParamKind::kReplicated || naming == Naming::kHfStacked
                                 ? 0
-                                : static_cast<int>(b.first_row / (s.param->spec.global_shape[0] / cfg.num_experts) / L);
+                                : static_cast<int>(b.first_row / (param.spec.global_shape[0] / cfg.num_experts) / L);
         index.weight_map[b.tensor] = file_name(ep_rank, mesh.ep_size());
       }
     }
@@ -282,8 +328,9 @@ void save_impl(const model::Qwen3MoeModel& model, const std::vector<ExtraState>&
   world.barrier();
 }
 
-Naming detect_hf_naming(const SafetensorsDir& dir, const model::Qwen3MoeModel& model) {
-  for (const model::Param& p : model.params()) {
+Naming detect_hf_naming(const SafetensorsDir& dir, const model::ParamStore& store) {
+  for (size_t i = 0; i < store.num_params(); ++i) {
+    const model::ParamDesc& p = store.param(i);
     if (p.kind != model::ParamKind::kExpert) continue;
     const std::string ex = experts_prefix(p);
     if (dir.contains(ex + "0.gate_proj.weight")) return Naming::kHfPerExpert;
@@ -294,61 +341,60 @@ Naming detect_hf_naming(const SafetensorsDir& dir, const model::Qwen3MoeModel& m
   return Naming::kHfPerExpert;
 }
 
-void load_impl(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras, const std::string& path,
-               bool native) {
-  comm::Comm& world = model.mesh().world();
-  std::vector<Tensor> staged;
-  world.run_collectively(native ? "native checkpoint load" : "HF checkpoint load", [&] {
+// Two collective phases: every rank checks config.json and every tensor it will read (nothing
+// written yet, so a bad checkpoint leaves the model as it was on every rank), then reads and
+// writes one tensor at a time. An I/O error in the second phase leaves the store partly loaded.
+void load_impl(model::ParamStore& store, const std::string& path, bool native) {
+  comm::Comm& world = store.mesh().world();
+  const config::ModelConfig& cfg = store.config();
+  const std::vector<Source> sources = sources_of(store, native);
+  std::optional<SafetensorsDir> dir;
+  Naming naming = Naming::kNative;
+  world.run_collectively(native ? "native checkpoint check" : "HF checkpoint check", [&] {
     MOETP_CHECK(fs::is_directory(path), "checkpoint directory '{}' does not exist", path);
     const config::ModelConfig on_disk = config::ModelConfig::load(path + "/config.json");
-    MOETP_CHECK(on_disk == model.config(),
+    MOETP_CHECK(on_disk == cfg,
                 "checkpoint {}: its config.json describes a different model than the one being loaded "
                 "(hidden {} vs {}, layers {} vs {}, experts {} vs {}, vocab {} vs {})",
-                path, on_disk.hidden_size, model.config().hidden_size, on_disk.num_hidden_layers,
-                model.config().num_hidden_layers, on_disk.num_experts, model.config().num_experts,
-                on_disk.vocab_size, model.config().vocab_size);
-    const SafetensorsDir dir = SafetensorsDir::open(path);
-    const Naming naming = native ? Naming::kNative : detect_hf_naming(dir, model);
-    Progress progress(world.rank() == 0, "loading " + path, model.params().size() * (1 + extras.size()));
-    for (const model::Param& p : model.params()) {
-      staged.push_back(load_shard(dir, p, blocks_of(p, model.config(), naming, "")));
-      progress.add(staged.back().num_bytes());
+                path, on_disk.hidden_size, cfg.hidden_size, on_disk.num_hidden_layers, cfg.num_hidden_layers,
+                on_disk.num_experts, cfg.num_experts, on_disk.vocab_size, cfg.vocab_size);
+    dir.emplace(SafetensorsDir::open(path));
+    naming = native ? Naming::kNative : detect_hf_naming(*dir, store);
+    for (const Source& s : sources) {
+      const model::ParamDesc& p = store.param(s.index);
+      check_blocks(*dir, p, blocks_of(p, cfg, naming, s.prefix));
     }
-    for (const ExtraState& x : extras) {
-      for (const model::Param& p : model.params()) {
-        staged.push_back(load_shard(dir, p, blocks_of(p, model.config(), naming, x.prefix)));
-        progress.add(staged.back().num_bytes());
-      }
+  });
+  world.run_collectively(native ? "native checkpoint load" : "HF checkpoint load", [&] {
+    Progress progress(world.rank() == 0, "loading " + path, sources.size());
+    for (const Source& s : sources) {
+      const model::ParamDesc& p = store.param(s.index);
+      const Tensor local = load_shard(*dir, p, blocks_of(p, cfg, naming, s.prefix));
+      store.write(s.index, s.slot, local);
+      progress.add(local.num_bytes());
     }
     progress.finish();
   });
-  // Everything loaded on every rank: commit.
-  size_t k = 0;
-  for (model::Param& p : model.params()) p.value.copy_from(staged[k++]);
-  for (const ExtraState& x : extras) {
-    for (Tensor& tns : *x.tensors) tns.copy_from(staged[k++]);
-  }
 }
 
 }  // namespace
 
-void save_hf(const model::Qwen3MoeModel& model, const std::string& dir, const SaveOptions& opts) {
-  save_impl(model, {}, opts.expert_layout == HfExpertLayout::kStacked ? Naming::kHfStacked : Naming::kHfPerExpert,
-            dir, nullptr, opts);
+void save_hf(const model::ParamStore& store, const std::string& dir, const SaveOptions& opts) {
+  save_impl(store, opts.expert_layout == HfExpertLayout::kStacked ? Naming::kHfStacked : Naming::kHfPerExpert, dir,
+            nullptr, opts);
 }
 
-void load_hf(model::Qwen3MoeModel& model, const std::string& dir) { load_impl(model, {}, dir, false); }
+void load_hf(model::ParamStore& store, const std::string& dir) { load_impl(store, dir, false); }
 
-void save_native(const model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
-                 const nlohmann::json& state, const std::string& dir, const SaveOptions& opts) {
-  save_impl(model, extras, Naming::kNative, dir, &state, opts);
+void save_native(const model::ParamStore& store, const nlohmann::json& state, const std::string& dir,
+                 const SaveOptions& opts) {
+  save_impl(store, Naming::kNative, dir, &state, opts);
 }
 
-nlohmann::json load_native(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
-                           const std::string& dir) {
+nlohmann::json load_native(model::ParamStore& store, const std::string& dir) {
   const std::string state_path = dir + "/trainer_state.json";
   nlohmann::json state;
-  model.mesh().world().run_collectively("native checkpoint state", [&] {
+  store.mesh().world().run_collectively("native checkpoint state", [&] {
     std::ifstream f(state_path);
     MOETP_CHECK(f.good(), "checkpoint {} is incomplete or not a moetp checkpoint: {} is missing", dir, state_path);
     try {
@@ -357,8 +403,28 @@ nlohmann::json load_native(model::Qwen3MoeModel& model, const std::vector<ExtraS
       MOETP_FAIL("{}: invalid JSON: {}", state_path, e.what());
     }
   });
-  load_impl(model, extras, dir, true);
+  load_impl(store, dir, true);
   return state;
+}
+
+void save_hf(const model::Qwen3MoeModel& model, const std::string& dir, const SaveOptions& opts) {
+  save_hf(model::CpuParamStore(model), dir, opts);
+}
+
+void load_hf(model::Qwen3MoeModel& model, const std::string& dir) {
+  model::CpuParamStore store(model);
+  load_hf(store, dir);
+}
+
+void save_native(const model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
+                 const nlohmann::json& state, const std::string& dir, const SaveOptions& opts) {
+  save_native(model::CpuParamStore(model, extras), state, dir, opts);
+}
+
+nlohmann::json load_native(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
+                           const std::string& dir) {
+  model::CpuParamStore store(model, extras);
+  return load_native(store, dir);
 }
 
 std::vector<std::string> list_checkpoints(const std::string& root) {

@@ -11,14 +11,19 @@
 // whole tensors in parallel: rank (d = 0, p, t = 0) gathers its EP group's TP slices and writes
 // the experts of EP rank p; rank 0 also writes the replicated tensors, the index and the JSON.
 // A save goes to "<dir>.tmp" and is renamed into place only when complete: an interrupted save
-// never replaces a good checkpoint. All functions are collective over the model's mesh.
+// never replaces a good checkpoint. All functions are collective over the store's mesh.
+//
+// The model is a model::ParamStore (model/param_store.h): parameters move between files and the
+// store one tensor at a time through host f32 tensors (a save streams each file, header first), so
+// host memory is bounded by one shard plus one EP group's rows of a tensor (a whole expert tensor
+// with the stacked HF layout), whatever the model size; a GPU model needs no host copy.
 #pragma once
 
 #include <functional>
 #include <string>
 #include <vector>
 
-#include "model/model.h"
+#include "model/param_store.h"
 
 namespace moetp::io {
 
@@ -29,25 +34,26 @@ struct SaveOptions {
   bool show_progress = true;  // rank 0 prints tensors/bytes done and the rate
 };
 
-// HF checkpoint of the model's parameters (values only).
+// HF checkpoint of the store's parameter values (slot 0; no state).
+void save_hf(const model::ParamStore& store, const std::string& dir, const SaveOptions& opts = {});
+// Loads an HF checkpoint (per-expert or stacked expert tensors, detected) into the store's values.
+// Checks config.json against the model config and every tensor's presence and shape on every rank
+// before any value is written; errors name the file and the tensor. State slots are untouched.
+void load_hf(model::ParamStore& store, const std::string& dir);
+
+// Native checkpoint: values, every state slot (under its prefix) and a JSON state object.
+void save_native(const model::ParamStore& store, const nlohmann::json& state, const std::string& dir,
+                 const SaveOptions& opts = {});
+// Loads values and state slots (checked like load_hf first); returns the state object. The
+// checkpoint may come from any layout.
+nlohmann::json load_native(model::ParamStore& store, const std::string& dir);
+
+// The CPU model with extra per-parameter tensors (e.g. AdamW moments), through model::CpuParamStore.
+using ExtraState = model::ParamState;
 void save_hf(const model::Qwen3MoeModel& model, const std::string& dir, const SaveOptions& opts = {});
-// Loads an HF checkpoint (per-expert or stacked expert tensors, detected) into the model's shards.
-// Checks config.json against the model config and every tensor's presence, dtype and shape;
-// errors name the file and the tensor. Nothing is written into the model unless all of it loads.
 void load_hf(model::Qwen3MoeModel& model, const std::string& dir);
-
-// Extra tensors saved next to the parameters, in the parameters' global coordinates: one local
-// tensor per parameter (same shape as Param::value), e.g. AdamW moments.
-struct ExtraState {
-  std::string prefix;         // e.g. "optim.exp_avg."
-  std::vector<Tensor>* tensors;  // one per model param, in model.params() order
-};
-
-// Native checkpoint: parameters, extra per-parameter tensors, and a JSON state object.
 void save_native(const model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
                  const nlohmann::json& state, const std::string& dir, const SaveOptions& opts = {});
-// Loads into the model's shards and into `extras`; returns the state object. The checkpoint may
-// come from any layout.
 nlohmann::json load_native(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
                            const std::string& dir);
 

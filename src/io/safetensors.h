@@ -23,6 +23,7 @@
 #include <bit>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
@@ -134,6 +135,39 @@ struct WriteTensor {
 // "__metadata__", an empty name, an undefined tensor or an unsupported dtype pair are Errors.
 void write_safetensors(const std::string& path, const std::vector<WriteTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// A safetensors file written one tensor at a time, for data too large to hold at once: the
+// entries (name, shape, dtype) are given up front and written as the header; each tensor's data
+// then follows through write_next, in the order of the entries (data_offsets follow that order,
+// which the format allows; write_safetensors passes them sorted by name), and commit() renames the
+// file into place (AtomicFileWriter: destroyed uncommitted, the temporary is removed). Names and
+// dtypes are checked as write_safetensors checks them before the temporary is created; each value
+// must have its entry's shape and a dtype the entry's dtype takes (same conversions).
+class SafetensorsStreamWriter {
+ public:
+  struct Entry {
+    std::string name;
+    Shape shape;
+    std::string dtype = "F32";
+  };
+  SafetensorsStreamWriter(std::string path, std::vector<Entry> entries,
+                          const std::map<std::string, std::string>& metadata = {});
+  ~SafetensorsStreamWriter();
+  SafetensorsStreamWriter(const SafetensorsStreamWriter&) = delete;
+  SafetensorsStreamWriter& operator=(const SafetensorsStreamWriter&) = delete;
+
+  void write_next(const Tensor& value);  // the data of entry number written() (any device, strided)
+  size_t written() const { return next_; }
+  uint64_t data_bytes() const { return data_bytes_; }  // the whole data area
+  void commit();                         // after the last entry
+
+ private:
+  std::string path_;
+  std::vector<Entry> entries_;
+  size_t next_ = 0;
+  uint64_t data_bytes_ = 0;
+  std::unique_ptr<AtomicFileWriter> out_;
+};
 
 // ---- sharded checkpoints ----
 

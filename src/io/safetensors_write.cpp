@@ -1,6 +1,7 @@
-// Safetensors writer: checks every tensor first, then writes a name-sorted, packed file with a
-// space-padded header through AtomicFileWriter, so a failed or interrupted write leaves the old
-// file in place (safetensors.h).
+// Safetensors writers: SafetensorsStreamWriter writes a space-padded header, then packed tensor
+// data one tensor at a time, through AtomicFileWriter, so a failed or interrupted write leaves the
+// old file in place; write_safetensors checks every tensor first, then streams them sorted by name
+// (safetensors.h).
 #include <algorithm>
 
 #include "core/bf16.h"
@@ -18,9 +19,15 @@ constexpr size_t kChunkElems = size_t{1} << 16;
 
 size_t stored_bytes(const std::string& dtype) { return dtype == "BF16" ? 2 : dtype == "I64" ? 8 : 4; }
 
+void check_name_and_dtype(const std::string& path, const std::string& name, const std::string& dtype) {
+  MOETP_CHECK(!name.empty() && name != "__metadata__", "write_safetensors {}: invalid tensor name '{}'", path, name);
+  MOETP_CHECK(dtype == "F32" || dtype == "BF16" || dtype == "I32" || dtype == "I64",
+              "write_safetensors {}: tensor '{}' has dtype '{}' (F32, BF16, I32 or I64 can be written)", path, name,
+              dtype);
+}
+
 void check_tensor(const std::string& path, const WriteTensor& w) {
-  MOETP_CHECK(!w.name.empty() && w.name != "__metadata__", "write_safetensors {}: invalid tensor name '{}'", path,
-              w.name);
+  check_name_and_dtype(path, w.name, w.dtype);
   MOETP_CHECK(w.value.defined(), "write_safetensors {}: tensor '{}' is undefined", path, w.name);
   const DType v = w.value.dtype();
   const bool is_float = v == DType::kF32 || v == DType::kBF16;
@@ -56,6 +63,62 @@ void write_data(AtomicFileWriter& out, const Tensor& value, const std::string& d
 
 }  // namespace
 
+SafetensorsStreamWriter::SafetensorsStreamWriter(std::string path, std::vector<Entry> entries,
+                                                 const std::map<std::string, std::string>& metadata)
+    : path_(std::move(path)), entries_(std::move(entries)) {
+  std::vector<const std::string*> names;
+  for (const Entry& e : entries_) {
+    check_name_and_dtype(path_, e.name, e.dtype);
+    names.push_back(&e.name);
+  }
+  std::sort(names.begin(), names.end(), [](const std::string* a, const std::string* b) { return *a < *b; });
+  for (size_t i = 1; i < names.size(); ++i) {
+    MOETP_CHECK(*names[i - 1] != *names[i], "write_safetensors {}: duplicate tensor name '{}'", path_, *names[i]);
+  }
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  for (const Entry& e : entries_) {
+    const uint64_t num_bytes = static_cast<uint64_t>(shape_numel(e.shape)) * stored_bytes(e.dtype);
+    json shape = json::array();
+    for (int64_t d : e.shape) shape.push_back(d);
+    header[e.name] = {{"dtype", e.dtype},
+                      {"shape", shape},
+                      {"data_offsets", json::array({data_bytes_, data_bytes_ + num_bytes})}};
+    data_bytes_ += num_bytes;
+  }
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const json::exception& e) {  // e.g. a name or metadata value that is not valid UTF-8
+    MOETP_FAIL("write_safetensors {}: cannot encode the header: {}", path_, e.what());
+  }
+  text.append((8 - text.size() % 8) % 8, ' ');  // data area starts 8-byte aligned
+  uint8_t length_le[8];
+  for (int i = 0; i < 8; ++i) length_le[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
+  out_ = std::make_unique<AtomicFileWriter>(path_);
+  out_->write(length_le, sizeof(length_le));
+  out_->write(text.data(), text.size());
+}
+
+SafetensorsStreamWriter::~SafetensorsStreamWriter() = default;
+
+void SafetensorsStreamWriter::write_next(const Tensor& value) {
+  MOETP_CHECK(next_ < entries_.size(), "write_safetensors {}: a tensor after the last of {} entries", path_,
+              entries_.size());
+  const Entry& e = entries_[next_];
+  check_tensor(path_, WriteTensor{e.name, value, e.dtype});
+  MOETP_CHECK(value.shape() == e.shape, "write_safetensors {}: tensor '{}' is {}, its entry says shape {}", path_,
+              e.name, value.describe(), shape_str(e.shape));
+  write_data(*out_, value.to(Device::kCpu).contiguous(), e.dtype);
+  ++next_;
+}
+
+void SafetensorsStreamWriter::commit() {
+  MOETP_CHECK(next_ == entries_.size(), "write_safetensors {}: commit after {} of {} tensors", path_, next_,
+              entries_.size());
+  out_->commit();
+}
+
 void write_safetensors(const std::string& path, const std::vector<WriteTensor>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   std::vector<const WriteTensor*> sorted;
@@ -64,38 +127,10 @@ void write_safetensors(const std::string& path, const std::vector<WriteTensor>& 
     sorted.push_back(&w);
   }
   std::sort(sorted.begin(), sorted.end(), [](const WriteTensor* a, const WriteTensor* b) { return a->name < b->name; });
-  for (size_t i = 1; i < sorted.size(); ++i) {
-    MOETP_CHECK(sorted[i - 1]->name != sorted[i]->name, "write_safetensors {}: duplicate tensor name '{}'", path,
-                sorted[i]->name);
-  }
-
-  json header = json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<Tensor> values;  // contiguous CPU copies (or the tensors themselves)
-  uint64_t offset = 0;
-  for (const WriteTensor* w : sorted) {
-    values.push_back(w->value.to(Device::kCpu).contiguous());
-    const uint64_t num_bytes = static_cast<uint64_t>(w->value.numel()) * stored_bytes(w->dtype);
-    json shape = json::array();
-    for (int64_t d : w->value.shape()) shape.push_back(d);
-    header[w->name] = {
-        {"dtype", w->dtype}, {"shape", shape}, {"data_offsets", json::array({offset, offset + num_bytes})}};
-    offset += num_bytes;
-  }
-  std::string text;
-  try {
-    text = header.dump();
-  } catch (const json::exception& e) {  // e.g. a name or metadata value that is not valid UTF-8
-    MOETP_FAIL("write_safetensors {}: cannot encode the header: {}", path, e.what());
-  }
-  text.append((8 - text.size() % 8) % 8, ' ');  // data area starts 8-byte aligned
-  uint8_t length_le[8];
-  for (int i = 0; i < 8; ++i) length_le[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
-
-  AtomicFileWriter out(path);
-  out.write(length_le, sizeof(length_le));
-  out.write(text.data(), text.size());
-  for (size_t i = 0; i < sorted.size(); ++i) write_data(out, values[i], sorted[i]->dtype);
+  std::vector<SafetensorsStreamWriter::Entry> entries;
+  for (const WriteTensor* w : sorted) entries.push_back({w->name, w->value.shape(), w->dtype});
+  SafetensorsStreamWriter out(path, std::move(entries), metadata);
+  for (const WriteTensor* w : sorted) out.write_next(w->value);
   out.commit();
 }
 

@@ -29,8 +29,6 @@ cudaError_t column_sums_f64(const float* x, int64_t N, int64_t E, double* out, c
 
 namespace {
 
-constexpr float kInitStd = 0.02f;  // as model.cpp (transformers' initializer_range)
-
 void check_bf16_cuda(const Tensor& t, const char* name) {
   check_dtype(t, DType::kBF16, name);
   check_device(t, Device::kCuda, name);
@@ -120,15 +118,6 @@ void CudaQwen3MoeModel::mark(const char* phase) {
   if (phases_) phases_->mark(phase);
 }
 
-struct CudaQwen3MoeModel::ParamInit {
-  std::string name;
-  Shape shape;  // local (shard) shape
-  bool decay = true;
-  bool ones = false;
-  ParamKind kind = ParamKind::kReplicated;
-  shard::ShardSpec spec;
-};
-
 // Everything one layer's backward needs from its forward (bf16 unless noted).
 struct LayerSavedGpu {
   Tensor x_in, rstd1, a;                // input, ln1 rstd (f32), normed input (N, H)
@@ -139,136 +128,40 @@ struct LayerSavedGpu {
   Tensor dense_h, dense_a;              // dense MLP: (N, 2F) gate|up, (N, F)
 };
 
-struct CudaQwen3MoeModel::Layer {
-  size_t ln1 = 0, q = 0, k = 0, v = 0, o = 0, q_norm = 0, k_norm = 0, ln2 = 0;
-  bool is_moe = false;
-  size_t gate = 0, up = 0, down = 0;   // dense MLP
-  Tensor gate_up_work_2FH;             // bf16 (2F, H): gate rows [0, F), up rows [F, 2F)
-  Tensor gate_up_grad_2FH;             // f32 (2F, H)
-  size_t router = 0, w13 = 0, w2 = 0;  // MoE
+struct CudaQwen3MoeModel::Layer : LayerParams {
+  Tensor gate_up_work_2FH;  // dense MLP, bf16 (2F, H): gate rows [0, F), up rows [F, 2F)
+  Tensor gate_up_grad_2FH;  // f32 (2F, H)
   std::unique_ptr<moe::CudaMoeLayer> moe;
 };
 
-// The CPU model's parameter list, in its order (model.cpp's constructor), with this rank's shard
-// specs (one GPU: every spec the whole tensor).
-std::vector<CudaQwen3MoeModel::ParamInit> CudaQwen3MoeModel::param_list() const {
-  const config::ModelConfig& cfg = cfg_;
-  const int64_t H = cfg.hidden_size, V = cfg.vocab_size, D = cfg.head_dim;
-  const int64_t hq = cfg.num_attention_heads * D, hkv = cfg.num_key_value_heads * D;
-  std::vector<ParamInit> out;
-  auto rep = [&](std::string name, Shape shape, bool decay, bool ones) {
-    shard::ShardSpec spec{shape, {}, 0, -1};
-    out.push_back({std::move(name), std::move(shape), decay, ones, ParamKind::kReplicated, std::move(spec)});
-  };
-  rep("model.embed_tokens.weight", {V, H}, true, false);
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
-    const std::string p = fmt::format("model.layers.{}.", l);
-    rep(p + "input_layernorm.weight", {H}, false, true);
-    rep(p + "self_attn.q_proj.weight", {hq, H}, true, false);
-    rep(p + "self_attn.k_proj.weight", {hkv, H}, true, false);
-    rep(p + "self_attn.v_proj.weight", {hkv, H}, true, false);
-    rep(p + "self_attn.o_proj.weight", {H, hq}, true, false);
-    rep(p + "self_attn.q_norm.weight", {D}, false, true);
-    rep(p + "self_attn.k_norm.weight", {D}, false, true);
-    rep(p + "post_attention_layernorm.weight", {H}, false, true);
-    if (cfg.is_moe_layer(l)) {
-      const int64_t E = cfg.num_experts, I = cfg.moe_intermediate_size;
-      rep(p + "mlp.gate.weight", {E, H}, true, false);
-      const int P = opts_.mesh ? opts_.mesh->ep_size() : 1, T = opts_.mesh ? opts_.mesh->etp_size() : 1;
-      const int pc = opts_.mesh ? opts_.mesh->coords().p : 0, tc = opts_.mesh ? opts_.mesh->coords().t : 0;
-      for (auto [name, spec] : {std::pair{p + "mlp.experts.w13", shard::w13_spec(E, I, H, P, pc, T, tc)},
-                                std::pair{p + "mlp.experts.w2", shard::w2_spec(E, I, H, P, pc, T, tc)}}) {
-        out.push_back({name, shard::local_shape(spec), true, false, ParamKind::kExpert, spec});
-      }
-    } else {
-      const int64_t F = cfg.intermediate_size;
-      rep(p + "mlp.gate_proj.weight", {F, H}, true, false);
-      rep(p + "mlp.up_proj.weight", {F, H}, true, false);
-      rep(p + "mlp.down_proj.weight", {H, F}, true, false);
-    }
-  }
-  rep("model.norm.weight", {H}, false, true);
-  if (!cfg.tie_word_embeddings) rep("lm_head.weight", {V, H}, true, false);
-  return out;
-}
+ExpertLayout CudaQwen3MoeModel::layout() const { return opts_.mesh ? expert_layout(*opts_.mesh) : ExpertLayout{}; }
 
-// The same pure function of (seed, name, global index) as the CPU model, shard by shard.
 CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, uint64_t seed, CudaModelOptions opts)
     : cfg_(cfg), opts_(std::move(opts)) {
-  std::vector<Tensor> values;
-  for (const ParamInit& p : param_list()) {
-    if (p.ones) {
-      values.push_back(Tensor::full<float>(p.shape, 1.0f));
-    } else {
-      values.push_back(moe::init_normal(p.spec, seed, p.name, kInitStd));
-    }
-  }
-  build(values);
-}
-
-CudaQwen3MoeModel::CudaQwen3MoeModel(const config::ModelConfig& cfg, CudaModelOptions opts)
-    : cfg_(cfg), opts_(std::move(opts)) {}
-
-std::unique_ptr<CudaQwen3MoeModel> CudaQwen3MoeModel::from_cpu(const Qwen3MoeModel& cpu, CudaModelOptions opts) {
-  const int P = opts.mesh ? opts.mesh->ep_size() : 1, T = opts.mesh ? opts.mesh->etp_size() : 1;
-  MOETP_CHECK(cpu.mesh().ep_size() == P && cpu.mesh().etp_size() == T,
-              "CudaQwen3MoeModel::from_cpu: the CPU model's expert layout is ep {} x etp {}, the GPU model's ep {} x "
-              "etp {}",
-              cpu.mesh().ep_size(), cpu.mesh().etp_size(), P, T);
-  std::unique_ptr<CudaQwen3MoeModel> gpu(new CudaQwen3MoeModel(cpu.config(), std::move(opts)));
-  const std::vector<ParamInit> list = gpu->param_list();
-  MOETP_CHECK(list.size() == cpu.params().size(), "CudaQwen3MoeModel::from_cpu: {} parameters expected, CPU has {}",
-              list.size(), cpu.params().size());
-  std::vector<Tensor> values;
-  for (size_t i = 0; i < list.size(); ++i) {
-    const Param& p = cpu.params()[i];
-    MOETP_CHECK(p.name == list[i].name && p.value.shape() == list[i].shape,
-                "CudaQwen3MoeModel::from_cpu: parameter {} is '{}' {}, expected '{}' {}", i, p.name, p.value.describe(),
-                list[i].name, shape_str(list[i].shape));
-    values.push_back(p.value);
-  }
-  gpu->build(values);
-  return gpu;
+  build(qwen3_moe_params(cfg_, layout()), seed);
 }
 
 CudaQwen3MoeModel::~CudaQwen3MoeModel() = default;
 
-void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
-  const std::vector<ParamInit> list = param_list();
-  MOETP_CHECK(host_values.size() == list.size(), "CudaQwen3MoeModel: {} initial values for {} parameters",
-              host_values.size(), list.size());
-  params_.resize(list.size());
-  for (size_t i = 0; i < list.size(); ++i) {
-    CudaParam& p = params_[i];
-    p.name = list[i].name;
-    p.kind = list[i].kind;
-    p.decay = list[i].decay;
-    check_dtype(host_values[i], DType::kF32, p.name.c_str());
-    MOETP_CHECK(host_values[i].shape() == list[i].shape, "CudaQwen3MoeModel: parameter {} '{}' is {}, expected {}", i,
-                p.name, host_values[i].describe(), shape_str(list[i].shape));
-    p.master = host_values[i].contiguous().to(Device::kCuda);
-  }
+// Allocates every parameter's GPU tensors, then fills the masters one tensor at a time from the
+// host (fill_initial_value) and rounds the bf16 working copies from them.
+void CudaQwen3MoeModel::build(const ParamTable& table, uint64_t seed) {
+  params_.assign(table.params.size(), CudaParam{});
+  for (size_t i = 0; i < table.params.size(); ++i) static_cast<ParamDesc&>(params_[i]) = table.params[i];
   const int64_t H = cfg_.hidden_size;
-  size_t idx = 0;
-  auto plain = [&](size_t i) {  // a parameter with its own working copy and gradient
-    params_[i].work = cuda::cast(params_[i].master, DType::kBF16);
-    params_[i].grad = Tensor::zeros(params_[i].master.shape(), DType::kF32, Device::kCuda);
-    return i;
+  auto plain = [&](size_t i) {  // a parameter with its own master, working copy and gradient
+    const Shape shape = shard::local_shape(params_[i].spec);
+    params_[i].master = Tensor::empty(shape, DType::kF32, Device::kCuda);
+    params_[i].work = Tensor::empty(shape, DType::kBF16, Device::kCuda);
+    params_[i].grad = Tensor::zeros(shape, DType::kF32, Device::kCuda);
   };
-  embed_ = plain(idx++);
+  plain(table.embed);
   layers_.clear();
-  layers_.resize(static_cast<size_t>(cfg_.num_hidden_layers));
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
-    Layer& L = layers_[static_cast<size_t>(l)];
-    L.ln1 = plain(idx++);
-    L.q = plain(idx++);
-    L.k = plain(idx++);
-    L.v = plain(idx++);
-    L.o = plain(idx++);
-    L.q_norm = plain(idx++);
-    L.k_norm = plain(idx++);
-    L.ln2 = plain(idx++);
-    L.is_moe = cfg_.is_moe_layer(l);
+  layers_.resize(table.layers.size());
+  for (size_t l = 0; l < table.layers.size(); ++l) {
+    Layer& L = layers_[l];
+    static_cast<LayerParams&>(L) = table.layers[l];
+    for (size_t i : {L.ln1, L.q, L.k, L.v, L.o, L.q_norm, L.k_norm, L.ln2}) plain(i);
     if (L.is_moe) {
       const int64_t E = cfg_.num_experts, I = cfg_.moe_intermediate_size;
       moe::CudaMoeOptions mo;
@@ -279,11 +172,11 @@ void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
       L.moe = std::make_unique<moe::CudaMoeLayer>(
           moe::MoeConfig{H, E, cfg_.num_experts_per_tok, I, cfg_.norm_topk_prob, opts_.mesh ? opts_.dispatcher : DispatcherKind::kLocal},
           mo);
-      L.router = idx++;
-      L.w13 = idx++;
-      L.w2 = idx++;
       // Gradients and bf16 working copies are the layer's own tensors (AdamW writes the rounded
       // update straight into the copies the layer computes with).
+      for (size_t i : {L.router, L.w13, L.w2}) {
+        params_[i].master = Tensor::empty(shard::local_shape(params_[i].spec), DType::kF32, Device::kCuda);
+      }
       moe::MoeParams& g = L.moe->grads();
       params_[L.router].grad = g.wg_EH;
       params_[L.w13].grad = g.w13_L2iH.view(params_[L.w13].master.shape());
@@ -294,14 +187,12 @@ void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
       params_[L.w2].work = w.w2_LHi.view(params_[L.w2].master.shape());
     } else {
       const int64_t F = cfg_.intermediate_size;
-      L.gate = idx++;
-      L.up = idx++;
-      L.down = plain(idx++);
-      // Fuse gate | up into one (2F, H) buffer of each kind; the parameters become row views.
-      Tensor master = Tensor::empty({2 * F, H}, DType::kF32, Device::kCuda);
-      master.narrow_rows(0, F).copy_from(params_[L.gate].master);
-      master.narrow_rows(F, F).copy_from(params_[L.up].master);
-      L.gate_up_work_2FH = cuda::cast(master, DType::kBF16);
+      MOETP_CHECK(L.up == L.gate + 1, "CudaQwen3MoeModel: layer {} has gate_proj at {} and up_proj at {}, not adjacent",
+                  l, L.gate, L.up);
+      plain(L.down);
+      // gate | up in one (2F, H) buffer of each kind; the parameters are row views.
+      const Tensor master = Tensor::empty({2 * F, H}, DType::kF32, Device::kCuda);
+      L.gate_up_work_2FH = Tensor::empty({2 * F, H}, DType::kBF16, Device::kCuda);
       L.gate_up_grad_2FH = Tensor::zeros({2 * F, H}, DType::kF32, Device::kCuda);
       for (const auto& [pi, row0] : {std::pair{L.gate, int64_t{0}}, std::pair{L.up, F}}) {
         params_[pi].master = master.narrow_rows(row0, F);
@@ -310,9 +201,15 @@ void CudaQwen3MoeModel::build(const std::vector<Tensor>& host_values) {
       }
     }
   }
-  final_norm_ = plain(idx++);
-  lm_head_ = cfg_.tie_word_embeddings ? embed_ : plain(idx++);
-  MOETP_CHECK(idx == params_.size(), "CudaQwen3MoeModel: built {} of {} parameters", idx, params_.size());
+  plain(table.final_norm);
+  if (table.lm_head != table.embed) plain(table.lm_head);
+  embed_ = table.embed;
+  final_norm_ = table.final_norm;
+  lm_head_ = table.lm_head;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    MOETP_CHECK(params_[i].master.defined(), "CudaQwen3MoeModel: parameter {} '{}' has no storage", i, params_[i].name);
+    upload(i, Slot::kMaster, initial_value(params_[i], seed));
+  }
   refresh_moe_params();
   CUDA_CHECK(cudaDeviceSynchronize());
 }
@@ -571,12 +468,6 @@ void CudaQwen3MoeModel::copy_grads_to(Qwen3MoeModel& cpu) const {
   for (size_t i = 0; i < params_.size(); ++i) cpu.params()[i].grad.copy_from(params_[i].grad);
 }
 
-void CudaQwen3MoeModel::copy_params_to(Qwen3MoeModel& cpu) const {
-  check_same_params("copy_params_to", cpu.params(), params_, false);
-  CUDA_CHECK(cudaDeviceSynchronize());
-  for (size_t i = 0; i < params_.size(); ++i) cpu.params()[i].value.copy_from(params_[i].master);
-}
-
 void CudaQwen3MoeModel::adamw_step(const CudaAdamWConfig& cfg, double lr, int64_t step) {
   materialize_moe_grads();
   MOETP_CHECK(step >= 1, "AdamW step counts from 1, got {}", step);
@@ -627,14 +518,6 @@ void CudaQwen3MoeModel::scale_grads(float scale) {
   }
 }
 
-void CudaQwen3MoeModel::load_params_from(const Qwen3MoeModel& cpu) {
-  check_same_params("load_params_from", cpu.params(), params_, false);
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].master.copy_from(cpu.params()[i].value);
-  // Every parameter's working copy, the MoE layers' own tensors included (their `work` are views).
-  for (CudaParam& p : params_) p.work.copy_from(cuda::cast(p.master, DType::kBF16));
-  CUDA_CHECK(cudaDeviceSynchronize());
-}
-
 void CudaQwen3MoeModel::ensure_moments() {
   for (CudaParam& p : params_) {
     if (p.exp_avg.defined()) continue;
@@ -643,38 +526,54 @@ void CudaQwen3MoeModel::ensure_moments() {
   }
 }
 
-void CudaQwen3MoeModel::copy_moments_to(std::vector<Tensor>& exp_avg, std::vector<Tensor>& exp_avg_sq) const {
-  MOETP_CHECK(exp_avg.size() == params_.size() && exp_avg_sq.size() == params_.size(),
-              "copy_moments_to: {} and {} tensors for {} parameters", exp_avg.size(), exp_avg_sq.size(), params_.size());
+void CudaQwen3MoeModel::download(size_t i, Slot what, Tensor& host) const {
+  MOETP_CHECK(i < params_.size(), "CudaQwen3MoeModel::download: parameter {} of {}", i, params_.size());
+  const CudaParam& p = params_[i];
+  check_host_shard(p, host, "CudaQwen3MoeModel::download");
+  const Tensor& src = what == Slot::kMaster ? p.master : what == Slot::kExpAvg ? p.exp_avg : p.exp_avg_sq;
   CUDA_CHECK(cudaDeviceSynchronize());
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const CudaParam& p = params_[i];
-    for (auto [dst, src] : {std::pair{&exp_avg[i], &p.exp_avg}, std::pair{&exp_avg_sq[i], &p.exp_avg_sq}}) {
-      MOETP_CHECK(dst->shape() == p.master.shape(), "copy_moments_to: parameter '{}' is {}, host tensor {}", p.name,
-                  p.master.describe(), dst->describe());
-      if (src->defined()) {
-        dst->copy_from(*src);
-      } else {
-        dst->zero_();
-      }
-    }
+  if (src.defined()) {
+    host.copy_from(src);
+  } else {
+    host.zero_();  // moments before the first adamw_step
   }
 }
 
-void CudaQwen3MoeModel::load_moments_from(const std::vector<Tensor>& exp_avg, const std::vector<Tensor>& exp_avg_sq) {
-  MOETP_CHECK(exp_avg.size() == params_.size() && exp_avg_sq.size() == params_.size(),
-              "load_moments_from: {} and {} tensors for {} parameters", exp_avg.size(), exp_avg_sq.size(),
-              params_.size());
-  ensure_moments();
-  for (size_t i = 0; i < params_.size(); ++i) {
-    CudaParam& p = params_[i];
-    MOETP_CHECK(exp_avg[i].shape() == p.master.shape() && exp_avg_sq[i].shape() == p.master.shape(),
-                "load_moments_from: parameter '{}' is {}, moments {} and {}", p.name, p.master.describe(),
-                exp_avg[i].describe(), exp_avg_sq[i].describe());
-    p.exp_avg.copy_from(exp_avg[i]);
-    p.exp_avg_sq.copy_from(exp_avg_sq[i]);
+void CudaQwen3MoeModel::upload(size_t i, Slot what, const Tensor& host) {
+  MOETP_CHECK(i < params_.size(), "CudaQwen3MoeModel::upload: parameter {} of {}", i, params_.size());
+  CudaParam& p = params_[i];
+  check_host_shard(p, host, "CudaQwen3MoeModel::upload");
+  if (what == Slot::kMaster) {
+    p.master.copy_from(host);
+    // The working copy, also where it is a view of a MoE layer's own bf16 tensor.
+    p.work.copy_from(cuda::cast(p.master, DType::kBF16));
+  } else {
+    ensure_moments();
+    (what == Slot::kExpAvg ? p.exp_avg : p.exp_avg_sq).copy_from(host);
   }
   CUDA_CHECK(cudaDeviceSynchronize());
 }
+
+CudaParamStore::CudaParamStore(CudaQwen3MoeModel& model, const comm::Mesh& host_mesh)
+    : model_(model), mesh_(host_mesh) {
+  const ExpertLayout a = model.layout(), b = expert_layout(host_mesh);
+  MOETP_CHECK(a.ep_size == b.ep_size && a.ep_rank == b.ep_rank && a.etp_size == b.etp_size && a.etp_rank == b.etp_rank,
+              "CudaParamStore: the CUDA model is ep rank {} of {}, etp rank {} of {}; the host mesh ep rank {} of {}, "
+              "etp rank {} of {}",
+              a.ep_rank, a.ep_size, a.etp_rank, a.etp_size, b.ep_rank, b.ep_size, b.etp_rank, b.etp_size);
+}
+
+namespace {
+
+CudaQwen3MoeModel::Slot slot_of(int slot) {
+  MOETP_CHECK(slot >= 0 && slot <= 2, "CudaParamStore: slot {} (0 master, 1 exp_avg, 2 exp_avg_sq)", slot);
+  return static_cast<CudaQwen3MoeModel::Slot>(slot);
+}
+
+}  // namespace
+
+void CudaParamStore::read(size_t i, int slot, Tensor& host_f32) const { model_.download(i, slot_of(slot), host_f32); }
+
+void CudaParamStore::write(size_t i, int slot, const Tensor& host_f32) { model_.upload(i, slot_of(slot), host_f32); }
 
 }  // namespace moetp::model

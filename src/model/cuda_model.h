@@ -17,10 +17,14 @@
 // MoE layer keep their bf16 copy and f32 gradient inside their moe::CudaMoeLayer; the model's
 // gradient tensors for them are views of the layer's.
 //
-// Parameters are the CPU model's, in the same order, with the same names and shapes (params()[i]
-// corresponds to Qwen3MoeModel::params()[i]). The dense MLP's gate and up weights are rows [0, F)
-// and [F, 2F) of one (2F, H) buffer (master, working copy and gradient alike), so one GEMM gives the
-// SwiGLU input gate | up.
+// Parameters are the table's (model/param_table.h), as the CPU model's: the same order, names,
+// shard specs and initial values (params()[i] corresponds to Qwen3MoeModel::params()[i]). Initial
+// values are generated on the host one tensor at a time and uploaded. The dense MLP's gate and up
+// weights are rows [0, F) and [F, 2F) of one (2F, H) buffer (master, working copy and gradient
+// alike), so one GEMM gives the SwiGLU input gate | up.
+//
+// Checkpoints: CudaParamStore is the model as a model::ParamStore (values and AdamW moments moved
+// one tensor at a time between the GPU and host f32 tensors), which io/checkpoint.h saves and loads.
 //
 // Loss: cross-entropy on the LM head's bf16 logits, computed in chunks of rows (tokens) so that at
 // most kLogitChunkElems logits (bf16) exist at a time, whatever N·V; the aux loss from the MoE
@@ -45,6 +49,8 @@
 #include "config/model_config.h"
 #include "core/tensor.h"
 #include "model/model.h"
+#include "model/param_store.h"
+#include "model/param_table.h"
 #include "moe/cuda_moe.h"
 
 namespace moetp::moe {
@@ -53,11 +59,9 @@ class CudaMoeLayer;
 
 namespace moetp::model {
 
-struct CudaParam {
-  std::string name;   // the CPU model's (HF) name
-  ParamKind kind = ParamKind::kReplicated;
-  bool decay = true;  // AdamW weight decay (off for norm weights)
-  Tensor master;      // f32, CUDA, the CPU model's (local shard) shape
+// A parameter of the table with its GPU tensors.
+struct CudaParam : ParamDesc {
+  Tensor master;      // f32, CUDA, the local shard shape of `spec`
   Tensor work;        // bf16, CUDA, same shape; for MoE parameters a view of their layer's own copy
   Tensor grad;        // f32, CUDA, same shape; ACCUMULATED by forward_backward
   Tensor exp_avg, exp_avg_sq;  // f32 AdamW moments, allocated by the first adamw_step
@@ -83,13 +87,11 @@ class CudaQwen3MoeModel {
   // Rows per cross-entropy chunk: as many as keep chunk_rows · V <= kLogitChunkElems (at least 1).
   static constexpr int64_t kLogitChunkElems = int64_t{1} << 26;  // 128 MiB of bf16 logits
 
-  // Initial values exactly as the CPU model built with the same (cfg, seed) and layout (the same
-  // pure function of (seed, name, global index)). Needs cuda::init() to have run. Without a mesh it
-  // needs no MPI; with one, construction is local (no collective).
+  // Initial values exactly as the CPU model built with the same (cfg, seed) and layout
+  // (model::fill_initial_value per tensor on the host, uploaded; host memory: one tensor). Needs
+  // cuda::init() to have run. Without a mesh it needs no MPI; with one, construction is local (no
+  // collective).
   CudaQwen3MoeModel(const config::ModelConfig& cfg, uint64_t seed, CudaModelOptions opts = {});
-  // The CPU model's current values (f32, exactly; bf16 copies rounded from them). The CPU model's
-  // expert layout (ep, etp) must be the mesh's (one rank: 1 x 1), so its shards are ours.
-  static std::unique_ptr<CudaQwen3MoeModel> from_cpu(const Qwen3MoeModel& cpu, CudaModelOptions opts = {});
   ~CudaQwen3MoeModel();
   CudaQwen3MoeModel(const CudaQwen3MoeModel&) = delete;
   CudaQwen3MoeModel& operator=(const CudaQwen3MoeModel&) = delete;
@@ -105,6 +107,11 @@ class CudaQwen3MoeModel {
     materialize_moe_grads();
     return params_;
   }
+  // The table entries of the parameters (no gradient zeroing, unlike params()).
+  size_t num_params() const { return params_.size(); }
+  const ParamDesc& param_desc(size_t i) const { return params_.at(i); }
+  // One rank: 1 x 1; with a mesh, the mesh's.
+  ExpertLayout layout() const;
   void zero_grads();
   // Zeroes the MoE expert gradients zero_grads deferred, if no backward has run since.
   void materialize_moe_grads() const;
@@ -143,14 +150,13 @@ class CudaQwen3MoeModel {
   // Downloads the f32 gradients into cpu.params()[i].grad (OVERWRITTEN), so the CPU optimiser and
   // tests can be reused. Names and shapes must match (checked).
   void copy_grads_to(Qwen3MoeModel& cpu) const;
-  // Downloads the f32 masters into cpu.params()[i].value (OVERWRITTEN).
-  void copy_params_to(Qwen3MoeModel& cpu) const;
-  // Uploads cpu.params()[i].value into the masters and refreshes every bf16 copy (checkpoint load).
-  void load_params_from(const Qwen3MoeModel& cpu);
-  // AdamW moments to or from host tensors of the parameters' shapes, in params() order (checkpoint
-  // save and load). Before the first adamw_step the moments are zero.
-  void copy_moments_to(std::vector<Tensor>& exp_avg, std::vector<Tensor>& exp_avg_sq) const;
-  void load_moments_from(const std::vector<Tensor>& exp_avg, const std::vector<Tensor>& exp_avg_sq);
+  // One parameter's f32 tensor to or from the host (checkpoint save and load), synchronously.
+  //   what  kMaster, or an AdamW moment (zero before the first adamw_step)
+  //   host  f32, host, contiguous, the parameter's local shape
+  // Uploading a master refreshes its bf16 working copy.
+  enum class Slot { kMaster, kExpAvg, kExpAvgSq };
+  void download(size_t i, Slot what, Tensor& host) const;
+  void upload(size_t i, Slot what, const Tensor& host);
 
   // One AdamW step on the f32 masters (cuda::adamw_step: train::AdamW::step's formula, element by
   // element; decay only where CudaParam::decay), then refreshes every bf16 working copy.
@@ -159,12 +165,8 @@ class CudaQwen3MoeModel {
 
  private:
   struct Layer;
-  struct ParamInit;
-  // Unbuilt (no parameters): from_cpu checks the names against param_list(), then calls build().
-  CudaQwen3MoeModel(const config::ModelConfig& cfg, CudaModelOptions opts);
-  std::vector<ParamInit> param_list() const;
   void ensure_moments();
-  void build(const std::vector<Tensor>& host_values);
+  void build(const ParamTable& table, uint64_t seed);
   void refresh_moe_params();
   MicroStats run(const Tensor& tokens_BS1, bool backward, double ce_scale, double aux_scale);
 
@@ -178,6 +180,26 @@ class CudaQwen3MoeModel {
   std::vector<Layer> layers_;
   size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;
   Tensor prob_sums_dev_;  // (MoE layers, E) doubles as i64 bits: the aux loss's per-layer probability sums
+};
+
+// The CUDA model as a checkpoint store: slot 0 the f32 masters, slots 1 and 2 the AdamW moments
+// (kAdamWStatePrefixes). `host_mesh` is the MPI mesh of the same layout (the checkpoint code's
+// collectives run on host tensors); both must outlive the store.
+class CudaParamStore final : public ParamStore {
+ public:
+  CudaParamStore(CudaQwen3MoeModel& model, const comm::Mesh& host_mesh);
+
+  const config::ModelConfig& config() const override { return model_.config(); }
+  const comm::Mesh& mesh() const override { return mesh_; }
+  size_t num_params() const override { return model_.num_params(); }
+  const ParamDesc& param(size_t i) const override { return model_.param_desc(i); }
+  std::vector<std::string> state_prefixes() const override { return kAdamWStatePrefixes; }
+  void read(size_t i, int slot, Tensor& host_f32) const override;
+  void write(size_t i, int slot, const Tensor& host_f32) override;
+
+ private:
+  CudaQwen3MoeModel& model_;
+  const comm::Mesh& mesh_;
 };
 
 }  // namespace moetp::model

@@ -12,10 +12,6 @@ namespace moetp::model {
 
 namespace {
 
-constexpr float kInitStd = 0.02f;  // transformers' initializer_range for Qwen3-MoE
-
-shard::ShardSpec replicated(Shape shape) { return shard::ShardSpec{std::move(shape), {}, 0, -1}; }
-
 void add_into(Tensor& dst, const Tensor& src) {
   float* d = dst.data<float>();
   const float* s = src.data<float>();
@@ -33,12 +29,8 @@ Tensor concat_cols(const Tensor& a_NF, const Tensor& b_NF) {
 
 }  // namespace
 
-struct Qwen3MoeModel::Layer {
-  size_t ln1 = 0, q = 0, k = 0, v = 0, o = 0, q_norm = 0, k_norm = 0, ln2 = 0;
-  bool is_moe = false;
-  size_t gate = 0, up = 0, down = 0;    // dense MLP
-  size_t router = 0, w13 = 0, w2 = 0;  // MoE
-  std::unique_ptr<moe::MoeBlock> block;
+struct Qwen3MoeModel::Layer : LayerParams {
+  std::unique_ptr<moe::MoeBlock> block;  // MoE layers
 };
 
 // Everything one layer's backward needs from its forward.
@@ -59,65 +51,33 @@ struct Qwen3MoeModel::Saved {
 
 Qwen3MoeModel::Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, DispatcherKind dispatcher,
                              uint64_t seed)
-    : cfg_(cfg), mesh_(mesh), seed_(seed) {
-  const int64_t H = cfg.hidden_size, V = cfg.vocab_size, D = cfg.head_dim;
-  const int64_t hq = cfg.num_attention_heads * D, hkv = cfg.num_key_value_heads * D;
-  params_.reserve(static_cast<size_t>(8 + 12 * cfg.num_hidden_layers));
-  embed_ = add_param("model.embed_tokens.weight", ParamKind::kReplicated, replicated({V, H}), true, kInitStd);
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
-    const std::string p = fmt::format("model.layers.{}.", l);
+    : cfg_(cfg), mesh_(mesh) {
+  const ParamTable table = qwen3_moe_params(cfg, expert_layout(mesh));
+  params_.reserve(table.params.size());
+  for (const ParamDesc& d : table.params) {
+    Param p;
+    static_cast<ParamDesc&>(p) = d;
+    p.value = initial_value(d, seed);
+    p.grad = Tensor::zeros(p.value.shape(), DType::kF32);
+    params_.push_back(std::move(p));
+  }
+  for (const LayerParams& lp : table.layers) {
     Layer layer;
-    layer.ln1 = add_param(p + "input_layernorm.weight", ParamKind::kReplicated, replicated({H}), false, 0, true);
-    layer.q = add_param(p + "self_attn.q_proj.weight", ParamKind::kReplicated, replicated({hq, H}), true, kInitStd);
-    layer.k = add_param(p + "self_attn.k_proj.weight", ParamKind::kReplicated, replicated({hkv, H}), true, kInitStd);
-    layer.v = add_param(p + "self_attn.v_proj.weight", ParamKind::kReplicated, replicated({hkv, H}), true, kInitStd);
-    layer.o = add_param(p + "self_attn.o_proj.weight", ParamKind::kReplicated, replicated({H, hq}), true, kInitStd);
-    layer.q_norm = add_param(p + "self_attn.q_norm.weight", ParamKind::kReplicated, replicated({D}), false, 0, true);
-    layer.k_norm = add_param(p + "self_attn.k_norm.weight", ParamKind::kReplicated, replicated({D}), false, 0, true);
-    layer.ln2 =
-        add_param(p + "post_attention_layernorm.weight", ParamKind::kReplicated, replicated({H}), false, 0, true);
-    layer.is_moe = cfg.is_moe_layer(l);
+    static_cast<LayerParams&>(layer) = lp;
     if (layer.is_moe) {
       layer.block = std::make_unique<moe::MoeBlock>(
-          moe::MoeConfig{H, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.norm_topk_prob,
-                         dispatcher},
+          moe::MoeConfig{cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
+                         cfg.norm_topk_prob, dispatcher},
           mesh);
-      layer.router = add_param(p + "mlp.gate.weight", ParamKind::kReplicated, replicated({cfg.num_experts, H}), true,
-                               kInitStd);
-      layer.w13 = add_param(p + "mlp.experts.w13", ParamKind::kExpert, layer.block->w13_spec(), true, kInitStd);
-      layer.w2 = add_param(p + "mlp.experts.w2", ParamKind::kExpert, layer.block->w2_spec(), true, kInitStd);
-    } else {
-      const int64_t F = cfg.intermediate_size;
-      layer.gate = add_param(p + "mlp.gate_proj.weight", ParamKind::kReplicated, replicated({F, H}), true, kInitStd);
-      layer.up = add_param(p + "mlp.up_proj.weight", ParamKind::kReplicated, replicated({F, H}), true, kInitStd);
-      layer.down = add_param(p + "mlp.down_proj.weight", ParamKind::kReplicated, replicated({H, F}), true, kInitStd);
     }
     layers_.push_back(std::move(layer));
   }
-  final_norm_ = add_param("model.norm.weight", ParamKind::kReplicated, replicated({H}), false, 0, true);
-  lm_head_ = cfg.tie_word_embeddings
-                 ? embed_
-                 : add_param("lm_head.weight", ParamKind::kReplicated, replicated({V, H}), true, kInitStd);
+  embed_ = table.embed;
+  final_norm_ = table.final_norm;
+  lm_head_ = table.lm_head;
 }
 
 Qwen3MoeModel::~Qwen3MoeModel() = default;
-
-size_t Qwen3MoeModel::add_param(const std::string& name, ParamKind kind, shard::ShardSpec spec, bool decay,
-                                float init_std, bool ones) {
-  Param p;
-  p.name = name;
-  p.kind = kind;
-  p.decay = decay;
-  if (ones) {
-    p.value = Tensor::full<float>(shard::local_shape(spec), 1.0f);
-  } else {
-    p.value = moe::init_normal(spec, seed_, name, init_std);
-  }
-  p.grad = Tensor::zeros(p.value.shape(), DType::kF32);
-  p.spec = std::move(spec);
-  params_.push_back(std::move(p));
-  return params_.size() - 1;
-}
 
 Param& Qwen3MoeModel::param(const std::string& name) {
   for (Param& p : params_) {

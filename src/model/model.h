@@ -1,13 +1,6 @@
-// Qwen3-MoE decoder, CPU f32 reference: parameters with their shard specs, and one micro-batch's
+// Qwen3-MoE decoder, CPU f32 reference: parameters (model/param_table.h) and one micro-batch's
 // forward + backward composed from the kernels (no autograd: each layer saves what its backward
 // needs and the model runs the layers in order and in reverse).
-//
-// Parameters are named as in Hugging Face transformers, except the routed experts of a layer,
-// which are two fused tensors in global (HF-equivalent) coordinates (etp_spec §3.1):
-//   model.layers.{l}.mlp.experts.w13  [E·2I, H]  stripes gate_0, up_0, gate_1, ...  (InterleavedShard)
-//   model.layers.{l}.mlp.experts.w2   [E·H, I]   down_proj of expert e = rows [e·H, (e+1)·H)
-// Every other parameter is replicated on every rank. Initial values are a pure function of
-// (seed, name, global index), so every layout starts from the same global model.
 //
 // Legend: B sequences, S sequence length, N = B·S tokens on this rank, H hidden, V vocab,
 // Hq/Hkv query/kv heads, D head_dim, E experts, I expert FFN width.
@@ -19,23 +12,16 @@
 
 #include "comm/mesh.h"
 #include "config/model_config.h"
+#include "model/param_table.h"
 #include "moe/moe_block.h"
 #include "shard/layout.h"
 
 namespace moetp::model {
 
-enum class ParamKind {
-  kReplicated,  // identical on every rank; gradients all-reduced over world
-  kExpert,      // one shard per (p, t); gradients all-reduced over expert_dp
-};
-
-struct Param {
-  std::string name;
-  ParamKind kind = ParamKind::kReplicated;
-  shard::ShardSpec spec;  // this rank's shard of the global tensor
-  bool decay = true;      // AdamW weight decay (off for norm weights)
-  Tensor value;           // f32, local shape of `spec` (2-D for matrices, 1-D for norms)
-  Tensor grad;            // same shape; accumulated by forward_backward
+// A parameter of the table with its value and gradient.
+struct Param : ParamDesc {
+  Tensor value;  // f32, local shape of `spec` (2-D for matrices, 1-D for norms)
+  Tensor grad;   // same shape; accumulated by forward_backward
 };
 
 // Statistics of one micro-batch on this rank (the trainer reduces them).
@@ -75,12 +61,9 @@ class Qwen3MoeModel {
   struct Layer;
   struct Saved;
   MicroStats run(const Tensor& tokens_BS1, bool backward, double ce_scale, double aux_scale, Tensor* logits);
-  size_t add_param(const std::string& name, ParamKind kind, shard::ShardSpec spec, bool decay, float init_std,
-                   bool ones = false);
 
   config::ModelConfig cfg_;
   const comm::Mesh& mesh_;
-  uint64_t seed_;
   std::vector<Param> params_;
   std::vector<Layer> layers_;
   size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;

@@ -98,6 +98,16 @@ AuxLoss aux_loss(const std::vector<const MoeSaved*>& layers, comm::Comm& world, 
 
 Tensor init_normal(const shard::ShardSpec& spec, uint64_t seed, std::string_view name, float std) {
   Tensor local = Tensor::empty(shard::local_shape(spec), DType::kF32);
+  init_normal_into(spec, seed, name, std, local);
+  return local;
+}
+
+void init_normal_into(const shard::ShardSpec& spec, uint64_t seed, std::string_view name, float std, Tensor& local) {
+  check_dtype(local, DType::kF32, "init_normal_into");
+  check_device(local, Device::kCpu, "init_normal_into");
+  check_contiguous(local, "init_normal_into");
+  MOETP_CHECK(local.shape() == shard::local_shape(spec), "init_normal_into '{}': tensor is {}, the shard is {}", name,
+              local.describe(), shape_str(shard::local_shape(spec)));
   const CounterRng rng(seed, stream_id(name));
   const int64_t global_cols = shape_numel(std::span<const int64_t>(spec.global_shape).subspan(1));
   const shard::ColumnRange cols = shard::column_range(spec);
@@ -117,7 +127,6 @@ Tensor init_normal(const shard::ShardSpec& spec, uint64_t seed, std::string_view
     const uint64_t first = static_cast<uint64_t>(global_row * global_cols + cols.begin);
     fill_normal(std::span<float>(out + local_row * local_cols, static_cast<size_t>(local_cols)), rng, first, 0.0f, std);
   }
-  return local;
 }
 
 }  // namespace moetp::moe

@@ -92,5 +92,7 @@ AuxLoss aux_loss(const std::vector<const MoeSaved*>& layers, comm::Comm& world, 
 // Fills a shard with N(0, std) values that are a pure function of (seed, name, global element
 // index), so every layout starts from the identical global tensor.
 Tensor init_normal(const shard::ShardSpec& spec, uint64_t seed, std::string_view name, float std);
+// The same values written into `local` (f32, host, contiguous, the shard's local shape).
+void init_normal_into(const shard::ShardSpec& spec, uint64_t seed, std::string_view name, float std, Tensor& local);
 
 }  // namespace moetp::moe

@@ -86,10 +86,12 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
               "train.cuda_allocator = {} applies to the CUDA device only (train.device resolved to '{}': {})",
               option_name(cfg_.train.cuda_allocator), dev, device_reason_);
   mesh_ = std::make_unique<comm::Mesh>(world_, cfg_.parallel.ep, cfg_.parallel.etp);
-  model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, *mesh_, config::resolved_dispatcher(cfg_),
-                                                  static_cast<uint64_t>(cfg_.train.seed));
-  optim_ = std::make_unique<AdamW>(model_->params(), AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps,
-                                                                 cfg_.optim.weight_decay});
+  if (device_ == "cpu") {
+    model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, *mesh_, config::resolved_dispatcher(cfg_),
+                                                    static_cast<uint64_t>(cfg_.train.seed));
+    optim_ = std::make_unique<AdamW>(model_->params(), AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2,
+                                                                   cfg_.optim.eps, cfg_.optim.weight_decay});
+  }
 #if MOETP_HAVE_CUDA
   if (device_ == Device::kCuda) {
     const DispatcherKind dispatcher = config::resolved_dispatcher(cfg_);
@@ -124,7 +126,10 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
     }
     device_reason_ += fmt::format("; expert GEMM {} ({}); allocator {}", moe::expert_gemm_name(opts.expert_gemm), why,
                                   direct ? "direct" : "caching");
-    world_.run_collectively("building the CUDA model", [&] { gpu_->model = model::CudaQwen3MoeModel::from_cpu(*model_, opts); });
+    world_.run_collectively("building the CUDA model", [&] {
+      gpu_->model =
+          std::make_unique<model::CudaQwen3MoeModel>(model_cfg_, static_cast<uint64_t>(cfg_.train.seed), opts);
+    });
   }
 #endif
 }
@@ -219,37 +224,32 @@ Trainer::StepOps Trainer::gpu_ops() {
   return ops;
 }
 
-void Trainer::pull_from_gpu() const {
-#if MOETP_HAVE_CUDA
-  if (!gpu_) return;
-  gpu_->model->copy_params_to(*model_);
-  gpu_->model->copy_moments_to(optim_->exp_avg(), optim_->exp_avg_sq());
-#endif
+model::Qwen3MoeModel& Trainer::model() {
+  MOETP_CHECK(model_ != nullptr, "Trainer::model(): there is no CPU model on the '{}' device", device_);
+  return *model_;
 }
 
-void Trainer::push_to_gpu() {
+std::unique_ptr<model::ParamStore> Trainer::param_store() const {
 #if MOETP_HAVE_CUDA
-  if (!gpu_) return;
-  gpu_->model->load_params_from(*model_);
-  gpu_->model->load_moments_from(optim_->exp_avg(), optim_->exp_avg_sq());
+  if (gpu_) return std::make_unique<model::CudaParamStore>(*gpu_->model, *mesh_);
 #endif
+  const std::vector<std::string>& prefixes = model::kAdamWStatePrefixes;
+  return std::make_unique<model::CpuParamStore>(
+      *model_, std::vector<model::ParamState>{{prefixes[0], &optim_->exp_avg()}, {prefixes[1], &optim_->exp_avg_sq()}});
 }
 
 void Trainer::save_checkpoint(const std::string& dir) const {
-  pull_from_gpu();
   const nlohmann::json state = {{"format", "moetp-native"},
                                 {"version", 1},
                                 {"step", step_},
                                 {"seed", cfg_.train.seed},
                                 {"layout", {{"dp", mesh_->dp_size()}, {"ep", mesh_->ep_size()}, {"etp", mesh_->etp_size()}}},
                                 {"train_config", config::to_json(cfg_)}};
-  io::save_native(*model_, {{"optim.exp_avg.", &optim_->exp_avg()}, {"optim.exp_avg_sq.", &optim_->exp_avg_sq()}},
-                  state, dir, {io::HfExpertLayout::kPerExpert, world_.rank() == 0});
+  io::save_native(*param_store(), state, dir, {io::HfExpertLayout::kPerExpert, world_.rank() == 0});
 }
 
 void Trainer::load_checkpoint(const std::string& dir) {
-  const nlohmann::json state = io::load_native(
-      *model_, {{"optim.exp_avg.", &optim_->exp_avg()}, {"optim.exp_avg_sq.", &optim_->exp_avg_sq()}}, dir);
+  const nlohmann::json state = io::load_native(*param_store(), dir);
   MOETP_CHECK(state.value("format", "") == "moetp-native" && state.value("version", 0) == 1,
               "{}: not a moetp native checkpoint of version 1 (format '{}', version {})", dir,
               state.value("format", ""), state.value("version", 0));
@@ -258,12 +258,10 @@ void Trainer::load_checkpoint(const std::string& dir) {
               "{}: checkpoint was trained with train.seed = {}, this run has {} (the data order would change)", dir,
               seed, cfg_.train.seed);
   step_ = state.at("step").get<int64_t>();
-  push_to_gpu();
 }
 
 void Trainer::init_from_hf(const std::string& dir) {
-  io::load_hf(*model_, dir);
-  push_to_gpu();
+  io::load_hf(*param_store(), dir);
 }
 
 }  // namespace moetp::train

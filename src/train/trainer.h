@@ -4,10 +4,10 @@
 //
 // Devices (train.device): "cpu" runs the CPU model (model/model.h) with MPI collectives; "cuda"
 // runs one GPU per rank (the node-local rank picks the GPU): the CUDA model (model/cuda_model.h)
-// over NCCL communicators, with f32 masters, gradients and AdamW moments on the GPU. The CPU model
-// is still built on the GPU path: it supplies the initial values (so both devices start from the
-// identical model) and is the staging area of checkpoint save/load and Hugging Face import; its
-// values are only current right after those calls. "auto" picks cuda when this build has CUDA and
+// over NCCL communicators, with f32 masters, gradients and AdamW moments on the GPU; no CPU model
+// exists then. Both models take their parameters and initial values from model/param_table.h, so
+// both devices start from the identical model; checkpoints and Hugging Face import move the active
+// model's tensors one at a time through a model::ParamStore. "auto" picks cuda when this build has CUDA and
 // every rank of the node has a GPU, else cpu; device() says which was picked and why.
 #pragma once
 
@@ -21,6 +21,7 @@
 #include "config/train_config.h"
 #include "data/loader.h"
 #include "model/model.h"
+#include "model/param_store.h"
 #include "train/optim.h"
 
 namespace moetp::train {
@@ -62,8 +63,8 @@ class Trainer {
   // Where the model runs (train.device resolved), and a line saying why (for the run's banner).
   Device device() const { return device_; }
   const std::string& device_reason() const { return device_reason_; }
-  // The CPU model: the trained values on the CPU device; on cuda, the staging copy (see above).
-  model::Qwen3MoeModel& model() { return *model_; }
+  // The CPU model (CPU device only; an error on cuda).
+  model::Qwen3MoeModel& model();
   const comm::Mesh& mesh() const { return *mesh_; }
   const config::TrainConfig& config() const { return cfg_; }
 
@@ -72,9 +73,9 @@ class Trainer {
   config::ModelConfig model_cfg_;
   comm::Comm& world_;
   std::unique_ptr<comm::Mesh> mesh_;
-  std::unique_ptr<model::Qwen3MoeModel> model_;
+  std::unique_ptr<model::Qwen3MoeModel> model_;  // CPU device only
   data::Batches batches_;
-  std::unique_ptr<AdamW> optim_;
+  std::unique_ptr<AdamW> optim_;  // CPU device only
   int64_t step_ = 0;
   double step_flops_ = 0;  // model FLOPs of one step (config::training_flops), fixed by the configs
   Device device_ = Device::kCpu;
@@ -92,9 +93,8 @@ class Trainer {
   };
   StepOps cpu_ops();
   StepOps gpu_ops();
-  // cuda: GPU values -> CPU model and optimizer state (before a save), and back (after a load).
-  void pull_from_gpu() const;
-  void push_to_gpu();
+  // The active model with its AdamW moments, for checkpoints and HF import.
+  std::unique_ptr<model::ParamStore> param_store() const;
 };
 
 }  // namespace moetp::train

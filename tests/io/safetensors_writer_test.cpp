@@ -209,5 +209,40 @@ TEST(SafetensorsWriter, OverwriteKeepsOpenReadersOnTheOldFile) {
   EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
 }
 
+// The streaming writer: data in the order of the entries (not sorted by name), one tensor at a
+// time; the reader finds every tensor. A value of another shape, a tensor too many and a commit
+// before the last tensor are errors naming the file, and an uncommitted writer leaves no file.
+TEST(SafetensorsStreamWriter, WritesInEntryOrderAndChecksEachTensor) {
+  ScratchDir dir;
+  const std::string path = dir.path("stream.safetensors");
+  const Tensor z = random_tensor({4, 3}, 1, 0), a = random_tensor({5}, 2, 0);
+  {
+    SafetensorsStreamWriter out(path, {{"z", {4, 3}, "F32"}, {"a", {5}, "BF16"}}, {{"format", "pt"}});
+    EXPECT_EQ(out.data_bytes(), 4u * 3 * 4 + 5 * 2);
+    out.write_next(z.slice(1, 0, 3));  // a strided view of all columns is fine
+    out.write_next(a);
+    EXPECT_TRUE(contains_all(error_of([&] { out.write_next(a); }), {path, "after the last of 2 entries"}));
+    out.commit();
+  }
+  const SafetensorsFile f = SafetensorsFile::open(path);
+  EXPECT_TRUE(bit_equal(f.read("z"), z));
+  EXPECT_TRUE(bit_equal(f.read("a"), a.to(DType::kBF16).to(DType::kF32)));
+  EXPECT_LT(f.info("z").begin, f.info("a").begin);  // entry order, not name order
+
+  const std::string bad = dir.path("bad.safetensors");
+  {
+    SafetensorsStreamWriter out(bad, {{"w", {2, 2}, "F32"}, {"v", {2}, "F32"}});
+    EXPECT_TRUE(contains_all(error_of([&] { out.write_next(random_tensor({3}, 1, 0)); }),
+                             {bad, "'w'", "f32[3]", "[2, 2]"}));
+    out.write_next(random_tensor({2, 2}, 1, 0));
+    EXPECT_TRUE(contains_all(error_of([&] { out.commit(); }), {bad, "commit after 1 of 2 tensors"}));
+  }
+  EXPECT_FALSE(std::filesystem::exists(bad));
+  EXPECT_FALSE(std::filesystem::exists(bad + ".tmp"));
+  EXPECT_TRUE(contains_all(error_of([&] { SafetensorsStreamWriter(bad, {{"w", {1}, "F32"}, {"w", {1}, "F32"}}); }),
+                           {bad, "duplicate tensor name 'w'"}));
+  EXPECT_FALSE(std::filesystem::exists(bad + ".tmp"));
+}
+
 }  // namespace
 }  // namespace moetp::io

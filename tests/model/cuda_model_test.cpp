@@ -47,16 +47,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "comm/mesh.h"
 #include "dist/mpi_env.h"
 #include "dist/nccl_env.h"
+#include "io/checkpoint.h"
 #include "kernels/cuda/runtime.h"
 #include "moe/cuda_moe.h"
 #include "shard/layout.h"
 #include "testing.h"
+#include "testing_files.h"
 #include "train/optim.h"
 
 namespace moetp {
@@ -92,6 +96,16 @@ config::ModelConfig tiny_config(bool tied) {
 
 void round_to_bf16(model::Qwen3MoeModel& m) {
   for (model::Param& p : m.params()) p.value.copy_from(p.value.to(DType::kBF16).to(DType::kF32));
+}
+
+// A GPU model of the CPU model's layout holding the CPU model's current values (exactly; bf16
+// working copies rounded from them), copied through the two models' parameter stores.
+std::unique_ptr<model::CudaQwen3MoeModel> from_cpu(const model::Qwen3MoeModel& cpu,
+                                                   model::CudaModelOptions opts = {}) {
+  auto gpu = std::make_unique<model::CudaQwen3MoeModel>(cpu.config(), 0, opts);
+  model::CudaParamStore store(*gpu, cpu.mesh());
+  model::copy_params(model::CpuParamStore(cpu), store, false);
+  return gpu;
 }
 
 Tensor random_tokens(int64_t V, uint64_t seed) {
@@ -157,6 +171,46 @@ TEST_F(CudaModel, FromSeedMatchesCpuInit) {
   }
 }
 
+// A native checkpoint saved from the GPU model (masters and AdamW moments, through its parameter
+// store, one tensor at a time) loads into the CPU model with every value bit-identical.
+TEST_F(CudaModel, NativeCheckpointLoadsIntoCpuModel) {
+  comm::Mesh mesh(testing::world(), 1, 1);
+  const config::ModelConfig cfg = tiny_config(false);
+  model::CudaQwen3MoeModel gpu(cfg, 11);
+  // Distinct moments: each parameter's values scaled by 2 and by 3.
+  model::CudaParamStore store(gpu, mesh);
+  for (size_t i = 0; i < store.num_params(); ++i) {
+    Tensor host = Tensor::empty(shard::local_shape(store.param(i).spec), DType::kF32);
+    store.read(i, 0, host);
+    for (int slot : {1, 2}) {
+      Tensor m = host.clone();
+      for (float& x : std::span<float>(m.data<float>(), static_cast<size_t>(m.numel()))) x *= static_cast<float>(slot + 1);
+      store.write(i, slot, m);
+    }
+  }
+  const testing::ScratchDir tmp;
+  const std::string dir = tmp.path("ckpt");
+  io::save_native(store, {{"format", "moetp-native"}, {"version", 1}, {"step", 3}}, dir, {io::HfExpertLayout::kPerExpert, false});
+
+  model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 99);  // other initial values, overwritten by the load
+  std::vector<Tensor> m, v;
+  for (const model::Param& p : cpu.params()) {
+    m.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
+    v.push_back(Tensor::zeros(p.value.shape(), DType::kF32));
+  }
+  const nlohmann::json state = io::load_native(cpu, {{model::kAdamWStatePrefixes[0], &m}, {model::kAdamWStatePrefixes[1], &v}}, dir);
+  EXPECT_EQ(state.at("step").get<int64_t>(), 3);
+  const model::Qwen3MoeModel fresh(cfg, mesh, DispatcherKind::kLocal, 11);
+  for (size_t i = 0; i < cpu.params().size(); ++i) {
+    const model::Param& p = cpu.params()[i];
+    const Tensor master = gpu.params()[i].master.to(Device::kCpu);
+    EXPECT_TRUE(testing::bit_equal(p.value, master)) << p.name;
+    EXPECT_TRUE(testing::bit_equal(p.value, fresh.params()[i].value)) << p.name << " (CPU model of the same seed)";
+    EXPECT_TRUE(testing::bit_equal(m[i], gpu.params()[i].exp_avg.to(Device::kCpu))) << p.name << " exp_avg";
+    EXPECT_TRUE(testing::bit_equal(v[i], gpu.params()[i].exp_avg_sq.to(Device::kCpu))) << p.name << " exp_avg_sq";
+  }
+}
+
 // Picks the token batch (see the file header) after a GPU forward on each candidate.
 Tensor pick_tokens(model::CudaQwen3MoeModel& gpu, double* margin) {
   for (uint64_t seed = 1; seed <= 256; ++seed) {
@@ -180,7 +234,7 @@ TEST_F(CudaModel, MatchesCpuModel) {
     const config::ModelConfig cfg = tiny_config(tied);
     model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 7);
     round_to_bf16(cpu);
-    const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu);
+    const std::unique_ptr<model::CudaQwen3MoeModel> gpu = from_cpu(cpu);
     double margin = 0;
     const Tensor tokens = pick_tokens(*gpu, &margin);
     ASSERT_TRUE(tokens.defined()) << "no token seed in 1..256 with a routing margin >= " << kMinMargin;
@@ -222,7 +276,7 @@ TEST_F(CudaModel, AdamWStepsTrackCpu) {
   const config::ModelConfig cfg = tiny_config(false);
   model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 9);
   round_to_bf16(cpu);
-  const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu);
+  const std::unique_ptr<model::CudaQwen3MoeModel> gpu = from_cpu(cpu);
   double margin = 0;
   const Tensor tokens = pick_tokens(*gpu, &margin);
   ASSERT_TRUE(tokens.defined());
@@ -307,14 +361,23 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
   const config::ModelConfig cfg = tiny_config(false);
   const DispatcherKind dispatcher = parse_option<DispatcherKind>(l.dispatcher, "dispatcher");
   model::Qwen3MoeModel cpu(cfg, cpu_mesh, dispatcher, 7);
-  round_to_bf16(cpu);
-  model::Qwen3MoeModel cpu_one(cfg, self_mesh, DispatcherKind::kLocal, 7);
-  round_to_bf16(cpu_one);
   model::CudaModelOptions opts;
   opts.mesh = &gpu_mesh;
   opts.dispatcher = dispatcher;
-  const std::unique_ptr<model::CudaQwen3MoeModel> gpu = model::CudaQwen3MoeModel::from_cpu(cpu, opts);
-  const std::unique_ptr<model::CudaQwen3MoeModel> one = model::CudaQwen3MoeModel::from_cpu(cpu_one);
+  {
+    // The seed constructor gives this rank's shards of the CPU layout's initial values, bit for bit.
+    const model::CudaQwen3MoeModel seeded(cfg, 7, opts);
+    ASSERT_EQ(seeded.params().size(), cpu.params().size());
+    for (size_t i = 0; i < cpu.params().size(); ++i) {
+      EXPECT_TRUE(testing::bit_equal(seeded.params()[i].master.to(Device::kCpu), cpu.params()[i].value))
+          << cpu.params()[i].name << " on rank " << r;
+    }
+  }
+  round_to_bf16(cpu);
+  model::Qwen3MoeModel cpu_one(cfg, self_mesh, DispatcherKind::kLocal, 7);
+  round_to_bf16(cpu_one);
+  const std::unique_ptr<model::CudaQwen3MoeModel> gpu = from_cpu(cpu, opts);
+  const std::unique_ptr<model::CudaQwen3MoeModel> one = from_cpu(cpu_one);
 
   // Each rank searches its own token seed: its routing margin depends on its own sequences only
   // (attention is per sequence, routing per token), so a rank keeps a seed once it passes while

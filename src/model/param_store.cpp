@@ -1,0 +1,89 @@
+#include "model/param_store.h"
+
+namespace moetp::model {
+
+void check_host_shard(const ParamDesc& p, const Tensor& host_f32, const char* what) {
+  check_dtype(host_f32, DType::kF32, p.name.c_str());
+  check_device(host_f32, Device::kCpu, p.name.c_str());
+  check_contiguous(host_f32, p.name.c_str());
+  MOETP_CHECK(host_f32.shape() == shard::local_shape(p.spec), "{} '{}': host tensor is {}, the shard is {}", what,
+              p.name, host_f32.describe(), shape_str(shard::local_shape(p.spec)));
+}
+
+namespace {
+
+void check_states(const Qwen3MoeModel& model, const std::vector<ParamState>& states) {
+  for (const ParamState& s : states) {
+    MOETP_CHECK(s.tensors != nullptr && s.tensors->size() == model.params().size(),
+                "state '{}' has {} tensors for {} parameters", s.prefix, s.tensors ? s.tensors->size() : 0,
+                model.params().size());
+  }
+}
+
+}  // namespace
+
+CpuParamStore::CpuParamStore(Qwen3MoeModel& model, std::vector<ParamState> states)
+    : model_(&model), mutable_model_(&model), states_(std::move(states)) {
+  check_states(model, states_);
+}
+
+CpuParamStore::CpuParamStore(const Qwen3MoeModel& model, std::vector<ParamState> states)
+    : model_(&model), states_(std::move(states)) {
+  check_states(model, states_);
+}
+
+std::vector<std::string> CpuParamStore::state_prefixes() const {
+  std::vector<std::string> out;
+  for (const ParamState& s : states_) out.push_back(s.prefix);
+  return out;
+}
+
+const Tensor& CpuParamStore::slot_tensor(size_t i, int slot) const {
+  MOETP_CHECK(i < model_->params().size(), "parameter {} of {}", i, model_->params().size());
+  MOETP_CHECK(slot >= 0 && static_cast<size_t>(slot) <= states_.size(), "parameter '{}': slot {} of {} state slots",
+              model_->params()[i].name, slot, states_.size());
+  return slot == 0 ? model_->params()[i].value : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
+}
+
+void CpuParamStore::read(size_t i, int slot, Tensor& host_f32) const {
+  const Tensor& src = slot_tensor(i, slot);
+  check_host_shard(model_->params()[i], host_f32, "CpuParamStore::read");
+  host_f32.copy_from(src);
+}
+
+void CpuParamStore::write(size_t i, int slot, const Tensor& host_f32) {
+  MOETP_CHECK(mutable_model_ != nullptr, "CpuParamStore::write: parameter {} of a read-only store", i);
+  slot_tensor(i, slot);  // checks i and slot
+  check_host_shard(model_->params()[i], host_f32, "CpuParamStore::write");
+  Tensor& dst = slot == 0 ? mutable_model_->params()[i].value : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
+  dst.copy_from(host_f32);
+}
+
+void copy_params(const ParamStore& from, ParamStore& to, bool with_state) {
+  MOETP_CHECK(from.num_params() == to.num_params(), "copy_params: {} parameters into {}", from.num_params(),
+              to.num_params());
+  const std::vector<std::string> prefixes = from.state_prefixes();
+  const int slots = with_state ? static_cast<int>(prefixes.size()) : 0;
+  MOETP_CHECK(!with_state || prefixes == to.state_prefixes(), "copy_params: the stores keep different state ({} vs {} slots)",
+              prefixes.size(), to.state_prefixes().size());
+  for (size_t i = 0; i < from.num_params(); ++i) {
+    const ParamDesc& a = from.param(i);
+    const ParamDesc& b = to.param(i);
+    MOETP_CHECK(a.name == b.name && a.spec.global_shape == b.spec.global_shape &&
+                    shard::local_shape(a.spec) == shard::local_shape(b.spec) &&
+                    shard::compute_runs(a.spec) == shard::compute_runs(b.spec) &&
+                    shard::column_range(a.spec).begin == shard::column_range(b.spec).begin &&
+                    shard::column_range(a.spec).end == shard::column_range(b.spec).end,
+                "copy_params: parameter {} is '{}' (global {}, local {}) in the source, '{}' (global {}, local {}) in the "
+                "destination",
+                i, a.name, shape_str(a.spec.global_shape), shape_str(shard::local_shape(a.spec)), b.name,
+                shape_str(b.spec.global_shape), shape_str(shard::local_shape(b.spec)));
+    Tensor host = Tensor::empty(shard::local_shape(a.spec), DType::kF32);
+    for (int slot = 0; slot <= slots; ++slot) {
+      from.read(i, slot, host);
+      to.write(i, slot, host);
+    }
+  }
+}
+
+}  // namespace moetp::model

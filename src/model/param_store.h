@@ -1,0 +1,73 @@
+// A model's per-parameter tensors as the checkpoint code (io/checkpoint.h) sees them: the parameter
+// table plus one-tensor-at-a-time copies between host f32 tensors and wherever the model keeps its
+// values and optimiser state (host for the CPU model, GPU memory for the CUDA model). Moving one
+// tensor at a time bounds the host memory of save, load and import by the largest tensor.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+#include "model/param_table.h"
+
+namespace moetp::model {
+
+class ParamStore {
+ public:
+  virtual ~ParamStore() = default;
+  virtual const config::ModelConfig& config() const = 0;
+  // The host (MPI) mesh whose collectives the checkpoint code runs, with the model's expert layout.
+  virtual const comm::Mesh& mesh() const = 0;
+  virtual size_t num_params() const = 0;
+  virtual const ParamDesc& param(size_t i) const = 0;
+  // Checkpoint prefixes of the per-parameter state kept besides the values (slots 1, 2, ...), e.g.
+  // kAdamWStatePrefixes; empty when only values are stored.
+  virtual std::vector<std::string> state_prefixes() const = 0;
+  // Slot 0: parameter i's values; slot k >= 1: its state state_prefixes()[k - 1].
+  // host_f32: f32, host, contiguous, the local shape of param(i).spec.
+  virtual void read(size_t i, int slot, Tensor& host_f32) const = 0;
+  virtual void write(size_t i, int slot, const Tensor& host_f32) = 0;
+};
+
+// The AdamW moments in a native checkpoint: exp_avg (slot 1), exp_avg_sq (slot 2).
+inline const std::vector<std::string> kAdamWStatePrefixes = {"optim.exp_avg.", "optim.exp_avg_sq."};
+
+// State tensors of the CPU model: one host f32 tensor per parameter (the parameter's local shape),
+// saved under `prefix`.
+struct ParamState {
+  std::string prefix;
+  std::vector<Tensor>* tensors;  // model.params() order
+};
+
+// The CPU model (its mesh is the checkpoint mesh) and optional state tensors.
+class CpuParamStore final : public ParamStore {
+ public:
+  CpuParamStore(Qwen3MoeModel& model, std::vector<ParamState> states = {});
+  // Read-only: write() fails.
+  CpuParamStore(const Qwen3MoeModel& model, std::vector<ParamState> states = {});
+
+  const config::ModelConfig& config() const override { return model_->config(); }
+  const comm::Mesh& mesh() const override { return model_->mesh(); }
+  size_t num_params() const override { return model_->params().size(); }
+  const ParamDesc& param(size_t i) const override { return model_->params().at(i); }
+  std::vector<std::string> state_prefixes() const override;
+  void read(size_t i, int slot, Tensor& host_f32) const override;
+  void write(size_t i, int slot, const Tensor& host_f32) override;
+
+ private:
+  const Tensor& slot_tensor(size_t i, int slot) const;
+  const Qwen3MoeModel* model_;
+  Qwen3MoeModel* mutable_model_ = nullptr;
+  std::vector<ParamState> states_;
+};
+
+// Copies every parameter's values (and, with_state, every state slot; both stores must have the
+// same prefixes) from one store to another of the same table (names and shard specs checked), one
+// tensor at a time through a host buffer. Local: no collective.
+void copy_params(const ParamStore& from, ParamStore& to, bool with_state);
+
+// Checks a host tensor handed to ParamStore::read/write: f32, host, contiguous, the parameter's
+// local shape. `what` names the caller in the error.
+void check_host_shard(const ParamDesc& p, const Tensor& host_f32, const char* what);
+
+}  // namespace moetp::model
