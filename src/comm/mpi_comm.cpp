@@ -75,7 +75,8 @@ constexpr int64_t kReduceChunkElems = int64_t{1} << 21;
 
 // Block q of the result spans in[off_q, off_q + lens[q]) (off_q = lens[0] + ... + lens[q-1]); this
 // rank writes its block rank's rank-order sum to out (lens[rank] floats). out may be this rank's
-// block of `in` itself: an element is sent in the round before the one that overwrites it.
+// block of `in` itself: a round's MPI_Alltoallv has sent its elements before their sums are
+// written, and later rounds send only later elements.
 // Collective; lens identical on every rank.
 void ordered_sum_scatter(MPI_Comm comm, int rank, int size, const float* in, std::span<const int64_t> lens,
                          float* out) {
@@ -167,6 +168,7 @@ void MpiComm::all_reduce(Tensor& t, ReduceOp op) {
   agree("all_reduce", a);
   if (t.numel() == 0) return;
   if (t.dtype() == DType::kF32 && op == ReduceOp::kSum) {
+    if (size_ == 1) return;
     // Segments of kReduceChunkElems: each a rank-order reduce-scatter in place, then an all-gather.
     float* data = t.data<float>();
     for (int64_t seg = 0; seg < t.numel(); seg += kReduceChunkElems) {
