@@ -2,8 +2,10 @@
 
 #include "comm/agreement.h"
 
+#include <algorithm>
 #include <climits>
 #include <functional>
+#include <vector>
 
 namespace moetp::comm {
 
@@ -60,6 +62,60 @@ std::vector<int> int_counts(std::span<const int64_t> counts) {
   return c;
 }
 
+// Deterministic f32 sums. MPI_Allreduce / MPI_Reduce_scatter with MPI_SUM pick their algorithm
+// (and so the order of the additions) by message size and group size, so the same sum could round
+// differently as an all-reduce, a reduce-scatter, or split into buckets. Every f32 sum of this
+// backend is instead, element by element, ((x_0 + x_1) + x_2) + ... + x_{P-1} over the ranks'
+// inputs in rank order: rank r receives every rank's copy of block r (MPI_Alltoallv) and adds them
+// up itself. The bits of an element's sum then depend only on the P inputs of that element.
+//
+// Memory: the exchange runs in rounds of at most kReduceChunkElems / P elements per block, so the
+// receive buffer holds at most kReduceChunkElems floats (8 MiB) whatever the message size.
+constexpr int64_t kReduceChunkElems = int64_t{1} << 21;
+
+// Block q of the result spans in[off_q, off_q + lens[q]) (off_q = lens[0] + ... + lens[q-1]); this
+// rank writes its block rank's rank-order sum to out (lens[rank] floats). out may be this rank's
+// block of `in` itself: a round's MPI_Alltoallv has sent its elements before their sums are
+// written, and later rounds send only later elements.
+// Collective; lens identical on every rank.
+void ordered_sum_scatter(MPI_Comm comm, int rank, int size, const float* in, std::span<const int64_t> lens,
+                         float* out) {
+  const int64_t chunk = std::max<int64_t>(1, kReduceChunkElems / size);
+  std::vector<int64_t> off(static_cast<size_t>(size), 0);
+  for (int q = 1; q < size; ++q) off[q] = off[q - 1] + lens[q - 1];
+  const int64_t longest = *std::max_element(lens.begin(), lens.end());
+  const int64_t mine = lens[rank];
+  std::vector<float> recv(static_cast<size_t>(std::min(mine, chunk) * size));
+  std::vector<int> sc(size), sd(size), rc(size), rd(size);
+  for (int64_t start = 0; start < longest; start += chunk) {
+    for (int q = 0; q < size; ++q) {
+      sc[q] = static_cast<int>(std::clamp<int64_t>(lens[q] - start, 0, chunk));
+      sd[q] = to_int(off[q] + std::min(start, lens[q]), "reduce displacement");
+    }
+    const int n = static_cast<int>(std::clamp<int64_t>(mine - start, 0, chunk));
+    for (int q = 0; q < size; ++q) {
+      rc[q] = n;
+      rd[q] = q * n;
+    }
+    MOETP_MPI_CHECK(MPI_Alltoallv(in, sc.data(), sd.data(), MPI_FLOAT, recv.data(), rc.data(), rd.data(), MPI_FLOAT,
+                                  comm));
+    if (n == 0) continue;
+    float* o = out + start;
+    std::copy(recv.data(), recv.data() + n, o);
+    for (int q = 1; q < size; ++q) {
+      const float* x = recv.data() + static_cast<int64_t>(q) * n;
+      for (int i = 0; i < n; ++i) o[i] += x[i];
+    }
+  }
+}
+
+// lens of `n` elements split into `size` blocks as evenly as possible (the first n % size one longer).
+std::vector<int64_t> even_blocks(int64_t n, int size) {
+  std::vector<int64_t> lens(static_cast<size_t>(size), n / size);
+  for (int64_t q = 0; q < n % size; ++q) ++lens[q];
+  return lens;
+}
+
 }  // namespace
 
 // ---- runtime ----
@@ -111,6 +167,22 @@ void MpiComm::all_reduce(Tensor& t, ReduceOp op) {
   Agreement a = detail::all_reduce_args(kMpi, t, op);
   agree("all_reduce", a);
   if (t.numel() == 0) return;
+  if (t.dtype() == DType::kF32 && op == ReduceOp::kSum) {
+    if (size_ == 1) return;
+    // Segments of kReduceChunkElems: each a rank-order reduce-scatter in place, then an all-gather.
+    float* data = t.data<float>();
+    for (int64_t seg = 0; seg < t.numel(); seg += kReduceChunkElems) {
+      const int64_t n = std::min(kReduceChunkElems, t.numel() - seg);
+      const std::vector<int64_t> lens = even_blocks(n, size_);
+      const std::vector<int> c = int_counts(lens);
+      const std::vector<int> d = displacements(c);
+      ordered_sum_scatter(comm_, rank_, size_, data + seg, lens, data + seg + d[rank_]);
+      MOETP_MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data + seg, c.data(), d.data(), MPI_FLOAT,
+                                     comm_));
+    }
+    return;
+  }
+  // Integer sums and maxima are exact in any order: MPI's own algorithm.
   MOETP_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, t.raw_data(), to_int(t.numel(), "elements"), mpi_type(t.dtype()),
                           op == ReduceOp::kSum ? MPI_SUM : MPI_MAX, comm_));
 }
@@ -139,6 +211,11 @@ void MpiComm::reduce_scatter(const Tensor& in, Tensor& out) {
   Agreement a = detail::reduce_scatter_args(kMpi, size_, in, out);
   agree("reduce_scatter", a);
   if (out.numel() == 0) return;
+  if (in.dtype() == DType::kF32) {
+    const std::vector<int64_t> lens(static_cast<size_t>(size_), out.numel());
+    ordered_sum_scatter(comm_, rank_, size_, in.data<float>(), lens, out.data<float>());
+    return;
+  }
   MOETP_MPI_CHECK(MPI_Reduce_scatter_block(in.raw_data(), out.raw_data(), to_int(out.numel(), "elements"),
                                      mpi_type(in.dtype()), MPI_SUM, comm_));
 }
@@ -147,6 +224,12 @@ void MpiComm::reduce_scatter_v(const Tensor& in, Tensor& out, std::span<const in
   Agreement a = detail::reduce_scatter_v_args(kMpi, rank_, size_, in, out, counts);
   agree("reduce_scatter_v", a);
   if (in.row_numel() == 0 || in.rows() == 0) return;
+  if (in.dtype() == DType::kF32) {
+    std::vector<int64_t> lens(static_cast<size_t>(size_));
+    for (int r = 0; r < size_; ++r) lens[r] = counts[r] * in.row_numel();
+    ordered_sum_scatter(comm_, rank_, size_, in.data<float>(), lens, out.data<float>());
+    return;
+  }
   std::vector<int> elems(size_);
   for (int r = 0; r < size_; ++r) elems[r] = to_int(counts[r] * in.row_numel(), "elements");
   MOETP_MPI_CHECK(MPI_Reduce_scatter(in.raw_data(), out.raw_data(), elems.data(), mpi_type(in.dtype()), MPI_SUM, comm_));

@@ -1,6 +1,13 @@
 // MPI backend of Comm: host (CPU) tensors, MPI's own collectives (MPI_Allgatherv, MPI_Alltoallv,
-// MPI_Reduce_scatter, ...). Arguments are agreed on across the group first (one small
-// MPI_Allgather), so a mismatch becomes the same moetp::Error on every rank instead of a hang.
+// ...). Arguments are agreed on across the group first (one small MPI_Allgather), so a mismatch
+// becomes the same moetp::Error on every rank instead of a hang.
+//
+// f32 sums (all_reduce kSum, reduce_scatter, reduce_scatter_v) are deterministic: every element is
+// ((x_0 + x_1) + x_2) + ... + x_{P-1} over the ranks' values in rank order, computed by the rank
+// that owns the element's block after an MPI_Alltoallv (then MPI_Allgatherv for all_reduce). The
+// bits therefore do not depend on message size, on how a buffer is split into calls, or on whether
+// a sum runs as all_reduce or as reduce_scatter(_v) + all_gather(_v). Integer sums and kMax are
+// exact in any order and use MPI_Allreduce / MPI_Reduce_scatter(_block).
 #pragma once
 
 #include <mpi.h>

@@ -81,6 +81,7 @@ AuxLoss aux_loss(const std::vector<const MoeSaved*>& layers, comm::Comm& world, 
     }
     local_tokens = s->x_NH.size(0);
   }
+  // Layers in order on each rank, then ranks in rank order (the MPI backend's f32 sum): fixed.
   world.all_reduce(stats, comm::ReduceOp::kSum);
   const int64_t num_layers = static_cast<int64_t>(layers.size());
   const int64_t global_tokens = world.all_reduce_scalar(local_tokens, comm::ReduceOp::kSum);

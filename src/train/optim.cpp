@@ -11,6 +11,11 @@ void reduce_grads(std::vector<model::Param>& params, const comm::Mesh& mesh) {
   }
 }
 
+// Fixed order: sums of squares in double, elements in storage order, parameters in the model's
+// order. Replicated gradients are identical on every rank after reduce_grads, so every rank has the
+// same `replicated`; `expert` is this rank's shards, summed over ep_etp in rank order
+// (Comm::all_reduce_scalar(double)). No thread or message-size dependence; the layout decides
+// which shards a rank holds.
 double global_grad_norm(const std::vector<model::Param>& params, const comm::Mesh& mesh) {
   double replicated = 0, expert = 0;
   for (const model::Param& p : params) {
@@ -19,7 +24,7 @@ double global_grad_norm(const std::vector<model::Param>& params, const comm::Mes
     for (int64_t i = 0; i < p.grad.numel(); ++i) s += static_cast<double>(g[i]) * g[i];
     (p.kind == model::ParamKind::kExpert ? expert : replicated) += s;
   }
-  // Expert shards partition the expert tensors over ep_etp; sum in rank order for determinism.
+  // Expert shards partition the expert tensors over ep_etp.
   if (mesh.ep_etp().size() > 1) expert = mesh.ep_etp().all_reduce_scalar(expert, comm::ReduceOp::kSum);
   return std::sqrt(replicated + expert);
 }

@@ -165,6 +165,8 @@ StepResult Trainer::step() {
       }
     }
   }
+  // Fixed order: micro-batches in order on each rank (each one's row losses in token order), then
+  // ranks in rank order (all_reduce_scalar(double)).
   r.ce_loss = world_.all_reduce_scalar(ce_sum, comm::ReduceOp::kSum) / static_cast<double>(global_targets);
   r.aux_loss = aux_sum / num_micro;
   r.loss = r.ce_loss + model_cfg_.router_aux_loss_coef * r.aux_loss;

@@ -1,11 +1,15 @@
 // CPU GEMM and linear: against a naive double-precision triple loop (all four transpose
 // combinations, padded leading dimensions with guard values), an integer-valued exact case, the BLAS
-// edge cases (K = 0, beta = 0 over NaN, empty M/N) and argument errors.
+// edge cases (K = 0, beta = 0 over NaN, empty M/N), argument errors, and bit-identical results for
+// any OpenMP thread count.
 #include "kernels/cpu/gemm.h"
 
+#include <cblas.h>
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -209,6 +213,66 @@ TEST(CpuLinear, ForwardAndBackwardMatchNaive) {
   Tensor dw_only = dw0.clone();
   cpu::linear_backward(dy, x, w, nullptr, &dw_only);
   EXPECT_TRUE(moetp::testing::bit_equal(dw_only, dw));
+}
+
+// cpu::gemm threads over fixed blocks (gemm.h), so its bits do not depend on the OpenMP thread
+// count. The shapes are split into 2 to 8 blocks of rows or columns, or stay one call (small, or
+// narrow with a tall K: the weight-gradient GEMMs). Controls: the values are such that the order
+// of the K sum shows in the bits (the same product with K split in two calls differs), and
+// OpenBLAS's own threading, which cpu::gemm turns off, is reported when it changes the bits (it does
+// for every shape here with OpenBLAS 0.3.21 on an AMD EPYC).
+TEST(CpuGemm, BitIdenticalForAnyThreadCount) {
+  struct Shape3 {
+    bool ta, tb;
+    int64_t M, N, K;
+  };
+  const Shape3 shapes[] = {{false, true, 256, 192, 1024}, {false, false, 333, 70, 513}, {true, false, 16, 32, 20000},
+                           {true, false, 64, 48, 4099},   {false, true, 1000, 16, 128}, {true, true, 129, 257, 300}};
+  const int saved = omp_get_max_threads();
+  for (const Shape3& s : shapes) {
+    SCOPED_TRACE(fmt::format("ta {} tb {} M {} N {} K {}", s.ta, s.tb, s.M, s.N, s.K));
+    const Tensor a = random_tensor({s.M * s.K}, 11, 1, -1.0f, 1.0f);
+    Tensor b = random_tensor({s.K * s.N}, 11, 2, -1.0f, 1.0f);
+    for (int64_t x = 0; x < b.numel(); x += 5) b.data<float>()[x] *= 1000.0f;  // mixed magnitudes
+    const Tensor c0 = random_tensor({s.M, s.N}, 11, 3);
+    const int64_t lda = s.ta ? s.M : s.K, ldb = s.tb ? s.K : s.N;
+    auto product = [&](int threads) {
+      omp_set_num_threads(threads);
+      Tensor c = c0.clone();
+      cpu::gemm(s.ta, s.tb, s.M, s.N, s.K, 0.5f, a.data<float>(), lda, b.data<float>(), ldb, 1.0f, c.data<float>(),
+                s.N);
+      return c;
+    };
+    const Tensor one = product(1);
+    for (int threads : {2, 3, 4}) EXPECT_TRUE(moetp::testing::bit_equal(product(threads), one)) << threads << " threads";
+
+    const int64_t k1 = s.K / 3 + 1;
+    Tensor split = c0.clone();
+    const float* a2 = a.data<float>() + (s.ta ? k1 * lda : k1);
+    const float* b2 = b.data<float>() + (s.tb ? k1 : k1 * ldb);
+    cpu::gemm(s.ta, s.tb, s.M, s.N, k1, 0.5f, a.data<float>(), lda, b.data<float>(), ldb, 1.0f, split.data<float>(), s.N);
+    cpu::gemm(s.ta, s.tb, s.M, s.N, s.K - k1, 0.5f, a2, lda, b2, ldb, 1.0f, split.data<float>(), s.N);
+    EXPECT_FALSE(moetp::testing::bit_equal(split, one)) << "the order of the K sum does not show in these values";
+
+#ifdef OPENBLAS_VERSION
+    EXPECT_EQ(openblas_get_num_threads(), 1) << "cpu::gemm runs OpenBLAS single-threaded";
+    auto openblas_threaded = [&](int threads) {
+      openblas_set_num_threads(threads);
+      Tensor c = c0.clone();
+      cblas_sgemm(CblasRowMajor, s.ta ? CblasTrans : CblasNoTrans, s.tb ? CblasTrans : CblasNoTrans,
+                  static_cast<int>(s.M), static_cast<int>(s.N), static_cast<int>(s.K), 0.5f, a.data<float>(),
+                  static_cast<int>(lda), b.data<float>(), static_cast<int>(ldb), 1.0f, c.data<float>(),
+                  static_cast<int>(s.N));
+      return c;
+    };
+    const Tensor blas1 = openblas_threaded(1);
+    if (!moetp::testing::bit_equal(openblas_threaded(3), blas1)) {
+      std::printf("note: OpenBLAS's own 3 threads change the bits of this product (cpu::gemm does not use them)\n");
+    }
+    openblas_set_num_threads(1);
+#endif
+  }
+  omp_set_num_threads(saved);
 }
 
 TEST(CpuLinear, RejectsMismatchedShapes) {

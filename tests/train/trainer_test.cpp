@@ -1,11 +1,14 @@
 // The trainer at every layout and dispatcher reproduces the single-rank run: same loss and
 // gradient norm over 3 steps on the same global batch (tolerance below). Also: 2 accumulated
-// micro-batches equal one batch of twice the size, and the loss falls on a learnable task.
+// micro-batches equal one batch of twice the size, the loss falls on a learnable task, and the
+// results are bit-identical for any OpenMP thread count.
 //
 // Model: 2 layers (layer 0 MoE with 8 experts top-2, layer 1 dense via mlp_only_layers), vocab
 // 64, hidden 32. Data: random ids from the counter RNG, in memory.
 #include <gtest/gtest.h>
+#include <omp.h>
 
+#include <bit>
 #include <functional>
 
 #include "comm/mesh.h"
@@ -121,6 +124,74 @@ TEST(TrainerLearning, LossFallsOnARepeatingPattern) {
   c.train.steps = 40;
   const auto r = run(c, tiny_model(0.01), w, 40, data::TokenFile::from_ids(ids, 64, "pattern"));
   EXPECT_LT(r.back().ce_loss, 0.3 * r.front().ce_loss) << "first " << r.front().ce_loss << " last " << r.back().ce_loss;
+}
+
+// Steps, then every parameter and its last gradient.
+struct Trained {
+  std::vector<train::StepResult> steps;
+  std::vector<Tensor> values, grads;
+};
+
+Trained train_steps(const config::TrainConfig& c, comm::Comm& w, int steps) {
+  train::Trainer t(c, tiny_model(0.01), w, random_tokens(4000, 64, 9));
+  Trained out;
+  for (int i = 0; i < steps; ++i) out.steps.push_back(t.step());
+  for (const model::Param& p : t.model().params()) {
+    out.values.push_back(p.value.clone());
+    out.grads.push_back(p.grad.clone());
+  }
+  return out;
+}
+
+void expect_bit_identical(const Trained& got, const Trained& ref) {
+  ASSERT_EQ(got.steps.size(), ref.steps.size());
+  for (size_t s = 0; s < got.steps.size(); ++s) {
+    EXPECT_EQ(std::bit_cast<uint64_t>(got.steps[s].loss), std::bit_cast<uint64_t>(ref.steps[s].loss)) << "step " << s + 1;
+    EXPECT_EQ(std::bit_cast<uint64_t>(got.steps[s].aux_loss), std::bit_cast<uint64_t>(ref.steps[s].aux_loss))
+        << "step " << s + 1;
+    EXPECT_EQ(std::bit_cast<uint64_t>(got.steps[s].grad_norm), std::bit_cast<uint64_t>(ref.steps[s].grad_norm))
+        << "step " << s + 1;
+  }
+  ASSERT_EQ(got.values.size(), ref.values.size());
+  for (size_t i = 0; i < got.values.size(); ++i) {
+    EXPECT_TRUE(testing::bit_equal(got.values[i], ref.values[i])) << "parameter " << i;
+    EXPECT_TRUE(testing::bit_equal(got.grads[i], ref.grads[i])) << "gradient " << i;
+  }
+}
+
+bool bits_differ(const Trained& a, const Trained& b) {
+  for (size_t i = 0; i < a.values.size(); ++i) {
+    if (!testing::bit_equal(a.values[i], b.values[i])) return true;
+  }
+  return false;
+}
+
+// Every reduction of the CPU path adds in an order that does not depend on the thread count
+// (per-row OpenMP loops, serial sums in a fixed order, GEMMs split into fixed blocks), so 3 steps
+// give the same bits with 1, 2 or 3 OpenMP threads. 1024 tokens a step, so that the LM-head GEMMs
+// are split into blocks. Control: 2 micro-batches instead of 1 (the same math in another summation
+// order) do change the bits.
+TEST(TrainerDeterminism, BitIdenticalForAnyThreadCount) {
+  auto& w = world();
+  if (w.size() != 1 && w.size() != 2 && w.size() != 4) GTEST_SKIP() << "layouts for 1, 2 and 4 ranks";
+  const int ep = w.size() == 1 ? 1 : 2, etp = w.size() == 4 ? 2 : 1;
+  const std::string disp = w.size() == 1 ? "local" : w.size() == 2 ? "vexpert" : "all2all";
+  config::TrainConfig c = train_config(ep, etp, disp, 1, 16);
+  c.train.seq_len = 64;
+  const int saved = omp_get_max_threads();
+  auto with_threads = [&](int n, const config::TrainConfig& cfg) {
+    omp_set_num_threads(n);
+    return train_steps(cfg, w, 3);
+  };
+  const Trained one = with_threads(1, c);
+  for (int n : {2, 3}) {
+    SCOPED_TRACE(fmt::format("{} threads", n));
+    expect_bit_identical(with_threads(n, c), one);
+  }
+  config::TrainConfig two_micro = c;
+  two_micro.train.micro_batches = 2;
+  EXPECT_TRUE(bits_differ(with_threads(1, two_micro), one)) << "the comparison would not see a changed order";
+  omp_set_num_threads(saved);
 }
 
 TEST(TrainerReport, ModelTflopsFollowTheFormulaAndTheCpuHasNoGpuMemory) {

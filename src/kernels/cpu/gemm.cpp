@@ -1,19 +1,37 @@
 // cblas_sgemm behind a checked row-major interface. Shape and leading-dimension checks happen here
-// rather than in OpenBLAS, whose xerbla prints and returns instead of throwing.
+// rather than in OpenBLAS, whose xerbla prints and returns instead of throwing. Threading: fixed
+// blocks over OpenMP, OpenBLAS single-threaded (gemm.h says why).
 #include "kernels/cpu/gemm.h"
 
 #include <cblas.h>
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
 
 namespace moetp::cpu {
 
 namespace {
 constexpr int64_t kBlasIntMax = std::numeric_limits<int>::max();
 
+constexpr double kSplitMultiplyAdds = 1 << 20;
+
 void check_blas_int(int64_t v, const char* name) {
   MOETP_CHECK(v >= 0 && v <= kBlasIntMax, "gemm: {} = {} is outside [0, {}]", name, v, kBlasIntMax);
+}
+
+void use_single_threaded_blas() {
+#ifdef OPENBLAS_VERSION
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+#endif
+}
+
+void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+           const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+              static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A, static_cast<int>(lda), B,
+              static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
 }
 }  // namespace
 
@@ -54,9 +72,24 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   MOETP_CHECK(ldb >= std::max<int64_t>(1, b_cols) && ldb <= kBlasIntMax,
               "gemm: ldb ({}) < {} (trans_b = {}, K = {}, N = {})", ldb, b_cols, trans_b, K, N);
   MOETP_CHECK(A != nullptr && B != nullptr, "gemm: null operand (M = {}, N = {}, K = {})", M, N, K);
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-              static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A, static_cast<int>(lda), B,
-              static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
+  use_single_threaded_blas();
+  const bool by_rows = M >= N;
+  const int64_t len = by_rows ? M : N;
+  const bool split = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= kSplitMultiplyAdds;
+  const int64_t blocks = split ? (len + kGemmBlock - 1) / kGemmBlock : 1;
+  if (blocks == 1) {
+    sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t s = b * kGemmBlock, n = std::min(kGemmBlock, len - s);
+    if (by_rows) {  // rows [s, s + n) of C: rows of op(A)
+      sgemm(trans_a, trans_b, n, N, K, alpha, trans_a ? A + s : A + s * lda, lda, B, ldb, beta, C + s * ldc, ldc);
+    } else {  // columns [s, s + n) of C: columns of op(B)
+      sgemm(trans_a, trans_b, M, n, K, alpha, A, lda, trans_b ? B + s * ldb : B + s, ldb, beta, C + s, ldc);
+    }
+  }
 }
 
 Tensor linear(const Tensor& x_MK, const Tensor& w_NK) {
