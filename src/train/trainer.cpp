@@ -86,7 +86,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
               "train.cuda_allocator = {} applies to the CUDA device only (train.device resolved to '{}': {})",
               option_name(cfg_.train.cuda_allocator), dev, device_reason_);
   mesh_ = std::make_unique<comm::Mesh>(world_, cfg_.parallel.ep, cfg_.parallel.etp);
-  if (device_ == "cpu") {
+  if (device_ == Device::kCpu) {
     model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, *mesh_, config::resolved_dispatcher(cfg_),
                                                     static_cast<uint64_t>(cfg_.train.seed));
     optim_ = std::make_unique<AdamW>(model_->params(), AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2,
@@ -227,7 +227,7 @@ Trainer::StepOps Trainer::gpu_ops() {
 }
 
 model::Qwen3MoeModel& Trainer::model() {
-  MOETP_CHECK(model_ != nullptr, "Trainer::model(): there is no CPU model on the '{}' device", device_);
+  MOETP_CHECK(model_ != nullptr, "Trainer::model(): there is no CPU model on the '{}' device", device_name(device_));
   return *model_;
 }
 
