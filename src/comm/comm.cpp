@@ -22,10 +22,12 @@ NodeLocal node_local(Comm& group) {
   // Host names travel as fixed-width rows of i32 (one character each), compared whole.
   constexpr int64_t kWidth = 256;
   char name[kWidth] = {};
-  MOETP_CHECK(gethostname(name, kWidth - 1) == 0, "node_local on group '{}': gethostname failed", group.name());
+  Comm& host = group.host();
+  // Agreed first, so a rank whose gethostname fails stops every rank instead of leaving them in
+  // the all-gather below.
+  host.raise_if_any(gethostname(name, kWidth - 1) == 0 ? "" : "gethostname failed", "node_local");
   std::vector<int32_t> mine(kWidth);
   for (int64_t i = 0; i < kWidth; ++i) mine[static_cast<size_t>(i)] = static_cast<unsigned char>(name[i]);
-  Comm& host = group.host();
   Tensor out = Tensor::empty({host.size(), kWidth}, DType::kI32);
   host.all_gather(Tensor::from_vector<int32_t>(mine, {1, kWidth}), out);
   const std::vector<int32_t> all = out.to_vector<int32_t>();

@@ -56,6 +56,18 @@ std::string gemm_case_name(const ::testing::TestParamInfo<GemmCase>& info) {
 
 void PrintTo(const GemmCase& c, std::ostream* os) { *os << gemm_case_name(::testing::TestParamInfo<GemmCase>(c, 0)); }
 
+// The first gemm switches OpenBLAS to one thread; the application's OpenMP thread count stays (an
+// OpenMP build of OpenBLAS sets both). Declared first, so it sees this process's first gemm.
+TEST(CpuGemm, KeepsTheApplicationsThreadCount) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(3);
+  std::vector<float> a(64 * 64, 1.0f), b(64 * 64, 1.0f), c(64 * 64, 0.0f);
+  cpu::gemm(false, false, 64, 64, 64, 1.0f, a.data(), 64, b.data(), 64, 0.0f, c.data(), 64);
+  EXPECT_EQ(omp_get_max_threads(), 3);
+  EXPECT_EQ(c[0], 64.0f);
+  omp_set_num_threads(saved);
+}
+
 class CpuGemmRandom : public ::testing::TestWithParam<GemmCase> {};
 
 TEST_P(CpuGemmRandom, MatchesNaiveTripleLoopAndKeepsGuards) {

@@ -4,6 +4,7 @@
 #include "kernels/cpu/gemm.h"
 
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <limits>
@@ -23,7 +24,13 @@ void check_blas_int(int64_t v, const char* name) {
 void use_single_threaded_blas() {
 #ifdef OPENBLAS_VERSION
   static std::once_flag once;
-  std::call_once(once, [] { openblas_set_num_threads(1); });
+  std::call_once(once, [] {
+    // OpenBLAS's OpenMP build sets the caller's OpenMP thread count too (goto_set_num_threads ->
+    // omp_set_num_threads): keep the application's.
+    const int app_threads = omp_get_max_threads();
+    openblas_set_num_threads(1);
+    omp_set_num_threads(app_threads);
+  });
 #endif
 }
 
