@@ -169,10 +169,12 @@ void MpiComm::all_reduce(Tensor& t, ReduceOp op) {
   if (t.numel() == 0) return;
   if (t.dtype() == DType::kF32 && op == ReduceOp::kSum) {
     if (size_ == 1) return;
-    // Segments of kReduceChunkElems: each a rank-order reduce-scatter in place, then an all-gather.
+    // Segments of at most kReduceChunkElems, a multiple of the group size (so each block fits one
+    // exchange round): each a rank-order reduce-scatter in place, then an all-gather.
     float* data = t.data<float>();
-    for (int64_t seg = 0; seg < t.numel(); seg += kReduceChunkElems) {
-      const int64_t n = std::min(kReduceChunkElems, t.numel() - seg);
+    const int64_t segment = std::max<int64_t>(size_, kReduceChunkElems / size_ * size_);
+    for (int64_t seg = 0; seg < t.numel(); seg += segment) {
+      const int64_t n = std::min(segment, t.numel() - seg);
       const std::vector<int64_t> lens = even_blocks(n, size_);
       const std::vector<int> c = int_counts(lens);
       const std::vector<int> d = displacements(c);
