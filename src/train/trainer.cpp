@@ -29,9 +29,11 @@ bool runs_on_cuda(DispatcherKind d) {
   return d == DispatcherKind::kLocal || d == DispatcherKind::kAll2all || d == DispatcherKind::kVexpert;
 }
 
-// (device, reason) for train.device; collective (every rank decides alike).
-std::pair<Device, std::string> pick_device(DeviceChoice want, DispatcherKind dispatcher, comm::Comm& world) {
-  const auto [local_rank, local_size] = comm::node_local(world);
+// (device, reason) for train.device; collective (every rank decides alike). `local`: this rank on
+// its node (comm::node_local).
+std::pair<Device, std::string> pick_device(DeviceChoice want, DispatcherKind dispatcher, comm::Comm& world,
+                                           comm::NodeLocal local) {
+  const auto [local_rank, local_size] = local;
 #if MOETP_HAVE_CUDA
   const int gpus = cuda::device_count();
   const std::string why_not = gpus == 0 ? cuda::unavailable_reason() : "";
@@ -74,7 +76,8 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   MOETP_CHECK(batches_.file().vocab_size() <= model_cfg_.vocab_size,
               "data file {} has vocabulary size {} but the model's vocab_size is {}", batches_.file().path(),
               batches_.file().vocab_size(), model_cfg_.vocab_size);
-  std::tie(device_, device_reason_) = pick_device(cfg_.train.device, config::resolved_dispatcher(cfg_), world_);
+  const comm::NodeLocal local = comm::node_local(world_);
+  std::tie(device_, device_reason_) = pick_device(cfg_.train.device, config::resolved_dispatcher(cfg_), world_, local);
   const std::string_view dev = device_name(device_);
   MOETP_CHECK(!cfg_.moe.force_balance || device_ == Device::kCuda,
               "moe.force_balance is implemented on the CUDA device only (train.device resolved to '{}': {})", dev,
@@ -103,7 +106,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
     // device (docs/performance.md, Allocator).
     const bool direct = cfg_.train.cuda_allocator == AllocatorChoice::kDirect;
     world_.run_collectively("selecting this rank's GPU", [&] {
-      cuda::init(comm::node_local(world_).rank, direct ? cuda::AllocMode::kDirect : cuda::AllocMode::kCaching);
+      cuda::init(local.rank, direct ? cuda::AllocMode::kDirect : cuda::AllocMode::kCaching);
     });
     gpu_->world = comm::NcclComm::create(world_.host(), "world");
     gpu_->mesh = std::make_unique<comm::Mesh>(*gpu_->world, cfg_.parallel.ep, cfg_.parallel.etp);
