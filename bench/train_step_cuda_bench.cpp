@@ -1,5 +1,5 @@
-// GPU benchmark of one full training step of the CUDA model (model/cuda_model.h,
-// CudaQwen3MoeModel) on 1 to n GPUs: zero_grads, forward_backward of one micro-batch (B, S) per
+// GPU benchmark of one full training step of the model on the CUDA backend (model/model.h,
+// train/optim.h) on 1 to n GPUs: zero_grads, forward_backward of one micro-batch (B, S) per
 // GPU, reduce_grads, grad_norm, adamw_step.
 //
 // Layouts: run under mpirun with one rank per GPU (`--layouts PxT,...`, default Wx1; every P·T must
@@ -18,7 +18,7 @@
 // --dispatcher all2all | vexpert the CUDA dispatcher on a mesh (default all2all; printed in the
 // banner and the JSON, not in the case names, which stay those of the PyTorch baseline).
 // --phases adds a line per case splitting forward_backward into the model's phases (embed,
-// attn_fwd, moe_fwd, head_ce, aux, moe_bwd, attn_bwd, ...; CudaQwen3MoeModel::set_phase_timing:
+// attn_fwd, moe_fwd, head_ce, aux, moe_bwd, attn_bwd, ...; backend::Backend::set_phase_timing:
 // GPU-timeline ms per step, host waits included in the phase they stall).
 //
 // Cases (default): configs/tiny-moe.json at S = 128, B = 16, and configs/qwen3-30b-a3b-l4.json
@@ -32,7 +32,7 @@
 // Step: zero_grads; forward_backward(tokens, ce_scale = 1/(B·S), aux_scale = router_aux_loss_coef);
 // adamw_step(beta1 0.9, beta2 0.95, eps 1e-8, weight decay 0.1; lr 1e-4; step t counting from 1).
 // Tokens: host i32 (B, S + 1), uniform ids < vocab from a fixed seed (inputs [:, :S], targets
-// [:, 1:]), the same tokens every step. Model: CudaQwen3MoeModel(cfg, seed 1234) (random init).
+// [:, 1:]), the same tokens every step. Model: Qwen3MoeModel(cfg, CUDA backend, seed 1234) (random init).
 //
 // Timing (bench/cuda_timing.h, as the PyTorch baselines time their steps): --warmup untimed steps,
 // then --steps steps back to back on the legacy default stream (the stream the model runs on)
@@ -98,7 +98,10 @@
 #include "cuda_timing.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/runtime.h"
-#include "model/cuda_model.h"
+#include "backend/backend.h"
+#include "model/model.h"
+#include "moe/cuda_moe.h"
+#include "train/optim.h"
 
 #ifndef MOETP_SOURCE_DIR
 #define MOETP_SOURCE_DIR "."
@@ -152,7 +155,7 @@ struct Args {
   std::string json_out;
   std::vector<Layout> layouts;  // empty: W x 1
   std::vector<bool> routings = {false, true};  // balanced?
-  bool phases = false;  // per-phase GPU timeline of forward_backward (CudaQwen3MoeModel::set_phase_timing)
+  bool phases = false;  // per-phase GPU timeline of forward_backward (backend::Backend::set_phase_timing)
   cuda::AllocMode alloc = cuda::AllocMode::kCaching;  // --alloc caching | direct (the trainer's default is caching)
   moe::ExpertGemm expert_gemm = moe::ExpertGemm::kGrouped;  // --expert-gemm grouped | cublas
   std::string dispatcher = "all2all";                       // --dispatcher all2all | vexpert (layouts)
@@ -297,14 +300,14 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
   const int64_t global_targets = c.batch * c.seq_len * W;
   const double ce_scale = 1.0 / static_cast<double>(global_targets);
   const double aux_scale = cfg.router_aux_loss_coef;
-  const model::CudaAdamWConfig opt;
 
   std::unique_ptr<comm::Mesh> mesh;
   if (W > 1) mesh = std::make_unique<comm::Mesh>(*ctx.nccl, layout.P, layout.T);
-  model::CudaModelOptions opts;
+  model::ModelOptions opts;
   opts.mesh = mesh.get();
   opts.force_balance = balanced;
-  opts.expert_gemm = args.expert_gemm;
+  opts.expert_gemm =
+      args.expert_gemm == moe::ExpertGemm::kGrouped ? ExpertGemmChoice::kGrouped : ExpertGemmChoice::kCublas;
   opts.dispatcher = parse_option<DispatcherKind>(args.dispatcher, "--dispatcher");
   MOETP_CHECK(W > 1 || (layout.P == 1 && layout.T == 1), "layout {}x{} needs {} ranks (run under mpirun)", layout.P,
               layout.T, layout.P * layout.T);
@@ -312,16 +315,19 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
   reset_peak();
   size_t dev_used = 0;
   try {
-    auto model = std::make_unique<model::CudaQwen3MoeModel>(cfg, kModelSeed, opts);
+    backend::Backend& be = backend::get(Device::kCuda);
+    be.reset_phase_ms();
+    auto model = std::make_unique<model::Qwen3MoeModel>(cfg, be, opts, kModelSeed);
+    train::AdamW opt(*model, train::AdamWConfig{});
     int64_t step_no = 0;
     auto step = [&](int i, const bench::Mark& mark) {
       model->zero_grads();
       const model::MicroStats st = model->forward_backward(tokens, ce_scale, aux_scale);
       mark();
-      model->reduce_grads();
-      model->grad_norm();
+      train::reduce_grads(*model);
+      train::global_grad_norm(*model);
       mark();
-      model->adamw_step(opt, kLr, ++step_no);
+      opt.step(*model, kLr, ++step_no);
       const double ce = ctx.world.all_reduce_scalar(st.ce_sum, comm::ReduceOp::kSum) * ce_scale;
       r.load = 0;
       for (const std::vector<float>& counts : st.expert_counts) {  // global counts per layer
@@ -335,7 +341,7 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
       const double loss = ce + cfg.router_aux_loss_coef * st.aux;
       if (i < args.warmup) {
         dev_used = std::max(dev_used, device_used_bytes());  // sampled outside the timed steps
-        if (i + 1 == args.warmup) model->set_phase_timing(args.phases);
+        if (i + 1 == args.warmup) be.set_phase_timing(args.phases);
         return;
       }
       if (i == args.warmup) r.loss_first = loss;
@@ -346,12 +352,12 @@ Result run_case(const Args& args, const Case& c, Ctx& ctx, Layout layout, bool b
       if (i == args.warmup) t0 = std::chrono::steady_clock::now();
       step(i, mark);
     };
-    model->set_phase_timing(args.phases && args.warmup == 0);
+    be.set_phase_timing(args.phases && args.warmup == 0);
     const bench::Timing t = bench::time_loop(0, args.steps, args.warmup, 2, timed_step);
     const auto t1 = std::chrono::steady_clock::now();
     dev_used = std::max(dev_used, device_used_bytes());
-    for (const auto& [phase, ms_total] : model->phase_ms()) r.phase_ms[phase] = ms_total / args.steps;
-    model->set_phase_timing(false);
+    for (const auto& [phase, ms_total] : be.phase_ms()) r.phase_ms[phase] = ms_total / args.steps;
+    be.set_phase_timing(false);
     // Forward alone, same tokens (no gradients; forward is synchronous like forward_backward).
     const bench::Timing f =
         bench::time_loop(0, args.steps, 1, 0, [&](int, const bench::Mark&) { model->forward(tokens); });

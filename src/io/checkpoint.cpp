@@ -408,22 +408,22 @@ nlohmann::json load_native(model::ParamStore& store, const std::string& dir) {
 }
 
 void save_hf(const model::Qwen3MoeModel& model, const std::string& dir, const SaveOptions& opts) {
-  save_hf(model::CpuParamStore(model), dir, opts);
+  save_hf(model::ModelParamStore(model), dir, opts);
 }
 
 void load_hf(model::Qwen3MoeModel& model, const std::string& dir) {
-  model::CpuParamStore store(model);
+  model::ModelParamStore store(model);
   load_hf(store, dir);
 }
 
 void save_native(const model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
                  const nlohmann::json& state, const std::string& dir, const SaveOptions& opts) {
-  save_native(model::CpuParamStore(model, extras), state, dir, opts);
+  save_native(model::ModelParamStore(model, extras), state, dir, opts);
 }
 
 nlohmann::json load_native(model::Qwen3MoeModel& model, const std::vector<ExtraState>& extras,
                            const std::string& dir) {
-  model::CpuParamStore store(model, extras);
+  model::ModelParamStore store(model, extras);
   return load_native(store, dir);
 }
 

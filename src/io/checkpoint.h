@@ -48,7 +48,8 @@ void save_native(const model::ParamStore& store, const nlohmann::json& state, co
 // checkpoint may come from any layout.
 nlohmann::json load_native(model::ParamStore& store, const std::string& dir);
 
-// The CPU model with extra per-parameter tensors (e.g. AdamW moments), through model::CpuParamStore.
+// A model whose mesh is the host mesh (the CPU backend) with extra per-parameter tensors (e.g. AdamW
+// moments), through model::ModelParamStore.
 using ExtraState = model::ParamState;
 void save_hf(const model::Qwen3MoeModel& model, const std::string& dir, const SaveOptions& opts = {});
 void load_hf(model::Qwen3MoeModel& model, const std::string& dir);

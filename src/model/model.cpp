@@ -1,238 +1,383 @@
 #include "model/model.h"
 
-#include "kernels/cpu/attention.h"
-#include "kernels/cpu/cross_entropy.h"
-#include "kernels/cpu/embedding.h"
-#include "kernels/cpu/experts.h"
-#include "kernels/cpu/gemm.h"
-#include "kernels/cpu/rmsnorm.h"
-#include "kernels/cpu/rope.h"
+#include <algorithm>
+
+#include "kernels/cpu/router.h"
+#include "shard/layout.h"
 
 namespace moetp::model {
 
-namespace {
-
-void add_into(Tensor& dst, const Tensor& src) {
-  float* d = dst.data<float>();
-  const float* s = src.data<float>();
-  for (int64_t i = 0; i < dst.numel(); ++i) d[i] += s[i];
-}
-
-// (N, 2F) = [gate(x) | up(x)] for the dense MLP.
-Tensor concat_cols(const Tensor& a_NF, const Tensor& b_NF) {
-  const int64_t n = a_NF.size(0), f = a_NF.size(1);
-  Tensor out = Tensor::empty({n, 2 * f}, DType::kF32);
-  out.slice(1, 0, f).copy_from(a_NF);
-  out.slice(1, f, 2 * f).copy_from(b_NF);
-  return out;
-}
-
-}  // namespace
-
 struct Qwen3MoeModel::Layer : LayerParams {
-  std::unique_ptr<moe::MoeBlock> block;  // MoE layers
+  std::unique_ptr<moe::MoeLayer> moe;  // MoE layers
+  Tensor gate_up_work, gate_up_grad;   // dense layers: gate | up stacked, (2F, H) views
 };
 
-// Everything one layer's backward needs from its forward.
+// Everything one layer's backward needs from its forward (the compute dtype unless noted).
 struct LayerSaved {
-  Tensor x_in, rstd1, a;              // input, ln1 statistics, normed input (N, H)
-  Tensor q_pre, k_pre, q_rstd, k_rstd;  // projections before the per-head norms
-  Tensor q, k, v;                     // (B, S, Hq|Hkv, D) after norm + RoPE
-  cpu::AttentionSaved attn;
-  Tensor attn_out;                    // (N, Hq·D) before o_proj
-  Tensor x_mid, rstd2, m;             // after the attention residual; ln2
-  Tensor dense_h, dense_a;            // dense MLP: (N, 2F) gate|up, (N, F) activation
-  moe::MoeSaved moe;
+  Tensor x_in, rstd1, a;                // input, ln1 rstd (f32), normed input (N, H)
+  Tensor q_pre, k_pre, q_rstd, k_rstd;  // projections before the per-head norms; rstd f32
+  Tensor q, k, v;                       // (B, S, Hq|Hkv, D) after norm + RoPE
+  Tensor attn, lse;                     // (B, S, Hq, D) attention output; (B, Hq, S) f32
+  Tensor x_mid, rstd2, m;               // after the attention residual; ln2
+  Tensor dense_h, dense_a;              // dense MLP: (N, 2F) gate|up, (N, F)
 };
 
-struct Qwen3MoeModel::Saved {
-  std::vector<LayerSaved> layers;
-};
+Qwen3MoeModel::Qwen3MoeModel(const config::ModelConfig& cfg, backend::Backend& backend, const ModelOptions& opts,
+                             uint64_t seed)
+    : cfg_(cfg), backend_(backend), opts_(opts) {
+  MOETP_CHECK(opts_.dispatcher != DispatcherKind::kAuto, "Qwen3MoeModel: the dispatcher must be resolved (not auto)");
+  build(qwen3_moe_params(cfg_, layout()), seed);
+}
 
 Qwen3MoeModel::Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, DispatcherKind dispatcher,
                              uint64_t seed)
-    : cfg_(cfg), mesh_(mesh) {
-  const ParamTable table = qwen3_moe_params(cfg, expert_layout(mesh));
-  params_.reserve(table.params.size());
-  for (const ParamDesc& d : table.params) {
-    Param p;
-    static_cast<ParamDesc&>(p) = d;
-    p.value = initial_value(d, seed);
-    p.grad = Tensor::zeros(p.value.shape(), DType::kF32);
-    params_.push_back(std::move(p));
-  }
+    : Qwen3MoeModel(cfg, backend::get(Device::kCpu), ModelOptions{&mesh, dispatcher}, seed) {}
+
+Qwen3MoeModel::~Qwen3MoeModel() = default;
+
+ExpertLayout Qwen3MoeModel::layout() const { return opts_.mesh ? expert_layout(*opts_.mesh) : ExpertLayout{}; }
+
+// Flat offsets, the buffers and their views, the MoE layers bound to theirs, then the initial
+// values one tensor at a time (host -> master -> working copy).
+void Qwen3MoeModel::build(const ParamTable& table, uint64_t seed) {
+  const size_t P = table.params.size();
+  std::vector<bool> follows_previous(P, false);
   for (const LayerParams& lp : table.layers) {
-    Layer layer;
-    static_cast<LayerParams&>(layer) = lp;
-    if (layer.is_moe) {
-      layer.block = std::make_unique<moe::MoeBlock>(
-          moe::MoeConfig{cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
-                         cfg.norm_topk_prob, dispatcher},
-          mesh);
+    if (lp.is_moe) continue;
+    MOETP_CHECK(lp.up == lp.gate + 1, "Qwen3MoeModel: a layer has gate_proj at {} and up_proj at {}, not adjacent",
+                lp.gate, lp.up);
+    follows_previous[lp.up] = true;
+  }
+  offsets_.assign(P, 0);
+  int64_t total = 0;
+  for (size_t i = 0; i < P; ++i) {
+    if (!follows_previous[i]) total = (total + kFlatAlign - 1) / kFlatAlign * kFlatAlign;
+    offsets_[i] = total;
+    total += shape_numel(shard::local_shape(table.params[i].spec));
+  }
+  flat_value_ = backend_.zeros({total}, DType::kF32);
+  flat_grad_ = backend_.zeros({total}, DType::kF32);
+  const bool separate_work = backend_.compute_dtype() != DType::kF32;
+  flat_work_ = separate_work ? backend_.zeros({total}, backend_.compute_dtype()) : flat_value_;
+  params_.assign(P, Param{});
+  for (size_t i = 0; i < P; ++i) {
+    Param& p = params_[i];
+    static_cast<ParamDesc&>(p) = table.params[i];
+    const Shape shape = shard::local_shape(p.spec);
+    const int64_t n = shape_numel(shape);
+    p.value = flat_value_.slice(0, offsets_[i], offsets_[i] + n).view(shape);
+    p.work = flat_work_.slice(0, offsets_[i], offsets_[i] + n).view(shape);
+    p.grad = flat_grad_.slice(0, offsets_[i], offsets_[i] + n).view(shape);
+  }
+  const int64_t H = cfg_.hidden_size;
+  layers_.clear();
+  layers_.resize(table.layers.size());
+  for (size_t l = 0; l < table.layers.size(); ++l) {
+    Layer& L = layers_[l];
+    static_cast<LayerParams&>(L) = table.layers[l];
+    if (L.is_moe) {
+      moe::MoeLayerOptions mo{opts_.mesh, opts_.force_balance, opts_.expert_streams, opts_.expert_gemm};
+      L.moe = backend_.make_moe_layer(moe::MoeConfig{H, cfg_.num_experts, cfg_.num_experts_per_tok,
+                                                     cfg_.moe_intermediate_size, cfg_.norm_topk_prob, opts_.dispatcher},
+                                      mo);
+      const int64_t n_local = L.moe->num_local_experts();
+      auto views = [&](auto field) {
+        return moe::MoeParams{(params_[L.router].*field), (params_[L.w13].*field).view({n_local, -1, H}),
+                              (params_[L.w2].*field).view({n_local, H, -1})};
+      };
+      L.moe->bind(views(&Param::work), views(&Param::grad));
+    } else {
+      const int64_t F = cfg_.intermediate_size;
+      L.gate_up_work = flat_work_.slice(0, offsets_[L.gate], offsets_[L.gate] + 2 * F * H).view({2 * F, H});
+      L.gate_up_grad = flat_grad_.slice(0, offsets_[L.gate], offsets_[L.gate] + 2 * F * H).view({2 * F, H});
     }
-    layers_.push_back(std::move(layer));
   }
   embed_ = table.embed;
   final_norm_ = table.final_norm;
   lm_head_ = table.lm_head;
+  for (size_t i = 0; i < P; ++i) {
+    params_[i].value.copy_from(initial_value(params_[i], seed));
+    refresh_work(i);
+  }
+  backend_.synchronize();
 }
 
-Qwen3MoeModel::~Qwen3MoeModel() = default;
+void Qwen3MoeModel::refresh_work(size_t i) {
+  MOETP_CHECK(i < params_.size(), "refresh_work: parameter {} of {}", i, params_.size());
+  Param& p = params_[i];
+  if (p.work.raw_data() != p.value.raw_data()) backend_.cast_into(p.value, p.work);
+}
+
+std::vector<Param>& Qwen3MoeModel::params() {
+  for (Layer& L : layers_) {
+    if (L.moe) L.moe->materialize_grads();
+  }
+  return params_;
+}
+
+const std::vector<Param>& Qwen3MoeModel::params() const {
+  for (const Layer& L : layers_) {
+    if (L.moe) L.moe->materialize_grads();
+  }
+  return params_;
+}
 
 Param& Qwen3MoeModel::param(const std::string& name) {
-  for (Param& p : params_) {
+  for (Param& p : params()) {
     if (p.name == name) return p;
   }
   MOETP_FAIL("no parameter named '{}'", name);
 }
 
+Tensor Qwen3MoeModel::grad_span(size_t first, size_t last) const {
+  MOETP_CHECK(first < last && last <= params_.size(), "grad_span: parameters [{}, {}) of {}", first, last,
+              params_.size());
+  for (const Layer& L : layers_) {
+    if (L.moe) L.moe->materialize_grads();
+  }
+  return flat_grad_.slice(0, offsets_[first], offsets_[last - 1] + params_[last - 1].grad.numel());
+}
+
 void Qwen3MoeModel::zero_grads() {
-  for (Param& p : params_) p.grad.zero_();
+  // A MoE layer zeroes its own gradients (and may defer the expert weights' to its next backward,
+  // which then overwrites them); the rest is zeroed here.
+  std::vector<bool> by_layer(params_.size(), false);
+  for (Layer& L : layers_) {
+    if (!L.moe) continue;
+    L.moe->zero_grads();
+    by_layer[L.router] = by_layer[L.w13] = by_layer[L.w2] = true;
+  }
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!by_layer[i]) params_[i].grad.zero_();
+  }
+  backend_.synchronize();
+}
+
+const moe::MoeLayer* Qwen3MoeModel::moe_layer(int64_t layer_idx) const {
+  MOETP_CHECK(layer_idx >= 0 && layer_idx < static_cast<int64_t>(layers_.size()), "layer {} of {}", layer_idx,
+              layers_.size());
+  return layers_[static_cast<size_t>(layer_idx)].moe.get();
+}
+
+MicroStats Qwen3MoeModel::forward_backward(const Batch& batch, double ce_scale, double aux_scale) {
+  return run(batch, true, ce_scale, aux_scale, nullptr);
 }
 
 MicroStats Qwen3MoeModel::forward_backward(const Tensor& tokens_BS1, double ce_scale, double aux_scale) {
-  return run(tokens_BS1, true, ce_scale, aux_scale, nullptr);
+  return run(Batch::from_rows(tokens_BS1), true, ce_scale, aux_scale, nullptr);
 }
 
-MicroStats Qwen3MoeModel::forward(const Tensor& tokens_BS1, Tensor* logits) { return run(tokens_BS1, false, 0, 0, logits); }
+MicroStats Qwen3MoeModel::forward(const Batch& batch, Tensor* logits) { return run(batch, false, 0, 0, logits); }
 
-MicroStats Qwen3MoeModel::run(const Tensor& tokens_BS1, bool backward, double ce_scale, double aux_scale,
+MicroStats Qwen3MoeModel::forward(const Tensor& tokens_BS1, Tensor* logits) {
+  return run(Batch::from_rows(tokens_BS1), false, 0, 0, logits);
+}
+
+MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale, double aux_scale,
                               Tensor* logits_out) {
-  check_dtype(tokens_BS1, DType::kI32, "tokens");
-  MOETP_CHECK(tokens_BS1.ndim() == 2 && tokens_BS1.size(1) >= 2, "tokens must be (B, S + 1) with S >= 1, got {}",
-              tokens_BS1.describe());
-  const int64_t B = tokens_BS1.size(0), S = tokens_BS1.size(1) - 1, N = B * S;
+  batch.validate();
+  MOETP_CHECK(batch.one_document_per_row(),
+              "the attention kernels compute one document per row; this batch packs {} documents into {} rows of {}",
+              batch.doc_offsets.size() - 1, batch.rows, batch.seq_len);
+  backend::Backend& be = backend_;
+  const int64_t B = batch.rows, S = batch.seq_len, N = B * S;
   const int64_t H = cfg_.hidden_size, D = cfg_.head_dim, Hq = cfg_.num_attention_heads,
-                Hkv = cfg_.num_key_value_heads;
+                Hkv = cfg_.num_key_value_heads, V = cfg_.vocab_size, E = cfg_.num_experts;
   MOETP_CHECK(S <= cfg_.max_position_embeddings, "sequence length {} > max_position_embeddings {}", S,
               cfg_.max_position_embeddings);
-  const Tensor inputs = tokens_BS1.slice(1, 0, S).contiguous().view({N});
-  const Tensor targets = tokens_BS1.slice(1, 1, S + 1).contiguous().view({N});
-  std::vector<int32_t> pos(static_cast<size_t>(N));
-  for (int64_t i = 0; i < N; ++i) pos[i] = static_cast<int32_t>(i % S);
-  const Tensor positions = Tensor::from_vector<int32_t>(pos, {N});
+  const Tensor inputs = be.to_device(batch.inputs), targets = be.to_device(batch.targets),
+               positions = be.to_device(batch.positions);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  auto W = [&](size_t i) -> const Tensor& { return params_[i].value; };
+  const double theta = cfg_.rope_theta;
+  auto W = [&](size_t i) -> const Tensor& { return params_[i].work; };
   auto G = [&](size_t i) -> Tensor& { return params_[i].grad; };
 
   // ---- forward ----
+  be.mark("embed");
   std::vector<LayerSaved> saved(layers_.size());
-  Tensor x = cpu::embedding_forward(inputs, W(embed_));
+  Tensor x = be.embedding_forward(inputs, W(embed_));
   for (size_t l = 0; l < layers_.size(); ++l) {
-    const Layer& L = layers_[l];
+    Layer& L = layers_[l];
     LayerSaved& s = saved[l];
+    be.mark("attn_fwd");
     s.x_in = x;
-    s.a = cpu::rmsnorm_forward(x, W(L.ln1), eps, &s.rstd1);
-    s.q_pre = cpu::linear(s.a, W(L.q));
-    s.k_pre = cpu::linear(s.a, W(L.k));
-    Tensor q = cpu::rmsnorm_forward(s.q_pre.view({N * Hq, D}), W(L.q_norm), eps, &s.q_rstd).view({N, Hq, D});
-    Tensor k = cpu::rmsnorm_forward(s.k_pre.view({N * Hkv, D}), W(L.k_norm), eps, &s.k_rstd).view({N, Hkv, D});
-    cpu::rope_forward(q, positions, cfg_.rope_theta);
-    cpu::rope_forward(k, positions, cfg_.rope_theta);
+    s.a = be.rmsnorm_forward(x, W(L.ln1), eps, &s.rstd1);
+    s.q_pre = be.linear(s.a, W(L.q));
+    s.k_pre = be.linear(s.a, W(L.k));
+    Tensor q = be.rmsnorm_forward(s.q_pre.view({N * Hq, D}), W(L.q_norm), eps, &s.q_rstd).view({N, Hq, D});
+    Tensor k = be.rmsnorm_forward(s.k_pre.view({N * Hkv, D}), W(L.k_norm), eps, &s.k_rstd).view({N, Hkv, D});
+    be.rope_forward(q, positions, theta);
+    be.rope_forward(k, positions, theta);
     s.q = q.view({B, S, Hq, D});
     s.k = k.view({B, S, Hkv, D});
-    s.v = cpu::linear(s.a, W(L.v)).view({B, S, Hkv, D});
-    s.attn_out = cpu::attention_forward(s.q, s.k, s.v, &s.attn).view({N, Hq * D});
-    Tensor o = cpu::linear(s.attn_out, W(L.o));
-    add_into(o, x);
+    s.v = be.linear(s.a, W(L.v)).view({B, S, Hkv, D});
+    s.attn = be.attention_forward(s.q, s.k, s.v, s.lse);
+    Tensor o = be.linear(s.attn.view({N, Hq * D}), W(L.o));
+    be.add_into(o, x);
     s.x_mid = o;
-    s.m = cpu::rmsnorm_forward(s.x_mid, W(L.ln2), eps, &s.rstd2);
+    be.mark(L.moe ? "moe_fwd" : "dense_fwd");
+    s.m = be.rmsnorm_forward(s.x_mid, W(L.ln2), eps, &s.rstd2);
     Tensor mlp;
-    if (L.is_moe) {
-      const moe::MoeParams mp{W(L.router), W(L.w13).view({L.block->num_local_experts(), -1, H}),
-                              W(L.w2).view({L.block->num_local_experts(), H, -1})};
-      mlp = L.block->forward(s.m, mp, s.moe);
+    if (L.moe) {
+      mlp = L.moe->forward(s.m);  // keeps s.m (not copied) for its backward
     } else {
-      s.dense_h = concat_cols(cpu::linear(s.m, W(L.gate)), cpu::linear(s.m, W(L.up)));
-      s.dense_a = cpu::swiglu_forward(s.dense_h);
-      mlp = cpu::linear(s.dense_a, W(L.down));
+      s.dense_h = be.linear_stacked(s.m, L.gate_up_work, cfg_.intermediate_size);
+      s.dense_a = be.swiglu_forward(s.dense_h);
+      mlp = be.linear(s.dense_a, W(L.down));
     }
-    add_into(mlp, s.x_mid);
+    be.add_into(mlp, s.x_mid);
     x = mlp;
   }
   Tensor rstd_f;
-  const Tensor f = cpu::rmsnorm_forward(x, W(final_norm_), eps, &rstd_f);
-  const Tensor logits = cpu::linear(f, W(lm_head_));
-  if (logits_out != nullptr) *logits_out = logits;
-  Tensor dlogits;
-  const cpu::CrossEntropyResult ce =
-      cpu::cross_entropy_forward(logits, targets, backward ? &dlogits : nullptr, static_cast<float>(ce_scale));
+  const Tensor f = be.rmsnorm_forward(x, W(final_norm_), eps, &rstd_f);
 
+  // ---- LM head + cross-entropy in chunks of rows; the LM head's backward runs per chunk ----
+  be.mark("head_ce");
   MicroStats stats;
-  stats.ce_sum = ce.loss_sum;
-  stats.num_targets = ce.num_targets;
-  std::vector<const moe::MoeSaved*> moe_saved;
+  const int64_t chunk_rows = be.logit_chunk_rows(V);
+  Tensor df;
+  if (backward && (chunk_rows < N || N == 0)) df = be.empty({N, H}, be.compute_dtype());
+  if (logits_out != nullptr && chunk_rows < N) *logits_out = be.empty({N, V}, be.compute_dtype());
+  double ce_sum = 0;
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, N - r0);
+    const Tensor f_c = f.narrow_rows(r0, rows);
+    Tensor logits_c = be.linear(f_c, W(lm_head_));
+    if (logits_out != nullptr) {
+      if (rows == N) {
+        *logits_out = logits_c;
+      } else {
+        logits_out->narrow_rows(r0, rows).copy_from(logits_c);
+      }
+    }
+    // dlogits overwrite the logits in place (allowed by the op's contract).
+    be.cross_entropy(logits_c, targets.narrow_rows(r0, rows), backward ? &logits_c : nullptr,
+                     static_cast<float>(ce_scale), ce_sum);
+    if (backward) {
+      Tensor df_c;
+      be.linear_backward(logits_c, f_c, W(lm_head_), &df_c, &G(lm_head_));
+      if (rows == N) {
+        df = df_c;
+      } else {
+        df.narrow_rows(r0, rows).copy_from(df_c);
+      }
+    }
+  }
+  stats.ce_sum = ce_sum;
+  for (int32_t t : batch.targets.to_vector<int32_t>()) stats.num_targets += t != kIgnoreIndex ? 1 : 0;
+
+  // ---- aux loss (HF Qwen3-MoE; cpu::aux_loss_from_stats) on the global batch ----
+  // Statistics summed over the MoE layers in f32, in layer order, then over world in rank order.
+  be.mark("aux");
+  Tensor d_probs_NE;
+  std::vector<size_t> moe_layers;
   for (size_t l = 0; l < layers_.size(); ++l) {
-    if (layers_[l].is_moe) moe_saved.push_back(&saved[l].moe);
+    if (layers_[l].moe) moe_layers.push_back(l);
   }
-  moe::AuxLoss aux;
-  if (!moe_saved.empty()) {
-    aux = moe::aux_loss(moe_saved, mesh_.world(), cfg_.num_experts, static_cast<float>(aux_scale));
-    stats.aux = aux.value;
-    // Per-layer global expert load (telemetry).
-    Tensor counts = Tensor::empty({static_cast<int64_t>(moe_saved.size()), cfg_.num_experts}, DType::kF32);
-    for (size_t i = 0; i < moe_saved.size(); ++i) counts.narrow_rows(static_cast<int64_t>(i), 1).copy_from(moe_saved[i]->counts_E.view({1, cfg_.num_experts}));
-    mesh_.world().all_reduce(counts, comm::ReduceOp::kSum);
-    for (size_t i = 0; i < moe_saved.size(); ++i) stats.expert_counts.push_back(counts.narrow_rows(static_cast<int64_t>(i), 1).to_vector<float>());
+  if (!moe_layers.empty()) {
+    const int64_t num_layers = static_cast<int64_t>(moe_layers.size());
+    // Rows [0, num_layers): per-layer counts; row num_layers: counts summed; row num_layers + 1: prob sums.
+    Tensor stats_t = Tensor::zeros({num_layers + 2, E}, DType::kF32);
+    float* counts = stats_t.data<float>() + num_layers * E;
+    float* prob_sum = counts + E;
+    for (size_t li = 0; li < moe_layers.size(); ++li) {
+      const moe::RoutingStats rs = layers_[moe_layers[li]].moe->routing_stats();
+      float* layer_counts = stats_t.data<float>() + static_cast<int64_t>(li) * E;
+      for (int64_t e = 0; e < E; ++e) {
+        layer_counts[e] = rs.counts_E[static_cast<size_t>(e)];
+        counts[e] += layer_counts[e];
+        prob_sum[e] += rs.prob_sums_E[static_cast<size_t>(e)];
+      }
+    }
+    int64_t global_tokens = N;
+    if (opts_.mesh != nullptr && opts_.mesh->world().size() > 1) {
+      comm::Comm& host = opts_.mesh->world().host();
+      host.all_reduce(stats_t, comm::ReduceOp::kSum);
+      global_tokens = host.all_reduce_scalar(N, comm::ReduceOp::kSum);
+    }
+    for (int64_t li = 0; li < num_layers; ++li) {
+      stats.expert_counts.push_back(stats_t.narrow_rows(li, 1).contiguous().to_vector<float>());
+    }
+    if (global_tokens > 0) {
+      const Tensor counts_t = stats_t.narrow_rows(num_layers, 1).view({E}).contiguous();
+      const Tensor prob_t = stats_t.narrow_rows(num_layers + 1, 1).view({E}).contiguous();
+      stats.aux = cpu::aux_loss_from_stats(counts_t, prob_t, num_layers, global_tokens);
+      // Every layer's d_probs is the same (global counts): one tensor serves all.
+      if (backward && N > 0) {
+        d_probs_NE = be.to_device(
+            cpu::aux_loss_grad_probs(counts_t, E, num_layers, global_tokens, static_cast<float>(aux_scale), N));
+      }
+    }
   }
-  if (!backward) return stats;
+  if (!backward) {
+    be.check_faults();
+    be.finish_phases();
+    return stats;
+  }
 
   // ---- backward ----
-  Tensor df, dx;
-  cpu::linear_backward(dlogits, f, W(lm_head_), &df, &G(lm_head_));
-  cpu::rmsnorm_backward(df, x, W(final_norm_), rstd_f, dx, G(final_norm_));
-  size_t moe_idx = moe_saved.size();
+  be.mark("final_norm_bwd");
+  Tensor dx;
+  be.rmsnorm_backward(df, x, W(final_norm_), rstd_f, dx, G(final_norm_));
   for (size_t li = layers_.size(); li-- > 0;) {
-    const Layer& L = layers_[li];
+    Layer& L = layers_[li];
     LayerSaved& s = saved[li];
     // MLP (residual: dx flows to x_mid unchanged, plus through the MLP)
     Tensor dm;
-    if (L.is_moe) {
-      --moe_idx;
-      moe::MoeParams mp{W(L.router), W(L.w13).view({L.block->num_local_experts(), -1, H}),
-                        W(L.w2).view({L.block->num_local_experts(), H, -1})};
-      moe::MoeParams mg{G(L.router), G(L.w13).view({L.block->num_local_experts(), -1, H}),
-                        G(L.w2).view({L.block->num_local_experts(), H, -1})};
-      dm = L.block->backward(dx, aux.d_probs_NE[moe_idx], mp, s.moe, mg);
+    be.mark(L.moe ? "moe_bwd" : "dense_bwd");
+    if (L.moe) {
+      dm = L.moe->backward(dx, d_probs_NE);
     } else {
       Tensor da;
-      cpu::linear_backward(dx, s.dense_a, W(L.down), &da, &G(L.down));
-      const Tensor dh = cpu::swiglu_backward(s.dense_h, da);
-      const int64_t F = cfg_.intermediate_size;
-      Tensor dm_up;
-      cpu::linear_backward(dh.slice(1, 0, F).contiguous(), s.m, W(L.gate), &dm, &G(L.gate));
-      cpu::linear_backward(dh.slice(1, F, 2 * F).contiguous(), s.m, W(L.up), &dm_up, &G(L.up));
-      add_into(dm, dm_up);
+      be.linear_backward(dx, s.dense_a, W(L.down), &da, &G(L.down));
+      const Tensor dh = be.swiglu_backward(s.dense_h, da);
+      be.linear_stacked_backward(dh, s.m, L.gate_up_work, cfg_.intermediate_size, dm, L.gate_up_grad);
     }
     Tensor dx_mid;
-    cpu::rmsnorm_backward(dm, s.x_mid, W(L.ln2), s.rstd2, dx_mid, G(L.ln2));
-    add_into(dx_mid, dx);
-    // Attention
+    be.mark("attn_bwd");
+    be.rmsnorm_backward(dm, s.x_mid, W(L.ln2), s.rstd2, dx_mid, G(L.ln2));
+    be.add_into(dx_mid, dx);
     Tensor dattn;
-    cpu::linear_backward(dx_mid, s.attn_out, W(L.o), &dattn, &G(L.o));
+    be.linear_backward(dx_mid, s.attn.view({N, Hq * D}), W(L.o), &dattn, &G(L.o));
     Tensor dq, dk, dv;
-    cpu::attention_backward(dattn.view({B, S, Hq, D}), s.q, s.k, s.v, s.attn, dq, dk, dv);
+    be.attention_backward(dattn.view({B, S, Hq, D}), s.q, s.k, s.v, s.attn, s.lse, dq, dk, dv);
     Tensor dq3 = dq.view({N, Hq, D}), dk3 = dk.view({N, Hkv, D});
-    cpu::rope_backward(dq3, positions, cfg_.rope_theta);
-    cpu::rope_backward(dk3, positions, cfg_.rope_theta);
+    be.rope_backward(dq3, positions, theta);
+    be.rope_backward(dk3, positions, theta);
     Tensor dq_pre, dk_pre;
-    cpu::rmsnorm_backward(dq3.view({N * Hq, D}), s.q_pre.view({N * Hq, D}), W(L.q_norm), s.q_rstd, dq_pre,
-                          G(L.q_norm));
-    cpu::rmsnorm_backward(dk3.view({N * Hkv, D}), s.k_pre.view({N * Hkv, D}), W(L.k_norm), s.k_rstd, dk_pre,
-                          G(L.k_norm));
+    be.rmsnorm_backward(dq.view({N * Hq, D}), s.q_pre.view({N * Hq, D}), W(L.q_norm), s.q_rstd, dq_pre,
+                        G(L.q_norm));
+    be.rmsnorm_backward(dk.view({N * Hkv, D}), s.k_pre.view({N * Hkv, D}), W(L.k_norm), s.k_rstd, dk_pre,
+                        G(L.k_norm));
     Tensor da, da_k, da_v;
-    cpu::linear_backward(dq_pre.view({N, Hq * D}), s.a, W(L.q), &da, &G(L.q));
-    cpu::linear_backward(dk_pre.view({N, Hkv * D}), s.a, W(L.k), &da_k, &G(L.k));
-    cpu::linear_backward(dv.view({N, Hkv * D}), s.a, W(L.v), &da_v, &G(L.v));
-    add_into(da, da_k);
-    add_into(da, da_v);
+    be.linear_backward(dq_pre.view({N, Hq * D}), s.a, W(L.q), &da, &G(L.q));
+    be.linear_backward(dk_pre.view({N, Hkv * D}), s.a, W(L.k), &da_k, &G(L.k));
+    be.linear_backward(dv.view({N, Hkv * D}), s.a, W(L.v), &da_v, &G(L.v));
+    be.add_into(da, da_k, da_v);
     Tensor dx_in;
-    cpu::rmsnorm_backward(da, s.x_in, W(L.ln1), s.rstd1, dx_in, G(L.ln1));
-    add_into(dx_in, dx_mid);
+    be.rmsnorm_backward(da, s.x_in, W(L.ln1), s.rstd1, dx_in, G(L.ln1));
+    be.add_into(dx_in, dx_mid);
     dx = dx_in;
   }
-  cpu::embedding_backward(inputs, dx, G(embed_));
+  be.mark("embed_bwd");
+  be.embedding_backward(inputs, dx, G(embed_));
+  be.check_faults();  // synchronises
+  be.finish_phases();
   return stats;
+}
+
+void copy_grads(const Qwen3MoeModel& from, Qwen3MoeModel& to) {
+  const std::vector<Param>& a = from.params();
+  std::vector<Param>& b = to.params();
+  MOETP_CHECK(a.size() == b.size(), "copy_grads: {} parameters into {}", a.size(), b.size());
+  from.backend().synchronize();
+  for (size_t i = 0; i < a.size(); ++i) {
+    MOETP_CHECK(a[i].name == b[i].name && a[i].grad.shape() == b[i].grad.shape(),
+                "copy_grads: parameter {} is '{}' {} in the source, '{}' {} in the destination", i, a[i].name,
+                a[i].grad.describe(), b[i].name, b[i].grad.describe());
+    b[i].grad.copy_from(a[i].grad);
+  }
+  to.backend().synchronize();
 }
 
 }  // namespace moetp::model

@@ -1,72 +1,132 @@
-// Qwen3-MoE decoder, CPU f32 reference: parameters (model/param_table.h) and one micro-batch's
-// forward + backward composed from the kernels (no autograd: each layer saves what its backward
-// needs and the model runs the layers in order and in reverse).
+// The Qwen3-MoE decoder, written once for every backend (backend/backend.h): its parameters (the
+// table of model/param_table.h in flat buffers) and one micro-batch's forward + backward composed
+// from the backend's ops and MoE layers (no autograd: each layer saves what its backward needs,
+// and the model runs the layers in order and in reverse). On the CPU backend it is the executable
+// specification (f32); on the CUDA backend every op rounds as the backend's precision policy says.
+//
+// Storage (per backend): three flat buffers hold every parameter's f32 master value, its working
+// copy in the backend's compute dtype (the masters themselves on the CPU) and its f32 gradient;
+// Param::value / work / grad are views of them at fixed offsets (parameters in table order, each
+// starting at a multiple of kFlatAlign elements, except a dense layer's up_proj, which follows its
+// gate_proj directly so that the two are one stacked (2F, H) weight). grad_span() is a view over a
+// run of consecutive parameters' gradients (a bucket for reductions). The MoE layers compute with
+// views of their parameters (moe::MoeLayer::bind).
+//
+// Layouts: every non-expert parameter replicated on every rank (data parallel over world), the
+// routed experts sharded over (ep, etp) (etp_spec §2-§3); the same names, shard specs and initial
+// values on every backend and layout.
 //
 // Legend: B sequences, S sequence length, N = B·S tokens on this rank, H hidden, V vocab,
-// Hq/Hkv query/kv heads, D head_dim, E experts, I expert FFN width.
+// Hq/Hkv query/kv heads, D head_dim, E experts, I expert FFN width, F dense FFN width.
 #pragma once
 
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "comm/mesh.h"
 #include "config/model_config.h"
+#include "model/batch.h"
 #include "model/param_table.h"
-#include "moe/moe_block.h"
-#include "shard/layout.h"
+#include "moe/moe_layer.h"
 
 namespace moetp::model {
 
-// A parameter of the table with its value and gradient.
+// A parameter of the table with its tensors (views of the model's flat buffers, on its backend).
 struct Param : ParamDesc {
-  Tensor value;  // f32, local shape of `spec` (2-D for matrices, 1-D for norms)
-  Tensor grad;   // same shape; accumulated by forward_backward
+  Tensor value;  // f32 master, the local shape of `spec` (2-D for matrices, 1-D for norms)
+  Tensor work;   // what the kernels read: `value` itself on the CPU, its bf16 copy on CUDA
+  Tensor grad;   // f32, same shape; ACCUMULATED by forward_backward
 };
 
 // Statistics of one micro-batch on this rank (the trainer reduces them).
 struct MicroStats {
-  double ce_sum = 0;                          // Σ of per-target cross-entropy on this rank
-  int64_t num_targets = 0;                    // targets on this rank
-  double aux = 0;                             // aux loss of the micro-batch (global, no coefficient)
+  double ce_sum = 0;                              // Σ of per-target cross-entropy on this rank
+  int64_t num_targets = 0;                        // targets on this rank
+  double aux = 0;                                 // aux loss of the micro-batch (global, no coefficient)
   std::vector<std::vector<float>> expert_counts;  // per MoE layer: global tokens per expert
+};
+
+struct ModelOptions {
+  // The mesh whose communicators carry the backend's tensors (MPI on the CPU, NCCL on CUDA); the
+  // CPU backend needs one, on CUDA null means one GPU holding every expert. Must outlive the model.
+  const comm::Mesh* mesh = nullptr;
+  DispatcherKind dispatcher = DispatcherKind::kAll2all;  // concrete (not kAuto)
+  bool force_balance = false;                            // moe::MoeLayerOptions
+  int expert_streams = 1;
+  ExpertGemmChoice expert_gemm = ExpertGemmChoice::kAuto;
 };
 
 class Qwen3MoeModel {
  public:
-  // Collective over the mesh when the model has MoE layers. `dispatcher` is concrete (not kAuto).
-  Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, DispatcherKind dispatcher,
-                uint64_t seed);
+  static constexpr int64_t kFlatAlign = 256;  // elements: 512 B of bf16, 1 KiB of f32
+
+  // Initial values are model::fill_initial_value's, generated on the host one tensor at a time and
+  // copied to the backend. Not collective; the backend must be initialised (Backend::init).
+  Qwen3MoeModel(const config::ModelConfig& cfg, backend::Backend& backend, const ModelOptions& opts, uint64_t seed);
+  // The CPU reference over an MPI mesh.
+  Qwen3MoeModel(const config::ModelConfig& cfg, const comm::Mesh& mesh, DispatcherKind dispatcher, uint64_t seed);
   ~Qwen3MoeModel();
   Qwen3MoeModel(const Qwen3MoeModel&) = delete;
   Qwen3MoeModel& operator=(const Qwen3MoeModel&) = delete;
 
   const config::ModelConfig& config() const { return cfg_; }
-  const comm::Mesh& mesh() const { return mesh_; }
-  std::vector<Param>& params() { return params_; }
-  const std::vector<Param>& params() const { return params_; }
+  backend::Backend& backend() const { return backend_; }
+  // The options' mesh (null: one process, every expert local).
+  const comm::Mesh* mesh() const { return opts_.mesh; }
+  ExpertLayout layout() const;
+  // The parameters with their gradients (gradient zeroing a MoE layer deferred is completed first,
+  // so a read between zero_grads and the next backward sees zeros).
+  std::vector<Param>& params();
+  const std::vector<Param>& params() const;
   Param& param(const std::string& name);
+  // The table entries alone (no gradient zeroing, unlike params()).
+  size_t num_params() const { return params_.size(); }
+  const ParamDesc& param_desc(size_t i) const { return params_.at(i); }
+  // Parameter i's master value (no gradient zeroing); write through it, then refresh_work(i).
+  const Tensor& value(size_t i) const { return params_.at(i).value; }
+  Tensor& value(size_t i) { return params_.at(i).value; }
+  // The gradients of parameters [first, last) as one flat f32 view (alignment gaps included: they
+  // stay zero).
+  Tensor grad_span(size_t first, size_t last) const;
   void zero_grads();
 
+  // After parameter i's value was written: recomputes its working copy (no-op on the CPU).
+  void refresh_work(size_t i);
+
   // One micro-batch: forward, loss, backward; gradients accumulate into Param::grad.
-  //   tokens_BS1 [IN] i32 (B, S + 1): inputs are [:, :S], targets [:, 1:]
   //   ce_scale   gradient scale of the summed cross-entropy (1 / global targets of the step)
   //   aux_scale  gradient scale of the aux loss (router_aux_loss_coef / micro-batches)
-  // Collective (aux statistics over world; dispatchers over ep_etp).
+  // Collective over the mesh (aux statistics over world; dispatchers over ep_etp). Returns with
+  // the work done (the loss sums are on the host).
+  MicroStats forward_backward(const Batch& batch, double ce_scale, double aux_scale);
+  // tokens_BS1 (B, S + 1) i32 on the host: inputs [:, :S], targets [:, 1:] (Batch::from_rows).
   MicroStats forward_backward(const Tensor& tokens_BS1, double ce_scale, double aux_scale);
-  // Forward only; writes logits (N, V) when `logits` is non-null.
-  MicroStats forward(const Tensor& tokens_BS1, Tensor* logits);
+  // Forward only; writes the logits (N, V, the backend's compute dtype) when `logits` is non-null.
+  MicroStats forward(const Batch& batch, Tensor* logits = nullptr);
+  MicroStats forward(const Tensor& tokens_BS1, Tensor* logits = nullptr);
+
+  // The MoE layer of decoder layer `layer_idx` (null for a dense layer).
+  const moe::MoeLayer* moe_layer(int64_t layer_idx) const;
 
  private:
   struct Layer;
-  struct Saved;
-  MicroStats run(const Tensor& tokens_BS1, bool backward, double ce_scale, double aux_scale, Tensor* logits);
+  void build(const ParamTable& table, uint64_t seed);
+  MicroStats run(const Batch& batch, bool backward, double ce_scale, double aux_scale, Tensor* logits);
 
   config::ModelConfig cfg_;
-  const comm::Mesh& mesh_;
+  backend::Backend& backend_;
+  ModelOptions opts_;
   std::vector<Param> params_;
+  std::vector<int64_t> offsets_;  // flat offset of each parameter (elements)
+  Tensor flat_value_, flat_work_, flat_grad_;
   std::vector<Layer> layers_;
   size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;
 };
+
+// Copies every gradient of `from` into `to` (OVERWRITTEN): the same table (names and shapes
+// checked), any backends. Synchronous.
+void copy_grads(const Qwen3MoeModel& from, Qwen3MoeModel& to);
 
 }  // namespace moetp::model

@@ -14,49 +14,75 @@ namespace {
 
 void check_states(const Qwen3MoeModel& model, const std::vector<ParamState>& states) {
   for (const ParamState& s : states) {
-    MOETP_CHECK(s.tensors != nullptr && s.tensors->size() == model.params().size(),
+    MOETP_CHECK(s.tensors != nullptr && s.tensors->size() == model.num_params(),
                 "state '{}' has {} tensors for {} parameters", s.prefix, s.tensors ? s.tensors->size() : 0,
-                model.params().size());
+                model.num_params());
   }
+}
+
+const comm::Mesh& host_mesh_of(const Qwen3MoeModel& model) {
+  MOETP_CHECK(model.mesh() != nullptr && model.mesh()->world().device() == Device::kCpu,
+              "ModelParamStore: the model's mesh is not a host (MPI) mesh; pass the host mesh of its layout");
+  return *model.mesh();
+}
+
+void check_layout(const Qwen3MoeModel& model, const comm::Mesh& host_mesh) {
+  const ExpertLayout a = model.layout(), b = expert_layout(host_mesh);
+  MOETP_CHECK(a.ep_size == b.ep_size && a.ep_rank == b.ep_rank && a.etp_size == b.etp_size && a.etp_rank == b.etp_rank,
+              "ModelParamStore: the model is ep rank {} of {}, etp rank {} of {}; the host mesh ep rank {} of {}, "
+              "etp rank {} of {}",
+              a.ep_rank, a.ep_size, a.etp_rank, a.etp_size, b.ep_rank, b.ep_size, b.etp_rank, b.etp_size);
 }
 
 }  // namespace
 
-CpuParamStore::CpuParamStore(Qwen3MoeModel& model, std::vector<ParamState> states)
-    : model_(&model), mutable_model_(&model), states_(std::move(states)) {
+ModelParamStore::ModelParamStore(Qwen3MoeModel& model, const comm::Mesh& host_mesh, std::vector<ParamState> states)
+    : model_(&model), mutable_model_(&model), mesh_(host_mesh), states_(std::move(states)) {
+  check_layout(model, mesh_);
   check_states(model, states_);
 }
 
-CpuParamStore::CpuParamStore(const Qwen3MoeModel& model, std::vector<ParamState> states)
-    : model_(&model), states_(std::move(states)) {
+ModelParamStore::ModelParamStore(const Qwen3MoeModel& model, const comm::Mesh& host_mesh,
+                                 std::vector<ParamState> states)
+    : model_(&model), mesh_(host_mesh), states_(std::move(states)) {
+  check_layout(model, mesh_);
   check_states(model, states_);
 }
 
-std::vector<std::string> CpuParamStore::state_prefixes() const {
+ModelParamStore::ModelParamStore(Qwen3MoeModel& model, std::vector<ParamState> states)
+    : ModelParamStore(model, host_mesh_of(model), std::move(states)) {}
+
+ModelParamStore::ModelParamStore(const Qwen3MoeModel& model, std::vector<ParamState> states)
+    : ModelParamStore(model, host_mesh_of(model), std::move(states)) {}
+
+std::vector<std::string> ModelParamStore::state_prefixes() const {
   std::vector<std::string> out;
   for (const ParamState& s : states_) out.push_back(s.prefix);
   return out;
 }
 
-const Tensor& CpuParamStore::slot_tensor(size_t i, int slot) const {
-  MOETP_CHECK(i < model_->params().size(), "parameter {} of {}", i, model_->params().size());
+const Tensor& ModelParamStore::slot_tensor(size_t i, int slot) const {
+  MOETP_CHECK(i < model_->num_params(), "parameter {} of {}", i, model_->num_params());
   MOETP_CHECK(slot >= 0 && static_cast<size_t>(slot) <= states_.size(), "parameter '{}': slot {} of {} state slots",
-              model_->params()[i].name, slot, states_.size());
-  return slot == 0 ? model_->params()[i].value : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
+              model_->param_desc(i).name, slot, states_.size());
+  return slot == 0 ? model_->value(i) : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
 }
 
-void CpuParamStore::read(size_t i, int slot, Tensor& host_f32) const {
+void ModelParamStore::read(size_t i, int slot, Tensor& host_f32) const {
   const Tensor& src = slot_tensor(i, slot);
-  check_host_shard(model_->params()[i], host_f32, "CpuParamStore::read");
+  check_host_shard(model_->param_desc(i), host_f32, "ModelParamStore::read");
+  model_->backend().synchronize();
   host_f32.copy_from(src);
 }
 
-void CpuParamStore::write(size_t i, int slot, const Tensor& host_f32) {
-  MOETP_CHECK(mutable_model_ != nullptr, "CpuParamStore::write: parameter {} of a read-only store", i);
+void ModelParamStore::write(size_t i, int slot, const Tensor& host_f32) {
+  MOETP_CHECK(mutable_model_ != nullptr, "ModelParamStore::write: parameter {} of a read-only store", i);
   slot_tensor(i, slot);  // checks i and slot
-  check_host_shard(model_->params()[i], host_f32, "CpuParamStore::write");
-  Tensor& dst = slot == 0 ? mutable_model_->params()[i].value : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
+  check_host_shard(model_->param_desc(i), host_f32, "ModelParamStore::write");
+  Tensor& dst = slot == 0 ? mutable_model_->value(i) : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
   dst.copy_from(host_f32);
+  if (slot == 0) mutable_model_->refresh_work(i);
+  mutable_model_->backend().synchronize();
 }
 
 void copy_params(const ParamStore& from, ParamStore& to, bool with_state) {

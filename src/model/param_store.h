@@ -1,6 +1,6 @@
 // A model's per-parameter tensors as the checkpoint code (io/checkpoint.h) sees them: the parameter
 // table plus one-tensor-at-a-time copies between host f32 tensors and wherever the model keeps its
-// values and optimiser state (host for the CPU model, GPU memory for the CUDA model). Moving one
+// values and optimiser state (host memory on the CPU backend, GPU memory on CUDA). Moving one
 // tensor at a time bounds the host memory of save, load and import by the largest tensor.
 #pragma once
 
@@ -32,24 +32,30 @@ class ParamStore {
 // The AdamW moments in a native checkpoint: exp_avg (slot 1), exp_avg_sq (slot 2).
 inline const std::vector<std::string> kAdamWStatePrefixes = {"optim.exp_avg.", "optim.exp_avg_sq."};
 
-// State tensors of the CPU model: one host f32 tensor per parameter (the parameter's local shape),
-// saved under `prefix`.
+// Per-parameter state tensors kept besides the values (e.g. the AdamW moments), saved under
+// `prefix`: one f32 tensor per parameter in the parameter's local shape, on the model's backend.
 struct ParamState {
   std::string prefix;
   std::vector<Tensor>* tensors;  // model.params() order
 };
 
-// The CPU model (its mesh is the checkpoint mesh) and optional state tensors.
-class CpuParamStore final : public ParamStore {
+// The model (on any backend) and optional state tensors. Moving a value into the model refreshes
+// its working copy.
+class ModelParamStore final : public ParamStore {
  public:
-  CpuParamStore(Qwen3MoeModel& model, std::vector<ParamState> states = {});
+  // `host_mesh`: the MPI mesh of the model's layout (the checkpoint code's collectives run on host
+  // tensors); checked against the model's layout. Both must outlive the store.
+  ModelParamStore(Qwen3MoeModel& model, const comm::Mesh& host_mesh, std::vector<ParamState> states = {});
   // Read-only: write() fails.
-  CpuParamStore(const Qwen3MoeModel& model, std::vector<ParamState> states = {});
+  ModelParamStore(const Qwen3MoeModel& model, const comm::Mesh& host_mesh, std::vector<ParamState> states = {});
+  // A model whose own mesh is the host mesh (the CPU backend).
+  explicit ModelParamStore(Qwen3MoeModel& model, std::vector<ParamState> states = {});
+  explicit ModelParamStore(const Qwen3MoeModel& model, std::vector<ParamState> states = {});
 
   const config::ModelConfig& config() const override { return model_->config(); }
-  const comm::Mesh& mesh() const override { return model_->mesh(); }
-  size_t num_params() const override { return model_->params().size(); }
-  const ParamDesc& param(size_t i) const override { return model_->params().at(i); }
+  const comm::Mesh& mesh() const override { return mesh_; }
+  size_t num_params() const override { return model_->num_params(); }
+  const ParamDesc& param(size_t i) const override { return model_->param_desc(i); }
   std::vector<std::string> state_prefixes() const override;
   void read(size_t i, int slot, Tensor& host_f32) const override;
   void write(size_t i, int slot, const Tensor& host_f32) override;
@@ -58,6 +64,7 @@ class CpuParamStore final : public ParamStore {
   const Tensor& slot_tensor(size_t i, int slot) const;
   const Qwen3MoeModel* model_;
   Qwen3MoeModel* mutable_model_ = nullptr;
+  const comm::Mesh& mesh_;
   std::vector<ParamState> states_;
 };
 

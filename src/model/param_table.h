@@ -1,7 +1,7 @@
 // The Qwen3-MoE parameter table: every parameter's name, kind, shard spec, weight decay and
-// initialiser, in model order, for one rank's place in the expert layout. Both models (CPU
-// model.h, CUDA cuda_model.h) and the checkpoint code (io/checkpoint.h, through ParamStore) build
-// on this one list, so names, shapes and initial values cannot drift apart between them.
+// initialiser, in model order, for one rank's place in the expert layout. The model (model.h, on
+// every backend) and the checkpoint code (io/checkpoint.h, through ParamStore) build on this one
+// list, so names, shapes and initial values cannot drift apart between them.
 //
 // Parameters are named as in Hugging Face transformers, except the routed experts of a layer,
 // which are two fused tensors in global (HF-equivalent) coordinates (etp_spec §3.1):

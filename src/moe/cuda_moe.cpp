@@ -162,12 +162,14 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg, CudaMoeOptions opts) : cfg_(cfg
       CUDA_CHECK(cudaEventCreateWithFlags(&streams_.join.back(), cudaEventDisableTiming));
     }
   }
-  params_ = {Tensor::zeros({E, H}, DType::kBF16, Device::kCuda),
-             Tensor::zeros({L_, 2 * i_, H}, DType::kBF16, Device::kCuda),
-             Tensor::zeros({L_, H, i_}, DType::kBF16, Device::kCuda)};
-  grads_ = {Tensor::zeros({E, H}, DType::kF32, Device::kCuda),
-            Tensor::zeros({L_, 2 * i_, H}, DType::kF32, Device::kCuda),
-            Tensor::zeros({L_, H, i_}, DType::kF32, Device::kCuda)};
+  if (!opts.external_params) {
+    params_ = {Tensor::zeros({E, H}, DType::kBF16, Device::kCuda),
+               Tensor::zeros({L_, 2 * i_, H}, DType::kBF16, Device::kCuda),
+               Tensor::zeros({L_, H, i_}, DType::kBF16, Device::kCuda)};
+    grads_ = {Tensor::zeros({E, H}, DType::kF32, Device::kCuda),
+              Tensor::zeros({L_, 2 * i_, H}, DType::kF32, Device::kCuda),
+              Tensor::zeros({L_, H, i_}, DType::kF32, Device::kCuda)};
+  }
   counts_dev_E_ = device_empty({E}, DType::kI32);
   int32_t* pinned = nullptr;
   CUDA_CHECK(cudaMallocHost(&pinned, static_cast<size_t>(E) * sizeof(int32_t)));
@@ -210,6 +212,24 @@ void CudaMoeLayer::set_params(const MoeParams& src) {
   // A pageable host-to-device cudaMemcpy may return before its DMA lands, and a non-blocking layer
   // stream does not wait for the legacy default stream.
   CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void CudaMoeLayer::bind(const MoeParams& work, const MoeParams& grads) {
+  const int64_t E = cfg_.num_experts, H = cfg_.hidden;
+  const std::pair<const Tensor*, Shape> expect[] = {{&work.wg_EH, {E, H}},           {&work.w13_L2iH, {L_, 2 * i_, H}},
+                                                    {&work.w2_LHi, {L_, H, i_}},     {&grads.wg_EH, {E, H}},
+                                                    {&grads.w13_L2iH, {L_, 2 * i_, H}}, {&grads.w2_LHi, {L_, H, i_}}};
+  for (size_t k = 0; k < 6; ++k) {
+    const Tensor& t = *expect[k].first;
+    const DType dtype = k < 3 ? DType::kBF16 : DType::kF32;
+    MOETP_CHECK(t.defined() && t.shape() == expect[k].second && t.dtype() == dtype && t.device() == Device::kCuda &&
+                    t.is_contiguous(),
+                "CudaMoeLayer::bind: tensor {} must be a contiguous {}{} CUDA tensor, got {}", k, dtype_name(dtype),
+                shape_str(expect[k].second), t.defined() ? t.describe() : std::string("undefined"));
+  }
+  materialize_zero_grads();
+  params_ = work;
+  grads_ = grads;
 }
 
 void CudaMoeLayer::zero_grads() {

@@ -99,6 +99,9 @@ struct CudaMoeOptions {
   // MoeConfig::dispatcher must then be "all2all" or "vexpert" (others are rejected); with
   // "vexpert" the mesh's ep_etp group must be NCCL too.
   const comm::Mesh* mesh = nullptr;
+  // Parameters and gradients live in the caller's storage (bind(), before the first forward)
+  // instead of tensors the layer allocates.
+  bool external_params = false;
 };
 
 // What backward needs from forward (all on the GPU unless noted). Shapes for the last forward.
@@ -146,12 +149,16 @@ class CudaMoeLayer {
   // w2_LHi (L, H, i). With one GPU L = E and i = I.
   const MoeParams& params() const { return params_; }
   // The same tensors, writable: for an optimizer that writes its bf16-rounded update straight into
-  // them (CudaQwen3MoeModel's AdamW), instead of a set_params copy per step. Writes must be ordered
+  // them (the model's AdamW writes its bound copies), instead of a set_params copy per step. Writes must be ordered
   // before the next forward on the layer's stream.
   MoeParams& mutable_params() { return params_; }
   // Copies `src` (CPU f32 or bf16, or CUDA bf16 or f32, the shapes above) into the parameters,
   // rounding f32 to bf16 (round to nearest even). Synchronous.
   void set_params(const MoeParams& src);
+  // From now on computes with `work` (bf16) and accumulates into `grads` (f32): the caller's
+  // tensors in the shapes above (checked), e.g. views of a model's flat buffers. Replaces the
+  // layer's own (external_params: there are none before).
+  void bind(const MoeParams& work, const MoeParams& grads);
   // Gradients, f32 on the GPU, the parameters' shapes; backward accumulates (+=) into them.
   // The expert weight gradients' zeroing is deferred to the next backward (the grouped weight
   // gradient then overwrites instead of adding: no memset, no read of dW); grads() zeroes first

@@ -1,36 +1,37 @@
-// Optimiser pieces of one training step (etp_spec §8): gradient reduction over the right group,
-// the global gradient norm with each unique shard counted once, clipping, AdamW on f32 master
-// weights, and the warmup + cosine learning-rate schedule.
+// The optimizer path of one training step (etp_spec §8), written once for every backend: gradient
+// reduction over the right group, the global gradient norm with each unique shard counted once,
+// clipping, AdamW on f32 master weights, and the warmup + cosine learning-rate schedule.
 #pragma once
 
 #include <vector>
 
-#include "comm/mesh.h"
 #include "model/model.h"
 
 namespace moetp::train {
 
 // Replicated parameters: all-reduce (sum) over world. Expert shards: all-reduce over expert_dp.
-void reduce_grads(std::vector<model::Param>& params, const comm::Mesh& mesh);
+// Over the model's mesh (its backend's communicators); no-op without one.
+void reduce_grads(model::Qwen3MoeModel& model);
 
 // sqrt(Σ replicated g² + Σ over the ep_etp group of expert-shard g²): every unique element once.
 // Call after reduce_grads (then it is identical on every rank).
-double global_grad_norm(const std::vector<model::Param>& params, const comm::Mesh& mesh);
+double global_grad_norm(model::Qwen3MoeModel& model);
 
 // Multiplies every gradient by `scale`.
-void scale_grads(std::vector<model::Param>& params, float scale);
+void scale_grads(model::Qwen3MoeModel& model, float scale);
 
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
 };
 
-// AdamW (decoupled weight decay, bias-corrected moments), f32 state. Decay only where
-// Param::decay (norm weights are exempt).
+// AdamW (decoupled weight decay, bias-corrected moments), f32 moments on the model's backend
+// (backend::Backend::adamw_step; the same bits on every backend). Decay only where Param::decay
+// (norm weights are exempt). The working copies are refreshed from the new masters.
 class AdamW {
  public:
-  AdamW(const std::vector<model::Param>& params, const AdamWConfig& cfg);
-  // step counts from 1.
-  void step(std::vector<model::Param>& params, double lr, int64_t step);
+  AdamW(const model::Qwen3MoeModel& model, const AdamWConfig& cfg);
+  // step counts from 1. Synchronous.
+  void step(model::Qwen3MoeModel& model, double lr, int64_t step);
   std::vector<Tensor>& exp_avg() { return m_; }
   std::vector<Tensor>& exp_avg_sq() { return v_; }
 

@@ -3,24 +3,10 @@
 #include <chrono>
 #include <cmath>
 
+#include "backend/backend.h"
 #include "io/checkpoint.h"
-#if MOETP_HAVE_CUDA
-#include "comm/nccl_comm.h"
-#include "kernels/cuda/runtime.h"
-#include "model/cuda_model.h"
-#endif
 
 namespace moetp::train {
-
-#if MOETP_HAVE_CUDA
-struct Trainer::Gpu {
-  std::unique_ptr<comm::NcclComm> world;
-  std::unique_ptr<comm::Mesh> mesh;
-  std::unique_ptr<model::CudaQwen3MoeModel> model;
-};
-#else
-struct Trainer::Gpu {};
-#endif
 
 namespace {
 
@@ -34,13 +20,10 @@ bool runs_on_cuda(DispatcherKind d) {
 std::pair<Device, std::string> pick_device(DeviceChoice want, DispatcherKind dispatcher, comm::Comm& world,
                                            comm::NodeLocal local) {
   const auto [local_rank, local_size] = local;
-#if MOETP_HAVE_CUDA
-  const int gpus = cuda::device_count();
-  const std::string why_not = gpus == 0 ? cuda::unavailable_reason() : "";
-#else
-  const int gpus = 0;
-  const std::string why_not = "this build has no CUDA backend";
-#endif
+  const backend::Backend* cuda = backend::find(Device::kCuda);
+  const int gpus = cuda != nullptr ? cuda->visible_devices() : 0;
+  const std::string why_not =
+      cuda == nullptr ? "this build has no CUDA backend" : gpus == 0 ? cuda->unavailable_reason() : "";
   // The fewest GPUs per rank anywhere decides, so that every rank picks the same device.
   const int64_t enough = world.all_reduce_scalar(int64_t{gpus >= local_size ? 1 : 0}, comm::ReduceOp::kSum);
   const bool all_enough = enough == world.size();
@@ -89,61 +72,41 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
               "train.cuda_allocator = {} applies to the CUDA device only (train.device resolved to '{}': {})",
               option_name(cfg_.train.cuda_allocator), dev, device_reason_);
   mesh_ = std::make_unique<comm::Mesh>(world_, cfg_.parallel.ep, cfg_.parallel.etp);
-  if (device_ == Device::kCpu) {
-    model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, *mesh_, config::resolved_dispatcher(cfg_),
-                                                    static_cast<uint64_t>(cfg_.train.seed));
-    optim_ = std::make_unique<AdamW>(model_->params(), AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2,
-                                                                   cfg_.optim.eps, cfg_.optim.weight_decay});
-  }
-#if MOETP_HAVE_CUDA
+  backend::Backend& be = backend::get(device_);
+  const DispatcherKind dispatcher = config::resolved_dispatcher(cfg_);
+  MOETP_CHECK(device_ == Device::kCpu || runs_on_cuda(dispatcher),
+              "moe.dispatcher '{}' is not implemented on the CUDA device; use all2all (or auto) or vexpert",
+              option_name(dispatcher));
+  world_.run_collectively("selecting this rank's device", [&] { be.init(local.rank, cfg_.train.cuda_allocator); });
+  device_world_ = be.make_comm(world_.host(), "world");
+  if (device_world_) device_mesh_ = std::make_unique<comm::Mesh>(*device_world_, cfg_.parallel.ep, cfg_.parallel.etp);
+  model::ModelOptions opts;
+  opts.mesh = device_mesh_ ? device_mesh_.get() : mesh_.get();
+  // On one rank `auto` resolves to `local`; a backend whose layer is built over a mesh of one rank
+  // runs it as `local` too.
+  opts.dispatcher = dispatcher;
+  opts.force_balance = cfg_.moe.force_balance;
+  opts.expert_gemm = cfg_.moe.expert_gemm;
+  const std::string gemm = be.describe_expert_gemm(
+      model_cfg_.hidden_size, model_cfg_.moe_intermediate_size / cfg_.parallel.etp, cfg_.moe.expert_gemm);
+  if (!gemm.empty()) device_reason_ += "; " + gemm;
   if (device_ == Device::kCuda) {
-    const DispatcherKind dispatcher = config::resolved_dispatcher(cfg_);
-    MOETP_CHECK(runs_on_cuda(dispatcher),
-                "moe.dispatcher '{}' is not implemented on the CUDA device; use all2all (or auto) or vexpert",
-                option_name(dispatcher));
-    gpu_ = std::make_unique<Gpu>();
-    // The caching allocator by default: with cudaFree per temporary, every free synchronises the
-    // device (docs/performance.md, Allocator).
-    const bool direct = cfg_.train.cuda_allocator == AllocatorChoice::kDirect;
-    world_.run_collectively("selecting this rank's GPU", [&] {
-      cuda::init(local.rank, direct ? cuda::AllocMode::kDirect : cuda::AllocMode::kCaching);
-    });
-    gpu_->world = comm::NcclComm::create(world_.host(), "world");
-    gpu_->mesh = std::make_unique<comm::Mesh>(*gpu_->world, cfg_.parallel.ep, cfg_.parallel.etp);
-    model::CudaModelOptions opts;
-    opts.mesh = world_.size() > 1 ? gpu_->mesh.get() : nullptr;
-    opts.dispatcher = dispatcher == DispatcherKind::kLocal ? DispatcherKind::kAll2all : dispatcher;
-    opts.force_balance = cfg_.moe.force_balance;
-    // auto: the grouped GEMM where its TMA strides allow (multiples of 8), else cuBLAS; said in the banner.
-    const int64_t local_i = model_cfg_.moe_intermediate_size / cfg_.parallel.etp;
-    const bool fits = moe::grouped_gemm_fits(model_cfg_.hidden_size, local_i);
-    std::string why = "moe.expert_gemm";
-    if (cfg_.moe.expert_gemm != ExpertGemmChoice::kAuto) {
-      opts.expert_gemm =
-          cfg_.moe.expert_gemm == ExpertGemmChoice::kGrouped ? moe::ExpertGemm::kGrouped : moe::ExpertGemm::kCublas;
-    } else {
-      opts.expert_gemm = fits ? moe::ExpertGemm::kGrouped : moe::ExpertGemm::kCublas;
-      why = fits ? "moe.expert_gemm = auto"
-                 : fmt::format("moe.expert_gemm = auto: hidden {} or expert width {} is not a multiple of 8",
-                               model_cfg_.hidden_size, local_i);
-    }
-    device_reason_ += fmt::format("; expert GEMM {} ({}); allocator {}", moe::expert_gemm_name(opts.expert_gemm), why,
-                                  direct ? "direct" : "caching");
-    world_.run_collectively("building the CUDA model", [&] {
-      gpu_->model =
-          std::make_unique<model::CudaQwen3MoeModel>(model_cfg_, static_cast<uint64_t>(cfg_.train.seed), opts);
-    });
+    device_reason_ += fmt::format("; allocator {}",
+                                  cfg_.train.cuda_allocator == AllocatorChoice::kDirect ? "direct" : "caching");
   }
-#endif
+  world_.run_collectively("building the model", [&] {
+    model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, be, opts, static_cast<uint64_t>(cfg_.train.seed));
+  });
+  optim_ = std::make_unique<AdamW>(
+      *model_, AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay});
 }
 
 Trainer::~Trainer() = default;
 
 StepResult Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
-#if MOETP_HAVE_CUDA
-  if (gpu_) cuda::reset_peak_memory();
-#endif
+  backend::Backend& be = model_->backend();
+  be.reset_peak_memory();
   StepResult r;
   r.step = step_ + 1;
   const int num_micro = cfg_.train.micro_batches;
@@ -151,13 +114,13 @@ StepResult Trainer::step() {
   const int64_t global_targets = static_cast<int64_t>(cfg_.train.global_batch_size) * S;
   r.tokens = global_targets;
   const std::vector<int64_t> slice = batches_.rank_slice(step_, world_.rank(), world_.size());
-  const StepOps ops = gpu_ ? gpu_ops() : cpu_ops();
-  ops.zero_grads();
+  model_->zero_grads();
   double ce_sum = 0, aux_sum = 0;
   for (int micro = 0; micro < num_micro; ++micro) {
     const std::vector<int64_t> ids = data::micro_slice(slice, micro, num_micro);
-    const model::MicroStats ms = ops.forward_backward(batches_.tokens(ids), 1.0 / static_cast<double>(global_targets),
-                                                      model_cfg_.router_aux_loss_coef / num_micro);
+    const model::MicroStats ms =
+        model_->forward_backward(model::Batch::from_rows(batches_.tokens(ids)), 1.0 / static_cast<double>(global_targets),
+                                 model_cfg_.router_aux_loss_coef / num_micro);
     ce_sum += ms.ce_sum;
     aux_sum += ms.aux;
     if (micro == 0) {
@@ -176,71 +139,28 @@ StepResult Trainer::step() {
   MOETP_CHECK(std::isfinite(r.loss), "step {}: loss is {} (cross-entropy {}, aux {}) on rank {}", r.step, r.loss,
               r.ce_loss, r.aux_loss, world_.rank());
 
-  ops.reduce_grads();
-  r.grad_norm = ops.grad_norm();
+  reduce_grads(*model_);
+  r.grad_norm = global_grad_norm(*model_);
   MOETP_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} on rank {} (loss {})", r.step, r.grad_norm,
               world_.rank(), r.loss);
   if (cfg_.optim.grad_clip > 0 && r.grad_norm > cfg_.optim.grad_clip) {
-    ops.scale_grads(static_cast<float>(cfg_.optim.grad_clip / (r.grad_norm + 1e-6)));
+    scale_grads(*model_, static_cast<float>(cfg_.optim.grad_clip / (r.grad_norm + 1e-6)));
   }
   r.lr = lr_at(r.step, cfg_.train.steps, cfg_.optim.warmup_steps, cfg_.optim.lr, cfg_.optim.min_lr);
-  ops.optimizer_step(r.lr, r.step);
+  optim_->step(*model_, r.lr, r.step);
   step_ = r.step;
-#if MOETP_HAVE_CUDA
-  if (gpu_) {
-    const double peak = static_cast<double>(cuda::memory_stats().peak_live_bytes) / 1e9;
-    r.peak_mem_gb = world_.all_reduce_scalar(peak, comm::ReduceOp::kMax);
-  }
-#endif
+  const double peak = be.peak_memory_bytes();
+  if (peak >= 0) r.peak_mem_gb = world_.all_reduce_scalar(peak / 1e9, comm::ReduceOp::kMax);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r.model_tflops_per_rank = r.seconds > 0 ? step_flops_ / r.seconds / static_cast<double>(world_.size()) / 1e12 : 0.0;
   return r;
 }
 
-Trainer::StepOps Trainer::cpu_ops() {
-  StepOps ops;
-  ops.zero_grads = [this] { model_->zero_grads(); };
-  ops.forward_backward = [this](const Tensor& tokens, double ce_scale, double aux_scale) {
-    return model_->forward_backward(tokens, ce_scale, aux_scale);
-  };
-  ops.reduce_grads = [this] { reduce_grads(model_->params(), *mesh_); };
-  ops.grad_norm = [this] { return global_grad_norm(model_->params(), *mesh_); };
-  ops.scale_grads = [this](float s) { scale_grads(model_->params(), s); };
-  ops.optimizer_step = [this](double lr, int64_t step) { optim_->step(model_->params(), lr, step); };
-  return ops;
-}
-
-Trainer::StepOps Trainer::gpu_ops() {
-  StepOps ops;
-#if MOETP_HAVE_CUDA
-  model::CudaQwen3MoeModel* m = gpu_->model.get();
-  ops.zero_grads = [m] { m->zero_grads(); };
-  ops.forward_backward = [m](const Tensor& tokens, double ce_scale, double aux_scale) {
-    return m->forward_backward(tokens, ce_scale, aux_scale);
-  };
-  ops.reduce_grads = [m] { m->reduce_grads(); };
-  ops.grad_norm = [m] { return m->grad_norm(); };
-  ops.scale_grads = [m](float s) { m->scale_grads(s); };
-  const model::CudaAdamWConfig adam{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay};
-  ops.optimizer_step = [m, adam](double lr, int64_t step) { m->adamw_step(adam, lr, step); };
-#else
-  MOETP_FAIL("Trainer: the CUDA device was selected in a build without CUDA");
-#endif
-  return ops;
-}
-
-model::Qwen3MoeModel& Trainer::model() {
-  MOETP_CHECK(model_ != nullptr, "Trainer::model(): there is no CPU model on the '{}' device", device_name(device_));
-  return *model_;
-}
-
 std::unique_ptr<model::ParamStore> Trainer::param_store() const {
-#if MOETP_HAVE_CUDA
-  if (gpu_) return std::make_unique<model::CudaParamStore>(*gpu_->model, *mesh_);
-#endif
   const std::vector<std::string>& prefixes = model::kAdamWStatePrefixes;
-  return std::make_unique<model::CpuParamStore>(
-      *model_, std::vector<model::ParamState>{{prefixes[0], &optim_->exp_avg()}, {prefixes[1], &optim_->exp_avg_sq()}});
+  return std::make_unique<model::ModelParamStore>(
+      *model_, *mesh_,
+      std::vector<model::ParamState>{{prefixes[0], &optim_->exp_avg()}, {prefixes[1], &optim_->exp_avg_sq()}});
 }
 
 void Trainer::save_checkpoint(const std::string& dir) const {

@@ -2,16 +2,15 @@
 // forward/backward -> gradient reduction (etp_spec §8.1) -> global norm, clipping -> AdamW.
 // Collective: every rank of `world` constructs a Trainer and calls step() in lockstep.
 //
-// Devices (train.device): "cpu" runs the CPU model (model/model.h) with MPI collectives; "cuda"
-// runs one GPU per rank (the node-local rank picks the GPU): the CUDA model (model/cuda_model.h)
-// over NCCL communicators, with f32 masters, gradients and AdamW moments on the GPU; no CPU model
-// exists then. Both models take their parameters and initial values from model/param_table.h, so
-// both devices start from the identical model; checkpoints and Hugging Face import move the active
-// model's tensors one at a time through a model::ParamStore. "auto" picks cuda when this build has CUDA and
-// every rank of the node has a GPU, else cpu; device() says which was picked and why.
+// Devices (train.device): the one model (model/model.h) and optimizer (train/optim.h) on the
+// backend of the device (backend/backend.h): "cpu" with MPI collectives; "cuda" one GPU per rank
+// (the node-local rank picks the GPU) over NCCL communicators, with f32 masters, gradients and
+// AdamW moments on the GPU and no copy of the model in host memory. Checkpoints and Hugging Face
+// import move the model's tensors one at a time through a model::ParamStore. "auto" picks cuda
+// when this build has CUDA and every rank of the node has a GPU, else cpu; device() says which was
+// picked and why.
 #pragma once
 
-#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -63,8 +62,7 @@ class Trainer {
   // Where the model runs (train.device resolved), and a line saying why (for the run's banner).
   Device device() const { return device_; }
   const std::string& device_reason() const { return device_reason_; }
-  // The CPU model (CPU device only; an error on cuda).
-  model::Qwen3MoeModel& model();
+  model::Qwen3MoeModel& model() { return *model_; }
   const comm::Mesh& mesh() const { return *mesh_; }
   const config::TrainConfig& config() const { return cfg_; }
 
@@ -72,28 +70,17 @@ class Trainer {
   config::TrainConfig cfg_;
   config::ModelConfig model_cfg_;
   comm::Comm& world_;
-  std::unique_ptr<comm::Mesh> mesh_;
-  std::unique_ptr<model::Qwen3MoeModel> model_;  // CPU device only
+  std::unique_ptr<comm::Mesh> mesh_;            // over world_ (MPI): host collectives, checkpoints
+  std::unique_ptr<comm::Comm> device_world_;    // the backend's own communicator, when it has one (NCCL)
+  std::unique_ptr<comm::Mesh> device_mesh_;     // over device_world_
+  std::unique_ptr<model::Qwen3MoeModel> model_;
   data::Batches batches_;
-  std::unique_ptr<AdamW> optim_;  // CPU device only
+  std::unique_ptr<AdamW> optim_;
   int64_t step_ = 0;
   double step_flops_ = 0;  // model FLOPs of one step (config::training_flops), fixed by the configs
   Device device_ = Device::kCpu;
   std::string device_reason_;
-  struct Gpu;  // NCCL communicators, mesh and CUDA model (trainer.cpp; CUDA builds only)
-  std::unique_ptr<Gpu> gpu_;
-  // One step's device operations: the CPU model with MPI, or the CUDA model with NCCL.
-  struct StepOps {
-    std::function<void()> zero_grads;
-    std::function<model::MicroStats(const Tensor&, double, double)> forward_backward;  // tokens, ce, aux scale
-    std::function<void()> reduce_grads;
-    std::function<double()> grad_norm;  // after reduce_grads
-    std::function<void(float)> scale_grads;
-    std::function<void(double, int64_t)> optimizer_step;  // lr, step (from 1)
-  };
-  StepOps cpu_ops();
-  StepOps gpu_ops();
-  // The active model with its AdamW moments, for checkpoints and HF import.
+  // The model with its AdamW moments, for checkpoints and HF import.
   std::unique_ptr<model::ParamStore> param_store() const;
 };
 

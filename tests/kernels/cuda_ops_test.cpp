@@ -1,5 +1,5 @@
 // The CUDA ops of kernels/cuda/ops.h against their CPU references (kernels/cpu/*, moe/row_ops.h,
-// train::AdamW) on random inputs. Inputs are rounded to bf16 first, so both sides see the same values;
+// cpu::adamw_step) on random inputs. Inputs are rounded to bf16 first, so both sides see the same values;
 // the CPU reference then computes in f32/double from those values.
 //
 // Tolerances (testing.h's table):
@@ -38,7 +38,7 @@
 #include "kernels/cuda/runtime.h"
 #include "moe/row_ops.h"
 #include "testing.h"
-#include "train/optim.h"
+#include "kernels/cpu/optim.h"
 
 namespace moetp {
 namespace {
@@ -731,41 +731,35 @@ TEST_F(CudaCrossEntropy, EmptyAndBadTarget) {
 
 // ---- AdamW --------------------------------------------------------------------------------------
 
-TEST_F(CudaAdamW, MatchesTrainAdamWBitExactly) {
-  const train::AdamWConfig cfg{0.9, 0.95, 1e-8, 0.1};
+TEST_F(CudaAdamW, MatchesCpuAdamWBitExactly) {
+  const double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
   for (const bool decay : {true, false}) {
     for (const int64_t n : {int64_t{1}, int64_t{4097}, int64_t{1} << 16}) {
-      std::vector<model::Param> params(1);
-      params[0].name = "w";
-      params[0].decay = decay;
-      params[0].value = random_tensor({n}, 81, 1);
-      params[0].grad = random_tensor({n}, 81, 2, -1e-2f, 1e-2f);
-      train::AdamW opt(params, cfg);
-      opt.exp_avg()[0].copy_from(random_tensor({n}, 81, 3, -1e-3f, 1e-3f));
-      opt.exp_avg_sq()[0].copy_from(random_tensor({n}, 81, 4, 1e-8f, 1e-5f));
-
-      Guarded w = guarded(params[0].value);
-      Guarded m = guarded(opt.exp_avg()[0]);
-      Guarded v = guarded(opt.exp_avg_sq()[0]);
+      Tensor ref_w = random_tensor({n}, 81, 1);
+      Tensor ref_m = random_tensor({n}, 81, 3, -1e-3f, 1e-3f);
+      Tensor ref_v = random_tensor({n}, 81, 4, 1e-8f, 1e-5f);
+      Guarded w = guarded(ref_w);
+      Guarded m = guarded(ref_m);
+      Guarded v = guarded(ref_v);
       Guarded w16 = guarded(Tensor::zeros({n}, DType::kBF16));
       for (int64_t step = 5; step <= 7; ++step) {  // three steps, each with a fresh gradient
-        params[0].grad = random_tensor({n}, 82, static_cast<uint64_t>(step), -1e-2f, 1e-2f);
+        const Tensor g = random_tensor({n}, 82, static_cast<uint64_t>(step), -1e-2f, 1e-2f);
         const double lr = 3e-4 * static_cast<double>(step);
-        opt.step(params, lr, step);
+        cpu::adamw_step(ref_w, g, ref_m, ref_v, lr, beta1, beta2, eps, decay ? weight_decay : 0.0, step);
         cuda::AdamWHyper hyper;
         hyper.lr = lr;
-        hyper.beta1 = cfg.beta1;
-        hyper.beta2 = cfg.beta2;
-        hyper.eps = cfg.eps;
-        hyper.weight_decay = decay ? cfg.weight_decay : 0.0;
+        hyper.beta1 = beta1;
+        hyper.beta2 = beta2;
+        hyper.eps = eps;
+        hyper.weight_decay = decay ? weight_decay : 0.0;
         hyper.step = step;
-        cuda::adamw_step(w.view, gpu(params[0].grad), m.view, v.view, hyper, step == 7 ? &w16.view : nullptr);
+        cuda::adamw_step(w.view, gpu(g), m.view, v.view, hyper, step == 7 ? &w16.view : nullptr);
       }
       const std::string where = "n=" + std::to_string(n) + " decay=" + std::to_string(decay);
-      EXPECT_TRUE(bit_equal(w.view, params[0].value)) << where;
-      EXPECT_TRUE(bit_equal(m.view, opt.exp_avg()[0])) << where;
-      EXPECT_TRUE(bit_equal(v.view, opt.exp_avg_sq()[0])) << where;
-      EXPECT_TRUE(bit_equal(w16.view, params[0].value.to(DType::kBF16))) << where;
+      EXPECT_TRUE(bit_equal(w.view, ref_w)) << where;
+      EXPECT_TRUE(bit_equal(m.view, ref_m)) << where;
+      EXPECT_TRUE(bit_equal(v.view, ref_v)) << where;
+      EXPECT_TRUE(bit_equal(w16.view, ref_w.to(DType::kBF16))) << where;
       for (const Guarded* g : {&w, &m, &v, &w16}) EXPECT_TRUE(guard_intact(*g)) << where;
     }
   }

@@ -1,4 +1,5 @@
-// The one-GPU model (model/cuda_model.h) against the CPU model (model/model.h, the spec) on tiny
+// The model on the CUDA backend (model/model.h, backend/cuda_backend.cpp) against the same model on
+// the CPU backend (the spec) on tiny
 // Qwen3-MoE configs: 3 layers with a dense one in the middle (mlp_only_layers), and 2 layers with
 // tied embeddings; 8 experts top-2, head_dim 16, vocab 96, hidden 64, B = 2, S = 16.
 //
@@ -23,7 +24,7 @@
 //     roundings per layer across 2-3 layers, forward and backward, so errors of ~1e-2 are expected;
 //     5e-2 leaves room while a wrong op (transposed weight, missing residual, wrong norm) gives O(1).
 //     Each tensor's error is printed (an H100 measured 3e-3..1.6e-2). The reference must be non-zero.
-// AdamW: three steps on the same batch with the CPU optimiser (train::AdamW) and the GPU one; the
+// AdamW: three steps on the same batch with train::AdamW on each backend; the
 // losses after each step agree within 2e-2 relative, and the loss falls on both.
 //
 // Runs under mpirun -np 1 (the CPU model needs a one-rank mesh); skips without a GPU.
@@ -40,7 +41,7 @@
 //     all-reduce, expert shards against this rank's slice of the full gradient).
 // Then three AdamW steps on the GPU layout and the CPU layout track each other (losses within
 // 2e-2) and fall. The routing-margin rule above applies to every rank's tokens.
-#include "model/cuda_model.h"
+#include "model/model.h"
 
 #include <gtest/gtest.h>
 
@@ -52,12 +53,12 @@
 #include <span>
 #include <vector>
 
+#include "backend/backend.h"
 #include "comm/mesh.h"
 #include "dist/mpi_env.h"
 #include "dist/nccl_env.h"
 #include "io/checkpoint.h"
 #include "kernels/cuda/runtime.h"
-#include "moe/cuda_moe.h"
 #include "shard/layout.h"
 #include "testing.h"
 #include "testing_files.h"
@@ -94,17 +95,18 @@ config::ModelConfig tiny_config(bool tied) {
   return c;
 }
 
+backend::Backend& gpu_backend() { return backend::get(Device::kCuda); }
+
 void round_to_bf16(model::Qwen3MoeModel& m) {
   for (model::Param& p : m.params()) p.value.copy_from(p.value.to(DType::kBF16).to(DType::kF32));
 }
 
 // A GPU model of the CPU model's layout holding the CPU model's current values (exactly; bf16
 // working copies rounded from them), copied through the two models' parameter stores.
-std::unique_ptr<model::CudaQwen3MoeModel> from_cpu(const model::Qwen3MoeModel& cpu,
-                                                   model::CudaModelOptions opts = {}) {
-  auto gpu = std::make_unique<model::CudaQwen3MoeModel>(cpu.config(), 0, opts);
-  model::CudaParamStore store(*gpu, cpu.mesh());
-  model::copy_params(model::CpuParamStore(cpu), store, false);
+std::unique_ptr<model::Qwen3MoeModel> from_cpu(const model::Qwen3MoeModel& cpu, model::ModelOptions opts = {}) {
+  auto gpu = std::make_unique<model::Qwen3MoeModel>(cpu.config(), gpu_backend(), opts, 0);
+  model::ModelParamStore store(*gpu, *cpu.mesh());
+  model::copy_params(model::ModelParamStore(cpu), store, false);
   return gpu;
 }
 
@@ -117,14 +119,14 @@ Tensor random_tokens(int64_t V, uint64_t seed) {
 }
 
 // Smallest (p_K − p_{K+1}) / p_K over tokens and MoE layers of the GPU model's last forward.
-double routing_margin(const model::CudaQwen3MoeModel& m) {
+double routing_margin(const model::Qwen3MoeModel& m) {
   const config::ModelConfig& c = m.config();
   const int64_t E = c.num_experts, K = c.num_experts_per_tok;
   double margin = 1.0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const moe::CudaMoeLayer* layer = m.moe_layer(l);
+    const moe::MoeLayer* layer = m.moe_layer(l);
     if (layer == nullptr || K == E) continue;
-    const std::vector<float> probs = layer->saved().probs_NE.to_vector<float>();
+    const std::vector<float> probs = layer->router_probs().to_vector<float>();
     for (size_t n = 0; n * E < probs.size(); ++n) {
       std::vector<float> row(probs.begin() + n * E, probs.begin() + (n + 1) * E);
       std::sort(row.begin(), row.end(), std::greater<float>());
@@ -161,11 +163,11 @@ TEST_F(CudaModel, FromSeedMatchesCpuInit) {
   for (const bool tied : {false, true}) {
     const config::ModelConfig cfg = tiny_config(tied);
     model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 5);
-    model::CudaQwen3MoeModel gpu(cfg, 5);
+    model::Qwen3MoeModel gpu(cfg, gpu_backend(), {}, 5);
     ASSERT_EQ(gpu.params().size(), cpu.params().size());
     for (size_t i = 0; i < cpu.params().size(); ++i) {
       EXPECT_EQ(gpu.params()[i].name, cpu.params()[i].name);
-      EXPECT_TRUE(testing::bit_equal(gpu.params()[i].master.to(Device::kCpu), cpu.params()[i].value))
+      EXPECT_TRUE(testing::bit_equal(gpu.params()[i].value.to(Device::kCpu), cpu.params()[i].value))
           << cpu.params()[i].name;
     }
   }
@@ -176,9 +178,12 @@ TEST_F(CudaModel, FromSeedMatchesCpuInit) {
 TEST_F(CudaModel, NativeCheckpointLoadsIntoCpuModel) {
   comm::Mesh mesh(testing::world(), 1, 1);
   const config::ModelConfig cfg = tiny_config(false);
-  model::CudaQwen3MoeModel gpu(cfg, 11);
+  model::Qwen3MoeModel gpu(cfg, gpu_backend(), {}, 11);
+  train::AdamW gopt(gpu, train::AdamWConfig{});
   // Distinct moments: each parameter's values scaled by 2 and by 3.
-  model::CudaParamStore store(gpu, mesh);
+  model::ModelParamStore store(gpu, mesh,
+                               {{model::kAdamWStatePrefixes[0], &gopt.exp_avg()},
+                                {model::kAdamWStatePrefixes[1], &gopt.exp_avg_sq()}});
   for (size_t i = 0; i < store.num_params(); ++i) {
     Tensor host = Tensor::empty(shard::local_shape(store.param(i).spec), DType::kF32);
     store.read(i, 0, host);
@@ -203,16 +208,16 @@ TEST_F(CudaModel, NativeCheckpointLoadsIntoCpuModel) {
   const model::Qwen3MoeModel fresh(cfg, mesh, DispatcherKind::kLocal, 11);
   for (size_t i = 0; i < cpu.params().size(); ++i) {
     const model::Param& p = cpu.params()[i];
-    const Tensor master = gpu.params()[i].master.to(Device::kCpu);
+    const Tensor master = gpu.params()[i].value.to(Device::kCpu);
     EXPECT_TRUE(testing::bit_equal(p.value, master)) << p.name;
     EXPECT_TRUE(testing::bit_equal(p.value, fresh.params()[i].value)) << p.name << " (CPU model of the same seed)";
-    EXPECT_TRUE(testing::bit_equal(m[i], gpu.params()[i].exp_avg.to(Device::kCpu))) << p.name << " exp_avg";
-    EXPECT_TRUE(testing::bit_equal(v[i], gpu.params()[i].exp_avg_sq.to(Device::kCpu))) << p.name << " exp_avg_sq";
+    EXPECT_TRUE(testing::bit_equal(m[i], gopt.exp_avg()[i].to(Device::kCpu))) << p.name << " exp_avg";
+    EXPECT_TRUE(testing::bit_equal(v[i], gopt.exp_avg_sq()[i].to(Device::kCpu))) << p.name << " exp_avg_sq";
   }
 }
 
 // Picks the token batch (see the file header) after a GPU forward on each candidate.
-Tensor pick_tokens(model::CudaQwen3MoeModel& gpu, double* margin) {
+Tensor pick_tokens(model::Qwen3MoeModel& gpu, double* margin) {
   for (uint64_t seed = 1; seed <= 256; ++seed) {
     const Tensor tokens = random_tokens(gpu.config().vocab_size, seed);
     gpu.forward(tokens);
@@ -234,7 +239,7 @@ TEST_F(CudaModel, MatchesCpuModel) {
     const config::ModelConfig cfg = tiny_config(tied);
     model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 7);
     round_to_bf16(cpu);
-    const std::unique_ptr<model::CudaQwen3MoeModel> gpu = from_cpu(cpu);
+    const std::unique_ptr<model::Qwen3MoeModel> gpu = from_cpu(cpu);
     double margin = 0;
     const Tensor tokens = pick_tokens(*gpu, &margin);
     ASSERT_TRUE(tokens.defined()) << "no token seed in 1..256 with a routing margin >= " << kMinMargin;
@@ -259,7 +264,7 @@ TEST_F(CudaModel, MatchesCpuModel) {
 
     std::vector<Tensor> ref_grads;
     for (const model::Param& p : cpu.params()) ref_grads.push_back(p.grad.clone());
-    gpu->copy_grads_to(cpu);  // overwrites the CPU model's gradients with the GPU's
+    model::copy_grads(*gpu, cpu);  // overwrites the CPU model's gradients with the GPU's
     for (size_t i = 0; i < ref_grads.size(); ++i) {
       const model::Param& p = cpu.params()[i];
       double norm = 0;
@@ -276,14 +281,13 @@ TEST_F(CudaModel, AdamWStepsTrackCpu) {
   const config::ModelConfig cfg = tiny_config(false);
   model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 9);
   round_to_bf16(cpu);
-  const std::unique_ptr<model::CudaQwen3MoeModel> gpu = from_cpu(cpu);
+  const std::unique_ptr<model::Qwen3MoeModel> gpu = from_cpu(cpu);
   double margin = 0;
   const Tensor tokens = pick_tokens(*gpu, &margin);
   ASSERT_TRUE(tokens.defined());
   const double ce_scale = 1.0 / static_cast<double>(kB * kS), aux_scale = cfg.router_aux_loss_coef, lr = 3e-3;
   train::AdamWConfig acfg;
-  train::AdamW opt(cpu.params(), acfg);
-  const model::CudaAdamWConfig gcfg{acfg.beta1, acfg.beta2, acfg.eps, acfg.weight_decay};
+  train::AdamW opt(cpu, acfg), gopt(*gpu, acfg);
   std::vector<double> cpu_loss, gpu_loss;
   for (int64_t step = 1; step <= 4; ++step) {
     cpu.zero_grads();
@@ -296,8 +300,8 @@ TEST_F(CudaModel, AdamWStepsTrackCpu) {
                 cpu_loss.back());
     EXPECT_NEAR(gpu_loss.back(), cpu_loss.back(), kAdamLossRel * cpu_loss.back()) << "step " << step;
     if (step == 4) break;  // the 4th forward measures the 3rd update
-    opt.step(cpu.params(), lr, step);
-    gpu->adamw_step(gcfg, lr, step);
+    opt.step(cpu, lr, step);
+    gopt.step(*gpu, lr, step);
   }
   EXPECT_LT(cpu_loss.back(), cpu_loss.front()) << "CPU loss should fall on a repeated batch";
   EXPECT_LT(gpu_loss.back(), gpu_loss.front()) << "GPU loss should fall on a repeated batch";
@@ -361,23 +365,23 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
   const config::ModelConfig cfg = tiny_config(false);
   const DispatcherKind dispatcher = parse_option<DispatcherKind>(l.dispatcher, "dispatcher");
   model::Qwen3MoeModel cpu(cfg, cpu_mesh, dispatcher, 7);
-  model::CudaModelOptions opts;
+  model::ModelOptions opts;
   opts.mesh = &gpu_mesh;
   opts.dispatcher = dispatcher;
   {
     // The seed constructor gives this rank's shards of the CPU layout's initial values, bit for bit.
-    const model::CudaQwen3MoeModel seeded(cfg, 7, opts);
+    const model::Qwen3MoeModel seeded(cfg, gpu_backend(), opts, 7);
     ASSERT_EQ(seeded.params().size(), cpu.params().size());
     for (size_t i = 0; i < cpu.params().size(); ++i) {
-      EXPECT_TRUE(testing::bit_equal(seeded.params()[i].master.to(Device::kCpu), cpu.params()[i].value))
+      EXPECT_TRUE(testing::bit_equal(seeded.params()[i].value.to(Device::kCpu), cpu.params()[i].value))
           << cpu.params()[i].name << " on rank " << r;
     }
   }
   round_to_bf16(cpu);
   model::Qwen3MoeModel cpu_one(cfg, self_mesh, DispatcherKind::kLocal, 7);
   round_to_bf16(cpu_one);
-  const std::unique_ptr<model::CudaQwen3MoeModel> gpu = from_cpu(cpu, opts);
-  const std::unique_ptr<model::CudaQwen3MoeModel> one = from_cpu(cpu_one);
+  const std::unique_ptr<model::Qwen3MoeModel> gpu = from_cpu(cpu, opts);
+  const std::unique_ptr<model::Qwen3MoeModel> one = from_cpu(cpu_one);
 
   // Each rank searches its own token seed: its routing margin depends on its own sequences only
   // (attention is per sequence, routing per token), so a rank keeps a seed once it passes while
@@ -403,12 +407,12 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
 
   cpu.zero_grads();
   const model::MicroStats ref = cpu.forward_backward(tokens, ce_scale, aux_scale);
-  train::reduce_grads(cpu.params(), cpu_mesh);
-  const double ref_norm = train::global_grad_norm(cpu.params(), cpu_mesh);
+  train::reduce_grads(cpu);
+  const double ref_norm = train::global_grad_norm(cpu);
   gpu->zero_grads();
   const model::MicroStats got = gpu->forward_backward(tokens, ce_scale, aux_scale);
-  gpu->reduce_grads();
-  const double got_norm = gpu->grad_norm();
+  train::reduce_grads(*gpu);
+  const double got_norm = train::global_grad_norm(*gpu);
   one->zero_grads();
   const model::MicroStats ref1 = one->forward_backward(all_tokens, ce_scale, aux_scale);
 
@@ -432,11 +436,11 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
   // Against the CPU layout: this rank's reduced gradients.
   std::vector<Tensor> cpu_grads, gpu_grads, one_grads;
   for (const model::Param& p : cpu.params()) cpu_grads.push_back(p.grad.clone());
-  gpu->copy_grads_to(cpu);
+  model::copy_grads(*gpu, cpu);
   for (const model::Param& p : cpu.params()) gpu_grads.push_back(p.grad.clone());
   expect_grads_close(gpu_grads, cpu_grads, cpu.params(), "cpu");
   // Against one GPU: replicated gradients whole, expert gradients this rank's slice.
-  one->copy_grads_to(cpu_one);
+  model::copy_grads(*one, cpu_one);
   for (size_t i = 0; i < cpu.params().size(); ++i) {
     const model::Param& p = cpu.params()[i];
     one_grads.push_back(p.kind == model::ParamKind::kExpert ? shard::extract_local(cpu_one.params()[i].grad, p.spec)
@@ -446,8 +450,7 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
 
   // Three AdamW steps on the same batch: GPU layout vs CPU layout.
   train::AdamWConfig acfg;
-  train::AdamW opt(cpu.params(), acfg);
-  const model::CudaAdamWConfig gcfg{acfg.beta1, acfg.beta2, acfg.eps, acfg.weight_decay};
+  train::AdamW opt(cpu, acfg), gopt(*gpu, acfg);
   const double lr = 3e-3;
   std::vector<double> cpu_loss, gpu_loss;
   for (int64_t step = 1; step <= 4; ++step) {
@@ -463,10 +466,10 @@ TEST_P(CudaModelDist, MatchesCpuLayoutAndOneGpu) {
     }
     EXPECT_NEAR(gpu_loss.back(), cpu_loss.back(), kAdamLossRel * cpu_loss.back()) << "step " << step;
     if (step == 4) break;
-    train::reduce_grads(cpu.params(), cpu_mesh);
-    gpu->reduce_grads();
-    opt.step(cpu.params(), lr, step);
-    gpu->adamw_step(gcfg, lr, step);
+    train::reduce_grads(cpu);
+    train::reduce_grads(*gpu);
+    opt.step(cpu, lr, step);
+    gopt.step(*gpu, lr, step);
   }
   EXPECT_LT(gpu_loss.back(), gpu_loss.front()) << "GPU loss should fall on a repeated batch";
 }

@@ -61,7 +61,7 @@ void check_parity(int ep, int etp) {
 
   m.zero_grads();
   m.forward_backward(ids, 1.0 / static_cast<double>(targets * w.size()), cfg.router_aux_loss_coef);
-  train::reduce_grads(m.params(), mesh);
+  train::reduce_grads(m);
   int checked = 0;
   for (const io::TensorInfo& info : fx.tensors()) {
     if (!info.name.starts_with("grad.")) continue;

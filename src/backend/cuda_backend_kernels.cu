@@ -1,15 +1,15 @@
-// The element-wise ops the CUDA model (model/cuda_model.h) needs that kernels/cuda does not have:
-// the residual add of bf16 tensors, out = bf16(f32(a) + f32(b) [+ f32(c)]), one rounding (RNE)
-// (CPU reference: the f32 add_into of model/model.cpp), and the gradient scale of clipping
-// (x *= s in f32, as train::scale_grads), and the per-expert sums of the router probabilities of
-// the aux loss (column sums in double, as cpu::router_stats; a fixed order, so deterministic). Raw pointers only; the host wrapper in
-// cuda_model.cpp checks shapes, dtypes and devices before launching.
+// The element-wise kernels the CUDA backend (cuda_backend.cpp) needs that kernels/cuda does not
+// have: the residual add of bf16 tensors, out = bf16(f32(a) + f32(b) [+ f32(c)]), one rounding
+// (RNE; CPU reference: the f32 add_into of cpu_backend.cpp); the gradient scale of clipping (x *= s
+// in f32, as cpu::scale); the per-expert sums of the router probabilities of the aux loss (column
+// sums in double, as cpu::router_stats; a fixed order, so deterministic). Raw pointers only; the
+// host code checks shapes, dtypes and devices before launching.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-namespace moetp::model::launch {
+namespace moetp::backend::launch {
 
 namespace {
 
@@ -83,4 +83,4 @@ cudaError_t add_bf16(const uint16_t* a, const uint16_t* b, const uint16_t* c, ui
   return cudaGetLastError();
 }
 
-}  // namespace moetp::model::launch
+}  // namespace moetp::backend::launch
