@@ -11,7 +11,7 @@ out=.device-bundle
 stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib" "$out"
 bins=("$build/moetp")
-while IFS= read -r f; do bins+=("$f"); done < <(find "$build/tests" "$build/bench" -type f -perm -u+x \( -name '*cuda_*' -o -name '*_bench' -o -name 'comm_nccl_*' \) 2>/dev/null)
+while IFS= read -r f; do bins+=("$f"); done < <(find "$build/tests" "$build/bench" -type f -perm -u+x \( -name '*cuda_*' -o -name '*_bench' -o -name 'comm_nccl_*' -o -name 'backend_parity_test' \) 2>/dev/null)
 for b in "${bins[@]}"; do
   cp "$b" "$stage/bin/"
   strip --strip-unneeded "$stage/bin/$(basename "$b")" 2>/dev/null || true

@@ -35,7 +35,7 @@ one_test() {
 }
 # Tests that also run on several ranks (one GPU per rank): np 2 and 4 where the GPUs allow.
 multi="comm_nccl_collectives_test cuda_moe_test model_cuda_test"
-single=$(cd /tmp/moetp-bundle/bin && ls | grep -E '^cuda_.*_test$|_cuda_test$' | sort)
+single=$(cd /tmp/moetp-bundle/bin && ls | grep -E '^cuda_.*_test$|_cuda_test$|^backend_parity_test$' | sort)
 # Runs the tests of a list in lanes of `width` GPUs each, side by side (every GPU busy), lane by lane
 # sequential: lanes NP WIDTH TEST...
 lanes() {

@@ -38,6 +38,33 @@ inline constexpr Tolerance kF32Op{1e-5, 1e-6};      // f32 math, short reduction
 inline constexpr Tolerance kF32Sum{1e-4, 1e-6, 0.1};  // long f32 reductions with cancellation
 inline constexpr Tolerance kRoutingWeight{1e-4, 1e-6};  // f32 softmax of two differently ordered GEMMs
 
+// f32 CPU kernels against fp64 references (tests/kernels/cpu_*_test.cpp): absolute below magnitude
+// 1, relative above.
+inline constexpr Tolerance kF32DotVsF64{1e-5, 1.0};        // one f32 dot product of up to ~100 terms
+inline constexpr Tolerance kF32ChainVsF64{2e-5, 1.0};      // chains of f32 GEMMs (experts, attention)
+inline constexpr Tolerance kF32ElementwiseVsF64{2e-6, 1e-3};  // a few f32 roundings per element
+
+// CUDA attention (tests/kernels/cuda_attention_test.cpp, tests/backend). The saved log-sum-exp is f32
+// on both sides; only the summation order differs.
+inline constexpr Tolerance kAttnLse{1e-3, 1e-3};
+// GPU gradients vs the CPU spec. Flash-attention-2 takes delta = rowsum(dout ⊙ out) from the bf16
+// `out` (relative error 2^-9 per element), where the spec uses rowsum(P ⊙ dP) of the exact softmax;
+// dS = P ⊙ (dP − delta) then carries an error P · O(2^-9 · |dout| · |out| · sqrt(D)) that does not
+// cancel the way dS's rows do: small dq/dk elements are off by up to 0.13 · 2% of the tensor's largest
+// element (H100). Bounded by 2% of max(|ref|, 0.01, 0.3 · max |ref|); the kernel's own arithmetic is
+// held to kBF16 against an fp64 flash-attention-2 reference, where every case passes unscaled.
+inline constexpr Tolerance kAttnFlashVsSpec{2e-2, 1e-2, 0.3};
+// Tensor-core kernels against a reference on the same inputs: P and dS enter the mma as bf16, an
+// error of ~2^-9 (0.2%) per term; near-zero outputs (cancellation) keep an absolute error of a few
+// 1e-3 of the tensor's largest element, so the floor is 25% of it (2% of that: 0.5%).
+inline constexpr Tolerance kAttnTensorCore{2e-2, 1e-2, 0.25};
+// Against the CPU spec the tensor-core kernels carry both errors above: 1% of the largest element.
+inline constexpr Tolerance kAttnTensorCoreVsSpec{2e-2, 1e-2, 0.5};
+// Backend ops through backend::Backend (tests/backend): a bf16 output of f32 math against the f32
+// CPU backend on the same (bf16-representable) inputs: 2^-9 relative from the store, plus f32
+// summation-order differences that matter only next to cancellation (floor: 1e-3 of the largest).
+inline constexpr Tolerance kBackendBF16{1e-2, 1e-6, 1e-3};
+
 // Relative L2 bounds of the CUDA path against the CPU path (bf16 activations, f32 accumulation;
 // each bf16 rounding is at most 2^-9 relative, a chain of about six gives about 3e-3 in L2):
 inline constexpr double kMoeGlobalRel = 1e-2;  // MoE layer: ‖a − b‖₂ / ‖b‖₂ over a whole tensor

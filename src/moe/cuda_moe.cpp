@@ -18,6 +18,7 @@
 #include "kernels/cuda/grouped_gemm.h"
 #include "kernels/cuda/launch.h"
 #include "moe/cuda_moe_kernels.h"
+#include "moe/all2all_plan.h"
 #include "moe/vexpert_plan.h"
 
 namespace moetp::moe {
@@ -359,66 +360,16 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
 }
 
 void CudaMoeLayer::plan_exchange() {
-  const comm::Mesh& mesh = *opts_.mesh;
-  const int P = mesh.ep_size(), T = mesh.etp_size(), t_me = mesh.coords().t;
-  const int64_t E = cfg_.num_experts, L = L_;
-  CudaMoeSaved& s = saved_;
-  // Counts per (source ep rank, local expert), then gathered over etp: cnt[t'][q'][j] (host MPI;
-  // the NCCL communicators' own host groups, same members and order).
-  Tensor cnt_send = Tensor::from_vector<int64_t>(s.counts_E, {E, 1});
-  Tensor cnt_recv = Tensor::empty({P * L, 1}, DType::kI64);
-  const std::vector<int64_t> l_each(static_cast<size_t>(P), L);
-  mesh.ep().host().all_to_all_v(cnt_send, l_each, cnt_recv, l_each);
-  Tensor cnt_all = Tensor::empty({T * P * L, 1}, DType::kI64);
-  mesh.etp().host().all_gather(cnt_recv, cnt_all);
-  const std::vector<int64_t> cnt = cnt_all.to_vector<int64_t>();
-
-  ex_.send_counts.assign(static_cast<size_t>(P), 0);
-  for (int64_t e = 0; e < E; ++e) ex_.send_counts[static_cast<size_t>(e / L)] += s.counts_E[static_cast<size_t>(e)];
-  ex_.recv_counts.assign(static_cast<size_t>(P), 0);
-  ex_.tp_counts.assign(static_cast<size_t>(T), 0);
-  for (int t = 0; t < T; ++t) {
-    for (int q = 0; q < P; ++q) {
-      for (int64_t j = 0; j < L; ++j) {
-        const int64_t c = cnt[static_cast<size_t>((static_cast<int64_t>(t) * P + q) * L + j)];
-        ex_.tp_counts[static_cast<size_t>(t)] += c;
-        if (t == t_me) ex_.recv_counts[static_cast<size_t>(q)] += c;
-      }
-    }
-  }
-  ex_.num_recv = comm::sum_counts(ex_.recv_counts);
-  ex_.num_rows = comm::sum_counts(ex_.tp_counts);
-  ex_.recv_offset = 0;
-  for (int t = 0; t < t_me; ++t) ex_.recv_offset += ex_.tp_counts[static_cast<size_t>(t)];
-
-  // Gathered rows come as blocks (t', q', j); the expert order is (j, q', t') (moe/dispatcher.h).
-  std::vector<int64_t> block_off(cnt.size() + 1, 0);
-  for (size_t b = 0; b < cnt.size(); ++b) block_off[b + 1] = block_off[b] + cnt[b];
+  // Host MPI exchange of the counts (the NCCL communicators' own host groups, same members and order).
+  plan_all2all(*opts_.mesh, saved_.counts_E, ex_);
+  saved_.offsets = ex_.offsets;
   const int64_t R = ex_.num_rows;
-  perm_host_.resize(static_cast<size_t>(2 * R));
-  int64_t* perm = perm_host_.data();
-  int64_t* inv = perm + R;
-  s.offsets.assign(static_cast<size_t>(L) + 1, 0);
-  int64_t row = 0;
-  for (int64_t j = 0; j < L; ++j) {
-    for (int q = 0; q < P; ++q) {
-      for (int t = 0; t < T; ++t) {
-        const size_t b = static_cast<size_t>((static_cast<int64_t>(t) * P + q) * L + j);
-        for (int64_t g = block_off[b]; g < block_off[b + 1]; ++g) {
-          perm[row] = g;
-          inv[g] = row;
-          ++row;
-        }
-      }
-    }
-    s.offsets[static_cast<size_t>(j) + 1] = row;
-  }
   reserve_expert_side(R);
   if (R > 0) {
     // Pageable host memory: the copy stages the source before returning, ordered on the stream.
-    CUDA_CHECK(cudaMemcpyAsync(cap_perm_.raw_data(), perm, static_cast<size_t>(R) * sizeof(int64_t),
+    CUDA_CHECK(cudaMemcpyAsync(cap_perm_.raw_data(), ex_.perm.data(), static_cast<size_t>(R) * sizeof(int64_t),
                                cudaMemcpyHostToDevice, opts_.stream));
-    CUDA_CHECK(cudaMemcpyAsync(cap_inv_perm_.raw_data(), inv, static_cast<size_t>(R) * sizeof(int64_t),
+    CUDA_CHECK(cudaMemcpyAsync(cap_inv_perm_.raw_data(), ex_.inv_perm.data(), static_cast<size_t>(R) * sizeof(int64_t),
                                cudaMemcpyHostToDevice, opts_.stream));
   }
 }

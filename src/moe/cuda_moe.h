@@ -63,6 +63,7 @@
 #include "comm/mesh.h"
 #include "core/tensor.h"
 #include "moe/moe_block.h"
+#include "moe/all2all_plan.h"
 #include "moe/vexpert_plan.h"
 
 namespace moetp::moe {
@@ -256,16 +257,8 @@ class CudaMoeLayer {
   Tensor cap_perm_, cap_inv_perm_;  // all2all: (R) i64 expert order <- gathered order, and its inverse
   Tensor dy_RH_, da_MI_, dh_M2I_;   // views of the last forward: (R, H), (R, i), (R, 2i)
 
-  // Mesh: what the counts exchange decided for the last forward.
-  struct Exchange {
-    std::vector<int64_t> send_counts;  // slot rows to each ep rank
-    std::vector<int64_t> recv_counts;  // rows from each ep rank
-    std::vector<int64_t> tp_counts;    // rows each etp rank received (the all-gather counts)
-    int64_t num_recv = 0;              // Σ recv_counts
-    int64_t num_rows = 0;              // R = Σ tp_counts
-    int64_t recv_offset = 0;           // Σ tp_counts[t' < t]: this rank's block of the gathered rows
-  } ex_;
-  std::vector<int64_t> perm_host_;     // pinned staging would be nicer; uploaded once per forward
+  // Mesh, `all2all`: the plan of the last forward (counts and expert order, moe/all2all_plan.h).
+  All2AllPlan ex_;
 
   // `vexpert`: the last forward's plan (host) and capacity buffers (device, used through views).
   // S rows sent, Q rows received, C = K entries per row (vexpert_plan.h), R expert-side rows.

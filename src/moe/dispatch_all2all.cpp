@@ -9,6 +9,7 @@
 // dispatch = forward_move(x per slot); combine = backward_move, then fold with the weights;
 // combine_backward = forward_move(w · dout per slot); dispatch_backward = backward_move, then sum
 // the K slots of each token.
+#include "moe/all2all_plan.h"
 #include "moe/dispatch_common.h"
 #include "moe/row_ops.h"
 
@@ -20,10 +21,7 @@ struct All2AllState : DispatchState {
   int64_t num_tokens = 0;
   std::vector<int64_t> slot_token;   // per source slot row: token n (rows sorted by expert, token)
   std::vector<int64_t> slot_k;       // per source slot row: slot k
-  std::vector<int64_t> send_counts;  // rows to each EP rank
-  std::vector<int64_t> recv_counts;  // rows from each EP rank
-  std::vector<int64_t> tp_counts;    // received rows of each TP rank (all-gather counts)
-  std::vector<int64_t> perm;         // expert-order row i = gathered row perm[i]
+  All2AllPlan plan;                  // counts and the expert order (all2all_plan.h)
   Tensor weight_NK;
   Tensor y_slot_SH;                  // combined (TP-summed) expert output per source slot row
 };
@@ -31,7 +29,7 @@ struct All2AllState : DispatchState {
 class All2AllDispatcher final : public Dispatcher {
  public:
   All2AllDispatcher(const comm::Mesh& mesh, const DispatcherConfig& cfg)
-      : mesh_(mesh), cfg_(cfg), num_local_(cfg.num_experts / mesh.ep_size()) {}
+      : mesh_(mesh), cfg_(cfg) {}
   std::string name() const override { return "all2all"; }
 
   Dispatched dispatch(const Tensor& x_NH, const Tensor& idx, const Tensor& w,
@@ -41,9 +39,6 @@ class All2AllDispatcher final : public Dispatcher {
     s->num_tokens = x_NH.size(0);
     s->weight_NK = w.contiguous();
     const HostRouting r = host_routing(idx);
-    const int P = mesh_.ep_size(), T = mesh_.etp_size();
-    const int64_t L = num_local_;
-
     // Source slot rows sorted by global expert, then token (slot k is unique per (token, expert)).
     std::vector<int64_t> per_expert(cfg_.num_experts, 0);
     for (int32_t e : r.idx) ++per_expert[e];
@@ -57,38 +52,8 @@ class All2AllDispatcher final : public Dispatcher {
         s->slot_k[pos] = k;
       }
     }
-    s->send_counts.assign(P, 0);
-    for (int64_t e = 0; e < cfg_.num_experts; ++e) s->send_counts[e / L] += per_expert[e];
-
-    // Counts, exchanged once: per (source EP rank, local expert), then gathered over TP.
-    Tensor cnt_send = Tensor::from_vector<int64_t>(per_expert, {cfg_.num_experts, 1});
-    Tensor cnt_recv = Tensor::empty({P * L, 1}, DType::kI64);
-    const std::vector<int64_t> l_each(P, L);
-    mesh_.ep().all_to_all_v(cnt_send, l_each, cnt_recv, l_each);
-    Tensor cnt_all = Tensor::empty({T * P * L, 1}, DType::kI64);
-    mesh_.etp().all_gather(cnt_recv, cnt_all);
-    const std::vector<int64_t> cnt = cnt_all.to_vector<int64_t>();  // [t'][q'][j]
-    s->recv_counts.assign(P, 0);
-    const int t_me = mesh_.coords().t;
-    for (int q = 0; q < P; ++q) {
-      for (int64_t j = 0; j < L; ++j) s->recv_counts[q] += cnt[(t_me * P + q) * L + j];
-    }
-    s->tp_counts = mesh_.etp().all_gather_scalar(comm::sum_counts(s->recv_counts));
-
-    // Gathered rows are blocks (t', q', j) in that nesting; expert order is (j, q', t').
-    const std::vector<int64_t> block_off = exclusive_prefix(cnt);
-    std::vector<int64_t> offsets(L + 1, 0);
-    for (int64_t j = 0; j < L; ++j) {
-      for (int q = 0; q < P; ++q) {
-        for (int t = 0; t < T; ++t) {
-          const int64_t b = (static_cast<int64_t>(t) * P + q) * L + j;
-          for (int64_t i = block_off[b]; i < block_off[b + 1]; ++i) s->perm.push_back(i);
-        }
-      }
-      offsets[j + 1] = static_cast<int64_t>(s->perm.size());
-    }
-
-    Dispatched d{forward_move(gather_rows(x_NH, s->slot_token), *s), offsets};
+    plan_all2all(mesh_, per_expert, s->plan);
+    Dispatched d{forward_move(gather_rows(x_NH, s->slot_token), *s), s->plan.offsets};
     state = std::move(s);
     return d;
   }
@@ -120,28 +85,29 @@ class All2AllDispatcher final : public Dispatcher {
  private:
   Tensor forward_move(const Tensor& rows_SH, const All2AllState& s) const {
     const int64_t h = rows_SH.size(1);
-    Tensor recv = Tensor::empty({comm::sum_counts(s.recv_counts), h}, DType::kF32);
-    mesh_.ep().all_to_all_v(rows_SH, s.send_counts, recv, s.recv_counts);
-    Tensor gathered = Tensor::empty({comm::sum_counts(s.tp_counts), h}, DType::kF32);
-    mesh_.etp().all_gather_v(recv, gathered, s.tp_counts);
-    return gather_rows(gathered, s.perm);
+    const All2AllPlan& p = s.plan;
+    Tensor recv = Tensor::empty({p.num_recv, h}, DType::kF32);
+    mesh_.ep().all_to_all_v(rows_SH, p.send_counts, recv, p.recv_counts);
+    Tensor gathered = Tensor::empty({p.num_rows, h}, DType::kF32);
+    mesh_.etp().all_gather_v(recv, gathered, p.tp_counts);
+    return gather_rows(gathered, p.perm);
   }
 
   Tensor backward_move(const Tensor& rows_MH, const All2AllState& s) const {
     const int64_t h = rows_MH.size(1);
-    MOETP_CHECK(rows_MH.rows() == static_cast<int64_t>(s.perm.size()),
-                "all2all: expert rows {} but dispatch produced {} rows", rows_MH.describe(), s.perm.size());
-    Tensor gathered = scatter_rows(rows_MH.contiguous(), s.perm);
-    Tensor mine = Tensor::empty({s.tp_counts[mesh_.etp().rank()], h}, DType::kF32);
-    mesh_.etp().reduce_scatter_v(gathered, mine, s.tp_counts);
-    Tensor back = Tensor::empty({comm::sum_counts(s.send_counts), h}, DType::kF32);
-    mesh_.ep().all_to_all_v(mine, s.recv_counts, back, s.send_counts);
+    const All2AllPlan& p = s.plan;
+    MOETP_CHECK(rows_MH.rows() == p.num_rows, "all2all: expert rows {} but dispatch produced {} rows",
+                rows_MH.describe(), p.num_rows);
+    Tensor gathered = scatter_rows(rows_MH.contiguous(), p.perm);
+    Tensor mine = Tensor::empty({p.num_recv, h}, DType::kF32);
+    mesh_.etp().reduce_scatter_v(gathered, mine, p.tp_counts);
+    Tensor back = Tensor::empty({comm::sum_counts(p.send_counts), h}, DType::kF32);
+    mesh_.ep().all_to_all_v(mine, p.recv_counts, back, p.send_counts);
     return back;
   }
 
   const comm::Mesh& mesh_;
   DispatcherConfig cfg_;
-  int64_t num_local_;
 };
 
 }  // namespace

@@ -29,8 +29,7 @@ using moetp::testing::kGradCheck;
 using moetp::testing::to_double;
 using moetp::testing::to_tensor;
 
-// f32 GEMMs + softmax vs fp64: absolute 2e-5 below magnitude 1, relative above.
-constexpr Tolerance kF32Dot{2e-5, 1.0};
+constexpr Tolerance kF32Dot = testing::kF32ChainVsF64;
 
 struct AttnCase {
   std::string name;

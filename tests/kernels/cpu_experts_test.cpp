@@ -29,8 +29,7 @@ using moetp::testing::kGradCheck;
 using moetp::testing::to_double;
 using moetp::testing::to_tensor;
 
-// f32 GEMM chains (reductions over H and i) vs fp64: absolute 2e-5 below magnitude 1, relative above.
-constexpr Tolerance kF32Dot{2e-5, 1.0};
+constexpr Tolerance kF32Dot = testing::kF32ChainVsF64;
 // f32 kernel gradient vs central differences of the fp64 function (whose own error is ~1e-9):
 // relative 1e-4, or absolute 1e-6 where the gradient is below 1e-2.
 

@@ -22,9 +22,7 @@ using moetp::testing::close;
 using moetp::testing::random_tensor;
 using moetp::testing::Tolerance;
 
-// f32 accumulation of up to ~100 products of magnitude ≤ 1 against a double reference: absolute
-// error below 1e-5 for outputs of magnitude ≤ 1, relative 1e-5 above.
-constexpr Tolerance kF32Dot{1e-5, 1.0};
+constexpr Tolerance kF32Dot = testing::kF32DotVsF64;
 constexpr float kGuard = -12345.0f;
 
 // C = alpha · op(A) · op(B) + beta · C in double, row-major with leading dimensions.

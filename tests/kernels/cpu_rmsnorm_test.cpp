@@ -27,8 +27,7 @@ using moetp::testing::kGradCheck;
 using moetp::testing::to_double;
 using moetp::testing::to_tensor;
 
-// f32 kernel vs fp64: a few f32 roundings per element.
-constexpr Tolerance kF32Elementwise{2e-6, 1e-3};
+constexpr Tolerance kF32Elementwise = testing::kF32ElementwiseVsF64;
 
 // fp64 Qwen3RMSNorm; rstd_out (when given) receives the per-row rstd.
 std::vector<double> ref_rmsnorm(const std::vector<double>& x, const std::vector<double>& w, int64_t R, int64_t D,

@@ -4,9 +4,9 @@
 // reference that takes delta = rowsum(dout ⊙ out) from the GPU's bf16 `out`, as the kernel does, and
 // against the CPU spec, whose delta is rowsum(P ⊙ dP) of the exact softmax (spec_tolerance).
 // Tolerances per kernel: the f32 kernel (D other than 64 / 128) is held to testing::kBF16 and, against
-// the spec, kFlashVsSpec; the tensor-core kernels (D = 64, 128) round P and dS to bf16 as mma
+// the spec, kAttnFlashVsSpec; the tensor-core kernels (D = 64, 128) round P and dS to bf16 as mma
 // operands, an error of about 2^-9 of each product that does not cancel in near-zero outputs, so they
-// get kTensorCore (2% relative, or 0.5% of the tensor's largest element) and kTensorCoreVsSpec (1% of
+// get kAttnTensorCore (2% relative, or 0.5% of the tensor's largest element) and kAttnTensorCoreVsSpec (1% of
 // the largest element). Every tile configuration of the tensor-core kernels (the benchmark's
 // alternatives) is held to the same references. Causality: changing a future key/value leaves every
 // earlier output and lse bit-identical. Errors name the unsupported head_dim.
@@ -39,29 +39,16 @@ using moetp::testing::close;
 using moetp::testing::random_tensor;
 using moetp::testing::Tolerance;
 
-// The saved log-sum-exp is f32 on both sides; only the summation order differs.
-constexpr Tolerance kLse{1e-3, 1e-3};
-// GPU gradients vs the CPU spec. Flash-attention-2 takes delta = rowsum(dout ⊙ out) from the bf16
-// `out` (relative error 2^-9 per element), where the spec uses rowsum(P ⊙ dP) of the exact softmax;
-// dS = P ⊙ (dP − delta) then carries an error P · O(2^-9 · |dout| · |out| · sqrt(D)) that does not
-// cancel the way dS's rows do: small dq/dk elements are off by up to 0.13 · 2% of the tensor's largest
-// element (H100, these cases). Bounded here by 2% of max(|ref|, 0.01, 0.3 · max |ref|); the kernel's
-// own arithmetic is held to testing::kBF16 against fa2_reference, where every case passes unscaled.
-constexpr Tolerance kFlashVsSpec{2e-2, 1e-2, 0.3};
-// Tensor-core kernels against a reference on the same inputs: P and dS enter the mma as bf16, an
-// error of ~2^-9 (0.2%) per term; near-zero outputs (cancellation) keep an absolute error of a few
-// 1e-3 of the tensor's largest element, so the floor is 25% of it (2% of that: 0.5%).
-constexpr Tolerance kTensorCore{2e-2, 1e-2, 0.25};
-
-// Against the CPU spec the tensor-core kernels carry both errors above, so twice the floor: 1% of
-// the tensor's largest element.
-constexpr Tolerance kTensorCoreVsSpec{2e-2, 1e-2, 0.5};
+using testing::kAttnFlashVsSpec;
+using testing::kAttnLse;
+using testing::kAttnTensorCore;
+using testing::kAttnTensorCoreVsSpec;
 
 Tolerance kernel_tolerance(int64_t D) {
-  return cuda::launch::attention_uses_tensor_cores(D) ? kTensorCore : testing::kBF16;
+  return cuda::launch::attention_uses_tensor_cores(D) ? kAttnTensorCore : testing::kBF16;
 }
 Tolerance spec_tolerance(int64_t D) {
-  return cuda::launch::attention_uses_tensor_cores(D) ? kTensorCoreVsSpec : kFlashVsSpec;
+  return cuda::launch::attention_uses_tensor_cores(D) ? kAttnTensorCoreVsSpec : kAttnFlashVsSpec;
 }
 
 struct AttnCase {
@@ -179,7 +166,7 @@ TEST_P(CudaAttention, ForwardMatchesCpu) {
   ASSERT_EQ(out.device(), Device::kCuda);
   EXPECT_TRUE(close(out, ref, kernel_tolerance(c.D))) << c.name << " out";
   ASSERT_TRUE(lse.defined());
-  EXPECT_TRUE(close(lse, saved.lse_BQS, kLse)) << c.name << " lse";
+  EXPECT_TRUE(close(lse, saved.lse_BQS, kAttnLse)) << c.name << " lse";
 
   // lse may be omitted.
   const Tensor out2 = cuda::attention_forward(to_gpu_bf16(in.q), to_gpu_bf16(in.k), to_gpu_bf16(in.v), nullptr);
@@ -270,8 +257,8 @@ TEST_P(CudaAttentionTileConfigs, EveryConfigMatchesReferences) {
     ASSERT_EQ(launch::attention_forward_tc(bits(q), bits(k), bits(v), bits(out), lse.data<float>(), c.B, c.S, c.Q,
                                            c.G, c.D, scale, nullptr, config),
               cudaSuccess);
-    EXPECT_TRUE(close(out, ref, kTensorCore)) << c.name << " out, forward config " << config;
-    EXPECT_TRUE(close(lse, saved.lse_BQS, kLse)) << c.name << " lse, forward config " << config;
+    EXPECT_TRUE(close(out, ref, kAttnTensorCore)) << c.name << " out, forward config " << config;
+    EXPECT_TRUE(close(lse, saved.lse_BQS, kAttnLse)) << c.name << " lse, forward config " << config;
   }
   Tensor lse;
   const Tensor out = cuda::attention_forward(q, k, v, &lse);
@@ -286,9 +273,9 @@ TEST_P(CudaAttentionTileConfigs, EveryConfigMatchesReferences) {
                                             delta.data<float>(), dq_accum.data<float>(), bits(dk), bits(dv), c.B, c.S,
                                             c.Q, c.G, c.D, scale, nullptr, config),
               cudaSuccess);
-    EXPECT_TRUE(close_or_zero(dq_accum, fa2.dq, kTensorCore)) << c.name << " dq, backward config " << config;
-    EXPECT_TRUE(close_or_zero(dk, fa2.dk, kTensorCore)) << c.name << " dk, backward config " << config;
-    EXPECT_TRUE(close(dv, fa2.dv, kTensorCore)) << c.name << " dv, backward config " << config;
+    EXPECT_TRUE(close_or_zero(dq_accum, fa2.dq, kAttnTensorCore)) << c.name << " dq, backward config " << config;
+    EXPECT_TRUE(close_or_zero(dk, fa2.dk, kAttnTensorCore)) << c.name << " dk, backward config " << config;
+    EXPECT_TRUE(close(dv, fa2.dv, kAttnTensorCore)) << c.name << " dv, backward config " << config;
   }
 }
 
