@@ -128,8 +128,9 @@ class Backend {
   // Σ g² in double, in an order that depends only on numel (same result every run). Synchronous.
   virtual double sum_of_squares(const Tensor& g) = 0;
   virtual void scale(Tensor& g, float s) = 0;
-  // train::AdamW's element update (bit-identical across backends); `work` (null, or the compute
-  // dtype copy of w) is refreshed from the new w.
+  // train::AdamW's element update (bit-identical across backends): w, g f32; m, v both f32 or both
+  // bf16 (read as f32, stored rounded to nearest even); `work` (null, or the compute dtype copy of
+  // w) is refreshed from the new w.
   virtual void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const AdamWHyper& hyper,
                           Tensor* work) = 0;
 

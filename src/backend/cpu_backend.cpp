@@ -1,5 +1,6 @@
 // The CPU backend: f32 tensors in host memory, the kernels of kernels/cpu, the MoE layer of
 // moe/moe_block.h over the MPI mesh. Every op is synchronous.
+#include <algorithm>
 #include <chrono>
 #include <vector>
 
@@ -51,6 +52,8 @@ class CpuMoeLayer final : public moe::MoeLayer {
 
 class CpuBackend final : public Backend {
  public:
+  static constexpr int64_t kLogitChunkElems = int64_t{1} << 26;
+
   Device device() const override { return Device::kCpu; }
   DType compute_dtype() const override { return DType::kF32; }
   int visible_devices() const override { return 1; }
@@ -152,10 +155,15 @@ class CpuBackend final : public Backend {
   }
   void cross_entropy(const Tensor& logits_NV, const Tensor& targets_N, Tensor* dlogits_NV, float grad_scale,
                      double& loss_sum) override {
-    loss_sum += cpu::cross_entropy_forward(logits_NV, targets_N, dlogits_NV, grad_scale).loss_sum;
+    // Row losses added to the running sum in row order: chunked heads sum exactly as the whole.
+    loss_sum = cpu::cross_entropy_forward(logits_NV, targets_N, dlogits_NV, grad_scale, loss_sum).loss_sum;
   }
-  // The whole (N, V) at once (a chunked CPU head is a later change: it must keep the row order).
-  int64_t logit_chunk_rows(int64_t /*vocab*/) const override { return INT64_MAX; }
+  // Rows · V <= kLogitChunkElems (256 MiB of f32 logits), in multiples of cpu::kGemmBlock rows so
+  // that the chunked head's logits and input gradient are bit-identical to the whole (gemm.h).
+  int64_t logit_chunk_rows(int64_t vocab) const override {
+    const int64_t rows = kLogitChunkElems / std::max<int64_t>(vocab, 1);
+    return std::max<int64_t>(cpu::kGemmBlock, rows / cpu::kGemmBlock * cpu::kGemmBlock);
+  }
 
   double sum_of_squares(const Tensor& g) override { return cpu::sum_of_squares(g); }
   void scale(Tensor& g, float s) override { cpu::scale(g, s); }

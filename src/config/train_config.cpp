@@ -108,6 +108,9 @@ const std::vector<Field>& fields() {
       field("optim.beta2", &C::optim, &C::Optim::beta2, 0.95, "AdamW beta2"),
       field("optim.eps", &C::optim, &C::Optim::eps, 1e-8, "AdamW epsilon"),
       field("optim.grad_clip", &C::optim, &C::Optim::grad_clip, 1.0, "clip the global gradient norm to this (0 = off)"),
+      field("optim.state_dtype", &C::optim, &C::Optim::state_dtype, StateDType::kF32,
+            "AdamW moments: f32 | bf16 (rounded to nearest even; 4 bytes less per parameter, f32 master weights "
+            "kept; checkpoints hold f32 moments either way)"),
       field("data.path", &C::data, &C::Data::path, "data/kjv.tokens", "training token file"),
       field("data.tokenizer", &C::data, &C::Data::tokenizer, "byte", "tokenizer (byte = one token per byte)"),
       field("run.dir", &C::run, &C::Run::dir, "", "run directory for logs and config.json (\"\" = runs/<timestamp>)"),

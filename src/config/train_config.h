@@ -53,6 +53,7 @@ struct TrainConfig {
     int warmup_steps = 0;
     double weight_decay = 0, beta1 = 0, beta2 = 0, eps = 0;
     double grad_clip = 0;  // 0 = off
+    StateDType state_dtype = StateDType::kF32;  // AdamW moments
     bool operator==(const Optim&) const = default;
   };
   struct Data {

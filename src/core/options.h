@@ -1,5 +1,5 @@
 // The typed options of a run: every choice a user makes by name (dispatcher, device, expert GEMM,
-// allocator) is one of these enums. Text becomes an enum in one place, `parse_option`, when a
+// allocator, optimizer state dtype) is one of these enums. Text becomes an enum in one place, `parse_option`, when a
 // config or a command line is read; everything downstream switches on the enum. Each enum's names
 // are its `kOptionNames` table, which drives parsing, error messages, --help and printing.
 #pragma once
@@ -22,6 +22,8 @@ enum class DeviceChoice { kAuto, kCpu, kCuda };
 enum class ExpertGemmChoice { kAuto, kGrouped, kCublas };
 // train.cuda_allocator (CUDA device): block cache (kAuto = kCaching) or cudaMalloc/cudaFree per tensor.
 enum class AllocatorChoice { kAuto, kCaching, kDirect };
+// optim.state_dtype: storage of the AdamW moments (master weights stay f32).
+enum class StateDType { kF32, kBF16 };
 
 template <typename E>
 struct OptionNames;  // specialised below: `static constexpr std::array names` in enum order
@@ -41,6 +43,11 @@ struct OptionNames<ExpertGemmChoice> {
 template <>
 struct OptionNames<AllocatorChoice> {
   static constexpr std::array<std::string_view, 3> names = {"auto", "caching", "direct"};
+};
+
+template <>
+struct OptionNames<StateDType> {
+  static constexpr std::array<std::string_view, 2> names = {"f32", "bf16"};
 };
 
 template <typename E>

@@ -234,7 +234,8 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
   // ---- LM head + cross-entropy in chunks of rows; the LM head's backward runs per chunk ----
   be.mark("head_ce");
   MicroStats stats;
-  const int64_t chunk_rows = be.logit_chunk_rows(V);
+  MOETP_CHECK(opts_.logit_chunk_rows >= 0, "logit_chunk_rows ({}) must be >= 0", opts_.logit_chunk_rows);
+  const int64_t chunk_rows = opts_.logit_chunk_rows > 0 ? opts_.logit_chunk_rows : be.logit_chunk_rows(V);
   Tensor df;
   if (backward && (chunk_rows < N || N == 0)) df = be.empty({N, H}, be.compute_dtype());
   if (logits_out != nullptr && chunk_rows < N) *logits_out = be.empty({N, V}, be.compute_dtype());

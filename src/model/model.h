@@ -56,6 +56,10 @@ struct ModelOptions {
   bool force_balance = false;                            // moe::MoeLayerOptions
   int expert_streams = 1;
   ExpertGemmChoice expert_gemm = ExpertGemmChoice::kAuto;
+  // Rows of logits the LM head materialises at once; 0 = the backend's choice
+  // (Backend::logit_chunk_rows). On the CPU a multiple of cpu::kGemmBlock keeps the loss and the
+  // input gradient bit-identical to the unchunked head.
+  int64_t logit_chunk_rows = 0;
 };
 
 class Qwen3MoeModel {

@@ -72,7 +72,7 @@ void ModelParamStore::read(size_t i, int slot, Tensor& host_f32) const {
   const Tensor& src = slot_tensor(i, slot);
   check_host_shard(model_->param_desc(i), host_f32, "ModelParamStore::read");
   model_->backend().synchronize();
-  host_f32.copy_from(src);
+  host_f32.copy_from(src.dtype() == DType::kF32 ? src : src.to(Device::kCpu).to(DType::kF32));
 }
 
 void ModelParamStore::write(size_t i, int slot, const Tensor& host_f32) {
@@ -80,7 +80,7 @@ void ModelParamStore::write(size_t i, int slot, const Tensor& host_f32) {
   slot_tensor(i, slot);  // checks i and slot
   check_host_shard(model_->param_desc(i), host_f32, "ModelParamStore::write");
   Tensor& dst = slot == 0 ? mutable_model_->value(i) : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
-  dst.copy_from(host_f32);
+  dst.copy_from(dst.dtype() == DType::kF32 ? host_f32 : host_f32.to(dst.dtype()));
   if (slot == 0) mutable_model_->refresh_work(i);
   mutable_model_->backend().synchronize();
 }

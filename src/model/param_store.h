@@ -33,7 +33,8 @@ class ParamStore {
 inline const std::vector<std::string> kAdamWStatePrefixes = {"optim.exp_avg.", "optim.exp_avg_sq."};
 
 // Per-parameter state tensors kept besides the values (e.g. the AdamW moments), saved under
-// `prefix`: one f32 tensor per parameter in the parameter's local shape, on the model's backend.
+// `prefix`: one tensor per parameter in the parameter's local shape, on the model's backend, f32 or
+// bf16 (read as f32; an f32 value written into bf16 is rounded to nearest even).
 struct ParamState {
   std::string prefix;
   std::vector<Tensor>* tensors;  // model.params() order

@@ -40,8 +40,9 @@ void scale_grads(model::Qwen3MoeModel& model, float scale) {
 AdamW::AdamW(const model::Qwen3MoeModel& model, const AdamWConfig& cfg) : cfg_(cfg) {
   for (size_t i = 0; i < model.num_params(); ++i) {
     const Shape shape = shard::local_shape(model.param_desc(i).spec);
-    m_.push_back(model.backend().zeros(shape, DType::kF32));
-    v_.push_back(model.backend().zeros(shape, DType::kF32));
+    const DType dtype = cfg.state_dtype == StateDType::kBF16 ? DType::kBF16 : DType::kF32;
+    m_.push_back(model.backend().zeros(shape, dtype));
+    v_.push_back(model.backend().zeros(shape, dtype));
   }
 }
 

@@ -22,10 +22,11 @@ void scale_grads(model::Qwen3MoeModel& model, float scale);
 
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+  StateDType state_dtype = StateDType::kF32;  // storage of the moments
 };
 
-// AdamW (decoupled weight decay, bias-corrected moments), f32 moments on the model's backend
-// (backend::Backend::adamw_step; the same bits on every backend). Decay only where Param::decay
+// AdamW (decoupled weight decay, bias-corrected moments), moments in f32 or bf16 on the model's
+// backend (backend::Backend::adamw_step; the same bits on every backend). Decay only where Param::decay
 // (norm weights are exempt). The working copies are refreshed from the new masters.
 class AdamW {
  public:

@@ -98,7 +98,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
     model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, be, opts, static_cast<uint64_t>(cfg_.train.seed));
   });
   optim_ = std::make_unique<AdamW>(
-      *model_, AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay});
+      *model_, AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay, cfg_.optim.state_dtype});
 }
 
 Trainer::~Trainer() = default;

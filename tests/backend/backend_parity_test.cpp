@@ -262,22 +262,26 @@ TEST_F(BackendParity, OptimizerOps) {
     gpu().scale(gg, 0.37f);
     EXPECT_TRUE(bit_equal(gg, gc)) << "scale";
 
-    Tensor wc = testing::random_tensor(sh, 31, 2), mc = testing::random_tensor(sh, 31, 3, -0.1f, 0.1f),
-           vc = testing::random_tensor(sh, 31, 4, 0.0f, 0.01f);
-    Tensor wg = f32(gpu(), wc), mg = f32(gpu(), mc), vg = f32(gpu(), vc);
-    Tensor workc = cpu().empty(sh, cpu().compute_dtype()), workg = gpu().empty(sh, gpu().compute_dtype());
-    backend::AdamWHyper hyper;
-    hyper.lr = 3e-4;
-    hyper.weight_decay = 0.1;
-    for (int64_t step = 1; step <= 3; ++step) {
-      hyper.step = step;
-      cpu().adamw_step(wc, g, mc, vc, hyper, &workc);
-      gpu().adamw_step(wg, g_gpu, mg, vg, hyper, &workg);
+    // AdamW with f32 moments and with bf16 moments (optim.state_dtype).
+    for (const DType moments : {DType::kF32, DType::kBF16}) {
+      SCOPED_TRACE(::testing::Message() << "moments " << dtype_name(moments));
+      Tensor wc = testing::random_tensor(sh, 31, 2), mc = testing::random_tensor(sh, 31, 3, -0.1f, 0.1f).to(moments),
+             vc = testing::random_tensor(sh, 31, 4, 0.0f, 0.01f).to(moments);
+      Tensor wg = f32(gpu(), wc), mg = gpu().to_device(mc), vg = gpu().to_device(vc);
+      Tensor workc = cpu().empty(sh, cpu().compute_dtype()), workg = gpu().empty(sh, gpu().compute_dtype());
+      backend::AdamWHyper hyper;
+      hyper.lr = 3e-4;
+      hyper.weight_decay = 0.1;
+      for (int64_t step = 1; step <= 3; ++step) {
+        hyper.step = step;
+        cpu().adamw_step(wc, g, mc, vc, hyper, &workc);
+        gpu().adamw_step(wg, g_gpu, mg, vg, hyper, &workg);
+      }
+      EXPECT_TRUE(bit_equal(wg, wc)) << "AdamW master weights";
+      EXPECT_TRUE(bit_equal(mg, mc)) << "AdamW first moment";
+      EXPECT_TRUE(bit_equal(vg, vc)) << "AdamW second moment";
+      EXPECT_TRUE(bit_equal(workg, wc.to(DType::kBF16))) << "working copy = bf16(master)";
     }
-    EXPECT_TRUE(bit_equal(wg, wc)) << "AdamW master weights";
-    EXPECT_TRUE(bit_equal(mg, mc)) << "AdamW first moment";
-    EXPECT_TRUE(bit_equal(vg, vc)) << "AdamW second moment";
-    EXPECT_TRUE(bit_equal(workg, wc.to(DType::kBF16))) << "working copy = bf16(master)";
   }
 }
 

@@ -56,7 +56,8 @@ TEST(TrainConfig, Defaults) {
   EXPECT_NO_THROW(validate(c));
   EXPECT_EQ(c.moe.expert_gemm, ExpertGemmChoice::kAuto);
   EXPECT_EQ(c.train.cuda_allocator, AllocatorChoice::kAuto);
-  EXPECT_EQ(field_names().size(), 28u);
+  EXPECT_EQ(c.optim.state_dtype, StateDType::kF32);
+  EXPECT_EQ(field_names().size(), 29u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -225,9 +226,9 @@ TEST(CpuLinear, ForwardAndBackwardMatchNaive) {
   EXPECT_TRUE(moetp::testing::bit_equal(dw_only, dw));
 }
 
-// cpu::gemm threads over fixed blocks (gemm.h), so its bits do not depend on the OpenMP thread
-// count. The shapes are split into 2 to 8 blocks of rows or columns, or stay one call (small, or
-// narrow with a tall K: the weight-gradient GEMMs). Controls: the values are such that the order
+// cpu::gemm threads over fixed tiles (gemm.h), so its bits do not depend on the OpenMP thread
+// count. The shapes are split into 2 to 8 tiles of rows and columns, or stay one call (narrow with a
+// tall K: the weight-gradient GEMMs). Controls: the values are such that the order
 // of the K sum shows in the bits (the same product with K split in two calls differs), and
 // OpenBLAS's own threading, which cpu::gemm turns off, is reported when it changes the bits (it does
 // for every shape here with OpenBLAS 0.3.21 on an AMD EPYC).
@@ -237,7 +238,8 @@ TEST(CpuGemm, BitIdenticalForAnyThreadCount) {
     int64_t M, N, K;
   };
   const Shape3 shapes[] = {{false, true, 256, 192, 1024}, {false, false, 333, 70, 513}, {true, false, 16, 32, 20000},
-                           {true, false, 64, 48, 4099},   {false, true, 1000, 16, 128}, {true, true, 129, 257, 300}};
+                           {true, false, 64, 48, 4099},   {false, true, 1000, 16, 128}, {true, true, 129, 257, 300},
+                           {false, true, 200, 2100, 64}};
   const int saved = omp_get_max_threads();
   for (const Shape3& s : shapes) {
     SCOPED_TRACE(fmt::format("ta {} tb {} M {} N {} K {}", s.ta, s.tb, s.M, s.N, s.K));
@@ -296,4 +298,34 @@ TEST(CpuLinear, RejectsMismatchedShapes) {
 }
 
 }  // namespace
+// Rows [r0, r0 + m) of C computed by a call on those rows alone equal the same rows of the whole
+// product when r0 and m are multiples of kGemmBlock or the chunk runs to the end (gemm.h): what the
+// row-chunked LM head relies on. Every transpose combination, wide and narrow N.
+TEST(CpuGemm, AlignedRowChunksReproduceTheWholeProduct) {
+  struct Shape3 {
+    bool ta, tb;
+    int64_t M, N, K;
+  };
+  const Shape3 shapes[] = {{false, true, 700, 2500, 96}, {false, false, 333, 70, 513}, {true, false, 300, 1030, 77},
+                           {true, true, 260, 129, 300}};
+  for (const Shape3& s : shapes) {
+    SCOPED_TRACE(fmt::format("ta {} tb {} M {} N {} K {}", s.ta, s.tb, s.M, s.N, s.K));
+    const Tensor a = random_tensor({s.M * s.K}, 12, 1, -1.0f, 1.0f);
+    const Tensor b = random_tensor({s.K * s.N}, 12, 2, -1.0f, 1.0f);
+    const int64_t lda = s.ta ? s.M : s.K, ldb = s.tb ? s.K : s.N;
+    Tensor whole = Tensor::zeros({s.M, s.N}, DType::kF32);
+    cpu::gemm(s.ta, s.tb, s.M, s.N, s.K, 1.0f, a.data<float>(), lda, b.data<float>(), ldb, 0.0f,
+              whole.data<float>(), s.N);
+    for (const int64_t chunk : {cpu::kGemmBlock, 2 * cpu::kGemmBlock}) {
+      Tensor chunked = Tensor::zeros({s.M, s.N}, DType::kF32);
+      for (int64_t r0 = 0; r0 < s.M; r0 += chunk) {
+        const int64_t m = std::min(chunk, s.M - r0);
+        cpu::gemm(s.ta, s.tb, m, s.N, s.K, 1.0f, a.data<float>() + (s.ta ? r0 : r0 * lda), lda, b.data<float>(), ldb,
+                  0.0f, chunked.data<float>() + r0 * s.N, s.N);
+      }
+      EXPECT_TRUE(moetp::testing::bit_equal(chunked, whole)) << "chunks of " << chunk << " rows";
+    }
+  }
+}
+
 }  // namespace moetp

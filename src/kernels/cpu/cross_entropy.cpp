@@ -11,7 +11,7 @@
 namespace moetp::cpu {
 
 CrossEntropyResult cross_entropy_forward(const Tensor& logits_NV, const Tensor& targets_N, Tensor* dlogits_NV,
-                                         float grad_scale) {
+                                         float grad_scale, double loss_start) {
   check_f32_cpu(logits_NV, 2, "cross_entropy logits_NV");
   const int64_t N = logits_NV.size(0), V = logits_NV.size(1);
   MOETP_CHECK(targets_N.defined() && targets_N.ndim() == 1 && targets_N.size(0) == N,
@@ -60,6 +60,7 @@ CrossEntropyResult cross_entropy_forward(const Tensor& logits_NV, const Tensor& 
       }
     }
   }
+  result.loss_sum = loss_start;
   for (int64_t n = 0; n < N; ++n) result.loss_sum += row_loss[n];
   return result;
 }

@@ -30,9 +30,11 @@ struct CrossEntropyResult {
 //                    grad_scale · (softmax(logits[n, :]) − one_hot(targets[n])), zero rows for
 //                    ignored targets; may alias logits_NV (each row is read before it is written)
 //   grad_scale multiplies dlogits only
+//   loss_start the value loss_sum starts from
 // Each row's log-softmax subtracts the row max and accumulates in double; loss_sum adds the rows in
-// order, so it does not depend on the thread count.
+// order to loss_start, so it does not depend on the thread count, and chunks of rows, each started
+// from the running sum of the chunks before, give exactly the sum of the whole.
 CrossEntropyResult cross_entropy_forward(const Tensor& logits_NV, const Tensor& targets_N, Tensor* dlogits_NV,
-                                         float grad_scale);
+                                         float grad_scale, double loss_start = 0.0);
 
 }  // namespace moetp::cpu

@@ -15,7 +15,6 @@ namespace moetp::cpu {
 namespace {
 constexpr int64_t kBlasIntMax = std::numeric_limits<int>::max();
 
-constexpr double kSplitMultiplyAdds = 1 << 20;
 
 void check_blas_int(int64_t v, const char* name) {
   MOETP_CHECK(v >= 0 && v <= kBlasIntMax, "gemm: {} = {} is outside [0, {}]", name, v, kBlasIntMax);
@@ -80,22 +79,20 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
               "gemm: ldb ({}) < {} (trans_b = {}, K = {}, N = {})", ldb, b_cols, trans_b, K, N);
   MOETP_CHECK(A != nullptr && B != nullptr, "gemm: null operand (M = {}, N = {}, K = {})", M, N, K);
   use_single_threaded_blas();
-  const bool by_rows = M >= N;
-  const int64_t len = by_rows ? M : N;
-  const bool split = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= kSplitMultiplyAdds;
-  const int64_t blocks = split ? (len + kGemmBlock - 1) / kGemmBlock : 1;
-  if (blocks == 1) {
+  const int64_t row_tiles = (M + kGemmBlock - 1) / kGemmBlock, col_tiles = (N + kGemmTileCols - 1) / kGemmTileCols;
+  const int64_t tiles = row_tiles * col_tiles;
+  if (tiles == 1) {
     sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t s = b * kGemmBlock, n = std::min(kGemmBlock, len - s);
-    if (by_rows) {  // rows [s, s + n) of C: rows of op(A)
-      sgemm(trans_a, trans_b, n, N, K, alpha, trans_a ? A + s : A + s * lda, lda, B, ldb, beta, C + s * ldc, ldc);
-    } else {  // columns [s, s + n) of C: columns of op(B)
-      sgemm(trans_a, trans_b, M, n, K, alpha, A, lda, trans_b ? B + s * ldb : B + s, ldb, beta, C + s, ldc);
-    }
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t r0 = (t / col_tiles) * kGemmBlock, m = std::min(kGemmBlock, M - r0);
+    const int64_t c0 = (t % col_tiles) * kGemmTileCols, n = std::min(kGemmTileCols, N - c0);
+    // Rows of op(A) are columns of A when transposed; columns of op(B) are rows of B when transposed.
+    const float* a = trans_a ? A + r0 : A + r0 * lda;
+    const float* b = trans_b ? B + c0 * ldb : B + c0;
+    sgemm(trans_a, trans_b, m, n, K, alpha, a, lda, b, ldb, beta, C + r0 * ldc + c0, ldc);
   }
 }
 

@@ -18,12 +18,17 @@ namespace moetp::cpu {
 // BLAS semantics for beta: beta == 0 overwrites C (NaN/Inf already in C does not survive);
 // otherwise C is scaled and accumulated into. M == 0 or N == 0 is a no-op; K == 0 still applies
 // beta (C = beta · C). Dimensions and leading dimensions must fit in int32 (cblas's blasint).
-// Threads: OpenBLAS runs single-threaded (with its own threads the bits change with their number:
-// 10% to 70% of the elements of the products in cpu_gemm_test differ between 1 and 2-4 threads,
-// OpenBLAS 0.3.21 on x86-64); products of 2^20 or more multiply-adds are split into fixed blocks of
-// kGemmBlock rows of C (of columns when N > M), one OpenBLAS call each, run by OpenMP. The
-// blocks depend only on (M, N, K), so the result is bit-identical for any OpenMP thread count.
+// Threads and bits: OpenBLAS runs single-threaded (with its own threads the bits change with their
+// number: 10% to 70% of the elements of the products in cpu_gemm_test differ between 1 and 2-4
+// threads, OpenBLAS 0.3.21 on x86-64), and C is computed in fixed tiles of kGemmBlock rows by
+// kGemmTileCols columns, one OpenBLAS call each, run by OpenMP. OpenBLAS's result for an element
+// depends on the extent of the call (M and N), not only on its row and column, so the tiles make an
+// element's bits depend only on its own tile: the result is bit-identical for any OpenMP thread
+// count, and rows [r0, r0 + m) of C computed by a call on those rows alone equal the same rows of
+// the whole product whenever r0 and m are multiples of kGemmBlock (or the rows run to the end):
+// row-chunked products (the LM head, micro-batch chunks) reproduce the unchunked ones bit for bit.
 inline constexpr int64_t kGemmBlock = 128;
+inline constexpr int64_t kGemmTileCols = 1024;
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 

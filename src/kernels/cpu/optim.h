@@ -15,6 +15,8 @@ namespace moetp::cpu {
 //   m = b1·m + (1 − b1)·g;  v = b2·v + (1 − b2)·g²;  u = (m / bc1) / (sqrt(v / bc2) + eps)
 //   w = (w − f32(lr·wd)·w) − lr·u
 //   w, m, v [IN/OUT] f32, contiguous, one shape;  g [IN] f32, the same shape
+//   m, v may instead both be bf16 (optim.state_dtype = bf16): each moment is read as f32, updated
+//   as above, used unrounded in this step's update and stored rounded to nearest even
 //   step counts from 1; weight_decay 0 = no decay
 void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2, double eps,
                 double weight_decay, int64_t step);

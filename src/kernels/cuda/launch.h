@@ -152,6 +152,9 @@ struct AdamWArgs {
 // w_bf16 may be null.
 cudaError_t adamw_step(float* w, const float* g, float* m, float* v, uint16_t* w_bf16, int64_t n,
                        const AdamWArgs& args, cudaStream_t stream);
+// The same with bf16 moments (read as f32, stored rounded to nearest even); w_bf16 may be null.
+cudaError_t adamw_step_bf16_moments(float* w, const float* g, uint16_t* m, uint16_t* v, uint16_t* w_bf16, int64_t n,
+                                    const AdamWArgs& args, cudaStream_t stream);
 
 // Per-block partial sums of g² in double; the host adds the partials in order.
 int sum_of_squares_num_partials(int64_t n);

@@ -389,9 +389,11 @@ void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const AdamWHyp
   check_cuda_any(w, DType::kF32, "adamw w (f32 master weights)");
   check_cuda_any(g, DType::kF32, "adamw g");
   check_shape(g, w.shape(), "adamw g");
-  check_cuda_any(m, DType::kF32, "adamw m (exp_avg)");
+  MOETP_CHECK((m.dtype() == DType::kF32 || m.dtype() == DType::kBF16) && v.dtype() == m.dtype(),
+              "adamw: the moments must both be f32 or both bf16, got m {} and v {}", m.describe(), v.describe());
+  check_cuda_any(m, m.dtype(), "adamw m (exp_avg)");
   check_shape(m, w.shape(), "adamw m (exp_avg)");
-  check_cuda_any(v, DType::kF32, "adamw v (exp_avg_sq)");
+  check_cuda_any(v, m.dtype(), "adamw v (exp_avg_sq)");
   check_shape(v, w.shape(), "adamw v (exp_avg_sq)");
   uint16_t* w16 = nullptr;
   if (w_bf16 != nullptr) {
@@ -408,8 +410,13 @@ void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const AdamWHyp
   args.eps = static_cast<float>(hyper.eps);
   args.lr = static_cast<float>(hyper.lr);
   args.decay = static_cast<float>(hyper.lr * hyper.weight_decay);
-  CUDA_CHECK(launch::adamw_step(w.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), w16, w.numel(),
-                                args, stream));
+  if (m.dtype() == DType::kF32) {
+    CUDA_CHECK(launch::adamw_step(w.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), w16, w.numel(),
+                                  args, stream));
+  } else {
+    CUDA_CHECK(launch::adamw_step_bf16_moments(w.data<float>(), g.data<float>(), bits(m), bits(v), w16, w.numel(), args,
+                                               stream));
+  }
 }
 
 double sum_of_squares(const Tensor& g, cudaStream_t stream) {

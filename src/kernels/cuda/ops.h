@@ -162,7 +162,8 @@ struct AdamWHyper {
 
 // One AdamW step, the formula of train::AdamW::step element by element (f32 moments, double
 // update): bit-identical to it on the same inputs.
-//   w [IN/OUT] f32 master weights;  g [IN] f32 gradient;  m, v [IN/OUT] f32 moments (same shape)
+//   w [IN/OUT] f32 master weights;  g [IN] f32 gradient;  m, v [IN/OUT] f32 moments (same shape), or
+//   both bf16 (read as f32, stored rounded to nearest even: cpu::adamw_step's bits)
 //   w_bf16 [OUT] may be null; else a bf16 tensor of w's shape, OVERWRITTEN with bf16(new w)
 void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const AdamWHyper& hyper, Tensor* w_bf16 = nullptr,
                 cudaStream_t stream = nullptr);

@@ -1,5 +1,5 @@
-// Optimiser kernels (device side; contracts in ops.h): the AdamW update on f32 master weights and
-// the deterministic sum of squares behind the global gradient norm.
+// Optimiser kernels (device side; contracts in ops.h): the AdamW update on f32 master weights (f32 or
+// bf16 moments) and the deterministic sum of squares behind the global gradient norm.
 //
 // adamw_one is the loop body of train::AdamW::step with the same types (all f32) and explicit _rn
 // intrinsics so nvcc cannot contract a multiply and an add into one FMA (the host build does not
@@ -67,6 +67,54 @@ __global__ void adamw_kernel(float* __restrict__ w, const float* __restrict__ g,
   }
 }
 
+// bf16 moments (optim.state_dtype = bf16): each moment read as f32, updated and used unrounded by
+// adamw_one, stored rounded to nearest even (cpu::adamw_step). Four elements per thread where w and
+// g are 16-byte and m, v (and w_bf16) 8-byte aligned; the tail and unaligned tensors one by one.
+__device__ __forceinline__ void adamw_one_bf16m(float& w, float g, __nv_bfloat16& m16, __nv_bfloat16& v16,
+                                                const AdamWArgs& a, float one_minus_b1, float one_minus_b2) {
+  float m = __bfloat162float(m16), v = __bfloat162float(v16);
+  adamw_one(w, g, m, v, a, one_minus_b1, one_minus_b2);
+  m16 = __float2bfloat16_rn(m);
+  v16 = __float2bfloat16_rn(v);
+}
+
+__global__ void adamw_bf16m_kernel_vec4(float4* __restrict__ w, const float4* __restrict__ g, uint2* __restrict__ m,
+                                        uint2* __restrict__ v, uint2* __restrict__ w_bf16, int64_t n4, AdamWArgs a) {
+  const float one_minus_b1 = 1.0f - a.beta1;
+  const float one_minus_b2 = 1.0f - a.beta2;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n4;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float4 wk = w[k];
+    const float4 gk = g[k];
+    uint2 mk = m[k], vk = v[k];
+    auto* m4 = reinterpret_cast<__nv_bfloat16*>(&mk);
+    auto* v4 = reinterpret_cast<__nv_bfloat16*>(&vk);
+    adamw_one_bf16m(wk.x, gk.x, m4[0], v4[0], a, one_minus_b1, one_minus_b2);
+    adamw_one_bf16m(wk.y, gk.y, m4[1], v4[1], a, one_minus_b1, one_minus_b2);
+    adamw_one_bf16m(wk.z, gk.z, m4[2], v4[2], a, one_minus_b1, one_minus_b2);
+    adamw_one_bf16m(wk.w, gk.w, m4[3], v4[3], a, one_minus_b1, one_minus_b2);
+    w[k] = wk;
+    m[k] = mk;
+    v[k] = vk;
+    if (w_bf16 != nullptr) {
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(wk.x, wk.y), hi = __floats2bfloat162_rn(wk.z, wk.w);
+      w_bf16[k] = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+    }
+  }
+}
+
+__global__ void adamw_bf16m_kernel(float* __restrict__ w, const float* __restrict__ g, __nv_bfloat16* __restrict__ m,
+                                   __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ w_bf16, int64_t n,
+                                   AdamWArgs a) {
+  const float one_minus_b1 = 1.0f - a.beta1;
+  const float one_minus_b2 = 1.0f - a.beta2;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    adamw_one_bf16m(w[k], g[k], m[k], v[k], a, one_minus_b1, one_minus_b2);
+    if (w_bf16 != nullptr) w_bf16[k] = __float2bfloat16_rn(w[k]);
+  }
+}
+
 // partials[b] = Σ g² over the block's grid-stride share, in double, fixed order for a given n.
 __global__ void sum_of_squares_kernel(const float* __restrict__ g, int64_t n, double* __restrict__ partials) {
   __shared__ double scratch[32];
@@ -100,6 +148,29 @@ cudaError_t adamw_step(float* w, const float* g, float* m, float* v, uint16_t* w
     const int64_t rest = n - done;
     adamw_kernel<<<grid_blocks(rest, kAdamThreads, 65535 * 4), kAdamThreads, 0, stream>>>(
         w + done, g + done, m + done, v + done,
+        w_bf16 == nullptr ? nullptr : reinterpret_cast<__nv_bfloat16*>(w_bf16) + done, rest, args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t adamw_step_bf16_moments(float* w, const float* g, uint16_t* m, uint16_t* v, uint16_t* w_bf16, int64_t n,
+                                    const AdamWArgs& args, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  auto aligned = [](const void* p, uintptr_t to) { return reinterpret_cast<uintptr_t>(p) % to == 0; };
+  int64_t done = 0;
+  if (aligned(w, 16) && aligned(g, 16) && aligned(m, 8) && aligned(v, 8) && (w_bf16 == nullptr || aligned(w_bf16, 8))) {
+    const int64_t n4 = n / 4;
+    if (n4 > 0) {
+      adamw_bf16m_kernel_vec4<<<grid_blocks(n4, kAdamThreads, 132 * 16), kAdamThreads, 0, stream>>>(
+          reinterpret_cast<float4*>(w), reinterpret_cast<const float4*>(g), reinterpret_cast<uint2*>(m),
+          reinterpret_cast<uint2*>(v), reinterpret_cast<uint2*>(w_bf16), n4, args);
+    }
+    done = 4 * n4;
+  }
+  if (done < n) {
+    const int64_t rest = n - done;
+    adamw_bf16m_kernel<<<grid_blocks(rest, kAdamThreads, 65535 * 4), kAdamThreads, 0, stream>>>(
+        w + done, g + done, reinterpret_cast<__nv_bfloat16*>(m) + done, reinterpret_cast<__nv_bfloat16*>(v) + done,
         w_bf16 == nullptr ? nullptr : reinterpret_cast<__nv_bfloat16*>(w_bf16) + done, rest, args);
   }
   return cudaGetLastError();
