@@ -73,6 +73,9 @@ inline constexpr double kModelCeRel = 1e-3;    // model: cross-entropy of one mi
 inline constexpr double kModelAuxRel = 1e-3;   // model: aux loss of one micro-batch
 inline constexpr double kModelGradRel = 5e-2;  // model: each parameter's gradient (rel L2)
 inline constexpr double kModelAdamLossRel = 2e-2;  // model: loss after a few AdamW steps on both
+// The same CUDA computation twice where f32 atomics add in a run-dependent order (the attention
+// backward's dq): each gradient tensor's relative L2 difference.
+inline constexpr double kAtomicOrderRel = 1e-4;
 
 // Flat index -> "[i, j, k]".
 inline std::string coords_str(const Shape& shape, int64_t flat) {

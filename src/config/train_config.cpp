@@ -100,6 +100,11 @@ const std::vector<Field>& fields() {
       field("train.cuda_allocator", &C::train, &C::Train::cuda_allocator, AllocatorChoice::kAuto,
             "CUDA device: auto (= caching) | caching (freed blocks reused without cudaFree, which synchronises "
             "the device) | direct (cudaMalloc/cudaFree per tensor)"),
+      field("train.recompute", &C::train, &C::Train::recompute, RecomputeMode::kNone,
+            "activation recomputation: none | attn (the backward re-runs each layer's attention block from the "
+            "layer input) | layer (the whole layer, MoE included); the same results, less activation memory"),
+      field("train.recompute_layers", &C::train, &C::Train::recompute_layers, -1,
+            "recompute only the first k decoder layers (-1: all)"),
       field("optim.lr", &C::optim, &C::Optim::lr, 3e-3, "peak learning rate (after warmup)"),
       field("optim.min_lr", &C::optim, &C::Optim::min_lr, 3e-4, "learning rate at the end of the cosine decay"),
       field("optim.warmup_steps", &C::optim, &C::Optim::warmup_steps, 20, "linear warmup steps"),
@@ -384,6 +389,8 @@ void validate(const TrainConfig& c) {
   MOETP_CHECK(c.optim.beta1 >= 0 && c.optim.beta1 < 1, "optim.beta1 ({}) must be in [0, 1)", c.optim.beta1);
   MOETP_CHECK(c.optim.beta2 >= 0 && c.optim.beta2 < 1, "optim.beta2 ({}) must be in [0, 1)", c.optim.beta2);
   MOETP_CHECK(c.optim.eps > 0, "optim.eps ({}) must be > 0", c.optim.eps);
+  MOETP_CHECK(c.train.recompute_layers >= -1, "train.recompute_layers ({}) must be >= -1 (-1: every layer)",
+              c.train.recompute_layers);
   MOETP_CHECK(c.optim.grad_clip >= 0, "optim.grad_clip ({}) must be >= 0 (0 = off)", c.optim.grad_clip);
   MOETP_CHECK(!c.data.path.empty(), "data.path must name a token file");
   MOETP_CHECK(!c.data.tokenizer.empty(), "data.tokenizer must not be empty");

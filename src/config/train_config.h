@@ -46,6 +46,8 @@ struct TrainConfig {
     int log_every = 0;
     DeviceChoice device = DeviceChoice::kAuto;
     AllocatorChoice cuda_allocator = AllocatorChoice::kAuto;  // CUDA device
+    RecomputeMode recompute = RecomputeMode::kNone;
+    int recompute_layers = -1;  // the first k decoder layers recompute; -1 = all
     bool operator==(const Train&) const = default;
   };
   struct Optim {

@@ -1,5 +1,5 @@
 // The typed options of a run: every choice a user makes by name (dispatcher, device, expert GEMM,
-// allocator, optimizer state dtype) is one of these enums. Text becomes an enum in one place, `parse_option`, when a
+// allocator, optimizer state dtype, recomputation) is one of these enums. Text becomes an enum in one place, `parse_option`, when a
 // config or a command line is read; everything downstream switches on the enum. Each enum's names
 // are its `kOptionNames` table, which drives parsing, error messages, --help and printing.
 #pragma once
@@ -24,6 +24,10 @@ enum class ExpertGemmChoice { kAuto, kGrouped, kCublas };
 enum class AllocatorChoice { kAuto, kCaching, kDirect };
 // optim.state_dtype: storage of the AdamW moments (master weights stay f32).
 enum class StateDType { kF32, kBF16 };
+// train.recompute: which activations of a decoder layer the backward recomputes from the layer's
+// input instead of keeping them from the forward: none; attn (the attention block); layer (the
+// whole layer, attention and MLP or MoE).
+enum class RecomputeMode { kNone, kAttn, kLayer };
 
 template <typename E>
 struct OptionNames;  // specialised below: `static constexpr std::array names` in enum order
@@ -48,6 +52,11 @@ struct OptionNames<AllocatorChoice> {
 template <>
 struct OptionNames<StateDType> {
   static constexpr std::array<std::string_view, 2> names = {"f32", "bf16"};
+};
+
+template <>
+struct OptionNames<RecomputeMode> {
+  static constexpr std::array<std::string_view, 3> names = {"none", "attn", "layer"};
 };
 
 template <typename E>

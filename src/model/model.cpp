@@ -192,16 +192,10 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
   auto W = [&](size_t i) -> const Tensor& { return params_[i].work; };
   auto G = [&](size_t i) -> Tensor& { return params_[i].grad; };
 
-  // ---- forward ----
-  be.mark("embed");
-  std::vector<LayerSaved> saved(layers_.size());
-  Tensor x = be.embedding_forward(inputs, W(embed_));
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    Layer& L = layers_[l];
-    LayerSaved& s = saved[l];
-    be.mark("attn_fwd");
-    s.x_in = x;
-    s.a = be.rmsnorm_forward(x, W(L.ln1), eps, &s.rstd1);
+  // One layer's forward in two blocks, each filling its part of `s` from s.x_in (attention) or
+  // s.x_mid (MLP); the backward re-runs them for recomputed layers.
+  auto attention_block = [&](Layer& L, LayerSaved& s) {
+    s.a = be.rmsnorm_forward(s.x_in, W(L.ln1), eps, &s.rstd1);
     s.q_pre = be.linear(s.a, W(L.q));
     s.k_pre = be.linear(s.a, W(L.k));
     Tensor q = be.rmsnorm_forward(s.q_pre.view({N * Hq, D}), W(L.q_norm), eps, &s.q_rstd).view({N, Hq, D});
@@ -213,9 +207,10 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     s.v = be.linear(s.a, W(L.v)).view({B, S, Hkv, D});
     s.attn = be.attention_forward(s.q, s.k, s.v, s.lse);
     Tensor o = be.linear(s.attn.view({N, Hq * D}), W(L.o));
-    be.add_into(o, x);
+    be.add_into(o, s.x_in);
     s.x_mid = o;
-    be.mark(L.moe ? "moe_fwd" : "dense_fwd");
+  };
+  auto mlp_block = [&](Layer& L, LayerSaved& s) {
     s.m = be.rmsnorm_forward(s.x_mid, W(L.ln2), eps, &s.rstd2);
     Tensor mlp;
     if (L.moe) {
@@ -226,7 +221,38 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
       mlp = be.linear(s.dense_a, W(L.down));
     }
     be.add_into(mlp, s.x_mid);
-    x = mlp;
+    return mlp;
+  };
+  MOETP_CHECK(opts_.recompute_layers >= -1, "recompute_layers ({}) must be >= -1 (-1: every layer)",
+              opts_.recompute_layers);
+  const size_t recomputed = opts_.recompute == RecomputeMode::kNone ? 0
+                            : opts_.recompute_layers < 0
+                                ? layers_.size()
+                                : std::min(layers_.size(), static_cast<size_t>(opts_.recompute_layers));
+
+  // ---- forward ----
+  be.mark("embed");
+  std::vector<LayerSaved> saved(layers_.size());
+  Tensor x = be.embedding_forward(inputs, W(embed_));
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Layer& L = layers_[l];
+    LayerSaved& s = saved[l];
+    be.mark("attn_fwd");
+    s.x_in = x;
+    attention_block(L, s);
+    be.mark(L.moe ? "moe_fwd" : "dense_fwd");
+    x = mlp_block(L, s);
+    if (backward && l < recomputed) {
+      // Keep what the backward cannot recompute: the layer input (both modes) and, with attn, the
+      // MLP block's activations and its input x_mid.
+      const Tensor x_in = s.x_in;
+      if (opts_.recompute == RecomputeMode::kLayer) {
+        s = LayerSaved{};
+      } else {
+        s.a = s.rstd1 = s.q_pre = s.k_pre = s.q_rstd = s.k_rstd = s.q = s.k = s.v = s.attn = s.lse = Tensor();
+      }
+      s.x_in = x_in;
+    }
   }
   Tensor rstd_f;
   const Tensor f = be.rmsnorm_forward(x, W(final_norm_), eps, &rstd_f);
@@ -323,6 +349,11 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
   for (size_t li = layers_.size(); li-- > 0;) {
     Layer& L = layers_[li];
     LayerSaved& s = saved[li];
+    if (li < recomputed) {
+      be.mark("recompute");
+      attention_block(L, s);
+      if (opts_.recompute == RecomputeMode::kLayer) mlp_block(L, s);
+    }
     // MLP (residual: dx flows to x_mid unchanged, plus through the MLP)
     Tensor dm;
     be.mark(L.moe ? "moe_bwd" : "dense_bwd");

@@ -60,6 +60,12 @@ struct ModelOptions {
   // (Backend::logit_chunk_rows). On the CPU a multiple of cpu::kGemmBlock keeps the loss and the
   // input gradient bit-identical to the unchunked head.
   int64_t logit_chunk_rows = 0;
+  // Activation recomputation (train.recompute): what the backward of a decoder layer recomputes
+  // from the layer's input, for the first `recompute_layers` layers (-1: all). Results are the
+  // same bits as without (the forward is deterministic); a MoE layer's forward runs again in full,
+  // its routing, counts exchange and dispatch included.
+  RecomputeMode recompute = RecomputeMode::kNone;
+  int64_t recompute_layers = -1;
 };
 
 class Qwen3MoeModel {

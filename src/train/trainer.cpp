@@ -87,6 +87,8 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   opts.dispatcher = dispatcher;
   opts.force_balance = cfg_.moe.force_balance;
   opts.expert_gemm = cfg_.moe.expert_gemm;
+  opts.recompute = cfg_.train.recompute;
+  opts.recompute_layers = cfg_.train.recompute_layers;
   const std::string gemm = be.describe_expert_gemm(
       model_cfg_.hidden_size, model_cfg_.moe_intermediate_size / cfg_.parallel.etp, cfg_.moe.expert_gemm);
   if (!gemm.empty()) device_reason_ += "; " + gemm;

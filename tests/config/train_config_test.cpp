@@ -57,7 +57,9 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.moe.expert_gemm, ExpertGemmChoice::kAuto);
   EXPECT_EQ(c.train.cuda_allocator, AllocatorChoice::kAuto);
   EXPECT_EQ(c.optim.state_dtype, StateDType::kF32);
-  EXPECT_EQ(field_names().size(), 29u);
+  EXPECT_EQ(c.train.recompute, RecomputeMode::kNone);
+  EXPECT_EQ(c.train.recompute_layers, -1);
+  EXPECT_EQ(field_names().size(), 31u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {

@@ -173,6 +173,37 @@ TEST_F(CudaModel, FromSeedMatchesCpuInit) {
   }
 }
 
+// Recomputation on the GPU (ModelOptions::recompute): the forward is deterministic, so the losses
+// of a micro-batch are bit-identical to keeping every activation; the gradients are too except
+// where the attention backward's dq atomics add in another order (testing::kAtomicOrderRel).
+TEST_F(CudaModel, RecomputeMatchesKeepingActivations) {
+  const config::ModelConfig cfg = tiny_config(false);
+  const Tensor tokens = random_tokens(cfg.vocab_size, 3);
+  auto run = [&](RecomputeMode mode, int64_t layers) {
+    model::ModelOptions opts;
+    opts.recompute = mode;
+    opts.recompute_layers = layers;
+    auto m = std::make_unique<model::Qwen3MoeModel>(cfg, gpu_backend(), opts, 7);
+    m->zero_grads();
+    const model::MicroStats st = m->forward_backward(tokens, 1.0 / (kB * kS), 0.01);
+    return std::pair{st, std::move(m)};
+  };
+  const auto [ref_st, ref] = run(RecomputeMode::kNone, -1);
+  for (const auto& [mode, layers] : {std::pair{RecomputeMode::kAttn, int64_t{-1}}, std::pair{RecomputeMode::kLayer, int64_t{-1}},
+                                     std::pair{RecomputeMode::kLayer, int64_t{2}}}) {
+    SCOPED_TRACE(fmt::format("recompute {} of {} layers", option_name(mode), layers));
+    const auto [st, m] = run(mode, layers);
+    EXPECT_EQ(st.ce_sum, ref_st.ce_sum);
+    EXPECT_EQ(st.aux, ref_st.aux);
+    EXPECT_EQ(st.expert_counts, ref_st.expert_counts);
+    for (size_t i = 0; i < ref->params().size(); ++i) {
+      double norm = 0;
+      const double err = rel_l2(m->params()[i].grad.to(Device::kCpu), ref->params()[i].grad.to(Device::kCpu), &norm);
+      EXPECT_LE(err, testing::kAtomicOrderRel) << ref->params()[i].name;
+    }
+  }
+}
+
 // A native checkpoint saved from the GPU model (masters and AdamW moments, through its parameter
 // store, one tensor at a time) loads into the CPU model with every value bit-identical.
 TEST_F(CudaModel, NativeCheckpointLoadsIntoCpuModel) {

@@ -194,6 +194,29 @@ TEST(TrainerDeterminism, BitIdenticalForAnyThreadCount) {
   omp_set_num_threads(saved);
 }
 
+// Recomputation changes no bits (train.recompute): every mode, all layers or only the first, with 2
+// micro-batches, at the layouts of 1, 2 and 4 ranks and every dispatcher they allow: losses, aux
+// losses, gradient norms, weights and gradients after 3 steps equal the run that keeps everything.
+TEST(TrainerRecompute, EveryModeIsBitIdenticalToNone) {
+  auto& w = world();
+  if (w.size() != 1 && w.size() != 2 && w.size() != 4) GTEST_SKIP() << "layouts for 1, 2 and 4 ranks";
+  const int ep = w.size() == 1 ? 1 : 2, etp = w.size() == 4 ? 2 : 1;
+  const std::vector<std::string> dispatchers =
+      w.size() == 1 ? std::vector<std::string>{"local"} : std::vector<std::string>{"allgather", "all2all", "vexpert"};
+  for (const std::string& disp : dispatchers) {
+    config::TrainConfig c = train_config(ep, etp, disp, 2, 8);
+    const Trained ref = train_steps(c, w, 3);
+    for (const auto& [mode, layers] : {std::pair{RecomputeMode::kAttn, -1}, std::pair{RecomputeMode::kLayer, -1},
+                                        std::pair{RecomputeMode::kLayer, 1}}) {
+      SCOPED_TRACE(fmt::format("{}: recompute {} of {} layers", disp, option_name(mode), layers));
+      config::TrainConfig r = c;
+      r.train.recompute = mode;
+      r.train.recompute_layers = layers;
+      expect_bit_identical(train_steps(r, w, 3), ref);
+    }
+  }
+}
+
 TEST(TrainerReport, ModelTflopsFollowTheFormulaAndTheCpuHasNoGpuMemory) {
   auto& w = world();
   const config::ModelConfig m = tiny_model(0.01);
