@@ -1,7 +1,6 @@
 // The CUDA MoE layer (contract in cuda_moe.h): argument checks, the layer's buffers, and the
 // sequence of kernels. The op kernels are called through their launchers (kernels/cuda/launch.h)
-// with the layer's own buffers, so a steady-state step allocates nothing (the ops.h wrappers return
-// fresh tensors, and every cudaFree synchronises the device); the indices they read are produced
+// with the layer's own buffers (the ops.h wrappers return fresh tensors); the indices they read are produced
 // here and are in range by construction, so no index-fault record is passed.
 #include "moe/cuda_moe.h"
 
@@ -283,15 +282,6 @@ void CudaMoeLayer::reserve(int64_t N) {
   }
   const size_t plan_bytes = launch::routing_plan_workspace_bytes(M);
   plan_workspace_ = device_empty({static_cast<int64_t>((plan_bytes + 7) / 8) + 1}, DType::kI64);
-  dtopk_weight_NK_ = device_empty({N, K}, DType::kF32);
-  // On a mesh (all2all) the dispatched slot rows x_MH are dead once move_to_experts has sent them,
-  // and dy_MH is first written by the next backward's combine: one buffer serves both (M·H bf16
-  // less; saved().x_MH is valid until the backward starts). One GPU: x_MH is the experts' input
-  // x_RH, which the backward reads.
-  dy_MH_ = vexpert() ? Tensor() : distributed() ? s.x_MH : device_empty({M, H}, DType::kBF16);
-  dlogits_NE_ = device_empty({N, E}, DType::kF32);
-  dlogits_bf16_NE_ = device_empty({N, E}, DType::kBF16);
-  dx_router_NH_ = device_empty({N, H}, DType::kF32);
   num_tokens_ = N;
   if (!distributed()) exp_capacity_ = -1;  // the expert side is sized by M: re-derived below
 }
@@ -310,14 +300,12 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
     MOETP_CHECK(cap <= INT32_MAX, "CudaMoeLayer: {} expert-side rows exceed the int32 row indices", cap);
     // Old buffers go first: the views of the last forward share their storage, so they are dropped
     // too (else old and new would be held at once, at exactly the step whose routing spiked).
-    for (Tensor* t : {&cap_x_, &cap_h_, &cap_a_, &cap_y_, &cap_dy_, &cap_da_, &cap_dh_, &cap_recv_, &cap_gath_,
-                      &cap_perm_, &cap_inv_perm_, &s.x_RH, &s.y_RH, &s.h_M2I, &s.a_MI, &dy_RH_, &da_MI_, &dh_M2I_}) {
+    for (Tensor* t : {&cap_x_, &cap_h_, &cap_a_, &cap_y_, &cap_recv_, &cap_gath_, &cap_perm_, &cap_inv_perm_, &s.x_RH,
+                      &s.y_RH, &s.h_M2I, &s.a_MI}) {
       *t = Tensor();
     }
     cap_h_ = device_empty({cap, 2 * i}, DType::kBF16);
     cap_a_ = device_empty({cap, i}, DType::kBF16);
-    cap_da_ = device_empty({cap, i}, DType::kBF16);
-    cap_dh_ = device_empty({cap, 2 * i}, DType::kBF16);
     if (distributed()) {
       cap_x_ = device_empty({cap, H}, DType::kBF16);
       cap_y_ = device_empty({cap, H}, DType::kBF16);
@@ -327,8 +315,8 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
       // saved().y_RH is valid until the backward starts). Every access is in the layer stream's
       // order (the collectives and the expert chunks are joined back to it with events), so the
       // next forward's experts write y only after this backward's move_to_slots has read dx.
-      // `vexpert`'s combine backward reads y_RH while it writes dy_RH: two buffers there.
-      cap_dy_ = vexpert() ? device_empty({cap, H}, DType::kBF16) : cap_y_;
+      // `vexpert`'s combine backward reads y_RH while it writes dy_RH: two buffers there (the
+      // second allocated by the backward, begin_backward_buffers).
       // The all2all exchange's buffer (move_to_experts / move_to_slots); `vexpert` moves its rows
       // through vx_ and never touches it (R·H·2 bytes: 0.25 GiB at 2x1, 0.5 GiB at 1x2). With
       // etp > 1 the all-to-all's rows are this rank's block of the gathered rows (exchange_views).
@@ -346,16 +334,37 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
   }
   s.h_M2I = cap_h_.narrow_rows(0, R);
   s.a_MI = cap_a_.narrow_rows(0, R);
-  da_MI_ = cap_da_.narrow_rows(0, R);
-  dh_M2I_ = cap_dh_.narrow_rows(0, R);
   if (distributed()) {
     s.x_RH = cap_x_.narrow_rows(0, R);
     s.y_RH = cap_y_.narrow_rows(0, R);
-    dy_RH_ = cap_dy_.narrow_rows(0, R);
   } else {
     s.x_RH = s.x_MH;
     s.y_RH = s.y_MH;
-    dy_RH_ = dy_MH_;
+  }
+}
+
+void CudaMoeLayer::begin_backward_buffers() {
+  const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k;
+  const CudaMoeSaved& s = saved_;
+  const int64_t N = s.x_NH.size(0), M = N * K, R = s.offsets.empty() ? 0 : s.offsets.back();
+  dtopk_weight_NK_ = device_empty({N, K}, DType::kF32);
+  // On a mesh (all2all) the dispatched slot rows x_MH are dead once move_to_experts has sent them,
+  // and dy_MH is first written by the combine backward: one buffer serves both (M·H bf16 less). One
+  // GPU: x_MH is the experts' input x_RH, which the backward reads.
+  dy_MH_ = vexpert() ? Tensor() : distributed() ? s.x_MH : device_empty({M, H}, DType::kBF16);
+  dlogits_NE_ = device_empty({N, E}, DType::kF32);
+  dlogits_bf16_NE_ = device_empty({N, E}, DType::kBF16);
+  dx_router_NH_ = device_empty({N, H}, DType::kF32);
+  da_MI_ = device_empty({R, i_}, DType::kBF16);
+  dh_M2I_ = device_empty({R, 2 * i_}, DType::kBF16);
+  // One GPU: the expert side is the slot rows. all2all: y_RH's buffer (see reserve_expert_side).
+  dy_RH_ = !distributed() ? dy_MH_ : vexpert() ? device_empty({R, H}, DType::kBF16) : cap_y_.narrow_rows(0, R);
+}
+
+void CudaMoeLayer::end_backward_buffers() {
+  for (Tensor* t : {&dtopk_weight_NK_, &dy_MH_, &dlogits_NE_, &dlogits_bf16_NE_, &dx_router_NH_, &da_MI_, &dh_M2I_,
+                    &dy_RH_}) {
+    *t = Tensor();
   }
 }
 
@@ -745,6 +754,13 @@ void CudaMoeLayer::backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE
   // Forced routing weights are constants: only an aux-loss gradient reaches the router then.
   const bool routed_grad = !opts_.force_balance;
   const bool router_grad = routed_grad || d_probs_NE.defined();
+
+  // The backward's own buffers, released on return (every path).
+  begin_backward_buffers();
+  struct Release {
+    CudaMoeLayer* layer;
+    ~Release() { layer->end_backward_buffers(); }
+  } release{this};
 
   // Combine backward: dy = w · dout[token], and the routing-weight gradient <dout[n], y[i]>.
   float* dtopk = routed_grad ? dtopk_weight_NK_.data<float>() : nullptr;

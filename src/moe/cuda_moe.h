@@ -47,9 +47,10 @@
 // synchronises that stream once (the per-expert counts); backward() does not synchronise. The
 // layer owns its buffers: the slot-side ones sized for the last N, the expert-side ones (whose row
 // count R changes with the routing every step) allocated exactly for the first R and regrown to
-// 1.125× R when a larger R comes (the vexpert buffers likewise), used through views, so a
-// steady-state step allocates nothing (with the direct allocator core's cudaFree would synchronise
-// the device).
+// 1.125× R when a larger R comes (the vexpert buffers likewise), used through views. The buffers
+// only the backward uses are allocated when it starts and released when it returns, so the layers
+// of a model share one set through the caching allocator (with the direct allocator each of those
+// cudaFree calls synchronises the device).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -206,6 +207,11 @@ class CudaMoeLayer {
   // experts' backward, and the dispatch backward: vx_.acc_NH holds the experts' dx in f32.
   void vexpert_backward(const Tensor& dout_NH, float* dtopk_NK);
   void reserve(int64_t N);
+  // The buffers only a backward uses (dy, da, dh, the router's gradients), allocated at its start
+  // and released when it returns: the layers of a model take turns with the same memory (the
+  // caching allocator hands a freed block to the next layer's backward, on the same stream).
+  void begin_backward_buffers();
+  void end_backward_buffers();
   // Expert-side buffers for R rows (grown with slack on a mesh, see the header comment).
   void reserve_expert_side(int64_t R);
   // Mesh only: exchanges the per-expert counts over the host communicators and computes the
@@ -241,6 +247,7 @@ class CudaMoeLayer {
   // Scratch, sized with the activations.
   Tensor plan_workspace_;   // routing_plan's sort scratch
   Tensor counts_dev_E_;     // (E) i32
+  // Backward only (begin_backward_buffers .. end_backward_buffers):
   Tensor dtopk_weight_NK_;  // (N, K) f32
   Tensor dy_MH_;            // (M, H) bf16 slot rows; reused for dx_MH once dy is consumed
   Tensor dlogits_NE_;       // (N, E) f32
@@ -249,13 +256,13 @@ class CudaMoeLayer {
 
   // Expert side: capacity buffers (rows = exp_capacity_) and the views of the last forward.
   int64_t exp_capacity_ = -1;
-  // Mesh: x and y own buffers; dy is y's buffer with `all2all`, its own with `vexpert`.
-  Tensor cap_x_, cap_h_, cap_a_, cap_y_, cap_dy_, cap_da_, cap_dh_;
+  // Mesh: x and y own buffers; the backward's dy is y's buffer with `all2all`, its own with `vexpert`.
+  Tensor cap_x_, cap_h_, cap_a_, cap_y_;
   // all2all: the all-to-all output (T = 1); the etp all-gather output (T > 1), whose block
   // [recv_offset, recv_offset + num_recv) is then the all-to-all output (exchange_views).
   Tensor cap_recv_, cap_gath_;
   Tensor cap_perm_, cap_inv_perm_;  // all2all: (R) i64 expert order <- gathered order, and its inverse
-  Tensor dy_RH_, da_MI_, dh_M2I_;   // views of the last forward: (R, H), (R, i), (R, 2i)
+  Tensor dy_RH_, da_MI_, dh_M2I_;   // backward only: (R, H), (R, i), (R, 2i)
 
   // Mesh, `all2all`: the plan of the last forward (counts and expert order, moe/all2all_plan.h).
   All2AllPlan ex_;
