@@ -68,9 +68,14 @@ class Backend {
   // Peak bytes of live tensors since the last reset; -1 where the backend does not count (CPU).
   virtual double peak_memory_bytes() const = 0;
   virtual void reset_peak_memory() = 0;
+  // The phase (mark() or set_memory_phase()) in which that peak was reached; "" where not counted.
+  virtual std::string peak_memory_phase() const = 0;
+  // Labels what runs from now on for peak_memory_phase(), without a timeline mark (mark() labels too).
+  virtual void set_memory_phase(const char* phase) = 0;
 
   // Timeline marks at the model's phase boundaries (embed, attn_fwd, moe_fwd, head_ce, ...); with
   // phase timing on, finish_phases() adds each phase's milliseconds to phase_ms(). Off by default.
+  // `phase` must outlive its use (a string literal).
   virtual void set_phase_timing(bool on) = 0;
   virtual void mark(const char* phase) = 0;
   virtual void finish_phases() = 0;

@@ -64,6 +64,8 @@ class CpuBackend final : public Backend {
   void check_faults() override {}
   double peak_memory_bytes() const override { return -1; }
   void reset_peak_memory() override {}
+  std::string peak_memory_phase() const override { return ""; }
+  void set_memory_phase(const char* /*phase*/) override {}
 
   void set_phase_timing(bool on) override {
     timing_ = on;

@@ -144,12 +144,15 @@ class CudaBackend final : public Backend {
   void check_faults() override { cuda::check_index_faults(); }
   double peak_memory_bytes() const override { return static_cast<double>(cuda::memory_stats().peak_live_bytes); }
   void reset_peak_memory() override { cuda::reset_peak_memory(); }
+  std::string peak_memory_phase() const override { return cuda::memory_stats().peak_phase; }
+  void set_memory_phase(const char* phase) override { cuda::set_memory_phase(phase); }
 
   void set_phase_timing(bool on) override {
     if (on && !timer_) timer_ = std::make_unique<PhaseTimer>();
     if (!on) timer_.reset();
   }
   void mark(const char* phase) override {
+    cuda::set_memory_phase(phase);
     if (timer_) timer_->mark(phase);
   }
   void finish_phases() override {

@@ -390,6 +390,7 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     be.rmsnorm_backward(da, s.x_in, W(L.ln1), s.rstd1, dx_in, G(L.ln1));
     be.add_into(dx_in, dx_mid);
     dx = dx_in;
+    s = LayerSaved{};  // this layer's activations are done: the layers below run without them
   }
   be.mark("embed_bwd");
   be.embedding_backward(inputs, dx, G(embed_));

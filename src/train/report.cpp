@@ -23,6 +23,7 @@ void MetricsWriter::write(const StepResult& r) {
                       {"model_tflops_per_rank", r.model_tflops_per_rank},
                       {"expert_counts", r.expert_counts}};
   if (r.peak_mem_gb >= 0) j["peak_mem_gb"] = r.peak_mem_gb;
+  if (!r.peak_mem_phase.empty()) j["peak_mem_phase"] = r.peak_mem_phase;
   out_ << j.dump() << '\n';
   out_.flush();
   MOETP_CHECK(out_.good(), "write to {} failed", path_);

@@ -15,7 +15,7 @@ class MetricsWriter {
  public:
   explicit MetricsWriter(const std::string& path);
   // Appends one line: step, loss, ce_loss, aux_loss, grad_norm, lr, tokens_per_s, seconds,
-  // expert_counts. Flushed every line so a crashed run keeps its history.
+  // model_tflops_per_rank, expert_counts, and on GPUs peak_mem_gb and peak_mem_phase. Flushed every line so a crashed run keeps its history.
   void write(const StepResult& r);
 
  private:

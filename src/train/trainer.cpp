@@ -141,6 +141,7 @@ StepResult Trainer::step() {
   MOETP_CHECK(std::isfinite(r.loss), "step {}: loss is {} (cross-entropy {}, aux {}) on rank {}", r.step, r.loss,
               r.ce_loss, r.aux_loss, world_.rank());
 
+  be.set_memory_phase("optimizer");
   reduce_grads(*model_);
   r.grad_norm = global_grad_norm(*model_);
   MOETP_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} on rank {} (loss {})", r.step, r.grad_norm,
@@ -153,6 +154,7 @@ StepResult Trainer::step() {
   step_ = r.step;
   const double peak = be.peak_memory_bytes();
   if (peak >= 0) r.peak_mem_gb = world_.all_reduce_scalar(peak / 1e9, comm::ReduceOp::kMax);
+  r.peak_mem_phase = be.peak_memory_phase();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r.model_tflops_per_rank = r.seconds > 0 ? step_flops_ / r.seconds / static_cast<double>(world_.size()) / 1e12 : 0.0;
   return r;

@@ -228,6 +228,7 @@ TEST(TrainerReport, ModelTflopsFollowTheFormulaAndTheCpuHasNoGpuMemory) {
     EXPECT_GT(s.model_tflops_per_rank, 0);
     EXPECT_NEAR(s.model_tflops_per_rank, flops / s.seconds / w.size() / 1e12, 1e-12 + 1e-9 * s.model_tflops_per_rank);
     EXPECT_EQ(s.peak_mem_gb, -1) << "the CPU device reports no GPU memory";
+    EXPECT_EQ(s.peak_mem_phase, "") << "nor where its peak was";
   }
 }
 

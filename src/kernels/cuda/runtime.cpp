@@ -46,16 +46,35 @@ LiveBytes& direct_count() {
              g_cache != nullptr ? fmt::format("; the caching allocator released its cache and retried") : "");
 }
 
+// The phase the program is in (set_memory_phase) and the phase of the current peak. Host-side, in
+// allocation order (the order the live bytes are counted in). One process, one host thread
+// allocating at a time (the trainer); a data race here would only mislabel the peak.
+const char* g_phase = "";
+const char* g_peak_phase = "";
+size_t g_tagged_peak = 0;
+
+size_t current_peak();
+
+void note_peak() {
+  const size_t peak = current_peak();
+  if (peak > g_tagged_peak) {
+    g_tagged_peak = peak;
+    g_peak_phase = g_phase;
+  }
+}
+
 void* cuda_alloc(size_t num_bytes) {
   if (g_cache != nullptr) {
     void* p = g_cache->allocate(num_bytes);
     if (p == nullptr) fail_alloc(num_bytes, "out of memory");
+    note_peak();
     return p;
   }
   void* p = nullptr;
   const cudaError_t err = cudaMalloc(&p, num_bytes == 0 ? 1 : num_bytes);
   if (err != cudaSuccess) fail_alloc(num_bytes, cudaGetErrorString(err));
   direct_count().add(p, num_bytes);
+  note_peak();
   return p;
 }
 
@@ -116,19 +135,27 @@ void init(int device, AllocMode mode) {
 MemoryStats memory_stats() {
   if (g_cache != nullptr) {
     const BlockCache::Stats s = g_cache->stats();
-    return {s.live_bytes, s.peak_live_bytes};
+    return {s.live_bytes, s.peak_live_bytes, g_peak_phase};
   }
   const LiveBytes::Snapshot s = direct_count().snapshot();
-  return {s.current, s.peak};
+  return {s.current, s.peak, g_peak_phase};
 }
+
+namespace {
+size_t current_peak() { return g_cache != nullptr ? g_cache->stats().peak_live_bytes : direct_count().snapshot().peak; }
+}  // namespace
 
 void reset_peak_memory() {
   if (g_cache != nullptr) {
     g_cache->reset_peak();
-    return;
+  } else {
+    direct_count().reset_peak();
   }
-  direct_count().reset_peak();
+  g_tagged_peak = current_peak();
+  g_peak_phase = g_phase;
 }
+
+void set_memory_phase(const char* phase) { g_phase = phase; }
 
 DeviceHooks runtime_hooks() {
   DeviceHooks hooks;

@@ -32,9 +32,13 @@ void init(int device, AllocMode mode = AllocMode::kDirect);
 // workspaces and (kCaching) the free blocks the cache holds.
 struct MemoryStats {
   size_t live_bytes = 0, peak_live_bytes = 0;
+  const char* peak_phase = "";  // the phase (set_memory_phase) in which the peak was reached
 };
 MemoryStats memory_stats();
 void reset_peak_memory();
+// Names what the program does from now on (a string that outlives the process's use of it, e.g. a
+// literal), for MemoryStats::peak_phase.
+void set_memory_phase(const char* phase);
 
 // The hooks init() registers with core (allocation per the AllocMode, copies, memset), for programs
 // that wrap them (e.g. to count bytes) and register the wrapper. Valid after init().
