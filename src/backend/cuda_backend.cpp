@@ -66,6 +66,7 @@ class CudaMoeAdapter final : public moe::MoeLayer {
   Tensor backward(const Tensor& dout_NH, const Tensor& d_probs_NE) override {
     return layer_.backward(dout_NH, d_probs_NE);
   }
+  void release_activations() override { layer_.release_rows(); }
   moe::RoutingStats routing_stats() const override {
     const int64_t E = layer_.config().num_experts;
     const Tensor& probs = layer_.saved().probs_NE;

@@ -247,6 +247,7 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
       // MLP block's activations and its input x_mid.
       const Tensor x_in = s.x_in;
       if (opts_.recompute == RecomputeMode::kLayer) {
+        if (L.moe) L.moe->release_activations();
         s = LayerSaved{};
       } else {
         s.a = s.rstd1 = s.q_pre = s.k_pre = s.q_rstd = s.k_rstd = s.q = s.k = s.v = s.attn = s.lse = Tensor();

@@ -262,7 +262,8 @@ void CudaMoeLayer::begin_expert_grads() {
 }
 
 void CudaMoeLayer::reserve(int64_t N) {
-  if (N == num_tokens_) return;
+  if (N == num_tokens_ && !rows_released_) return;
+  rows_released_ = false;
   const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k, M = N * K;
   MOETP_CHECK(M <= INT32_MAX, "CudaMoeLayer: N·K = {}·{} = {} dispatched rows exceed the int32 row indices", N, K, M);
   // Old buffers go first (their cudaFree waits for work in flight).
@@ -341,6 +342,23 @@ void CudaMoeLayer::reserve_expert_side(int64_t R) {
     s.x_RH = s.x_MH;
     s.y_RH = s.y_MH;
   }
+}
+
+void CudaMoeLayer::release_rows() {
+  CudaMoeSaved& s = saved_;
+  for (Tensor* t : {&s.x_NH, &s.x_MH, &s.y_MH, &s.x_RH, &s.y_RH, &s.h_M2I, &s.a_MI, &cap_x_, &cap_h_, &cap_a_, &cap_y_,
+                    &cap_recv_, &cap_gath_, &cap_perm_, &cap_inv_perm_}) {
+    *t = Tensor();
+  }
+  vx_.drop_views();
+  for (Tensor* t : {&vx_.cap_send_token, &vx_.cap_tok_begin, &vx_.cap_tok_rows, &vx_.cap_row_recv, &vx_.cap_row_entry,
+                    &vx_.cap_recv_w, &vx_.cap_z, &vx_.cap_back, &vx_.cap_acc, &vx_.cap_dw_q, &vx_.cap_dw_s,
+                    &vx_.cap_ws}) {
+    *t = Tensor();
+  }
+  exp_capacity_ = -1;
+  rows_released_ = true;  // the next forward's reserve() allocates the slot rows again
+  has_forward_ = false;
 }
 
 void CudaMoeLayer::begin_backward_buffers() {

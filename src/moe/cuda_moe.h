@@ -190,6 +190,11 @@ class CudaMoeLayer {
   void backward_into(const Tensor& dout_NH, const Tensor& d_probs_NE, Tensor& dx_NH);
   Tensor backward(const Tensor& dout_NH, const Tensor& d_probs_NE = Tensor());
 
+  // Frees the rows of the last forward (slot rows, expert-side rows, the vexpert buffers), keeping
+  // the router's outputs (probabilities, top-k, counts); the next forward allocates them again and
+  // a backward needs that forward first. For recomputation (moe::MoeLayer::release_activations).
+  void release_rows();
+
   int64_t num_local_experts() const;   // L
   int64_t local_intermediate() const;  // i
   // The last forward's activations and routing (counts_E: telemetry and the aux-loss counts).
@@ -242,6 +247,7 @@ class CudaMoeLayer {
   void begin_expert_grads();             // before a backward's expert chunks (see experts_backward)
   CudaMoeSaved saved_;
   bool has_forward_ = false;
+  bool rows_released_ = false;  // release_rows() ran since the last reserve()
   int64_t num_tokens_ = -1;  // N the buffers are sized for
 
   // Scratch, sized with the activations.

@@ -51,6 +51,11 @@ class MoeLayer {
   //                   (the aux loss); undefined = zero
   //   returns dx_NH. Accumulates into the bound gradients. Collective over the mesh.
   virtual Tensor backward(const Tensor& dout_NH, const Tensor& d_probs_NE) = 0;
+  // Drops what only the backward of the last forward needs (dispatched rows, expert activations,
+  // the exchange plan), keeping the routing statistics and probabilities; the next backward then
+  // needs a new forward. For recomputation: layers that re-run their forward do not hold these
+  // between their forward and backward, and take turns with the same memory.
+  virtual void release_activations() = 0;
   virtual RoutingStats routing_stats() const = 0;
   // (N, E) f32 router probabilities of the last forward (tests: routing margins).
   virtual Tensor router_probs() const = 0;
