@@ -250,6 +250,13 @@ TEST(ModelConfig, PresetsLoad) {
   expected.vocab_size = 2048;
   expected.max_position_embeddings = 4096;
   EXPECT_EQ(l4, expected);
+
+  // One rank of an ep-8 run of the full model: its 16 experts, everything else the same.
+  const ModelConfig slice = ModelConfig::load(dir + "/qwen3-30b-a3b-ep8-slice.json");
+  ModelConfig slice_expected = full;
+  slice_expected.num_experts = 128 / 8;
+  EXPECT_EQ(slice, slice_expected);
+  EXPECT_EQ(slice.num_params(), 5153961984);
 }
 
 TEST(ModelConfig, LoadErrorsNameThePath) {
