@@ -6,6 +6,8 @@
 // contract either; f32 division and square root are correctly rounded on both sides): on the same
 // inputs the new w, m and v are bit-identical to the CPU's. The update is memory-bound (30 bytes
 // per element with the bf16 copy), hence the 16-byte vector path.
+#include <type_traits>
+
 #include "kernels/cuda/ops_common.cuh"
 
 namespace moetp::cuda::launch {
@@ -130,50 +132,63 @@ __global__ void sum_of_squares_kernel(const float* __restrict__ g, int64_t n, do
 
 }  // namespace
 
-cudaError_t adamw_step(float* w, const float* g, float* m, float* v, uint16_t* w_bf16, int64_t n,
-                       const AdamWArgs& args, cudaStream_t stream) {
+namespace {
+
+// Both moment dtypes: the 16-byte vector kernel over the first 4·(n / 4) elements where w and g
+// are 16-byte and m, v (f32: 16-byte; bf16: 8-byte) and w_bf16 8-byte aligned, then the element
+// kernel over the rest.
+template <typename Moment>
+cudaError_t launch_adamw(float* w, const float* g, Moment* m, Moment* v, uint16_t* w_bf16, int64_t n,
+                         const AdamWArgs& args, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
+  constexpr bool f32 = std::is_same_v<Moment, float>;
   auto aligned = [](const void* p, uintptr_t to) { return reinterpret_cast<uintptr_t>(p) % to == 0; };
+  const uintptr_t moment_align = f32 ? 16 : 8;
   int64_t done = 0;
-  if (aligned(w, 16) && aligned(g, 16) && aligned(m, 16) && aligned(v, 16) && (w_bf16 == nullptr || aligned(w_bf16, 8))) {
+  if (aligned(w, 16) && aligned(g, 16) && aligned(m, moment_align) && aligned(v, moment_align) &&
+      (w_bf16 == nullptr || aligned(w_bf16, 8))) {
     const int64_t n4 = n / 4;
     if (n4 > 0) {
-      adamw_kernel_vec4<<<grid_blocks(n4, kAdamThreads, 132 * 16), kAdamThreads, 0, stream>>>(
-          reinterpret_cast<float4*>(w), reinterpret_cast<const float4*>(g), reinterpret_cast<float4*>(m),
-          reinterpret_cast<float4*>(v), reinterpret_cast<uint2*>(w_bf16), n4, args);
+      auto* w4 = reinterpret_cast<float4*>(w);
+      const auto* g4 = reinterpret_cast<const float4*>(g);
+      auto* wb4 = reinterpret_cast<uint2*>(w_bf16);
+      const unsigned blocks = grid_blocks(n4, kAdamThreads, 132 * 16);
+      if constexpr (f32) {
+        adamw_kernel_vec4<<<blocks, kAdamThreads, 0, stream>>>(w4, g4, reinterpret_cast<float4*>(m),
+                                                               reinterpret_cast<float4*>(v), wb4, n4, args);
+      } else {
+        adamw_bf16m_kernel_vec4<<<blocks, kAdamThreads, 0, stream>>>(w4, g4, reinterpret_cast<uint2*>(m),
+                                                                     reinterpret_cast<uint2*>(v), wb4, n4, args);
+      }
     }
     done = 4 * n4;
   }
   if (done < n) {
     const int64_t rest = n - done;
-    adamw_kernel<<<grid_blocks(rest, kAdamThreads, 65535 * 4), kAdamThreads, 0, stream>>>(
-        w + done, g + done, m + done, v + done,
-        w_bf16 == nullptr ? nullptr : reinterpret_cast<__nv_bfloat16*>(w_bf16) + done, rest, args);
+    const unsigned blocks = grid_blocks(rest, kAdamThreads, 65535 * 4);
+    auto* wb = w_bf16 == nullptr ? nullptr : reinterpret_cast<__nv_bfloat16*>(w_bf16) + done;
+    if constexpr (f32) {
+      adamw_kernel<<<blocks, kAdamThreads, 0, stream>>>(w + done, g + done, m + done, v + done, wb, rest, args);
+    } else {
+      adamw_bf16m_kernel<<<blocks, kAdamThreads, 0, stream>>>(w + done, g + done,
+                                                              reinterpret_cast<__nv_bfloat16*>(m) + done,
+                                                              reinterpret_cast<__nv_bfloat16*>(v) + done, wb, rest,
+                                                              args);
+    }
   }
   return cudaGetLastError();
 }
 
+}  // namespace
+
+cudaError_t adamw_step(float* w, const float* g, float* m, float* v, uint16_t* w_bf16, int64_t n,
+                       const AdamWArgs& args, cudaStream_t stream) {
+  return launch_adamw(w, g, m, v, w_bf16, n, args, stream);
+}
+
 cudaError_t adamw_step_bf16_moments(float* w, const float* g, uint16_t* m, uint16_t* v, uint16_t* w_bf16, int64_t n,
                                     const AdamWArgs& args, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  auto aligned = [](const void* p, uintptr_t to) { return reinterpret_cast<uintptr_t>(p) % to == 0; };
-  int64_t done = 0;
-  if (aligned(w, 16) && aligned(g, 16) && aligned(m, 8) && aligned(v, 8) && (w_bf16 == nullptr || aligned(w_bf16, 8))) {
-    const int64_t n4 = n / 4;
-    if (n4 > 0) {
-      adamw_bf16m_kernel_vec4<<<grid_blocks(n4, kAdamThreads, 132 * 16), kAdamThreads, 0, stream>>>(
-          reinterpret_cast<float4*>(w), reinterpret_cast<const float4*>(g), reinterpret_cast<uint2*>(m),
-          reinterpret_cast<uint2*>(v), reinterpret_cast<uint2*>(w_bf16), n4, args);
-    }
-    done = 4 * n4;
-  }
-  if (done < n) {
-    const int64_t rest = n - done;
-    adamw_bf16m_kernel<<<grid_blocks(rest, kAdamThreads, 65535 * 4), kAdamThreads, 0, stream>>>(
-        w + done, g + done, reinterpret_cast<__nv_bfloat16*>(m) + done, reinterpret_cast<__nv_bfloat16*>(v) + done,
-        w_bf16 == nullptr ? nullptr : reinterpret_cast<__nv_bfloat16*>(w_bf16) + done, rest, args);
-  }
-  return cudaGetLastError();
+  return launch_adamw(w, g, m, v, w_bf16, n, args, stream);
 }
 
 // Depends on n only (not on the device), so the sum is the same on every GPU and every run.
