@@ -244,13 +244,13 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     x = mlp_block(L, s);
     if (backward && l < recomputed) {
       // Keep what the backward cannot recompute: the layer input (both modes) and, with attn, the
-      // MLP block's activations and its input x_mid.
+      // MLP block's activations (its input x_mid is the attention block's output: recomputed).
       const Tensor x_in = s.x_in;
       if (opts_.recompute == RecomputeMode::kLayer) {
         if (L.moe) L.moe->release_activations();
         s = LayerSaved{};
       } else {
-        s.a = s.rstd1 = s.q_pre = s.k_pre = s.q_rstd = s.k_rstd = s.q = s.k = s.v = s.attn = s.lse = Tensor();
+        s.a = s.rstd1 = s.q_pre = s.k_pre = s.q_rstd = s.k_rstd = s.q = s.k = s.v = s.attn = s.lse = s.x_mid = Tensor();
       }
       s.x_in = x_in;
     }
@@ -360,6 +360,9 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     be.mark(L.moe ? "moe_bwd" : "dense_bwd");
     if (L.moe) {
       dm = L.moe->backward(dx, d_probs_NE);
+      // A recomputed layer's rows were allocated again by the re-run forward: free them for the
+      // layers below.
+      if (li < recomputed && opts_.recompute == RecomputeMode::kLayer) L.moe->release_activations();
     } else {
       Tensor da;
       be.linear_backward(dx, s.dense_a, W(L.down), &da, &G(L.down));

@@ -108,6 +108,7 @@ Trainer::~Trainer() = default;
 StepResult Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
   backend::Backend& be = model_->backend();
+  be.set_memory_phase("step");
   be.reset_peak_memory();
   StepResult r;
   r.step = step_ + 1;

@@ -39,7 +39,7 @@ struct StepResult {
   // CUDA device: the largest over ranks of the step's peak of live tensor bytes / 1e9, counting the
   // whole block each tensor holds (cuda::memory_stats; the benchmarks count requested bytes). CPU: -1.
   double peak_mem_gb = -1;
-  std::string peak_mem_phase;  // the phase of this rank's peak (backend::Backend::peak_memory_phase)
+  std::string peak_mem_phase;  // the phase of this rank's own peak (backend::Backend::peak_memory_phase)
   std::vector<std::vector<float>> expert_counts;  // per MoE layer: tokens per expert, global batch
 };
 
