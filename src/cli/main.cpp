@@ -110,6 +110,17 @@ int main(int argc, char** argv) {
     eval_cmd->add_option("--ep", ev.ep, "expert-parallel degree")->capture_default_str();
     eval_cmd->add_option("--etp", ev.etp, "expert tensor-parallel degree")->capture_default_str();
     eval_cmd->add_option("--dispatcher", ev.dispatcher, moetp::option_choices<moetp::DispatcherKind>())->capture_default_str();
+    moetp::cli::PlanArgs plan_args;
+    auto* plan_cmd = app.add_subcommand("plan", "per-rank memory at the step's peak for a configuration (no job is run)");
+    plan_cmd->add_option("--config", plan_args.config_files, "training config JSON file(s), applied in order");
+    plan_cmd->add_option("--set", plan_args.overrides, "override one field: --set train.recompute=layer (repeatable)");
+    plan_cmd->add_option("--world", plan_args.world, "ranks (GPUs) of the run")->capture_default_str();
+    plan_cmd->add_option("--gpu-mem-gb", plan_args.gpu_mem_gb, "GiB per GPU: says whether the plan fits");
+    plan_cmd->add_option("--imbalance", plan_args.imbalance,
+                         "expert rows a rank plans for, relative to balanced routing")->capture_default_str();
+    plan_cmd->add_option("--allowance-gb", plan_args.allowance_gb, "CUDA context and allocator slack, GiB")
+        ->capture_default_str();
+    plan_cmd->add_option("--device", plan_args.device, "cuda | cpu")->capture_default_str();
     try {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -124,6 +135,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("inspect")) return rank == 0 ? moetp::cli::run_inspect(inspect_path) : 0;
     if (app.got_subcommand("convert")) return moetp::cli::run_convert(conv, *world);
     if (app.got_subcommand("eval")) return moetp::cli::run_eval(ev, *world);
+    if (app.got_subcommand("plan")) return rank == 0 ? moetp::cli::run_plan(plan_args) : 0;
     if (app.got_subcommand("tokenize")) {
       if (rank == 0) {
         moetp::data::convert_text_file(text_in, tokens_out);

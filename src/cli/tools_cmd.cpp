@@ -11,6 +11,7 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "model/model.h"
+#include "train/plan.h"
 
 namespace moetp::cli {
 
@@ -117,6 +118,23 @@ int run_eval(const EvalArgs& a, comm::Comm& world) {
                 a.data.c_str(), static_cast<long long>(a.num_sequences), static_cast<long long>(a.seq_len),
                 ce / static_cast<double>(n), st.aux);
   }
+  return 0;
+}
+
+int run_plan(const PlanArgs& a) {
+  config::TrainConfig cfg;
+  for (const std::string& f : a.config_files) config::apply_json_file(cfg, f);
+  for (const std::string& o : a.overrides) config::apply_override(cfg, o);
+  config::validate(cfg);
+  const config::ModelConfig model_cfg = config::ModelConfig::load(cfg.model.config);
+  const Device device = parse_option<DeviceChoice>(a.device, "--device") == DeviceChoice::kCpu ? Device::kCpu : Device::kCuda;
+  const train::MemoryPlan plan = train::plan_memory(model_cfg, cfg, a.world, device, a.imbalance);
+  std::printf("memory plan: %s, %d ranks (ep %d x etp %d), %lld tokens per rank and micro-batch, %.3f B parameters "
+              "per rank, expert rows planned at %.2fx balanced, device %s\n",
+              cfg.model.config.c_str(), a.world, cfg.parallel.ep, cfg.parallel.etp,
+              static_cast<long long>(plan.tokens_per_rank), plan.parameters / 1e9, a.imbalance,
+              device == Device::kCuda ? "cuda" : "cpu");
+  std::printf("%s", train::format_plan(plan, a.gpu_mem_gb, device == Device::kCuda ? a.allowance_gb : 0.0).c_str());
   return 0;
 }
 

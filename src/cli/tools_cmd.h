@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "comm/comm.h"
 
@@ -31,5 +32,17 @@ struct EvalArgs {
   std::string dispatcher = "auto";
 };
 int run_eval(const EvalArgs& args, comm::Comm& world);
+
+struct PlanArgs {
+  std::vector<std::string> config_files;  // training config JSON files, applied in order
+  std::vector<std::string> overrides;     // --set key=value
+  int world = 1;
+  double gpu_mem_gb = 0;       // GiB per GPU; 0 = no verdict
+  double imbalance = 1.5;      // expert-side rows planned for, relative to balanced routing
+  double allowance_gb = 1.0;   // CUDA context and allocator slack, GiB
+  std::string device = "cuda";
+};
+// Prints train::plan_memory's table for the configuration (no job, no allocation). Rank 0 only.
+int run_plan(const PlanArgs& args);
 
 }  // namespace moetp::cli

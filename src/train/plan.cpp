@@ -1,0 +1,132 @@
+#include "train/plan.h"
+
+#include <algorithm>
+
+#include "core/check.h"
+#include "model/param_table.h"
+
+namespace moetp::train {
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr int64_t kFlatAlign = 256;          // model::Qwen3MoeModel::kFlatAlign
+constexpr int64_t kCudaLogitElems = 1 << 26;  // the CUDA backend's logit chunk
+constexpr int64_t kCpuLogitElems = 1 << 26;   // the CPU backend's (f32)
+
+}  // namespace
+
+MemoryPlan plan_memory(const config::ModelConfig& m, const config::TrainConfig& cfg, int world, Device device,
+                       double imbalance) {
+  const int P = cfg.parallel.ep, T = cfg.parallel.etp;
+  MOETP_CHECK(P >= 1 && T >= 1 && world >= 1 && world % (P * T) == 0,
+              "plan: world {} is not a multiple of ep {} x etp {}", world, P, T);
+  const int64_t micro = cfg.train.micro_batches, global = cfg.train.global_batch_size, S = cfg.train.seq_len;
+  MOETP_CHECK(micro >= 1 && global % (static_cast<int64_t>(world) * micro) == 0,
+              "plan: train.global_batch_size {} does not split into {} ranks x {} micro-batches", global, world, micro);
+  MOETP_CHECK(imbalance >= 1.0, "plan: the routing imbalance ({}) must be >= 1 (1 = balanced)", imbalance);
+  const int64_t rows = global / world / micro, N = rows * S;
+  const bool cuda = device == Device::kCuda;
+  const double cb = cuda ? 2.0 : 4.0;  // bytes of the compute dtype
+
+  MemoryPlan plan;
+  plan.tokens_per_rank = N;
+  // Parameters as the model's flat buffers hold them.
+  const model::ParamTable table = model::qwen3_moe_params(m, model::ExpertLayout{P, 0, T, 0});
+  std::vector<bool> follows(table.params.size(), false);
+  for (const model::LayerParams& lp : table.layers) {
+    if (!lp.is_moe) follows[lp.up] = true;
+  }
+  int64_t elems = 0, params = 0;
+  for (size_t i = 0; i < table.params.size(); ++i) {
+    if (!follows[i]) elems = (elems + kFlatAlign - 1) / kFlatAlign * kFlatAlign;
+    const int64_t n = shape_numel(shard::local_shape(table.params[i].spec));
+    elems += n;
+    params += n;
+  }
+  plan.parameters = static_cast<double>(params);
+  const double e = static_cast<double>(elems);
+  auto add = [&](std::string what, double bytes) { plan.items.push_back({std::move(what), bytes}); };
+  add(cuda ? "weights (bf16 working copies)" : "weights (f32, the masters)", e * cb);
+  if (cuda) add("master weights (f32)", e * 4);
+  add("gradients (f32)", e * 4);
+  add(fmt::format("AdamW moments ({})", option_name(cfg.optim.state_dtype)),
+      e * (cfg.optim.state_dtype == StateDType::kBF16 ? 4 : 8));
+
+  // Activations per layer (model/model.cpp LayerSaved; moe/cuda_moe.h buffers).
+  const double H = static_cast<double>(m.hidden_size), D = static_cast<double>(m.head_dim);
+  const double heads = static_cast<double>(m.num_attention_heads), kv = static_cast<double>(m.num_key_value_heads);
+  const double Hq = heads * D, Hkv = kv * D, E = static_cast<double>(m.num_experts),
+               K = static_cast<double>(m.num_experts_per_tok);
+  const double i = static_cast<double>(m.moe_intermediate_size) / T, F = static_cast<double>(m.intermediate_size);
+  const double n = static_cast<double>(N), M = n * K;
+  const bool mesh = world > 1;
+  const DispatcherKind disp = config::resolved_dispatcher(cfg);
+  const bool vexpert = mesh && disp == DispatcherKind::kVexpert;
+  const double R = mesh ? imbalance * n * K * T : M;  // expert-side rows (one GPU: the slot rows)
+  const double x_in = cb * n * H;
+  const double attn = x_in + cb * (2 * n * H + 3 * n * Hq + 3 * n * Hkv) + 4 * (n + n * heads + n * kv + rows * heads * S);
+  const double mlp_in = cb * n * H + 4 * n;  // the MLP block's normed input and its rstd
+  const double dense = mlp_in + cb * n * 3 * F;
+  const double router = 4 * n * E * 2 + n * K * 12 + M * 12;
+  double moe_rows = (vexpert ? 0 : 2 * M * H * cb) + R * 3 * i * cb;
+  if (mesh) moe_rows += 2 * R * H * cb + (vexpert ? 0 : R * H * cb + 16 * R);
+  const double moe = mlp_in + router + moe_rows;
+  const double moe_bwd = 4 * n * K + (mesh || vexpert ? 0 : M * H * cb) + n * E * (4 + cb) + 4 * n * H + R * 3 * i * cb +
+                         (vexpert ? R * H * cb : 0) + 3 * n * H * cb;
+
+  const int64_t L = m.num_hidden_layers;
+  const RecomputeMode mode = cfg.train.recompute;
+  const int64_t recomputed = mode == RecomputeMode::kNone ? 0
+                             : cfg.train.recompute_layers < 0 ? L
+                                                              : std::min<int64_t>(L, cfg.train.recompute_layers);
+  double saved = 0;
+  double top_recompute = 0;  // what the top layer's backward allocates again
+  bool top_moe = false;
+  for (int64_t l = 0; l < L; ++l) {
+    const bool is_moe = m.is_moe_layer(l);
+    const double mlp = is_moe ? moe : dense;
+    double keep = attn + mlp, again = 0;
+    if (l < recomputed && mode == RecomputeMode::kAttn) {
+      keep = x_in + mlp;
+      again = attn - x_in;
+    } else if (l < recomputed && mode == RecomputeMode::kLayer) {
+      keep = x_in + (is_moe ? router : 0);
+      again = attn - x_in + mlp - (is_moe ? router : 0);
+    }
+    saved += keep;
+    if (l == L - 1) {
+      top_recompute = again;
+      top_moe = is_moe;
+    }
+  }
+  add(fmt::format("saved activations ({} layers, {} tokens, recompute {})", L, N, option_name(mode)), saved);
+  const int64_t vocab = m.vocab_size;
+  const double chunk_rows = std::min<double>(n, std::max<int64_t>(1, (cuda ? kCudaLogitElems : kCpuLogitElems) / vocab));
+  const double head = chunk_rows * static_cast<double>(vocab) * cb + 2 * cb * n * H;
+  const double bwd = top_recompute + (top_moe ? moe_bwd : cb * n * 3 * F + 3 * n * H * cb);
+  if (bwd >= head) {
+    add("top layer's backward (buffers, recomputed activations)", bwd);
+  } else {
+    add("LM head chunk of logits", head);
+  }
+  for (const PlanItem& it : plan.items) plan.peak_bytes += it.bytes;
+  return plan;
+}
+
+std::string format_plan(const MemoryPlan& plan, double gpu_mem_gib, double allowance_gib) {
+  std::string out;
+  size_t width = 0;
+  for (const PlanItem& it : plan.items) width = std::max(width, it.what.size());
+  for (const PlanItem& it : plan.items) out += fmt::format("{:<{}}  {:>9.2f} GiB\n", it.what, width, it.bytes / kGiB);
+  if (allowance_gib > 0) out += fmt::format("{:<{}}  {:>9.2f} GiB\n", "CUDA context and allocator slack (allowance)", width, allowance_gib);
+  const double peak = plan.peak_bytes / kGiB + allowance_gib;
+  out += fmt::format("per-rank peak: {:.2f} GiB", peak);
+  if (gpu_mem_gib > 0) {
+    out += peak <= gpu_mem_gib ? fmt::format(" (fits in {:g} GiB)", gpu_mem_gib)
+                               : fmt::format(" (does not fit in {:g} GiB)", gpu_mem_gib);
+  }
+  return out + "\n";
+}
+
+}  // namespace moetp::train

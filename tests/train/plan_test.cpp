@@ -1,0 +1,102 @@
+// train::plan_memory, the arithmetic behind `moetp plan`: the parameter count is the model's (every
+// parameter once on one rank; the expert shards split over ep x etp), each term scales as its
+// dtype says (bf16 moments are half the f32 ones), recomputation only lowers the saved
+// activations, and bad layouts are refused naming the values. The plan against measured GPU peaks
+// is a table in docs/performance.md.
+#include "train/plan.h"
+
+#include <gtest/gtest.h>
+
+#include "testing.h"
+
+namespace moetp {
+namespace {
+
+config::ModelConfig model() {
+  const std::string dir = MOETP_CONFIGS_DIR;
+  return config::ModelConfig::load(dir + "/qwen3-30b-a3b-l4.json");
+}
+
+config::TrainConfig train(int ep, int etp, int batch) {
+  config::TrainConfig c;
+  c.parallel.ep = ep;
+  c.parallel.etp = etp;
+  c.train.seq_len = 4096;
+  c.train.global_batch_size = batch;
+  return c;
+}
+
+double item(const train::MemoryPlan& p, const std::string& prefix) {
+  for (const train::PlanItem& it : p.items) {
+    if (it.what.rfind(prefix, 0) == 0) return it.bytes;
+  }
+  ADD_FAILURE() << "no item '" << prefix << "'";
+  return 0;
+}
+
+TEST(MemoryPlan, ParametersAreTheModelsAndExpertsSplitOverTheLayout) {
+  const config::ModelConfig m = model();
+  const train::MemoryPlan one = train::plan_memory(m, train(1, 1, 2), 1, Device::kCuda, 1.0);
+  EXPECT_EQ(one.parameters, static_cast<double>(m.num_params()));
+  EXPECT_EQ(one.tokens_per_rank, 2 * 4096);
+  const double experts = static_cast<double>(m.num_hidden_layers) * m.num_experts * 3 * m.hidden_size *
+                         m.moe_intermediate_size;
+  for (const auto& [ep, etp] : {std::pair{2, 1}, std::pair{2, 2}, std::pair{4, 1}}) {
+    const train::MemoryPlan p = train::plan_memory(m, train(ep, etp, 8), 8, Device::kCuda, 1.0);
+    EXPECT_EQ(p.parameters, one.parameters - experts + experts / (ep * etp)) << "ep " << ep << " etp " << etp;
+  }
+}
+
+TEST(MemoryPlan, TermsFollowTheirDtypes) {
+  const config::ModelConfig m = model();
+  config::TrainConfig c = train(1, 1, 2);
+  const train::MemoryPlan f32 = train::plan_memory(m, c, 1, Device::kCuda, 1.0);
+  c.optim.state_dtype = StateDType::kBF16;
+  const train::MemoryPlan bf16 = train::plan_memory(m, c, 1, Device::kCuda, 1.0);
+  EXPECT_EQ(item(f32, "AdamW moments"), 2 * item(bf16, "AdamW moments"));
+  EXPECT_EQ(item(f32, "gradients"), 2 * item(f32, "weights"));  // f32 gradients, bf16 working copies
+  EXPECT_EQ(item(f32, "master weights"), item(f32, "gradients"));
+  EXPECT_NEAR(f32.peak_bytes - bf16.peak_bytes, 4 * f32.parameters, 0.01 * f32.parameters);
+  const train::MemoryPlan cpu = train::plan_memory(m, c, 1, Device::kCpu, 1.0);
+  EXPECT_EQ(item(cpu, "weights"), item(cpu, "gradients")) << "the CPU's f32 weights are the masters";
+}
+
+TEST(MemoryPlan, RecomputationLowersTheSavedActivationsAndThePeak) {
+  const config::ModelConfig m = model();
+  config::TrainConfig c = train(1, 1, 2);
+  double last_saved = 1e30, last_peak = 1e30;
+  for (const RecomputeMode mode : {RecomputeMode::kNone, RecomputeMode::kAttn, RecomputeMode::kLayer}) {
+    c.train.recompute = mode;
+    const train::MemoryPlan p = train::plan_memory(m, c, 1, Device::kCuda, 1.0);
+    EXPECT_LT(item(p, "saved activations"), last_saved) << option_name(mode);
+    EXPECT_LT(p.peak_bytes, last_peak) << option_name(mode);
+    last_saved = item(p, "saved activations");
+    last_peak = p.peak_bytes;
+  }
+  c.train.recompute_layers = 2;  // half the layers: between none and all
+  const double half = item(train::plan_memory(m, c, 1, Device::kCuda, 1.0), "saved activations");
+  c.train.recompute = RecomputeMode::kNone;
+  EXPECT_LT(half, item(train::plan_memory(m, c, 1, Device::kCuda, 1.0), "saved activations"));
+  EXPECT_GT(half, last_saved);
+}
+
+TEST(MemoryPlan, TableEndsWithTheVerdict) {
+  const train::MemoryPlan p = train::plan_memory(model(), train(1, 1, 2), 1, Device::kCuda, 1.0);
+  const std::string fits = train::format_plan(p, 1000, 1.0), not_fits = train::format_plan(p, 10, 1.0);
+  EXPECT_NE(fits.find("per-rank peak: "), std::string::npos);
+  EXPECT_NE(fits.find("(fits in 1000 GiB)"), std::string::npos) << fits;
+  EXPECT_NE(not_fits.find("(does not fit in 10 GiB)"), std::string::npos) << not_fits;
+  EXPECT_NE(fits.find("CUDA context and allocator slack"), std::string::npos);
+}
+
+TEST(MemoryPlan, BadLayoutsNameTheValues) {
+  const config::ModelConfig m = model();
+  testing::expect_error([&] { train::plan_memory(m, train(2, 2, 8), 6, Device::kCuda, 1.0); },
+                        {"world 6", "ep 2", "etp 2"});
+  testing::expect_error([&] { train::plan_memory(m, train(1, 1, 3), 2, Device::kCuda, 1.0); },
+                        {"global_batch_size 3", "2 ranks"});
+  testing::expect_error([&] { train::plan_memory(m, train(1, 1, 2), 1, Device::kCuda, 0.5); }, {"imbalance (0.5)"});
+}
+
+}  // namespace
+}  // namespace moetp
