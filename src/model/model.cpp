@@ -210,7 +210,9 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     be.add_into(o, s.x_in);
     s.x_mid = o;
   };
-  auto mlp_block = [&](Layer& L, LayerSaved& s) {
+  // recomputing: only what the backward reads (a dense MLP skips its down projection; a MoE
+  // layer's forward runs whole, its backward reads the combined rows).
+  auto mlp_block = [&](Layer& L, LayerSaved& s, bool recomputing) {
     s.m = be.rmsnorm_forward(s.x_mid, W(L.ln2), eps, &s.rstd2);
     Tensor mlp;
     if (L.moe) {
@@ -218,8 +220,10 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     } else {
       s.dense_h = be.linear_stacked(s.m, L.gate_up_work, cfg_.intermediate_size);
       s.dense_a = be.swiglu_forward(s.dense_h);
+      if (recomputing) return Tensor();
       mlp = be.linear(s.dense_a, W(L.down));
     }
+    if (recomputing) return Tensor();
     be.add_into(mlp, s.x_mid);
     return mlp;
   };
@@ -241,7 +245,7 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     s.x_in = x;
     attention_block(L, s);
     be.mark(L.moe ? "moe_fwd" : "dense_fwd");
-    x = mlp_block(L, s);
+    x = mlp_block(L, s, false);
     if (backward && l < recomputed) {
       // Keep what the backward cannot recompute: the layer input (both modes) and, with attn, the
       // MLP block's activations (its input x_mid is the attention block's output: recomputed).
@@ -353,7 +357,7 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     if (li < recomputed) {
       be.mark("recompute");
       attention_block(L, s);
-      if (opts_.recompute == RecomputeMode::kLayer) mlp_block(L, s);
+      if (opts_.recompute == RecomputeMode::kLayer) mlp_block(L, s, true);
     }
     // MLP (residual: dx flows to x_mid unchanged, plus through the MLP)
     Tensor dm;
