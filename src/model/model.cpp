@@ -41,20 +41,7 @@ ExpertLayout Qwen3MoeModel::layout() const { return opts_.mesh ? expert_layout(*
 // values one tensor at a time (host -> master -> working copy).
 void Qwen3MoeModel::build(const ParamTable& table, uint64_t seed) {
   const size_t P = table.params.size();
-  std::vector<bool> follows_previous(P, false);
-  for (const LayerParams& lp : table.layers) {
-    if (lp.is_moe) continue;
-    MOETP_CHECK(lp.up == lp.gate + 1, "Qwen3MoeModel: a layer has gate_proj at {} and up_proj at {}, not adjacent",
-                lp.gate, lp.up);
-    follows_previous[lp.up] = true;
-  }
-  offsets_.assign(P, 0);
-  int64_t total = 0;
-  for (size_t i = 0; i < P; ++i) {
-    if (!follows_previous[i]) total = (total + kFlatAlign - 1) / kFlatAlign * kFlatAlign;
-    offsets_[i] = total;
-    total += shape_numel(shard::local_shape(table.params[i].spec));
-  }
+  const int64_t total = flat_layout(table, offsets_);
   flat_value_ = backend_.zeros({total}, DType::kF32);
   flat_grad_ = backend_.zeros({total}, DType::kF32);
   const bool separate_work = backend_.compute_dtype() != DType::kF32;

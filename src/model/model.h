@@ -70,7 +70,6 @@ struct ModelOptions {
 
 class Qwen3MoeModel {
  public:
-  static constexpr int64_t kFlatAlign = 256;  // elements: 512 B of bf16, 1 KiB of f32
 
   // Initial values are model::fill_initial_value's, generated on the host one tensor at a time and
   // copied to the backend. Not collective; the backend must be initialised (Backend::init).

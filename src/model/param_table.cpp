@@ -84,4 +84,23 @@ Tensor initial_value(const ParamDesc& p, uint64_t seed) {
   return t;
 }
 
+int64_t flat_layout(const ParamTable& table, std::vector<int64_t>& offsets) {
+  const size_t P = table.params.size();
+  std::vector<bool> follows_previous(P, false);
+  for (const LayerParams& lp : table.layers) {
+    if (lp.is_moe) continue;
+    MOETP_CHECK(lp.up == lp.gate + 1, "parameter table: a layer has gate_proj at {} and up_proj at {}, not adjacent",
+                lp.gate, lp.up);
+    follows_previous[lp.up] = true;
+  }
+  offsets.assign(P, 0);
+  int64_t total = 0;
+  for (size_t i = 0; i < P; ++i) {
+    if (!follows_previous[i]) total = (total + kFlatAlign - 1) / kFlatAlign * kFlatAlign;
+    offsets[i] = total;
+    total += shape_numel(shard::local_shape(table.params[i].spec));
+  }
+  return total;
+}
+
 }  // namespace moetp::model

@@ -72,6 +72,12 @@ struct ParamTable {
 // The table of `cfg` at `layout` (expert shard specs via shard::w13_spec / w2_spec).
 ParamTable qwen3_moe_params(const config::ModelConfig& cfg, const ExpertLayout& layout);
 
+// Where each parameter sits in the model's flat buffers (elements): every parameter starts on a
+// multiple of kFlatAlign, except a dense layer's up_proj, which directly follows its gate_proj (the
+// two form one stacked weight). Returns the buffers' length; `offsets` gets one entry per parameter.
+inline constexpr int64_t kFlatAlign = 256;  // elements: 512 B of bf16, 1 KiB of f32
+int64_t flat_layout(const ParamTable& table, std::vector<int64_t>& offsets);
+
 // Writes the parameter's initial shard values into `host_f32` (f32, host, contiguous, the spec's
 // local shape): the one initialiser of both models, one tensor at a time.
 void fill_initial_value(const ParamDesc& p, uint64_t seed, Tensor& host_f32);

@@ -262,8 +262,7 @@ void CudaMoeLayer::begin_expert_grads() {
 }
 
 void CudaMoeLayer::reserve(int64_t N) {
-  if (N == num_tokens_ && !rows_released_) return;
-  rows_released_ = false;
+  if (N == num_tokens_) return;
   const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k, M = N * K;
   MOETP_CHECK(M <= INT32_MAX, "CudaMoeLayer: N·K = {}·{} = {} dispatched rows exceed the int32 row indices", N, K, M);
   // Old buffers go first (their cudaFree waits for work in flight).
@@ -357,7 +356,7 @@ void CudaMoeLayer::release_rows() {
     *t = Tensor();
   }
   exp_capacity_ = -1;
-  rows_released_ = true;  // the next forward's reserve() allocates the slot rows again
+  num_tokens_ = -1;  // the next forward's reserve() allocates the slot rows again
   has_forward_ = false;
 }
 

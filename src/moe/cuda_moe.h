@@ -247,7 +247,6 @@ class CudaMoeLayer {
   void begin_expert_grads();             // before a backward's expert chunks (see experts_backward)
   CudaMoeSaved saved_;
   bool has_forward_ = false;
-  bool rows_released_ = false;  // release_rows() ran since the last reserve()
   int64_t num_tokens_ = -1;  // N the buffers are sized for
 
   // Scratch, sized with the activations.

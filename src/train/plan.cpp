@@ -10,7 +10,6 @@ namespace moetp::train {
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
-constexpr int64_t kFlatAlign = 256;          // model::Qwen3MoeModel::kFlatAlign
 constexpr int64_t kCudaLogitElems = 1 << 26;  // the CUDA backend's logit chunk
 constexpr int64_t kCpuLogitElems = 1 << 26;   // the CPU backend's (f32)
 
@@ -33,17 +32,10 @@ MemoryPlan plan_memory(const config::ModelConfig& m, const config::TrainConfig& 
   plan.tokens_per_rank = N;
   // Parameters as the model's flat buffers hold them.
   const model::ParamTable table = model::qwen3_moe_params(m, model::ExpertLayout{P, 0, T, 0});
-  std::vector<bool> follows(table.params.size(), false);
-  for (const model::LayerParams& lp : table.layers) {
-    if (!lp.is_moe) follows[lp.up] = true;
-  }
-  int64_t elems = 0, params = 0;
-  for (size_t i = 0; i < table.params.size(); ++i) {
-    if (!follows[i]) elems = (elems + kFlatAlign - 1) / kFlatAlign * kFlatAlign;
-    const int64_t n = shape_numel(shard::local_shape(table.params[i].spec));
-    elems += n;
-    params += n;
-  }
+  std::vector<int64_t> offsets;
+  const int64_t elems = model::flat_layout(table, offsets);
+  int64_t params = 0;
+  for (const model::ParamDesc& p : table.params) params += shape_numel(shard::local_shape(p.spec));
   plan.parameters = static_cast<double>(params);
   const double e = static_cast<double>(elems);
   auto add = [&](std::string what, double bytes) { plan.items.push_back({std::move(what), bytes}); };
