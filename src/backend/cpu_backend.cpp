@@ -39,12 +39,8 @@ class CpuMoeLayer final : public moe::MoeLayer {
   Tensor backward(const Tensor& dout_NH, const Tensor& d_probs_NE) override {
     return block_.backward(dout_NH, d_probs_NE, work_, saved_, grads_);
   }
-  void release_activations() override {
-    saved_.dispatch.reset();  // MoeBlock::backward refuses to run without it
-    saved_.x_NH = Tensor();
-    saved_.dispatched = moe::Dispatched{};
-    saved_.experts = cpu::ExpertsSaved{};
-  }
+  void release_activations() override { block_.release(saved_); }
+  void recompute(const Tensor& x_NH) override { block_.recompute(x_NH, work_, saved_); }
   moe::RoutingStats routing_stats() const override {
     return {saved_.counts_E.to_vector<float>(), saved_.prob_sum_E.to_vector<float>()};
   }

@@ -67,6 +67,7 @@ class CudaMoeAdapter final : public moe::MoeLayer {
     return layer_.backward(dout_NH, d_probs_NE);
   }
   void release_activations() override { layer_.release_rows(); }
+  void recompute(const Tensor& x_NH) override { layer_.recompute_forward(x_NH); }
   moe::RoutingStats routing_stats() const override {
     const int64_t E = layer_.config().num_experts;
     const Tensor& probs = layer_.saved().probs_NE;

@@ -102,7 +102,8 @@ const std::vector<Field>& fields() {
             "the device) | direct (cudaMalloc/cudaFree per tensor)"),
       field("train.recompute", &C::train, &C::Train::recompute, RecomputeMode::kNone,
             "activation recomputation: none | attn (the backward re-runs each layer's attention block from the "
-            "layer input) | layer (the whole layer, MoE included); the same results, less activation memory"),
+            "layer input) | moe (each MoE block's dispatched rows and expert activations, re-run with the routing "
+            "of the forward) | layer (the whole layer); the same results, less activation memory"),
       field("train.recompute_layers", &C::train, &C::Train::recompute_layers, -1,
             "recompute only the first k decoder layers (-1: all)"),
       field("optim.lr", &C::optim, &C::Optim::lr, 3e-3, "peak learning rate (after warmup)"),

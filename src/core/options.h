@@ -25,9 +25,10 @@ enum class AllocatorChoice { kAuto, kCaching, kDirect };
 // optim.state_dtype: storage of the AdamW moments (master weights stay f32).
 enum class StateDType { kF32, kBF16 };
 // train.recompute: which activations of a decoder layer the backward recomputes from the layer's
-// input instead of keeping them from the forward: none; attn (the attention block); layer (the
+// input instead of keeping them from the forward: none; attn (the attention block); moe (a MoE
+// block's dispatched rows and expert activations, with the routing of the forward); layer (the
 // whole layer, attention and MLP or MoE).
-enum class RecomputeMode { kNone, kAttn, kLayer };
+enum class RecomputeMode { kNone, kAttn, kMoe, kLayer };
 
 template <typename E>
 struct OptionNames;  // specialised below: `static constexpr std::array names` in enum order
@@ -56,7 +57,7 @@ struct OptionNames<StateDType> {
 
 template <>
 struct OptionNames<RecomputeMode> {
-  static constexpr std::array<std::string_view, 3> names = {"none", "attn", "layer"};
+  static constexpr std::array<std::string_view, 4> names = {"none", "attn", "moe", "layer"};
 };
 
 template <typename E>

@@ -197,12 +197,16 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     be.add_into(o, s.x_in);
     s.x_mid = o;
   };
-  // recomputing: only what the backward reads (a dense MLP skips its down projection; a MoE
-  // layer's forward runs whole, its backward reads the combined rows).
+  // recomputing: only what the backward reads (a dense MLP skips its down projection; a MoE layer
+  // re-runs dispatch and experts with the forward's routing, moe::MoeLayer::recompute).
   auto mlp_block = [&](Layer& L, LayerSaved& s, bool recomputing) {
     s.m = be.rmsnorm_forward(s.x_mid, W(L.ln2), eps, &s.rstd2);
     Tensor mlp;
     if (L.moe) {
+      if (recomputing) {
+        L.moe->recompute(s.m);
+        return Tensor();
+      }
       mlp = L.moe->forward(s.m);  // keeps s.m (not copied) for its backward
     } else {
       s.dense_h = be.linear_stacked(s.m, L.gate_up_work, cfg_.intermediate_size);
@@ -210,7 +214,6 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
       if (recomputing) return Tensor();
       mlp = be.linear(s.dense_a, W(L.down));
     }
-    if (recomputing) return Tensor();
     be.add_into(mlp, s.x_mid);
     return mlp;
   };
@@ -233,7 +236,10 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     attention_block(L, s);
     be.mark(L.moe ? "moe_fwd" : "dense_fwd");
     x = mlp_block(L, s, false);
-    if (backward && l < recomputed) {
+    if (backward && l < recomputed && opts_.recompute == RecomputeMode::kMoe) {
+      // Everything but the MoE block's rows (dense layers keep theirs: nothing to recompute).
+      if (L.moe) L.moe->release_activations();
+    } else if (backward && l < recomputed) {
       // Keep what the backward cannot recompute: the layer input (both modes) and, with attn, the
       // MLP block's activations (its input x_mid is the attention block's output: recomputed).
       const Tensor x_in = s.x_in;
@@ -343,8 +349,12 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     LayerSaved& s = saved[li];
     if (li < recomputed) {
       be.mark("recompute");
-      attention_block(L, s);
-      if (opts_.recompute == RecomputeMode::kLayer) mlp_block(L, s, true);
+      if (opts_.recompute == RecomputeMode::kMoe) {
+        if (L.moe) L.moe->recompute(s.m);
+      } else {
+        attention_block(L, s);
+        if (opts_.recompute == RecomputeMode::kLayer) mlp_block(L, s, true);
+      }
     }
     // MLP (residual: dx flows to x_mid unchanged, plus through the MLP)
     Tensor dm;
@@ -353,7 +363,7 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
       dm = L.moe->backward(dx, d_probs_NE);
       // A recomputed layer's rows were allocated again by the re-run forward: free them for the
       // layers below.
-      if (li < recomputed && opts_.recompute == RecomputeMode::kLayer) L.moe->release_activations();
+      if (li < recomputed && opts_.recompute != RecomputeMode::kAttn) L.moe->release_activations();
     } else {
       Tensor da;
       be.linear_backward(dx, s.dense_a, W(L.down), &da, &G(L.down));

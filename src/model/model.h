@@ -62,8 +62,8 @@ struct ModelOptions {
   int64_t logit_chunk_rows = 0;
   // Activation recomputation (train.recompute): what the backward of a decoder layer recomputes
   // from the layer's input, for the first `recompute_layers` layers (-1: all). Results are the
-  // same bits as without (the forward is deterministic); a MoE layer's forward runs again in full,
-  // its routing, counts exchange and dispatch included.
+  // same bits as without (the forward is deterministic). A MoE layer keeps its routing and dispatch
+  // plan and re-runs only dispatch and experts (moe::MoeLayer::recompute).
   RecomputeMode recompute = RecomputeMode::kNone;
   int64_t recompute_layers = -1;
 };

@@ -389,6 +389,9 @@ void CudaMoeLayer::plan_exchange() {
   // Host MPI exchange of the counts (the NCCL communicators' own host groups, same members and order).
   plan_all2all(*opts_.mesh, saved_.counts_E, ex_);
   saved_.offsets = ex_.offsets;
+}
+
+void CudaMoeLayer::upload_exchange() {
   const int64_t R = ex_.num_rows;
   reserve_expert_side(R);
   if (R > 0) {
@@ -444,15 +447,11 @@ void CudaMoeLayer::move_to_slots(const Tensor& exp_RH, Tensor& slot_MH) {
   mesh.ep().all_to_all_v(recv, ex_.recv_counts, slot_MH, ex_.send_counts);
 }
 
-void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
+void CudaMoeLayer::vexpert_plan(int64_t N) {
   const comm::Mesh& mesh = *opts_.mesh;
-  comm::Comm& g = mesh.ep_etp();
-  comm::Comm& host = g.host();
-  const int64_t H = cfg_.hidden, E = cfg_.num_experts, K = cfg_.top_k, L = L_, N = x_NH.size(0);
+  comm::Comm& host = mesh.ep_etp().host();
+  const int64_t E = cfg_.num_experts, K = cfg_.top_k, L = L_;
   const int P = mesh.ep_size(), T = mesh.etp_size();
-  const cudaStream_t stream = opts_.stream;
-  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
-  CudaMoeSaved& s = saved_;
   VExpert& v = vx_;
 
   // The plan of the CPU dispatcher (moe/vexpert_plan.h); counts, local-entry table and weights
@@ -469,13 +468,22 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
   const int64_t S = v.S, Q = v.Q;
   Tensor recv_meta = Tensor::empty({Q, C}, DType::kI32);
   host.all_to_all_v(Tensor::from_vector<int32_t>(plan.meta, {S, C}), v.send_counts, recv_meta, v.recv_counts);
-  Tensor recv_w = Tensor::empty({Q, C}, DType::kF32);
-  host.all_to_all_v(Tensor::from_vector<float>(plan.meta_w, {S, C}), v.send_counts, recv_w, v.recv_counts);
-  VExpertRecvPlan& rp = v.recv_plan;
-  plan_vexpert_recv(std::span<const int32_t>(recv_meta.data<int32_t>(), static_cast<size_t>(Q * C)), Q, C, L, rp);
+  v.recv_w_host = Tensor::empty({Q, C}, DType::kF32);
+  host.all_to_all_v(Tensor::from_vector<float>(plan.meta_w, {S, C}), v.send_counts, v.recv_w_host, v.recv_counts);
+  plan_vexpert_recv(std::span<const int32_t>(recv_meta.data<int32_t>(), static_cast<size_t>(Q * C)), Q, C, L,
+                    v.recv_plan);
+  saved_.offsets = v.recv_plan.offsets;
+}
+
+void CudaMoeLayer::vexpert_buffers(int64_t N) {
+  const int64_t H = cfg_.hidden, L = L_;
+  const cudaStream_t stream = opts_.stream;
+  VExpert& v = vx_;
+  const VExpertSendPlan& plan = v.send_plan;
+  const VExpertRecvPlan& rp = v.recv_plan;
+  const int64_t S = v.S, Q = v.Q, C = v.C;
   const TokenRows tr = vexpert_token_rows(plan.send_token, N);
   const int64_t R = rp.offsets[static_cast<size_t>(L)];
-  s.offsets = rp.offsets;
   reserve_expert_side(R);
 
   // The last forward's views share the capacity buffers' storage: drop them before any grow_rows
@@ -490,8 +498,8 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
   v.row_entry = upload_i64(v.cap_row_entry, rp.row_entry, stream);
   v.recv_w = grow_rows(v.cap_recv_w, Q, C, DType::kF32);
   if (Q > 0) {
-    CUDA_CHECK(cudaMemcpyAsync(v.recv_w.raw_data(), recv_w.raw_data(), recv_w.num_bytes(), cudaMemcpyHostToDevice,
-                               stream));
+    CUDA_CHECK(cudaMemcpyAsync(v.recv_w.raw_data(), v.recv_w_host.raw_data(), v.recv_w_host.num_bytes(),
+                               cudaMemcpyHostToDevice, stream));
   }
   v.z_QH = grow_rows(v.cap_z, Q, H, DType::kF32);
   v.back_SH = grow_rows(v.cap_back, S, H, DType::kF32);
@@ -508,6 +516,15 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
   const size_t ws_bytes = cuda::launch::sorted_accumulate_workspace_bytes(std::max(std::max(R, S), int64_t{1}), true);
   v.workspace = grow_rows(v.cap_ws, static_cast<int64_t>((ws_bytes + 7) / 8) + 1, 1, DType::kI64);
 
+}
+
+void CudaMoeLayer::vexpert_dispatch(const Tensor& x_NH) {
+  comm::Comm& g = opts_.mesh->ep_etp();
+  const int64_t H = cfg_.hidden, N = x_NH.size(0), S = vx_.S, Q = vx_.Q, R = saved_.offsets.back();
+  const cudaStream_t stream = opts_.stream;
+  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(bf16));
+  CudaMoeSaved& s = saved_;
+  VExpert& v = vx_;
   // Dispatch: one row per (token, destination), then expert order (local expert, received row, entry).
   if (S > 0) {
     CUDA_CHECK(cuda::launch::gather_rows(x_NH.raw_data(), v.send_SH.raw_data(), v.send_token.data<int64_t>(), S, N,
@@ -519,7 +536,14 @@ void CudaMoeLayer::vexpert_forward(const Tensor& x_NH, Tensor& out_NH) {
                                          row_bytes, nullptr, stream));
   }
   for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_forward(e0, e1, st); });
+}
 
+void CudaMoeLayer::vexpert_combine(Tensor& out_NH) {
+  comm::Comm& g = opts_.mesh->ep_etp();
+  const int64_t H = cfg_.hidden, N = out_NH.size(0), S = vx_.S, Q = vx_.Q, C = vx_.C, R = saved_.offsets.back();
+  const cudaStream_t stream = opts_.stream;
+  CudaMoeSaved& s = saved_;
+  VExpert& v = vx_;
   // Combine: the receiver folds its partials with the received weights (f32), the sums go back
   // (f32) and add into their tokens; one bf16 rounding at the end.
   zero_async(v.z_QH, stream);
@@ -590,6 +614,7 @@ void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
   const int64_t N = x_NH.size(0), M = N * K;
   check_cuda_tensor(x_NH, DType::kBF16, {N, H}, "CudaMoeLayer::forward x_NH");
   has_forward_ = false;
+  routed_tokens_ = -1;
   reserve(N);
   CudaMoeSaved& s = saved_;
   s.x_NH = x_NH;
@@ -637,13 +662,19 @@ void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
     vx_.idx_host.clear();
     vx_.weight_host.clear();
   }
+  routed_tokens_ = N;
   if (vexpert()) {
-    vexpert_forward(x_NH, out_NH);  // collective even when this rank has no tokens
+    // Collective even when this rank has no tokens.
+    vexpert_plan(N);
+    vexpert_buffers(N);
+    vexpert_dispatch(x_NH);
+    vexpert_combine(out_NH);
     has_forward_ = true;
     return;
   }
   if (distributed()) {
     plan_exchange();  // collective even when this rank has no tokens
+    upload_exchange();
     move_to_experts(s.x_MH, s.x_RH);
   } else {
     s.offsets.assign(static_cast<size_t>(E) + 1, 0);
@@ -656,6 +687,38 @@ void CudaMoeLayer::forward_into(const Tensor& x_NH, Tensor& out_NH) {
     CUDA_CHECK(launch::combine_rows(bits(s.y_MH), s.pos_NK.data<int32_t>(), s.topk_weight_NK.data<float>(), nullptr,
                                     bits(out_NH), N, K, H, stream));
   }
+  has_forward_ = true;
+}
+
+void CudaMoeLayer::recompute_forward(const Tensor& x_NH) {
+  const int64_t H = cfg_.hidden, K = cfg_.top_k;
+  MOETP_CHECK(routed_tokens_ >= 0 && !has_forward_,
+              "CudaMoeLayer::recompute_forward needs a forward whose rows were released (release_rows)");
+  check_cuda_tensor(x_NH, DType::kBF16, {routed_tokens_, H}, "CudaMoeLayer::recompute_forward x_NH");
+  const int64_t N = routed_tokens_, M = N * K;
+  CudaMoeSaved& s = saved_;
+  s.x_NH = x_NH;
+  const cudaStream_t stream = opts_.stream;
+  if (vexpert()) {
+    vexpert_buffers(N);
+    vexpert_dispatch(x_NH);  // the backward reads the experts' outputs y_RH, not the combined rows
+    has_forward_ = true;
+    return;
+  }
+  s.x_MH = device_empty({M, H}, DType::kBF16);
+  s.y_MH = device_empty({M, H}, DType::kBF16);
+  if (N > 0) {
+    CUDA_CHECK(cuda::launch::gather_rows(x_NH.raw_data(), s.x_MH.raw_data(), s.token_M.data<int64_t>(), M, N,
+                                         H * static_cast<int64_t>(sizeof(bf16)), nullptr, stream));
+  }
+  if (distributed()) {
+    upload_exchange();
+    move_to_experts(s.x_MH, s.x_RH);
+  } else {
+    reserve_expert_side(M);
+  }
+  for_expert_chunks([this](int64_t e0, int64_t e1, cudaStream_t st) { experts_forward(e0, e1, st); });
+  if (distributed()) move_to_slots(s.y_RH, s.y_MH);  // the combine backward reads the slot rows
   has_forward_ = true;
 }
 

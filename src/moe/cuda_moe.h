@@ -194,6 +194,11 @@ class CudaMoeLayer {
   // the router's outputs (probabilities, top-k, counts); the next forward allocates them again and
   // a backward needs that forward first. For recomputation (moe::MoeLayer::release_activations).
   void release_rows();
+  // Recomputation (moe::MoeLayer::recompute): after release_rows, runs the last forward's dispatch
+  // and experts again from the same input with its routing and exchange plan (no router GEMM, no
+  // routing plan, no counts exchange, no host synchronisation; the row exchanges run again), so
+  // that a backward can follow. Produces no output. Collective like forward.
+  void recompute_forward(const Tensor& x_NH);
 
   int64_t num_local_experts() const;   // L
   int64_t local_intermediate() const;  // i
@@ -207,7 +212,13 @@ class CudaMoeLayer {
   // `vexpert` (etp_spec §6.5, the CPU spec moe/dispatch_vexpert.cpp, planning shared through
   // moe/vexpert_plan.h): after the router and the host copy of the routing, everything from the
   // send plan to out_NH. Collective over ep_etp.
-  void vexpert_forward(const Tensor& x_NH, Tensor& out_NH);
+  // vexpert_plan: the host plans and the exchange of counts, entries and weights (into vx_);
+  // vexpert_buffers: the device tables and row buffers for them; vexpert_dispatch: the rows to
+  // the expert side and the experts; vexpert_combine: the folded outputs back into out_NH.
+  void vexpert_plan(int64_t N);
+  void vexpert_buffers(int64_t N);
+  void vexpert_dispatch(const Tensor& x_NH);
+  void vexpert_combine(Tensor& out_NH);
   // Combine backward (dy_RH_, and the routing-weight gradient into dtopk_NK unless null), the
   // experts' backward, and the dispatch backward: vx_.acc_NH holds the experts' dx in f32.
   void vexpert_backward(const Tensor& dout_NH, float* dtopk_NK);
@@ -220,8 +231,10 @@ class CudaMoeLayer {
   // Expert-side buffers for R rows (grown with slack on a mesh, see the header comment).
   void reserve_expert_side(int64_t R);
   // Mesh only: exchanges the per-expert counts over the host communicators and computes the
-  // expert-side order (ex_, saved_.offsets), uploading the permutations. Collective.
+  // expert-side order (ex_, saved_.offsets). Collective. upload_exchange: the expert-side buffers
+  // for that plan and its permutations on the device.
   void plan_exchange();
+  void upload_exchange();
   // Mesh only: slot rows (M, H) -> expert side (R, H), and back (summing the etp partials).
   void move_to_experts(const Tensor& slot_MH, Tensor& exp_RH);
   void move_to_slots(const Tensor& exp_RH, Tensor& slot_MH);
@@ -247,7 +260,8 @@ class CudaMoeLayer {
   void begin_expert_grads();             // before a backward's expert chunks (see experts_backward)
   CudaMoeSaved saved_;
   bool has_forward_ = false;
-  int64_t num_tokens_ = -1;  // N the buffers are sized for
+  int64_t num_tokens_ = -1;     // N the buffers are sized for
+  int64_t routed_tokens_ = -1;  // N of the last forward's routing (kept by release_rows)
 
   // Scratch, sized with the activations.
   Tensor plan_workspace_;   // routing_plan's sort scratch
@@ -279,6 +293,7 @@ class CudaMoeLayer {
     std::vector<float> weight_host;    // (N, K)
     VExpertSendPlan send_plan;         // host plans of the last forward (vectors reused every forward)
     VExpertRecvPlan recv_plan;
+    Tensor recv_w_host;                // (Q, C) f32 the received weights (host; kept for recomputation)
     std::vector<int64_t> send_counts;  // rows to each ep_etp rank
     std::vector<int64_t> recv_counts;  // rows from each ep_etp rank
     int64_t S = 0, Q = 0, C = 0;

@@ -24,6 +24,7 @@ struct All2AllState : DispatchState {
   All2AllPlan plan;                  // counts and the expert order (all2all_plan.h)
   Tensor weight_NK;
   Tensor y_slot_SH;                  // combined (TP-summed) expert output per source slot row
+  void release_rows() override { y_slot_SH = Tensor(); }
 };
 
 class All2AllDispatcher final : public Dispatcher {
@@ -80,6 +81,16 @@ class All2AllDispatcher final : public Dispatcher {
     Tensor dx = Tensor::zeros({s.num_tokens, dx_MH.size(1)}, DType::kF32);
     scatter_add_rows(backward_move(dx_MH, s), s.slot_token, dx);
     return dx;
+  }
+
+  Dispatched redispatch(const Tensor& x_NH, DispatchState& state) override {
+    auto& s = state_as<All2AllState>(state, "all2all");
+    return {forward_move(gather_rows(x_NH, s.slot_token), s), s.plan.offsets};
+  }
+
+  void recombine(const Tensor& y_MH, DispatchState& state) override {
+    auto& s = state_as<All2AllState>(state, "all2all");
+    s.y_slot_SH = backward_move(y_MH, s);
   }
 
  private:

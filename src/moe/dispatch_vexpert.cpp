@@ -20,8 +20,10 @@ struct VExpertState : DispatchState {
   std::vector<int64_t> recv_counts;  // rows from each ep_etp rank
   std::vector<int64_t> row_recv;     // expert-order row i = received row row_recv[i] ...
   std::vector<int64_t> row_entry;    // ... entry (slot) row_entry[i] of its K entries
+  std::vector<int64_t> offsets;      // L + 1: local expert j owns expert-order rows [offsets[j], offsets[j+1])
   Tensor recv_weight_RC;             // (M_recv, K) weights of the received rows (0 where not ours)
   Tensor y_MH;
+  void release_rows() override { y_MH = Tensor(); }
 };
 
 class VExpertDispatcher final : public Dispatcher {
@@ -61,8 +63,8 @@ class VExpertDispatcher final : public Dispatcher {
     VExpertRecvPlan rp = plan_vexpert_recv(recv_meta.to_vector<int32_t>(), num_recv, C, L);
     s->row_recv = std::move(rp.row_recv);
     s->row_entry = std::move(rp.row_entry);
-    const std::vector<int64_t>& offsets = rp.offsets;
-    Dispatched d{gather_rows(recv_x, s->row_recv), offsets};
+    s->offsets = std::move(rp.offsets);
+    Dispatched d{gather_rows(recv_x, s->row_recv), s->offsets};
     state = std::move(s);
     return d;
   }
@@ -99,6 +101,15 @@ class VExpertDispatcher final : public Dispatcher {
     scatter_add_rows(dx_MH, s.row_recv, dq);
     return sum_back(dq, s);
   }
+
+  Dispatched redispatch(const Tensor& x_NH, DispatchState& state) override {
+    auto& s = state_as<VExpertState>(state, "vexpert");
+    Tensor recv_x = Tensor::empty({s.recv_weight_RC.size(0), x_NH.size(1)}, DType::kF32);
+    mesh_.ep_etp().all_to_all_v(gather_rows(x_NH, s.send_token), s.send_counts, recv_x, s.recv_counts);
+    return {gather_rows(recv_x, s.row_recv), s.offsets};
+  }
+
+  void recombine(const Tensor& y_MH, DispatchState& state) override { state_as<VExpertState>(state, "vexpert").y_MH = y_MH; }
 
  private:
   // Reverse all-to-all of per-received-row values, summed into the source tokens.

@@ -93,6 +93,7 @@ struct LocalState : DispatchState {
   int64_t num_tokens = 0;
   Tensor weight_NK;
   Tensor y_MH;
+  void release_rows() override { y_MH = Tensor(); }
 };
 
 class LocalDispatcher final : public Dispatcher {
@@ -136,6 +137,13 @@ class LocalDispatcher final : public Dispatcher {
     return dx;
   }
 
+  Dispatched redispatch(const Tensor& x_NH, DispatchState& state) override {
+    auto& s = state_as<LocalState>(state, "local");
+    return {gather_rows(x_NH, s.plan.token), s.plan.offsets};
+  }
+
+  void recombine(const Tensor& y_MH, DispatchState& state) override { state_as<LocalState>(state, "local").y_MH = y_MH; }
+
  private:
   const comm::Mesh& mesh_;
   DispatcherConfig cfg_;
@@ -148,6 +156,7 @@ struct AllGatherState : DispatchState {
   LocalPlan plan;               // token = row of the gathered table
   Tensor weight_TK;             // gathered routing weights (N_tot, K)
   Tensor y_MH;
+  void release_rows() override { y_MH = Tensor(); }
 };
 
 class AllGatherDispatcher final : public Dispatcher {
@@ -208,6 +217,18 @@ class AllGatherDispatcher final : public Dispatcher {
     Tensor dx = Tensor::empty({s.counts[g.rank()], dx_MH.size(1)}, DType::kF32);
     g.reduce_scatter_v(dx_all, dx, s.counts);
     return dx;
+  }
+
+  // Only the tokens travel again (their counts, routing and weights are kept from the dispatch).
+  Dispatched redispatch(const Tensor& x_NH, DispatchState& state) override {
+    auto& s = state_as<AllGatherState>(state, "allgather");
+    Tensor x_all = Tensor::empty({s.weight_TK.size(0), x_NH.size(1)}, DType::kF32);
+    mesh_.ep_etp().all_gather_v(x_NH, x_all, s.counts);
+    return {gather_rows(x_all, s.plan.token), s.plan.offsets};
+  }
+
+  void recombine(const Tensor& y_MH, DispatchState& state) override {
+    state_as<AllGatherState>(state, "allgather").y_MH = y_MH;
   }
 
  private:

@@ -38,9 +38,12 @@ struct CombineGrads {
   Tensor dtopk_weight_NK; // gradient w.r.t. topk_weight_NK of this rank's tokens
 };
 
-// What one layer's dispatch keeps for combine and the backward passes (opaque to callers).
+// What one layer's dispatch keeps for combine and the backward passes (opaque to callers): the
+// plan (who sends which rows where, the exchanged counts) and the rows the backward reads.
 struct DispatchState {
   virtual ~DispatchState() = default;
+  // Drops the rows, keeping the plan (recomputation: see Dispatcher::redispatch).
+  virtual void release_rows() = 0;
 };
 
 class Dispatcher {
@@ -60,6 +63,14 @@ class Dispatcher {
   virtual CombineGrads combine_backward(const Tensor& dout_NH, DispatchState& state) = 0;
   //   dx_MH [IN] gradient w.r.t. the dispatched rows (this rank's TP partial); returns dx_NH.
   virtual Tensor dispatch_backward(const Tensor& dx_MH, DispatchState& state) = 0;
+
+  // Recomputation, after state.release_rows(): the same rows as the dispatch that made `state`,
+  // moved with its plan (no routing check, no counts exchange; the row exchanges run again).
+  //   x_NH [IN] the input of that dispatch (the same values)
+  virtual Dispatched redispatch(const Tensor& x_NH, DispatchState& state) = 0;
+  // What combine keeps of y_MH for the backward, without the combined output (all2all moves the
+  // rows back as combine does; the others keep y_MH as it is).
+  virtual void recombine(const Tensor& y_MH, DispatchState& state) = 0;
 };
 
 struct DispatcherConfig {

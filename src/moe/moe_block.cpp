@@ -45,12 +45,36 @@ Tensor MoeBlock::forward(const Tensor& x_NH, const MoeParams& params, MoeSaved& 
       dispatcher_->dispatch(x_NH, saved.router.topk_idx_NK, saved.router.topk_weight_NK, saved.dispatch);
   Tensor y_MH = cpu::experts_forward(saved.dispatched.x_MH, saved.dispatched.offsets, params.w13_L2iH,
                                      params.w2_LHi, &saved.experts);
+  saved.has_rows = true;
   return dispatcher_->combine(y_MH, *saved.dispatch);
+}
+
+void MoeBlock::release(MoeSaved& saved) const {
+  saved.x_NH = Tensor();
+  saved.dispatched = Dispatched{};
+  saved.experts = cpu::ExpertsSaved{};
+  if (saved.dispatch) saved.dispatch->release_rows();
+  saved.has_rows = false;
+}
+
+void MoeBlock::recompute(const Tensor& x_NH, const MoeParams& params, MoeSaved& saved) const {
+  MOETP_CHECK(saved.dispatch != nullptr && !saved.has_rows,
+              "MoE recompute needs a forward whose activations were released (and no backward since)");
+  MOETP_CHECK(x_NH.ndim() == 2 && x_NH.size(0) == saved.router.topk_idx_NK.size(0) && x_NH.size(1) == cfg_.hidden,
+              "MoE recompute: input {} is not the forward's ({} tokens of {})", x_NH.describe(),
+              saved.router.topk_idx_NK.size(0), cfg_.hidden);
+  saved.x_NH = x_NH;
+  saved.dispatched = dispatcher_->redispatch(x_NH, *saved.dispatch);
+  Tensor y_MH = cpu::experts_forward(saved.dispatched.x_MH, saved.dispatched.offsets, params.w13_L2iH,
+                                     params.w2_LHi, &saved.experts);
+  dispatcher_->recombine(y_MH, *saved.dispatch);
+  saved.has_rows = true;
 }
 
 Tensor MoeBlock::backward(const Tensor& dout_NH, const Tensor& d_probs_NE, const MoeParams& params, MoeSaved& saved,
                           MoeParams& grads) const {
-  MOETP_CHECK(saved.dispatch != nullptr, "MoE backward called without a forward");
+  MOETP_CHECK(saved.dispatch != nullptr && saved.has_rows,
+              "MoE backward needs a forward (or, after release_activations, a recompute) first");
   CombineGrads cg = dispatcher_->combine_backward(dout_NH, *saved.dispatch);
   Tensor dx_MH = Tensor::empty(saved.dispatched.x_MH.shape(), DType::kF32);
   cpu::experts_backward(cg.dy_MH, saved.dispatched.x_MH, saved.dispatched.offsets, params.w13_L2iH, params.w2_LHi,
@@ -63,6 +87,7 @@ Tensor MoeBlock::backward(const Tensor& dout_NH, const Tensor& d_probs_NE, const
   const float* r = dx_router.data<float>();
   for (int64_t k = 0; k < dx_NH.numel(); ++k) d[k] += r[k];
   saved.dispatch.reset();  // counts and buffers of this step are done
+  saved.has_rows = false;
   return dx_NH;
 }
 

@@ -41,6 +41,7 @@ struct MoeSaved {
   std::unique_ptr<DispatchState> dispatch;
   Dispatched dispatched;
   cpu::ExpertsSaved experts;
+  bool has_rows = false;  // dispatched rows and expert activations present (forward or recompute)
   Tensor counts_E;    // (E) f32 (token, slot) pairs per expert on this rank (telemetry, aux loss)
   Tensor prob_sum_E;  // (E) f32 Σ_n probs[n, e] on this rank
 };
@@ -71,6 +72,12 @@ class MoeBlock {
   //   returns dx_NH
   Tensor backward(const Tensor& dout_NH, const Tensor& d_probs_NE, const MoeParams& params, MoeSaved& saved,
                   MoeParams& grads) const;
+  // Recomputation (MoeLayer::release_activations / recompute): drops the input, the dispatched
+  // rows and the expert activations, keeping the routing and the dispatch plan; recompute re-runs
+  // dispatch and experts from the same input with them (no router, no counts exchange), and the
+  // backward then runs as after the forward, with the same bits.
+  void release(MoeSaved& saved) const;
+  void recompute(const Tensor& x_NH, const MoeParams& params, MoeSaved& saved) const;
 
  private:
   MoeConfig cfg_;

@@ -51,11 +51,15 @@ class MoeLayer {
   //                   (the aux loss); undefined = zero
   //   returns dx_NH. Accumulates into the bound gradients. Collective over the mesh.
   virtual Tensor backward(const Tensor& dout_NH, const Tensor& d_probs_NE) = 0;
-  // Drops what only the backward of the last forward needs (dispatched rows, expert activations,
-  // the exchange plan), keeping the routing statistics and probabilities; the next backward then
-  // needs a new forward. For recomputation: layers that re-run their forward do not hold these
-  // between their forward and backward, and take turns with the same memory.
+  // Recomputation. release_activations drops what only the backward of the last forward reads
+  // (its input, the dispatched rows, the expert activations), keeping the routing (probabilities,
+  // top-k, statistics) and the dispatch plan (counts, row order); recompute(x_NH) then runs
+  // dispatch and experts again from the same input with that routing and plan: no router GEMM, no
+  // routing plan, no counts exchange (the row exchanges run again, as the dispatcher's redispatch
+  // says). The backward needs a forward, or a recompute after release_activations; the results
+  // are the same bits either way. recompute produces no output and is collective like forward.
   virtual void release_activations() = 0;
+  virtual void recompute(const Tensor& x_NH) = 0;
   virtual RoutingStats routing_stats() const = 0;
   // (N, E) f32 router probabilities of the last forward (tests: routing margins).
   virtual Tensor router_probs() const = 0;

@@ -82,6 +82,11 @@ MemoryPlan plan_memory(const config::ModelConfig& m, const config::TrainConfig& 
     if (l < recomputed && mode == RecomputeMode::kAttn) {
       keep = x_in + mlp;
       again = attn - x_in;
+    } else if (l < recomputed && mode == RecomputeMode::kMoe) {
+      if (is_moe) {  // the MoE rows; the routing stays (moe::MoeLayer::recompute)
+        keep = attn + mlp_in + router;
+        again = moe_rows;
+      }
     } else if (l < recomputed && mode == RecomputeMode::kLayer) {
       keep = x_in + (is_moe ? router : 0);
       again = attn - x_in + mlp - (is_moe ? router : 0);

@@ -189,8 +189,9 @@ TEST_F(CudaModel, RecomputeMatchesKeepingActivations) {
     return std::pair{st, std::move(m)};
   };
   const auto [ref_st, ref] = run(RecomputeMode::kNone, -1);
-  for (const auto& [mode, layers] : {std::pair{RecomputeMode::kAttn, int64_t{-1}}, std::pair{RecomputeMode::kLayer, int64_t{-1}},
-                                     std::pair{RecomputeMode::kLayer, int64_t{2}}}) {
+  for (const auto& [mode, layers] :
+       {std::pair{RecomputeMode::kAttn, int64_t{-1}}, std::pair{RecomputeMode::kMoe, int64_t{-1}},
+        std::pair{RecomputeMode::kLayer, int64_t{-1}}, std::pair{RecomputeMode::kLayer, int64_t{2}}}) {
     SCOPED_TRACE(fmt::format("recompute {} of {} layers", option_name(mode), layers));
     const auto [st, m] = run(mode, layers);
     EXPECT_EQ(st.ce_sum, ref_st.ce_sum);

@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "comm/mesh.h"
@@ -444,6 +445,52 @@ TEST_F(CudaMoeLayer, GradientsAccumulate) {
   }
 }
 
+// Recomputation (release_rows + recompute_forward): the backward after a recompute gives the same
+// bits as after the forward, and the recompute reuses the forward's routing: it runs with a router
+// weight that routes differently (restored before the backward), and nothing changes. Both expert
+// GEMM paths; a case with empty experts.
+TEST_F(CudaMoeLayer, RecomputeReusesTheForwardRouting) {
+  for (const Case& c : {kCases[0], kCases[1], kCases[3]}) {
+    for (const moe::ExpertGemm gemm : {moe::ExpertGemm::kGrouped, moe::ExpertGemm::kCublas}) {
+      if (gemm == moe::ExpertGemm::kGrouped && !moe::grouped_gemm_fits(c.H, c.I)) continue;
+      SCOPED_TRACE(fmt::format("{} {}", c.name, moe::expert_gemm_name(gemm)));
+      const Inputs in = make_inputs(c, 31);
+      moe::MoeParams other = in.params;
+      other.wg_EH = rounded(testing::random_tensor({c.E, c.H}, 31, 99, -3.0f, 3.0f));
+      const Tensor x = gpu_bf16(in.x_NH), dout = gpu_bf16(in.dout_NH);
+      const Tensor d_probs = in.d_probs_NE.defined() ? in.d_probs_NE.to(Device::kCuda) : Tensor();
+      moe::CudaMoeOptions opts;
+      opts.expert_gemm = gemm;
+      auto run = [&](bool recompute, const moe::MoeParams& fwd) {
+        moe::CudaMoeLayer layer({c.H, c.E, c.K, c.I, c.norm_topk_prob, DispatcherKind::kLocal}, opts);
+        layer.set_params(fwd);
+        const Tensor out = host(layer.forward(x));
+        const std::vector<int64_t> counts = layer.counts_E();
+        if (recompute) {
+          layer.release_rows();
+          EXPECT_THROW(layer.backward(dout, d_probs), Error) << "backward without the rows";
+          layer.set_params(other);
+          layer.recompute_forward(x);
+          layer.set_params(in.params);
+        }
+        const Tensor dx = host(layer.backward(dout, d_probs));
+        return std::tuple{out, dx, host(layer.grads().wg_EH), host(layer.grads().w13_L2iH),
+                          host(layer.grads().w2_LHi), counts};
+      };
+      const auto ref = run(false, in.params);
+      const auto rec = run(true, in.params);
+      EXPECT_TRUE(testing::bit_equal(std::get<1>(rec), std::get<1>(ref))) << "dx";
+      EXPECT_TRUE(testing::bit_equal(std::get<2>(rec), std::get<2>(ref))) << "router gradient";
+      EXPECT_TRUE(testing::bit_equal(std::get<3>(rec), std::get<3>(ref))) << "w13 gradient";
+      EXPECT_TRUE(testing::bit_equal(std::get<4>(rec), std::get<4>(ref))) << "w2 gradient";
+      EXPECT_NE(std::get<5>(run(false, other)), std::get<5>(ref)) << "the second router weight routes like the first";
+    }
+  }
+  moe::CudaMoeLayer fresh({16, 8, 2, 8, true, DispatcherKind::kLocal});
+  testing::expect_error([&] { fresh.recompute_forward(gpu_bf16(testing::random_tensor({4, 16}, 1, 1))); },
+                        {"recompute_forward needs a forward"});
+}
+
 // Forced balance: token n slot k -> expert (n·K + k) % E, weight 1/K. The reference is the CPU
 // pipeline of the `local` dispatcher with that routing (row ops + cpu experts), and the router gets
 // no gradient.
@@ -626,6 +673,17 @@ TEST_P(CudaMoeLayerDist, MatchesOneGpuAndMpiDispatch) {
       const Tensor ref_dw2 = shard::extract_local(host(ref.grads().w2_LHi).view({c.E * c.H, c.I}), s2);
       EXPECT_TRUE(layer_close("dw13", host(layer.grads().w13_L2iH).view(ref_dw13.shape()), ref_dw13, 2 * i * c.H));
       EXPECT_TRUE(layer_close("dw2", host(layer.grads().w2_LHi).view(ref_dw2.shape()), ref_dw2, c.H * i));
+
+      // Recomputation over the mesh: the same routing and exchange plan, the same bits.
+      moe::CudaMoeLayer again(cfg, opts);
+      again.set_params(local);
+      again.forward(gpu_bf16(x_own));
+      again.release_rows();
+      again.recompute_forward(gpu_bf16(x_own));
+      const Tensor dx2 = again.backward(gpu_bf16(in.dout_NH.narrow_rows(first, N).contiguous()), d_probs);
+      EXPECT_TRUE(testing::bit_equal(host(dx2), host(dx))) << "dx after recompute, rank " << r;
+      EXPECT_TRUE(testing::bit_equal(host(again.grads().w13_L2iH), host(layer.grads().w13_L2iH)))
+          << "dw13 after recompute, rank " << r;
     }
   }
 }

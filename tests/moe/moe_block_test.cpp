@@ -130,6 +130,52 @@ TEST_P(MoeBlockLayouts, MatchesSingleRankLayer) {
 INSTANTIATE_TEST_SUITE_P(Dispatchers, MoeBlockLayouts, ::testing::Values("local", "allgather", "all2all", "vexpert"),
                          [](const auto& info) { return info.param; });
 
+// Recomputation (MoeBlock::release / recompute): the backward after a recompute gives the same bits
+// as after the forward, and the recompute reuses the forward's routing: it runs with a router
+// weight that would route differently (the backward then gets the original one), and nothing
+// changes. Every dispatcher, every listed layout of this world size.
+TEST(MoeBlockRecompute, ReusesTheForwardRoutingBitExactly) {
+  auto& w = world();
+  const int g = w.rank();
+  int ran = 0;
+  for (const Layout& l : kLayouts) {
+    if (l.D * l.P * l.T != w.size()) continue;
+    Mesh mesh(w, l.P, l.T);
+    for (const char* name : {"local", "allgather", "all2all", "vexpert"}) {
+      if (std::string(name) == "local" && (l.P != 1 || l.T != 1)) continue;
+      SCOPED_TRACE(fmt::format("{}_D{}P{}T{}", name, l.D, l.P, l.T));
+      moe::MoeBlock block({kH, kE, kK, kI, true, parse_option<DispatcherKind>(name, "dispatcher")}, mesh);
+      const moe::MoeParams params = init_params(block, false);
+      moe::MoeParams other = params;
+      other.wg_EH = testing::random_tensor({kE, kH}, kSeed, 77, -2.0f, 2.0f);
+      const Tensor x = tokens(g, false), r = upstream(g);
+      const Tensor d_probs = testing::random_tensor({num_tokens(g), kE}, kSeed, 3000 + static_cast<uint64_t>(g));
+      auto run = [&](bool recompute, const moe::MoeParams& fwd_params) {
+        moe::MoeSaved saved;
+        moe::MoeParams grads = block.zeros_like_params();
+        const Tensor out = block.forward(x, fwd_params, saved);
+        if (recompute) {
+          block.release(saved);
+          EXPECT_THROW(block.backward(r, d_probs, params, saved, grads), Error) << "backward without the rows";
+          block.recompute(x, other, saved);
+          EXPECT_THROW(block.recompute(x, other, saved), Error) << "a second recompute without a release";
+        }
+        const Tensor dx = block.backward(r, d_probs, params, saved, grads);
+        return std::vector<Tensor>{out, dx, grads.wg_EH, grads.w13_L2iH, grads.w2_LHi, saved.counts_E};
+      };
+      const auto ref = run(false, params);
+      const auto rec = run(true, params);
+      for (size_t k = 0; k < ref.size(); ++k) EXPECT_TRUE(testing::bit_equal(rec[k], ref[k])) << "result " << k;
+      // The other router weight does route differently: a recompute that re-routed would differ.
+      const auto rerouted = run(false, other);
+      const int64_t differs = w.all_reduce_scalar(int64_t{!testing::bit_equal(rerouted[5], ref[5])}, comm::ReduceOp::kMax);
+      EXPECT_EQ(differs, 1) << "the test's second router weight routes like the first";
+    }
+    ++ran;
+  }
+  if (ran == 0) GTEST_SKIP() << "no listed layout at world size " << w.size();
+}
+
 TEST(MoeBlockBadInput, InvalidSizesAndNaNLogitsFailOnEveryRank) {
   auto& w = world();
   Mesh flat(w, 1, w.size());

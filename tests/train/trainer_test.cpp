@@ -206,8 +206,8 @@ TEST(TrainerRecompute, EveryModeIsBitIdenticalToNone) {
   for (const std::string& disp : dispatchers) {
     config::TrainConfig c = train_config(ep, etp, disp, 2, 8);
     const Trained ref = train_steps(c, w, 3);
-    for (const auto& [mode, layers] : {std::pair{RecomputeMode::kAttn, -1}, std::pair{RecomputeMode::kLayer, -1},
-                                        std::pair{RecomputeMode::kLayer, 1}}) {
+    for (const auto& [mode, layers] : {std::pair{RecomputeMode::kAttn, -1}, std::pair{RecomputeMode::kMoe, -1},
+                                        std::pair{RecomputeMode::kLayer, -1}, std::pair{RecomputeMode::kLayer, 1}}) {
       SCOPED_TRACE(fmt::format("{}: recompute {} of {} layers", disp, option_name(mode), layers));
       config::TrainConfig r = c;
       r.train.recompute = mode;
