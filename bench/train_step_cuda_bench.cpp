@@ -136,9 +136,8 @@ constexpr uint64_t kTokenSeed = 4321;
 constexpr double kLr = 1e-4;
 
 size_t device_used_bytes() {
-  size_t free_bytes = 0, total_bytes = 0;
-  CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  return total_bytes - free_bytes;
+  const cuda::DeviceMemory m = cuda::device_memory();
+  return m.total_bytes - m.free_bytes;
 }
 
 // ---- Arguments and cases. ----

@@ -72,6 +72,13 @@ class Backend {
   virtual std::string peak_memory_phase() const = 0;
   // Labels what runs from now on for peak_memory_phase(), without a timeline mark (mark() labels too).
   virtual void set_memory_phase(const char* phase) = 0;
+  // This process's device as the driver sees it: free and total bytes (the use of every process,
+  // the CUDA context, library workspaces and cached blocks all count as used); -1 where the backend
+  // has no device memory (CPU).
+  struct DeviceMemory {
+    double free_bytes = -1, total_bytes = -1;
+  };
+  virtual DeviceMemory device_memory() const = 0;
 
   // Timeline marks at the model's phase boundaries (embed, attn_fwd, moe_fwd, head_ce, ...); with
   // phase timing on, finish_phases() adds each phase's milliseconds to phase_ms(). Off by default.

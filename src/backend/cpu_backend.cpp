@@ -68,6 +68,7 @@ class CpuBackend final : public Backend {
   void reset_peak_memory() override {}
   std::string peak_memory_phase() const override { return ""; }
   void set_memory_phase(const char* /*phase*/) override {}
+  DeviceMemory device_memory() const override { return {}; }
 
   void set_phase_timing(bool on) override {
     timing_ = on;

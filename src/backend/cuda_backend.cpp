@@ -147,6 +147,10 @@ class CudaBackend final : public Backend {
   double peak_memory_bytes() const override { return static_cast<double>(cuda::memory_stats().peak_live_bytes); }
   void reset_peak_memory() override { cuda::reset_peak_memory(); }
   std::string peak_memory_phase() const override { return cuda::memory_stats().peak_phase; }
+  DeviceMemory device_memory() const override {
+    const cuda::DeviceMemory m = cuda::device_memory();
+    return {static_cast<double>(m.free_bytes), static_cast<double>(m.total_bytes)};
+  }
   void set_memory_phase(const char* phase) override { cuda::set_memory_phase(phase); }
 
   void set_phase_timing(bool on) override {

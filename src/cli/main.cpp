@@ -115,9 +115,8 @@ int main(int argc, char** argv) {
     plan_cmd->add_option("--config", plan_args.config_files, "training config JSON file(s), applied in order");
     plan_cmd->add_option("--set", plan_args.overrides, "override one field: --set train.recompute=layer (repeatable)");
     plan_cmd->add_option("--world", plan_args.world, "ranks (GPUs) of the run")->capture_default_str();
-    plan_cmd->add_option("--gpu-mem-gb", plan_args.gpu_mem_gb, "GiB per GPU: says whether the plan fits");
-    plan_cmd->add_option("--imbalance", plan_args.imbalance,
-                         "expert rows a rank plans for, relative to balanced routing")->capture_default_str();
+    plan_cmd->add_option("--gpu-mem-gb", plan_args.gpu_mem_gb,
+                         "GiB per GPU: whether the plan fits, the largest micro-batch that does, and settings that fit");
     plan_cmd->add_option("--allowance-gb", plan_args.allowance_gb, "CUDA context and allocator slack, GiB")
         ->capture_default_str();
     plan_cmd->add_option("--device", plan_args.device, "cuda | cpu")->capture_default_str();

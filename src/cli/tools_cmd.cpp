@@ -128,13 +128,19 @@ int run_plan(const PlanArgs& a) {
   config::validate(cfg);
   const config::ModelConfig model_cfg = config::ModelConfig::load(cfg.model.config);
   const Device device = parse_option<DeviceChoice>(a.device, "--device") == DeviceChoice::kCpu ? Device::kCpu : Device::kCuda;
-  const train::MemoryPlan plan = train::plan_memory(model_cfg, cfg, a.world, device, a.imbalance);
+  const double imbalance = cfg.moe.plan_imbalance;
+  const train::MemoryPlan plan = train::plan_memory(model_cfg, cfg, a.world, device, imbalance);
   std::printf("memory plan: %s, %d ranks (ep %d x etp %d), %lld tokens per rank and micro-batch, %.3f B parameters "
               "per rank, expert rows planned at %.2fx balanced, device %s\n",
               cfg.model.config.c_str(), a.world, cfg.parallel.ep, cfg.parallel.etp,
-              static_cast<long long>(plan.tokens_per_rank), plan.parameters / 1e9, a.imbalance,
+              static_cast<long long>(plan.tokens_per_rank), plan.parameters / 1e9, imbalance,
               device == Device::kCuda ? "cuda" : "cpu");
-  std::printf("%s", train::format_plan(plan, a.gpu_mem_gb, device == Device::kCuda ? a.allowance_gb : 0.0).c_str());
+  const double allowance = device == Device::kCuda ? a.allowance_gb : 0.0;
+  std::printf("%s", train::format_plan(plan, a.gpu_mem_gb, allowance).c_str());
+  if (a.gpu_mem_gb > 0) {
+    const double budget = (a.gpu_mem_gb - allowance) * 1024.0 * 1024.0 * 1024.0;
+    std::printf("%s", train::format_advice(train::advise_fit(model_cfg, cfg, a.world, device, budget), cfg).c_str());
+  }
   return 0;
 }
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "comm/comm.h"
+#include "train/plan.h"
 
 namespace moetp::cli {
 
@@ -38,8 +39,7 @@ struct PlanArgs {
   std::vector<std::string> overrides;     // --set key=value
   int world = 1;
   double gpu_mem_gb = 0;       // GiB per GPU; 0 = no verdict
-  double imbalance = 1.5;      // expert-side rows planned for, relative to balanced routing
-  double allowance_gb = 1.0;   // CUDA context and allocator slack, GiB
+  double allowance_gb = train::kDefaultAllowanceGiB;  // CUDA context and allocator slack, GiB
   std::string device = "cuda";
 };
 // Prints train::plan_memory's table for the configuration (no job, no allocation). Rank 0 only.

@@ -65,6 +65,8 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
     train::Trainer& trainer = *trainer_ptr;
     if (lead) {
       std::printf("device: %s (%s)\n", device_name(trainer.device()).data(), trainer.device_reason().c_str());
+      std::printf("memory plan: %.2f GiB per rank at the step's peak (moetp plan for the items)\n",
+                  trainer.memory_plan().peak_bytes / (1024.0 * 1024.0 * 1024.0));
       std::fflush(stdout);
     }
     const std::string ckpt_root = cfg.checkpoint.dir.empty() ? cfg.run.dir + "/checkpoints" : cfg.checkpoint.dir;
@@ -102,6 +104,7 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (r.step == 1 || r.step % cfg.train.log_every == 0 || r.step == cfg.train.steps) {
         std::printf("%s\n", train::progress_line(r, cfg.train.steps, elapsed).c_str());
+        if (history.empty() && r.peak_mem_gb >= 0) std::printf("%s\n", trainer.memory_line(r).c_str());
         std::fflush(stdout);
       }
       history.push_back(std::move(r));

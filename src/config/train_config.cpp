@@ -88,6 +88,9 @@ const std::vector<Field>& fields() {
       field("moe.expert_gemm", &C::moe, &C::Moe::expert_gemm, ExpertGemmChoice::kAuto,
             "CUDA device: auto (= grouped) | grouped (Hopper grouped GEMM, one launch over the local experts) | "
             "cublas (one cuBLAS GEMM per expert)"),
+      field("moe.plan_imbalance", &C::moe, &C::Moe::plan_imbalance, 1.5,
+            "routing imbalance the memory plan assumes: the most expert-side rows a rank receives, as a multiple "
+            "of the balanced count (moetp plan and the trainer's memory check; 1 = perfectly balanced)"),
       field("train.steps", &C::train, &C::Train::steps, 200, "optimizer steps"),
       field("train.global_batch_size", &C::train, &C::Train::global_batch_size, 16,
             "sequences per step over all ranks"),
@@ -106,6 +109,9 @@ const std::vector<Field>& fields() {
             "of the forward) | layer (the whole layer); the same results, less activation memory"),
       field("train.recompute_layers", &C::train, &C::Train::recompute_layers, -1,
             "recompute only the first k decoder layers (-1: all)"),
+      field("train.memory_check", &C::train, &C::Train::memory_check, true,
+            "CUDA device: before allocating, check the memory plan (moetp plan) against each GPU's free memory "
+            "and stop with the plan and the settings that would fit when it does not"),
       field("optim.lr", &C::optim, &C::Optim::lr, 3e-3, "peak learning rate (after warmup)"),
       field("optim.min_lr", &C::optim, &C::Optim::min_lr, 3e-4, "learning rate at the end of the cosine decay"),
       field("optim.warmup_steps", &C::optim, &C::Optim::warmup_steps, 20, "linear warmup steps"),
@@ -392,6 +398,8 @@ void validate(const TrainConfig& c) {
   MOETP_CHECK(c.optim.eps > 0, "optim.eps ({}) must be > 0", c.optim.eps);
   MOETP_CHECK(c.train.recompute_layers >= -1, "train.recompute_layers ({}) must be >= -1 (-1: every layer)",
               c.train.recompute_layers);
+  MOETP_CHECK(c.moe.plan_imbalance >= 1, "moe.plan_imbalance ({}) must be >= 1 (1 = balanced routing)",
+              c.moe.plan_imbalance);
   MOETP_CHECK(c.optim.grad_clip >= 0, "optim.grad_clip ({}) must be >= 0 (0 = off)", c.optim.grad_clip);
   MOETP_CHECK(!c.data.path.empty(), "data.path must name a token file");
   MOETP_CHECK(!c.data.tokenizer.empty(), "data.tokenizer must not be empty");

@@ -35,6 +35,7 @@ struct TrainConfig {
     DispatcherKind dispatcher = DispatcherKind::kAuto;
     bool force_balance = false;
     ExpertGemmChoice expert_gemm = ExpertGemmChoice::kAuto;  // CUDA device
+    double plan_imbalance = 0;  // expert-side rows the memory plan assumes, x balanced (train/plan.h)
     bool operator==(const Moe&) const = default;
   };
   struct Train {
@@ -48,6 +49,7 @@ struct TrainConfig {
     AllocatorChoice cuda_allocator = AllocatorChoice::kAuto;  // CUDA device
     RecomputeMode recompute = RecomputeMode::kNone;
     int recompute_layers = -1;  // the first k decoder layers recompute; -1 = all
+    bool memory_check = true;   // CUDA: the memory plan against the GPU's free memory before allocating
     bool operator==(const Train&) const = default;
   };
   struct Optim {

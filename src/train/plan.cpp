@@ -1,6 +1,7 @@
 #include "train/plan.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "core/check.h"
 #include "model/param_table.h"
@@ -109,6 +110,101 @@ MemoryPlan plan_memory(const config::ModelConfig& m, const config::TrainConfig& 
   }
   for (const PlanItem& it : plan.items) plan.peak_bytes += it.bytes;
   return plan;
+}
+
+FitAdvice advise_fit(const config::ModelConfig& m, const config::TrainConfig& cfg, int world, Device device,
+                     double budget_bytes) {
+  const double imbalance = cfg.moe.plan_imbalance;
+  auto peak = [&](const config::TrainConfig& c) { return plan_memory(m, c, world, device, imbalance).peak_bytes; };
+  FitAdvice advice;
+  // Micro-batches grow until the first that does not fit (the peak grows with the rows).
+  const int64_t per_micro = static_cast<int64_t>(world) * cfg.train.micro_batches;
+  for (int64_t rows = 1; rows <= 4096; ++rows) {
+    config::TrainConfig c = cfg;
+    c.train.global_batch_size = static_cast<int>(rows * per_micro);
+    const double p = peak(c);
+    if (p > budget_bytes) break;
+    advice.largest_rows = rows;
+    advice.largest_rows_bytes = p;
+  }
+  // Candidate changes, each a function of the config (empty when it does not apply).
+  using Change = std::pair<std::string, std::function<bool(config::TrainConfig&)>>;
+  std::vector<Change> changes;
+  if (device == Device::kCuda && cfg.optim.state_dtype == StateDType::kF32) {
+    changes.push_back({"optim.state_dtype=bf16", [](config::TrainConfig& c) {
+                         c.optim.state_dtype = StateDType::kBF16;
+                         return true;
+                       }});
+  }
+  for (const RecomputeMode mode : {RecomputeMode::kMoe, RecomputeMode::kLayer}) {
+    if (cfg.train.recompute == mode && cfg.train.recompute_layers < 0) continue;
+    if (cfg.train.recompute == RecomputeMode::kLayer && cfg.train.recompute_layers < 0) continue;
+    changes.push_back({fmt::format("train.recompute={}", option_name(mode)), [mode](config::TrainConfig& c) {
+                         c.train.recompute = mode;
+                         c.train.recompute_layers = -1;
+                         return true;
+                       }});
+  }
+  const int64_t rows = cfg.train.global_batch_size / world / cfg.train.micro_batches;
+  for (int64_t split = 2; split <= rows; split *= 2) {
+    if (rows % split != 0) break;
+    const int micro = cfg.train.micro_batches * static_cast<int>(split);
+    changes.push_back({fmt::format("train.micro_batches={}", micro), [micro](config::TrainConfig& c) {
+                         c.train.micro_batches = micro;
+                         return true;
+                       }});
+  }
+  const int T = cfg.parallel.etp;
+  for (int P = cfg.parallel.ep * 2; P * T <= world; P *= 2) {
+    if (world % (P * T) != 0 || m.num_experts % P != 0) break;
+    changes.push_back({fmt::format("parallel.ep={}", P), [P](config::TrainConfig& c) {
+                         c.parallel.ep = P;
+                         return true;
+                       }});
+  }
+  for (const auto& [what, apply] : changes) {
+    config::TrainConfig c = cfg;
+    apply(c);
+    const double p = peak(c);
+    if (p <= budget_bytes) advice.settings.push_back({{what}, p});
+  }
+  if (advice.settings.empty()) {
+    // Cumulative, in the order above; micro-batch splits and ep replace their earlier values.
+    config::TrainConfig c = cfg;
+    std::vector<std::string> taken;
+    for (const auto& [what, apply] : changes) {
+      apply(c);
+      const std::string key = what.substr(0, what.find('='));
+      std::erase_if(taken, [&](const std::string& t) { return t.rfind(key + "=", 0) == 0; });
+      taken.push_back(what);
+      const double p = peak(c);
+      if (p <= budget_bytes) {
+        advice.settings.push_back({taken, p});
+        break;
+      }
+    }
+  }
+  return advice;
+}
+
+std::string format_advice(const FitAdvice& advice, const config::TrainConfig& cfg) {
+  std::string out;
+  if (advice.largest_rows > 0) {
+    out += fmt::format("largest micro-batch that fits: {} sequence(s) of {} tokens per rank ({:.2f} GiB)\n",
+                       advice.largest_rows, cfg.train.seq_len, advice.largest_rows_bytes / kGiB);
+  } else {
+    out += fmt::format("not even one sequence of {} tokens per rank fits with these settings\n", cfg.train.seq_len);
+  }
+  if (advice.settings.empty()) {
+    out += "no combination of optim.state_dtype, train.recompute, train.micro_batches and parallel.ep fits at this "
+           "world size: more GPUs, a shorter train.seq_len or a smaller model\n";
+  }
+  for (const FitAdvice::Setting& s : advice.settings) {
+    std::string sets;
+    for (const std::string& o : s.overrides) sets += " --set " + o;
+    out += fmt::format("fits with:{} ({:.2f} GiB)\n", sets, s.peak_bytes / kGiB);
+  }
+  return out;
 }
 
 std::string format_plan(const MemoryPlan& plan, double gpu_mem_gib, double allowance_gib) {

@@ -43,6 +43,29 @@ struct MemoryPlan {
 MemoryPlan plan_memory(const config::ModelConfig& model, const config::TrainConfig& cfg, int world, Device device,
                        double imbalance);
 
+// What `moetp plan` and the trainer's memory check add for the CUDA context, library workspaces
+// and allocator slack, GiB.
+inline constexpr double kDefaultAllowanceGiB = 1.0;
+
+// What would make the plan fit in `budget_bytes` per rank (the GPU's memory less the allowance),
+// at the same world size: the largest micro-batch (sequences per rank and micro-batch) that fits
+// with the other settings as they are, and the settings that fit: each candidate change alone
+// (optim.state_dtype, train.recompute, train.micro_batches, parallel.ep), and when none does,
+// the candidates combined in that order until they do.
+struct FitAdvice {
+  int64_t largest_rows = 0;       // 0: not even one sequence per micro-batch fits
+  double largest_rows_bytes = 0;  // its peak
+  struct Setting {
+    std::vector<std::string> overrides;  // key=value, for --set
+    double peak_bytes = 0;
+  };
+  std::vector<Setting> settings;  // fitting settings, fewest changes first
+};
+FitAdvice advise_fit(const config::ModelConfig& model, const config::TrainConfig& cfg, int world, Device device,
+                     double budget_bytes);
+// The advice as lines for a person: "largest micro-batch that fits: ..." and "fits with: --set ...".
+std::string format_advice(const FitAdvice& advice, const config::TrainConfig& cfg);
+
 // The table in GiB (2^30 bytes), one item per line, and the last line
 // "per-rank peak: X GiB (fits in G GiB | does not fit in G GiB)" (without the parenthesis when
 // gpu_mem_gib <= 0). `allowance_gib` is added for the CUDA context and allocator slack.

@@ -24,6 +24,7 @@ void MetricsWriter::write(const StepResult& r) {
                       {"expert_counts", r.expert_counts}};
   if (r.peak_mem_gb >= 0) j["peak_mem_gb"] = r.peak_mem_gb;
   if (!r.peak_mem_phase.empty()) j["peak_mem_phase"] = r.peak_mem_phase;
+  if (r.device_mem_gb >= 0) j["device_mem_gb"] = r.device_mem_gb;
   out_ << j.dump() << '\n';
   out_.flush();
   MOETP_CHECK(out_.good(), "write to {} failed", path_);

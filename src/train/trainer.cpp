@@ -80,6 +80,8 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   world_.run_collectively("selecting this rank's device", [&] { be.init(local.rank, cfg_.train.cuda_allocator); });
   device_world_ = be.make_comm(world_.host(), "world");
   if (device_world_) device_mesh_ = std::make_unique<comm::Mesh>(*device_world_, cfg_.parallel.ep, cfg_.parallel.etp);
+  plan_ = plan_memory(model_cfg_, cfg_, world_.size(), device_, cfg_.moe.plan_imbalance);
+  check_memory_plan();
   model::ModelOptions opts;
   opts.mesh = device_mesh_ ? device_mesh_.get() : mesh_.get();
   // On one rank `auto` resolves to `local`; a backend whose layer is built over a mesh of one rank
@@ -104,6 +106,36 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
 }
 
 Trainer::~Trainer() = default;
+
+void Trainer::check_memory_plan() {
+  const backend::Backend::DeviceMemory mem = backend::get(device_).device_memory();
+  if (!cfg_.train.memory_check || mem.free_bytes < 0) return;
+  constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+  const double need = plan_.peak_bytes + kDefaultAllowanceGiB * kGiB;
+  // Every rank plans the same sizes; the GPU with the least free memory decides.
+  const double free = -world_.all_reduce_scalar(-mem.free_bytes, comm::ReduceOp::kMax);
+  std::string why;
+  if (need > free) {
+    const double budget = free - kDefaultAllowanceGiB * kGiB;
+    why = fmt::format(
+        "the memory plan does not fit: {:.2f} GiB per rank (with {:g} GiB allowance for the CUDA context and "
+        "allocator slack) but the fullest GPU has {:.2f} GiB free of {:.2f} GiB\n{}{}"
+        "(moetp plan prints this table; train.memory_check=false skips the check)",
+        need / kGiB, kDefaultAllowanceGiB, free / kGiB, mem.total_bytes / kGiB, format_plan(plan_, 0, kDefaultAllowanceGiB),
+        format_advice(advise_fit(model_cfg_, cfg_, world_.size(), device_, budget), cfg_));
+  }
+  world_.raise_if_any(why, "train.memory_check");
+}
+
+std::string Trainer::memory_line(const StepResult& r) const {
+  if (r.peak_mem_gb < 0) return "";
+  constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+  return fmt::format("memory: planned {:.2f} GiB per rank (live tensors), measured {:.2f} GiB (peak in {}), device use "
+                     "{:.2f} GiB; plan / measured = {:.3f}",
+                     plan_.peak_bytes / kGiB, r.peak_mem_gb * 1e9 / kGiB,
+                     r.peak_mem_phase.empty() ? "?" : r.peak_mem_phase, r.device_mem_gb * 1e9 / kGiB,
+                     plan_.peak_bytes / (r.peak_mem_gb * 1e9));
+}
 
 StepResult Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
@@ -156,6 +188,10 @@ StepResult Trainer::step() {
   const double peak = be.peak_memory_bytes();
   if (peak >= 0) r.peak_mem_gb = world_.all_reduce_scalar(peak / 1e9, comm::ReduceOp::kMax);
   r.peak_mem_phase = be.peak_memory_phase();
+  const backend::Backend::DeviceMemory mem = be.device_memory();
+  if (mem.free_bytes >= 0) {
+    r.device_mem_gb = world_.all_reduce_scalar((mem.total_bytes - mem.free_bytes) / 1e9, comm::ReduceOp::kMax);
+  }
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r.model_tflops_per_rank = r.seconds > 0 ? step_flops_ / r.seconds / static_cast<double>(world_.size()) / 1e12 : 0.0;
   return r;

@@ -22,6 +22,7 @@
 #include "model/model.h"
 #include "model/param_store.h"
 #include "train/optim.h"
+#include "train/plan.h"
 
 namespace moetp::train {
 
@@ -40,6 +41,10 @@ struct StepResult {
   // whole block each tensor holds (cuda::memory_stats; the benchmarks count requested bytes). CPU: -1.
   double peak_mem_gb = -1;
   std::string peak_mem_phase;  // the phase of this rank's own peak (backend::Backend::peak_memory_phase)
+  // CUDA device: the largest over ranks of the device's used bytes (total - free, cudaMemGetInfo:
+  // the CUDA context, library workspaces and the allocator's cached blocks included) / 1e9 after
+  // the step. CPU: -1.
+  double device_mem_gb = -1;
   std::vector<std::vector<float>> expert_counts;  // per MoE layer: tokens per expert, global batch
 };
 
@@ -66,6 +71,12 @@ class Trainer {
   model::Qwen3MoeModel& model() { return *model_; }
   const comm::Mesh& mesh() const { return *mesh_; }
   const config::TrainConfig& config() const { return cfg_; }
+  // This configuration's memory plan on the resolved device (train/plan.h; moe.plan_imbalance).
+  // On CUDA with train.memory_check the constructor stopped, before allocating the model, when
+  // plan + kDefaultAllowanceGiB exceeded a rank's free GPU memory.
+  const MemoryPlan& memory_plan() const { return plan_; }
+  // "memory: planned ..., measured ..." for the first step's result (empty on the CPU).
+  std::string memory_line(const StepResult& r) const;
 
  private:
   config::TrainConfig cfg_;
@@ -81,6 +92,9 @@ class Trainer {
   double step_flops_ = 0;  // model FLOPs of one step (config::training_flops), fixed by the configs
   Device device_ = Device::kCpu;
   std::string device_reason_;
+  MemoryPlan plan_;
+  // train.memory_check on CUDA: the plan against every rank's free memory (collective).
+  void check_memory_plan();
   // The model with its AdamW moments, for checkpoints and HF import.
   std::unique_ptr<model::ParamStore> param_store() const;
 };

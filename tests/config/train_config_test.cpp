@@ -59,7 +59,9 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.optim.state_dtype, StateDType::kF32);
   EXPECT_EQ(c.train.recompute, RecomputeMode::kNone);
   EXPECT_EQ(c.train.recompute_layers, -1);
-  EXPECT_EQ(field_names().size(), 31u);
+  EXPECT_EQ(c.moe.plan_imbalance, 1.5);
+  EXPECT_TRUE(c.train.memory_check);
+  EXPECT_EQ(field_names().size(), 33u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {
@@ -212,6 +214,7 @@ TEST(TrainConfig, ValidateNamesValues) {
     return c;
   };
   expect_error([&] { validate(with("train.micro_batches=0")); }, {"train.micro_batches (0) must be >= 1"});
+  expect_error([&] { validate(with("moe.plan_imbalance=0.9")); }, {"moe.plan_imbalance (0.9) must be >= 1"});
   expect_error([&] { validate(with("train.global_batch_size=0")); }, {"train.global_batch_size (0)"});
   TrainConfig c;
   c.train.global_batch_size = 6;

@@ -65,7 +65,7 @@ TEST(MemoryPlan, RecomputationLowersTheSavedActivationsAndThePeak) {
   const config::ModelConfig m = model();
   config::TrainConfig c = train(1, 1, 2);
   double last_saved = 1e30, last_peak = 1e30;
-  for (const RecomputeMode mode : {RecomputeMode::kNone, RecomputeMode::kAttn, RecomputeMode::kLayer}) {
+  for (const RecomputeMode mode : {RecomputeMode::kNone, RecomputeMode::kAttn, RecomputeMode::kMoe, RecomputeMode::kLayer}) {
     c.train.recompute = mode;
     const train::MemoryPlan p = train::plan_memory(m, c, 1, Device::kCuda, 1.0);
     EXPECT_LT(item(p, "saved activations"), last_saved) << option_name(mode);
@@ -78,6 +78,54 @@ TEST(MemoryPlan, RecomputationLowersTheSavedActivationsAndThePeak) {
   c.train.recompute = RecomputeMode::kNone;
   EXPECT_LT(half, item(train::plan_memory(m, c, 1, Device::kCuda, 1.0), "saved activations"));
   EXPECT_GT(half, last_saved);
+}
+
+// advise_fit: the largest micro-batch fits and one more sequence does not; every suggested
+// setting, applied to the config, plans at the peak it states and within the budget; a budget
+// nothing fits says so.
+TEST(MemoryPlan, AdviceNamesWhatFits) {
+  const config::ModelConfig m = model();
+  const config::TrainConfig c = train(1, 1, 4);
+  const double two = train::plan_memory(m, train(1, 1, 2), 1, Device::kCuda, 1.5).peak_bytes;
+  const double three = train::plan_memory(m, train(1, 1, 3), 1, Device::kCuda, 1.5).peak_bytes;
+  const double budget = (two + three) / 2;
+  const train::FitAdvice a = train::advise_fit(m, c, 1, Device::kCuda, budget);
+  ASSERT_EQ(a.largest_rows, 2);
+  for (const int64_t rows : {a.largest_rows, a.largest_rows + 1}) {
+    const double p = train::plan_memory(m, train(1, 1, static_cast<int>(rows)), 1, Device::kCuda, 1.5).peak_bytes;
+    EXPECT_EQ(p <= budget, rows == a.largest_rows) << rows << " sequences: " << p << " bytes, budget " << budget;
+  }
+  ASSERT_FALSE(a.settings.empty());
+  for (const train::FitAdvice::Setting& s : a.settings) {
+    config::TrainConfig applied = c;
+    for (const std::string& o : s.overrides) config::apply_override(applied, o);
+    const double p = train::plan_memory(m, applied, 1, Device::kCuda, 1.5).peak_bytes;
+    EXPECT_EQ(p, s.peak_bytes) << s.overrides.front();
+    EXPECT_LE(p, budget) << s.overrides.front();
+  }
+  const std::string text = train::format_advice(a, c);
+  EXPECT_NE(text.find("largest micro-batch that fits: " + std::to_string(a.largest_rows)), std::string::npos) << text;
+  EXPECT_NE(text.find("fits with: --set "), std::string::npos) << text;
+
+  const train::FitAdvice none = train::advise_fit(m, c, 1, Device::kCuda, 1e9);
+  EXPECT_EQ(none.largest_rows, 0);
+  EXPECT_TRUE(none.settings.empty());
+  EXPECT_NE(train::format_advice(none, c).find("no combination"), std::string::npos);
+}
+
+// When no single change fits, the changes combine in order until they do.
+TEST(MemoryPlan, AdviceCombinesChangesWhenNoneFitsAlone) {
+  const config::ModelConfig m = model();
+  const config::TrainConfig c = train(1, 1, 4);
+  config::TrainConfig lean = c;
+  lean.optim.state_dtype = StateDType::kBF16;
+  lean.train.recompute = RecomputeMode::kLayer;
+  lean.train.micro_batches = 4;
+  const double budget = 1.001 * train::plan_memory(m, lean, 1, Device::kCuda, 1.5).peak_bytes;
+  const train::FitAdvice a = train::advise_fit(m, c, 1, Device::kCuda, budget);
+  ASSERT_EQ(a.settings.size(), 1u);
+  const std::vector<std::string> want = {"optim.state_dtype=bf16", "train.recompute=layer", "train.micro_batches=4"};
+  EXPECT_EQ(a.settings[0].overrides, want);
 }
 
 TEST(MemoryPlan, TableEndsWithTheVerdict) {

@@ -132,6 +132,12 @@ void init(int device, AllocMode mode) {
   g_initialised = true;
 }
 
+DeviceMemory device_memory() {
+  DeviceMemory m;
+  CUDA_CHECK(cudaMemGetInfo(&m.free_bytes, &m.total_bytes));
+  return m;
+}
+
 MemoryStats memory_stats() {
   if (g_cache != nullptr) {
     const BlockCache::Stats s = g_cache->stats();

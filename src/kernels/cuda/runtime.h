@@ -35,6 +35,11 @@ struct MemoryStats {
   const char* peak_phase = "";  // the phase (set_memory_phase) in which the peak was reached
 };
 MemoryStats memory_stats();
+// cudaMemGetInfo of the current device: free and total bytes as the driver counts them.
+struct DeviceMemory {
+  size_t free_bytes = 0, total_bytes = 0;
+};
+DeviceMemory device_memory();
 void reset_peak_memory();
 // Names what the program does from now on (a string that outlives the process's use of it, e.g. a
 // literal), for MemoryStats::peak_phase.
