@@ -139,7 +139,7 @@ int run_plan(const PlanArgs& a) {
   std::printf("%s", train::format_plan(plan, a.gpu_mem_gb, allowance).c_str());
   if (a.gpu_mem_gb > 0) {
     const double budget = (a.gpu_mem_gb - allowance) * 1024.0 * 1024.0 * 1024.0;
-    std::printf("%s", train::format_advice(train::advise_fit(model_cfg, cfg, a.world, device, budget), cfg).c_str());
+    std::printf("%s", train::format_advice(train::advise_fit(model_cfg, cfg, a.world, device, budget), cfg, allowance).c_str());
   }
   return 0;
 }

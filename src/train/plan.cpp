@@ -117,9 +117,10 @@ FitAdvice advise_fit(const config::ModelConfig& m, const config::TrainConfig& cf
   const double imbalance = cfg.moe.plan_imbalance;
   auto peak = [&](const config::TrainConfig& c) { return plan_memory(m, c, world, device, imbalance).peak_bytes; };
   FitAdvice advice;
+  advice.fits = peak(cfg) <= budget_bytes;
   // Micro-batches grow until the first that does not fit (the peak grows with the rows).
   const int64_t per_micro = static_cast<int64_t>(world) * cfg.train.micro_batches;
-  for (int64_t rows = 1; rows <= 4096; ++rows) {
+  for (int64_t rows = 1; rows <= 1024; ++rows) {
     config::TrainConfig c = cfg;
     c.train.global_batch_size = static_cast<int>(rows * per_micro);
     const double p = peak(c);
@@ -162,6 +163,7 @@ FitAdvice advise_fit(const config::ModelConfig& m, const config::TrainConfig& cf
                          return true;
                        }});
   }
+  if (advice.fits) return advice;
   for (const auto& [what, apply] : changes) {
     config::TrainConfig c = cfg;
     apply(c);
@@ -187,22 +189,22 @@ FitAdvice advise_fit(const config::ModelConfig& m, const config::TrainConfig& cf
   return advice;
 }
 
-std::string format_advice(const FitAdvice& advice, const config::TrainConfig& cfg) {
+std::string format_advice(const FitAdvice& advice, const config::TrainConfig& cfg, double allowance_gib) {
   std::string out;
   if (advice.largest_rows > 0) {
     out += fmt::format("largest micro-batch that fits: {} sequence(s) of {} tokens per rank ({:.2f} GiB)\n",
-                       advice.largest_rows, cfg.train.seq_len, advice.largest_rows_bytes / kGiB);
+                       advice.largest_rows, cfg.train.seq_len, advice.largest_rows_bytes / kGiB + allowance_gib);
   } else {
     out += fmt::format("not even one sequence of {} tokens per rank fits with these settings\n", cfg.train.seq_len);
   }
-  if (advice.settings.empty()) {
+  if (!advice.fits && advice.settings.empty()) {
     out += "no combination of optim.state_dtype, train.recompute, train.micro_batches and parallel.ep fits at this "
            "world size: more GPUs, a shorter train.seq_len or a smaller model\n";
   }
   for (const FitAdvice::Setting& s : advice.settings) {
     std::string sets;
     for (const std::string& o : s.overrides) sets += " --set " + o;
-    out += fmt::format("fits with:{} ({:.2f} GiB)\n", sets, s.peak_bytes / kGiB);
+    out += fmt::format("fits with:{} ({:.2f} GiB)\n", sets, s.peak_bytes / kGiB + allowance_gib);
   }
   return out;
 }

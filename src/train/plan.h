@@ -53,18 +53,20 @@ inline constexpr double kDefaultAllowanceGiB = 1.0;
 // (optim.state_dtype, train.recompute, train.micro_batches, parallel.ep), and when none does,
 // the candidates combined in that order until they do.
 struct FitAdvice {
+  bool fits = false;              // the configuration as given fits (no settings are then listed)
   int64_t largest_rows = 0;       // 0: not even one sequence per micro-batch fits
   double largest_rows_bytes = 0;  // its peak
   struct Setting {
     std::vector<std::string> overrides;  // key=value, for --set
     double peak_bytes = 0;
   };
-  std::vector<Setting> settings;  // fitting settings, fewest changes first
+  std::vector<Setting> settings;  // when it does not fit: fitting settings, fewest changes first
 };
 FitAdvice advise_fit(const config::ModelConfig& model, const config::TrainConfig& cfg, int world, Device device,
                      double budget_bytes);
-// The advice as lines for a person: "largest micro-batch that fits: ..." and "fits with: --set ...".
-std::string format_advice(const FitAdvice& advice, const config::TrainConfig& cfg);
+// The advice as lines for a person: "largest micro-batch that fits: ..." and "fits with: --set ...",
+// each with its per-rank peak plus `allowance_gib` (as format_plan's last line).
+std::string format_advice(const FitAdvice& advice, const config::TrainConfig& cfg, double allowance_gib);
 
 // The table in GiB (2^30 bytes), one item per line, and the last line
 // "per-rank peak: X GiB (fits in G GiB | does not fit in G GiB)" (without the parenthesis when

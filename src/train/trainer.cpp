@@ -122,7 +122,7 @@ void Trainer::check_memory_plan() {
         "allocator slack) but the fullest GPU has {:.2f} GiB free of {:.2f} GiB\n{}{}"
         "(moetp plan prints this table; train.memory_check=false skips the check)",
         need / kGiB, kDefaultAllowanceGiB, free / kGiB, mem.total_bytes / kGiB, format_plan(plan_, 0, kDefaultAllowanceGiB),
-        format_advice(advise_fit(model_cfg_, cfg_, world_.size(), device_, budget), cfg_));
+        format_advice(advise_fit(model_cfg_, cfg_, world_.size(), device_, budget), cfg_, kDefaultAllowanceGiB));
   }
   world_.raise_if_any(why, "train.memory_check");
 }

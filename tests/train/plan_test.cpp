@@ -103,14 +103,21 @@ TEST(MemoryPlan, AdviceNamesWhatFits) {
     EXPECT_EQ(p, s.peak_bytes) << s.overrides.front();
     EXPECT_LE(p, budget) << s.overrides.front();
   }
-  const std::string text = train::format_advice(a, c);
+  const std::string text = train::format_advice(a, c, 0);
   EXPECT_NE(text.find("largest micro-batch that fits: " + std::to_string(a.largest_rows)), std::string::npos) << text;
   EXPECT_NE(text.find("fits with: --set "), std::string::npos) << text;
 
+  EXPECT_FALSE(a.fits);
+  const train::FitAdvice roomy = train::advise_fit(m, c, 1, Device::kCuda, 1e15);
+  EXPECT_TRUE(roomy.fits);
+  EXPECT_TRUE(roomy.settings.empty()) << "nothing to change when it fits";
+  EXPECT_EQ(train::format_advice(roomy, c, 0).find("fits with"), std::string::npos);
+
   const train::FitAdvice none = train::advise_fit(m, c, 1, Device::kCuda, 1e9);
+  EXPECT_FALSE(none.fits);
   EXPECT_EQ(none.largest_rows, 0);
   EXPECT_TRUE(none.settings.empty());
-  EXPECT_NE(train::format_advice(none, c).find("no combination"), std::string::npos);
+  EXPECT_NE(train::format_advice(none, c, 0).find("no combination"), std::string::npos);
 }
 
 // When no single change fits, the changes combine in order until they do.
@@ -126,6 +133,29 @@ TEST(MemoryPlan, AdviceCombinesChangesWhenNoneFitsAlone) {
   ASSERT_EQ(a.settings.size(), 1u);
   const std::vector<std::string> want = {"optim.state_dtype=bf16", "train.recompute=layer", "train.micro_batches=4"};
   EXPECT_EQ(a.settings[0].overrides, want);
+}
+
+// The training recipes in configs/recipes plan to fit the machines configs/README.md names them for.
+TEST(MemoryPlan, RecipesFitTheirMachines) {
+  const std::string dir = MOETP_CONFIGS_DIR;
+  struct Recipe {
+    const char* file;
+    int world;
+    double gpu_gib;
+  };
+  for (const Recipe& r : {Recipe{"qwen3-30b-a3b-8xh100-ep8.json", 8, 79.0}, Recipe{"qwen3-30b-a3b-8xh100-ep2-etp4.json", 8, 79.0},
+                          Recipe{"qwen3-30b-a3b-4xh200-ep4.json", 4, 139.0}}) {
+    SCOPED_TRACE(r.file);
+    config::TrainConfig c;
+    config::apply_json_file(c, dir + "/recipes/" + r.file);
+    config::validate(c);
+    EXPECT_EQ(c.model.config, "configs/qwen3-30b-a3b.json");
+    const config::ModelConfig m = config::ModelConfig::load(dir + "/qwen3-30b-a3b.json");
+    config::validate_with_model(c, m, r.world);
+    const train::MemoryPlan p = train::plan_memory(m, c, r.world, Device::kCuda, c.moe.plan_imbalance);
+    EXPECT_LE(p.peak_bytes / (1 << 30) + train::kDefaultAllowanceGiB, r.gpu_gib);
+    EXPECT_EQ(p.tokens_per_rank, 2 * 4096);
+  }
 }
 
 TEST(MemoryPlan, TableEndsWithTheVerdict) {
