@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kernels/cpu/router.h"
+#include "model/lm_head.h"
 #include "shard/layout.h"
 
 namespace moetp::model {
@@ -168,7 +169,7 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
               batch.doc_offsets.size() - 1, batch.rows, batch.seq_len);
   backend::Backend& be = backend_;
   const int64_t B = batch.rows, S = batch.seq_len, N = B * S;
-  const int64_t H = cfg_.hidden_size, D = cfg_.head_dim, Hq = cfg_.num_attention_heads,
+  const int64_t D = cfg_.head_dim, Hq = cfg_.num_attention_heads,
                 Hkv = cfg_.num_key_value_heads, V = cfg_.vocab_size, E = cfg_.num_experts;
   MOETP_CHECK(S <= cfg_.max_position_embeddings, "sequence length {} > max_position_embeddings {}", S,
               cfg_.max_position_embeddings);
@@ -261,33 +262,9 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
   MOETP_CHECK(opts_.logit_chunk_rows >= 0, "logit_chunk_rows ({}) must be >= 0", opts_.logit_chunk_rows);
   const int64_t chunk_rows = opts_.logit_chunk_rows > 0 ? opts_.logit_chunk_rows : be.logit_chunk_rows(V);
   Tensor df;
-  if (backward && (chunk_rows < N || N == 0)) df = be.empty({N, H}, be.compute_dtype());
-  if (logits_out != nullptr && chunk_rows < N) *logits_out = be.empty({N, V}, be.compute_dtype());
-  double ce_sum = 0;
-  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
-    const int64_t rows = std::min(chunk_rows, N - r0);
-    const Tensor f_c = f.narrow_rows(r0, rows);
-    Tensor logits_c = be.linear(f_c, W(lm_head_));
-    if (logits_out != nullptr) {
-      if (rows == N) {
-        *logits_out = logits_c;
-      } else {
-        logits_out->narrow_rows(r0, rows).copy_from(logits_c);
-      }
-    }
-    // dlogits overwrite the logits in place (allowed by the op's contract).
-    be.cross_entropy(logits_c, targets.narrow_rows(r0, rows), backward ? &logits_c : nullptr,
-                     static_cast<float>(ce_scale), ce_sum);
-    if (backward) {
-      Tensor df_c;
-      be.linear_backward(logits_c, f_c, W(lm_head_), &df_c, &G(lm_head_));
-      if (rows == N) {
-        df = df_c;
-      } else {
-        df.narrow_rows(r0, rows).copy_from(df_c);
-      }
-    }
-  }
+  const LmHeadGrads head_grads{&df, &G(lm_head_), ce_scale};
+  const double ce_sum =
+      lm_head_loss(be, f, W(lm_head_), targets, chunk_rows, backward ? &head_grads : nullptr, logits_out);
   stats.ce_sum = ce_sum;
   for (int32_t t : batch.targets.to_vector<int32_t>()) stats.num_targets += t != kIgnoreIndex ? 1 : 0;
 
