@@ -1,6 +1,7 @@
 // moe::MoeLayer::release_activations on the CPU backend (the recomputation path): after a release
-// the routing statistics stay, a backward is refused until a new forward, and that forward and its
-// backward give the same bits as a layer that never released (the forward is deterministic).
+// the routing statistics stay, a backward is refused until a new forward or a recompute, and either
+// followed by its backward gives the same bits as a layer that never released (the forward is
+// deterministic; recompute reuses the routing).
 // Runs under mpirun -np 1 (the CPU layer needs a one-rank mesh).
 #include <gtest/gtest.h>
 
@@ -41,12 +42,24 @@ TEST(CpuMoeLayer, ReleasedActivationsNeedANewForwardThatGivesTheSameBits) {
   layer->release_activations();
   EXPECT_EQ(layer->routing_stats().counts_E, stats.counts_E) << "the statistics stay";
   EXPECT_EQ(layer->routing_stats().prob_sums_E, stats.prob_sums_E);
-  testing::expect_error([&] { layer->backward(dout, Tensor()); }, {"without a forward"});
+  testing::expect_error([&] { layer->backward(dout, Tensor()); }, {"needs a forward"});
   EXPECT_TRUE(testing::bit_equal(layer->forward(x), ref_out));
   EXPECT_TRUE(testing::bit_equal(layer->backward(dout, Tensor()), ref_dx));
   EXPECT_TRUE(testing::bit_equal(grads.w13_L2iH, ref_grads.w13_L2iH));
   EXPECT_TRUE(testing::bit_equal(grads.wg_EH, ref_grads.wg_EH));
   EXPECT_TRUE(testing::bit_equal(out, ref_out));
+
+  // The recomputation path: forward, release, recompute from the same input, backward.
+  moe::MoeParams rec_grads;
+  auto rec = make(rec_grads);
+  rec->forward(x);
+  rec->release_activations();
+  rec->recompute(x);
+  EXPECT_TRUE(testing::bit_equal(rec->backward(dout, Tensor()), ref_dx));
+  EXPECT_TRUE(testing::bit_equal(rec_grads.w13_L2iH, ref_grads.w13_L2iH));
+  EXPECT_TRUE(testing::bit_equal(rec_grads.w2_LHi, ref_grads.w2_LHi));
+  EXPECT_TRUE(testing::bit_equal(rec_grads.wg_EH, ref_grads.wg_EH));
+  testing::expect_error([&] { rec->recompute(x); }, {"MoE recompute needs a forward"});
 }
 
 }  // namespace
