@@ -45,6 +45,13 @@ struct AdamWHyper {
   int64_t step = 1;  // counts from 1
 };
 
+// Rows of logits the LM head materialises at once on `device` by default (at least 1), for a
+// vocabulary of `vocab`: rows · V <= kLogitChunkElems; on the CPU a multiple of cpu::kGemmBlock
+// rows, so that the chunked head's logits and input gradient are bit-identical to the whole
+// (kernels/cpu/gemm.h). The memory planner counts the same chunk.
+inline constexpr int64_t kLogitChunkElems = int64_t{1} << 26;  // 128 MiB of bf16, 256 MiB of f32 logits
+int64_t default_logit_chunk_rows(Device device, int64_t vocab);
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -133,8 +140,8 @@ class Backend {
   // grad_scale · d loss / d logits (may alias logits). Synchronous (the sum is on the host).
   virtual void cross_entropy(const Tensor& logits_NV, const Tensor& targets_N, Tensor* dlogits_NV, float grad_scale,
                              double& loss_sum) = 0;
-  // Rows of logits the LM head materialises at once (at least 1).
-  virtual int64_t logit_chunk_rows(int64_t vocab) const = 0;
+  // Rows of logits the LM head materialises at once by default: default_logit_chunk_rows(device()).
+  int64_t logit_chunk_rows(int64_t vocab) const { return default_logit_chunk_rows(device(), vocab); }
 
   // ---- optimizer (f32 tensors on this backend) ---------------------------------------------------
   // Σ g² in double, in an order that depends only on numel (same result every run). Synchronous.

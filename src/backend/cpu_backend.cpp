@@ -54,7 +54,6 @@ class CpuMoeLayer final : public moe::MoeLayer {
 
 class CpuBackend final : public Backend {
  public:
-  static constexpr int64_t kLogitChunkElems = int64_t{1} << 26;
 
   Device device() const override { return Device::kCpu; }
   DType compute_dtype() const override { return DType::kF32; }
@@ -162,12 +161,6 @@ class CpuBackend final : public Backend {
                      double& loss_sum) override {
     // Row losses added to the running sum in row order: chunked heads sum exactly as the whole.
     loss_sum = cpu::cross_entropy_forward(logits_NV, targets_N, dlogits_NV, grad_scale, loss_sum).loss_sum;
-  }
-  // Rows · V <= kLogitChunkElems (256 MiB of f32 logits), in multiples of cpu::kGemmBlock rows so
-  // that the chunked head's logits and input gradient are bit-identical to the whole (gemm.h).
-  int64_t logit_chunk_rows(int64_t vocab) const override {
-    const int64_t rows = kLogitChunkElems / std::max<int64_t>(vocab, 1);
-    return std::max<int64_t>(cpu::kGemmBlock, rows / cpu::kGemmBlock * cpu::kGemmBlock);
   }
 
   double sum_of_squares(const Tensor& g) override { return cpu::sum_of_squares(g); }

@@ -127,9 +127,6 @@ class PhaseTimer {
 
 class CudaBackend final : public Backend {
  public:
-  // Rows per cross-entropy chunk: as many as keep rows · V <= kLogitChunkElems (at least 1).
-  static constexpr int64_t kLogitChunkElems = int64_t{1} << 26;  // 128 MiB of bf16 logits
-
   Device device() const override { return Device::kCuda; }
   DType compute_dtype() const override { return DType::kBF16; }
   int visible_devices() const override { return cuda::device_count(); }
@@ -234,9 +231,6 @@ class CudaBackend final : public Backend {
                      double& loss_sum) override {
     const Tensor loss = cuda::cross_entropy_forward(logits_NV, targets_N, dlogits_NV, grad_scale);
     for (float v : loss.to_vector<float>()) loss_sum += v;
-  }
-  int64_t logit_chunk_rows(int64_t vocab) const override {
-    return std::max<int64_t>(1, kLogitChunkElems / std::max<int64_t>(vocab, 1));
   }
 
   double sum_of_squares(const Tensor& g) override { return cuda::sum_of_squares(g); }

@@ -1,5 +1,9 @@
 #include "backend/registry.h"
 
+#include <algorithm>
+
+#include "kernels/cpu/gemm.h"
+
 namespace moetp::backend {
 
 Backend* find(Device device) {
@@ -13,6 +17,12 @@ Backend* find(Device device) {
 #endif
   }
   return nullptr;
+}
+
+int64_t default_logit_chunk_rows(Device device, int64_t vocab) {
+  const int64_t rows = kLogitChunkElems / std::max<int64_t>(vocab, 1);
+  if (device == Device::kCpu) return std::max<int64_t>(cpu::kGemmBlock, rows / cpu::kGemmBlock * cpu::kGemmBlock);
+  return std::max<int64_t>(1, rows);
 }
 
 Backend& get(Device device) {

@@ -109,6 +109,9 @@ const std::vector<Field>& fields() {
             "of the forward) | layer (the whole layer); the same results, less activation memory"),
       field("train.recompute_layers", &C::train, &C::Train::recompute_layers, -1,
             "recompute only the first k decoder layers (-1: all)"),
+      field("train.logit_chunk_rows", &C::train, &C::Train::logit_chunk_rows, 0,
+            "rows of LM-head logits materialised at once (0: the backend's default, 2^26 logits); more rows "
+            "cost memory (rows x vocab x 2 bytes on CUDA) and rewrite the f32 LM-head gradient fewer times"),
       field("train.memory_check", &C::train, &C::Train::memory_check, true,
             "CUDA device: before allocating, check the memory plan (moetp plan) against each GPU's free memory "
             "and stop with the plan and the settings that would fit when it does not"),
@@ -398,6 +401,8 @@ void validate(const TrainConfig& c) {
   MOETP_CHECK(c.optim.eps > 0, "optim.eps ({}) must be > 0", c.optim.eps);
   MOETP_CHECK(c.train.recompute_layers >= -1, "train.recompute_layers ({}) must be >= -1 (-1: every layer)",
               c.train.recompute_layers);
+  MOETP_CHECK(c.train.logit_chunk_rows >= 0, "train.logit_chunk_rows ({}) must be >= 0 (0: the backend's default)",
+              c.train.logit_chunk_rows);
   MOETP_CHECK(c.moe.plan_imbalance >= 1, "moe.plan_imbalance ({}) must be >= 1 (1 = balanced routing)",
               c.moe.plan_imbalance);
   MOETP_CHECK(c.optim.grad_clip >= 0, "optim.grad_clip ({}) must be >= 0 (0 = off)", c.optim.grad_clip);

@@ -4,6 +4,7 @@
 #include <functional>
 
 #include "core/check.h"
+#include "backend/backend.h"
 #include "model/param_table.h"
 
 namespace moetp::train {
@@ -11,8 +12,6 @@ namespace moetp::train {
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
-constexpr int64_t kCudaLogitElems = 1 << 26;  // the CUDA backend's logit chunk
-constexpr int64_t kCpuLogitElems = 1 << 26;   // the CPU backend's (f32)
 
 }  // namespace
 
@@ -100,7 +99,9 @@ MemoryPlan plan_memory(const config::ModelConfig& m, const config::TrainConfig& 
   }
   add(fmt::format("saved activations ({} layers, {} tokens, recompute {})", L, N, option_name(mode)), saved);
   const int64_t vocab = m.vocab_size;
-  const double chunk_rows = std::min<double>(n, std::max<int64_t>(1, (cuda ? kCudaLogitElems : kCpuLogitElems) / vocab));
+  const int64_t chunk = cfg.train.logit_chunk_rows > 0 ? cfg.train.logit_chunk_rows
+                                                       : backend::default_logit_chunk_rows(device, vocab);
+  const double chunk_rows = std::min<double>(n, static_cast<double>(chunk));
   const double head = chunk_rows * static_cast<double>(vocab) * cb + 2 * cb * n * H;
   const double bwd = top_recompute + (top_moe ? moe_bwd : cb * n * 3 * F + 3 * n * H * cb);
   if (bwd >= head) {

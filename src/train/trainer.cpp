@@ -91,6 +91,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   opts.expert_gemm = cfg_.moe.expert_gemm;
   opts.recompute = cfg_.train.recompute;
   opts.recompute_layers = cfg_.train.recompute_layers;
+  opts.logit_chunk_rows = cfg_.train.logit_chunk_rows;
   const std::string gemm = be.describe_expert_gemm(
       model_cfg_.hidden_size, model_cfg_.moe_intermediate_size / cfg_.parallel.etp, cfg_.moe.expert_gemm);
   if (!gemm.empty()) device_reason_ += "; " + gemm;

@@ -61,7 +61,8 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.train.recompute_layers, -1);
   EXPECT_EQ(c.moe.plan_imbalance, 1.5);
   EXPECT_TRUE(c.train.memory_check);
-  EXPECT_EQ(field_names().size(), 33u);
+  EXPECT_EQ(c.train.logit_chunk_rows, 0);
+  EXPECT_EQ(field_names().size(), 34u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include "backend/backend.h"
 #include "testing.h"
 
 namespace moetp {
@@ -155,6 +156,26 @@ TEST(MemoryPlan, RecipesFitTheirMachines) {
     const train::MemoryPlan p = train::plan_memory(m, c, r.world, Device::kCuda, c.moe.plan_imbalance);
     EXPECT_LE(p.peak_bytes / (1 << 30) + train::kDefaultAllowanceGiB, r.gpu_gib);
     EXPECT_EQ(p.tokens_per_rank, 2 * 4096);
+  }
+}
+
+// train.logit_chunk_rows: the LM head's chunk of logits is rows x V in the compute dtype; the
+// default is the backends' (backend::default_logit_chunk_rows).
+TEST(MemoryPlan, LogitChunkFollowsTheConfig) {
+  nlohmann::json j = model().to_hf_json();
+  j["vocab_size"] = 151936;
+  const config::ModelConfig m = config::ModelConfig::from_json(j, "full vocabulary");
+  config::TrainConfig c = train(1, 1, 2);
+  c.train.recompute = RecomputeMode::kLayer;
+  c.train.logit_chunk_rows = 8192;
+  const double n = 8192, H = 2048, V = 151936;
+  EXPECT_EQ(item(train::plan_memory(m, c, 1, Device::kCuda, 1.0), "LM head chunk"), 8192 * V * 2 + 2 * 2 * n * H);
+  c.train.logit_chunk_rows = 0;
+  const train::MemoryPlan def = train::plan_memory(m, c, 1, Device::kCuda, 1.0);
+  for (const train::PlanItem& it : def.items) {
+    if (it.what.rfind("LM head chunk", 0) == 0) {
+      EXPECT_EQ(it.bytes, static_cast<double>(backend::default_logit_chunk_rows(Device::kCuda, 151936)) * V * 2 + 2 * 2 * n * H);
+    }
   }
 }
 
