@@ -25,7 +25,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "core/options.h"
 #include "core/tensor.h"
@@ -146,6 +148,8 @@ class Backend {
   // ---- optimizer (f32 tensors on this backend) ---------------------------------------------------
   // Σ g² in double, in an order that depends only on numel (same result every run). Synchronous.
   virtual double sum_of_squares(const Tensor& g) = 0;
+  // sum_of_squares of each tensor, with one synchronisation: out[i] has the bits of sum_of_squares(gs[i]).
+  virtual std::vector<double> sums_of_squares(std::span<const Tensor> gs) = 0;
   virtual void scale(Tensor& g, float s) = 0;
   // train::AdamW's element update (bit-identical across backends): w, g f32; m, v both f32 or both
   // bf16 (read as f32, stored rounded to nearest even); `work` (null, or the compute dtype copy of

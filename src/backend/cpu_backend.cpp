@@ -164,6 +164,11 @@ class CpuBackend final : public Backend {
   }
 
   double sum_of_squares(const Tensor& g) override { return cpu::sum_of_squares(g); }
+  std::vector<double> sums_of_squares(std::span<const Tensor> gs) override {
+    std::vector<double> out;
+    for (const Tensor& g : gs) out.push_back(cpu::sum_of_squares(g));
+    return out;
+  }
   void scale(Tensor& g, float s) override { cpu::scale(g, s); }
   void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const AdamWHyper& h, Tensor* work) override {
     cpu::adamw_step(w, g, m, v, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step);

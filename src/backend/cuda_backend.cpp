@@ -234,6 +234,7 @@ class CudaBackend final : public Backend {
   }
 
   double sum_of_squares(const Tensor& g) override { return cuda::sum_of_squares(g); }
+  std::vector<double> sums_of_squares(std::span<const Tensor> gs) override { return cuda::sums_of_squares(gs); }
   void scale(Tensor& g, float s) override {
     check_cuda(g, DType::kF32, "scale");
     CUDA_CHECK(launch::scale_f32(g.data<float>(), s, g.numel(), nullptr));

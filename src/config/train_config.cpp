@@ -126,6 +126,11 @@ const std::vector<Field>& fields() {
       field("optim.state_dtype", &C::optim, &C::Optim::state_dtype, StateDType::kF32,
             "AdamW moments: f32 | bf16 (rounded to nearest even; 4 bytes less per parameter, f32 master weights "
             "kept; checkpoints hold f32 moments either way)"),
+      field("optim.zero", &C::optim, &C::Optim::zero, 0,
+            "sharded optimizer: 0 (every rank keeps the AdamW moments of every parameter it holds) | 1 (each "
+            "parameter's gradient is reduce-scattered over the ranks that hold a replica of it, each of them "
+            "updates its slice with the moments of that slice only, and the updated weights are all-gathered; "
+            "the same bits as 0)"),
       field("data.path", &C::data, &C::Data::path, "data/kjv.tokens", "training token file"),
       field("data.tokenizer", &C::data, &C::Data::tokenizer, "byte", "tokenizer (byte = one token per byte)"),
       field("run.dir", &C::run, &C::Run::dir, "", "run directory for logs and config.json (\"\" = runs/<timestamp>)"),
@@ -401,6 +406,8 @@ void validate(const TrainConfig& c) {
   MOETP_CHECK(c.optim.eps > 0, "optim.eps ({}) must be > 0", c.optim.eps);
   MOETP_CHECK(c.train.recompute_layers >= -1, "train.recompute_layers ({}) must be >= -1 (-1: every layer)",
               c.train.recompute_layers);
+  MOETP_CHECK(c.optim.zero == 0 || c.optim.zero == 1,
+              "optim.zero ({}) must be 0 or 1 (stage 2, sharded gradients, is not implemented)", c.optim.zero);
   MOETP_CHECK(c.train.logit_chunk_rows >= 0, "train.logit_chunk_rows ({}) must be >= 0 (0: the backend's default)",
               c.train.logit_chunk_rows);
   MOETP_CHECK(c.moe.plan_imbalance >= 1, "moe.plan_imbalance ({}) must be >= 1 (1 = balanced routing)",

@@ -59,6 +59,7 @@ struct TrainConfig {
     double weight_decay = 0, beta1 = 0, beta2 = 0, eps = 0;
     double grad_clip = 0;  // 0 = off
     StateDType state_dtype = StateDType::kF32;  // AdamW moments
+    int zero = 0;  // 1: AdamW moments sharded over each parameter's replicas (train/optim.h)
     bool operator==(const Optim&) const = default;
   };
   struct Data {

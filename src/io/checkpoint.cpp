@@ -273,11 +273,12 @@ void save_impl(const model::ParamStore& store, Naming naming, const std::string&
       const model::ParamDesc& param = store.param(s.index);
       const std::vector<Block> mine = outputs(s);
       const bool replicated = param.kind == model::ParamKind::kReplicated;
-      if (replicated && mine.empty()) continue;  // no collective for replicated tensors
+      // No collective for a replicated tensor, unless its state is sharded over the replicas.
+      if (replicated && mine.empty() && !store.collective_read(s.index, s.slot)) continue;
       Tensor local = Tensor::empty(shard::local_shape(param.spec), DType::kF32);
       store.read(s.index, s.slot, local);
       if (replicated) {
-        write(local);
+        if (!mine.empty()) write(local);
       } else if (naming == Naming::kHfStacked) {
         // One tensor holds every expert: gather it whole (on request only; per-expert is the default).
         const Tensor full = shard::gather_full(local, param.spec, mesh.ep_etp());

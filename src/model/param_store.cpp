@@ -68,10 +68,27 @@ const Tensor& ModelParamStore::slot_tensor(size_t i, int slot) const {
   return slot == 0 ? model_->value(i) : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
 }
 
+const ParamSlice* ModelParamStore::sliced(size_t i, int slot) const {
+  if (slot == 0) return nullptr;
+  const ParamState& s = states_.at(static_cast<size_t>(slot - 1));
+  if (s.slices == nullptr) return nullptr;
+  const ParamSlice& p = s.slices->at(i);
+  return p.group != nullptr ? &p : nullptr;
+}
+
 void ModelParamStore::read(size_t i, int slot, Tensor& host_f32) const {
   const Tensor& src = slot_tensor(i, slot);
   check_host_shard(model_->param_desc(i), host_f32, "ModelParamStore::read");
   model_->backend().synchronize();
+  if (const ParamSlice* p = sliced(i, slot)) {
+    // Every member's slice, in member order: the whole parameter.
+    Tensor full = model_->backend().empty({host_f32.numel()}, src.dtype());
+    p->group->all_gather_v(src, full, p->counts);
+    model_->backend().synchronize();
+    host_f32.view({host_f32.numel()}).copy_from(full.dtype() == DType::kF32 ? full
+                                                                            : full.to(Device::kCpu).to(DType::kF32));
+    return;
+  }
   host_f32.copy_from(src.dtype() == DType::kF32 ? src : src.to(Device::kCpu).to(DType::kF32));
 }
 
@@ -80,7 +97,12 @@ void ModelParamStore::write(size_t i, int slot, const Tensor& host_f32) {
   slot_tensor(i, slot);  // checks i and slot
   check_host_shard(model_->param_desc(i), host_f32, "ModelParamStore::write");
   Tensor& dst = slot == 0 ? mutable_model_->value(i) : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
-  dst.copy_from(dst.dtype() == DType::kF32 ? host_f32 : host_f32.to(dst.dtype()));
+  if (const ParamSlice* p = sliced(i, slot)) {
+    const Tensor mine = host_f32.view({host_f32.numel()}).slice(0, p->offset, p->offset + p->count).contiguous();
+    dst.copy_from(dst.dtype() == DType::kF32 ? mine : mine.to(dst.dtype()));
+  } else {
+    dst.copy_from(dst.dtype() == DType::kF32 ? host_f32 : host_f32.to(dst.dtype()));
+  }
   if (slot == 0) mutable_model_->refresh_work(i);
   mutable_model_->backend().synchronize();
 }

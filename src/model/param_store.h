@@ -27,17 +27,32 @@ class ParamStore {
   // host_f32: f32, host, contiguous, the local shape of param(i).spec.
   virtual void read(size_t i, int slot, Tensor& host_f32) const = 0;
   virtual void write(size_t i, int slot, const Tensor& host_f32) = 0;
+  // Whether read(i, slot) is collective (state sharded over the parameter's replicas, ParamSlice):
+  // then every rank holding the parameter calls it, in the same order.
+  virtual bool collective_read(size_t /*i*/, int /*slot*/) const { return false; }
 };
 
 // The AdamW moments in a native checkpoint: exp_avg (slot 1), exp_avg_sq (slot 2).
 inline const std::vector<std::string> kAdamWStatePrefixes = {"optim.exp_avg.", "optim.exp_avg_sq."};
 
+// One rank's slice of a parameter's flattened elements (the sharded optimizer, train/optim.h): the
+// elements split over the members of `group` into contiguous slices, member r's slice counts[r]
+// elements long, starting at the sum of counts[0..r). group == null: not split.
+struct ParamSlice {
+  comm::Comm* group = nullptr;  // the model backend's communicator over the parameter's replicas
+  std::vector<int64_t> counts;
+  int64_t offset = 0, count = 0;  // this rank's slice
+};
+
 // Per-parameter state tensors kept besides the values (e.g. the AdamW moments), saved under
 // `prefix`: one tensor per parameter in the parameter's local shape, on the model's backend, f32 or
-// bf16 (read as f32; an f32 value written into bf16 is rounded to nearest even).
+// bf16 (read as f32; an f32 value written into bf16 is rounded to nearest even). With `slices`,
+// parameter i's tensor holds only this rank's slice (1-D, slices[i].count elements) where
+// slices[i].group is set; reading it gathers the slices over the group (collective).
 struct ParamState {
   std::string prefix;
   std::vector<Tensor>* tensors;  // model.params() order
+  const std::vector<ParamSlice>* slices = nullptr;
 };
 
 // The model (on any backend) and optional state tensors. Moving a value into the model refreshes
@@ -60,9 +75,12 @@ class ModelParamStore final : public ParamStore {
   std::vector<std::string> state_prefixes() const override;
   void read(size_t i, int slot, Tensor& host_f32) const override;
   void write(size_t i, int slot, const Tensor& host_f32) override;
+  bool collective_read(size_t i, int slot) const override { return sliced(i, slot) != nullptr; }
 
  private:
   const Tensor& slot_tensor(size_t i, int slot) const;
+  // The slice of parameter i in state slot `slot`, or null when the slot holds the whole parameter.
+  const ParamSlice* sliced(size_t i, int slot) const;
   const Qwen3MoeModel* model_;
   Qwen3MoeModel* mutable_model_ = nullptr;
   const comm::Mesh& mesh_;

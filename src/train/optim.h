@@ -1,21 +1,41 @@
 // The optimizer path of one training step (etp_spec §8), written once for every backend: gradient
 // reduction over the right group, the global gradient norm with each unique shard counted once,
 // clipping, AdamW on f32 master weights, and the warmup + cosine learning-rate schedule.
+//
+// Replica groups and slices: every parameter has replicas on the ranks of its replica group (world
+// for replicated parameters, expert_dp for expert shards; etp_spec §8.1), and its flattened
+// elements split into one contiguous slice per member (replica_slices: multiples of kSliceAlign
+// elements, the last ones shorter or empty). The gradient norm is summed slice by slice in that
+// order whatever optim.zero says, so that both stages give the same bits. With optim.zero = 1 the
+// gradient is reduce-scattered (member r receives the reduced slice r), member r updates slice r
+// of the master weights with the AdamW moments of that slice only (its moments are 1/d of the
+// parameter's), and the updated masters are all-gathered; the working copies are refreshed from
+// them. On the CPU backend every step is bit-identical to optim.zero = 0 (the reductions are
+// deterministic: a reduce-scatter gives the bits of the all-reduce, comm/mpi_comm.h).
 #pragma once
 
 #include <vector>
 
 #include "model/model.h"
+#include "model/param_store.h"
 
 namespace moetp::train {
 
-// Replicated parameters: all-reduce (sum) over world. Expert shards: all-reduce over expert_dp.
-// Over the model's mesh (its backend's communicators); no-op without one.
-void reduce_grads(model::Qwen3MoeModel& model);
+inline constexpr int64_t kSliceAlign = 64;  // elements (256 bytes of f32): vector loads stay aligned
 
-// sqrt(Σ replicated g² + Σ over the ep_etp group of expert-shard g²): every unique element once.
-// Call after reduce_grads (then it is identical on every rank).
-double global_grad_norm(model::Qwen3MoeModel& model);
+// Each parameter's slice on this rank over its replica group of the model's mesh (group null where
+// the group has one member, or without a mesh).
+std::vector<model::ParamSlice> replica_slices(const model::Qwen3MoeModel& model);
+
+// Replicated parameters: all-reduce (sum) over world. Expert shards: all-reduce over expert_dp.
+// With `zero` (optim.zero = 1): a reduce-scatter into this rank's slice instead (the rest of the
+// gradient is left as it was). Over the model's mesh (its backend's communicators); no-op without one.
+void reduce_grads(model::Qwen3MoeModel& model, bool zero = false);
+
+// sqrt(Σ replicated g² + Σ over the ep_etp group of expert-shard g²): every unique element once,
+// summed slice by slice (replica_slices). Call after reduce_grads with the same `zero` (then it is
+// identical on every rank).
+double global_grad_norm(model::Qwen3MoeModel& model, bool zero = false);
 
 // Multiplies every gradient by `scale`.
 void scale_grads(model::Qwen3MoeModel& model, float scale);
@@ -23,6 +43,7 @@ void scale_grads(model::Qwen3MoeModel& model, float scale);
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
   StateDType state_dtype = StateDType::kF32;  // storage of the moments
+  bool zero = false;                          // optim.zero = 1: moments of this rank's slices only
 };
 
 // AdamW (decoupled weight decay, bias-corrected moments), moments in f32 or bf16 on the model's
@@ -35,10 +56,13 @@ class AdamW {
   void step(model::Qwen3MoeModel& model, double lr, int64_t step);
   std::vector<Tensor>& exp_avg() { return m_; }
   std::vector<Tensor>& exp_avg_sq() { return v_; }
+  // The moments as checkpoint state (model::ParamStore slots 1 and 2), sliced with zero.
+  std::vector<model::ParamState> states();
 
  private:
   AdamWConfig cfg_;
   std::vector<Tensor> m_, v_;
+  std::vector<model::ParamSlice> slices_;  // zero: this rank's slice of each parameter
 };
 
 // Linear warmup from 0 to `lr` over warmup_steps, then cosine decay to min_lr at total_steps.

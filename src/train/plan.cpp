@@ -42,8 +42,21 @@ MemoryPlan plan_memory(const config::ModelConfig& m, const config::TrainConfig& 
   add(cuda ? "weights (bf16 working copies)" : "weights (f32, the masters)", e * cb);
   if (cuda) add("master weights (f32)", e * 4);
   add("gradients (f32)", e * 4);
-  add(fmt::format("AdamW moments ({})", option_name(cfg.optim.state_dtype)),
-      e * (cfg.optim.state_dtype == StateDType::kBF16 ? 4 : 8));
+  const double moment_bytes = cfg.optim.state_dtype == StateDType::kBF16 ? 4 : 8;
+  if (cfg.optim.zero == 1) {
+    // Each rank keeps the moments of its slice: replicated parameters over world, expert shards
+    // over expert_dp (train/optim.h replica_slices).
+    double replicated = 0, expert = 0;
+    for (const model::ParamDesc& p : table.params) {
+      (p.kind == model::ParamKind::kExpert ? expert : replicated) += static_cast<double>(shape_numel(shard::local_shape(p.spec)));
+    }
+    const double expert_dp = static_cast<double>(world / (P * T));
+    add(fmt::format("AdamW moments ({}, optim.zero 1: 1/{} of replicated, 1/{} of expert)",
+                    option_name(cfg.optim.state_dtype), world, world / (P * T)),
+        moment_bytes * (replicated / world + expert / expert_dp));
+  } else {
+    add(fmt::format("AdamW moments ({})", option_name(cfg.optim.state_dtype)), e * moment_bytes);
+  }
 
   // Activations per layer (model/model.cpp LayerSaved; moe/cuda_moe.h buffers).
   const double H = static_cast<double>(m.hidden_size), D = static_cast<double>(m.head_dim);

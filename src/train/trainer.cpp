@@ -103,7 +103,8 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
     model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, be, opts, static_cast<uint64_t>(cfg_.train.seed));
   });
   optim_ = std::make_unique<AdamW>(
-      *model_, AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay, cfg_.optim.state_dtype});
+      *model_, AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay, cfg_.optim.state_dtype,
+                           cfg_.optim.zero == 1});
 }
 
 Trainer::~Trainer() = default;
@@ -176,8 +177,8 @@ StepResult Trainer::step() {
               r.ce_loss, r.aux_loss, world_.rank());
 
   be.set_memory_phase("optimizer");
-  reduce_grads(*model_);
-  r.grad_norm = global_grad_norm(*model_);
+  reduce_grads(*model_, cfg_.optim.zero == 1);
+  r.grad_norm = global_grad_norm(*model_, cfg_.optim.zero == 1);
   MOETP_CHECK(std::isfinite(r.grad_norm), "step {}: gradient norm is {} on rank {} (loss {})", r.step, r.grad_norm,
               world_.rank(), r.loss);
   if (cfg_.optim.grad_clip > 0 && r.grad_norm > cfg_.optim.grad_clip) {
@@ -199,10 +200,7 @@ StepResult Trainer::step() {
 }
 
 std::unique_ptr<model::ParamStore> Trainer::param_store() const {
-  const std::vector<std::string>& prefixes = model::kAdamWStatePrefixes;
-  return std::make_unique<model::ModelParamStore>(
-      *model_, *mesh_,
-      std::vector<model::ParamState>{{prefixes[0], &optim_->exp_avg()}, {prefixes[1], &optim_->exp_avg_sq()}});
+  return std::make_unique<model::ModelParamStore>(*model_, *mesh_, optim_->states());
 }
 
 void Trainer::save_checkpoint(const std::string& dir) const {

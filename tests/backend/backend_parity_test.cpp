@@ -256,6 +256,16 @@ TEST_F(BackendParity, OptimizerOps) {
     // Both sum in double, in orders of their own (each fixed by numel).
     const double ssq = cpu().sum_of_squares(g);
     EXPECT_NEAR(gpu().sum_of_squares(f32(gpu(), g)), ssq, 1e-12 * ssq) << "sum of squares";
+    // Batched: the same bits as one at a time, on both backends (an empty tensor sums to 0).
+    const Tensor g_dev = f32(gpu(), g), empty_dev = gpu().empty({0}, DType::kF32);
+    const std::vector<Tensor> dev{g_dev, empty_dev, g_dev.view({-1}).slice(0, 1, g_dev.numel())};
+    const std::vector<double> many = gpu().sums_of_squares(dev);
+    ASSERT_EQ(many.size(), 3u);
+    EXPECT_EQ(many[0], gpu().sum_of_squares(g_dev));
+    EXPECT_EQ(many[1], 0.0);
+    EXPECT_EQ(many[2], gpu().sum_of_squares(dev[2]));
+    const std::vector<Tensor> host{g};
+    EXPECT_EQ(cpu().sums_of_squares(host)[0], ssq);
     const Tensor g_gpu = f32(gpu(), g);
     Tensor gc = g.clone(), gg = f32(gpu(), g);
     cpu().scale(gc, 0.37f);

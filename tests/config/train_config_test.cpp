@@ -62,7 +62,8 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.moe.plan_imbalance, 1.5);
   EXPECT_TRUE(c.train.memory_check);
   EXPECT_EQ(c.train.logit_chunk_rows, 0);
-  EXPECT_EQ(field_names().size(), 34u);
+  EXPECT_EQ(c.optim.zero, 0);
+  EXPECT_EQ(field_names().size(), 35u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {
@@ -216,6 +217,7 @@ TEST(TrainConfig, ValidateNamesValues) {
   };
   expect_error([&] { validate(with("train.micro_batches=0")); }, {"train.micro_batches (0) must be >= 1"});
   expect_error([&] { validate(with("moe.plan_imbalance=0.9")); }, {"moe.plan_imbalance (0.9) must be >= 1"});
+  expect_error([&] { validate(with("optim.zero=2")); }, {"optim.zero (2) must be 0 or 1"});
   expect_error([&] { validate(with("train.global_batch_size=0")); }, {"train.global_batch_size (0)"});
   TrainConfig c;
   c.train.global_batch_size = 6;

@@ -179,6 +179,21 @@ TEST(MemoryPlan, LogitChunkFollowsTheConfig) {
   }
 }
 
+// optim.zero = 1: the moments of replicated parameters split over world, of expert shards over
+// expert_dp; nothing else changes.
+TEST(MemoryPlan, ZeroShardsTheMoments) {
+  const config::ModelConfig m = model();
+  config::TrainConfig c = train(4, 1, 8);
+  const train::MemoryPlan z0 = train::plan_memory(m, c, 8, Device::kCuda, 1.0);
+  c.optim.zero = 1;
+  const train::MemoryPlan z1 = train::plan_memory(m, c, 8, Device::kCuda, 1.0);
+  const double experts = static_cast<double>(m.num_hidden_layers) * m.num_experts * 3 * m.hidden_size *
+                         m.moe_intermediate_size / 4;
+  const double replicated = z0.parameters - experts;
+  EXPECT_NEAR(item(z1, "AdamW moments"), 8 * (replicated / 8 + experts / 2), 1e-6 * item(z0, "AdamW moments"));
+  EXPECT_NEAR(z0.peak_bytes - z1.peak_bytes, item(z0, "AdamW moments") - item(z1, "AdamW moments"), 1.0);
+}
+
 TEST(MemoryPlan, TableEndsWithTheVerdict) {
   const train::MemoryPlan p = train::plan_memory(model(), train(1, 1, 2), 1, Device::kCuda, 1.0);
   const std::string fits = train::format_plan(p, 1000, 1.0), not_fits = train::format_plan(p, 10, 1.0);

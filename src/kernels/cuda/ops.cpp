@@ -419,20 +419,33 @@ void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const AdamWHyp
   }
 }
 
-double sum_of_squares(const Tensor& g, cudaStream_t stream) {
-  check_cuda_any(g, DType::kF32, "sum_of_squares g");
-  const int64_t n = g.numel();
-  if (n == 0) return 0.0;
-  const int num_partials = launch::sum_of_squares_num_partials(n);
-  Tensor partials = workspace(static_cast<size_t>(num_partials) * sizeof(double));
-  CUDA_CHECK(launch::sum_of_squares_partials(g.data<float>(), n, static_cast<double*>(partials.raw_data()), stream));
-  std::vector<double> host(static_cast<size_t>(num_partials));
-  CUDA_CHECK(cudaMemcpyAsync(host.data(), partials.raw_data(), host.size() * sizeof(double), cudaMemcpyDeviceToHost,
-                             stream));
+double sum_of_squares(const Tensor& g, cudaStream_t stream) { return sums_of_squares({&g, 1}, stream)[0]; }
+
+std::vector<double> sums_of_squares(std::span<const Tensor> gs, cudaStream_t stream) {
+  // Every tensor's partials into one buffer, one copy to the host, one synchronisation; each sum
+  // is its partials added in order, as for one tensor.
+  std::vector<int64_t> first(gs.size() + 1, 0);
+  for (size_t i = 0; i < gs.size(); ++i) {
+    check_cuda_any(gs[i], DType::kF32, "sum_of_squares g");
+    first[i + 1] = first[i] + launch::sum_of_squares_num_partials(gs[i].numel());
+  }
+  std::vector<double> out(gs.size(), 0.0);
+  if (first.back() == 0) return out;
+  Tensor partials = workspace(static_cast<size_t>(first.back()) * sizeof(double));
+  auto* dev = static_cast<double*>(partials.raw_data());
+  for (size_t i = 0; i < gs.size(); ++i) {
+    if (gs[i].numel() == 0) continue;
+    CUDA_CHECK(launch::sum_of_squares_partials(gs[i].data<float>(), gs[i].numel(), dev + first[i], stream));
+  }
+  std::vector<double> host(static_cast<size_t>(first.back()));
+  CUDA_CHECK(cudaMemcpyAsync(host.data(), dev, host.size() * sizeof(double), cudaMemcpyDeviceToHost, stream));
   CUDA_CHECK(cudaStreamSynchronize(stream));
-  double sum = 0.0;
-  for (double p : host) sum += p;
-  return sum;
+  for (size_t i = 0; i < gs.size(); ++i) {
+    double sum = 0.0;
+    for (int64_t k = first[i]; k < first[i + 1]; ++k) sum += host[static_cast<size_t>(k)];
+    out[i] = sum;
+  }
+  return out;
 }
 
 }  // namespace moetp::cuda

@@ -23,6 +23,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <span>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -172,5 +174,7 @@ void adamw_step(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const AdamWHyp
 // same on every device and run), added in order on the host. Synchronises `stream`.
 //   g [IN] f32, any shape
 double sum_of_squares(const Tensor& g, cudaStream_t stream = nullptr);
+// The same for several tensors at once (one synchronisation): out[i] == sum_of_squares(gs[i]).
+std::vector<double> sums_of_squares(std::span<const Tensor> gs, cudaStream_t stream = nullptr);
 
 }  // namespace moetp::cuda
