@@ -151,6 +151,12 @@ FitAdvice advise_fit(const config::ModelConfig& m, const config::TrainConfig& cf
                          return true;
                        }});
   }
+  if (cfg.optim.zero == 0 && world > 1) {
+    changes.push_back({"optim.zero=1", [](config::TrainConfig& c) {
+                         c.optim.zero = 1;
+                         return true;
+                       }});
+  }
   for (const RecomputeMode mode : {RecomputeMode::kMoe, RecomputeMode::kLayer}) {
     if (cfg.train.recompute == mode && cfg.train.recompute_layers < 0) continue;
     if (cfg.train.recompute == RecomputeMode::kLayer && cfg.train.recompute_layers < 0) continue;
@@ -212,7 +218,7 @@ std::string format_advice(const FitAdvice& advice, const config::TrainConfig& cf
     out += fmt::format("not even one sequence of {} tokens per rank fits with these settings\n", cfg.train.seq_len);
   }
   if (!advice.fits && advice.settings.empty()) {
-    out += "no combination of optim.state_dtype, train.recompute, train.micro_batches and parallel.ep fits at this "
+    out += "no combination of optim.state_dtype, optim.zero, train.recompute, train.micro_batches and parallel.ep fits at this "
            "world size: more GPUs, a shorter train.seq_len or a smaller model\n";
   }
   for (const FitAdvice::Setting& s : advice.settings) {

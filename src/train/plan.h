@@ -50,7 +50,7 @@ inline constexpr double kDefaultAllowanceGiB = 1.0;
 // What would make the plan fit in `budget_bytes` per rank (the GPU's memory less the allowance),
 // at the same world size: the largest micro-batch (sequences per rank and micro-batch) that fits
 // with the other settings as they are, and the settings that fit: each candidate change alone
-// (optim.state_dtype, train.recompute, train.micro_batches, parallel.ep), and when none does,
+// (optim.state_dtype, optim.zero, train.recompute, train.micro_batches, parallel.ep), and when none does,
 // the candidates combined in that order until they do.
 struct FitAdvice {
   bool fits = false;              // the configuration as given fits (no settings are then listed)
