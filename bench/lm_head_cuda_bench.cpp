@@ -93,6 +93,24 @@ int run(int argc, char** argv) {
                 torch_ms > 0 ? fmt::format("{:.2f}", torch_ms / tm.ms).c_str() : "-");
   }
   std::printf("* the CUDA backend's chunk (Backend::logit_chunk_rows)\n");
+  // Where the time goes, one chunk of all N rows: the ops of model::lm_head_loss one by one.
+  {
+    double loss = 0;
+    const bench::Timing tm = bench::time_loop(nullptr, args.iters, args.warmup, 2, [&](int i, const bench::Mark& mark) {
+      const Tensor& fi = f[static_cast<size_t>(i % sets)];
+      Tensor logits = be.linear(fi, w);
+      mark();
+      be.cross_entropy(logits, t[static_cast<size_t>(i % sets)], &logits, 1.0f / kN, loss);
+      mark();
+      Tensor dfi;
+      be.linear_backward(logits, fi, w, &dfi, &dw);
+    });
+    const double gemm = 2.0 * kN * kV * kH;
+    std::printf("\nphases at chunk_rows %lld: logits GEMM %.3f ms (%.1f TFLOP/s) | cross-entropy %.3f ms (%.0f GB/s on "
+                "the bf16 logits read and written) | dX + dW GEMMs %.3f ms (%.1f TFLOP/s)\n",
+                static_cast<long long>(kN), tm.parts[0], gemm / tm.parts[0] / 1e9, tm.parts[1],
+                2.0 * kN * kV * 2 / tm.parts[1] / 1e6, tm.parts[2], 2 * gemm / tm.parts[2] / 1e9);
+  }
   return 0;
 }
 

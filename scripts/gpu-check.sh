@@ -12,7 +12,7 @@ out=${OUT:-/tmp/moetp-out}
 mkdir -p "$out" /tmp/moetp-bundle
 tar -xJf .device-bundle/bundle.tar.xz -C /tmp/moetp-bundle
 run=/tmp/moetp-bundle/run.sh
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 MOETP_CONFIGS_DIR=$PWD/configs  # tests that read configs/ (bundle built elsewhere)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 declare -a rows
 gpus=${GPUS:-$(nvidia-smi -L | wc -l)}

@@ -48,10 +48,15 @@ struct AdamWHyper {
 };
 
 // Rows of logits the LM head materialises at once on `device` by default (at least 1), for a
-// vocabulary of `vocab`: rows · V <= kLogitChunkElems; on the CPU a multiple of cpu::kGemmBlock
-// rows, so that the chunked head's logits and input gradient are bit-identical to the whole
-// (kernels/cpu/gemm.h). The memory planner counts the same chunk.
-inline constexpr int64_t kLogitChunkElems = int64_t{1} << 26;  // 128 MiB of bf16, 256 MiB of f32 logits
+// vocabulary of `vocab`: rows · V <= kLogitChunkElems(device). On the CPU a multiple of
+// cpu::kGemmBlock rows, so that the chunked head's logits and input gradient are bit-identical to
+// the whole (kernels/cpu/gemm.h); on CUDA a multiple of kLogitChunkAlign rows. CUDA's budget is
+// large because every chunk re-reads and re-writes the f32 LM-head gradient (V · H · 8 bytes): at
+// Qwen3's vocabulary 441-row chunks run the head at 0.6x the speed of 3456-row ones
+// (docs/performance.md, LM head). The memory planner counts the same chunk.
+inline constexpr int64_t kLogitChunkElemsCpu = int64_t{1} << 26;   // 256 MiB of f32 logits
+inline constexpr int64_t kLogitChunkElemsCuda = int64_t{1} << 29;  // 1 GiB of bf16 logits
+inline constexpr int64_t kLogitChunkAlign = 128;
 int64_t default_logit_chunk_rows(Device device, int64_t vocab);
 
 class Backend {

@@ -20,9 +20,13 @@ Backend* find(Device device) {
 }
 
 int64_t default_logit_chunk_rows(Device device, int64_t vocab) {
-  const int64_t rows = kLogitChunkElems / std::max<int64_t>(vocab, 1);
-  if (device == Device::kCpu) return std::max<int64_t>(cpu::kGemmBlock, rows / cpu::kGemmBlock * cpu::kGemmBlock);
-  return std::max<int64_t>(1, rows);
+  const int64_t v = std::max<int64_t>(vocab, 1);
+  if (device == Device::kCpu) {
+    const int64_t rows = kLogitChunkElemsCpu / v;
+    return std::max<int64_t>(cpu::kGemmBlock, rows / cpu::kGemmBlock * cpu::kGemmBlock);
+  }
+  const int64_t rows = kLogitChunkElemsCuda / v;
+  return rows >= kLogitChunkAlign ? rows / kLogitChunkAlign * kLogitChunkAlign : std::max<int64_t>(1, rows);
 }
 
 Backend& get(Device device) {

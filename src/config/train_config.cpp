@@ -110,7 +110,8 @@ const std::vector<Field>& fields() {
       field("train.recompute_layers", &C::train, &C::Train::recompute_layers, -1,
             "recompute only the first k decoder layers (-1: all)"),
       field("train.logit_chunk_rows", &C::train, &C::Train::logit_chunk_rows, 0,
-            "rows of LM-head logits materialised at once (0: the backend's default, 2^26 logits); more rows "
+            "rows of LM-head logits materialised at once (0: the backend's default: 2^26 logits on the CPU, 2^29 on "
+            "CUDA, in multiples of 128 rows); more rows "
             "cost memory (rows x vocab x 2 bytes on CUDA) and rewrite the f32 LM-head gradient fewer times"),
       field("train.memory_check", &C::train, &C::Train::memory_check, true,
             "CUDA device: before allocating, check the memory plan (moetp plan) against each GPU's free memory "

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "core/rng.h"
 #include "dist/mpi_env.h"
@@ -16,8 +17,15 @@
 namespace moetp {
 namespace {
 
+// The repository's configs/: $MOETP_CONFIGS_DIR where set (a GPU host running a bundle built
+// elsewhere, scripts/gpu-check.sh), else the source tree this test was built from.
+std::string configs_dir() {
+  const char* env = std::getenv("MOETP_CONFIGS_DIR");
+  return env != nullptr && *env != '\0' ? env : MOETP_CONFIGS_DIR;
+}
+
 config::ModelConfig model() {
-  config::ModelConfig m = config::ModelConfig::load(std::string(MOETP_CONFIGS_DIR) + "/qwen3-30b-a3b-l4.json");
+  config::ModelConfig m = config::ModelConfig::load(configs_dir() + "/qwen3-30b-a3b-l4.json");
   nlohmann::json j = m.to_hf_json();
   j["num_hidden_layers"] = 2;
   j["num_experts"] = 32;
