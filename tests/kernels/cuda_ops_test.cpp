@@ -662,7 +662,8 @@ TEST_F(CudaCrossEntropy, MatchesCpu) {
     DType dtype;
   };
   for (const Case c : {Case{7, 1000, DType::kF32}, Case{7, 1000, DType::kBF16}, Case{1, 1, DType::kF32},
-                       Case{33, 4097, DType::kF32}, Case{5, 151936, DType::kBF16}}) {
+                       Case{33, 4097, DType::kF32}, Case{33, 4097, DType::kBF16}, Case{300, 2048, DType::kBF16},
+                       Case{5, 151936, DType::kBF16}}) {
     const Tensor logits = rounded(random_tensor({c.N, c.V}, 71, 1, -4.0f, 4.0f));
     const std::vector<int32_t> targets = ce_targets(c.N, c.V, 72);
     const int64_t num_targets =
@@ -703,15 +704,19 @@ TEST_F(CudaCrossEntropy, MatchesCpu) {
 }
 
 TEST_F(CudaCrossEntropy, DlogitsMayAliasLogits) {
-  const Tensor logits = random_tensor({7, 1000}, 73, 1, -4.0f, 4.0f);
-  const std::vector<int32_t> targets = ce_targets(7, 1000, 74);
-  Tensor separate;
-  const Tensor loss = cuda::cross_entropy_forward(gpu(logits), gpu(i32_tensor(targets)), &separate, 0.25f);
-  Tensor in_place = gpu(logits);
-  Tensor alias = in_place;
-  const Tensor loss2 = cuda::cross_entropy_forward(in_place, gpu(i32_tensor(targets)), &alias, 0.25f);
-  EXPECT_TRUE(bit_equal(loss2, loss));
-  EXPECT_TRUE(bit_equal(in_place, separate));
+  // f32, bf16 rows of 16-byte vectors (V % 8 == 0) and bf16 rows element by element.
+  for (const auto& [dtype, V] : {std::pair{DType::kF32, int64_t{1000}}, std::pair{DType::kBF16, int64_t{1000}},
+                                 std::pair{DType::kBF16, int64_t{1001}}}) {
+    const Tensor logits = random_tensor({7, V}, 73, 1, -4.0f, 4.0f).to(dtype);
+    const std::vector<int32_t> targets = ce_targets(7, V, 74);
+    Tensor separate;
+    const Tensor loss = cuda::cross_entropy_forward(gpu(logits), gpu(i32_tensor(targets)), &separate, 0.25f);
+    Tensor in_place = gpu(logits);
+    Tensor alias = in_place;
+    const Tensor loss2 = cuda::cross_entropy_forward(in_place, gpu(i32_tensor(targets)), &alias, 0.25f);
+    EXPECT_TRUE(bit_equal(loss2, loss)) << dtype_name(dtype) << " V=" << V;
+    EXPECT_TRUE(bit_equal(in_place, separate)) << dtype_name(dtype) << " V=" << V;
+  }
 }
 
 TEST_F(CudaCrossEntropy, EmptyAndBadTarget) {

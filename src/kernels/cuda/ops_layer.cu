@@ -168,19 +168,64 @@ struct MaxSum {
   float max, sum;
 };
 
+// e^x on the SFU (ex2.approx of x·log2 e; relative error about 2^-22, far below the bf16 rounding of
+// dlogits); e^-inf = 0.
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+
 __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
   if (a.max == -INFINITY) return b;
   if (b.max == -INFINITY) return a;
   const float m = fmaxf(a.max, b.max);
-  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+  return {m, a.sum * fast_exp(a.max - m) + b.sum * fast_exp(b.max - m)};
 }
 
-// One block per row. The target logit is read before the block's first barrier and every dlogits
-// element is written by the thread that read that logit, so dlogits may alias logits.
+// Adds k values to a pair: one rescale per group (at most), then one exponential per value.
+template <int k>
+__device__ __forceinline__ void accumulate(MaxSum& ms, const float (&x)[k]) {
+  float m = x[0];
+#pragma unroll
+  for (int i = 1; i < k; ++i) m = fmaxf(m, x[i]);
+  if (m == -INFINITY) return;
+  if (m > ms.max) {
+    ms.sum = ms.max == -INFINITY ? 0.0f : ms.sum * fast_exp(ms.max - m);
+    ms.max = m;
+  }
+#pragma unroll
+  for (int i = 0; i < k; ++i) ms.sum += fast_exp(x[i] - ms.max);
+}
+
+// 8 bf16 in 16 bytes <-> 8 floats.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&x)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = __uint_as_float(w[i] << 16);
+    x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
+    w[i] = static_cast<uint32_t>(__bfloat16_as_ushort(v.x)) | (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// One block per row, two passes over it (the second mostly from L2): the (max, Σ exp) pair, then
+// dlogits = scale · (softmax − onehot). bf16 rows of a multiple of 8 elements move 16 bytes per
+// thread (`vec`); other rows one element at a time. The target logit is read before the block's first
+// barrier and every dlogits element is written by the thread that read that logit, so dlogits may
+// alias logits.
 template <typename T>
 __global__ void __launch_bounds__(kCeThreads) cross_entropy_kernel(const T* logits, const int32_t* __restrict__ targets,
                                                                    float* __restrict__ loss, T* dlogits,
-                                                                   float grad_scale, int64_t N, int64_t V,
+                                                                   float grad_scale, int64_t N, int64_t V, bool vec,
                                                                    IndexFault* fault) {
   __shared__ MaxSum scratch[kCeThreads / kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -198,13 +243,17 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_kernel(const T* logi
     const T* row = logits + n * V;
     const float target_logit = to_f32(row[t]);
     MaxSum ms{-INFINITY, 0.0f};
-    for (int64_t c = threadIdx.x; c < V; c += blockDim.x) {
-      const float v = to_f32(row[c]);
-      if (v > ms.max) {
-        ms.sum = (ms.max == -INFINITY ? 0.0f : ms.sum * expf(ms.max - v)) + 1.0f;
-        ms.max = v;
-      } else {
-        ms.sum += expf(v - ms.max);
+    if (vec) {
+      const uint4* row8 = reinterpret_cast<const uint4*>(row);
+      for (int64_t c = threadIdx.x; c < V / 8; c += blockDim.x) {
+        float x[8];
+        unpack8(row8[c], x);
+        accumulate(ms, x);
+      }
+    } else {
+      for (int64_t c = threadIdx.x; c < V; c += blockDim.x) {
+        const float x[1] = {to_f32(row[c])};
+        accumulate(ms, x);
       }
     }
 #pragma unroll
@@ -219,9 +268,20 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_kernel(const T* logi
     __syncthreads();  // scratch is reused by the next row
     const float lse = total.max + logf(total.sum);
     if (threadIdx.x == 0) loss[n] = lse - target_logit;
-    if (drow != nullptr) {
+    if (drow == nullptr) continue;
+    if (vec) {
+      const uint4* row8 = reinterpret_cast<const uint4*>(row);
+      uint4* drow8 = reinterpret_cast<uint4*>(drow);
+      for (int64_t c = threadIdx.x; c < V / 8; c += blockDim.x) {
+        float x[8];
+        unpack8(row8[c], x);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = grad_scale * (fast_exp(x[i] - lse) - (8 * c + i == t ? 1.0f : 0.0f));
+        drow8[c] = pack8(x);
+      }
+    } else {
       for (int64_t c = threadIdx.x; c < V; c += blockDim.x) {
-        const float p = expf(to_f32(row[c]) - lse);
+        const float p = fast_exp(to_f32(row[c]) - lse);
         drow[c] = from_f32<T>(grad_scale * (c == t ? p - 1.0f : p));
       }
     }
@@ -294,11 +354,15 @@ cudaError_t cross_entropy_forward(const void* logits, bool logits_bf16, const in
                                   cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
   if (logits_bf16) {
+    // 16-byte rows: every row start is 16-byte aligned when V % 8 == 0 and both bases are.
+    const bool vec = V % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(dlogits) % 16 == 0;
     cross_entropy_kernel<bf16_t><<<grid_blocks(N), kCeThreads, 0, stream>>>(
-        static_cast<const bf16_t*>(logits), targets, loss, static_cast<bf16_t*>(dlogits), grad_scale, N, V, fault);
+        static_cast<const bf16_t*>(logits), targets, loss, static_cast<bf16_t*>(dlogits), grad_scale, N, V, vec,
+        fault);
   } else {
     cross_entropy_kernel<float><<<grid_blocks(N), kCeThreads, 0, stream>>>(
-        static_cast<const float*>(logits), targets, loss, static_cast<float*>(dlogits), grad_scale, N, V, fault);
+        static_cast<const float*>(logits), targets, loss, static_cast<float*>(dlogits), grad_scale, N, V, false, fault);
   }
   return cudaGetLastError();
 }
