@@ -134,10 +134,14 @@ class Backend {
   virtual void rope_forward(Tensor& x_NhD, const Tensor& positions_N, double theta) = 0;
   virtual void rope_backward(Tensor& dx_NhD, const Tensor& positions_N, double theta) = 0;
   // Causal GQA attention on (B, S, Q|G, D); fills `lse_BQS` (f32) for the backward, which also
-  // reads the forward's output.
-  virtual Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& lse_BQS) = 0;
+  // reads the forward's output. `docs`: the documents of the flat B·S token stream, cu_seqlens style
+  // (host offsets; kernels/cpu/attention.h); empty = one per row. A backend whose kernels lack
+  // packed documents rejects them with an error.
+  virtual Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& lse_BQS,
+                                   std::span<const int64_t> docs) = 0;
   virtual void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                                  const Tensor& out, const Tensor& lse_BQS, Tensor& dq, Tensor& dk, Tensor& dv) = 0;
+                                  const Tensor& out, const Tensor& lse_BQS, Tensor& dq, Tensor& dk, Tensor& dv,
+                                  std::span<const int64_t> docs) = 0;
   virtual Tensor swiglu_forward(const Tensor& h_M2i) = 0;
   virtual Tensor swiglu_backward(const Tensor& h_M2i, const Tensor& da_Mi) = 0;
   // dst += a (+ b), element-wise, added left to right in f32 and stored once in dst's dtype.

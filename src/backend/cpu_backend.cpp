@@ -134,15 +134,17 @@ class CpuBackend final : public Backend {
   void rope_backward(Tensor& dx_NhD, const Tensor& positions_N, double theta) override {
     cpu::rope_backward(dx_NhD, positions_N, theta);
   }
-  Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& lse_BQS) override {
+  Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& lse_BQS,
+                           std::span<const int64_t> docs) override {
     cpu::AttentionSaved saved;
-    Tensor out = cpu::attention_forward(q, k, v, &saved);
+    Tensor out = cpu::attention_forward(q, k, v, &saved, docs);
     lse_BQS = saved.lse_BQS;
     return out;
   }
   void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& /*out*/,
-                          const Tensor& lse_BQS, Tensor& dq, Tensor& dk, Tensor& dv) override {
-    cpu::attention_backward(dout, q, k, v, cpu::AttentionSaved{lse_BQS}, dq, dk, dv);
+                          const Tensor& lse_BQS, Tensor& dq, Tensor& dk, Tensor& dv,
+                          std::span<const int64_t> docs) override {
+    cpu::attention_backward(dout, q, k, v, cpu::AttentionSaved{lse_BQS}, dq, dk, dv, docs);
   }
   Tensor swiglu_forward(const Tensor& h_M2i) override { return cpu::swiglu_forward(h_M2i); }
   Tensor swiglu_backward(const Tensor& h_M2i, const Tensor& da_Mi) override {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <span>
 #include <vector>
 
 #include "backend/backend.h"
@@ -35,6 +36,19 @@ void check_cuda(const Tensor& t, DType dtype, const char* name) {
   check_dtype(t, dtype, name);
   check_device(t, Device::kCuda, name);
   check_contiguous(t, name);
+}
+
+// The CUDA attention kernels compute one document per row; packed documents are refused, never
+// computed as if unpacked.
+void check_one_document_per_row(const Tensor& q_BSQD, std::span<const int64_t> docs) {
+  if (docs.empty()) return;
+  const int64_t B = q_BSQD.size(0), S = q_BSQD.size(1);
+  bool rows = static_cast<int64_t>(docs.size()) == B + 1;
+  for (int64_t b = 0; rows && b <= B; ++b) rows = docs[static_cast<size_t>(b)] == b * S;
+  MOETP_CHECK(rows,
+              "the CUDA attention kernels compute one document per row; this batch packs {} documents into {} rows "
+              "of {} tokens (train on the CPU device, or unpacked rows)",
+              docs.size() - 1, B, S);
 }
 
 // moe.expert_gemm resolved for experts of hidden H and local width i, and why (for the banner).
@@ -202,11 +216,15 @@ class CudaBackend final : public Backend {
   void rope_backward(Tensor& dx_NhD, const Tensor& positions_N, double theta) override {
     cuda::rope_backward(dx_NhD, positions_N, theta);
   }
-  Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& lse_BQS) override {
+  Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& lse_BQS,
+                           std::span<const int64_t> docs) override {
+    check_one_document_per_row(q, docs);
     return cuda::attention_forward(q, k, v, &lse_BQS);
   }
   void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                          const Tensor& lse_BQS, Tensor& dq, Tensor& dk, Tensor& dv) override {
+                          const Tensor& lse_BQS, Tensor& dq, Tensor& dk, Tensor& dv,
+                          std::span<const int64_t> docs) override {
+    check_one_document_per_row(q, docs);
     cuda::attention_backward(dout, q, k, v, out, lse_BQS, dq, dk, dv);
   }
   Tensor swiglu_forward(const Tensor& h_M2i) override { return cuda::swiglu_forward(h_M2i); }

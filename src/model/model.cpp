@@ -164,9 +164,9 @@ MicroStats Qwen3MoeModel::forward(const Tensor& tokens_BS1, Tensor* logits) {
 MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale, double aux_scale,
                               Tensor* logits_out) {
   batch.validate();
-  MOETP_CHECK(batch.one_document_per_row(),
-              "the attention kernels compute one document per row; this batch packs {} documents into {} rows of {}",
-              batch.doc_offsets.size() - 1, batch.rows, batch.seq_len);
+  // The attention's documents: none passed for one document per row (every backend's fast path).
+  const std::span<const int64_t> docs =
+      batch.one_document_per_row() ? std::span<const int64_t>{} : std::span<const int64_t>(batch.doc_offsets);
   backend::Backend& be = backend_;
   const int64_t B = batch.rows, S = batch.seq_len, N = B * S;
   const int64_t D = cfg_.head_dim, Hq = cfg_.num_attention_heads,
@@ -193,7 +193,7 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     s.q = q.view({B, S, Hq, D});
     s.k = k.view({B, S, Hkv, D});
     s.v = be.linear(s.a, W(L.v)).view({B, S, Hkv, D});
-    s.attn = be.attention_forward(s.q, s.k, s.v, s.lse);
+    s.attn = be.attention_forward(s.q, s.k, s.v, s.lse, docs);
     Tensor o = be.linear(s.attn.view({N, Hq * D}), W(L.o));
     be.add_into(o, s.x_in);
     s.x_mid = o;
@@ -354,7 +354,7 @@ MicroStats Qwen3MoeModel::run(const Batch& batch, bool backward, double ce_scale
     Tensor dattn;
     be.linear_backward(dx_mid, s.attn.view({N, Hq * D}), W(L.o), &dattn, &G(L.o));
     Tensor dq, dk, dv;
-    be.attention_backward(dattn.view({B, S, Hq, D}), s.q, s.k, s.v, s.attn, s.lse, dq, dk, dv);
+    be.attention_backward(dattn.view({B, S, Hq, D}), s.q, s.k, s.v, s.attn, s.lse, dq, dk, dv, docs);
     Tensor dq3 = dq.view({N, Hq, D}), dk3 = dk.view({N, Hkv, D});
     be.rope_backward(dq3, positions, theta);
     be.rope_backward(dk3, positions, theta);

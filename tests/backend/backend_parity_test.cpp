@@ -191,16 +191,24 @@ TEST_F(BackendParity, Attention) {
     const Tensor q = input({a.B, a.S, a.Q, a.D}, 17), k = input({a.B, a.S, a.G, a.D}, 18),
                  v = input({a.B, a.S, a.G, a.D}, 19), dout = input({a.B, a.S, a.Q, a.D}, 20);
     Tensor lc, lg;
-    const Tensor oc = cpu().attention_forward(act(cpu(), q), act(cpu(), k), act(cpu(), v), lc);
-    const Tensor og = gpu().attention_forward(act(gpu(), q), act(gpu(), k), act(gpu(), v), lg);
+    const Tensor oc = cpu().attention_forward(act(cpu(), q), act(cpu(), k), act(cpu(), v), lc, {});
+    const Tensor og = gpu().attention_forward(act(gpu(), q), act(gpu(), k), act(gpu(), v), lg, {});
     EXPECT_TRUE(close(host(og), oc, kAttnTensorCoreVsSpec)) << "out";
     EXPECT_TRUE(close(host(lg), lc, kAttnLse)) << "lse";
     Tensor dqc, dkc, dvc, dqg, dkg, dvg;
-    cpu().attention_backward(act(cpu(), dout), act(cpu(), q), act(cpu(), k), act(cpu(), v), oc, lc, dqc, dkc, dvc);
-    gpu().attention_backward(act(gpu(), dout), act(gpu(), q), act(gpu(), k), act(gpu(), v), og, lg, dqg, dkg, dvg);
+    cpu().attention_backward(act(cpu(), dout), act(cpu(), q), act(cpu(), k), act(cpu(), v), oc, lc, dqc, dkc, dvc, {});
+    gpu().attention_backward(act(gpu(), dout), act(gpu(), q), act(gpu(), k), act(gpu(), v), og, lg, dqg, dkg, dvg, {});
     EXPECT_TRUE(close(host(dqg), dqc, kAttnTensorCoreVsSpec)) << "dq";
     EXPECT_TRUE(close(host(dkg), dkc, kAttnTensorCoreVsSpec)) << "dk";
     EXPECT_TRUE(close(host(dvg), dvc, kAttnTensorCoreVsSpec)) << "dv";
+    // One document per row spelled out is the same as none; packed documents are refused by CUDA.
+    std::vector<int64_t> rows, packed = {0, 5, a.B * a.S};
+    for (int64_t b = 0; b <= a.B; ++b) rows.push_back(b * a.S);
+    Tensor lr;
+    EXPECT_TRUE(bit_equal(gpu().attention_forward(act(gpu(), q), act(gpu(), k), act(gpu(), v), lr, rows), og));
+    Tensor lp;
+    testing::expect_error([&] { gpu().attention_forward(act(gpu(), q), act(gpu(), k), act(gpu(), v), lp, packed); },
+                 {"one document per row", "packs 2 documents"});
   }
 }
 

@@ -227,6 +227,55 @@ TEST(CpuAttention, SingleTokenOutputIsItsValue) {
   EXPECT_TRUE(close(out, repeat_kv(v, Q / G), moetp::testing::kF32Exactish));
 }
 
+// Packed documents (cu_seqlens over the flat B·S stream, one of them continuing from row 0 into row
+// 1): every document's output, lse and gradients are the bits of that document run alone.
+TEST(CpuAttention, PackedDocumentsEqualEachDocumentAlone) {
+  const int64_t B = 2, S = 10, Q = 4, G = 2, D = 8, N = B * S;
+  const std::vector<int64_t> docs = {0, 3, 7, 14, 15, N};
+  const Tensor q = random_tensor({B, S, Q, D}, 86, 1), k = random_tensor({B, S, G, D}, 86, 2);
+  const Tensor v = random_tensor({B, S, G, D}, 86, 3), dout = random_tensor({B, S, Q, D}, 86, 4);
+  cpu::AttentionSaved saved;
+  const Tensor out = cpu::attention_forward(q, k, v, &saved, docs);
+  Tensor dq, dk, dv;
+  cpu::attention_backward(dout, q, k, v, saved, dq, dk, dv, docs);
+  // Tokens [t0, t1) of a (B, S, h, D) tensor as (1, L, h, D).
+  auto part = [&](const Tensor& x, int64_t t0, int64_t t1) {
+    const int64_t h = x.size(2);
+    return x.view({N, h * D}).slice(0, t0, t1).contiguous().view({1, t1 - t0, h, D});
+  };
+  const std::vector<float> lse = saved.lse_BQS.to_vector<float>();  // (B, Q, S)
+  for (size_t d = 0; d + 1 < docs.size(); ++d) {
+    const int64_t t0 = docs[d], t1 = docs[d + 1], L = t1 - t0;
+    SCOPED_TRACE(::testing::Message() << "document " << d << " [" << t0 << ", " << t1 << ")");
+    cpu::AttentionSaved s1;
+    const Tensor o1 = cpu::attention_forward(part(q, t0, t1), part(k, t0, t1), part(v, t0, t1), &s1);
+    EXPECT_TRUE(moetp::testing::bit_equal(part(out, t0, t1), o1));
+    const std::vector<float> lse1 = s1.lse_BQS.to_vector<float>();  // (1, Q, L)
+    for (int64_t h = 0; h < Q; ++h) {
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t t = t0 + i;
+        EXPECT_EQ(lse[static_cast<size_t>((t / S * Q + h) * S + t % S)], lse1[static_cast<size_t>(h * L + i)]);
+      }
+    }
+    Tensor dq1, dk1, dv1;
+    cpu::attention_backward(part(dout, t0, t1), part(q, t0, t1), part(k, t0, t1), part(v, t0, t1), s1, dq1, dk1, dv1);
+    EXPECT_TRUE(moetp::testing::bit_equal(part(dq, t0, t1), dq1));
+    EXPECT_TRUE(moetp::testing::bit_equal(part(dk, t0, t1), dk1));
+    EXPECT_TRUE(moetp::testing::bit_equal(part(dv, t0, t1), dv1));
+  }
+  // One document per row spelled out is the unpacked computation.
+  EXPECT_TRUE(moetp::testing::bit_equal(cpu::attention_forward(q, k, v, nullptr, std::vector<int64_t>{0, S, N}),
+                                        cpu::attention_forward(q, k, v, nullptr)));
+}
+
+TEST(CpuAttention, RejectsBadDocumentOffsets) {
+  const Tensor q = random_tensor({2, 5, 2, 3}, 87, 1), k = random_tensor({2, 5, 1, 3}, 87, 2);
+  expect_error([&] { cpu::attention_forward(q, k, k, nullptr, std::vector<int64_t>{0, 4, 9}); },
+               {"must start at 0 and end at N = B·S = 10", "last 9"});
+  expect_error([&] { cpu::attention_forward(q, k, k, nullptr, std::vector<int64_t>{0, 4, 4, 10}); },
+               {"document 1 is empty or reversed (offsets 4 -> 4)"});
+}
+
 TEST(CpuAttention, EmptyBatchIsLegal) {
   const Tensor q = Tensor::empty({0, 4, 2, 3}, DType::kF32), kv = Tensor::empty({0, 4, 1, 3}, DType::kF32);
   cpu::AttentionSaved saved;

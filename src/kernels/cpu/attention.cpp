@@ -1,4 +1,4 @@
-// Attention one (sequence, query head) at a time: an (S, S) score matrix from one OpenBLAS GEMM over
+// Attention one (document, query head) at a time: an (L, L) score matrix from one OpenBLAS GEMM over
 // strided head rows (row stride Q·D or G·D, so no repacking), the causal softmax row by row, and a
 // second GEMM for the output. Backward recomputes the probabilities from the saved log-sum-exp (the
 // layout a flash-attention kernel saves, so both backends share AttentionSaved) and accumulates the
@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <span>
 #include <vector>
 
 #include "kernels/cpu/gemm.h"
@@ -52,9 +53,28 @@ AttentionDims check_attention_shapes(const Tensor& q_BSQD, const Tensor& k_BSGD,
   return d;
 }
 
-Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD, AttentionSaved* saved) {
+std::vector<int64_t> attention_documents(const AttentionDims& d, std::span<const int64_t> doc_offsets) {
+  const int64_t N = d.B * d.S;
+  if (doc_offsets.empty()) {
+    std::vector<int64_t> rows(static_cast<size_t>(d.B + 1));
+    for (int64_t b = 0; b <= d.B; ++b) rows[static_cast<size_t>(b)] = b * d.S;
+    return rows;
+  }
+  MOETP_CHECK(doc_offsets.front() == 0 && doc_offsets.back() == N,
+              "attention: document offsets must start at 0 and end at N = B·S = {} (got {} offsets, first {}, last {})",
+              N, doc_offsets.size(), doc_offsets.front(), doc_offsets.back());
+  for (size_t i = 1; i < doc_offsets.size(); ++i) {
+    MOETP_CHECK(doc_offsets[i] > doc_offsets[i - 1], "attention: document {} is empty or reversed (offsets {} -> {})",
+                i - 1, doc_offsets[i - 1], doc_offsets[i]);
+  }
+  return {doc_offsets.begin(), doc_offsets.end()};
+}
+
+Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD, AttentionSaved* saved,
+                         std::span<const int64_t> doc_offsets) {
   const AttentionDims d = check_attention_shapes(q_BSQD, k_BSGD, v_BSGD);
   check_f32_inputs(q_BSQD, k_BSGD, v_BSGD);
+  const std::vector<int64_t> docs = attention_documents(d, doc_offsets);
   const int64_t S = d.S, Q = d.Q, G = d.G, D = d.D, group = d.Q / d.G;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   Tensor out_BSQD = Tensor::empty({d.B, S, Q, D}, DType::kF32);
@@ -65,18 +85,19 @@ Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tenso
   float* out = out_BSQD.data<float>();
   float* lse = lse_BQS.data<float>();
 
-  std::vector<float> p(static_cast<size_t>(S * S));  // scores, then probabilities, of one head
-  for (int64_t b = 0; b < d.B; ++b) {
+  std::vector<float> p;  // scores, then probabilities, of one (document, head)
+  for (size_t doc = 0; doc + 1 < docs.size(); ++doc) {
+    const int64_t t0 = docs[doc], L = docs[doc + 1] - t0;  // tokens t0 .. t0 + L - 1 of the flat (B·S) stream
+    p.resize(static_cast<size_t>(L * L));
     for (int64_t qh = 0; qh < Q; ++qh) {
       const int64_t g = qh / group;
-      const float* q_h = q + b * S * Q * D + qh * D;  // row s at q_h + s·Q·D
-      const float* k_g = k + b * S * G * D + g * D;   // row s at k_g + s·G·D
-      const float* v_g = v + b * S * G * D + g * D;
-      float* lse_h = lse + (b * Q + qh) * S;
-      gemm(false, true, S, S, D, scale, q_h, Q * D, k_g, G * D, 0.0f, p.data(), S);
+      const float* q_h = q + t0 * Q * D + qh * D;  // row i at q_h + i·Q·D
+      const float* k_g = k + t0 * G * D + g * D;   // row j at k_g + j·G·D
+      const float* v_g = v + t0 * G * D + g * D;
+      gemm(false, true, L, L, D, scale, q_h, Q * D, k_g, G * D, 0.0f, p.data(), L);
 #pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < S; ++i) {
-        float* row = p.data() + i * S;
+      for (int64_t i = 0; i < L; ++i) {
+        float* row = p.data() + i * L;
         const float row_max = *std::max_element(row, row + i + 1);
         double sum = 0.0;
         for (int64_t j = 0; j <= i; ++j) {
@@ -85,10 +106,11 @@ Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tenso
         }
         const float inv_sum = static_cast<float>(1.0 / sum);
         for (int64_t j = 0; j <= i; ++j) row[j] *= inv_sum;
-        std::fill(row + i + 1, row + S, 0.0f);  // causal mask: exp(−inf) = 0
-        lse_h[i] = static_cast<float>(row_max + std::log(sum));
+        std::fill(row + i + 1, row + L, 0.0f);  // causal mask: exp(−inf) = 0
+        const int64_t t = t0 + i;
+        lse[(t / S * Q + qh) * S + t % S] = static_cast<float>(row_max + std::log(sum));
       }
-      gemm(false, false, S, D, S, 1.0f, p.data(), S, v_g, G * D, 0.0f, out + b * S * Q * D + qh * D, Q * D);
+      gemm(false, false, L, D, L, 1.0f, p.data(), L, v_g, G * D, 0.0f, out + t0 * Q * D + qh * D, Q * D);
     }
   }
   if (saved != nullptr) saved->lse_BQS = std::move(lse_BQS);
@@ -96,9 +118,11 @@ Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tenso
 }
 
 void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD,
-                        const AttentionSaved& saved, Tensor& dq_BSQD, Tensor& dk_BSGD, Tensor& dv_BSGD) {
+                        const AttentionSaved& saved, Tensor& dq_BSQD, Tensor& dk_BSGD, Tensor& dv_BSGD,
+                        std::span<const int64_t> doc_offsets) {
   const AttentionDims d = check_attention_shapes(q_BSQD, k_BSGD, v_BSGD);
   check_f32_inputs(q_BSQD, k_BSGD, v_BSGD);
+  const std::vector<int64_t> docs = attention_documents(d, doc_offsets);
   const int64_t S = d.S, Q = d.Q, G = d.G, D = d.D, group = d.Q / d.G;
   check_f32_cpu(dout_BSQD, 4, "attention dout_BSQD");
   check_shape(dout_BSQD, q_BSQD.shape(), "attention dout_BSQD");
@@ -120,31 +144,35 @@ void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Ten
   float* dk = dk_BSGD.data<float>();
   float* dv = dv_BSGD.data<float>();
 
-  std::vector<float> p(static_cast<size_t>(S * S)), ds(static_cast<size_t>(S * S));
-  for (int64_t b = 0; b < d.B; ++b) {
+  std::vector<float> p, ds;
+  for (size_t doc = 0; doc + 1 < docs.size(); ++doc) {
+    const int64_t t0 = docs[doc], L = docs[doc + 1] - t0;
+    p.resize(static_cast<size_t>(L * L));
+    ds.resize(static_cast<size_t>(L * L));
     for (int64_t qh = 0; qh < Q; ++qh) {
       const int64_t g = qh / group;
-      const int64_t q_off = b * S * Q * D + qh * D, kv_off = b * S * G * D + g * D;
-      const float* lse_h = lse + (b * Q + qh) * S;
-      gemm(false, true, S, S, D, scale, q + q_off, Q * D, k + kv_off, G * D, 0.0f, p.data(), S);
-      gemm(false, true, S, S, D, 1.0f, dout + q_off, Q * D, v + kv_off, G * D, 0.0f, ds.data(), S);  // dP
+      const int64_t q_off = t0 * Q * D + qh * D, kv_off = t0 * G * D + g * D;
+      gemm(false, true, L, L, D, scale, q + q_off, Q * D, k + kv_off, G * D, 0.0f, p.data(), L);
+      gemm(false, true, L, L, D, 1.0f, dout + q_off, Q * D, v + kv_off, G * D, 0.0f, ds.data(), L);  // dP
 #pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < S; ++i) {
-        float* p_row = p.data() + i * S;
-        float* ds_row = ds.data() + i * S;
+      for (int64_t i = 0; i < L; ++i) {
+        float* p_row = p.data() + i * L;
+        float* ds_row = ds.data() + i * L;
+        const int64_t t = t0 + i;
+        const float row_lse = lse[(t / S * Q + qh) * S + t % S];
         double p_dot_dp = 0.0;
         for (int64_t j = 0; j <= i; ++j) {
-          p_row[j] = std::exp(p_row[j] - lse_h[i]);
+          p_row[j] = std::exp(p_row[j] - row_lse);
           p_dot_dp += static_cast<double>(p_row[j]) * ds_row[j];
         }
         const float row_term = static_cast<float>(p_dot_dp);
         for (int64_t j = 0; j <= i; ++j) ds_row[j] = p_row[j] * (ds_row[j] - row_term);
-        std::fill(p_row + i + 1, p_row + S, 0.0f);
-        std::fill(ds_row + i + 1, ds_row + S, 0.0f);
+        std::fill(p_row + i + 1, p_row + L, 0.0f);
+        std::fill(ds_row + i + 1, ds_row + L, 0.0f);
       }
-      gemm(false, false, S, D, S, scale, ds.data(), S, k + kv_off, G * D, 0.0f, dq + q_off, Q * D);
-      gemm(true, false, S, D, S, scale, ds.data(), S, q + q_off, Q * D, 1.0f, dk + kv_off, G * D);
-      gemm(true, false, S, D, S, 1.0f, p.data(), S, dout + q_off, Q * D, 1.0f, dv + kv_off, G * D);
+      gemm(false, false, L, D, L, scale, ds.data(), L, k + kv_off, G * D, 0.0f, dq + q_off, Q * D);
+      gemm(true, false, L, D, L, scale, ds.data(), L, q + q_off, Q * D, 1.0f, dk + kv_off, G * D);
+      gemm(true, false, L, D, L, 1.0f, p.data(), L, dout + q_off, Q * D, 1.0f, dv + kv_off, G * D);
     }
   }
 }

@@ -3,11 +3,18 @@
 // communication, no configuration.
 //
 // Shape legend: B sequences, S tokens per sequence, Q query heads, G key/value heads, D head_dim.
-// Query head q reads key/value head q / (Q / G) (HF `repeat_kv`); scale = 1 / sqrt(D). Token i of a
-// sequence attends to tokens j <= i of the same sequence only.
+// Query head q reads key/value head q / (Q / G) (HF `repeat_kv`); scale = 1 / sqrt(D).
+//
+// Documents (packed batches): `doc_offsets` in the cu_seqlens style over the flat stream of the
+// N = B·S tokens (document d is tokens [doc_offsets[d], doc_offsets[d + 1]); 0 first, N last,
+// increasing; a document may continue from one row into the next). Token i attends to the tokens
+// j <= i of its own document only. Empty: one document per row (token i of a row attends to tokens
+// j <= i of that row).
 #pragma once
 
 #include <cstdint>
+#include <span>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -31,14 +38,20 @@ struct AttentionDims {
 // q (B, S, Q, D), k and v (B, S, G, D), D >= 1, G >= 1, Q % G == 0; errors quote the shapes.
 AttentionDims check_attention_shapes(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD);
 
+// The documents `doc_offsets` describes for inputs of dims `d` (one per row when empty), checked:
+// errors name the offsets.
+std::vector<int64_t> attention_documents(const AttentionDims& d, std::span<const int64_t> doc_offsets);
+
 // Forward.
 //   q_BSQD [IN]  (B, S, Q, D) f32, contiguous (the q_proj output viewed per head, after RoPE)
 //   k_BSGD [IN]  (B, S, G, D) f32, contiguous (after RoPE)
 //   v_BSGD [IN]  (B, S, G, D) f32, contiguous
 //   saved  [OUT] may be null; else lse_BQS is (re)allocated and filled for backward
+//   doc_offsets [IN] the documents (above); empty = one per row
 //   returns out_BSQD (B, S, Q, D) f32, freshly allocated (view it as (B·S, Q·D) for o_proj)
 // Scores accumulate in f32 (OpenBLAS); softmax subtracts the row max and sums in double.
-Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD, AttentionSaved* saved);
+Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD, AttentionSaved* saved,
+                         std::span<const int64_t> doc_offsets = {});
 
 // Backward. With P the causal softmax and dP = dout · vᵀ per head:
 //   dS = P ⊙ (dP − rowsum(P ⊙ dP)),  dq = scale · dS · k,  dk = Σ_group scale · dSᵀ · q,
@@ -47,8 +60,10 @@ Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tenso
 //   q_BSQD, k_BSGD, v_BSGD [IN] as in forward; saved [IN] from the forward on the same inputs
 //   dq_BSQD            [OUT] (B, S, Q, D) f32, OVERWRITTEN (allocated when undefined)
 //   dk_BSGD, dv_BSGD   [OUT] (B, S, G, D) f32, OVERWRITTEN (allocated when undefined)
+//   doc_offsets        [IN]  the forward's documents
 // Outputs must not alias each other or any input.
 void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD,
-                        const AttentionSaved& saved, Tensor& dq_BSQD, Tensor& dk_BSGD, Tensor& dv_BSGD);
+                        const AttentionSaved& saved, Tensor& dq_BSQD, Tensor& dk_BSGD, Tensor& dv_BSGD,
+                        std::span<const int64_t> doc_offsets = {});
 
 }  // namespace moetp::cpu
