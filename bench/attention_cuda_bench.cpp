@@ -12,6 +12,7 @@
 // FLOPs (causal, as flash-attention reports them): forward 2·B·Q·S²·D, backward 2.5 times that.
 //
 // Rows per shape: `moetp` (the kernel attention_forward/backward pick: tensor cores for D = 64, 128),
+// `determ` (the same with dq added in key-tile order: train.deterministic),
 // `f32` (the f32 kernel, AttentionKernel::kF32: the same-run baseline; vs_f32 = its time / the row's
 // time), and for the tensor-core shapes one `tc_cfgN` row per tile configuration of
 // attention_tc_{fwd,bwd}.cu (config N of both; where one of them has fewer configurations, nan). A check line per tensor-core shape gives max |tc − f32| / max |f32| of
@@ -89,7 +90,7 @@ uint16_t* bits(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data<bf16>()); 
 
 // Inputs and outputs of one shape, on the GPU.
 struct Buffers {
-  Tensor q, k, v, dout, out, lse, delta, dq_accum, dq, dk, dv;
+  Tensor q, k, v, dout, out, lse, delta, dq_accum, dq, dk, dv, dq_turns;
 };
 
 // Bytes of one set's inputs (q, k, v, dout, bf16), as bench/torch_attention.py counts them.
@@ -110,6 +111,7 @@ Buffers make_buffers(const Shape5& s, uint64_t set) {
   b.lse = Tensor::empty({s.B, s.Q, s.S}, DType::kF32, Device::kCuda);
   b.delta = Tensor::empty({s.B, s.Q, s.S}, DType::kF32, Device::kCuda);
   b.dq_accum = Tensor::empty({s.B, s.S, s.Q, s.D}, DType::kF32, Device::kCuda);
+  b.dq_turns = Tensor::empty({launch::attention_dq_turns(s.B, s.S, s.Q)}, DType::kI32, Device::kCuda);
   return b;
 }
 
@@ -118,6 +120,7 @@ struct Variant {
   std::string name;
   enum { kF32, kAuto, kTc } kind;
   int config = 0;
+  bool deterministic = false;  // dq added in key-tile order (train.deterministic)
 };
 
 float softmax_scale(int64_t D) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))); }
@@ -141,6 +144,7 @@ bool backward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) 
   if (var.kind == Variant::kTc && var.config >= launch::kAttentionBackwardTcConfigs) return false;
   const float scale = softmax_scale(s.D);
   CUDA_CHECK(cudaMemsetAsync(b.dq_accum.raw_data(), 0, b.dq_accum.num_bytes(), st));
+  if (var.deterministic) CUDA_CHECK(cudaMemsetAsync(b.dq_turns.raw_data(), 0, b.dq_turns.num_bytes(), st));
   CUDA_CHECK(
       launch::attention_backward_delta(bits(b.dout), bits(b.out), b.delta.data<float>(), s.B, s.S, s.Q, s.D, st));
   if (var.kind == Variant::kTc) {
@@ -151,7 +155,8 @@ bool backward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) 
     CUDA_CHECK(launch::attention_backward(
         bits(b.dout), bits(b.q), bits(b.k), bits(b.v), b.lse.data<float>(), b.delta.data<float>(),
         b.dq_accum.data<float>(), bits(b.dk), bits(b.dv), s.B, s.S, s.Q, s.G, s.D, scale, st,
-        var.kind == Variant::kF32 ? launch::AttentionKernel::kF32 : launch::AttentionKernel::kAuto));
+        var.kind == Variant::kF32 ? launch::AttentionKernel::kF32 : launch::AttentionKernel::kAuto,
+        var.deterministic ? b.dq_turns.data<int32_t>() : nullptr));
   }
   CUDA_CHECK(launch::cast_f32_to_bf16(b.dq_accum.data<float>(), bits(b.dq), b.dq_accum.numel(), st));
   return true;
@@ -229,7 +234,7 @@ int run(int argc, char** argv) {
     Buffers& b = sets[0];
     CUDA_CHECK(cudaDeviceSynchronize());
     const bool tc = launch::attention_uses_tensor_cores(s.D);
-    std::vector<Variant> variants = {{"f32", Variant::kF32}, {"moetp", Variant::kAuto}};
+    std::vector<Variant> variants = {{"f32", Variant::kF32}, {"moetp", Variant::kAuto}, {"determ", Variant::kAuto, 0, true}};
     if (tc) {
       for (int c = 0; c < std::max(launch::kAttentionForwardTcConfigs, launch::kAttentionBackwardTcConfigs); ++c) {
         variants.push_back({fmt::format("tc_cfg{}", c), Variant::kTc, c});

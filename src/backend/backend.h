@@ -76,6 +76,9 @@ class Backend {
   // or null when host collectives already serve this backend (CPU).
   virtual std::unique_ptr<comm::Comm> make_comm(comm::Comm& host, const std::string& name) = 0;
   virtual void synchronize() = 0;
+  // train.deterministic: every kernel whose result could depend on scheduling (the attention
+  // backward's dq) runs in a fixed order, so a run repeats bit for bit. The CPU backend always does.
+  virtual void set_deterministic(bool on) = 0;
   // Synchronises and raises the first deferred kernel fault (e.g. a token id out of range) since
   // the last call. Once per step.
   virtual void check_faults() = 0;

@@ -62,6 +62,7 @@ class CpuBackend final : public Backend {
   void init(int /*local_rank*/, AllocatorChoice /*allocator*/) override {}
   std::unique_ptr<comm::Comm> make_comm(comm::Comm& /*host*/, const std::string& /*name*/) override { return nullptr; }
   void synchronize() override {}
+  void set_deterministic(bool /*on*/) override {}  // every CPU kernel runs in a fixed order
   void check_faults() override {}
   double peak_memory_bytes() const override { return -1; }
   void reset_peak_memory() override {}

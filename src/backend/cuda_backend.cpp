@@ -154,6 +154,7 @@ class CudaBackend final : public Backend {
     return comm::NcclComm::create(host, name);
   }
   void synchronize() override { CUDA_CHECK(cudaDeviceSynchronize()); }
+  void set_deterministic(bool on) override { deterministic_ = on; }
   void check_faults() override { cuda::check_index_faults(); }
   double peak_memory_bytes() const override { return static_cast<double>(cuda::memory_stats().peak_live_bytes); }
   void reset_peak_memory() override { cuda::reset_peak_memory(); }
@@ -225,7 +226,7 @@ class CudaBackend final : public Backend {
                           const Tensor& lse_BQS, Tensor& dq, Tensor& dk, Tensor& dv,
                           std::span<const int64_t> docs) override {
     check_one_document_per_row(q, docs);
-    cuda::attention_backward(dout, q, k, v, out, lse_BQS, dq, dk, dv);
+    cuda::attention_backward(dout, q, k, v, out, lse_BQS, dq, dk, dv, nullptr, deterministic_);
   }
   Tensor swiglu_forward(const Tensor& h_M2i) override { return cuda::swiglu_forward(h_M2i); }
   Tensor swiglu_backward(const Tensor& h_M2i, const Tensor& da_Mi) override {
@@ -296,6 +297,7 @@ class CudaBackend final : public Backend {
  private:
   std::unique_ptr<PhaseTimer> timer_;
   std::map<std::string, double> phase_ms_;
+  bool deterministic_ = false;  // train.deterministic
 };
 
 }  // namespace

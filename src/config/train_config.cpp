@@ -113,6 +113,10 @@ const std::vector<Field>& fields() {
             "rows of LM-head logits materialised at once (0: the backend's default: 2^26 logits on the CPU, 2^29 on "
             "CUDA, in multiples of 128 rows); more rows "
             "cost memory (rows x vocab x 2 bytes on CUDA) and rewrite the f32 LM-head gradient fewer times"),
+      field("train.deterministic", &C::train, &C::Train::deterministic, false,
+            "CUDA device: run every kernel whose result could depend on scheduling (the attention backward's dq "
+            "accumulation) in a fixed order, so two runs of one configuration give the same losses and weights bit "
+            "for bit; costs time in the attention backward. The CPU device is always deterministic"),
       field("train.memory_check", &C::train, &C::Train::memory_check, true,
             "CUDA device: before allocating, check the memory plan (moetp plan) against each GPU's free memory "
             "and stop with the plan and the settings that would fit when it does not"),

@@ -51,6 +51,7 @@ struct TrainConfig {
     int recompute_layers = -1;  // the first k decoder layers recompute; -1 = all
     int logit_chunk_rows = 0;   // rows of LM-head logits at once; 0 = the backend's default
     bool memory_check = true;   // CUDA: the memory plan against the GPU's free memory before allocating
+    bool deterministic = false;  // CUDA: scheduling-dependent kernels in a fixed order (bit-reproducible runs)
     bool operator==(const Train&) const = default;
   };
   struct Optim {

@@ -78,6 +78,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
               "moe.dispatcher '{}' is not implemented on the CUDA device; use all2all (or auto) or vexpert",
               option_name(dispatcher));
   world_.run_collectively("selecting this rank's device", [&] { be.init(local.rank, cfg_.train.cuda_allocator); });
+  be.set_deterministic(cfg_.train.deterministic);
   device_world_ = be.make_comm(world_.host(), "world");
   if (device_world_) device_mesh_ = std::make_unique<comm::Mesh>(*device_world_, cfg_.parallel.ep, cfg_.parallel.etp);
   plan_ = plan_memory(model_cfg_, cfg_, world_.size(), device_, cfg_.moe.plan_imbalance);

@@ -63,7 +63,8 @@ TEST(TrainConfig, Defaults) {
   EXPECT_TRUE(c.train.memory_check);
   EXPECT_EQ(c.train.logit_chunk_rows, 0);
   EXPECT_EQ(c.optim.zero, 0);
-  EXPECT_EQ(field_names().size(), 35u);
+  EXPECT_FALSE(c.train.deterministic);
+  EXPECT_EQ(field_names().size(), 36u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {

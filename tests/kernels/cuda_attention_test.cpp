@@ -204,6 +204,17 @@ TEST_P(CudaAttention, BackwardMatchesCpu) {
   EXPECT_TRUE(close_or_zero(dq2, fa2.dq, tol)) << c.name << " dq (allocated)";
   EXPECT_TRUE(testing::bit_equal(dk2, dk)) << c.name;
   EXPECT_TRUE(testing::bit_equal(dv2, dv)) << c.name;
+
+  // Deterministic (key tiles add dq in order): the same bits on every run, the same references.
+  Tensor dq3, dk3, dv3, dq4, dk4, dv4;
+  cuda::attention_backward(dout, q, k, v, out, lse, dq3, dk3, dv3, nullptr, true);
+  for (int run = 0; run < 3; ++run) {
+    cuda::attention_backward(dout, q, k, v, out, lse, dq4, dk4, dv4, nullptr, true);
+    EXPECT_TRUE(testing::bit_equal(dq4, dq3)) << c.name << " deterministic dq, run " << run;
+  }
+  EXPECT_TRUE(close_or_zero(dq3, fa2.dq, tol)) << c.name << " deterministic dq vs fa2_reference";
+  EXPECT_TRUE(testing::bit_equal(dk3, dk)) << c.name << " deterministic dk";
+  EXPECT_TRUE(testing::bit_equal(dv3, dv)) << c.name << " deterministic dv";
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaAttention,

@@ -205,6 +205,40 @@ TEST_F(CudaModel, RecomputeMatchesKeepingActivations) {
   }
 }
 
+// train.deterministic (Backend::set_deterministic): the attention backward adds dq in a fixed order,
+// so every recompute mode gives the gradients of keeping every activation bit for bit, and a repeat
+// of the same micro-batch gives the same bits.
+TEST_F(CudaModel, DeterministicRecomputeIsBitIdentical) {
+  // Head dim 64 (the tensor-core kernels) and 200 tokens per row: several key tiles add into each
+  // query tile's dq.
+  config::ModelConfig cfg = tiny_config(false);
+  cfg.head_dim = 64;
+  cfg.max_position_embeddings = 256;
+  cfg.validate("deterministic test");
+  constexpr int64_t S = 200;
+  std::vector<int32_t> ids(static_cast<size_t>(kB * (S + 1)));
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 37 + 11) % cfg.vocab_size);
+  const Tensor tokens = Tensor::from_vector<int32_t>(ids, {kB, S + 1});
+  gpu_backend().set_deterministic(true);
+  auto run = [&](RecomputeMode mode) {
+    model::ModelOptions opts;
+    opts.recompute = mode;
+    auto m = std::make_unique<model::Qwen3MoeModel>(cfg, gpu_backend(), opts, 7);
+    m->zero_grads();
+    m->forward_backward(tokens, 1.0 / (kB * S), 0.01);
+    return m;
+  };
+  const auto ref = run(RecomputeMode::kNone);
+  for (const RecomputeMode mode : {RecomputeMode::kNone, RecomputeMode::kAttn, RecomputeMode::kMoe, RecomputeMode::kLayer}) {
+    SCOPED_TRACE(fmt::format("recompute {}", option_name(mode)));
+    const auto m = run(mode);
+    for (size_t i = 0; i < ref->params().size(); ++i) {
+      EXPECT_TRUE(testing::bit_equal(m->params()[i].grad, ref->params()[i].grad)) << ref->params()[i].name;
+    }
+  }
+  gpu_backend().set_deterministic(false);
+}
+
 // A native checkpoint saved from the GPU model (masters and AdamW moments, through its parameter
 // store, one tensor at a time) loads into the CPU model with every value bit-identical.
 TEST_F(CudaModel, NativeCheckpointLoadsIntoCpuModel) {

@@ -88,7 +88,7 @@ Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tenso
 
 void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD,
                         const Tensor& out_BSQD, const Tensor& lse_BQS, Tensor& dq_BSQD, Tensor& dk_BSGD,
-                        Tensor& dv_BSGD, cudaStream_t stream) {
+                        Tensor& dv_BSGD, cudaStream_t stream, bool deterministic) {
   const char* op = "cuda::attention_backward";
   const Dims d = check_inputs(op, q_BSQD, k_BSGD, v_BSGD);
   check_cuda_tensor(dout_BSQD, DType::kBF16, 4, "attention dout_BSQD");
@@ -114,10 +114,16 @@ void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Ten
   CUDA_CHECK(cudaMemsetAsync(dq_accum_BSQD.raw_data(), 0, dq_accum_BSQD.num_bytes(), stream));
   CUDA_CHECK(launch::attention_backward_delta(bits(dout_BSQD), bits(out_BSQD), delta_BQS.data<float>(), d.B, d.S,
                                               d.Q, d.D, stream));
+  Tensor turns;
+  if (deterministic) {
+    turns = Tensor::empty({launch::attention_dq_turns(d.B, d.S, d.Q)}, DType::kI32, Device::kCuda);
+    CUDA_CHECK(cudaMemsetAsync(turns.raw_data(), 0, turns.num_bytes(), stream));
+  }
   CUDA_CHECK(launch::attention_backward(bits(dout_BSQD), bits(q_BSQD), bits(k_BSGD), bits(v_BSGD),
                                         lse_BQS.data<float>(), delta_BQS.data<float>(), dq_accum_BSQD.data<float>(),
                                         bits(dk_BSGD), bits(dv_BSGD), d.B, d.S, d.Q, d.G, d.D, softmax_scale(d.D),
-                                        stream));
+                                        stream, launch::AttentionKernel::kAuto,
+                                        deterministic ? turns.data<int32_t>() : nullptr));
   CUDA_CHECK(launch::cast_f32_to_bf16(dq_accum_BSQD.data<float>(), bits(dq_BSQD), dq_accum_BSQD.numel(), stream));
 }
 

@@ -26,6 +26,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/attention_tc.cuh"
 #include "kernels/cuda/launch.h"
 
 namespace moetp::cuda::launch {
@@ -287,8 +288,8 @@ template <int kD>
 __global__ void __launch_bounds__(kThreads) attention_backward_kernel(
     const uint16_t* __restrict__ dout, const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
     const uint16_t* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ delta,
-    float* __restrict__ dq_accum, uint16_t* __restrict__ dk, uint16_t* __restrict__ dv, int S, int Hq, int Hkv,
-    int D, float scale, float scale_log2) {
+    float* __restrict__ dq_accum, uint16_t* __restrict__ dk, uint16_t* __restrict__ dv, int* __restrict__ dq_turns,
+    int S, int Hq, int Hkv, int D, float scale, float scale_log2) {
   constexpr int kLd = tile_ld<kD>();
   constexpr int kDj = kD / 64;
   extern __shared__ float4 smem_f4[];
@@ -407,6 +408,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(
           for (int j = 0; j < kDj; ++j) axpy4(dq[i][j], ds[i], kv[j]);
         }
       }
+      int* turns = dq_turns == nullptr
+                       ? nullptr
+                       : dq_turns + (static_cast<int64_t>(b) * Hq + h) * num_q_tiles + q_tile;
+      if (turns != nullptr) attn_tc::dq_wait_turn(turns, k_tile);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int qi = q0 + ty + 16 * i;
@@ -422,6 +427,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(
           }
         }
       }
+      if (turns != nullptr) attn_tc::dq_pass_turn(turns);
     }
   }
 
@@ -463,7 +469,7 @@ cudaError_t launch_forward(const uint16_t* q, const uint16_t* k, const uint16_t*
 template <int kD>
 cudaError_t launch_backward(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                             const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
-                            int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                            int* dq_turns, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
                             cudaStream_t stream) {
   constexpr size_t kSmem = backward_smem_bytes<kD>();
   cudaError_t err = cudaFuncSetAttribute(attention_backward_kernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -471,8 +477,8 @@ cudaError_t launch_backward(const uint16_t* dout, const uint16_t* q, const uint1
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((S + kBc - 1) / kBc), static_cast<unsigned>(Hkv), static_cast<unsigned>(B));
   attention_backward_kernel<kD><<<grid, kThreads, kSmem, stream>>>(
-      dout, q, k, v, lse, delta, dq_accum, dk, dv, static_cast<int>(S), static_cast<int>(Hq), static_cast<int>(Hkv),
-      static_cast<int>(D), scale, scale * kLog2e);
+      dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, static_cast<int>(S), static_cast<int>(Hq),
+      static_cast<int>(Hkv), static_cast<int>(D), scale, scale * kLog2e);
   return cudaGetLastError();
 }
 
@@ -509,15 +515,17 @@ cudaError_t attention_backward_delta(const uint16_t* dout, const uint16_t* out, 
 cudaError_t attention_backward(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                               cudaStream_t stream, AttentionKernel kernel) {
+                               cudaStream_t stream, AttentionKernel kernel, int* dq_turns) {
   if (B == 0 || S == 0 || Hkv == 0) return cudaSuccess;
   if (D <= 0 || D > 128 || D % 8 != 0 || Hq % Hkv != 0) return cudaErrorInvalidValue;
   if (attention_uses_tensor_cores(D, kernel)) {
     return attention_backward_tc(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, D, scale, stream,
-                                 kAttentionBackwardTcDefault);
+                                 kAttentionBackwardTcDefault, dq_turns);
   }
-  return D <= 64 ? launch_backward<64>(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, D, scale, stream)
-                 : launch_backward<128>(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, D, scale, stream);
+  return D <= 64 ? launch_backward<64>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv, D, scale,
+                                       stream)
+                 : launch_backward<128>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv, D, scale,
+                                        stream);
 }
 
 }  // namespace moetp::cuda::launch

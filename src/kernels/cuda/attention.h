@@ -46,10 +46,12 @@ Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tenso
 //   lse_BQS   [IN]  (B, Q, S) f32, the forward's lse on the same inputs
 //   dq_BSQD   [OUT] (B, S, Q, D) bf16, OVERWRITTEN (allocated when undefined)
 //   dk_BSGD, dv_BSGD [OUT] (B, S, G, D) bf16, OVERWRITTEN (allocated when undefined)
-// Outputs must not alias each other or any input. dq's f32 accumulation uses atomics, so dq is not
-// bitwise reproducible run to run (dk and dv are).
+//   deterministic     [IN]  the key tiles add their dq shares in key-tile order (train.deterministic)
+// Outputs must not alias each other or any input. dq's f32 accumulation uses atomics: without
+// `deterministic` in whatever order the key tiles run, so dq is not bitwise reproducible run to run
+// (dk and dv are); with it in a fixed order, each key tile waiting for the one before it.
 void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD,
                         const Tensor& out_BSQD, const Tensor& lse_BQS, Tensor& dq_BSQD, Tensor& dk_BSGD,
-                        Tensor& dv_BSGD, cudaStream_t stream = nullptr);
+                        Tensor& dv_BSGD, cudaStream_t stream = nullptr, bool deterministic = false);
 
 }  // namespace moetp::cuda

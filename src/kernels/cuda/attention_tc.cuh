@@ -135,4 +135,25 @@ __device__ __forceinline__ void load_tile_async(uint32_t dst, const uint16_t* __
   }
 }
 
+// Deterministic dq (cuda::attention_backward's `deterministic`): the key tiles of a (sequence, query
+// head, query tile) add their dq shares in key-tile order, so every dq element sums in one fixed
+// order. `turns` counts the key tiles that have added; key tile j waits until it reads j. Lower key
+// tiles have lower block indices, so they are resident or done when a higher one waits (no deadlock).
+__device__ __forceinline__ void dq_wait_turn(const int* turns, int turn) {
+  if (threadIdx.x == 0) {
+    int seen;
+    while (true) {
+      asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(seen) : "l"(turns) : "memory");
+      if (seen == turn) break;
+      __nanosleep(32);
+    }
+  }
+  __syncthreads();
+}
+__device__ __forceinline__ void dq_pass_turn(int* turns) {
+  __threadfence();  // this thread's adds are visible before the next key tile's
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(turns, 1);
+}
+
 }  // namespace moetp::cuda::launch::attn_tc

@@ -10,7 +10,8 @@
 // so dK and dV (16 keys × D f32 per warp) stay in registers over all heads and query tiles: no
 // atomics, bitwise reproducible. dSᵀ also goes to shared memory (bf16), and after a barrier the
 // warps compute dQ = dS·K for the tile (warp = 16 query rows × D / (kWarps·16 / kBr) columns) and add
-// scale · dQ into the f32 dq accumulator with float4 atomics (so dq is not reproducible bit for bit).
+// scale · dQ into the f32 dq accumulator with float4 atomics (so dq is not reproducible bit for bit,
+// unless dq_turns orders the key tiles' adds: attn_tc::dq_wait_turn).
 // Warps whose 16 keys all follow the tile's last query skip the tile, and dQ only runs over the live
 // 16-key slices.
 #include <cuda_bf16.h>
@@ -41,7 +42,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
                                  const uint16_t* __restrict__ k, const uint16_t* __restrict__ v,
                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                  float* __restrict__ dq_accum, uint16_t* __restrict__ dk, uint16_t* __restrict__ dv,
-                                 int S, int Hq, int Hkv, int num_bg, float scale, float scale_log2) {
+                                 int* __restrict__ dq_turns, int S, int Hq, int Hkv, int num_bg, float scale,
+                                 float scale_log2) {
   constexpr int kThreads = kWarps * 32;
   constexpr int kBc = 16 * kWarps;
   constexpr int kChunksD = kD / 8;     // 16-byte chunks per row of K, V, Q, dout
@@ -52,6 +54,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   constexpr int kDq = kD / kColSlices;              // dQ columns per warp
   static_assert(kD == 64 || kD == 128, "tensor-core head dims");
   static_assert(kBr >= 64 && kBr % 16 == 0 && kWarps % kRowSlices == 0 && kDq % 16 == 0, "dQ warp layout");
+  static_assert(kBr == 64, "attention_dq_turns counts 64-row query tiles");
 
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* k_s = smem;                                // [kBc][kD]
@@ -227,6 +230,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     // row gid, columns 2tig..2tig+3; odd tig row gid + 8, columns 2tig−2..2tig+1.
     const bool even = (tig & 1) == 0;
     const int qi = q0 + 16 * rs + gid + (even ? 0 : 8);
+    int* turns = dq_turns == nullptr ? nullptr
+                                     : dq_turns + (static_cast<int64_t>(b) * Hq + h) * ((S + kBr - 1) / kBr) + q0 / kBr;
+    if (turns != nullptr) dq_wait_turn(turns, k_tile);
     float* dq_row = dq_accum + static_cast<int64_t>(b) * S * q_stride + static_cast<int64_t>(qi) * q_stride +
                     static_cast<int64_t>(h) * kD + cs * kDq + 2 * (even ? tig : tig - 1);
 #pragma unroll
@@ -237,6 +243,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
                               : make_float4(x0 * scale, x1 * scale, acc[n][2] * scale, acc[n][3] * scale);
       if (qi < S) atomicAdd(reinterpret_cast<float4*>(dq_row + 8 * n), add);
     }
+    if (turns != nullptr) dq_pass_turn(turns);
   }
 
   // dK (scaled) and dV out through this warp's own rows of k_s / v_s, as 16-byte chunks.
@@ -269,7 +276,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 template <int kD, int kWarps, int kBr, int kMinBlocks>
 cudaError_t launch_backward_tc(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
-                               int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale, cudaStream_t stream) {
+                               int* dq_turns, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale,
+                               cudaStream_t stream) {
   constexpr size_t kSmem = bwd_smem_bytes<kD, kWarps, kBr>();
   auto* kernel = attention_backward_tc_kernel<kD, kWarps, kBr, kMinBlocks>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
@@ -278,25 +286,25 @@ cudaError_t launch_backward_tc(const uint16_t* dout, const uint16_t* q, const ui
   const int64_t blocks = (S + kBc - 1) / kBc * B * Hkv;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   kernel<<<static_cast<unsigned>(blocks), kWarps * 32, kSmem, stream>>>(
-      dout, q, k, v, lse, delta, dq_accum, dk, dv, static_cast<int>(S), static_cast<int>(Hq), static_cast<int>(Hkv),
-      static_cast<int>(B * Hkv), scale, scale * kLog2e);
+      dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, static_cast<int>(S), static_cast<int>(Hq),
+      static_cast<int>(Hkv), static_cast<int>(B * Hkv), scale, scale * kLog2e);
   return cudaGetLastError();
 }
 
 template <int kD>
 cudaError_t backward_tc_config(int config, const uint16_t* dout, const uint16_t* q, const uint16_t* k,
                                const uint16_t* v, const float* lse, const float* delta, float* dq_accum, uint16_t* dk,
-                               uint16_t* dv, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale,
+                               uint16_t* dv, int* dq_turns, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale,
                                cudaStream_t stream) {
   switch (config) {
     // Config 0 is the default: the faster of the two at D = 128 and 64 (docs/performance.md,
     // Attention).
     case 0:  // 8 warps, 128-key tiles, 64-row query tiles, one block per SM
-      return launch_backward_tc<kD, 8, 64, 1>(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, scale,
-                                              stream);
+      return launch_backward_tc<kD, 8, 64, 1>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv,
+                                              scale, stream);
     case 1:  // 4 warps, 64-key tiles, 64-row query tiles, two blocks per SM
-      return launch_backward_tc<kD, 4, 64, 2>(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, scale,
-                                              stream);
+      return launch_backward_tc<kD, 4, 64, 2>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv,
+                                              scale, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -307,14 +315,16 @@ cudaError_t backward_tc_config(int config, const uint16_t* dout, const uint16_t*
 cudaError_t attention_backward_tc(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                   const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                   int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                                  cudaStream_t stream, int config) {
+                                  cudaStream_t stream, int config, int* dq_turns) {
   if (B == 0 || S == 0 || Hkv == 0) return cudaSuccess;
   if (Hq % Hkv != 0) return cudaErrorInvalidValue;
   if (D == 128) {
-    return backward_tc_config<128>(config, dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, scale, stream);
+    return backward_tc_config<128>(config, dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv,
+                                   scale, stream);
   }
   if (D == 64) {
-    return backward_tc_config<64>(config, dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, scale, stream);
+    return backward_tc_config<64>(config, dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv,
+                                  scale, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -36,10 +36,15 @@ cudaError_t attention_forward(const uint16_t* q, const uint16_t* k, const uint16
 cudaError_t attention_backward_delta(const uint16_t* dout, const uint16_t* out, float* delta, int64_t B, int64_t S,
                                      int64_t Hq, int64_t D, cudaStream_t stream);
 // dk, dv (bf16, overwritten) and dq_accum += scale · dS · k (f32, zeroed by the caller beforehand).
+// dq_turns: null (the key tiles add into dq in whatever order they run), or zeroed ints, at least
+// attention_dq_turns(B, S, Hq) of them: the adds run in key-tile order (bit-reproducible dq).
 cudaError_t attention_backward(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                               cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kAuto);
+                               cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kAuto,
+                               int* dq_turns = nullptr);
+// Counters the ordered dq needs: one per (sequence, query head, 64-row query tile).
+inline int64_t attention_dq_turns(int64_t B, int64_t S, int64_t Hq) { return B * Hq * ((S + 63) / 64); }
 
 // The tensor-core kernels with an explicit tile configuration (D = 64 or 128, else
 // cudaErrorInvalidValue): config in [0, kAttention{Forward,Backward}TcConfigs); kAuto runs the
@@ -53,7 +58,7 @@ cudaError_t attention_forward_tc(const uint16_t* q, const uint16_t* k, const uin
 cudaError_t attention_backward_tc(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                   const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                   int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                                  cudaStream_t stream, int config);
+                                  cudaStream_t stream, int config, int* dq_turns = nullptr);
 
 }  // namespace moetp::cuda::launch
 // ---- end attention ------------------------------------------------------------------------------
