@@ -12,7 +12,8 @@
 // FLOPs (causal, as flash-attention reports them): forward 2·B·Q·S²·D, backward 2.5 times that.
 //
 // Rows per shape: `moetp` (the kernel attention_forward/backward pick: tensor cores for D = 64, 128),
-// `determ` (the same with dq added in key-tile order: train.deterministic),
+// `determ` (the same with dq added in key-tile order: train.deterministic), `packed` (at S 4096:
+// documents of log-uniform lengths in [64, S] packed into the rows, FLOPs counted per document),
 // `f32` (the f32 kernel, AttentionKernel::kF32: the same-run baseline; vs_f32 = its time / the row's
 // time), and for the tensor-core shapes one `tc_cfgN` row per tile configuration of
 // attention_tc_{fwd,bwd}.cu (config N of both; where one of them has fewer configurations, nan). A check line per tensor-core shape gives max |tc − f32| / max |f32| of
@@ -29,6 +30,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <random>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -88,9 +90,29 @@ Args parse_args(int argc, char** argv) {
 
 uint16_t* bits(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data<bf16>()); }
 
+// Packed documents for a shape's B rows of S tokens: lengths drawn (fixed seed) log-uniformly from
+// [64, S], each row filled in order (the last document of a row cut to fit), as cu_seqlens over the
+// B·S tokens. `flops` gets the forward FLOPs counted per document (2·Q·L²·D each, causal as half).
+std::vector<int64_t> packed_documents(const Shape5& s, double* flops) {
+  std::mt19937_64 rng(2024);
+  std::uniform_real_distribution<double> u(std::log(64.0), std::log(static_cast<double>(s.S)));
+  std::vector<int64_t> docs = {0};
+  *flops = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    for (int64_t used = 0; used < s.S;) {
+      const int64_t len = std::min<int64_t>(s.S - used, static_cast<int64_t>(std::exp(u(rng))));
+      used += len;
+      docs.push_back(b * s.S + used);
+      *flops += 2.0 * s.Q * static_cast<double>(len) * len * s.D;
+    }
+  }
+  return docs;
+}
+
 // Inputs and outputs of one shape, on the GPU.
 struct Buffers {
   Tensor q, k, v, dout, out, lse, delta, dq_accum, dq, dk, dv, dq_turns;
+  Tensor docs;  // packed documents (device i64 offsets; the `packed` row)
 };
 
 // Bytes of one set's inputs (q, k, v, dout, bf16), as bench/torch_attention.py counts them.
@@ -121,6 +143,7 @@ struct Variant {
   enum { kF32, kAuto, kTc } kind;
   int config = 0;
   bool deterministic = false;  // dq added in key-tile order (train.deterministic)
+  bool packed = false;         // packed documents (packed_documents)
 };
 
 float softmax_scale(int64_t D) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))); }
@@ -135,7 +158,8 @@ bool forward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) {
   } else {
     CUDA_CHECK(launch::attention_forward(
         bits(b.q), bits(b.k), bits(b.v), bits(b.out), b.lse.data<float>(), s.B, s.S, s.Q, s.G, s.D, scale, st,
-        var.kind == Variant::kF32 ? launch::AttentionKernel::kF32 : launch::AttentionKernel::kAuto));
+        var.kind == Variant::kF32 ? launch::AttentionKernel::kF32 : launch::AttentionKernel::kAuto,
+        var.packed ? launch::AttentionDocs{b.docs.data<int64_t>(), b.docs.numel() - 1} : launch::AttentionDocs{}));
   }
   return true;
 }
@@ -156,7 +180,8 @@ bool backward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) 
         bits(b.dout), bits(b.q), bits(b.k), bits(b.v), b.lse.data<float>(), b.delta.data<float>(),
         b.dq_accum.data<float>(), bits(b.dk), bits(b.dv), s.B, s.S, s.Q, s.G, s.D, scale, st,
         var.kind == Variant::kF32 ? launch::AttentionKernel::kF32 : launch::AttentionKernel::kAuto,
-        var.deterministic ? b.dq_turns.data<int32_t>() : nullptr));
+        var.deterministic ? b.dq_turns.data<int32_t>() : nullptr,
+        var.packed ? launch::AttentionDocs{b.docs.data<int64_t>(), b.docs.numel() - 1} : launch::AttentionDocs{}));
   }
   CUDA_CHECK(launch::cast_f32_to_bf16(b.dq_accum.data<float>(), bits(b.dq), b.dq_accum.numel(), st));
   return true;
@@ -235,15 +260,25 @@ int run(int argc, char** argv) {
     CUDA_CHECK(cudaDeviceSynchronize());
     const bool tc = launch::attention_uses_tensor_cores(s.D);
     std::vector<Variant> variants = {{"f32", Variant::kF32}, {"moetp", Variant::kAuto}, {"determ", Variant::kAuto, 0, true}};
+    double packed_fwd_flops = 0;
+    if (tc && s.S >= 4096) {
+      const std::vector<int64_t> docs = packed_documents(s, &packed_fwd_flops);
+      for (Buffers& set : sets) {
+        set.docs = Tensor::from_vector<int64_t>(docs, {static_cast<int64_t>(docs.size())}).to(Device::kCuda);
+      }
+      variants.push_back({"packed", Variant::kAuto, 0, false, true});
+    }
     if (tc) {
       for (int c = 0; c < std::max(launch::kAttentionForwardTcConfigs, launch::kAttentionBackwardTcConfigs); ++c) {
         variants.push_back({fmt::format("tc_cfg{}", c), Variant::kTc, c});
       }
     }
-    const double fwd_flops = 2.0 * s.B * s.Q * static_cast<double>(s.S) * s.S * s.D;
-    const double bwd_flops = 2.5 * fwd_flops;
+    const double fwd_flops_all = 2.0 * s.B * s.Q * static_cast<double>(s.S) * s.S * s.D;
     double f32_total = NAN;
     for (const Variant& var : variants) {
+      // Packed rows count FLOPs per document.
+      const double fwd_flops = var.packed ? packed_fwd_flops : fwd_flops_all;
+      const double bwd_flops = 2.5 * fwd_flops;
       auto fwd = [&](Buffers& set) { return forward(var, s, set, st); };
       const double fwd_ms = time_ms(fwd, sets, args, st);
       for (Buffers& set : sets) fwd(set);  // the backward reads out and lse of this variant's forward

@@ -38,17 +38,15 @@ void check_cuda(const Tensor& t, DType dtype, const char* name) {
   check_contiguous(t, name);
 }
 
-// The CUDA attention kernels compute one document per row; packed documents are refused, never
-// computed as if unpacked.
-void check_one_document_per_row(const Tensor& q_BSQD, std::span<const int64_t> docs) {
-  if (docs.empty()) return;
+// Whether `docs` is one document per row of (B, S) (or empty): the kernels' unpacked path.
+bool one_document_per_row(const Tensor& q_BSQD, std::span<const int64_t> docs) {
+  if (docs.empty()) return true;
   const int64_t B = q_BSQD.size(0), S = q_BSQD.size(1);
-  bool rows = static_cast<int64_t>(docs.size()) == B + 1;
-  for (int64_t b = 0; rows && b <= B; ++b) rows = docs[static_cast<size_t>(b)] == b * S;
-  MOETP_CHECK(rows,
-              "the CUDA attention kernels compute one document per row; this batch packs {} documents into {} rows "
-              "of {} tokens (train on the CPU device, or unpacked rows)",
-              docs.size() - 1, B, S);
+  if (static_cast<int64_t>(docs.size()) != B + 1) return false;
+  for (int64_t b = 0; b <= B; ++b) {
+    if (docs[static_cast<size_t>(b)] != b * S) return false;
+  }
+  return true;
 }
 
 // moe.expert_gemm resolved for experts of hidden H and local width i, and why (for the banner).
@@ -219,14 +217,12 @@ class CudaBackend final : public Backend {
   }
   Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& lse_BQS,
                            std::span<const int64_t> docs) override {
-    check_one_document_per_row(q, docs);
-    return cuda::attention_forward(q, k, v, &lse_BQS);
+    return cuda::attention_forward(q, k, v, &lse_BQS, nullptr, device_docs(q, docs));
   }
   void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                           const Tensor& lse_BQS, Tensor& dq, Tensor& dk, Tensor& dv,
                           std::span<const int64_t> docs) override {
-    check_one_document_per_row(q, docs);
-    cuda::attention_backward(dout, q, k, v, out, lse_BQS, dq, dk, dv, nullptr, deterministic_);
+    cuda::attention_backward(dout, q, k, v, out, lse_BQS, dq, dk, dv, nullptr, deterministic_, device_docs(q, docs));
   }
   Tensor swiglu_forward(const Tensor& h_M2i) override { return cuda::swiglu_forward(h_M2i); }
   Tensor swiglu_backward(const Tensor& h_M2i, const Tensor& da_Mi) override {
@@ -298,6 +294,28 @@ class CudaBackend final : public Backend {
   std::unique_ptr<PhaseTimer> timer_;
   std::map<std::string, double> phase_ms_;
   bool deterministic_ = false;  // train.deterministic
+
+  // Packed documents on the device (undefined for one per row), uploaded once per distinct offsets
+  // (a micro-batch's layers and backward reuse them). The offsets are checked as the CPU checks them.
+  Tensor device_docs(const Tensor& q_BSQD, std::span<const int64_t> docs) {
+    if (one_document_per_row(q_BSQD, docs)) return Tensor();
+    if (!std::equal(docs.begin(), docs.end(), docs_host_.begin(), docs_host_.end())) {
+      const int64_t N = q_BSQD.size(0) * q_BSQD.size(1);
+      MOETP_CHECK(docs.front() == 0 && docs.back() == N,
+                  "attention: document offsets must start at 0 and end at N = B·S = {} (got {} offsets, first {}, "
+                  "last {})",
+                  N, docs.size(), docs.front(), docs.back());
+      for (size_t i = 1; i < docs.size(); ++i) {
+        MOETP_CHECK(docs[i] > docs[i - 1], "attention: document {} is empty or reversed (offsets {} -> {})", i - 1,
+                    docs[i - 1], docs[i]);
+      }
+      docs_host_.assign(docs.begin(), docs.end());
+      docs_dev_ = Tensor::from_vector<int64_t>(docs_host_, {static_cast<int64_t>(docs_host_.size())}).to(Device::kCuda);
+    }
+    return docs_dev_;
+  }
+  std::vector<int64_t> docs_host_;
+  Tensor docs_dev_;
 };
 
 }  // namespace

@@ -201,14 +201,26 @@ TEST_F(BackendParity, Attention) {
     EXPECT_TRUE(close(host(dqg), dqc, kAttnTensorCoreVsSpec)) << "dq";
     EXPECT_TRUE(close(host(dkg), dkc, kAttnTensorCoreVsSpec)) << "dk";
     EXPECT_TRUE(close(host(dvg), dvc, kAttnTensorCoreVsSpec)) << "dv";
-    // One document per row spelled out is the same as none; packed documents are refused by CUDA.
-    std::vector<int64_t> rows, packed = {0, 5, a.B * a.S};
+    // One document per row spelled out is the same as none.
+    std::vector<int64_t> rows;
     for (int64_t b = 0; b <= a.B; ++b) rows.push_back(b * a.S);
     Tensor lr;
     EXPECT_TRUE(bit_equal(gpu().attention_forward(act(gpu(), q), act(gpu(), k), act(gpu(), v), lr, rows), og));
-    Tensor lp;
-    testing::expect_error([&] { gpu().attention_forward(act(gpu(), q), act(gpu(), k), act(gpu(), v), lp, packed); },
-                 {"one document per row", "packs 2 documents"});
+    // Packed documents (at B = 2 one continues into the next row): both backends agree.
+    const std::vector<int64_t> packed = {0, 1, 5, a.B * a.S / 2 + 3, a.B * a.S};
+    Tensor lpc, lpg;
+    const Tensor opc = cpu().attention_forward(act(cpu(), q), act(cpu(), k), act(cpu(), v), lpc, packed);
+    const Tensor opg = gpu().attention_forward(act(gpu(), q), act(gpu(), k), act(gpu(), v), lpg, packed);
+    EXPECT_TRUE(close(host(opg), opc, kAttnTensorCoreVsSpec)) << "packed out";
+    EXPECT_TRUE(close(host(lpg), lpc, kAttnLse)) << "packed lse";
+    Tensor pqc, pkc, pvc, pqg, pkg, pvg;
+    cpu().attention_backward(act(cpu(), dout), act(cpu(), q), act(cpu(), k), act(cpu(), v), opc, lpc, pqc, pkc, pvc,
+                             packed);
+    gpu().attention_backward(act(gpu(), dout), act(gpu(), q), act(gpu(), k), act(gpu(), v), opg, lpg, pqg, pkg, pvg,
+                             packed);
+    EXPECT_TRUE(close(host(pqg), pqc, kAttnTensorCoreVsSpec)) << "packed dq";
+    EXPECT_TRUE(close(host(pkg), pkc, kAttnTensorCoreVsSpec)) << "packed dk";
+    EXPECT_TRUE(close(host(pvg), pvc, kAttnTensorCoreVsSpec)) << "packed dv";
   }
 }
 

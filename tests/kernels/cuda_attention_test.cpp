@@ -304,6 +304,45 @@ class CudaAttentionRules : public ::testing::Test {
   }
 };
 
+// Packed documents (cu_seqlens over the flat B·S stream): lengths 1 to a few key tiles, tile-aligned
+// and not, one continuing from row 0 into row 1, against the CPU reference with the same documents;
+// the deterministic backward gives the same bits on every run. Tensor-core head dims only; the f32
+// kernels refuse packed documents.
+TEST_F(CudaAttentionRules, PackedDocumentsMatchCpu) {
+  for (const int64_t D : {int64_t{128}, int64_t{64}}) {
+    const AttnCase c{"packed_D" + std::to_string(D), 2, 300, 8, 2, D};
+    SCOPED_TRACE(c.name);
+    const std::vector<int64_t> docs = {0, 1, 64, 65, 200, 371, 372, 500, 600};
+    const Inputs in = make_inputs(c, 31);
+    cpu::AttentionSaved saved;
+    const Tensor ref = cpu::attention_forward(in.q, in.k, in.v, &saved, docs);
+    Tensor dq_ref, dk_ref, dv_ref;
+    cpu::attention_backward(in.dout, in.q, in.k, in.v, saved, dq_ref, dk_ref, dv_ref, docs);
+
+    const Tensor docs_gpu = Tensor::from_vector<int64_t>(docs, {static_cast<int64_t>(docs.size())}).to(Device::kCuda);
+    const Tensor q = to_gpu_bf16(in.q), k = to_gpu_bf16(in.k), v = to_gpu_bf16(in.v), dout = to_gpu_bf16(in.dout);
+    Tensor lse;
+    const Tensor out = cuda::attention_forward(q, k, v, &lse, nullptr, docs_gpu);
+    EXPECT_TRUE(close(out, ref, kernel_tolerance(D))) << "out";
+    EXPECT_TRUE(close(lse, saved.lse_BQS, kAttnLse)) << "lse";
+    Tensor dq = nan_gpu_bf16(q.shape()), dk = nan_gpu_bf16(k.shape()), dv = nan_gpu_bf16(v.shape());
+    cuda::attention_backward(dout, q, k, v, out, lse, dq, dk, dv, nullptr, false, docs_gpu);
+    EXPECT_TRUE(close_or_zero(dq, dq_ref, spec_tolerance(D))) << "dq";
+    EXPECT_TRUE(close_or_zero(dk, dk_ref, spec_tolerance(D))) << "dk";
+    EXPECT_TRUE(close(dv, dv_ref, kernel_tolerance(D))) << "dv";
+    Tensor dq1, dk1, dv1, dq2, dk2, dv2;
+    cuda::attention_backward(dout, q, k, v, out, lse, dq1, dk1, dv1, nullptr, true, docs_gpu);
+    cuda::attention_backward(dout, q, k, v, out, lse, dq2, dk2, dv2, nullptr, true, docs_gpu);
+    EXPECT_TRUE(testing::bit_equal(dq2, dq1)) << "deterministic dq";
+    EXPECT_TRUE(close_or_zero(dq1, dq_ref, spec_tolerance(D))) << "deterministic dq vs cpu";
+  }
+  // The f32 kernels (other head dims) refuse packed documents.
+  const Tensor q = to_gpu_bf16(random_tensor({1, 8, 2, 16}, 32, 1)), kv = to_gpu_bf16(random_tensor({1, 8, 1, 16}, 32, 2));
+  const Tensor docs = Tensor::from_vector<int64_t>({0, 3, 8}, {3}).to(Device::kCuda);
+  testing::expect_error([&] { cuda::attention_forward(q, kv, kv, nullptr, nullptr, docs); },
+                        {"packed documents need the tensor-core kernels", "head_dim is 16"});
+}
+
 // Rows before `t` (in a tile shared with t, and in earlier tiles) must not see key/value t; for
 // each kernel (D = 64, 128: tensor cores; 40: f32).
 TEST_F(CudaAttentionRules, FutureKeysDoNotChangeEarlierRows) {

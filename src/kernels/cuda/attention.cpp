@@ -73,24 +73,43 @@ void prepare_grad(Tensor& t, const Shape& shape, const char* name) {
   check_shape(t, shape, name);
 }
 
+// Packed documents (device i64 offsets) as the kernels take them; undefined: one per row.
+launch::AttentionDocs kernel_docs(const char* op, const Tensor& docs, const Dims& d) {
+  if (!docs.defined()) return {};
+  check_dtype(docs, DType::kI64, "attention docs");
+  check_device(docs, Device::kCuda, "attention docs");
+  check_contiguous(docs, "attention docs");
+  MOETP_CHECK(docs.ndim() == 1 && docs.size(0) >= 2 && docs.size(0) - 1 <= d.B * d.S,
+              "{}: docs must be (documents + 1) offsets with 1 <= documents <= B·S = {}, got {}", op, d.B * d.S,
+              docs.describe());
+  MOETP_CHECK(launch::attention_uses_tensor_cores(d.D),
+              "{}: packed documents need the tensor-core kernels (head_dim 64 or 128), head_dim is {}", op, d.D);
+  MOETP_CHECK(d.B * d.S <= std::numeric_limits<int32_t>::max() / 2,
+              "{}: {} tokens in one packed micro-batch is too many (B {} x S {})", op, d.B * d.S, d.B, d.S);
+  return {docs.data<int64_t>(), docs.size(0) - 1};
+}
+
 }  // namespace
 
 Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD, Tensor* lse_BQS,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, const Tensor& docs) {
   const Dims d = check_inputs("cuda::attention_forward", q_BSQD, k_BSGD, v_BSGD);
+  const launch::AttentionDocs kd = kernel_docs("cuda::attention_forward", docs, d);
   Tensor out_BSQD = Tensor::empty(q_BSQD.shape(), DType::kBF16, Device::kCuda);
   Tensor lse = Tensor::empty({d.B, d.Q, d.S}, DType::kF32, Device::kCuda);
   CUDA_CHECK(launch::attention_forward(bits(q_BSQD), bits(k_BSGD), bits(v_BSGD), bits(out_BSQD), lse.data<float>(),
-                                       d.B, d.S, d.Q, d.G, d.D, softmax_scale(d.D), stream));
+                                       d.B, d.S, d.Q, d.G, d.D, softmax_scale(d.D), stream,
+                                       launch::AttentionKernel::kAuto, kd));
   if (lse_BQS != nullptr) *lse_BQS = std::move(lse);
   return out_BSQD;
 }
 
 void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD,
                         const Tensor& out_BSQD, const Tensor& lse_BQS, Tensor& dq_BSQD, Tensor& dk_BSGD,
-                        Tensor& dv_BSGD, cudaStream_t stream, bool deterministic) {
+                        Tensor& dv_BSGD, cudaStream_t stream, bool deterministic, const Tensor& docs) {
   const char* op = "cuda::attention_backward";
   const Dims d = check_inputs(op, q_BSQD, k_BSGD, v_BSGD);
+  const launch::AttentionDocs kd = kernel_docs(op, docs, d);
   check_cuda_tensor(dout_BSQD, DType::kBF16, 4, "attention dout_BSQD");
   check_shape(dout_BSQD, q_BSQD.shape(), "attention dout_BSQD");
   check_cuda_tensor(out_BSQD, DType::kBF16, 4, "attention out_BSQD (from attention_forward)");
@@ -123,7 +142,7 @@ void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Ten
                                         lse_BQS.data<float>(), delta_BQS.data<float>(), dq_accum_BSQD.data<float>(),
                                         bits(dk_BSGD), bits(dv_BSGD), d.B, d.S, d.Q, d.G, d.D, softmax_scale(d.D),
                                         stream, launch::AttentionKernel::kAuto,
-                                        deterministic ? turns.data<int32_t>() : nullptr));
+                                        deterministic ? turns.data<int32_t>() : nullptr, kd));
   CUDA_CHECK(launch::cast_f32_to_bf16(dq_accum_BSQD.data<float>(), bits(dq_BSQD), dq_accum_BSQD.numel(), stream));
 }
 

@@ -490,12 +490,13 @@ bool attention_uses_tensor_cores(int64_t D, AttentionKernel kernel) {
 
 cudaError_t attention_forward(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
                               int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                              cudaStream_t stream, AttentionKernel kernel) {
+                              cudaStream_t stream, AttentionKernel kernel, const AttentionDocs& docs) {
   if (B == 0 || S == 0 || Hq == 0) return cudaSuccess;
   if (D <= 0 || D > 128 || D % 8 != 0 || Hkv <= 0 || Hq % Hkv != 0) return cudaErrorInvalidValue;
   if (attention_uses_tensor_cores(D, kernel)) {
-    return attention_forward_tc(q, k, v, out, lse, B, S, Hq, Hkv, D, scale, stream, kAttentionForwardTcDefault);
+    return attention_forward_tc(q, k, v, out, lse, B, S, Hq, Hkv, D, scale, stream, kAttentionForwardTcDefault, docs);
   }
+  if (docs.offsets != nullptr) return cudaErrorInvalidValue;
   return D <= 64 ? launch_forward<64>(q, k, v, out, lse, B, S, Hq, Hkv, D, scale, stream)
                  : launch_forward<128>(q, k, v, out, lse, B, S, Hq, Hkv, D, scale, stream);
 }
@@ -515,13 +516,15 @@ cudaError_t attention_backward_delta(const uint16_t* dout, const uint16_t* out, 
 cudaError_t attention_backward(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                               cudaStream_t stream, AttentionKernel kernel, int* dq_turns) {
+                               cudaStream_t stream, AttentionKernel kernel, int* dq_turns,
+                               const AttentionDocs& docs) {
   if (B == 0 || S == 0 || Hkv == 0) return cudaSuccess;
   if (D <= 0 || D > 128 || D % 8 != 0 || Hq % Hkv != 0) return cudaErrorInvalidValue;
   if (attention_uses_tensor_cores(D, kernel)) {
     return attention_backward_tc(dout, q, k, v, lse, delta, dq_accum, dk, dv, B, S, Hq, Hkv, D, scale, stream,
-                                 kAttentionBackwardTcDefault, dq_turns);
+                                 kAttentionBackwardTcDefault, dq_turns, docs);
   }
+  if (docs.offsets != nullptr) return cudaErrorInvalidValue;
   return D <= 64 ? launch_backward<64>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv, D, scale,
                                        stream)
                  : launch_backward<128>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv, D, scale,

@@ -35,8 +35,11 @@ namespace moetp::cuda {
 //   lse_BQS [OUT] may be null; else (re)assigned a fresh (B, Q, S) f32 CUDA tensor holding the
 //                 natural-log Σ_{j <= i} exp(scale · q_i · k_j) per query row (cpu::AttentionSaved)
 //   returns out_BSQD (B, S, Q, D) bf16, freshly allocated
+//   docs    [IN]  packed documents: (documents + 1) i64 CUDA offsets over the flat B·S tokens
+//                 (cu_seqlens; the semantics of kernels/cpu/attention.h; the caller checks the
+//                 values), head_dim 64 or 128 only; undefined = one document per row
 Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD, Tensor* lse_BQS,
-                         cudaStream_t stream = nullptr);
+                         cudaStream_t stream = nullptr, const Tensor& docs = Tensor());
 
 // Backward (the flash-attention-2 backward: delta = rowsum(dout ⊙ out) in f32, P recomputed from
 // lse, dq accumulated in f32 and rounded once at the end, dk/dv summed over the group's query heads).
@@ -47,11 +50,13 @@ Tensor attention_forward(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tenso
 //   dq_BSQD   [OUT] (B, S, Q, D) bf16, OVERWRITTEN (allocated when undefined)
 //   dk_BSGD, dv_BSGD [OUT] (B, S, G, D) bf16, OVERWRITTEN (allocated when undefined)
 //   deterministic     [IN]  the key tiles add their dq shares in key-tile order (train.deterministic)
+//   docs              [IN]  the forward's packed documents
 // Outputs must not alias each other or any input. dq's f32 accumulation uses atomics: without
 // `deterministic` in whatever order the key tiles run, so dq is not bitwise reproducible run to run
 // (dk and dv are); with it in a fixed order, each key tile waiting for the one before it.
 void attention_backward(const Tensor& dout_BSQD, const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD,
                         const Tensor& out_BSQD, const Tensor& lse_BQS, Tensor& dq_BSQD, Tensor& dk_BSGD,
-                        Tensor& dv_BSGD, cudaStream_t stream = nullptr, bool deterministic = false);
+                        Tensor& dv_BSGD, cudaStream_t stream = nullptr, bool deterministic = false,
+                        const Tensor& docs = Tensor());
 
 }  // namespace moetp::cuda

@@ -135,6 +135,26 @@ __device__ __forceinline__ void load_tile_async(uint32_t dst, const uint16_t* __
   }
 }
 
+// Packed documents (cu_seqlens over the flat token stream, `docs[0..num_docs]`): the document of
+// token t, the largest d with docs[d] <= t. Binary search; uniform cost.
+__device__ __forceinline__ int doc_of(const int64_t* __restrict__ docs, int num_docs, int64_t t) {
+  int lo = 0, hi = num_docs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (docs[mid] <= t) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Index of (token t, head h) in a (B, Hq, row_len) statistics array (lse, delta), t over B·row_len.
+__device__ __forceinline__ int64_t stat_index(int64_t t, int h, int Hq, int row_len) {
+  return (t / row_len * Hq + h) * static_cast<int64_t>(row_len) + t % row_len;
+}
+
 // Deterministic dq (cuda::attention_backward's `deterministic`): the key tiles of a (sequence, query
 // head, query tile) add their dq shares in key-tile order, so every dq element sums in one fixed
 // order. `turns` counts the key tiles that have added; key tile j waits until it reads j. Lower key

@@ -42,8 +42,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
                                  const uint16_t* __restrict__ k, const uint16_t* __restrict__ v,
                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                  float* __restrict__ dq_accum, uint16_t* __restrict__ dk, uint16_t* __restrict__ dv,
-                                 int* __restrict__ dq_turns, int S, int Hq, int Hkv, int num_bg, float scale,
-                                 float scale_log2) {
+                                 int* __restrict__ dq_turns, const int64_t* __restrict__ docs, int num_docs,
+                                 int row_len, int S, int Hq, int Hkv, int num_bg, float scale, float scale_log2) {
   constexpr int kThreads = kWarps * 32;
   constexpr int kBc = 16 * kWarps;
   constexpr int kChunksD = kD / 8;     // 16-byte chunks per row of K, V, Q, dout
@@ -76,7 +76,21 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int64_t kv_off = static_cast<int64_t>(b) * S * kv_stride + static_cast<int64_t>(g) * kD;
   const int k0 = k_tile * kBc;
   const int qt_begin = k0 / kBr;  // earlier query tiles see none of these keys
-  const int iters_per_head = (S + kBr - 1) / kBr - qt_begin;
+  // Packed documents: key j is seen by queries [j, end(j)); the block's query tiles end with its last
+  // key's document. Per 16-key slice the end of its last key's document (a slice is live for a query
+  // tile starting before it), per thread the ends of its two keys (the element mask).
+  int qt_end = (S + kBr - 1) / kBr, slice_end[kWarps], key_end[2] = {S, S};
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) slice_end[w] = S;
+  if (docs != nullptr) {
+    auto end = [&](int j) { return static_cast<int>(docs[doc_of(docs, num_docs, min(j, S - 1)) + 1]); };
+    qt_end = (end(k0 + kBc - 1) + kBr - 1) / kBr;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) slice_end[w] = end(k0 + 16 * w + 15);
+    key_end[0] = end(k0 + 16 * warp + gid);
+    key_end[1] = end(k0 + 16 * warp + gid + 8);
+  }
+  const int iters_per_head = qt_end - qt_begin;
   const int num_iters = group * iters_per_head;
 
   // Iteration it: query head g·group + it / iters_per_head, query tile qt_begin + it % iters_per_head.
@@ -90,7 +104,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     for (int i = static_cast<int>(threadIdx.x); i < 2 * kBr; i += kThreads) {
       const int r = i % kBr;
       const bool valid = q0 + r < S;
-      const float* src = (i < kBr ? lse : delta) + stat_off + (valid ? q0 + r : 0);
+      const int64_t at = docs != nullptr ? stat_index(valid ? q0 + r : 0, h, Hq, row_len) : stat_off + (valid ? q0 + r : 0);
+      const float* src = (i < kBr ? lse : delta) + at;
       cp_async_4(stats_sa + static_cast<uint32_t>((buf * 2 * kBr + i) * 4), src, valid);
     }
   };
@@ -122,10 +137,15 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     const uint32_t qb = q_sa + buf * kQTileBytes, dob = do_sa + buf * kQTileBytes;
     const float* lse_t = stats_s + buf * 2 * kBr;
     const float* delta_t = lse_t + kBr;
-    // 16-key slices with a key at or before the tile's last query (q0 + kBr > k0 always holds).
-    const int num_live = min(kWarps, (q0 + kBr - k0 + 15) / 16);
+    // 16-key slices with a key at or before the tile's last query (q0 + kBr > k0 always holds) whose
+    // last key's document reaches the tile.
+    uint32_t live = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      if (k0 + 16 * w <= q0 + kBr - 1 && q0 < slice_end[w]) live |= 1u << w;
+    }
 
-    if (warp < num_live) {
+    if ((live >> warp) & 1u) {
       const int kw = k0 + 16 * warp;
       float s[kBr / 8][4], dp[kBr / 8][4];
 #pragma unroll
@@ -151,7 +171,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         }
       }
       // Pᵀ and dSᵀ in place: element (key kw + gid + 8(e/2), query q0 + 8n + 2tig + e%2).
-      const bool need_mask = kw + 15 > q0 || q0 + kBr > S;
+      const bool need_mask = kw + 15 > q0 || q0 + kBr > S || q0 + kBr > key_end[0] || q0 + kBr > key_end[1];
 #pragma unroll
       for (int n = 0; n < kBr / 8; ++n) {
         const int col = 8 * n + 2 * tig;
@@ -165,7 +185,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
           if (need_mask) {
             const int key = kw + gid + 8 * (e >> 1);
             const int query = q0 + col + (e & 1);
-            if (key > query || query >= S) p = 0.0f;
+            if (key > query || query >= S || query >= key_end[e >> 1]) p = 0.0f;
           }
           s[n][e] = p;
           dp[n][e] = p * (dp[n][e] - row_delta);
@@ -215,7 +235,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     float acc[kDq / 8][4];
 #pragma unroll
     for (int n = 0; n < kDq / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    for (int ks = 0; ks < num_live; ++ks) {
+    for (int ks = 0; ks < kWarps; ++ks) {
+      if (!((live >> ks) & 1u)) continue;
       uint32_t a[4];  // A = dS (queries × keys) from dSᵀ (keys × queries): .trans
       ldsm_x4_trans(a, ds_sa + tile_offset<kChunksQ>(lane_ds, ks, rs));
 #pragma unroll
@@ -232,7 +253,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     const int qi = q0 + 16 * rs + gid + (even ? 0 : 8);
     int* turns = dq_turns == nullptr ? nullptr
                                      : dq_turns + (static_cast<int64_t>(b) * Hq + h) * ((S + kBr - 1) / kBr) + q0 / kBr;
-    if (turns != nullptr) dq_wait_turn(turns, k_tile);
+    // Key tiles add in order from the first that reaches this query tile (its first row's document).
+    if (turns != nullptr) {
+      const int first = docs != nullptr ? static_cast<int>(docs[doc_of(docs, num_docs, q0)]) / kBc : 0;
+      dq_wait_turn(turns, k_tile - first);
+    }
     float* dq_row = dq_accum + static_cast<int64_t>(b) * S * q_stride + static_cast<int64_t>(qi) * q_stride +
                     static_cast<int64_t>(h) * kD + cs * kDq + 2 * (even ? tig : tig - 1);
 #pragma unroll
@@ -276,8 +301,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 template <int kD, int kWarps, int kBr, int kMinBlocks>
 cudaError_t launch_backward_tc(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
-                               int* dq_turns, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale,
-                               cudaStream_t stream) {
+                               int* dq_turns, const AttentionDocs& docs, int64_t row_len, int64_t B, int64_t S,
+                               int64_t Hq, int64_t Hkv, float scale, cudaStream_t stream) {
   constexpr size_t kSmem = bwd_smem_bytes<kD, kWarps, kBr>();
   auto* kernel = attention_backward_tc_kernel<kD, kWarps, kBr, kMinBlocks>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
@@ -286,25 +311,26 @@ cudaError_t launch_backward_tc(const uint16_t* dout, const uint16_t* q, const ui
   const int64_t blocks = (S + kBc - 1) / kBc * B * Hkv;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   kernel<<<static_cast<unsigned>(blocks), kWarps * 32, kSmem, stream>>>(
-      dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, static_cast<int>(S), static_cast<int>(Hq),
-      static_cast<int>(Hkv), static_cast<int>(B * Hkv), scale, scale * kLog2e);
+      dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, docs.offsets, static_cast<int>(docs.count),
+      static_cast<int>(row_len), static_cast<int>(S), static_cast<int>(Hq), static_cast<int>(Hkv),
+      static_cast<int>(B * Hkv), scale, scale * kLog2e);
   return cudaGetLastError();
 }
 
 template <int kD>
 cudaError_t backward_tc_config(int config, const uint16_t* dout, const uint16_t* q, const uint16_t* k,
                                const uint16_t* v, const float* lse, const float* delta, float* dq_accum, uint16_t* dk,
-                               uint16_t* dv, int* dq_turns, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale,
-                               cudaStream_t stream) {
+                               uint16_t* dv, int* dq_turns, const AttentionDocs& docs, int64_t row_len, int64_t B,
+                               int64_t S, int64_t Hq, int64_t Hkv, float scale, cudaStream_t stream) {
   switch (config) {
     // Config 0 is the default: the faster of the two at D = 128 and 64 (docs/performance.md,
     // Attention).
     case 0:  // 8 warps, 128-key tiles, 64-row query tiles, one block per SM
-      return launch_backward_tc<kD, 8, 64, 1>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv,
-                                              scale, stream);
+      return launch_backward_tc<kD, 8, 64, 1>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, docs,
+                                              row_len, B, S, Hq, Hkv, scale, stream);
     case 1:  // 4 warps, 64-key tiles, 64-row query tiles, two blocks per SM
-      return launch_backward_tc<kD, 4, 64, 2>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv,
-                                              scale, stream);
+      return launch_backward_tc<kD, 4, 64, 2>(dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, docs,
+                                              row_len, B, S, Hq, Hkv, scale, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -315,16 +341,22 @@ cudaError_t backward_tc_config(int config, const uint16_t* dout, const uint16_t*
 cudaError_t attention_backward_tc(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                   const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                   int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                                  cudaStream_t stream, int config, int* dq_turns) {
+                                  cudaStream_t stream, int config, int* dq_turns, const AttentionDocs& docs) {
   if (B == 0 || S == 0 || Hkv == 0) return cudaSuccess;
   if (Hq % Hkv != 0) return cudaErrorInvalidValue;
+  // Packed documents: one flat row of B·S tokens, statistics still (B, Hq, S).
+  const int64_t row_len = S;
+  if (docs.offsets != nullptr) {
+    S = B * S;
+    B = 1;
+  }
   if (D == 128) {
-    return backward_tc_config<128>(config, dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv,
-                                   scale, stream);
+    return backward_tc_config<128>(config, dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, docs, row_len, B, S,
+                                   Hq, Hkv, scale, stream);
   }
   if (D == 64) {
-    return backward_tc_config<64>(config, dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, B, S, Hq, Hkv,
-                                  scale, stream);
+    return backward_tc_config<64>(config, dout, q, k, v, lse, delta, dq_accum, dk, dv, dq_turns, docs, row_len, B, S,
+                                  Hq, Hkv, scale, stream);
   }
   return cudaErrorInvalidValue;
 }

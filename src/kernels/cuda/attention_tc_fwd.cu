@@ -34,7 +34,8 @@ template <int kD, int kWarps, int kBc, int kMinBlocks>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     attention_forward_tc_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
                                 const uint16_t* __restrict__ v, uint16_t* __restrict__ out, float* __restrict__ lse,
-                                int S, int Hq, int Hkv, int num_q_tiles, int num_bh, float scale_log2) {
+                                const int64_t* __restrict__ docs, int num_docs, int row_len, int S, int Hq, int Hkv,
+                                int num_q_tiles, int num_bh, float scale_log2) {
   constexpr int kThreads = kWarps * 32;
   constexpr int kBr = 16 * kWarps;
   constexpr int kChunks = kD / 8;                   // 16-byte chunks per row
@@ -62,11 +63,24 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int q0 = q_tile * kBr;
   const int num_k_tiles = (min(q0 + kBr, S) + kBc - 1) / kBc;  // keys [0, min(q0 + kBr, S)) are seen
   const int row_lo = q0 + 16 * warp;                              // this warp's rows: row_lo .. row_lo + 15
+  // Packed documents: row r sees keys [start(r), r]. The block starts at the key tile of its first
+  // row's document; a warp skips the tiles before its first row's document and masks where a tile
+  // starts before its last row's document.
+  int tile_start = 0, warp_start_lo = 0, warp_start_hi = 0, row_start[2] = {0, 0};
+  if (docs != nullptr) {
+    auto start = [&](int r) { return static_cast<int>(docs[doc_of(docs, num_docs, min(r, S - 1))]); };
+    tile_start = start(q0);
+    warp_start_lo = start(row_lo);
+    warp_start_hi = start(row_lo + 15);
+    row_start[0] = start(row_lo + gid);
+    row_start[1] = start(row_lo + gid + 8);
+  }
+  const int kt_begin = tile_start / kBc;
 
   load_tile_async<kBr, kChunks, kThreads>(q_sa, q_bh, q_stride, q0, S);
   cp_async_commit();
-  load_tile_async<kBc, kChunks, kThreads>(k_sa, k_bg, kv_stride, 0, S);
-  load_tile_async<kBc, kChunks, kThreads>(v_sa, v_bg, kv_stride, 0, S);
+  load_tile_async<kBc, kChunks, kThreads>(k_sa, k_bg, kv_stride, kt_begin * kBc, S);
+  load_tile_async<kBc, kChunks, kThreads>(v_sa, v_bg, kv_stride, kt_begin * kBc, S);
   cp_async_commit();
   cp_async_wait<1>();  // Q has landed (key/value tile 0 may still be in flight)
   __syncthreads();
@@ -82,9 +96,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows gid, gid + 8 (log2 domain)
   float l[2] = {0.0f, 0.0f};            // this thread's part of their running sums
 
-  for (int kt = 0; kt < num_k_tiles; ++kt) {
-    if (kt + 1 < num_k_tiles) {  // the buffer it fills was last read in iteration kt − 1 (barrier below)
-      const uint32_t off = static_cast<uint32_t>(((kt + 1) & 1) * kKvTileBytes);
+  for (int kt = kt_begin; kt < num_k_tiles; ++kt) {
+    const int buf = (kt - kt_begin) & 1;
+    if (kt + 1 < num_k_tiles) {  // the buffer it fills was last read in the previous iteration (barrier below)
+      const uint32_t off = static_cast<uint32_t>((buf ^ 1) * kKvTileBytes);
       load_tile_async<kBc, kChunks, kThreads>(k_sa + off, k_bg, kv_stride, (kt + 1) * kBc, S);
       load_tile_async<kBc, kChunks, kThreads>(v_sa + off, v_bg, kv_stride, (kt + 1) * kBc, S);
     }
@@ -93,9 +108,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     __syncthreads();
 
     const int k0 = kt * kBc;
-    if (k0 <= row_lo + 15) {  // else every key of the tile is in this warp's future
-      const uint32_t kb = k_sa + static_cast<uint32_t>((kt & 1) * kKvTileBytes);
-      const uint32_t vb = v_sa + static_cast<uint32_t>((kt & 1) * kKvTileBytes);
+    // Else every key of the tile is in this warp's future, or before its rows' documents.
+    if (k0 <= row_lo + 15 && k0 + kBc > warp_start_lo) {
+      const uint32_t kb = k_sa + static_cast<uint32_t>(buf * kKvTileBytes);
+      const uint32_t vb = v_sa + static_cast<uint32_t>(buf * kKvTileBytes);
       float s[kBc / 8][4];
 #pragma unroll
       for (int n = 0; n < kBc / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -109,19 +125,21 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
           mma_bf16(s[2 * np + 1], q_frag[kk], bk[2], bk[3]);
         }
       }
-      if (k0 + kBc - 1 > row_lo) {  // the tile reaches past some row of this warp: causal mask
+      // The tile reaches past some row of this warp (causal mask) or starts before some row's
+      // document (document mask).
+      if (k0 + kBc - 1 > row_lo || k0 < warp_start_hi) {
 #pragma unroll
         for (int n = 0; n < kBc / 8; ++n) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = k0 + 8 * n + 2 * tig + (e & 1);
             const int row = row_lo + gid + 8 * (e >> 1);
-            if (key > row) s[n][e] = -INFINITY;
+            if (key > row || key < row_start[e >> 1]) s[n][e] = -INFINITY;
           }
         }
       }
-      // Online softmax per row half (e >> 1). Key 0 is in tile 0 and every row sees it, so m is
-      // finite from the first tile on and a fully masked row of a later tile keeps m unchanged.
+      // Online softmax per row half (e >> 1). A row whose keys so far are all masked (a tile before
+      // its document) keeps m = −∞: it subtracts 0 instead, so that p = 0 and alpha = 0, not NaN.
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = -INFINITY;
@@ -130,13 +148,14 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[hf], mx * scale_log2);
-        const float alpha = ex2(m[hf] - m_new);  // 0 on the first tile (m = −∞)
+        const float m_sub = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = ex2(m[hf] - m_sub);  // 0 on the row's first live tile (m = −∞)
         m[hf] = m_new;
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < kBc / 8; ++n) {
-          s[n][2 * hf] = ex2(fmaf(s[n][2 * hf], scale_log2, -m_new));  // masked: 2^−∞ = 0
-          s[n][2 * hf + 1] = ex2(fmaf(s[n][2 * hf + 1], scale_log2, -m_new));
+          s[n][2 * hf] = ex2(fmaf(s[n][2 * hf], scale_log2, -m_sub));  // masked: 2^−∞ = 0
+          s[n][2 * hf + 1] = ex2(fmaf(s[n][2 * hf + 1], scale_log2, -m_sub));
           sum += s[n][2 * hf] + s[n][2 * hf + 1];
         }
         l[hf] = l[hf] * alpha + sum;
@@ -197,14 +216,18 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int qi = row_lo + gid + 8 * hf;
-      if (qi < S) lse[(static_cast<int64_t>(b) * Hq + h) * S + qi] = (m[hf] + __log2f(l[hf])) * kLn2;
+      if (qi < S) {
+        const int64_t at = docs != nullptr ? stat_index(qi, h, Hq, row_len) : (static_cast<int64_t>(b) * Hq + h) * S + qi;
+        lse[at] = (m[hf] + __log2f(l[hf])) * kLn2;
+      }
     }
   }
 }
 
 template <int kD, int kWarps, int kBc, int kMinBlocks>
 cudaError_t launch_forward_tc(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
-                              int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale, cudaStream_t stream) {
+                              const int64_t* docs, int64_t num_docs, int64_t row_len, int64_t B, int64_t S, int64_t Hq,
+                              int64_t Hkv, float scale, cudaStream_t stream) {
   constexpr size_t kSmem = fwd_smem_bytes<kD, kWarps, kBc>();
   auto* kernel = attention_forward_tc_kernel<kD, kWarps, kBc, kMinBlocks>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
@@ -214,22 +237,23 @@ cudaError_t launch_forward_tc(const uint16_t* q, const uint16_t* k, const uint16
   const int64_t blocks = num_q_tiles * B * Hq;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   kernel<<<static_cast<unsigned>(blocks), kWarps * 32, kSmem, stream>>>(
-      q, k, v, out, lse, static_cast<int>(S), static_cast<int>(Hq), static_cast<int>(Hkv),
-      static_cast<int>(num_q_tiles), static_cast<int>(B * Hq), scale * kLog2e);
+      q, k, v, out, lse, docs, static_cast<int>(num_docs), static_cast<int>(row_len), static_cast<int>(S),
+      static_cast<int>(Hq), static_cast<int>(Hkv), static_cast<int>(num_q_tiles), static_cast<int>(B * Hq),
+      scale * kLog2e);
   return cudaGetLastError();
 }
 
 template <int kD>
 cudaError_t forward_tc_config(int config, const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
-                              float* lse, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, float scale,
-                              cudaStream_t stream) {
+                              float* lse, const int64_t* docs, int64_t num_docs, int64_t row_len, int64_t B, int64_t S,
+                              int64_t Hq, int64_t Hkv, float scale, cudaStream_t stream) {
   switch (config) {
     // Config 1 is the default: as fast as config 0 at D = 128, faster at D = 64 (docs/performance.md,
     // Attention).
     case 0:  // 8 warps, 128 query rows, 64-key tiles, one block per SM
-      return launch_forward_tc<kD, 8, 64, 1>(q, k, v, out, lse, B, S, Hq, Hkv, scale, stream);
+      return launch_forward_tc<kD, 8, 64, 1>(q, k, v, out, lse, docs, num_docs, row_len, B, S, Hq, Hkv, scale, stream);
     case 1:  // 4 warps, 64 query rows, 64-key tiles, two blocks per SM
-      return launch_forward_tc<kD, 4, 64, 2>(q, k, v, out, lse, B, S, Hq, Hkv, scale, stream);
+      return launch_forward_tc<kD, 4, 64, 2>(q, k, v, out, lse, docs, num_docs, row_len, B, S, Hq, Hkv, scale, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -239,11 +263,23 @@ cudaError_t forward_tc_config(int config, const uint16_t* q, const uint16_t* k, 
 
 cudaError_t attention_forward_tc(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
                                  int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                                 cudaStream_t stream, int config) {
+                                 cudaStream_t stream, int config, const AttentionDocs& docs) {
   if (B == 0 || S == 0 || Hq == 0) return cudaSuccess;
   if (Hkv <= 0 || Hq % Hkv != 0) return cudaErrorInvalidValue;
-  if (D == 128) return forward_tc_config<128>(config, q, k, v, out, lse, B, S, Hq, Hkv, scale, stream);
-  if (D == 64) return forward_tc_config<64>(config, q, k, v, out, lse, B, S, Hq, Hkv, scale, stream);
+  // Packed documents: one flat row of B·S tokens, statistics still (B, Hq, S).
+  const int64_t row_len = S;
+  if (docs.offsets != nullptr) {
+    S = B * S;
+    B = 1;
+  }
+  if (D == 128) {
+    return forward_tc_config<128>(config, q, k, v, out, lse, docs.offsets, docs.count, row_len, B, S, Hq, Hkv, scale,
+                                  stream);
+  }
+  if (D == 64) {
+    return forward_tc_config<64>(config, q, k, v, out, lse, docs.offsets, docs.count, row_len, B, S, Hq, Hkv, scale,
+                                 stream);
+  }
   return cudaErrorInvalidValue;
 }
 

@@ -28,10 +28,19 @@ namespace moetp::cuda::launch {
 enum class AttentionKernel : int32_t { kAuto = 0, kF32 = 1 };
 bool attention_uses_tensor_cores(int64_t D, AttentionKernel kernel = AttentionKernel::kAuto);
 
+// Packed documents: `count` documents of the flat B·S token stream, device offsets[0..count]
+// (cu_seqlens: 0 first, B·S last, increasing; kernels/cpu/attention.h). Null offsets: one document
+// per row. The tensor-core kernels only (the f32 kernels return cudaErrorInvalidValue).
+struct AttentionDocs {
+  const int64_t* offsets = nullptr;
+  int64_t count = 0;
+};
+
 // out = softmax(scale · q·kᵀ + causal mask) · v, lse = natural-log row log-sum-exp of the scaled scores.
 cudaError_t attention_forward(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
                               int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                              cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kAuto);
+                              cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kAuto,
+                              const AttentionDocs& docs = {});
 // delta[b, h, s] = Σ_d dout[b, s, h, d] · out[b, s, h, d] (f32).
 cudaError_t attention_backward_delta(const uint16_t* dout, const uint16_t* out, float* delta, int64_t B, int64_t S,
                                      int64_t Hq, int64_t D, cudaStream_t stream);
@@ -42,7 +51,7 @@ cudaError_t attention_backward(const uint16_t* dout, const uint16_t* q, const ui
                                const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
                                cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kAuto,
-                               int* dq_turns = nullptr);
+                               int* dq_turns = nullptr, const AttentionDocs& docs = {});
 // Counters the ordered dq needs: one per (sequence, query head, 64-row query tile).
 inline int64_t attention_dq_turns(int64_t B, int64_t S, int64_t Hq) { return B * Hq * ((S + 63) / 64); }
 
@@ -54,11 +63,12 @@ inline constexpr int kAttentionForwardTcConfigs = 2, kAttentionForwardTcDefault 
 inline constexpr int kAttentionBackwardTcConfigs = 2, kAttentionBackwardTcDefault = 0;
 cudaError_t attention_forward_tc(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
                                  int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                                 cudaStream_t stream, int config);
+                                 cudaStream_t stream, int config, const AttentionDocs& docs = {});
 cudaError_t attention_backward_tc(const uint16_t* dout, const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                   const float* lse, const float* delta, float* dq_accum, uint16_t* dk, uint16_t* dv,
                                   int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-                                  cudaStream_t stream, int config, int* dq_turns = nullptr);
+                                  cudaStream_t stream, int config, int* dq_turns = nullptr,
+                                  const AttentionDocs& docs = {});
 
 }  // namespace moetp::cuda::launch
 // ---- end attention ------------------------------------------------------------------------------
