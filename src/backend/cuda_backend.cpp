@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "backend/registry.h"
 #include "comm/nccl_comm.h"
+#include "kernels/cpu/attention.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cast.h"
 #include "kernels/cuda/cuda_check.h"
@@ -36,17 +37,6 @@ void check_cuda(const Tensor& t, DType dtype, const char* name) {
   check_dtype(t, dtype, name);
   check_device(t, Device::kCuda, name);
   check_contiguous(t, name);
-}
-
-// Whether `docs` is one document per row of (B, S) (or empty): the kernels' unpacked path.
-bool one_document_per_row(const Tensor& q_BSQD, std::span<const int64_t> docs) {
-  if (docs.empty()) return true;
-  const int64_t B = q_BSQD.size(0), S = q_BSQD.size(1);
-  if (static_cast<int64_t>(docs.size()) != B + 1) return false;
-  for (int64_t b = 0; b <= B; ++b) {
-    if (docs[static_cast<size_t>(b)] != b * S) return false;
-  }
-  return true;
 }
 
 // moe.expert_gemm resolved for experts of hidden H and local width i, and why (for the banner).
@@ -298,17 +288,10 @@ class CudaBackend final : public Backend {
   // Packed documents on the device (undefined for one per row), uploaded once per distinct offsets
   // (a micro-batch's layers and backward reuse them). The offsets are checked as the CPU checks them.
   Tensor device_docs(const Tensor& q_BSQD, std::span<const int64_t> docs) {
-    if (one_document_per_row(q_BSQD, docs)) return Tensor();
+    const int64_t B = q_BSQD.size(0), S = q_BSQD.size(1);
+    if (docs.empty() || cpu::documents_are_rows(docs, B, S)) return Tensor();
     if (!std::equal(docs.begin(), docs.end(), docs_host_.begin(), docs_host_.end())) {
-      const int64_t N = q_BSQD.size(0) * q_BSQD.size(1);
-      MOETP_CHECK(docs.front() == 0 && docs.back() == N,
-                  "attention: document offsets must start at 0 and end at N = B·S = {} (got {} offsets, first {}, "
-                  "last {})",
-                  N, docs.size(), docs.front(), docs.back());
-      for (size_t i = 1; i < docs.size(); ++i) {
-        MOETP_CHECK(docs[i] > docs[i - 1], "attention: document {} is empty or reversed (offsets {} -> {})", i - 1,
-                    docs[i - 1], docs[i]);
-      }
+      cpu::check_document_offsets(docs, B * S, "attention");
       docs_host_.assign(docs.begin(), docs.end());
       docs_dev_ = Tensor::from_vector<int64_t>(docs_host_, {static_cast<int64_t>(docs_host_.size())}).to(Device::kCuda);
     }

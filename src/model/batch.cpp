@@ -1,14 +1,10 @@
 #include "model/batch.h"
 
+#include "kernels/cpu/attention.h"
+
 namespace moetp::model {
 
-bool Batch::one_document_per_row() const {
-  if (static_cast<int64_t>(doc_offsets.size()) != rows + 1) return false;
-  for (int64_t d = 0; d <= rows; ++d) {
-    if (doc_offsets[static_cast<size_t>(d)] != d * seq_len) return false;
-  }
-  return true;
-}
+bool Batch::one_document_per_row() const { return cpu::documents_are_rows(doc_offsets, rows, seq_len); }
 
 void Batch::validate() const {
   const int64_t N = num_tokens();
@@ -22,14 +18,7 @@ void Batch::validate() const {
     check_contiguous(*t, name);
     check_shape(*t, {N}, name);
   }
-  MOETP_CHECK(!doc_offsets.empty() && doc_offsets.front() == 0 && doc_offsets.back() == N,
-              "batch: document offsets must start at 0 and end at N = {} ({} offsets, first {}, last {})", N,
-              doc_offsets.size(), doc_offsets.empty() ? -1 : doc_offsets.front(),
-              doc_offsets.empty() ? -1 : doc_offsets.back());
-  for (size_t d = 1; d < doc_offsets.size(); ++d) {
-    MOETP_CHECK(doc_offsets[d] > doc_offsets[d - 1], "batch: document {} is empty or reversed (offsets {} -> {})",
-                d - 1, doc_offsets[d - 1], doc_offsets[d]);
-  }
+  cpu::check_document_offsets(doc_offsets, N, "batch");
 }
 
 Batch Batch::from_rows(const Tensor& tokens_BS1, const Tensor& loss_mask_BS) {

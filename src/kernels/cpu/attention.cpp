@@ -53,20 +53,32 @@ AttentionDims check_attention_shapes(const Tensor& q_BSQD, const Tensor& k_BSGD,
   return d;
 }
 
+void check_document_offsets(std::span<const int64_t> doc_offsets, int64_t N, const char* what) {
+  MOETP_CHECK(!doc_offsets.empty() && doc_offsets.front() == 0 && doc_offsets.back() == N,
+              "{}: document offsets must start at 0 and end at N = B·S = {} (got {} offsets, first {}, last {})", what,
+              N, doc_offsets.size(), doc_offsets.empty() ? -1 : doc_offsets.front(),
+              doc_offsets.empty() ? -1 : doc_offsets.back());
+  for (size_t i = 1; i < doc_offsets.size(); ++i) {
+    MOETP_CHECK(doc_offsets[i] > doc_offsets[i - 1], "{}: document {} is empty or reversed (offsets {} -> {})", what,
+                i - 1, doc_offsets[i - 1], doc_offsets[i]);
+  }
+}
+
+bool documents_are_rows(std::span<const int64_t> doc_offsets, int64_t B, int64_t S) {
+  if (static_cast<int64_t>(doc_offsets.size()) != B + 1) return false;
+  for (int64_t b = 0; b <= B; ++b) {
+    if (doc_offsets[static_cast<size_t>(b)] != b * S) return false;
+  }
+  return true;
+}
+
 std::vector<int64_t> attention_documents(const AttentionDims& d, std::span<const int64_t> doc_offsets) {
-  const int64_t N = d.B * d.S;
   if (doc_offsets.empty()) {
     std::vector<int64_t> rows(static_cast<size_t>(d.B + 1));
     for (int64_t b = 0; b <= d.B; ++b) rows[static_cast<size_t>(b)] = b * d.S;
     return rows;
   }
-  MOETP_CHECK(doc_offsets.front() == 0 && doc_offsets.back() == N,
-              "attention: document offsets must start at 0 and end at N = B·S = {} (got {} offsets, first {}, last {})",
-              N, doc_offsets.size(), doc_offsets.front(), doc_offsets.back());
-  for (size_t i = 1; i < doc_offsets.size(); ++i) {
-    MOETP_CHECK(doc_offsets[i] > doc_offsets[i - 1], "attention: document {} is empty or reversed (offsets {} -> {})",
-                i - 1, doc_offsets[i - 1], doc_offsets[i]);
-  }
+  check_document_offsets(doc_offsets, d.B * d.S, "attention");
   return {doc_offsets.begin(), doc_offsets.end()};
 }
 

@@ -38,8 +38,12 @@ struct AttentionDims {
 // q (B, S, Q, D), k and v (B, S, G, D), D >= 1, G >= 1, Q % G == 0; errors quote the shapes.
 AttentionDims check_attention_shapes(const Tensor& q_BSQD, const Tensor& k_BSGD, const Tensor& v_BSGD);
 
-// The documents `doc_offsets` describes for inputs of dims `d` (one per row when empty), checked:
-// errors name the offsets.
+// Checks document offsets over N tokens (0 first, N last, strictly increasing); errors start with
+// `what` and name the offsets.
+void check_document_offsets(std::span<const int64_t> doc_offsets, int64_t N, const char* what);
+// Whether the offsets are exactly one document per row of B rows of S tokens.
+bool documents_are_rows(std::span<const int64_t> doc_offsets, int64_t B, int64_t S);
+// The documents `doc_offsets` describes for inputs of dims `d` (one per row when empty), checked.
 std::vector<int64_t> attention_documents(const AttentionDims& d, std::span<const int64_t> doc_offsets);
 
 // Forward.

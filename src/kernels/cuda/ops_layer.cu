@@ -2,6 +2,8 @@
 // SwiGLU and the fused softmax cross-entropy. Each is a port of the CPU reference loop in
 // src/kernels/cpu/: bf16 loads, f32 math (double where the reference's cos/sin need it), one
 // rounding to bf16 on store.
+#include <type_traits>
+
 #include "kernels/cuda/ops_common.cuh"
 
 namespace moetp::cuda::launch {
@@ -13,8 +15,10 @@ using detail::from_f32;
 using detail::grid_blocks;
 using detail::kFullMask;
 using detail::kWarp;
+using detail::load_bf16x8;
 using detail::record_fault;
 using detail::row_threads;
+using detail::store_bf16x8;
 using detail::to_f32;
 using detail::warp_sum;
 
@@ -198,25 +202,6 @@ __device__ __forceinline__ void accumulate(MaxSum& ms, const float (&x)[k]) {
   for (int i = 0; i < k; ++i) ms.sum += fast_exp(x[i] - ms.max);
 }
 
-// 8 bf16 in 16 bytes <-> 8 floats.
-__device__ __forceinline__ void unpack8(const uint4& u, float (&x)[8]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    x[2 * i] = __uint_as_float(w[i] << 16);
-    x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
-    w[i] = static_cast<uint32_t>(__bfloat16_as_ushort(v.x)) | (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 // One block per row, two passes over it (the second mostly from L2): the (max, Σ exp) pair, then
 // dlogits = scale · (softmax − onehot). bf16 rows of a multiple of 8 elements move 16 bytes per
 // thread (`vec`); other rows one element at a time. The target logit is read before the block's first
@@ -243,14 +228,16 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_kernel(const T* logi
     const T* row = logits + n * V;
     const float target_logit = to_f32(row[t]);
     MaxSum ms{-INFINITY, 0.0f};
-    if (vec) {
-      const uint4* row8 = reinterpret_cast<const uint4*>(row);
-      for (int64_t c = threadIdx.x; c < V / 8; c += blockDim.x) {
-        float x[8];
-        unpack8(row8[c], x);
-        accumulate(ms, x);
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (vec) {
+        for (int64_t c = threadIdx.x; c < V / 8; c += blockDim.x) {
+          float x[8];
+          load_bf16x8(row + 8 * c, x);
+          accumulate(ms, x);
+        }
       }
-    } else {
+    }
+    if (!vec) {
       for (int64_t c = threadIdx.x; c < V; c += blockDim.x) {
         const float x[1] = {to_f32(row[c])};
         accumulate(ms, x);
@@ -269,17 +256,18 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_kernel(const T* logi
     const float lse = total.max + logf(total.sum);
     if (threadIdx.x == 0) loss[n] = lse - target_logit;
     if (drow == nullptr) continue;
-    if (vec) {
-      const uint4* row8 = reinterpret_cast<const uint4*>(row);
-      uint4* drow8 = reinterpret_cast<uint4*>(drow);
-      for (int64_t c = threadIdx.x; c < V / 8; c += blockDim.x) {
-        float x[8];
-        unpack8(row8[c], x);
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (vec) {
+        for (int64_t c = threadIdx.x; c < V / 8; c += blockDim.x) {
+          float x[8];
+          load_bf16x8(row + 8 * c, x);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) x[i] = grad_scale * (fast_exp(x[i] - lse) - (8 * c + i == t ? 1.0f : 0.0f));
-        drow8[c] = pack8(x);
+          for (int i = 0; i < 8; ++i) x[i] = grad_scale * (fast_exp(x[i] - lse) - (8 * c + i == t ? 1.0f : 0.0f));
+          store_bf16x8(drow + 8 * c, x);
+        }
       }
-    } else {
+    }
+    if (!vec) {
       for (int64_t c = threadIdx.x; c < V; c += blockDim.x) {
         const float p = fast_exp(to_f32(row[c]) - lse);
         drow[c] = from_f32<T>(grad_scale * (c == t ? p - 1.0f : p));

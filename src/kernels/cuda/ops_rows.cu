@@ -17,6 +17,7 @@ namespace moetp::cuda::launch {
 namespace {
 
 using detail::grid_blocks;
+using detail::load_bf16x8;
 using detail::record_fault;
 using detail::row_threads;
 using detail::to_f32;
@@ -150,14 +151,7 @@ template <typename Src>
 __device__ __forceinline__ void load8(const Src* p, float (&v)[8]);
 template <>
 __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
+  load_bf16x8(p, v);
 }
 template <>
 __device__ __forceinline__ void load8<float>(const float* p, float (&v)[8]) {
