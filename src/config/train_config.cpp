@@ -132,10 +132,10 @@ const std::vector<Field>& fields() {
             "AdamW moments: f32 | bf16 (rounded to nearest even; 4 bytes less per parameter, f32 master weights "
             "kept; checkpoints hold f32 moments either way)"),
       field("optim.zero", &C::optim, &C::Optim::zero, 0,
-            "sharded optimizer: 0 (every rank keeps the AdamW moments of every parameter it holds) | 1 (each "
-            "parameter's gradient is reduce-scattered over the ranks that hold a replica of it, each of them "
-            "updates its slice with the moments of that slice only, and the updated weights are all-gathered; "
-            "the same bits as 0)"),
+            "sharded optimizer: 0 (every rank keeps the f32 master weights and AdamW moments of every parameter it "
+            "holds) | 1 (each parameter's gradient is reduce-scattered over the ranks that hold a replica of it, "
+            "each of them keeps and updates the masters and moments of its slice only, and the updated working "
+            "weights are all-gathered; the same bits as 0)"),
       field("data.path", &C::data, &C::Data::path, "data/kjv.tokens", "training token file"),
       field("data.tokenizer", &C::data, &C::Data::tokenizer, "byte", "tokenizer (byte = one token per byte)"),
       field("run.dir", &C::run, &C::Run::dir, "", "run directory for logs and config.json (\"\" = runs/<timestamp>)"),

@@ -38,14 +38,53 @@ Qwen3MoeModel::~Qwen3MoeModel() = default;
 
 ExpertLayout Qwen3MoeModel::layout() const { return opts_.mesh ? expert_layout(*opts_.mesh) : ExpertLayout{}; }
 
+std::vector<ParamSlice> replica_slices(const ParamTable& table, const comm::Mesh* mesh) {
+  std::vector<ParamSlice> out(table.params.size());
+  for (size_t i = 0; i < table.params.size(); ++i) {
+    const ParamDesc& p = table.params[i];
+    ParamSlice& s = out[i];
+    const int64_t n = shape_numel(shard::local_shape(p.spec));
+    comm::Comm* group = mesh == nullptr ? nullptr : p.kind == ParamKind::kExpert ? &mesh->expert_dp() : &mesh->world();
+    s.group = group != nullptr && group->size() > 1 ? group : nullptr;
+    if (s.group == nullptr) {
+      s.counts = {n};
+      s.count = n;
+      continue;
+    }
+    const int64_t d = s.group->size();
+    const int64_t per = (n + d * kSliceAlign - 1) / (d * kSliceAlign) * kSliceAlign;
+    for (int64_t r = 0; r < d; ++r) s.counts.push_back(std::clamp<int64_t>(n - r * per, 0, per));
+    s.offset = std::min<int64_t>(n, s.group->rank() * per);
+    s.count = s.counts[static_cast<size_t>(s.group->rank())];
+  }
+  return out;
+}
+
 // Flat offsets, the buffers and their views, the MoE layers bound to theirs, then the initial
-// values one tensor at a time (host -> master -> working copy).
+// values one tensor at a time (host -> master -> working copy). Sharded masters: the value buffer
+// holds this rank's slices, each at a multiple of kFlatAlign.
 void Qwen3MoeModel::build(const ParamTable& table, uint64_t seed) {
   const size_t P = table.params.size();
   const int64_t total = flat_layout(table, offsets_);
-  flat_value_ = backend_.zeros({total}, DType::kF32);
+  master_slices_.clear();
+  if (opts_.shard_masters) {
+    master_slices_ = replica_slices(table, opts_.mesh);
+    if (std::none_of(master_slices_.begin(), master_slices_.end(), [](const ParamSlice& s) { return s.group; })) {
+      master_slices_.clear();  // one replica of everything: nothing to split
+    }
+  }
+  std::vector<int64_t> value_offsets = offsets_;
+  int64_t value_total = total;
+  if (masters_sharded()) {
+    value_total = 0;
+    for (size_t i = 0; i < P; ++i) {
+      value_offsets[i] = value_total;
+      value_total += (master_slices_[i].count + kFlatAlign - 1) / kFlatAlign * kFlatAlign;
+    }
+  }
+  flat_value_ = backend_.zeros({value_total}, DType::kF32);
   flat_grad_ = backend_.zeros({total}, DType::kF32);
-  const bool separate_work = backend_.compute_dtype() != DType::kF32;
+  const bool separate_work = backend_.compute_dtype() != DType::kF32 || masters_sharded();
   flat_work_ = separate_work ? backend_.zeros({total}, backend_.compute_dtype()) : flat_value_;
   params_.assign(P, Param{});
   for (size_t i = 0; i < P; ++i) {
@@ -53,7 +92,9 @@ void Qwen3MoeModel::build(const ParamTable& table, uint64_t seed) {
     static_cast<ParamDesc&>(p) = table.params[i];
     const Shape shape = shard::local_shape(p.spec);
     const int64_t n = shape_numel(shape);
-    p.value = flat_value_.slice(0, offsets_[i], offsets_[i] + n).view(shape);
+    const ParamSlice* s = master_slice(i);
+    p.value = s == nullptr ? flat_value_.slice(0, value_offsets[i], value_offsets[i] + n).view(shape)
+                           : flat_value_.slice(0, value_offsets[i], value_offsets[i] + s->count);
     p.work = flat_work_.slice(0, offsets_[i], offsets_[i] + n).view(shape);
     p.grad = flat_grad_.slice(0, offsets_[i], offsets_[i] + n).view(shape);
   }
@@ -83,17 +124,48 @@ void Qwen3MoeModel::build(const ParamTable& table, uint64_t seed) {
   embed_ = table.embed;
   final_norm_ = table.final_norm;
   lm_head_ = table.lm_head;
-  for (size_t i = 0; i < P; ++i) {
-    params_[i].value.copy_from(initial_value(params_[i], seed));
-    refresh_work(i);
-  }
+  for (size_t i = 0; i < P; ++i) set_value(i, initial_value(params_[i], seed));
   backend_.synchronize();
+}
+
+const ParamSlice* Qwen3MoeModel::master_slice(size_t i) const {
+  MOETP_CHECK(i < params_.size(), "master_slice: parameter {} of {}", i, params_.size());
+  if (master_slices_.empty() || master_slices_[i].group == nullptr) return nullptr;
+  return &master_slices_[i];
+}
+
+void Qwen3MoeModel::set_value(size_t i, const Tensor& host_f32) {
+  Param& p = params_.at(i);
+  MOETP_CHECK(host_f32.shape() == p.work.shape(), "set_value '{}': shape {} for a parameter of shape {}", p.name,
+              shape_str(host_f32.shape()), shape_str(p.work.shape()));
+  const ParamSlice* s = master_slice(i);
+  if (s == nullptr) {
+    p.value.copy_from(host_f32);
+    refresh_work(i);
+    return;
+  }
+  const Tensor flat = host_f32.contiguous().view({host_f32.numel()});
+  p.value.copy_from(flat.slice(0, s->offset, s->offset + s->count));
+  if (p.work.dtype() == DType::kF32) {
+    p.work.copy_from(host_f32);
+  } else {
+    p.work.copy_from(host_f32.to(p.work.dtype()));
+  }
 }
 
 void Qwen3MoeModel::refresh_work(size_t i) {
   MOETP_CHECK(i < params_.size(), "refresh_work: parameter {} of {}", i, params_.size());
   Param& p = params_[i];
-  if (p.work.raw_data() != p.value.raw_data()) backend_.cast_into(p.value, p.work);
+  const ParamSlice* s = master_slice(i);
+  if (s == nullptr) {
+    if (p.work.raw_data() != p.value.raw_data()) backend_.cast_into(p.value, p.work);
+    return;
+  }
+  // This rank's part of the working copy from its master slice, then every member's part.
+  Tensor all = p.work.view({p.work.numel()});
+  Tensor mine = backend_.empty({s->count}, p.work.dtype());
+  backend_.cast_into(p.value, mine);
+  s->group->all_gather_v(mine, all, s->counts);
 }
 
 std::vector<Param>& Qwen3MoeModel::params() {

@@ -5,7 +5,8 @@
 // specification (f32); on the CUDA backend every op rounds as the backend's precision policy says.
 //
 // Storage (per backend): three flat buffers hold every parameter's f32 master value, its working
-// copy in the backend's compute dtype (the masters themselves on the CPU) and its f32 gradient;
+// copy in the backend's compute dtype (the masters themselves on the CPU, unless the masters are
+// sharded) and its f32 gradient;
 // Param::value / work / grad are views of them at fixed offsets (parameters in table order, each
 // starting at a multiple of kFlatAlign elements, except a dense layer's up_proj, which follows its
 // gate_proj directly so that the two are one stacked (2F, H) weight). grad_span() is a view over a
@@ -35,10 +36,29 @@ namespace moetp::model {
 
 // A parameter of the table with its tensors (views of the model's flat buffers, on its backend).
 struct Param : ParamDesc {
-  Tensor value;  // f32 master, the local shape of `spec` (2-D for matrices, 1-D for norms)
-  Tensor work;   // what the kernels read: `value` itself on the CPU, its bf16 copy on CUDA
+  // f32 master, the local shape of `spec` (2-D for matrices, 1-D for norms); with sharded masters
+  // (ModelOptions::shard_masters) only this rank's slice, 1-D (Qwen3MoeModel::master_slice).
+  Tensor value;
+  Tensor work;   // what the kernels read, always whole: `value` itself on the CPU (unless the
+                 // masters are sharded: then an f32 copy), its bf16 copy on CUDA
   Tensor grad;   // f32, same shape; ACCUMULATED by forward_backward
 };
+
+inline constexpr int64_t kSliceAlign = 64;  // elements (256 bytes of f32): vector loads stay aligned
+
+// One rank's slice of a parameter's flattened elements (the sharded optimizer, train/optim.h): the
+// elements split over the members of `group` into contiguous slices, member r's slice counts[r]
+// elements long, starting at the sum of counts[0..r). group == null: not split.
+struct ParamSlice {
+  comm::Comm* group = nullptr;  // the model backend's communicator over the parameter's replicas
+  std::vector<int64_t> counts;
+  int64_t offset = 0, count = 0;  // this rank's slice
+};
+
+// Each parameter's slice on this rank over its replica group of `mesh` (world for replicated
+// parameters, expert_dp for expert shards; etp_spec §8.1): slices of kSliceAlign-multiple lengths,
+// the last ones shorter or empty. The group is null where it has one member, or without a mesh.
+std::vector<ParamSlice> replica_slices(const ParamTable& table, const comm::Mesh* mesh);
 
 // Statistics of one micro-batch on this rank (the trainer reduces them).
 struct MicroStats {
@@ -66,6 +86,10 @@ struct ModelOptions {
   // plan and re-runs only dispatch and experts (moe::MoeLayer::recompute).
   RecomputeMode recompute = RecomputeMode::kNone;
   int64_t recompute_layers = -1;
+  // The sharded optimizer's masters (optim.zero = 1): each rank keeps the f32 masters of its
+  // replica slices only (replica_slices); the working copies stay whole and are all-gathered after
+  // each update (refresh_work). Without a mesh of several ranks nothing is split.
+  bool shard_masters = false;
 };
 
 class Qwen3MoeModel {
@@ -93,15 +117,26 @@ class Qwen3MoeModel {
   // The table entries alone (no gradient zeroing, unlike params()).
   size_t num_params() const { return params_.size(); }
   const ParamDesc& param_desc(size_t i) const { return params_.at(i); }
-  // Parameter i's master value (no gradient zeroing); write through it, then refresh_work(i).
+  // Parameter i's master value (no gradient zeroing): whole, or this rank's slice with sharded
+  // masters. Write through it, then refresh_work(i); or set_value.
   const Tensor& value(size_t i) const { return params_.at(i).value; }
   Tensor& value(size_t i) { return params_.at(i).value; }
+  // The slice of parameter i that value(i) holds, or null where it holds the whole parameter.
+  const ParamSlice* master_slice(size_t i) const;
+  bool masters_sharded() const { return !master_slices_.empty(); }
+  // Every parameter's slice when masters_sharded() (entries with a null group hold it whole).
+  const std::vector<ParamSlice>& master_slices() const { return master_slices_; }
+  // Writes parameter i's whole value (host f32, its local shape): its master (slice) and working
+  // copy. Not collective.
+  void set_value(size_t i, const Tensor& host_f32);
   // The gradients of parameters [first, last) as one flat f32 view (alignment gaps included: they
   // stay zero).
   Tensor grad_span(size_t first, size_t last) const;
   void zero_grads();
 
-  // After parameter i's value was written: recomputes its working copy (no-op on the CPU).
+  // After parameter i's value was written: recomputes its working copy (no-op on the CPU). With a
+  // sliced master, this rank's part of the working copy, then every member's part all-gathered
+  // over the slice's group: collective over it, in the same order on every member.
   void refresh_work(size_t i);
 
   // One micro-batch: forward, loss, backward; gradients accumulate into Param::grad.
@@ -129,6 +164,7 @@ class Qwen3MoeModel {
   ModelOptions opts_;
   std::vector<Param> params_;
   std::vector<int64_t> offsets_;  // flat offset of each parameter (elements)
+  std::vector<ParamSlice> master_slices_;  // shard_masters over a mesh: every parameter's slice
   Tensor flat_value_, flat_work_, flat_grad_;
   std::vector<Layer> layers_;
   size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;

@@ -69,7 +69,7 @@ const Tensor& ModelParamStore::slot_tensor(size_t i, int slot) const {
 }
 
 const ParamSlice* ModelParamStore::sliced(size_t i, int slot) const {
-  if (slot == 0) return nullptr;
+  if (slot == 0) return model_->master_slice(i);
   const ParamState& s = states_.at(static_cast<size_t>(slot - 1));
   if (s.slices == nullptr) return nullptr;
   const ParamSlice& p = s.slices->at(i);
@@ -96,14 +96,18 @@ void ModelParamStore::write(size_t i, int slot, const Tensor& host_f32) {
   MOETP_CHECK(mutable_model_ != nullptr, "ModelParamStore::write: parameter {} of a read-only store", i);
   slot_tensor(i, slot);  // checks i and slot
   check_host_shard(model_->param_desc(i), host_f32, "ModelParamStore::write");
-  Tensor& dst = slot == 0 ? mutable_model_->value(i) : (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
+  if (slot == 0) {
+    mutable_model_->set_value(i, host_f32);
+    mutable_model_->backend().synchronize();
+    return;
+  }
+  Tensor& dst = (*states_[static_cast<size_t>(slot - 1)].tensors)[i];
   if (const ParamSlice* p = sliced(i, slot)) {
     const Tensor mine = host_f32.view({host_f32.numel()}).slice(0, p->offset, p->offset + p->count).contiguous();
     dst.copy_from(dst.dtype() == DType::kF32 ? mine : mine.to(dst.dtype()));
   } else {
     dst.copy_from(dst.dtype() == DType::kF32 ? host_f32 : host_f32.to(dst.dtype()));
   }
-  if (slot == 0) mutable_model_->refresh_work(i);
   mutable_model_->backend().synchronize();
 }
 

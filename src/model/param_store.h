@@ -35,15 +35,6 @@ class ParamStore {
 // The AdamW moments in a native checkpoint: exp_avg (slot 1), exp_avg_sq (slot 2).
 inline const std::vector<std::string> kAdamWStatePrefixes = {"optim.exp_avg.", "optim.exp_avg_sq."};
 
-// One rank's slice of a parameter's flattened elements (the sharded optimizer, train/optim.h): the
-// elements split over the members of `group` into contiguous slices, member r's slice counts[r]
-// elements long, starting at the sum of counts[0..r). group == null: not split.
-struct ParamSlice {
-  comm::Comm* group = nullptr;  // the model backend's communicator over the parameter's replicas
-  std::vector<int64_t> counts;
-  int64_t offset = 0, count = 0;  // this rank's slice
-};
-
 // Per-parameter state tensors kept besides the values (e.g. the AdamW moments), saved under
 // `prefix`: one tensor per parameter in the parameter's local shape, on the model's backend, f32 or
 // bf16 (read as f32; an f32 value written into bf16 is rounded to nearest even). With `slices`,

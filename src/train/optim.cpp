@@ -21,28 +21,14 @@ Tensor slice_of(const Tensor& t, const model::ParamSlice& s) { return flat(t).sl
 
 }  // namespace
 
-std::vector<model::ParamSlice> replica_slices(const model::Qwen3MoeModel& model) {
-  std::vector<model::ParamSlice> out(model.num_params());
-  for (size_t i = 0; i < model.num_params(); ++i) {
-    model::ParamSlice& s = out[i];
-    const int64_t n = shape_numel(shard::local_shape(model.param_desc(i).spec));
-    s.group = replica_group(model, model.param_desc(i));
-    if (s.group == nullptr) {
-      s.counts = {n};
-      s.count = n;
-      continue;
-    }
-    const int64_t d = s.group->size();
-    const int64_t per = (n + d * kSliceAlign - 1) / (d * kSliceAlign) * kSliceAlign;
-    for (int64_t r = 0; r < d; ++r) s.counts.push_back(std::clamp<int64_t>(n - r * per, 0, per));
-    s.offset = std::min<int64_t>(n, s.group->rank() * per);
-    s.count = s.counts[static_cast<size_t>(s.group->rank())];
-  }
-  return out;
+// Each parameter's slice over its replica group of the model's mesh.
+std::vector<model::ParamSlice> slices_of(const model::Qwen3MoeModel& model) {
+  return model.masters_sharded() ? model.master_slices()
+                                 : model::replica_slices(model::qwen3_moe_params(model.config(), model.layout()), model.mesh());
 }
 
 void reduce_grads(model::Qwen3MoeModel& model, bool zero) {
-  const std::vector<model::ParamSlice> slices = zero ? replica_slices(model) : std::vector<model::ParamSlice>{};
+  const std::vector<model::ParamSlice> slices = zero ? slices_of(model) : std::vector<model::ParamSlice>{};
   std::vector<model::Param>& params = model.params();
   for (size_t i = 0; i < params.size(); ++i) {
     model::Param& p = params[i];
@@ -68,7 +54,7 @@ void reduce_grads(model::Qwen3MoeModel& model, bool zero) {
 // rank's shards, summed over ep_etp in rank order (Comm::all_reduce_scalar(double) on the host).
 double global_grad_norm(model::Qwen3MoeModel& model, bool zero) {
   backend::Backend& be = model.backend();
-  const std::vector<model::ParamSlice> slices = replica_slices(model);
+  const std::vector<model::ParamSlice> slices = slices_of(model);
   const std::vector<model::Param>& params = model.params();
   // Slice views: every slice (zero = 0: all reduced here) or this rank's (zero = 1).
   std::vector<Tensor> views;
@@ -138,10 +124,10 @@ void scale_grads(model::Qwen3MoeModel& model, float scale) {
 }
 
 AdamW::AdamW(const model::Qwen3MoeModel& model, const AdamWConfig& cfg) : cfg_(cfg) {
-  if (cfg.zero) slices_ = replica_slices(model);
+  if (model.masters_sharded()) slices_ = model.master_slices();
   for (size_t i = 0; i < model.num_params(); ++i) {
-    const Shape shape = cfg.zero && slices_[i].group != nullptr ? Shape{slices_[i].count}
-                                                                : shard::local_shape(model.param_desc(i).spec);
+    const model::ParamSlice* s = model.master_slice(i);
+    const Shape shape = s != nullptr ? Shape{s->count} : shard::local_shape(model.param_desc(i).spec);
     const DType dtype = cfg.state_dtype == StateDType::kBF16 ? DType::kBF16 : DType::kF32;
     m_.push_back(model.backend().zeros(shape, dtype));
     v_.push_back(model.backend().zeros(shape, dtype));
@@ -150,7 +136,7 @@ AdamW::AdamW(const model::Qwen3MoeModel& model, const AdamWConfig& cfg) : cfg_(c
 
 std::vector<model::ParamState> AdamW::states() {
   const std::vector<std::string>& prefixes = model::kAdamWStatePrefixes;
-  const std::vector<model::ParamSlice>* slices = cfg_.zero ? &slices_ : nullptr;
+  const std::vector<model::ParamSlice>* slices = slices_.empty() ? nullptr : &slices_;
   return {{prefixes[0], &m_, slices}, {prefixes[1], &v_, slices}};
 }
 
@@ -168,17 +154,14 @@ void AdamW::step(model::Qwen3MoeModel& model, double lr, int64_t step) {
     h.eps = cfg_.eps;
     h.weight_decay = p.decay ? cfg_.weight_decay : 0.0;
     h.step = step;
-    const bool separate = p.work.raw_data() != p.value.raw_data();
-    if (!cfg_.zero || slices_[i].group == nullptr) {
+    const model::ParamSlice* s = model.master_slice(i);
+    if (s == nullptr) {
+      const bool separate = p.work.raw_data() != p.value.raw_data();
       be.adamw_step(p.value, p.grad, m_[i], v_[i], h, separate ? &p.work : nullptr);
       continue;
     }
-    // This rank's slice, then every member's updated slice (an exact copy) into the whole master.
-    const model::ParamSlice& s = slices_[i];
-    Tensor w = slice_of(p.value, s);
-    be.adamw_step(w, slice_of(p.grad, s), m_[i], v_[i], h, nullptr);
-    Tensor all = flat(p.value);
-    s.group->all_gather_v(w.clone(), all, s.counts);
+    // This rank's master slice, then every member's updated part of the working copy.
+    be.adamw_step(p.value, slice_of(p.grad, *s), m_[i], v_[i], h, nullptr);
     model.refresh_work(i);
   }
   be.synchronize();

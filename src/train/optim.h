@@ -7,11 +7,12 @@
 // elements split into one contiguous slice per member (replica_slices: multiples of kSliceAlign
 // elements, the last ones shorter or empty). The gradient norm is summed slice by slice in that
 // order whatever optim.zero says, so that both stages give the same bits. With optim.zero = 1 the
-// gradient is reduce-scattered (member r receives the reduced slice r), member r updates slice r
-// of the master weights with the AdamW moments of that slice only (its moments are 1/d of the
-// parameter's), and the updated masters are all-gathered; the working copies are refreshed from
-// them. On the CPU backend every step is bit-identical to optim.zero = 0 (the reductions are
-// deterministic: a reduce-scatter gives the bits of the all-reduce, comm/mpi_comm.h).
+// gradient is reduce-scattered (member r receives the reduced slice r), and member r holds only
+// slice r of the f32 master weights (model::ModelOptions::shard_masters) and of the AdamW moments
+// (1/d of the parameter's): it updates its slice, and the working copies (bf16 on CUDA) are
+// all-gathered from every member's updated slice (model::Qwen3MoeModel::refresh_work). On the CPU
+// backend every step is bit-identical to optim.zero = 0 (the reductions are deterministic: a
+// reduce-scatter gives the bits of the all-reduce, comm/mpi_comm.h).
 #pragma once
 
 #include <vector>
@@ -20,12 +21,6 @@
 #include "model/param_store.h"
 
 namespace moetp::train {
-
-inline constexpr int64_t kSliceAlign = 64;  // elements (256 bytes of f32): vector loads stay aligned
-
-// Each parameter's slice on this rank over its replica group of the model's mesh (group null where
-// the group has one member, or without a mesh).
-std::vector<model::ParamSlice> replica_slices(const model::Qwen3MoeModel& model);
 
 // Replicated parameters: all-reduce (sum) over world. Expert shards: all-reduce over expert_dp.
 // With `zero` (optim.zero = 1): a reduce-scatter into this rank's slice instead (the rest of the
@@ -43,12 +38,12 @@ void scale_grads(model::Qwen3MoeModel& model, float scale);
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
   StateDType state_dtype = StateDType::kF32;  // storage of the moments
-  bool zero = false;                          // optim.zero = 1: moments of this rank's slices only
 };
 
 // AdamW (decoupled weight decay, bias-corrected moments), moments in f32 or bf16 on the model's
 // backend (backend::Backend::adamw_step; the same bits on every backend). Decay only where Param::decay
-// (norm weights are exempt). The working copies are refreshed from the new masters.
+// (norm weights are exempt). The working copies are refreshed from the new masters. A model with
+// sharded masters (optim.zero = 1) gets moments of its master slices only.
 class AdamW {
  public:
   AdamW(const model::Qwen3MoeModel& model, const AdamWConfig& cfg);
@@ -56,13 +51,13 @@ class AdamW {
   void step(model::Qwen3MoeModel& model, double lr, int64_t step);
   std::vector<Tensor>& exp_avg() { return m_; }
   std::vector<Tensor>& exp_avg_sq() { return v_; }
-  // The moments as checkpoint state (model::ParamStore slots 1 and 2), sliced with zero.
+  // The moments as checkpoint state (model::ParamStore slots 1 and 2), sliced with the masters.
   std::vector<model::ParamState> states();
 
  private:
   AdamWConfig cfg_;
   std::vector<Tensor> m_, v_;
-  std::vector<model::ParamSlice> slices_;  // zero: this rank's slice of each parameter
+  std::vector<model::ParamSlice> slices_;  // sharded masters: this rank's slice of each parameter
 };
 
 // Linear warmup from 0 to `lr` over warmup_steps, then cosine decay to min_lr at total_steps.

@@ -39,21 +39,26 @@ MemoryPlan plan_memory(const config::ModelConfig& m, const config::TrainConfig& 
   plan.parameters = static_cast<double>(params);
   const double e = static_cast<double>(elems);
   auto add = [&](std::string what, double bytes) { plan.items.push_back({std::move(what), bytes}); };
-  add(cuda ? "weights (bf16 working copies)" : "weights (f32, the masters)", e * cb);
-  if (cuda) add("master weights (f32)", e * 4);
+  // optim.zero = 1: each rank keeps the masters and moments of its slices: replicated parameters
+  // over world, expert shards over expert_dp (model/model.h replica_slices).
+  const bool zero = cfg.optim.zero == 1 && world > 1;
+  double replicated = 0, expert = 0;
+  for (const model::ParamDesc& p : table.params) {
+    (p.kind == model::ParamKind::kExpert ? expert : replicated) += static_cast<double>(shape_numel(shard::local_shape(p.spec)));
+  }
+  const int expert_dp = world / (P * T);
+  const double sliced = replicated / world + expert / expert_dp;
+  const std::string share = fmt::format("optim.zero 1: 1/{} of replicated, 1/{} of expert", world, expert_dp);
+  if (cuda || zero) {
+    add(cuda ? "weights (bf16 working copies)" : "weights (f32 working copies)", e * cb);
+    add(zero ? fmt::format("master weights (f32, {})", share) : "master weights (f32)", zero ? sliced * 4 : e * 4);
+  } else {
+    add("weights (f32, the masters)", e * cb);
+  }
   add("gradients (f32)", e * 4);
   const double moment_bytes = cfg.optim.state_dtype == StateDType::kBF16 ? 4 : 8;
-  if (cfg.optim.zero == 1) {
-    // Each rank keeps the moments of its slice: replicated parameters over world, expert shards
-    // over expert_dp (train/optim.h replica_slices).
-    double replicated = 0, expert = 0;
-    for (const model::ParamDesc& p : table.params) {
-      (p.kind == model::ParamKind::kExpert ? expert : replicated) += static_cast<double>(shape_numel(shard::local_shape(p.spec)));
-    }
-    const double expert_dp = static_cast<double>(world / (P * T));
-    add(fmt::format("AdamW moments ({}, optim.zero 1: 1/{} of replicated, 1/{} of expert)",
-                    option_name(cfg.optim.state_dtype), world, world / (P * T)),
-        moment_bytes * (replicated / world + expert / expert_dp));
+  if (zero) {
+    add(fmt::format("AdamW moments ({}, {})", option_name(cfg.optim.state_dtype), share), moment_bytes * sliced);
   } else {
     add(fmt::format("AdamW moments ({})", option_name(cfg.optim.state_dtype)), e * moment_bytes);
   }

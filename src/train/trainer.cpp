@@ -93,6 +93,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
   opts.recompute = cfg_.train.recompute;
   opts.recompute_layers = cfg_.train.recompute_layers;
   opts.logit_chunk_rows = cfg_.train.logit_chunk_rows;
+  opts.shard_masters = cfg_.optim.zero == 1;
   const std::string gemm = be.describe_expert_gemm(
       model_cfg_.hidden_size, model_cfg_.moe_intermediate_size / cfg_.parallel.etp, cfg_.moe.expert_gemm);
   if (!gemm.empty()) device_reason_ += "; " + gemm;
@@ -104,8 +105,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
     model_ = std::make_unique<model::Qwen3MoeModel>(model_cfg_, be, opts, static_cast<uint64_t>(cfg_.train.seed));
   });
   optim_ = std::make_unique<AdamW>(
-      *model_, AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay, cfg_.optim.state_dtype,
-                           cfg_.optim.zero == 1});
+      *model_, AdamWConfig{cfg_.optim.beta1, cfg_.optim.beta2, cfg_.optim.eps, cfg_.optim.weight_decay, cfg_.optim.state_dtype});
 }
 
 Trainer::~Trainer() = default;

@@ -179,9 +179,10 @@ TEST(MemoryPlan, LogitChunkFollowsTheConfig) {
   }
 }
 
-// optim.zero = 1: the moments of replicated parameters split over world, of expert shards over
-// expert_dp; nothing else changes.
-TEST(MemoryPlan, ZeroShardsTheMoments) {
+// optim.zero = 1: the f32 masters and the moments of replicated parameters split over world, of
+// expert shards over expert_dp; nothing else changes. On the CPU the working copies become a
+// separate f32 copy beside the sliced masters.
+TEST(MemoryPlan, ZeroShardsTheMastersAndMoments) {
   const config::ModelConfig m = model();
   config::TrainConfig c = train(4, 1, 8);
   const train::MemoryPlan z0 = train::plan_memory(m, c, 8, Device::kCuda, 1.0);
@@ -191,7 +192,14 @@ TEST(MemoryPlan, ZeroShardsTheMoments) {
                          m.moe_intermediate_size / 4;
   const double replicated = z0.parameters - experts;
   EXPECT_NEAR(item(z1, "AdamW moments"), 8 * (replicated / 8 + experts / 2), 1e-6 * item(z0, "AdamW moments"));
-  EXPECT_NEAR(z0.peak_bytes - z1.peak_bytes, item(z0, "AdamW moments") - item(z1, "AdamW moments"), 1.0);
+  EXPECT_NEAR(item(z1, "master weights"), 4 * (replicated / 8 + experts / 2), 1e-6 * item(z0, "master weights"));
+  EXPECT_NEAR(z0.peak_bytes - z1.peak_bytes,
+              item(z0, "AdamW moments") - item(z1, "AdamW moments") + item(z0, "master weights") -
+                  item(z1, "master weights"),
+              1.0);
+  const train::MemoryPlan cpu0 = train::plan_memory(m, c, 8, Device::kCpu, 1.0);
+  EXPECT_NEAR(item(cpu0, "weights (f32 working copies)"), item(z0, "weights (bf16 working copies)") * 2, 1.0);
+  EXPECT_NEAR(item(cpu0, "master weights"), item(z1, "master weights"), 1.0);
 }
 
 TEST(MemoryPlan, TableEndsWithTheVerdict) {

@@ -126,10 +126,12 @@ TEST(TrainerLearning, LossFallsOnARepeatingPattern) {
   EXPECT_LT(r.back().ce_loss, 0.3 * r.front().ce_loss) << "first " << r.front().ce_loss << " last " << r.back().ce_loss;
 }
 
-// Steps, then every parameter and its last gradient.
+// Steps, then every parameter (its whole working copy: the f32 weights on the CPU, whether or not
+// the masters are sharded), its last gradient, and the master elements this rank holds.
 struct Trained {
   std::vector<train::StepResult> steps;
   std::vector<Tensor> values, grads;
+  int64_t master_elems = 0, param_elems = 0, slice_elems = 0;  // slice_elems: Σ this rank's replica slices
 };
 
 Trained train_steps(const config::TrainConfig& c, comm::Comm& w, int steps) {
@@ -137,8 +139,14 @@ Trained train_steps(const config::TrainConfig& c, comm::Comm& w, int steps) {
   Trained out;
   for (int i = 0; i < steps; ++i) out.steps.push_back(t.step());
   for (const model::Param& p : t.model().params()) {
-    out.values.push_back(p.value.clone());
+    out.values.push_back(p.work.clone());
     out.grads.push_back(p.grad.clone());
+    out.master_elems += p.value.numel();
+    out.param_elems += p.work.numel();
+  }
+  const model::Qwen3MoeModel& m = t.model();
+  for (const model::ParamSlice& s : model::replica_slices(model::qwen3_moe_params(m.config(), m.layout()), m.mesh())) {
+    out.slice_elems += s.count;
   }
   return out;
 }
@@ -217,11 +225,12 @@ TEST(TrainerRecompute, EveryModeIsBitIdenticalToNone) {
   }
 }
 
-// The sharded optimizer (optim.zero = 1) changes no bits: with 2 micro-batches and clipping active,
-// at the layouts of 1, 2 and 4 ranks and every dispatcher they allow (and 2 data-parallel replicas at
-// 4 ranks, where the expert shards split over expert_dp too): losses, aux losses, gradient norms and
-// every weight after 3 steps equal optim.zero = 0. (The gradients outside a rank's slices are left
-// unreduced by design, so they are not compared.)
+// The sharded optimizer (optim.zero = 1: masters and moments in slices) changes no bits: with 2
+// micro-batches and clipping active, at the layouts of 1, 2 and 4 ranks and every dispatcher they
+// allow (and 2 data-parallel replicas at 4 ranks, where the expert shards split over expert_dp too):
+// losses, aux losses, gradient norms and every weight after 3 steps equal optim.zero = 0, and each
+// rank holds only its slices of the masters. (The gradients outside a rank's slices are
+// left unreduced by design, so they are not compared.)
 TEST(TrainerZero, StageOneIsBitIdenticalToStageZero) {
   auto& w = world();
   if (w.size() != 1 && w.size() != 2 && w.size() != 4) GTEST_SKIP() << "layouts for 1, 2 and 4 ranks";
@@ -241,6 +250,11 @@ TEST(TrainerZero, StageOneIsBitIdenticalToStageZero) {
     ASSERT_GT(ref.steps[0].grad_norm, c.optim.grad_clip);
     c.optim.zero = 1;
     const Trained z = train_steps(c, w, 3);
+    EXPECT_EQ(ref.master_elems, ref.param_elems);
+    EXPECT_EQ(z.master_elems, z.slice_elems);
+    if (w.size() > 1) {
+      EXPECT_LT(z.slice_elems, z.param_elems) << "the replicated masters split over world";
+    }
     for (size_t s = 0; s < ref.steps.size(); ++s) {
       EXPECT_EQ(std::bit_cast<uint64_t>(z.steps[s].loss), std::bit_cast<uint64_t>(ref.steps[s].loss)) << "step " << s + 1;
       EXPECT_EQ(std::bit_cast<uint64_t>(z.steps[s].aux_loss), std::bit_cast<uint64_t>(ref.steps[s].aux_loss));
