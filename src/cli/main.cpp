@@ -5,14 +5,21 @@
 #include <fmt/format.h>
 
 #include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "cli/tools_cmd.h"
 #include "cli/train_cmd.h"
 #include "comm/mesh.h"
 #include "config/train_config.h"
 #include "comm/mpi_comm.h"
+#include "core/check.h"
 #include "core/log.h"
+#include "data/hf_tokenizer.h"
 #include "data/token_file.h"
 #include "data/tokenizer.h"
 
@@ -56,6 +63,39 @@ int run_mesh(moetp::comm::Comm& world, int ep, int etp) {
   return 0;
 }
 
+struct TokenizeArgs {
+  std::string input, output;  // text file -> token file
+  std::string tokenizer;      // tokenizer.json; empty: the byte-level tokenizer
+  bool print = false;         // standard input -> ids on standard output
+};
+
+// `moetp tokenize`: a text file to a token file, or (--print) all of standard input as one text to
+// its ids, space-separated on one line.
+int run_tokenize(const TokenizeArgs& a) {
+  std::optional<moetp::data::HfTokenizer> hf;
+  if (!a.tokenizer.empty()) hf = moetp::data::HfTokenizer::load(a.tokenizer);
+  if (a.print) {
+    const std::string text{std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>()};
+    const std::vector<uint32_t> ids = hf ? hf->encode(text) : moetp::data::encode_bytes(text);
+    std::string line;
+    for (size_t i = 0; i < ids.size(); ++i) fmt::format_to(std::back_inserter(line), "{}{}", i ? " " : "", ids[i]);
+    std::printf("%s\n", line.c_str());
+    return 0;
+  }
+  if (hf) {
+    std::ifstream in(a.input, std::ios::binary);
+    MOETP_CHECK(in.is_open(), "cannot open text file '{}'", a.input);
+    const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    moetp::data::write_token_file(a.output, hf->encode(text), hf->vocab_size());
+  } else {
+    moetp::data::convert_text_file(a.input, a.output);
+  }
+  const auto f = moetp::data::TokenFile::open(a.output);
+  std::printf("%s: %llu tokens, vocab %u\n", a.output.c_str(), static_cast<unsigned long long>(f.num_tokens()),
+              f.vocab_size());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -83,10 +123,21 @@ int main(int argc, char** argv) {
                           "resume from a native checkpoint directory, or 'auto' for the latest under the checkpoint root");
     train_cmd->add_option("--init-from-hf", train_args.init_from_hf, "start from a Hugging Face checkpoint directory");
     train_cmd->footer("Config fields (--set key=value):\n" + moetp::config::help_text());
-    std::string text_in, tokens_out;
-    auto* tok_cmd = app.add_subcommand("tokenize", "convert a text file to a token file (byte-level tokenizer, docs/data.md)");
-    tok_cmd->add_option("input", text_in, "text file")->required();
-    tok_cmd->add_option("output", tokens_out, "token file to write (atomically)")->required();
+    TokenizeArgs tok_args;
+    auto* tok_cmd = app.add_subcommand(
+        "tokenize", "convert a text file to a token file, or print the ids of standard input (docs/data.md)");
+    auto* tok_in = tok_cmd->add_option("input", tok_args.input, "text file");
+    auto* tok_out = tok_cmd->add_option("output", tok_args.output, "token file to write (atomically)");
+    tok_cmd->add_option("--tokenizer", tok_args.tokenizer,
+                        "Hugging Face tokenizer.json (byte-level BPE); default: the byte-level tokenizer (vocab 256)");
+    auto* tok_print = tok_cmd->add_flag("--print", tok_args.print,
+                                        "read all of standard input as one text and print its ids on one line");
+    tok_print->excludes(tok_in)->excludes(tok_out);
+    tok_cmd->callback([&] {
+      if (!tok_args.print && (tok_args.input.empty() || tok_args.output.empty())) {
+        throw CLI::ValidationError("tokenize", "give INPUT and OUTPUT, or --print");
+      }
+    });
     std::string inspect_path;
     auto* inspect_cmd = app.add_subcommand("inspect", "list the tensors of a .safetensors file or checkpoint directory");
     inspect_cmd->add_option("path", inspect_path, "file or directory")->required();
@@ -135,15 +186,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("convert")) return moetp::cli::run_convert(conv, *world);
     if (app.got_subcommand("eval")) return moetp::cli::run_eval(ev, *world);
     if (app.got_subcommand("plan")) return rank == 0 ? moetp::cli::run_plan(plan_args) : 0;
-    if (app.got_subcommand("tokenize")) {
-      if (rank == 0) {
-        moetp::data::convert_text_file(text_in, tokens_out);
-        const auto f = moetp::data::TokenFile::open(tokens_out);
-        std::printf("%s: %llu tokens, vocab %u\n", tokens_out.c_str(), static_cast<unsigned long long>(f.num_tokens()),
-                    f.vocab_size());
-      }
-      return 0;
-    }
+    if (app.got_subcommand("tokenize")) return rank == 0 ? run_tokenize(tok_args) : 0;
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "[rank %d] error: %s\n", rank, e.what());
