@@ -16,7 +16,9 @@
 // documents of log-uniform lengths in [64, S] packed into the rows, FLOPs counted per document),
 // `f32` (the f32 kernel, AttentionKernel::kF32: the same-run baseline; vs_f32 = its time / the row's
 // time), and for the tensor-core shapes one `tc_cfgN` row per tile configuration of
-// attention_tc_{fwd,bwd}.cu (config N of both; where one of them has fewer configurations, nan). A check line per tensor-core shape gives max |tc − f32| / max |f32| of
+// attention_tc_{fwd,bwd}.cu and attention_wgmma_fwd.cu (config N of both; where one of them has
+// fewer configurations, nan), and at S 4096 one `pk_cfgN` row per forward configuration on the
+// packed documents (its backward: nan past the backward's configurations). A check line per tensor-core shape gives max |tc − f32| / max |f32| of
 // out, dq, dk and dv. Baseline PyTorch (bench/torch_attention.py: scaled_dot_product_attention,
 // is_causal, enable_gqa), run separately on the same card; with its JSON the table gains torch_ms and
 // torch_ms / moetp_ms (> 1: moetp faster):
@@ -153,8 +155,10 @@ bool forward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) {
   const float scale = softmax_scale(s.D);
   if (var.kind == Variant::kTc) {
     if (var.config >= launch::kAttentionForwardTcConfigs) return false;
-    CUDA_CHECK(launch::attention_forward_tc(bits(b.q), bits(b.k), bits(b.v), bits(b.out), b.lse.data<float>(), s.B,
-                                            s.S, s.Q, s.G, s.D, scale, st, var.config));
+    CUDA_CHECK(launch::attention_forward_tc(
+        bits(b.q), bits(b.k), bits(b.v), bits(b.out), b.lse.data<float>(), s.B, s.S, s.Q, s.G, s.D, scale, st,
+        var.config,
+        var.packed ? launch::AttentionDocs{b.docs.data<int64_t>(), b.docs.numel() - 1} : launch::AttentionDocs{}));
   } else {
     CUDA_CHECK(launch::attention_forward(
         bits(b.q), bits(b.k), bits(b.v), bits(b.out), b.lse.data<float>(), s.B, s.S, s.Q, s.G, s.D, scale, st,
@@ -174,7 +178,9 @@ bool backward(const Variant& var, const Shape5& s, Buffers& b, cudaStream_t st) 
   if (var.kind == Variant::kTc) {
     CUDA_CHECK(launch::attention_backward_tc(bits(b.dout), bits(b.q), bits(b.k), bits(b.v), b.lse.data<float>(),
                                              b.delta.data<float>(), b.dq_accum.data<float>(), bits(b.dk), bits(b.dv),
-                                             s.B, s.S, s.Q, s.G, s.D, scale, st, var.config));
+                                             s.B, s.S, s.Q, s.G, s.D, scale, st, var.config, nullptr,
+                                             var.packed ? launch::AttentionDocs{b.docs.data<int64_t>(), b.docs.numel() - 1}
+                                                        : launch::AttentionDocs{}));
   } else {
     CUDA_CHECK(launch::attention_backward(
         bits(b.dout), bits(b.q), bits(b.k), bits(b.v), b.lse.data<float>(), b.delta.data<float>(),
@@ -271,6 +277,11 @@ int run(int argc, char** argv) {
     if (tc) {
       for (int c = 0; c < std::max(launch::kAttentionForwardTcConfigs, launch::kAttentionBackwardTcConfigs); ++c) {
         variants.push_back({fmt::format("tc_cfg{}", c), Variant::kTc, c});
+      }
+      if (s.S >= 4096) {  // packed documents through every forward configuration (backward: config 0)
+        for (int c = 0; c < launch::kAttentionForwardTcConfigs; ++c) {
+          variants.push_back({fmt::format("pk_cfg{}", c), Variant::kTc, c, false, true});
+        }
       }
     }
     const double fwd_flops_all = 2.0 * s.B * s.Q * static_cast<double>(s.S) * s.S * s.D;

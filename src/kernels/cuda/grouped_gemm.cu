@@ -71,6 +71,7 @@
 #include "kernels/cuda/grouped_gemm.cuh"
 #include "kernels/cuda/grouped_gemm_launch.h"
 #include "kernels/cuda/grouped_gemm_layout.h"
+#include "kernels/cuda/tensor_map.h"
 
 namespace moetp::cuda::launch {
 
@@ -429,8 +430,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- host side ----------------------------------------------------------------------------------
 
+}  // namespace
+
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda at link time).
-PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* ptr = nullptr;
     cudaDriverEntryPointQueryResult query{};
@@ -444,23 +447,23 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// Row-major bf16 (f32 where spec.f32) tensor of spec.rank dimensions (dims innermost first, rows of dims[0] elements; for
-// rank 3 the outer stride is dims[0]·dims[1]) with a box of spec.box elements, 128B swizzle, zero fill.
 cudaError_t make_tensor_map(CUtensorMap* map, const void* base, const gg::MapSpec& spec) {
   const int rank = spec.rank;
   const uint64_t* dims = spec.dims;
   const uint32_t* box = spec.box;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
   if (encode == nullptr) return cudaErrorNotSupported;
-  cuuint64_t g_dims[3] = {1, 1, 1}, g_strides[2] = {0, 0};
-  cuuint32_t b_dims[3] = {1, 1, 1}, e_strides[3] = {1, 1, 1};
+  if (rank < 1 || rank > 4) return cudaErrorInvalidValue;
+  cuuint64_t g_dims[4] = {1, 1, 1, 1}, g_strides[3] = {0, 0, 0};
+  cuuint32_t b_dims[4] = {1, 1, 1, 1}, e_strides[4] = {1, 1, 1, 1};
+  const uint64_t elem = spec.f32 ? 4 : 2;
+  uint64_t stride = elem;
   for (int d = 0; d < rank; ++d) {
     g_dims[d] = dims[d];
     b_dims[d] = box[d];
+    stride *= dims[d];
+    if (d + 1 < rank) g_strides[d] = stride;  // packed: dimension d + 1 steps over all of 0..d
   }
-  const uint64_t elem = spec.f32 ? 4 : 2;
-  g_strides[0] = dims[0] * elem;
-  if (rank == 3) g_strides[1] = dims[0] * dims[1] * elem;
   const CUtensorMapDataType dtype = spec.f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUresult r = encode(map, dtype, static_cast<cuuint32_t>(rank), const_cast<void*>(base),
                             g_dims, g_strides, b_dims, e_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -468,6 +471,8 @@ cudaError_t make_tensor_map(CUtensorMap* map, const void* base, const gg::MapSpe
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
+
+namespace {
 
 template <Op kOp, int kBN, bool kPingpong, bool kStaged>
 cudaError_t launch_config(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,

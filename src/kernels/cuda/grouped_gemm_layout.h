@@ -131,8 +131,8 @@ MOETP_GG_FN void advance_stage(int& stage, uint32_t& phase, int n, int stages) {
 // W is 3-D so that a box never reads the next expert's rows (zero fill at the N edge instead).
 struct MapSpec {
   int rank;
-  uint64_t dims[3];
-  uint32_t box[3];
+  uint64_t dims[4];  // the first `rank` are used (at most 4)
+  uint32_t box[4];
   bool f32 = false;  // element type: bf16, or f32 (the staged wgrad's dW map)
 };
 MOETP_GG_FN MapSpec a_map_spec(Op op, int64_t M, int64_t N, int64_t K, int tile_m) {
