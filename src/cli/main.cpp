@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -19,6 +20,7 @@
 #include "comm/mpi_comm.h"
 #include "core/check.h"
 #include "core/log.h"
+#include "data/chat.h"
 #include "data/hf_tokenizer.h"
 #include "data/token_file.h"
 #include "data/tokenizer.h"
@@ -64,22 +66,54 @@ int run_mesh(moetp::comm::Comm& world, int ep, int etp) {
 }
 
 struct TokenizeArgs {
-  std::string input, output;  // text file -> token file
-  std::string tokenizer;      // tokenizer.json; empty: the byte-level tokenizer
-  bool print = false;         // standard input -> ids on standard output
+  std::string input, output;     // text file -> token file
+  std::string tokenizer;         // tokenizer.json; empty: the byte-level tokenizer
+  bool print = false;            // standard input -> ids on standard output
+  bool chat = false;             // with print: standard input is a JSON conversation (data/chat.h)
+  bool mask = false;             // with chat: also print the loss mask
+  std::string tokenizer_config;  // with chat: tokenizer_config.json; empty: the one beside tokenizer.json
 };
 
+// Space-separated values on one line.
+template <typename T>
+void print_line(const std::vector<T>& values) {
+  std::string line;
+  for (size_t i = 0; i < values.size(); ++i) {
+    fmt::format_to(std::back_inserter(line), "{}{}", i ? " " : "", static_cast<uint64_t>(values[i]));
+  }
+  std::printf("%s\n", line.c_str());
+}
+
 // `moetp tokenize`: a text file to a token file, or (--print) all of standard input as one text to
-// its ids, space-separated on one line.
+// its ids, space-separated on one line. With --chat standard input is one JSON conversation (an
+// array of messages or {"messages": [...]}); it is rendered with the chat template of
+// tokenizer_config.json and its ids printed, with --mask followed by a line of the 0/1 loss mask.
 int run_tokenize(const TokenizeArgs& a) {
   std::optional<moetp::data::HfTokenizer> hf;
   if (!a.tokenizer.empty()) hf = moetp::data::HfTokenizer::load(a.tokenizer);
+  if (a.chat) {
+    MOETP_CHECK(hf.has_value(), "tokenize --chat needs --tokenizer (a tokenizer.json)");
+    const std::string config =
+        !a.tokenizer_config.empty()
+            ? a.tokenizer_config
+            : (std::filesystem::path(a.tokenizer).parent_path() / "tokenizer_config.json").string();
+    const moetp::data::ChatTemplate chat(config);
+    const std::string text{std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>()};
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      MOETP_FAIL("standard input: not valid JSON: {}", e.what());
+    }
+    const auto messages = moetp::data::parse_messages(j, "standard input");
+    const moetp::data::TokenizedChat tokenized = moetp::data::tokenize_chat(*hf, chat.render_chat(messages));
+    print_line(tokenized.ids);
+    if (a.mask) print_line(tokenized.loss_mask);
+    return 0;
+  }
   if (a.print) {
     const std::string text{std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>()};
-    const std::vector<uint32_t> ids = hf ? hf->encode(text) : moetp::data::encode_bytes(text);
-    std::string line;
-    for (size_t i = 0; i < ids.size(); ++i) fmt::format_to(std::back_inserter(line), "{}{}", i ? " " : "", ids[i]);
-    std::printf("%s\n", line.c_str());
+    print_line(hf ? hf->encode(text) : moetp::data::encode_bytes(text));
     return 0;
   }
   if (hf) {
@@ -133,6 +167,15 @@ int main(int argc, char** argv) {
     auto* tok_print = tok_cmd->add_flag("--print", tok_args.print,
                                         "read all of standard input as one text and print its ids on one line");
     tok_print->excludes(tok_in)->excludes(tok_out);
+    auto* tok_chat = tok_cmd->add_flag("--chat", tok_args.chat,
+                                       "with --print: read one JSON conversation (array of messages) and print the "
+                                       "ids of its rendering by the chat template");
+    tok_chat->needs(tok_print);
+    tok_cmd->add_flag("--mask", tok_args.mask, "with --chat: print a second line, the 0/1 loss mask of the ids")
+        ->needs(tok_chat);
+    tok_cmd->add_option("--tokenizer-config", tok_args.tokenizer_config,
+                        "with --chat: tokenizer_config.json holding the chat template (default: beside --tokenizer)")
+        ->needs(tok_chat);
     tok_cmd->callback([&] {
       if (!tok_args.print && (tok_args.input.empty() || tok_args.output.empty())) {
         throw CLI::ValidationError("tokenize", "give INPUT and OUTPUT, or --print");

@@ -68,6 +68,14 @@ size_t first_invalid_utf8(std::string_view text) {
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
   size_t i = 0;
   while (i < text.size()) {
+    if (i + 8 <= text.size()) {
+      uint64_t w;
+      std::memcpy(&w, s + i, 8);
+      if ((w & 0x8080808080808080ull) == 0) {
+        i += 8;
+        continue;
+      }
+    }
     if (s[i] < 0x80) {
       ++i;
       continue;
@@ -229,6 +237,35 @@ bool nfc_boundary_before(char32_t c) {
   if (p->combining_class != 0) return false;
   if (p->decomp_seqindex != UINT16_MAX && p->decomp_type == 0) return false;
   return !composition_seconds()[c];
+}
+
+// True when NFC leaves `text` (valid UTF-8) unchanged because every character passes
+// nfc_boundary_before: each is then its own NFC form and none combines with its neighbours, so the
+// text is already NFC. False means "maybe not": the caller normalizes. ASCII is skipped 8 bytes at
+// a time.
+bool nfc_quick_stable(std::string_view text) {
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  size_t i = 0;
+  while (i < n) {
+    if (i + 8 <= n) {
+      uint64_t w;
+      std::memcpy(&w, s + i, 8);
+      if ((w & 0x8080808080808080ull) == 0) {
+        i += 8;
+        continue;
+      }
+    }
+    if (s[i] < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len = 0;
+    const char32_t cp = decode_utf8(text, i, &len);
+    if (!nfc_boundary_before(cp)) return false;
+    i += len;
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -481,7 +518,11 @@ class Regex {
     pcre2_compile_context_free(cctx);
     MOETP_CHECK(code != nullptr, "{}: regex {} does not compile (PCRE2, as {}): {} at offset {}", where,
                 json(std::string(pattern)).dump(), json(translated).dump(), pcre2_message(err), err_offset);
-    pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter where JIT is unavailable
+    // Falls back to the interpreter where JIT is unavailable; with JIT code, find_all calls
+    // pcre2_jit_match directly (the same matches without pcre2_match's per-call checks).
+    size_t jit_size = 0;
+    jit_ = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE) == 0 &&
+           pcre2_pattern_info(code, PCRE2_INFO_JITSIZE, &jit_size) == 0 && jit_size > 0;
     code_.reset(code, PcreCodeDeleter());
   }
 
@@ -495,7 +536,9 @@ class Regex {
     size_t start = 0;
     size_t last_match_end = std::string_view::npos;
     while (start <= text.size()) {
-      const int rc = pcre2_match(code_.get(), subject, text.size(), start, PCRE2_NO_UTF_CHECK, md.get(), jit.context);
+      const int rc =
+          jit_ ? pcre2_jit_match(code_.get(), subject, text.size(), start, 0, md.get(), jit.context)
+               : pcre2_match(code_.get(), subject, text.size(), start, PCRE2_NO_UTF_CHECK, md.get(), jit.context);
       if (rc == PCRE2_ERROR_NOMATCH) break;
       MOETP_CHECK(rc >= 0, "regex {} failed at byte {} of a {}-byte piece: {}", json(pattern_).dump(), start,
                   text.size(), pcre2_message(rc));
@@ -517,6 +560,7 @@ class Regex {
  private:
   std::string pattern_;
   std::shared_ptr<pcre2_code> code_;
+  bool jit_ = false;
 };
 
 // The regex of ByteLevel with use_regex = true.
@@ -607,6 +651,7 @@ struct AddedToken {
 struct AddedMatcher {
   std::array<std::vector<uint32_t>, 256> by_first;  // indices into the added token list
   bool empty = true;
+  int only_first = -1;  // the one first byte of all the tokens, or -1 (several or none)
 
   void build(const std::vector<AddedToken>& tokens, bool normalized) {
     for (uint32_t k = 0; k < tokens.size(); ++k) {
@@ -614,6 +659,14 @@ struct AddedMatcher {
       by_first[static_cast<unsigned char>(tokens[k].content[0])].push_back(k);
       empty = false;
     }
+    int firsts = 0;
+    for (int b = 0; b < 256; ++b) {
+      if (!by_first[b].empty()) {
+        ++firsts;
+        only_first = b;
+      }
+    }
+    if (firsts != 1) only_first = -1;
     for (auto& bucket : by_first) {
       std::stable_sort(bucket.begin(), bucket.end(),
                        [&](uint32_t a, uint32_t b) { return tokens[a].content.size() > tokens[b].content.size(); });
@@ -634,6 +687,15 @@ struct AddedMatcher {
     size_t start_offset = 0;
     size_t i = 0;
     while (i < s.size()) {
+      // Skip to the next byte that starts some token (the bytes skipped would each just advance i).
+      if (only_first >= 0) {
+        const void* p = std::memchr(s.data() + i, only_first, s.size() - i);
+        if (p == nullptr) break;
+        i = static_cast<size_t>(static_cast<const char*>(p) - s.data());
+      } else {
+        while (i < s.size() && by_first[static_cast<unsigned char>(s[i])].empty()) ++i;
+        if (i == s.size()) break;
+      }
       const auto& bucket = by_first[static_cast<unsigned char>(s[i])];
       const AddedToken* hit = nullptr;
       uint32_t hit_index = 0;
@@ -698,13 +760,62 @@ uint64_t pair_key(uint32_t a, uint32_t b) { return (static_cast<uint64_t>(a) << 
 
 std::atomic<uint64_t> g_next_instance{1};
 
-// Per-thread cache of pre-token bytes -> ids, for one tokenizer at a time (owner).
-struct WordCache {
-  uint64_t owner = 0;
-  std::unordered_map<std::string, std::vector<uint32_t>, StringHash, std::equal_to<>> map;
-};
 constexpr size_t kCacheMaxEntries = 1 << 16;
 constexpr size_t kCacheMaxWordBytes = 128;
+
+// Per-thread cache of pre-token bytes -> ids, for one tokenizer at a time (owner): open addressing
+// (linear probing, power-of-two table at most half full), keys and ids in two arenas; emptied when
+// full. BPE is deterministic, so what the cache holds never changes the ids.
+struct WordCache {
+  struct Slot {
+    uint64_t hash = 0;  // 0: empty
+    uint32_t key_at = 0, ids_at = 0;
+    uint16_t key_len = 0, n_ids = 0;
+  };
+  static constexpr size_t kSlots = 2 * kCacheMaxEntries;
+  uint64_t owner = 0;
+  size_t used = 0;
+  std::vector<Slot> slots;
+  std::string keys;
+  std::vector<uint32_t> ids;
+
+  void reset(uint64_t new_owner) {
+    owner = new_owner;
+    used = 0;
+    slots.assign(kSlots, Slot{});
+    keys.clear();
+    ids.clear();
+  }
+  // Non-zero hash of a word of at most kCacheMaxWordBytes bytes (8 bytes per step).
+  static uint64_t hash_of(std::string_view w) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ (w.size() * 0xff51afd7ed558ccdull);
+    size_t i = 0;
+    for (; i + 8 <= w.size(); i += 8) {
+      uint64_t x;
+      std::memcpy(&x, w.data() + i, 8);
+      h = (h ^ x) * 0xbf58476d1ce4e5b9ull;
+      h ^= h >> 31;
+    }
+    uint64_t x = 0;
+    std::memcpy(&x, w.data() + i, w.size() - i);
+    h = (h ^ x) * 0x94d049bb133111ebull;
+    h ^= h >> 29;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 32;
+    return h | 1;
+  }
+  // The slot of `w` (h = hash_of(w)): its entry, or the empty slot where it would go.
+  Slot& find(std::string_view w, uint64_t h) {
+    const size_t mask = kSlots - 1;
+    for (size_t k = h & mask;; k = (k + 1) & mask) {
+      Slot& slot = slots[k];
+      if (slot.hash == 0) return slot;
+      if (slot.hash == h && slot.key_len == w.size() && std::memcmp(keys.data() + slot.key_at, w.data(), w.size()) == 0) {
+        return slot;
+      }
+    }
+  }
+};
 
 }  // namespace
 
@@ -821,19 +932,30 @@ void HfTokenizer::Impl::bpe_cached(std::string_view word, std::vector<uint32_t>&
     return;
   }
   thread_local WordCache cache;
-  if (cache.owner != instance) {
-    cache.map.clear();
-    cache.owner = instance;
-  }
-  const auto it = cache.map.find(word);
-  if (it != cache.map.end()) {
-    out.insert(out.end(), it->second.begin(), it->second.end());
+  if (cache.owner != instance) cache.reset(instance);
+  const uint64_t h = WordCache::hash_of(word);
+  WordCache::Slot* slot = &cache.find(word, h);
+  if (slot->hash != 0) {
+    const uint32_t* p = cache.ids.data() + slot->ids_at;
+    out.insert(out.end(), p, p + slot->n_ids);
     return;
   }
   const size_t before = out.size();
   bpe(word, out);
-  if (cache.map.size() >= kCacheMaxEntries) cache.map.clear();
-  cache.map.emplace(std::string(word), std::vector<uint32_t>(out.begin() + static_cast<ptrdiff_t>(before), out.end()));
+  if (cache.used >= kCacheMaxEntries) {
+    cache.reset(instance);
+    slot = &cache.find(word, h);
+  }
+  // A word of at most 128 bytes has at most 128 ids; the arenas stay far below 2^32 entries
+  // (at most kCacheMaxEntries words of at most kCacheMaxWordBytes bytes).
+  slot->hash = h;
+  slot->key_at = static_cast<uint32_t>(cache.keys.size());
+  slot->key_len = static_cast<uint16_t>(word.size());
+  slot->ids_at = static_cast<uint32_t>(cache.ids.size());
+  slot->n_ids = static_cast<uint16_t>(out.size() - before);
+  cache.keys.append(word);
+  cache.ids.insert(cache.ids.end(), out.begin() + static_cast<ptrdiff_t>(before), out.end());
+  ++cache.used;
 }
 
 void HfTokenizer::Impl::emit_word(std::string_view word, bool virtual_space, size_t norm_pos, const OffsetMap& norm_map,
@@ -867,8 +989,57 @@ void HfTokenizer::Impl::emit_word(std::string_view word, bool virtual_space, siz
 
 void HfTokenizer::Impl::emit_piece(std::string_view norm, size_t ps, size_t pe, const OffsetMap& norm_map,
                                    const OffsetMap& input_map, Sink& sink) const {
+  std::vector<std::pair<size_t, size_t>> found;
+  // ByteLevel on the piece [s, e) of `norm` (non-empty): optional prefix space, optional GPT-2
+  // split, then BPE on the bytes.
+  std::string with_space;
+  std::vector<std::pair<size_t, size_t>> words;
+  auto byte_level = [&](size_t s, size_t e) {
+    std::string_view text = norm.substr(s, e - s);
+    bool virtual_space = false;
+    if (add_prefix_space && text[0] != ' ') {
+      with_space.assign(" ");
+      with_space.append(text);
+      text = with_space;
+      virtual_space = true;
+    }
+    if (!byte_level_regex) {
+      emit_word(text, virtual_space, s, norm_map, input_map, sink);
+      return;
+    }
+    words.clear();
+    gpt2.find_all(text, words);
+    size_t prev = 0;
+    auto emit_range = [&](size_t a, size_t b) {
+      if (a >= b) return;
+      const bool has_virtual = virtual_space && a == 0;
+      const size_t norm_pos = virtual_space ? s + (a == 0 ? 0 : a - 1) : s + a;
+      emit_word(text.substr(a, b - a), has_virtual, norm_pos, norm_map, input_map, sink);
+    };
+    for (const auto& [ms, me] : words) {
+      emit_range(prev, ms);
+      emit_range(ms, me);
+      prev = me;
+    }
+    emit_range(prev, text.size());
+  };
+  // The common case (GPT-4o, Llama 3, Qwen2/3: one non-inverted Isolated regex Split before
+  // ByteLevel): the gaps and the matches go straight to ByteLevel, in order, empty ones dropped —
+  // what the general loop below gives for this step.
+  if (splits.size() == 1 && splits[0].is_regex && splits[0].behavior == SplitBehavior::kIsolated &&
+      !splits[0].invert) {
+    splits[0].regex.find_all(norm.substr(ps, pe - ps), found);
+    size_t prev = ps;
+    for (const auto& [ms, me] : found) {
+      if (prev < ps + ms) byte_level(prev, ps + ms);
+      if (ms < me) byte_level(ps + ms, ps + me);
+      prev = ps + me;
+    }
+    if (prev < pe) byte_level(prev, pe);
+    return;
+  }
   // Split steps, each applied to every piece of the previous one; pieces are ranges of `norm`.
-  std::vector<std::pair<size_t, size_t>> pieces{{ps, pe}}, next, found;
+  std::vector<std::pair<size_t, size_t>> pieces{{ps, pe}}, next;
   std::vector<std::pair<std::pair<size_t, size_t>, bool>> parts;  // (range, is_match)
   for (const SplitStep& step : splits) {
     next.clear();
@@ -950,37 +1121,7 @@ void HfTokenizer::Impl::emit_piece(std::string_view norm, size_t ps, size_t pe, 
     }
     pieces.swap(next);
   }
-  // ByteLevel: optional prefix space, optional GPT-2 split, then BPE on the bytes.
-  std::string with_space;
-  for (const auto& [s, e] : pieces) {
-    std::string_view text = norm.substr(s, e - s);
-    bool virtual_space = false;
-    if (add_prefix_space && text[0] != ' ') {
-      with_space.assign(" ");
-      with_space.append(text);
-      text = with_space;
-      virtual_space = true;
-    }
-    if (!byte_level_regex) {
-      emit_word(text, virtual_space, s, norm_map, input_map, sink);
-      continue;
-    }
-    found.clear();
-    gpt2.find_all(text, found);
-    size_t prev = 0;
-    auto emit_range = [&](size_t a, size_t b) {
-      if (a >= b) return;
-      const bool has_virtual = virtual_space && a == 0;
-      const size_t norm_pos = virtual_space ? s + (a == 0 ? 0 : a - 1) : s + a;
-      emit_word(text.substr(a, b - a), has_virtual, norm_pos, norm_map, input_map, sink);
-    };
-    for (const auto& [ms, me] : found) {
-      emit_range(prev, ms);
-      emit_range(ms, me);
-      prev = me;
-    }
-    emit_range(prev, text.size());
-  }
+  for (const auto& [s, e] : pieces) byte_level(s, e);
 }
 
 void HfTokenizer::Impl::run(std::string_view input, bool split_special, Sink& sink) const {
@@ -1016,7 +1157,7 @@ void HfTokenizer::Impl::run(std::string_view input, bool split_special, Sink& si
     std::string_view norm = seg;
     OffsetMap norm_map;
     norm_map.base = b;
-    if (nfc && !all_ascii(seg)) {
+    if (nfc && !nfc_quick_stable(seg)) {
       std::string whole = nfc_of(seg);
       if (whole != seg) {
         if (sink.want_offsets || sink.pre_tokens_only) {
