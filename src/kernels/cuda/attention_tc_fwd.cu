@@ -249,9 +249,9 @@ cudaError_t forward_tc_config(int config, const uint16_t* q, const uint16_t* k, 
                               float* lse, const int64_t* docs, int64_t num_docs, int64_t row_len, int64_t B, int64_t S,
                               int64_t Hq, int64_t Hkv, float scale, cudaStream_t stream) {
   switch (config) {
-    // Config 1 is the default (as fast as config 0 at D = 128, faster at D = 64). Config 2 (wgmma)
-    // is 1.4x faster and passes the kernel tests; it becomes the default once the model-level GPU
-    // tests have run with it. Config 3 spills registers at D = 128 (docs/performance.md, Attention).
+    // Config 2 (wgmma) is the default: 1.4x config 1 at D = 128 on an H100. Config 1 was the
+    // mma.sync default (as fast as config 0 at D = 128, faster at D = 64). Config 3 spills
+    // registers at D = 128 (docs/performance.md, Attention).
     case 0:  // 8 warps, 128 query rows, 64-key tiles, one block per SM
       return launch_forward_tc<kD, 8, 64, 1>(q, k, v, out, lse, docs, num_docs, row_len, B, S, Hq, Hkv, scale, stream);
     case 1:  // 4 warps, 64 query rows, 64-key tiles, two blocks per SM

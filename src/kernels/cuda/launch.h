@@ -59,7 +59,7 @@ inline int64_t attention_dq_turns(int64_t B, int64_t S, int64_t Hq) { return B *
 // cudaErrorInvalidValue): config in [0, kAttention{Forward,Backward}TcConfigs); kAuto runs the
 // k...TcDefault one. For the benchmark and the tests (every configuration is tested); the list, with
 // the measurements that chose the default, is in attention_tc_fwd.cu / attention_tc_bwd.cu.
-inline constexpr int kAttentionForwardTcConfigs = 4, kAttentionForwardTcDefault = 1;
+inline constexpr int kAttentionForwardTcConfigs = 4, kAttentionForwardTcDefault = 2;
 inline constexpr int kAttentionBackwardTcConfigs = 2, kAttentionBackwardTcDefault = 0;
 cudaError_t attention_forward_tc(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
                                  int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale,
