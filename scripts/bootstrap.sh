@@ -11,7 +11,7 @@ pkgs=(
   libopenblas-dev
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   googletest libgtest-dev libgmock-dev libbenchmark-dev
-  libpcre2-dev libutf8proc-dev
+  libpcre2-dev libutf8proc-dev libssl-dev
 )
 
 missing=()

@@ -4,11 +4,13 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -21,6 +23,7 @@
 #include "core/check.h"
 #include "core/log.h"
 #include "data/chat.h"
+#include "data/corpus.h"
 #include "data/hf_tokenizer.h"
 #include "data/token_file.h"
 #include "data/tokenizer.h"
@@ -66,12 +69,11 @@ int run_mesh(moetp::comm::Comm& world, int ep, int etp) {
 }
 
 struct TokenizeArgs {
-  std::string input, output;     // text file -> token file
-  std::string tokenizer;         // tokenizer.json; empty: the byte-level tokenizer
-  bool print = false;            // standard input -> ids on standard output
-  bool chat = false;             // with print: standard input is a JSON conversation (data/chat.h)
-  bool mask = false;             // with chat: also print the loss mask
-  std::string tokenizer_config;  // with chat: tokenizer_config.json; empty: the one beside tokenizer.json
+  moetp::data::CorpusOptions corpus;  // inputs -> dataset folder (data/corpus.h)
+  bool print = false;                 // standard input -> ids on standard output
+  bool mask = false;                  // with print --chat: also print the loss mask
+  bool per_turn = false;              // chat: one sample per assistant turn
+  std::string invalid_utf8 = "refuse";
 };
 
 // Space-separated values on one line.
@@ -84,19 +86,51 @@ void print_line(const std::vector<T>& values) {
   std::printf("%s\n", line.c_str());
 }
 
-// `moetp tokenize`: a text file to a token file, or (--print) all of standard input as one text to
-// its ids, space-separated on one line. With --chat standard input is one JSON conversation (an
-// array of messages or {"messages": [...]}); it is rendered with the chat template of
-// tokenizer_config.json and its ids printed, with --mask followed by a line of the 0/1 loss mask.
-int run_tokenize(const TokenizeArgs& a) {
+// `moetp tokenize`: inputs to a dataset folder (data/corpus.h), or (--print) all of standard input
+// as one text to its ids, space-separated on one line. With --print --chat standard input is one
+// JSON conversation (an array of messages or {"messages": [...]}); it is rendered with the chat
+// template of tokenizer_config.json and its ids printed, with --mask followed by a line of the 0/1
+// loss mask.
+int run_tokenize(TokenizeArgs& a) {
+  moetp::data::CorpusOptions& c = a.corpus;
+  if (!a.print) {
+    const std::map<std::string, moetp::data::InvalidUtf8Policy> policies = {
+        {"refuse", moetp::data::InvalidUtf8Policy::kRefuse},
+        {"replace", moetp::data::InvalidUtf8Policy::kReplace},
+        {"skip", moetp::data::InvalidUtf8Policy::kSkip}};
+    c.invalid_utf8 = policies.at(a.invalid_utf8);
+    c.chat_samples = a.per_turn ? moetp::data::ChatSamples::kPerAssistantTurn : moetp::data::ChatSamples::kWhole;
+    const auto start = std::chrono::steady_clock::now();
+    auto progress = [&](int64_t done, int64_t total, int64_t records) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const double rate = s > 0 ? static_cast<double>(done) / s : 0;
+      std::fprintf(stderr, "tokenize: %5.1f%%  %.1f of %.1f MB  %.1f MB/s  %lld records  ETA %.0f s\n",
+                   total > 0 ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 100.0, done / 1e6,
+                   total / 1e6, rate / 1e6, static_cast<long long>(records),
+                   rate > 0 ? static_cast<double>(total - done) / rate : 0.0);
+    };
+    const moetp::data::CorpusReport r = moetp::data::tokenize_corpus(c, progress);
+    std::string skipped;
+    for (const auto& [reason, n] : r.skipped) skipped += fmt::format("{}{} {}", skipped.empty() ? "" : ", ", n, reason);
+    std::printf("%s: %lld records from %.1f MB in %.1f s (%.1f MB/s); train %lld documents, %lld tokens (%lld with loss)",
+                c.out_dir.c_str(), static_cast<long long>(r.records), r.input_bytes / 1e6, r.seconds,
+                r.seconds > 0 ? r.input_bytes / 1e6 / r.seconds : 0.0, static_cast<long long>(r.train_documents),
+                static_cast<long long>(r.train_tokens), static_cast<long long>(r.train_loss_tokens));
+    if (r.valid_documents > 0) {
+      std::printf("; valid %lld documents, %lld tokens (%lld with loss)", static_cast<long long>(r.valid_documents),
+                  static_cast<long long>(r.valid_tokens), static_cast<long long>(r.valid_loss_tokens));
+    }
+    std::printf("; skipped: %s\n", skipped.empty() ? "none" : skipped.c_str());
+    return 0;
+  }
   std::optional<moetp::data::HfTokenizer> hf;
-  if (!a.tokenizer.empty()) hf = moetp::data::HfTokenizer::load(a.tokenizer);
-  if (a.chat) {
+  if (!c.tokenizer.empty()) hf = moetp::data::HfTokenizer::load(c.tokenizer);
+  if (c.chat) {
     MOETP_CHECK(hf.has_value(), "tokenize --chat needs --tokenizer (a tokenizer.json)");
     const std::string config =
-        !a.tokenizer_config.empty()
-            ? a.tokenizer_config
-            : (std::filesystem::path(a.tokenizer).parent_path() / "tokenizer_config.json").string();
+        !c.tokenizer_config.empty()
+            ? c.tokenizer_config
+            : (std::filesystem::path(c.tokenizer).parent_path() / "tokenizer_config.json").string();
     const moetp::data::ChatTemplate chat(config);
     const std::string text{std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>()};
     nlohmann::json j;
@@ -111,22 +145,8 @@ int run_tokenize(const TokenizeArgs& a) {
     if (a.mask) print_line(tokenized.loss_mask);
     return 0;
   }
-  if (a.print) {
-    const std::string text{std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>()};
-    print_line(hf ? hf->encode(text) : moetp::data::encode_bytes(text));
-    return 0;
-  }
-  if (hf) {
-    std::ifstream in(a.input, std::ios::binary);
-    MOETP_CHECK(in.is_open(), "cannot open text file '{}'", a.input);
-    const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-    moetp::data::write_token_file(a.output, hf->encode(text), hf->vocab_size());
-  } else {
-    moetp::data::convert_text_file(a.input, a.output);
-  }
-  const auto f = moetp::data::TokenFile::open(a.output);
-  std::printf("%s: %llu tokens, vocab %u\n", a.output.c_str(), static_cast<unsigned long long>(f.num_tokens()),
-              f.vocab_size());
+  const std::string text{std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>()};
+  print_line(hf ? hf->encode(text) : moetp::data::encode_bytes(text));
   return 0;
 }
 
@@ -158,27 +178,51 @@ int main(int argc, char** argv) {
     train_cmd->add_option("--init-from-hf", train_args.init_from_hf, "start from a Hugging Face checkpoint directory");
     train_cmd->footer("Config fields (--set key=value):\n" + moetp::config::help_text());
     TokenizeArgs tok_args;
+    moetp::data::CorpusOptions& co = tok_args.corpus;
     auto* tok_cmd = app.add_subcommand(
-        "tokenize", "convert a text file to a token file, or print the ids of standard input (docs/data.md)");
-    auto* tok_in = tok_cmd->add_option("input", tok_args.input, "text file");
-    auto* tok_out = tok_cmd->add_option("output", tok_args.output, "token file to write (atomically)");
-    tok_cmd->add_option("--tokenizer", tok_args.tokenizer,
+        "tokenize", "tokenize text, JSONL or chat JSONL into a dataset folder, or print the ids of standard input "
+                    "(docs/data.md)");
+    auto* tok_in = tok_cmd->add_option("inputs", co.inputs,
+                                       "files or folders: *.jsonl holds one record per line, any other file is one "
+                                       "text document");
+    auto* tok_out = tok_cmd->add_option("--out,-o", co.out_dir, "dataset folder to write (atomically)");
+    tok_cmd->add_option("--tokenizer", co.tokenizer,
                         "Hugging Face tokenizer.json (byte-level BPE); default: the byte-level tokenizer (vocab 256)");
+    tok_cmd->add_option("--tokenizer-config", co.tokenizer_config,
+                        "with --chat: tokenizer_config.json holding the chat template (default: beside --tokenizer)");
     auto* tok_print = tok_cmd->add_flag("--print", tok_args.print,
                                         "read all of standard input as one text and print its ids on one line");
     tok_print->excludes(tok_in)->excludes(tok_out);
-    auto* tok_chat = tok_cmd->add_flag("--chat", tok_args.chat,
-                                       "with --print: read one JSON conversation (array of messages) and print the "
-                                       "ids of its rendering by the chat template");
-    tok_chat->needs(tok_print);
-    tok_cmd->add_flag("--mask", tok_args.mask, "with --chat: print a second line, the 0/1 loss mask of the ids")
+    auto* tok_chat = tok_cmd->add_flag(
+        "--chat", co.chat,
+        "chat data: JSONL records {\"messages\": [...]} rendered with the chat template, loss on the assistant turns; "
+        "with --print: one JSON conversation from standard input");
+    tok_cmd->add_flag("--mask", tok_args.mask, "with --print --chat: print a second line, the 0/1 loss mask of the ids")
+        ->needs(tok_chat)
+        ->needs(tok_print);
+    tok_cmd->add_flag("--per-turn", tok_args.per_turn,
+                      "with --chat: one sample per assistant turn (earlier turns keep their reasoning)")
         ->needs(tok_chat);
-    tok_cmd->add_option("--tokenizer-config", tok_args.tokenizer_config,
-                        "with --chat: tokenizer_config.json holding the chat template (default: beside --tokenizer)")
-        ->needs(tok_chat);
+    tok_cmd->add_option("--text-field", co.text_field, "JSONL field holding a document's text")->capture_default_str();
+    tok_cmd->add_option("--eos", co.eos, "token that ends each document (default <|endoftext|>)");
+    tok_cmd->add_flag("--split-special-tokens", co.split_special_tokens,
+                      "tokenize special tokens inside documents as plain text");
+    tok_cmd->add_option("--valid-fraction", co.valid_fraction,
+                        "fraction of the records (drawn with --seed) that go to the validation split")
+        ->check(CLI::Range(0.0, 0.999999));
+    tok_cmd->add_option("--valid", co.valid_inputs, "an input (as given) whose records all go to the validation split");
+    tok_cmd->add_option("--seed", co.seed, "seed of the validation draw")->capture_default_str();
+    tok_cmd->add_option("--invalid-utf8", tok_args.invalid_utf8, "refuse | replace (by U+FFFD) | skip the record")
+        ->check(CLI::IsMember({"refuse", "replace", "skip"}))
+        ->capture_default_str();
+    tok_cmd->add_flag("--skip-bad-records", co.skip_bad_records,
+                      "count and skip JSONL lines that do not parse or lack the field, instead of stopping");
+    tok_cmd->add_option("--threads", co.threads, "tokenizer threads (0: one per hardware thread)")->capture_default_str();
+    tok_cmd->add_option("--shard-tokens", co.shard_tokens, "tokens per shard file")->capture_default_str();
+    tok_cmd->add_flag("--overwrite", co.overwrite, "replace an existing dataset folder");
     tok_cmd->callback([&] {
-      if (!tok_args.print && (tok_args.input.empty() || tok_args.output.empty())) {
-        throw CLI::ValidationError("tokenize", "give INPUT and OUTPUT, or --print");
+      if (!tok_args.print && (co.inputs.empty() || co.out_dir.empty())) {
+        throw CLI::ValidationError("tokenize", "give INPUT... and --out DIR, or --print");
       }
     });
     std::string inspect_path;

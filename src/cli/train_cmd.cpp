@@ -9,11 +9,12 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 
 #include "config/model_config.h"
 #include "config/train_config.h"
 #include "core/log.h"
-#include "data/token_file.h"
+#include "data/source.h"
 #include "io/checkpoint.h"
 #include "train/report.h"
 #include "train/trainer.h"
@@ -38,7 +39,8 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
   const config::ModelConfig model_cfg = config::ModelConfig::load(cfg.model.config);
   config::validate_with_model(cfg, model_cfg, world.size());
   MOETP_CHECK(std::filesystem::exists(cfg.data.path),
-              "data file '{}' not found (data.path; run from the repository root, or --set data.path=FILE)",
+              "data '{}' not found (data.path: a token file or a dataset folder; run from the repository root, or "
+              "--set data.path=...)",
               cfg.data.path);
 
   const bool lead = world.rank() == 0;
@@ -61,9 +63,19 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
   // which are waiting in a collective for this one, so unwinding first would hang the job.
   std::unique_ptr<train::Trainer> trainer_ptr;
   try {
-    trainer_ptr = std::make_unique<train::Trainer>(cfg, model_cfg, world, data::TokenFile::open(cfg.data.path));
+    data::DataOptions data_opt;
+    data_opt.path = cfg.data.path;
+    data_opt.seq_len = cfg.train.seq_len;
+    data_opt.global_batch_size = cfg.train.global_batch_size;
+    data_opt.seed = static_cast<uint64_t>(cfg.train.seed);
+    data_opt.overlong = cfg.data.overlong;
+    trainer_ptr = std::make_unique<train::Trainer>(cfg, model_cfg, world, data::open_train_data(data_opt));
     train::Trainer& trainer = *trainer_ptr;
     if (lead) {
+      std::printf("data: %s\n", trainer.data().describe().c_str());
+      if (trainer.validation_data() != nullptr) {
+        std::printf("validation: %s\n", trainer.validation_data()->describe().c_str());
+      }
       std::printf("device: %s (%s)\n", device_name(trainer.device()).data(), trainer.device_reason().c_str());
       std::printf("memory plan: %.2f GiB per rank at the step's peak (moetp plan for the items)\n",
                   trainer.memory_plan().peak_bytes / (1024.0 * 1024.0 * 1024.0));
@@ -99,14 +111,20 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
         trainer.save_checkpoint(fmt::format("{}/step-{:08d}", ckpt_root, r.step));
         if (lead) io::prune_checkpoints(ckpt_root, cfg.checkpoint.keep);
       }
+      std::optional<train::EvalResult> ev;
+      if (cfg.train.eval_every > 0 && (r.step % cfg.train.eval_every == 0 || r.step == cfg.train.steps)) {
+        ev = trainer.evaluate();
+      }
       if (!lead) continue;
       metrics->write(r);
+      if (ev) metrics->write(*ev);
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (r.step == 1 || r.step % cfg.train.log_every == 0 || r.step == cfg.train.steps) {
         std::printf("%s\n", train::progress_line(r, cfg.train.steps, elapsed).c_str());
         if (history.empty() && r.peak_mem_gb >= 0) std::printf("%s\n", trainer.memory_line(r).c_str());
-        std::fflush(stdout);
       }
+      if (ev) std::printf("%s\n", train::eval_line(*ev).c_str());
+      std::fflush(stdout);
       history.push_back(std::move(r));
     }
     if (lead && !history.empty()) {

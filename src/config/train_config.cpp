@@ -117,6 +117,10 @@ const std::vector<Field>& fields() {
             "CUDA device: run every kernel whose result could depend on scheduling (the attention backward's dq "
             "accumulation) in a fixed order, so two runs of one configuration give the same losses and weights bit "
             "for bit; costs time in the attention backward. The CPU device is always deterministic"),
+      field("train.eval_every", &C::train, &C::Train::eval_every, 0,
+            "validation loss (data.valid) every N steps and after the last step; 0 = off"),
+      field("train.eval_batches", &C::train, &C::Train::eval_batches, 0,
+            "global batches of validation rows per evaluation, from the first (0 = all of the split)"),
       field("train.memory_check", &C::train, &C::Train::memory_check, true,
             "CUDA device: before allocating, check the memory plan (moetp plan) against each GPU's free memory "
             "and stop with the plan and the settings that would fit when it does not"),
@@ -136,8 +140,15 @@ const std::vector<Field>& fields() {
             "holds) | 1 (each parameter's gradient is reduce-scattered over the ranks that hold a replica of it, "
             "each of them keeps and updates the masters and moments of its slice only, and the updated working "
             "weights are all-gathered; the same bits as 0)"),
-      field("data.path", &C::data, &C::Data::path, "data/kjv.tokens", "training token file"),
-      field("data.tokenizer", &C::data, &C::Data::tokenizer, "byte", "tokenizer (byte = one token per byte)"),
+      field("data.path", &C::data, &C::Data::path, "data/kjv.tokens",
+            "training data: a token file, or a dataset folder written by `moetp tokenize` (its train split, "
+            "documents packed into rows; docs/data.md)"),
+      field("data.valid", &C::data, &C::Data::valid, "",
+            "dataset folder for the validation loss (its valid split, else its train split; may be data.path); "
+            "\"\" = none"),
+      field("data.overlong", &C::data, &C::Data::overlong, OverlongChoice::kAuto,
+            "dataset documents longer than train.seq_len: auto (split for text, truncate for chat) | truncate | "
+            "split (pieces of seq_len) | drop; counts are printed at start-up"),
       field("run.dir", &C::run, &C::Run::dir, "", "run directory for logs and config.json (\"\" = runs/<timestamp>)"),
       field("checkpoint.dir", &C::checkpoint, &C::Checkpoint::dir, "",
             "checkpoint directory (\"\" = <run.dir>/checkpoints)"),
@@ -418,8 +429,11 @@ void validate(const TrainConfig& c) {
   MOETP_CHECK(c.moe.plan_imbalance >= 1, "moe.plan_imbalance ({}) must be >= 1 (1 = balanced routing)",
               c.moe.plan_imbalance);
   MOETP_CHECK(c.optim.grad_clip >= 0, "optim.grad_clip ({}) must be >= 0 (0 = off)", c.optim.grad_clip);
-  MOETP_CHECK(!c.data.path.empty(), "data.path must name a token file");
-  MOETP_CHECK(!c.data.tokenizer.empty(), "data.tokenizer must not be empty");
+  MOETP_CHECK(!c.data.path.empty(), "data.path must name a token file or a dataset folder");
+  MOETP_CHECK(c.train.eval_every >= 0, "train.eval_every ({}) must be >= 0 (0 = off)", c.train.eval_every);
+  MOETP_CHECK(c.train.eval_batches >= 0, "train.eval_batches ({}) must be >= 0 (0 = all)", c.train.eval_batches);
+  MOETP_CHECK(c.train.eval_every == 0 || !c.data.valid.empty(),
+              "train.eval_every = {} needs data.valid (a dataset folder with validation documents)", c.train.eval_every);
   MOETP_CHECK(c.checkpoint.every >= 0, "checkpoint.every ({}) must be >= 0 (0 = off)", c.checkpoint.every);
   MOETP_CHECK(c.checkpoint.keep >= 1, "checkpoint.keep ({}) must be >= 1", c.checkpoint.keep);
 }

@@ -52,6 +52,8 @@ struct TrainConfig {
     int logit_chunk_rows = 0;   // rows of LM-head logits at once; 0 = the backend's default
     bool memory_check = true;   // CUDA: the memory plan against the GPU's free memory before allocating
     bool deterministic = false;  // CUDA: scheduling-dependent kernels in a fixed order (bit-reproducible runs)
+    int eval_every = 0;          // validation loss every N steps and at the last step (0 = off; needs data.valid)
+    int eval_batches = 0;        // global batches of the validation rows per evaluation (0 = all)
     bool operator==(const Train&) const = default;
   };
   struct Optim {
@@ -64,8 +66,9 @@ struct TrainConfig {
     bool operator==(const Optim&) const = default;
   };
   struct Data {
-    std::string path;
-    std::string tokenizer;
+    std::string path;       // token file or dataset folder (data/source.h)
+    std::string valid;      // dataset folder for the validation loss ("" = none)
+    OverlongChoice overlong = OverlongChoice::kAuto;  // dataset documents longer than seq_len
     bool operator==(const Data&) const = default;
   };
   struct Run {

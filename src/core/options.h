@@ -29,6 +29,10 @@ enum class StateDType { kF32, kBF16 };
 // block's dispatched rows and expert activations, with the routing of the forward); layer (the
 // whole layer, attention and MLP or MoE).
 enum class RecomputeMode { kNone, kAttn, kMoe, kLayer };
+// data.overlong: what packing does with a document longer than seq_len positions (data/packing.h):
+// truncate it, split it into pieces, or drop it. kAuto: split for datasets without loss masks
+// (pre-training text), truncate for masked ones (chat).
+enum class OverlongChoice { kAuto, kTruncate, kSplit, kDrop };
 
 template <typename E>
 struct OptionNames;  // specialised below: `static constexpr std::array names` in enum order
@@ -58,6 +62,11 @@ struct OptionNames<StateDType> {
 template <>
 struct OptionNames<RecomputeMode> {
   static constexpr std::array<std::string_view, 4> names = {"none", "attn", "moe", "layer"};
+};
+
+template <>
+struct OptionNames<OverlongChoice> {
+  static constexpr std::array<std::string_view, 4> names = {"auto", "truncate", "split", "drop"};
 };
 
 template <typename E>

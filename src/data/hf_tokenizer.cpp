@@ -63,31 +63,6 @@ size_t utf8_sequence(const unsigned char* s, size_t n, size_t i, size_t* bad) {
   return 0;
 }
 
-// Byte offset of the first ill-formed sequence, or npos.
-size_t first_invalid_utf8(std::string_view text) {
-  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  size_t i = 0;
-  while (i < text.size()) {
-    if (i + 8 <= text.size()) {
-      uint64_t w;
-      std::memcpy(&w, s + i, 8);
-      if ((w & 0x8080808080808080ull) == 0) {
-        i += 8;
-        continue;
-      }
-    }
-    if (s[i] < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t bad = 0;
-    const size_t len = utf8_sequence(s, text.size(), i, &bad);
-    if (len == 0) return i;
-    i += len;
-  }
-  return std::string_view::npos;
-}
-
 // Appends `bytes` to `out` with each maximal ill-formed subpart replaced by U+FFFD. When `from` is
 // given, from->push_back(source offset of each output byte's sequence) is recorded as well.
 void append_lossy(std::string& out, std::string_view bytes, std::vector<size_t>* begin = nullptr,
@@ -818,6 +793,38 @@ struct WordCache {
 };
 
 }  // namespace
+
+size_t first_invalid_utf8(std::string_view text) {
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  size_t i = 0;
+  while (i < text.size()) {
+    if (i + 8 <= text.size()) {
+      uint64_t w;
+      std::memcpy(&w, s + i, 8);
+      if ((w & 0x8080808080808080ull) == 0) {
+        i += 8;
+        continue;
+      }
+    }
+    if (s[i] < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t bad = 0;
+    const size_t len = utf8_sequence(s, text.size(), i, &bad);
+    if (len == 0) return i;
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
+std::string replace_invalid_utf8(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  append_lossy(out, text);
+  return out;
+}
+
 
 // ---------------------------------------------------------------------------------------------
 

@@ -128,6 +128,11 @@ class HfTokenizer {
   std::shared_ptr<const Impl> impl_;
 };
 
+// Byte offset of the first ill-formed UTF-8 sequence of `text`, or std::string_view::npos.
+size_t first_invalid_utf8(std::string_view text);
+// `text` with each maximal ill-formed subsequence replaced by U+FFFD (what InvalidUtf8::kReplace does).
+std::string replace_invalid_utf8(std::string_view text);
+
 // NFC of valid UTF-8 text (utf8proc); moetp::Error for invalid UTF-8.
 std::string normalize_nfc(std::string_view text);
 

@@ -2,11 +2,9 @@
 #include "data/loader.h"
 
 #include <limits>
-#include <numeric>
 #include <utility>
 
 #include "core/check.h"
-#include "core/rng.h"
 
 namespace moetp::data {
 
@@ -27,19 +25,7 @@ Batches::Batches(TokenFile file, int64_t seq_len, int64_t global_batch_size, uin
 }
 
 std::vector<int64_t> Batches::epoch_permutation(int64_t epoch) const {
-  MOETP_CHECK(epoch >= 0, "epoch ({}) must be >= 0", epoch);
-  std::vector<int64_t> perm(static_cast<size_t>(num_sequences_));
-  std::iota(perm.begin(), perm.end(), int64_t{0});
-  const CounterRng rng(seed_, stream_id("moetp.data.shuffle") + static_cast<uint64_t>(epoch));
-  // Fisher-Yates from the top; draw i picks j uniform in [0, i]. 64 random bits per draw keep the
-  // modulo bias below num_sequences / 2^64.
-  for (int64_t i = num_sequences_ - 1; i > 0; --i) {
-    const Philox4x32 w = rng.bits(static_cast<uint64_t>(i));
-    const uint64_t r = (static_cast<uint64_t>(w[0]) << 32) | w[1];
-    const auto j = static_cast<int64_t>(r % static_cast<uint64_t>(i + 1));
-    std::swap(perm[static_cast<size_t>(i)], perm[static_cast<size_t>(j)]);
-  }
-  return perm;
+  return data::epoch_permutation(num_sequences_, seed_, epoch);
 }
 
 std::vector<int64_t> Batches::global_batch(int64_t step) const {
@@ -80,6 +66,30 @@ Tensor Batches::tokens(std::span<const int64_t> seq_indices) const {
     for (int64_t t = 0; t < row_len; ++t) out[b * row_len + t] = static_cast<int32_t>(src[t]);
   }
   return tokens_BS1;
+}
+
+TokenRows Batches::rows(std::span<const int64_t> seq_indices) const {
+  const Tensor t = tokens(seq_indices);
+  const int64_t B = t.size(0), S = seq_len_;
+  const int32_t* p = t.data<int32_t>();
+  TokenRows out;
+  out.rows = B;
+  out.seq_len = S;
+  out.inputs.resize(static_cast<size_t>(B * S));
+  out.targets.resize(static_cast<size_t>(B * S));
+  out.positions.resize(static_cast<size_t>(B * S));
+  out.doc_offsets.resize(static_cast<size_t>(B + 1));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t s = 0; s < S; ++s) {
+      const auto k = static_cast<size_t>(b * S + s);
+      out.inputs[k] = p[b * (S + 1) + s];
+      out.targets[k] = p[b * (S + 1) + s + 1];
+      out.positions[k] = static_cast<int32_t>(s);
+    }
+    out.doc_offsets[static_cast<size_t>(b + 1)] = (b + 1) * S;
+  }
+  out.loss_tokens = B * S;
+  return out;
 }
 
 std::vector<int64_t> micro_slice(std::span<const int64_t> slice, int micro, int num_micro) {

@@ -7,9 +7,9 @@
 // last seq_len (inputs shifted by one). Consecutive sequences share one boundary token, so every
 // token except t[0] is a target exactly once per epoch, and num_sequences = floor((T - 1) / seq_len).
 //
-// Shuffling. Epoch e uses a permutation P_e of [0, num_sequences): Fisher-Yates driven by
-// CounterRng(seed, stream_id("moetp.data.shuffle") + e), so P_e is a pure function of (seed, e) and
-// differs between epochs. An epoch has steps_per_epoch = floor(num_sequences / global_batch_size)
+// Shuffling. Epoch e uses the permutation P_e = epoch_permutation(num_sequences, seed, e) of
+// packing.h: Fisher-Yates driven by CounterRng(seed, stream_id("moetp.data.shuffle") + e), so P_e
+// is a pure function of (seed, e) and differs between epochs. An epoch has steps_per_epoch = floor(num_sequences / global_batch_size)
 // steps; step k takes P_e[j·G .. (j+1)·G) with e = k / steps_per_epoch, j = k % steps_per_epoch,
 // G = global_batch_size. The last num_sequences % G entries of each P_e are skipped (a different
 // set each epoch), so a global batch never repeats a sequence.
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "data/packing.h"
 #include "data/token_file.h"
 
 namespace moetp::data {
@@ -68,6 +69,9 @@ class Batches {
   // inputs = tokens_BS1[:, :seq_len], targets = tokens_BS1[:, 1:]. Each index must be in
   // [0, num_sequences).
   Tensor tokens(std::span<const int64_t> seq_indices) const;
+  // The same sequences as TokenRows: inputs and targets as above, one document per row,
+  // positions 0 .. seq_len-1, every target carrying loss.
+  TokenRows rows(std::span<const int64_t> seq_indices) const;
 
  private:
   TokenFile file_;

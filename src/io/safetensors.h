@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "io/file_util.h"
+#include "core/file_util.h"
 
 namespace moetp::io {
 

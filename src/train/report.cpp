@@ -21,10 +21,24 @@ void MetricsWriter::write(const StepResult& r) {
                       {"tokens_per_s", r.seconds > 0 ? static_cast<double>(r.tokens) / r.seconds : 0.0},
                       {"seconds", r.seconds},
                       {"model_tflops_per_rank", r.model_tflops_per_rank},
+                      {"loss_tokens", r.loss_tokens},
+                      {"padding", r.padding},
+                      {"epoch", r.epoch},
                       {"expert_counts", r.expert_counts}};
   if (r.peak_mem_gb >= 0) j["peak_mem_gb"] = r.peak_mem_gb;
   if (!r.peak_mem_phase.empty()) j["peak_mem_phase"] = r.peak_mem_phase;
   if (r.device_mem_gb >= 0) j["device_mem_gb"] = r.device_mem_gb;
+  out_ << j.dump() << '\n';
+  out_.flush();
+  MOETP_CHECK(out_.good(), "write to {} failed", path_);
+}
+
+void MetricsWriter::write(const EvalResult& r) {
+  const nlohmann::json j = {{"step", r.step},
+                            {"eval_loss", r.ce_loss},
+                            {"eval_loss_tokens", r.loss_tokens},
+                            {"eval_batches", r.batches},
+                            {"eval_seconds", r.seconds}};
   out_ << j.dump() << '\n';
   out_.flush();
   MOETP_CHECK(out_.good(), "write to {} failed", path_);
@@ -127,9 +141,18 @@ std::string progress_line(const StepResult& r, int64_t total_steps, double elaps
   const std::string flops = r.model_tflops_per_rank >= 1.0
                                 ? fmt::format("{:.1f} TFLOP/s/rank", r.model_tflops_per_rank)
                                 : fmt::format("{:.2f} GFLOP/s/rank", r.model_tflops_per_rank * 1000.0);
+  const std::string pad =
+      r.padding > 0 && r.tokens > 0
+          ? fmt::format(" | pad {:.1f}%", 100.0 * static_cast<double>(r.padding) / static_cast<double>(r.tokens))
+          : "";
   return fmt::format(
-      "step {:>5}/{} | loss {:.4f} | aux {:.4f} | grad {:.3f} | lr {:.2e} | {:.1f}k tok/s | {}{} | ETA {}m{:02}s",
-      r.step, total_steps, r.loss, r.aux_loss, r.grad_norm, r.lr, rate / 1000.0, flops, mem, eta / 60, eta % 60);
+      "step {:>5}/{} | loss {:.4f} | aux {:.4f} | grad {:.3f} | lr {:.2e} | {:.1f}k tok/s | {}{}{} | ETA {}m{:02}s",
+      r.step, total_steps, r.loss, r.aux_loss, r.grad_norm, r.lr, rate / 1000.0, flops, mem, pad, eta / 60, eta % 60);
+}
+
+std::string eval_line(const EvalResult& r) {
+  return fmt::format("eval  {:>5} | valid loss {:.4f} (ppl {:.2f}) over {} targets in {} batches | {:.1f}s", r.step,
+                     r.ce_loss, std::exp(std::min(r.ce_loss, 50.0)), r.loss_tokens, r.batches, r.seconds);
 }
 
 }  // namespace moetp::train

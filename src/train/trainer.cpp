@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include <chrono>
+#include <algorithm>
 #include <cmath>
 
 #include "backend/backend.h"
@@ -45,20 +46,53 @@ std::pair<Device, std::string> pick_device(DeviceChoice want, DispatcherKind dis
                              why_not.empty() ? "" : ", " + why_not)};
 }
 
+data::DataOptions data_options(const config::TrainConfig& cfg) {
+  data::DataOptions o;
+  o.path = cfg.data.path;
+  o.seq_len = cfg.train.seq_len;
+  o.global_batch_size = cfg.train.global_batch_size;
+  o.seed = static_cast<uint64_t>(cfg.train.seed);
+  o.overlong = cfg.data.overlong;
+  return o;
+}
+
+// The model's batch from the loader's flat rows (kNoLoss is the model's ignore index).
+model::Batch to_batch(data::TokenRows&& r) {
+  static_assert(data::kNoLoss == model::kIgnoreIndex);
+  model::Batch b;
+  b.rows = r.rows;
+  b.seq_len = r.seq_len;
+  const int64_t N = r.rows * r.seq_len;
+  b.inputs = Tensor::from_vector<int32_t>(r.inputs, {N});
+  b.targets = Tensor::from_vector<int32_t>(r.targets, {N});
+  b.positions = Tensor::from_vector<int32_t>(r.positions, {N});
+  b.doc_offsets = std::move(r.doc_offsets);
+  return b;
+}
+
 }  // namespace
 
 Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& model_cfg, comm::Comm& world,
                  data::TokenFile data)
-    : cfg_(cfg),
-      model_cfg_(model_cfg),
-      world_(world),
-      batches_(std::move(data), cfg.train.seq_len, cfg.train.global_batch_size, static_cast<uint64_t>(cfg.train.seed)) {
+    : Trainer(cfg, model_cfg, world, data::token_file_data(std::move(data), data_options(cfg))) {}
+
+Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& model_cfg, comm::Comm& world,
+                 std::unique_ptr<data::TrainData> data)
+    : cfg_(cfg), model_cfg_(model_cfg), world_(world), data_(std::move(data)) {
   config::validate(cfg_);
   config::validate_with_model(cfg_, model_cfg_, world.size());
   step_flops_ = config::training_flops(model_cfg_, cfg_.train.global_batch_size, cfg_.train.seq_len).total();
-  MOETP_CHECK(batches_.file().vocab_size() <= model_cfg_.vocab_size,
-              "data file {} has vocabulary size {} but the model's vocab_size is {}", batches_.file().path(),
-              batches_.file().vocab_size(), model_cfg_.vocab_size);
+  MOETP_CHECK(data_->vocab_size() <= model_cfg_.vocab_size,
+              "data {} has vocabulary size {} but the model's vocab_size is {} (a tokenizer that does not match the "
+              "model?)",
+              data_->identity().value("path", ""), data_->vocab_size(), model_cfg_.vocab_size);
+  if (!cfg_.data.valid.empty()) {
+    eval_ = std::make_unique<data::EvalData>(cfg_.data.valid, cfg_.train.seq_len, cfg_.train.global_batch_size,
+                                             cfg_.data.overlong);
+    MOETP_CHECK(eval_->dataset().vocab_size() <= model_cfg_.vocab_size,
+                "data.valid {} has vocabulary size {} but the model's vocab_size is {}", cfg_.data.valid,
+                eval_->dataset().vocab_size(), model_cfg_.vocab_size);
+  }
   const comm::NodeLocal local = comm::node_local(world_);
   std::tie(device_, device_reason_) = pick_device(cfg_.train.device, config::resolved_dispatcher(cfg_), world_, local);
   const std::string_view dev = device_name(device_);
@@ -149,16 +183,18 @@ StepResult Trainer::step() {
   r.step = step_ + 1;
   const int num_micro = cfg_.train.micro_batches;
   const int64_t S = cfg_.train.seq_len;
-  const int64_t global_targets = static_cast<int64_t>(cfg_.train.global_batch_size) * S;
-  r.tokens = global_targets;
-  const std::vector<int64_t> slice = batches_.rank_slice(step_, world_.rank(), world_.size());
+  r.tokens = static_cast<int64_t>(cfg_.train.global_batch_size) * S;
+  r.loss_tokens = data_->global_loss_tokens(step_);
+  r.padding = data_->global_padding(step_);
+  r.epoch = data_->epoch_of(step_);
+  // Every loss-carrying target of the global batch weighs 1 / loss_tokens (data/packing.h).
+  const double ce_scale = 1.0 / static_cast<double>(std::max<int64_t>(r.loss_tokens, 1));
   model_->zero_grads();
   double ce_sum = 0, aux_sum = 0;
   for (int micro = 0; micro < num_micro; ++micro) {
-    const std::vector<int64_t> ids = data::micro_slice(slice, micro, num_micro);
     const model::MicroStats ms =
-        model_->forward_backward(model::Batch::from_rows(batches_.tokens(ids)), 1.0 / static_cast<double>(global_targets),
-                                 model_cfg_.router_aux_loss_coef / num_micro);
+        model_->forward_backward(to_batch(data_->micro_batch(step_, world_.rank(), world_.size(), micro, num_micro)),
+                                 ce_scale, model_cfg_.router_aux_loss_coef / num_micro);
     ce_sum += ms.ce_sum;
     aux_sum += ms.aux;
     if (micro == 0) {
@@ -171,7 +207,7 @@ StepResult Trainer::step() {
   }
   // Fixed order: micro-batches in order on each rank (each one's row losses in token order), then
   // ranks in rank order (all_reduce_scalar(double)).
-  r.ce_loss = world_.all_reduce_scalar(ce_sum, comm::ReduceOp::kSum) / static_cast<double>(global_targets);
+  r.ce_loss = world_.all_reduce_scalar(ce_sum, comm::ReduceOp::kSum) * ce_scale;
   r.aux_loss = aux_sum / num_micro;
   r.loss = r.ce_loss + model_cfg_.router_aux_loss_coef * r.aux_loss;
   MOETP_CHECK(std::isfinite(r.loss), "step {}: loss is {} (cross-entropy {}, aux {}) on rank {}", r.step, r.loss,
@@ -200,6 +236,34 @@ StepResult Trainer::step() {
   return r;
 }
 
+EvalResult Trainer::evaluate() {
+  MOETP_CHECK(eval_ != nullptr, "evaluate: no validation data (set data.valid)");
+  const auto t0 = std::chrono::steady_clock::now();
+  backend::Backend& be = model_->backend();
+  be.set_memory_phase("eval");
+  const data::EvalRows& rows = eval_->rows();
+  const int num_micro = cfg_.train.micro_batches;
+  const int64_t batches = cfg_.train.eval_batches > 0 ? std::min<int64_t>(cfg_.train.eval_batches, rows.num_batches())
+                                                      : rows.num_batches();
+  double ce_sum = 0;
+  int64_t loss_tokens = 0;
+  for (int64_t b = 0; b < batches; ++b) {
+    for (int micro = 0; micro < num_micro; ++micro) {
+      data::TokenRows tr = rows.micro_batch(b, world_.rank(), world_.size(), micro, num_micro);
+      loss_tokens += tr.loss_tokens;
+      ce_sum += model_->forward(to_batch(std::move(tr))).ce_sum;
+    }
+  }
+  EvalResult r;
+  r.step = step_;
+  r.batches = batches;
+  r.loss_tokens = world_.all_reduce_scalar(loss_tokens, comm::ReduceOp::kSum);
+  r.ce_loss = world_.all_reduce_scalar(ce_sum, comm::ReduceOp::kSum) / static_cast<double>(std::max<int64_t>(r.loss_tokens, 1));
+  MOETP_CHECK(std::isfinite(r.ce_loss), "step {}: validation loss is {} on rank {}", step_, r.ce_loss, world_.rank());
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
 std::unique_ptr<model::ParamStore> Trainer::param_store() const {
   return std::make_unique<model::ModelParamStore>(*model_, *mesh_, optim_->states());
 }
@@ -209,6 +273,10 @@ void Trainer::save_checkpoint(const std::string& dir) const {
                                 {"version", 1},
                                 {"step", step_},
                                 {"seed", cfg_.train.seed},
+                                {"data", data_->identity()},
+                                {"seq_len", cfg_.train.seq_len},
+                                {"global_batch_size", cfg_.train.global_batch_size},
+                                {"overlong", option_name(cfg_.data.overlong)},
                                 {"layout", {{"dp", mesh_->dp_size()}, {"ep", mesh_->ep_size()}, {"etp", mesh_->etp_size()}}},
                                 {"train_config", config::to_json(cfg_)}};
   io::save_native(*param_store(), state, dir, {io::HfExpertLayout::kPerExpert, world_.rank() == 0});
@@ -223,6 +291,28 @@ void Trainer::load_checkpoint(const std::string& dir) {
   MOETP_CHECK(seed == cfg_.train.seed,
               "{}: checkpoint was trained with train.seed = {}, this run has {} (the data order would change)", dir,
               seed, cfg_.train.seed);
+  // The data order is a function of the data, seq_len, global_batch_size and the over-long rule:
+  // a change would silently train on other rows. Checkpoints that predate these fields skip them.
+  if (state.contains("data")) {
+    const nlohmann::json have = data_->identity(), saved = state.at("data");
+    MOETP_CHECK(saved == have,
+                "{}: the checkpoint was trained on other data: it recorded {}, this run reads {} (a dataset whose "
+                "manifest changed, or another file; resume with the data it was trained on)",
+                dir, saved.dump(), have.dump());
+  }
+  for (const auto& [key, value] : {std::pair<const char*, int64_t>{"seq_len", cfg_.train.seq_len},
+                                   {"global_batch_size", cfg_.train.global_batch_size}}) {
+    if (state.contains(key)) {
+      MOETP_CHECK(state.at(key).get<int64_t>() == value,
+                  "{}: checkpoint was trained with train.{} = {}, this run has {} (the data order would change)", dir,
+                  key, state.at(key).get<int64_t>(), value);
+    }
+  }
+  if (state.contains("overlong")) {
+    MOETP_CHECK(state.at("overlong").get<std::string>() == option_name(cfg_.data.overlong),
+                "{}: checkpoint was trained with data.overlong = {}, this run has {} (the data order would change)",
+                dir, state.at("overlong").get<std::string>(), option_name(cfg_.data.overlong));
+  }
   step_ = state.at("step").get<int64_t>();
 }
 

@@ -19,6 +19,7 @@
 #include "config/model_config.h"
 #include "config/train_config.h"
 #include "data/loader.h"
+#include "data/source.h"
 #include "model/model.h"
 #include "model/param_store.h"
 #include "train/optim.h"
@@ -29,12 +30,15 @@ namespace moetp::train {
 struct StepResult {
   int64_t step = 0;
   double loss = 0;       // mean cross-entropy over the global batch + coef · aux
-  double ce_loss = 0;    // mean cross-entropy over every target of the global batch
+  double ce_loss = 0;    // mean cross-entropy over the loss-carrying targets of the global batch
   double aux_loss = 0;   // aux loss (no coefficient), mean over micro-batches
   double grad_norm = 0;  // before clipping
   double lr = 0;
   double seconds = 0;
-  int64_t tokens = 0;    // tokens of the global batch
+  int64_t tokens = 0;    // positions of the global batch (rows x seq_len)
+  int64_t loss_tokens = 0;  // targets that carry loss in the global batch (the loss's denominator)
+  int64_t padding = 0;      // padding positions of the global batch (packed datasets)
+  int64_t epoch = 0;        // data epoch of the step
   // config::training_flops of the global batch / seconds / ranks / 1e12.
   double model_tflops_per_rank = 0;
   // CUDA device: the largest over ranks of the step's peak of live tensor bytes / 1e9, counting the
@@ -48,8 +52,23 @@ struct StepResult {
   std::vector<std::vector<float>> expert_counts;  // per MoE layer: tokens per expert, global batch
 };
 
+// A validation pass (Trainer::evaluate): mean cross-entropy over the loss-carrying targets of the
+// validation rows it ran.
+struct EvalResult {
+  int64_t step = 0;
+  double ce_loss = 0;
+  int64_t loss_tokens = 0;
+  int64_t batches = 0;
+  double seconds = 0;
+};
+
 class Trainer {
  public:
+  // `data`: the training rows (data/source.h; cfg.data.path opened by the caller). With
+  // cfg.data.valid set, the validation rows are opened here.
+  Trainer(const config::TrainConfig& cfg, const config::ModelConfig& model_cfg, comm::Comm& world,
+          std::unique_ptr<data::TrainData> data);
+  // A token file as the training data.
   Trainer(const config::TrainConfig& cfg, const config::ModelConfig& model_cfg, comm::Comm& world,
           data::TokenFile data);
   ~Trainer();
@@ -57,10 +76,18 @@ class Trainer {
   // Runs step current_step() + 1. Throws (on every rank alike) on a non-finite loss or gradient.
   StepResult step();
   int64_t current_step() const { return step_; }
+  // Validation loss over the first train.eval_batches global batches of the validation rows (all
+  // when 0), forward only (collective). Errors when data.valid is not set.
+  EvalResult evaluate();
+  bool has_validation() const { return eval_ != nullptr; }
+  const data::TrainData& data() const { return *data_; }
+  const data::EvalData* validation_data() const { return eval_.get(); }
 
   // Native checkpoint (collective): parameters, AdamW moments, step and configs in global
   // coordinates, so it loads at any layout. The data order and LR schedule are pure functions of
-  // (seed, step), so restoring the step restores them.
+  // (data, seq_len, global_batch_size, seed, step), so restoring the step restores them; loading
+  // refuses a checkpoint whose data (the dataset's manifest, or the token file's size), seed,
+  // seq_len or global_batch_size differ from this run's.
   void save_checkpoint(const std::string& dir) const;
   void load_checkpoint(const std::string& dir);
   // Starts from Hugging Face weights (collective); optimizer state stays at zero.
@@ -86,7 +113,8 @@ class Trainer {
   std::unique_ptr<comm::Comm> device_world_;    // the backend's own communicator, when it has one (NCCL)
   std::unique_ptr<comm::Mesh> device_mesh_;     // over device_world_
   std::unique_ptr<model::Qwen3MoeModel> model_;
-  data::Batches batches_;
+  std::unique_ptr<data::TrainData> data_;
+  std::unique_ptr<data::EvalData> eval_;
   std::unique_ptr<AdamW> optim_;
   int64_t step_ = 0;
   double step_flops_ = 0;  // model FLOPs of one step (config::training_flops), fixed by the configs

@@ -48,7 +48,6 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.optim.eps, 1e-8);
   EXPECT_EQ(c.optim.grad_clip, 1.0);
   EXPECT_EQ(c.data.path, "data/kjv.tokens");
-  EXPECT_EQ(c.data.tokenizer, "byte");
   EXPECT_EQ(c.run.dir, "");
   EXPECT_EQ(c.checkpoint.dir, "");
   EXPECT_EQ(c.checkpoint.every, 0);
@@ -64,7 +63,11 @@ TEST(TrainConfig, Defaults) {
   EXPECT_EQ(c.train.logit_chunk_rows, 0);
   EXPECT_EQ(c.optim.zero, 0);
   EXPECT_FALSE(c.train.deterministic);
-  EXPECT_EQ(field_names().size(), 36u);
+  EXPECT_EQ(c.data.valid, "");
+  EXPECT_EQ(c.data.overlong, OverlongChoice::kAuto);
+  EXPECT_EQ(c.train.eval_every, 0);
+  EXPECT_EQ(c.train.eval_batches, 0);
+  EXPECT_EQ(field_names().size(), 39u);
 }
 
 TEST(TrainConfig, AppliesNestedAndDottedJson) {

@@ -82,5 +82,37 @@ TEST(PackedDocuments, EachDocumentAsIfAlone) {
                               testing::Tolerance{1e-3, 1e-3}));
 }
 
+// The backward of a packed batch equals the sum of each document's backward alone (the aux loss,
+// a statistic of the whole batch's routing, is left out: aux_scale 0), and padding positions
+// (kIgnoreIndex targets, a document of their own) add nothing.
+TEST(PackedDocuments, GradientsEqualEachDocumentAlone) {
+  comm::Mesh mesh(testing::world(), 1, 1);
+  const config::ModelConfig cfg = tiny();
+  model::Qwen3MoeModel m(cfg, mesh, DispatcherKind::kAll2all, 7);
+  const int64_t B = 2, S = 12, N = B * S;
+  std::mt19937_64 rng(11);
+  std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(cfg.vocab_size - 1));
+  std::vector<int32_t> tokens(static_cast<size_t>(N + 1));
+  for (int32_t& t : tokens) t = pick(rng);
+  // Documents [0, 5), [5, 9), [9, 17) across the rows, then 7 padding positions.
+  const std::vector<int64_t> docs = {0, 5, 9, 17, N};
+  model::Batch batch = packed(tokens, B, S, docs);
+  for (int64_t t = 17; t < N; ++t) batch.targets.data<int32_t>()[t] = model::kIgnoreIndex;
+  const size_t P = m.num_params();
+  m.zero_grads();
+  const model::MicroStats all = m.forward_backward(batch, 1.0, 0.0);
+  const Tensor packed_grads = m.grad_span(0, P).clone();
+  m.zero_grads();
+  double ce_alone = 0;
+  for (size_t d = 0; d + 2 < docs.size(); ++d) {  // the last "document" is the padding
+    const int64_t t0 = docs[d], L = docs[d + 1] - t0;
+    const std::vector<int32_t> mine(tokens.begin() + t0, tokens.begin() + t0 + L + 1);
+    ce_alone += m.forward_backward(packed(mine, 1, L, {0, L}), 1.0, 0.0).ce_sum;  // gradients accumulate
+  }
+  EXPECT_NEAR(all.ce_sum, ce_alone, 1e-5 * ce_alone);
+  EXPECT_EQ(all.num_targets, 17);
+  EXPECT_TRUE(testing::close(packed_grads, m.grad_span(0, P), testing::kF32Parallel));
+}
+
 }  // namespace
 }  // namespace moetp

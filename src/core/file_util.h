@@ -1,6 +1,6 @@
-// File helpers for checkpoint I/O: a read-only memory map (RAII), an atomic file writer
-// (write `path.tmp`, fsync, rename onto `path`), and the "similar names" list that missing-name
-// errors quote. Used by the safetensors reader/writer and the checkpoint formats built on them.
+// File helpers: a read-only memory map (RAII), an atomic file writer (write `path.tmp`, fsync,
+// rename onto `path`), and the "similar names" list that missing-name errors quote. Used by the
+// checkpoint formats (safetensors), dataset folders and token files.
 #pragma once
 
 #include <cstddef>
@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-namespace moetp::io {
+namespace moetp {
 
 // A whole regular file mapped read-only (PROT_READ, MAP_PRIVATE). Move-only; unmaps on
 // destruction. The descriptor is closed right after mmap: the mapping keeps the inode alive, so a
@@ -68,4 +68,4 @@ bool is_regular_file(const std::string& path);
 // ("'a', 'b'"), or "none" when there are no candidates. For "no tensor 'x' (similar: ...)" errors.
 std::string similar_names(const std::string& name, const std::vector<std::string>& candidates, size_t max_count = 3);
 
-}  // namespace moetp::io
+}  // namespace moetp

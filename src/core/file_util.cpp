@@ -1,5 +1,5 @@
 // File helpers for checkpoint I/O: mmap, atomic writes, similar-name suggestions (file_util.h).
-#include "io/file_util.h"
+#include "core/file_util.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -13,7 +13,7 @@
 
 #include "core/check.h"
 
-namespace moetp::io {
+namespace moetp {
 
 namespace {
 
@@ -148,4 +148,4 @@ std::string similar_names(const std::string& name, const std::vector<std::string
   return out;
 }
 
-}  // namespace moetp::io
+}  // namespace moetp
