@@ -236,6 +236,11 @@ int main(int argc, char** argv) {
     conv_cmd->add_option("output", conv.output, "output checkpoint directory (written atomically)")->required();
     conv_cmd->add_option("--ep", conv.ep, "expert-parallel degree to load at")->capture_default_str();
     conv_cmd->add_option("--etp", conv.etp, "expert tensor-parallel degree to load at")->capture_default_str();
+    conv_cmd->add_option("--dtype", conv.dtype,
+                         "with --to hf: weights dtype: auto (the config's torch_dtype: bfloat16 for Qwen3 releases; "
+                         "f32 when it names none) | bf16 | f32")
+        ->check(CLI::IsMember({"auto", "bf16", "f32"}))
+        ->capture_default_str();
     conv_cmd->add_flag("--stacked", conv.stacked,
                        "with --to hf: stacked expert tensors (experts.gate_up_proj, experts.down_proj)");
     moetp::cli::EvalArgs ev;

@@ -76,11 +76,18 @@ int run_convert(const ConvertArgs& a, comm::Comm& world) {
   } else {
     state = io::load_native(model, extras, a.input);
   }
+  // The tokenizer and generation files travel with the weights.
+  io::SaveOptions opts;
+  opts.show_progress = world.rank() == 0;
+  opts.files = io::hf_side_files(a.input);
   if (a.to == "hf") {
-    io::save_hf(model, a.output,
-                {a.stacked ? io::HfExpertLayout::kStacked : io::HfExpertLayout::kPerExpert, world.rank() == 0});
+    opts.expert_layout = a.stacked ? io::HfExpertLayout::kStacked : io::HfExpertLayout::kPerExpert;
+    opts.weights = a.dtype == "bf16" ? io::HfWeightDType::kBF16
+                   : a.dtype == "f32" ? io::HfWeightDType::kF32
+                                      : io::HfWeightDType::kAuto;
+    io::save_hf(model, a.output, opts);
   } else {
-    io::save_native(model, extras, state, a.output, {io::HfExpertLayout::kPerExpert, world.rank() == 0});
+    io::save_native(model, extras, state, a.output, opts);
   }
   return 0;
 }

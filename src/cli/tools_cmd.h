@@ -20,6 +20,7 @@ struct ConvertArgs {
   std::string input, output;
   int ep = 1, etp = 1;  // the layout to load at (any layout gives the same files)
   bool stacked = false;  // --to hf: write stacked expert tensors instead of per-expert ones
+  std::string dtype = "auto";  // --to hf: auto (the config's torch_dtype) | bf16 | f32
 };
 int run_convert(const ConvertArgs& args, comm::Comm& world);
 

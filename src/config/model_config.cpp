@@ -185,6 +185,10 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& json, const std::string
   c.tie_word_embeddings = fields.optional_bool("tie_word_embeddings").value_or(c.tie_word_embeddings);
   c.router_aux_loss_coef = fields.optional_double("router_aux_loss_coef").value_or(c.router_aux_loss_coef);
   c.max_position_embeddings = fields.optional_int("max_position_embeddings").value_or(c.max_position_embeddings);
+  const nlohmann::json written = c.to_hf_json();
+  for (const auto& [key, value] : json.items()) {
+    if (!written.contains(key) && key != "num_local_experts") c.passthrough[key] = value;
+  }
   c.validate(source_name);
   return c;
 }
@@ -203,8 +207,21 @@ ModelConfig ModelConfig::load(const std::string& path) {
   return from_json(json, path);
 }
 
+bool ModelConfig::same_model(const ModelConfig& other) const {
+  ModelConfig a = *this, b = other;
+  a.passthrough = b.passthrough = nlohmann::json::object();
+  return a == b;
+}
+
+std::string ModelConfig::weights_dtype() const {
+  for (const char* key : {"torch_dtype", "dtype"}) {
+    if (passthrough.contains(key) && passthrough.at(key).is_string()) return passthrough.at(key).get<std::string>();
+  }
+  return "";
+}
+
 nlohmann::json ModelConfig::to_hf_json() const {
-  nlohmann::json j;
+  nlohmann::json j = passthrough;
   j["architectures"] = {"Qwen3MoeForCausalLM"};
   j["model_type"] = "qwen3_moe";
   j["vocab_size"] = vocab_size;

@@ -4,7 +4,8 @@
 // (`num_experts`, top-level `rope_theta`) and transformers 5.x (`num_local_experts`,
 // `rope_parameters: {rope_type, rope_theta}`). Options moetp does not implement (sliding-window
 // attention, RoPE scaling, attention bias, activations other than SiLU, other model types) are
-// errors, never silently ignored; fields moetp does not use (dtype, token ids, ...) are ignored.
+// errors, never silently ignored; fields moetp does not use (dtype, token ids, ...) are kept
+// verbatim (`passthrough`) and written back by to_hf_json, so an exported checkpoint keeps them.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -38,6 +39,14 @@ struct ModelConfig {
   double router_aux_loss_coef = 0.001;       // Qwen3MoeConfig default 0.001
   int64_t max_position_embeddings = 32768;   // Qwen3MoeConfig default 32768
 
+  // Every field of the source config.json that to_hf_json does not write itself (bos_token_id,
+  // eos_token_id, torch_dtype / dtype, transformers_version, initializer_range, ...), verbatim.
+  nlohmann::json passthrough = nlohmann::json::object();
+
+  // The weights' dtype the source names (`torch_dtype`, or transformers 5's `dtype`): "bfloat16",
+  // "float32", ..., or "" when it names none.
+  std::string weights_dtype() const;
+
   // Layer `layer` uses the sparse MoE block (else a dense SwiGLU MLP of intermediate_size);
   // the rule of transformers' Qwen3MoeDecoderLayer.
   bool is_moe_layer(int64_t layer) const;
@@ -50,9 +59,10 @@ struct ModelConfig {
   // Reads and parses `path`; errors name the path.
   static ModelConfig load(const std::string& path);
 
-  // A config.json that both transformers 4.x and 5.x read back to this config: model_type
-  // qwen3_moe, architectures ["Qwen3MoeForCausalLM"], the released-checkpoint spelling
-  // (`num_experts`, `rope_theta`) plus `rope_parameters`. from_json(to_hf_json()) == *this.
+  // A config.json that both transformers 4.x and 5.x read back to this config: the passthrough
+  // fields, then model_type qwen3_moe, architectures ["Qwen3MoeForCausalLM"], the
+  // released-checkpoint spelling (`num_experts`, `rope_theta`) plus `rope_parameters`.
+  // from_json(to_hf_json()) == *this.
   nlohmann::json to_hf_json() const;
 
   // Sizes positive, heads divisible by kv heads, head_dim even (RoPE), top-k within experts,
@@ -65,6 +75,9 @@ struct ModelConfig {
   int64_t num_active_params() const;
 
   bool operator==(const ModelConfig&) const = default;
+  // The same architecture and hyper-parameters: every field but `passthrough` equal (what a
+  // checkpoint's config.json must match to load into a model).
+  bool same_model(const ModelConfig& other) const;
 };
 
 // Model FLOPs of one training step (forward + backward) over B sequences of S tokens, the

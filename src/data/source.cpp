@@ -66,6 +66,19 @@ class DatasetData final : public TrainData {
   nlohmann::json identity() const override {
     return {{"kind", "dataset"}, {"path", ds_->dir()}, {"manifest_sha256", ds_->manifest_sha256()}};
   }
+  std::vector<std::string> tokenizer_files() const override {
+    namespace fs = std::filesystem;
+    const nlohmann::json& m = ds_->manifest();
+    std::vector<std::string> out;
+    const nlohmann::json tok = m.value("tokenizer", nlohmann::json::object());
+    const std::string path = tok.value("path", "");
+    if (path.empty() || !fs::is_regular_file(path)) return out;
+    out.push_back(path);
+    std::string config = (fs::path(path).parent_path() / "tokenizer_config.json").string();
+    if (m.contains("chat")) config = m.at("chat").value("tokenizer_config", config);
+    if (fs::is_regular_file(config)) out.push_back(config);
+    return out;
+  }
   std::string describe() const override {
     const SplitCounts& c = ds_->split(kTrainSplit).counts();
     return fmt::format("dataset {} (train split): {} tokens, {} with loss, vocab {}; packing: {}; {} rows, {} steps "

@@ -8,6 +8,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "core/options.h"
 #include "data/packing.h"
@@ -29,6 +30,9 @@ class TrainData {
   virtual nlohmann::json identity() const = 0;
   // One line for the run's banner: path, kind, sizes, packing counts.
   virtual std::string describe() const = 0;
+  // The tokenizer files the data was made with, where they still exist: a dataset's tokenizer.json
+  // and the tokenizer_config.json beside it (or the chat's). None for token files.
+  virtual std::vector<std::string> tokenizer_files() const { return {}; }
 };
 
 struct DataOptions {

@@ -212,11 +212,49 @@ std::vector<Source> sources_of(const model::ParamStore& store, bool with_state) 
   return out;
 }
 
+// The safetensors dtype of a save and the config.json that describes it.
+std::pair<std::string, nlohmann::json> weights_dtype(const config::ModelConfig& cfg, Naming naming,
+                                                     const SaveOptions& opts) {
+  nlohmann::json config = cfg.to_hf_json();
+  if (naming == Naming::kNative) return {"F32", config};
+  HfWeightDType w = opts.weights;
+  if (w == HfWeightDType::kAuto) {
+    const std::string named = cfg.weights_dtype();
+    MOETP_CHECK(named.empty() || named == "bfloat16" || named == "float32",
+                "the model config names weights of dtype '{}', which moetp cannot write (bfloat16 or float32: "
+                "choose one with --dtype)",
+                named);
+    w = named == "bfloat16" ? HfWeightDType::kBF16 : HfWeightDType::kF32;
+  }
+  const char* torch_name = w == HfWeightDType::kBF16 ? "bfloat16" : "float32";
+  config["torch_dtype"] = torch_name;
+  if (config.contains("dtype")) config["dtype"] = torch_name;
+  return {w == HfWeightDType::kBF16 ? "BF16" : "F32", config};
+}
+
+}  // namespace
+
+std::vector<std::string> hf_side_files(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                           "special_tokens_map.json", "vocab.json", "merges.txt"}) {
+    const fs::path p = fs::path(dir) / name;
+    if (fs::is_regular_file(p)) out.push_back(p.string());
+  }
+  return out;
+}
+
+namespace {
+
 void save_impl(const model::ParamStore& store, Naming naming, const std::string& dir, const nlohmann::json* state,
                const SaveOptions& opts) {
   const comm::Mesh& mesh = store.mesh();
   comm::Comm& world = mesh.world();
   const config::ModelConfig& cfg = store.config();
+  const auto [disk_dtype, config_json] = weights_dtype(cfg, naming, opts);
+  for (const std::string& f : opts.files) {
+    MOETP_CHECK(fs::is_regular_file(f), "checkpoint {}: file '{}' to copy into it does not exist", dir, f);
+  }
   const auto t0 = std::chrono::steady_clock::now();
   const std::string tmp = dir + ".tmp";
   world.run_collectively("checkpoint save (prepare)", [&] {
@@ -251,7 +289,7 @@ void save_impl(const model::ParamStore& store, Naming naming, const std::string&
     if (!writer) return;
     std::vector<SafetensorsStreamWriter::Entry> entries;
     for (const Source& s : sources) {
-      for (const Block& b : outputs(s)) entries.push_back({b.tensor, b.disk_shape, "F32"});
+      for (const Block& b : outputs(s)) entries.push_back({b.tensor, b.disk_shape, disk_dtype});
     }
     out = std::make_unique<SafetensorsStreamWriter>(tmp + "/" + file_name(p, mesh.ep_size()), std::move(entries),
                                                     std::map<std::string, std::string>{{"format", "pt"}});
@@ -309,7 +347,20 @@ void save_impl(const model::ParamStore& store, Naming naming, const std::string&
       }
     }
     write_index(tmp + "/model.safetensors.index.json", index);
-    write_json(tmp + "/config.json", cfg.to_hf_json());
+    write_json(tmp + "/config.json", config_json);
+    bool has_generation_config = false;
+    for (const std::string& f : opts.files) {
+      const fs::path name = fs::path(f).filename();
+      fs::copy_file(f, fs::path(tmp) / name, fs::copy_options::overwrite_existing);
+      has_generation_config |= name == "generation_config.json";
+    }
+    if (naming != Naming::kNative && !has_generation_config) {
+      nlohmann::json gen = {{"_from_model_config", true}};
+      for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"}) {
+        if (config_json.contains(key)) gen[key] = config_json.at(key);
+      }
+      write_json(tmp + "/generation_config.json", gen);
+    }
     if (state != nullptr) write_json(tmp + "/trainer_state.json", *state);  // written last: the completion marker
     if (const char* crash = std::getenv("MOETP_TEST_CRASH_IN_SAVE")) {
       if (std::string(crash) == "1") std::_Exit(3);  // test hook: die with the new checkpoint half-done
@@ -354,7 +405,7 @@ void load_impl(model::ParamStore& store, const std::string& path, bool native) {
   world.run_collectively(native ? "native checkpoint check" : "HF checkpoint check", [&] {
     MOETP_CHECK(fs::is_directory(path), "checkpoint directory '{}' does not exist", path);
     const config::ModelConfig on_disk = config::ModelConfig::load(path + "/config.json");
-    MOETP_CHECK(on_disk == cfg,
+    MOETP_CHECK(on_disk.same_model(cfg),
                 "checkpoint {}: its config.json describes a different model than the one being loaded "
                 "(hidden {} vs {}, layers {} vs {}, experts {} vs {}, vocab {} vs {})",
                 path, on_disk.hidden_size, cfg.hidden_size, on_disk.num_hidden_layers, cfg.num_hidden_layers,

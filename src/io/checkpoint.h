@@ -29,10 +29,26 @@ namespace moetp::io {
 
 enum class HfExpertLayout { kPerExpert, kStacked };
 
+// The dtype of the weights save_hf writes (native checkpoints are always f32).
+enum class HfWeightDType { kAuto, kF32, kBF16 };
+
 struct SaveOptions {
   HfExpertLayout expert_layout = HfExpertLayout::kPerExpert;
   bool show_progress = true;  // rank 0 prints tensors/bytes done and the rate
+  // save_hf: kAuto writes the dtype the model config names (ModelConfig::weights_dtype():
+  // "bfloat16" -> BF16, rounded to nearest even; "float32" or none -> F32; any other is an error);
+  // config.json's torch_dtype (and dtype, if present) says what was written.
+  HfWeightDType weights = HfWeightDType::kAuto;
+  // Files copied by name into the checkpoint folder before it is completed (tokenizer files,
+  // generation_config.json); a missing one is an error. save_hf writes generation_config.json from
+  // the config's bos/eos token ids when none is among them.
+  std::vector<std::string> files;
 };
+
+// The tokenizer and generation files of a Hugging Face model folder (tokenizer.json,
+// tokenizer_config.json, generation_config.json, special_tokens_map.json, vocab.json, merges.txt)
+// that exist in `dir`, as paths.
+std::vector<std::string> hf_side_files(const std::string& dir);
 
 // HF checkpoint of the store's parameter values (slot 0; no state).
 void save_hf(const model::ParamStore& store, const std::string& dir, const SaveOptions& opts = {});

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 
 #include "backend/backend.h"
 #include "io/checkpoint.h"
@@ -86,6 +87,7 @@ Trainer::Trainer(const config::TrainConfig& cfg, const config::ModelConfig& mode
               "data {} has vocabulary size {} but the model's vocab_size is {} (a tokenizer that does not match the "
               "model?)",
               data_->identity().value("path", ""), data_->vocab_size(), model_cfg_.vocab_size);
+  add_side_files(data_->tokenizer_files(), false);
   if (!cfg_.data.valid.empty()) {
     eval_ = std::make_unique<data::EvalData>(cfg_.data.valid, cfg_.train.seq_len, cfg_.train.global_batch_size,
                                              cfg_.data.overlong);
@@ -279,7 +281,10 @@ void Trainer::save_checkpoint(const std::string& dir) const {
                                 {"overlong", option_name(cfg_.data.overlong)},
                                 {"layout", {{"dp", mesh_->dp_size()}, {"ep", mesh_->ep_size()}, {"etp", mesh_->etp_size()}}},
                                 {"train_config", config::to_json(cfg_)}};
-  io::save_native(*param_store(), state, dir, {io::HfExpertLayout::kPerExpert, world_.rank() == 0});
+  io::SaveOptions opts;
+  opts.show_progress = world_.rank() == 0;
+  opts.files = side_files_;
+  io::save_native(*param_store(), state, dir, opts);
 }
 
 void Trainer::load_checkpoint(const std::string& dir) {
@@ -314,10 +319,24 @@ void Trainer::load_checkpoint(const std::string& dir) {
                 dir, state.at("overlong").get<std::string>(), option_name(cfg_.data.overlong));
   }
   step_ = state.at("step").get<int64_t>();
+  add_side_files(io::hf_side_files(dir), true);
+}
+
+void Trainer::add_side_files(const std::vector<std::string>& files, bool first) {
+  std::vector<std::string> merged = first ? files : side_files_;
+  for (const std::string& f : first ? side_files_ : files) {
+    const auto name = std::filesystem::path(f).filename();
+    if (std::none_of(merged.begin(), merged.end(),
+                     [&](const std::string& m) { return std::filesystem::path(m).filename() == name; })) {
+      merged.push_back(f);
+    }
+  }
+  side_files_ = std::move(merged);
 }
 
 void Trainer::init_from_hf(const std::string& dir) {
   io::load_hf(*param_store(), dir);
+  add_side_files(io::hf_side_files(dir), true);
 }
 
 }  // namespace moetp::train

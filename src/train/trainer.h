@@ -92,6 +92,11 @@ class Trainer {
   void load_checkpoint(const std::string& dir);
   // Starts from Hugging Face weights (collective); optimizer state stays at zero.
   void init_from_hf(const std::string& dir);
+  // The tokenizer and generation files every checkpoint carries (io::SaveOptions::files), so that
+  // `moetp convert --to hf` of a checkpoint gives a complete Hugging Face model folder: those of the
+  // Hugging Face folder the run started from or the checkpoint it resumed, else the dataset's
+  // tokenizer.json and the tokenizer_config.json beside it.
+  const std::vector<std::string>& side_files() const { return side_files_; }
   // Where the model runs (train.device resolved), and a line saying why (for the run's banner).
   Device device() const { return device_; }
   const std::string& device_reason() const { return device_reason_; }
@@ -121,6 +126,9 @@ class Trainer {
   Device device_ = Device::kCpu;
   std::string device_reason_;
   MemoryPlan plan_;
+  std::vector<std::string> side_files_;
+  // Adds files whose names are not there yet; `first`: the new ones take precedence.
+  void add_side_files(const std::vector<std::string>& files, bool first);
   // train.memory_check on CUDA: the plan against every rank's free memory (collective).
   void check_memory_plan();
   // The model with its AdamW moments, for checkpoints and HF import.

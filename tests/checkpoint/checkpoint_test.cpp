@@ -6,9 +6,11 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "comm/mesh.h"
 #include "config/model_config.h"
+#include "core/bf16.h"
 #include "core/rng.h"
 #include "dist/mpi_env.h"
 #include "testing.h"
@@ -18,6 +20,14 @@
 
 namespace moetp {
 namespace {
+
+// Save options without progress output.
+io::SaveOptions quiet_save(io::HfExpertLayout layout) {
+  io::SaveOptions o;
+  o.expert_layout = layout;
+  o.show_progress = false;
+  return o;
+}
 
 namespace fs = std::filesystem;
 using testing::world;
@@ -72,9 +82,9 @@ void save_load_roundtrip(bool native) {
       comm::Mesh mesh(*group, src.P, src.T);
       model::Qwen3MoeModel m(cfg, mesh, src.P * src.T == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 7);
       if (native) {
-        io::save_native(m, {}, {{"format", "moetp-native"}, {"version", 1}, {"step", 0}}, dir, {io::HfExpertLayout::kPerExpert, false});
+        io::save_native(m, {}, {{"format", "moetp-native"}, {"version", 1}, {"step", 0}}, dir, quiet_save(io::HfExpertLayout::kPerExpert));
       } else {
-        io::save_hf(m, dir, {io::HfExpertLayout::kPerExpert, false});
+        io::save_hf(m, dir, quiet_save(io::HfExpertLayout::kPerExpert));
       }
     }
     w.barrier();
@@ -115,7 +125,7 @@ TEST(CheckpointHf, StackedExpertTensorsRoundTripAcrossLayouts) {
   {
     comm::Mesh mesh(w, ep, etp);
     model::Qwen3MoeModel m(tiny_model(), mesh, ep * etp == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 5);
-    io::save_hf(m, dir, {io::HfExpertLayout::kStacked, false});
+    io::save_hf(m, dir, quiet_save(io::HfExpertLayout::kStacked));
   }
   if (w.rank() == 0) {
     const io::SafetensorsDir d = io::SafetensorsDir::open(dir);
@@ -135,12 +145,89 @@ TEST(CheckpointHf, StackedExpertTensorsRoundTripAcrossLayouts) {
   if (w.rank() == 0) fs::remove_all(dir);
 }
 
+// A faithful Hugging Face export: the weights in the config's torch_dtype (bf16, rounded to nearest
+// even, for Qwen3 releases), every config field kept, the tokenizer files copied and a
+// generation_config.json from the config's token ids; --dtype f32 overrides and says so.
+TEST(CheckpointHf, ExportKeepsDtypeConfigFieldsAndTokenizerFiles) {
+  auto& w = world();
+  const std::string dir = shared_dir("export");
+  nlohmann::json j = tiny_model().to_hf_json();
+  j["torch_dtype"] = "bfloat16";
+  j["bos_token_id"] = 11;
+  j["eos_token_id"] = 12;
+  j["transformers_version"] = "4.51.0";
+  const config::ModelConfig cfg = config::ModelConfig::from_json(j, "bf16 model");
+  comm::Mesh mesh(w, w.size() % 2 == 0 ? 2 : 1, 1);
+  model::Qwen3MoeModel m(cfg, mesh, mesh.ep_size() == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 3);
+  const std::string side = dir + "-side";
+  if (w.rank() == 0) {
+    fs::create_directories(side);
+    std::ofstream(side + "/tokenizer.json") << "{\"model\": {}}";
+    std::ofstream(side + "/tokenizer_config.json") << "{\"chat_template\": \"x\"}";
+  }
+  w.barrier();
+  io::SaveOptions opts = quiet_save(io::HfExpertLayout::kPerExpert);
+  opts.files = {side + "/tokenizer.json", side + "/tokenizer_config.json"};
+  io::save_hf(m, dir, opts);
+  auto self = w.split(w.rank(), 0, "self");
+  comm::Mesh single_mesh(*self, 1, 1);
+  model::Qwen3MoeModel single(cfg, single_mesh, DispatcherKind::kLocal, 3);
+  if (w.rank() == 0) {
+    const io::SafetensorsDir d = io::SafetensorsDir::open(dir);
+    const std::string name = "model.layers.0.mlp.experts.3.gate_proj.weight";
+    EXPECT_EQ(d.file_of(name).info(name).dtype, "BF16");
+    EXPECT_EQ(d.file_of("model.norm.weight").info("model.norm.weight").dtype, "BF16");
+    const Tensor gate3 = d.read(name);
+    Tensor expect = single.param("model.layers.0.mlp.experts.w13").value.narrow_rows(3 * 32, 16).contiguous();
+    for (int64_t i = 0; i < expect.numel(); ++i) expect.data<float>()[i] = round_bf16(expect.data<float>()[i]);
+    EXPECT_TRUE(testing::bit_equal(gate3, expect));
+    const nlohmann::json written = nlohmann::json::parse(std::ifstream(dir + "/config.json"));
+    EXPECT_EQ(written.at("bos_token_id"), 11);
+    EXPECT_EQ(written.at("transformers_version"), "4.51.0");
+    EXPECT_EQ(written.at("torch_dtype"), "bfloat16");
+    const nlohmann::json gen = nlohmann::json::parse(std::ifstream(dir + "/generation_config.json"));
+    EXPECT_EQ(gen.at("bos_token_id"), 11);
+    EXPECT_EQ(gen.at("eos_token_id"), 12);
+    EXPECT_TRUE(fs::is_regular_file(dir + "/tokenizer.json"));
+    EXPECT_TRUE(fs::is_regular_file(dir + "/tokenizer_config.json"));
+  }
+  w.barrier();
+  // It loads back (bf16 values widened to f32).
+  model::Qwen3MoeModel back(cfg, mesh, mesh.ep_size() == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 99);
+  io::load_hf(back, dir);
+  // Forced f32: the file says so.
+  opts.weights = io::HfWeightDType::kF32;
+  io::save_hf(m, dir, opts);
+  if (w.rank() == 0) {
+    const io::SafetensorsDir d = io::SafetensorsDir::open(dir);
+    EXPECT_EQ(d.file_of("model.norm.weight").info("model.norm.weight").dtype, "F32");
+    EXPECT_EQ(nlohmann::json::parse(std::ifstream(dir + "/config.json")).at("torch_dtype"), "float32");
+  }
+  w.barrier();
+  // A file that is not there is named before anything is written.
+  opts.files = {side + "/missing.json"};
+  testing::expect_error([&] { io::save_hf(m, dir + "-x", opts); }, {"missing.json", "does not exist"});
+  // A dtype moetp cannot write is refused, naming it.
+  j["torch_dtype"] = "float16";
+  model::Qwen3MoeModel f16(config::ModelConfig::from_json(j, "f16 model"), mesh,
+                           mesh.ep_size() == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 3);
+  opts.files.clear();
+  opts.weights = io::HfWeightDType::kAuto;
+  testing::expect_error([&] { io::save_hf(f16, dir + "-x", opts); }, {"float16", "--dtype"});
+  w.barrier();
+  if (w.rank() == 0) {
+    fs::remove_all(dir);
+    fs::remove_all(side);
+  }
+  w.barrier();
+}
+
 TEST(CheckpointHf, FilesUseTransformersNamesPerExpert) {
   auto& w = world();
   const std::string dir = shared_dir("names");
   comm::Mesh mesh(w, w.size() % 2 == 0 ? 2 : 1, 1);
   model::Qwen3MoeModel m(tiny_model(), mesh, mesh.ep_size() == 1 ? DispatcherKind::kLocal : DispatcherKind::kAll2all, 3);
-  io::save_hf(m, dir, {io::HfExpertLayout::kPerExpert, false});
+  io::save_hf(m, dir, quiet_save(io::HfExpertLayout::kPerExpert));
   auto self = w.split(w.rank(), 0, "self");  // collective: every rank gets a group of one
   comm::Mesh single_mesh(*self, 1, 1);
   model::Qwen3MoeModel single(tiny_model(), single_mesh, DispatcherKind::kLocal, 3);
@@ -312,7 +399,7 @@ TEST(CheckpointBadInput, MissingTensorWrongShapeAndOtherModelNameTheFileAndTenso
   const std::string dir = shared_dir("bad");
   comm::Mesh mesh(w, 1, 1);
   model::Qwen3MoeModel m(tiny_model(), mesh, DispatcherKind::kLocal, 1);
-  io::save_hf(m, dir, {io::HfExpertLayout::kPerExpert, false});
+  io::save_hf(m, dir, quiet_save(io::HfExpertLayout::kPerExpert));
   // A model with a different hidden size is refused by config.json.
   config::ModelConfig other = tiny_model();
   other.hidden_size = 64;

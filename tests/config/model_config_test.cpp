@@ -70,7 +70,9 @@ json transformers5_json() {
 TEST(ModelConfig, BothSpellingsParseToTheSameConfig) {
   const ModelConfig released = ModelConfig::from_json(released_json(), "released.json");
   const ModelConfig v5 = ModelConfig::from_json(transformers5_json(), "v5.json");
-  EXPECT_EQ(released, v5);
+  EXPECT_TRUE(released.same_model(v5));
+  EXPECT_EQ(released.weights_dtype(), "bfloat16");
+  EXPECT_EQ(v5.weights_dtype(), "bfloat16");
   EXPECT_EQ(released.num_experts, 8);
   EXPECT_EQ(released.rope_theta, 500000.0);
   EXPECT_TRUE(released.norm_topk_prob);
@@ -249,7 +251,7 @@ TEST(ModelConfig, PresetsLoad) {
   expected.num_hidden_layers = 4;
   expected.vocab_size = 2048;
   expected.max_position_embeddings = 4096;
-  EXPECT_EQ(l4, expected);
+  EXPECT_TRUE(l4.same_model(expected));
 
   // One rank of an ep-8 run of the full model: its 16 experts, everything else the same.
   const ModelConfig slice = ModelConfig::load(dir + "/qwen3-30b-a3b-ep8-slice.json");
@@ -333,6 +335,33 @@ TEST(ModelConfig, HfJsonRoundTrip) {
 
   const ModelConfig preset = ModelConfig::load(std::string(MOETP_CONFIGS_DIR) + "/qwen3-30b-a3b.json");
   EXPECT_EQ(ModelConfig::from_json(preset.to_hf_json(), "preset"), preset);
+}
+
+// Fields moetp does not interpret (token ids, dtype, versions, ...) come back out of to_hf_json
+// unchanged, so an exported checkpoint keeps them; they do not make two configs different models.
+TEST(ModelConfig, KeepsTheFieldsItDoesNotUse) {
+  json j = released_json();
+  j["bos_token_id"] = 151643;
+  j["eos_token_id"] = 151645;
+  j["initializer_range"] = 0.02;
+  j["custom"] = {{"nested", {1, 2}}};
+  const ModelConfig c = ModelConfig::from_json(j, "r.json");
+  EXPECT_EQ(c.passthrough.at("bos_token_id"), 151643);
+  EXPECT_EQ(c.passthrough.at("torch_dtype"), "bfloat16");
+  EXPECT_FALSE(c.passthrough.contains("hidden_size"));  // interpreted fields are not duplicated
+  const json out = c.to_hf_json();
+  for (const char* key : {"bos_token_id", "eos_token_id", "initializer_range", "custom", "torch_dtype"}) {
+    EXPECT_EQ(out.at(key), j.at(key)) << key;
+  }
+  json other = released_json();
+  other.erase("torch_dtype");
+  const ModelConfig bare = ModelConfig::from_json(other, "o.json");
+  EXPECT_TRUE(bare.same_model(c));
+  EXPECT_FALSE(bare == c);
+  EXPECT_EQ(bare.weights_dtype(), "");
+  json changed = j;
+  changed["hidden_size"] = 128;
+  EXPECT_FALSE(ModelConfig::from_json(changed, "h.json").same_model(c));
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 # End-to-end: the README's fine-tuning recipe at CPU scale, with the real Qwen3 tokenizer and chat
 # template and a tiny model of Qwen3's vocabulary: chat JSONL -> `moetp tokenize --chat` (with a
 # validation split) -> `moetp train` with a validation loss and a checkpoint -> `moetp convert` to
-# a Hugging Face checkpoint -> `moetp train --init-from-hf` from that export. Also: an interrupted
+# a complete Hugging Face checkpoint (bf16 weights, tokenizer files, generation config) -> `moetp
+# train --init-from-hf` from that export. Also: an interrupted
 # or failing tokenize leaves no dataset, and resuming on a re-tokenized dataset is refused.
 # Usage: chat_finetune.sh MOETP REPO [TOKENIZER_DIR]. Exits 77 (skipped) without the tokenizer.
 set -euo pipefail
@@ -39,7 +40,8 @@ grep -q "bad.jsonl:61" <<<"$err" || { echo "FAIL: the error does not name bad.js
 [ ! -e bad ] && [ -z "$(ls -d bad.partial-* 2>/dev/null)" ] || { echo "FAIL: a failed tokenize left files"; exit 1; }
 
 # A tiny Qwen3-MoE with Qwen3's vocabulary.
-sed 's/"vocab_size": 256/"vocab_size": 151936/' "$repo/configs/tiny-moe.json" > tiny-qwen3.json
+sed 's/"vocab_size": 256/"vocab_size": 151936, "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645/' \
+  "$repo/configs/tiny-moe.json" > tiny-qwen3.json
 common=(--set model.config=tiny-qwen3.json --set data.path=sft --set data.valid=sft --set train.seq_len=64
         --set train.global_batch_size=4 --set train.eval_every=2 --set train.device=cpu)
 out=$("$moetp" train "${common[@]}" --set train.steps=4 --set checkpoint.every=4 --run-dir run1 2>&1)
@@ -51,7 +53,13 @@ grep -q '"eval_loss"' run1/metrics.jsonl || { echo "FAIL: metrics.jsonl lacks ev
 grep -q '"loss_tokens"' run1/metrics.jsonl || { echo "FAIL: metrics.jsonl lacks loss_tokens"; exit 1; }
 
 "$moetp" convert --from native --to hf run1/checkpoints/step-00000004 hf-export
-[ -f hf-export/config.json ] || { echo "FAIL: no HF export"; exit 1; }
+# A complete Hugging Face folder: bf16 weights (the config's torch_dtype), the dataset's tokenizer
+# files (carried by the checkpoint) and a generation config with the token ids.
+for f in config.json tokenizer.json tokenizer_config.json generation_config.json; do
+  [ -f "hf-export/$f" ] || { echo "FAIL: hf-export/$f missing"; ls hf-export; exit 1; }
+done
+grep -q '"eos_token_id": 151645' hf-export/generation_config.json || { echo "FAIL: generation_config lacks eos"; exit 1; }
+"$moetp" inspect hf-export | grep -q "model.norm.weight  *BF16" || { echo "FAIL: weights not exported as BF16"; exit 1; }
 out=$("$moetp" train "${common[@]}" --set train.steps=2 --init-from-hf hf-export --run-dir run2 2>&1)
 echo "$out"
 grep -q "initialised from Hugging Face checkpoint hf-export" <<<"$out" || { echo "FAIL: no init line"; exit 1; }

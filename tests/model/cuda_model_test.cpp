@@ -67,6 +67,14 @@
 namespace moetp {
 namespace {
 
+// Save options without progress output.
+io::SaveOptions quiet_save(io::HfExpertLayout layout) {
+  io::SaveOptions o;
+  o.expert_layout = layout;
+  o.show_progress = false;
+  return o;
+}
+
 constexpr double kMinMargin = 2e-3;
 constexpr double kCeRel = testing::kModelCeRel;
 constexpr double kAuxRel = testing::kModelAuxRel;
@@ -261,7 +269,7 @@ TEST_F(CudaModel, NativeCheckpointLoadsIntoCpuModel) {
   }
   const testing::ScratchDir tmp;
   const std::string dir = tmp.path("ckpt");
-  io::save_native(store, {{"format", "moetp-native"}, {"version", 1}, {"step", 3}}, dir, {io::HfExpertLayout::kPerExpert, false});
+  io::save_native(store, {{"format", "moetp-native"}, {"version", 1}, {"step", 3}}, dir, quiet_save(io::HfExpertLayout::kPerExpert));
 
   model::Qwen3MoeModel cpu(cfg, mesh, DispatcherKind::kLocal, 99);  // other initial values, overwritten by the load
   std::vector<Tensor> m, v;
