@@ -5,7 +5,7 @@ the same shapes and the same layout as moetp's kernels (q, dout (B, S, Q, D), k,
 bf16, passed to SDPA as (B, heads, S, D) views), so the numbers compare one to one.
 
 Shapes (names as in the C++ benchmark): B2_S4096_Q32_G4_D128 (qwen3-30b-a3b attention), the same
-at D 64, B16_S128_Q4_G2_D16 (configs/tiny-moe.json) and B16_S128_Q4_G2_D64. Per shape one row per
+at D 64, B1_S32768_Q32_G4_D128 (long fine-tuning sequences), B16_S128_Q4_G2_D16 (configs/tiny-moe.json) and B16_S128_Q4_G2_D64. Per shape one row per
 SDPA backend that accepts it (default dispatch, flash, efficient, cudnn; a backend that refuses the
 shape is listed as such). Timing (bench/torch_timing.py): max(2, ceil(4 x L2 / bytes)) sets of
 (q, k, v, dout) rotated; after warm-up, --iters iterations (forward, out.backward(dout)) back to
@@ -40,6 +40,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 SHAPES = [  # name, B, S, Q, G, D
     ("B2_S4096_Q32_G4_D128", 2, 4096, 32, 4, 128),
     ("B2_S4096_Q32_G4_D64", 2, 4096, 32, 4, 64),
+    ("B1_S32768_Q32_G4_D128", 1, 32768, 32, 4, 128),
     ("B16_S128_Q4_G2_D16", 16, 128, 4, 2, 16),
     ("B16_S128_Q4_G2_D64", 16, 128, 4, 2, 64),
 ]
