@@ -241,6 +241,8 @@ int main(int argc, char** argv) {
                          "f32 when it names none) | bf16 | f32")
         ->check(CLI::IsMember({"auto", "bf16", "f32"}))
         ->capture_default_str();
+    conv_cmd->add_flag("--allow-nonfinite", conv.allow_nonfinite,
+                       "convert weights that hold NaN or Inf (otherwise refused, naming the tensor)");
     conv_cmd->add_flag("--stacked", conv.stacked,
                        "with --to hf: stacked expert tensors (experts.gate_up_proj, experts.down_proj)");
     moetp::cli::EvalArgs ev;
@@ -252,6 +254,8 @@ int main(int argc, char** argv) {
     eval_cmd->add_option("--dump-logits", ev.dump_logits, "write the logits to this .safetensors file");
     eval_cmd->add_option("--ep", ev.ep, "expert-parallel degree")->capture_default_str();
     eval_cmd->add_option("--etp", ev.etp, "expert tensor-parallel degree")->capture_default_str();
+    eval_cmd->add_flag("--allow-nonfinite", ev.allow_nonfinite,
+                       "evaluate weights that hold NaN or Inf (otherwise refused, naming the tensor)");
     eval_cmd->add_option("--dispatcher", ev.dispatcher, moetp::option_choices<moetp::DispatcherKind>())->capture_default_str();
     moetp::cli::PlanArgs plan_args;
     auto* plan_cmd = app.add_subcommand("plan", "per-rank memory at the step's peak for a configuration (no job is run)");

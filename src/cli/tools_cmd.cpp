@@ -1,5 +1,6 @@
 #include "cli/tools_cmd.h"
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <optional>
@@ -58,6 +59,27 @@ int run_inspect(const std::string& path) {
   return 0;
 }
 
+// Refuses weights with NaN or Inf (a diverged run's checkpoint), naming the first such tensor and
+// element, unless `allow`. Every rank checks the parameters it holds; the error reaches all ranks.
+void check_finite(const model::Qwen3MoeModel& model, bool allow, const std::string& dir, comm::Comm& world) {
+  if (allow) return;
+  std::string why;
+  for (const model::Param& p : model.params()) {
+    const Tensor v = p.value.contiguous();
+    const float* x = v.data<float>();
+    for (int64_t i = 0; i < v.numel(); ++i) {
+      if (!std::isfinite(x[i])) {
+        why = fmt::format("{}: parameter '{}' holds {} at element {} of this rank's {} (the checkpoint of a run that "
+                          "diverged?); --allow-nonfinite to go on anyway",
+                          dir, p.name, x[i], i, v.describe());
+        break;
+      }
+    }
+    if (!why.empty()) break;
+  }
+  world.raise_if_any(why, "non-finite weights");
+}
+
 int run_convert(const ConvertArgs& a, comm::Comm& world) {
   MOETP_CHECK((a.from == "hf" || a.from == "native") && (a.to == "hf" || a.to == "native"),
               "convert --from/--to take hf or native, got '{}' -> '{}'", a.from, a.to);
@@ -76,6 +98,7 @@ int run_convert(const ConvertArgs& a, comm::Comm& world) {
   } else {
     state = io::load_native(model, extras, a.input);
   }
+  check_finite(model, a.allow_nonfinite, a.input, world);
   // The tokenizer and generation files travel with the weights.
   io::SaveOptions opts;
   opts.show_progress = world.rank() == 0;
@@ -94,6 +117,11 @@ int run_convert(const ConvertArgs& a, comm::Comm& world) {
 
 int run_eval(const EvalArgs& a, comm::Comm& world) {
   const config::ModelConfig cfg = config::ModelConfig::load(a.model_dir + "/config.json");
+  const data::Batches batches(data::TokenFile::open(a.data), a.seq_len, a.num_sequences, 0);
+  MOETP_CHECK(batches.file().vocab_size() <= static_cast<uint64_t>(cfg.vocab_size),
+              "eval: token file '{}' has vocabulary size {} but the model {} has vocab_size {} (ids past the model's "
+              "vocabulary; tokenized with another tokenizer?)",
+              a.data, batches.file().vocab_size(), a.model_dir, cfg.vocab_size);
   comm::Mesh mesh(world, a.ep, a.etp);
   const DispatcherKind dispatcher = parse_option<DispatcherKind>(a.dispatcher, "moetp eval --dispatcher");
   model::Qwen3MoeModel model(cfg, mesh, config::resolve_dispatcher(dispatcher, a.ep, a.etp), 0);
@@ -102,7 +130,7 @@ int run_eval(const EvalArgs& a, comm::Comm& world) {
   } else {
     io::load_hf(model, a.model_dir);
   }
-  const data::Batches batches(data::TokenFile::open(a.data), a.seq_len, a.num_sequences, 0);
+  check_finite(model, a.allow_nonfinite, a.model_dir, world);
   MOETP_CHECK(a.num_sequences % world.size() == 0, "eval: --num-sequences ({}) % world size ({}) != 0",
               a.num_sequences, world.size());
   const int64_t per_rank = a.num_sequences / world.size();

@@ -21,6 +21,7 @@ struct ConvertArgs {
   int ep = 1, etp = 1;  // the layout to load at (any layout gives the same files)
   bool stacked = false;  // --to hf: write stacked expert tensors instead of per-expert ones
   std::string dtype = "auto";  // --to hf: auto (the config's torch_dtype) | bf16 | f32
+  bool allow_nonfinite = false;  // convert weights that hold NaN or Inf (refused otherwise)
 };
 int run_convert(const ConvertArgs& args, comm::Comm& world);
 
@@ -32,6 +33,7 @@ struct EvalArgs {
   std::string dump_logits;  // optional .safetensors path (rank 0 writes all logits, f32)
   int ep = 1, etp = 1;
   std::string dispatcher = "auto";
+  bool allow_nonfinite = false;  // evaluate weights that hold NaN or Inf (refused otherwise)
 };
 int run_eval(const EvalArgs& args, comm::Comm& world);
 

@@ -90,6 +90,10 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
     if (!args.resume.empty()) {
       std::string dir = args.resume;
       if (dir == "auto") {
+        if (lead) {
+          for (const std::string& line : io::recover_checkpoints(ckpt_root)) std::printf("%s\n", line.c_str());
+        }
+        world.barrier();
         const std::vector<std::string> all = io::list_checkpoints(ckpt_root);
         dir = all.empty() ? "" : all.back();
         if (lead && dir.empty()) std::printf("--resume auto: no checkpoint under %s, starting from step 0\n", ckpt_root.c_str());
@@ -97,6 +101,15 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
       if (!dir.empty()) {
         trainer.load_checkpoint(dir);
         if (lead) std::printf("resumed from %s at step %lld\n", dir.c_str(), static_cast<long long>(trainer.current_step()));
+        if (trainer.current_step() >= cfg.train.steps) {
+          if (lead) {
+            std::printf("nothing to do: the checkpoint is at step %lld and train.steps = %d; to train further, raise "
+                        "it (e.g. --set train.steps=%lld; the learning-rate schedule is stretched to the new length)\n",
+                        static_cast<long long>(trainer.current_step()), cfg.train.steps,
+                        static_cast<long long>(trainer.current_step() + cfg.train.steps));
+          }
+          return 0;
+        }
       }
     }
     std::unique_ptr<train::MetricsWriter> metrics;

@@ -361,13 +361,15 @@ void save_impl(const model::ParamStore& store, Naming naming, const std::string&
       }
       write_json(tmp + "/generation_config.json", gen);
     }
+    // Test hooks (tests/e2e/checkpoint_crash.sh): MOETP_TEST_CRASH_IN_SAVE=1 dies with the new
+    // checkpoint half-done, =2 between the two renames (the old one moved aside, the new one complete).
+    const char* crash = std::getenv("MOETP_TEST_CRASH_IN_SAVE");
+    if (crash != nullptr && std::string(crash) == "1") std::_Exit(3);
     if (state != nullptr) write_json(tmp + "/trainer_state.json", *state);  // written last: the completion marker
-    if (const char* crash = std::getenv("MOETP_TEST_CRASH_IN_SAVE")) {
-      if (std::string(crash) == "1") std::_Exit(3);  // test hook: die with the new checkpoint half-done
-    }
     const std::string old = dir + ".old";
     fs::remove_all(old);
     if (fs::exists(dir)) fs::rename(dir, old);
+    if (crash != nullptr && std::string(crash) == "2") std::_Exit(3);
     fs::rename(tmp, dir);
     fs::remove_all(old);
     if (opts.show_progress) {
@@ -491,6 +493,44 @@ std::vector<std::string> list_checkpoints(const std::string& root) {
   }
   std::sort(out.begin(), out.end());
   return out;
+}
+
+std::vector<std::string> recover_checkpoints(const std::string& root) {
+  std::vector<std::string> done;
+  if (!fs::is_directory(root)) return done;
+  auto complete = [](const fs::path& d) {
+    std::ifstream f(d / "trainer_state.json");
+    if (!f.good()) return false;
+    try {
+      return nlohmann::json::parse(f).is_object();
+    } catch (const nlohmann::json::exception&) {
+      return false;
+    }
+  };
+  std::vector<fs::path> entries;
+  for (const auto& e : fs::directory_iterator(root)) entries.push_back(e.path());
+  std::sort(entries.begin(), entries.end());
+  for (const fs::path& p : entries) {
+    const std::string name = p.filename().string();
+    if (!name.starts_with("step-") || !(name.ends_with(".tmp") || name.ends_with(".old"))) continue;
+    const fs::path target = p.parent_path() / name.substr(0, name.size() - 4);
+    const fs::path tmp = fs::path(target.string() + ".tmp"), old = fs::path(target.string() + ".old");
+    if (!fs::exists(p)) continue;  // handled with its sibling
+    if (!fs::exists(target)) {
+      if (fs::is_directory(tmp) && complete(tmp)) {
+        fs::rename(tmp, target);
+        done.push_back(fmt::format("recovered {} from its completed save {}", target.string(), tmp.string()));
+      } else if (fs::is_directory(old) && complete(old)) {
+        fs::rename(old, target);
+        done.push_back(fmt::format("recovered {} from its previous version {}", target.string(), old.string()));
+      }
+    }
+    if (fs::is_directory(old) && fs::exists(target) && complete(target)) {
+      fs::remove_all(old);
+      done.push_back(fmt::format("removed {} (superseded by {})", old.string(), target.string()));
+    }
+  }
+  return done;
 }
 
 void prune_checkpoints(const std::string& root, int keep) {

@@ -79,5 +79,12 @@ nlohmann::json load_native(model::Qwen3MoeModel& model, const std::vector<ExtraS
 std::vector<std::string> list_checkpoints(const std::string& root);
 // Removes all but the newest `keep` complete checkpoints under root (rank 0 only calls this).
 void prune_checkpoints(const std::string& root, int keep);
+// Completes the saves under `root` that a kill interrupted around their renames (a save writes
+// `<dir>.tmp`, trainer_state.json last, moves an existing `<dir>` to `<dir>.old`, renames the .tmp
+// onto `<dir>` and removes the .old): a `.tmp` whose trainer_state.json parses and that has no
+// `<dir>` becomes `<dir>`; else a `.old` without `<dir>` becomes `<dir>` again; a `.old` beside a
+// complete `<dir>` is removed. Incomplete `.tmp` folders are left alone (never read). Returns one
+// line per action, for the log. Not collective: call it on one rank, then synchronise.
+std::vector<std::string> recover_checkpoints(const std::string& root);
 
 }  // namespace moetp::io

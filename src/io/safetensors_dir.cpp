@@ -91,12 +91,16 @@ SafetensorsDir SafetensorsDir::open(const std::string& dir) {
   SafetensorsDir d;
   d.dir_ = dir;
   const std::string single_path = join(dir, kSingleFileName);
+  const std::string index_path = join(dir, kIndexFileName);
+  MOETP_CHECK(!(is_regular_file(single_path) && is_regular_file(index_path)),
+              "{}: has both {} and {}: which one holds the weights is ambiguous (a stale file from another save?); "
+              "remove the one that does not belong",
+              dir, kSingleFileName, kIndexFileName);
   if (is_regular_file(single_path)) {
     d.files_.push_back(SafetensorsFile::open(single_path));
     for (const TensorInfo& t : d.files_[0].tensors()) d.file_of_.emplace(t.name, 0);
     return d;
   }
-  const std::string index_path = join(dir, kIndexFileName);
   MOETP_CHECK(is_regular_file(index_path), "{}: has neither {} nor {}: not a safetensors checkpoint directory", dir,
               kSingleFileName, kIndexFileName);
   const IndexFile index = read_index(index_path);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <optional>
 
 #include "backend/backend.h"
 #include "io/checkpoint.h"
@@ -287,12 +288,36 @@ void Trainer::save_checkpoint(const std::string& dir) const {
   io::save_native(*param_store(), state, dir, opts);
 }
 
+namespace {
+
+// Field `key` of a checkpoint's trainer_state.json as a T: nullopt when absent (and `required` is
+// false); an error naming the file, the field, the expected type and the value otherwise.
+template <typename T>
+std::optional<T> state_field(const nlohmann::json& state, const std::string& dir, const char* key, bool required,
+                             const char* expected) {
+  if (!state.contains(key)) {
+    MOETP_CHECK(!required, "{}/trainer_state.json: field '{}' is missing", dir, key);
+    return std::nullopt;
+  }
+  try {
+    return state.at(key).get<T>();
+  } catch (const nlohmann::json::exception&) {
+    MOETP_FAIL("{}/trainer_state.json: field '{}' must be {}, got {}", dir, key, expected, state.at(key).dump());
+  }
+}
+
+}  // namespace
+
 void Trainer::load_checkpoint(const std::string& dir) {
   const nlohmann::json state = io::load_native(*param_store(), dir);
-  MOETP_CHECK(state.value("format", "") == "moetp-native" && state.value("version", 0) == 1,
-              "{}: not a moetp native checkpoint of version 1 (format '{}', version {})", dir,
-              state.value("format", ""), state.value("version", 0));
-  const int64_t seed = state.value("seed", int64_t{-1});
+  MOETP_CHECK(state.is_object(), "{}/trainer_state.json: must be a JSON object, got {}", dir, state.type_name());
+  const std::string format = state_field<std::string>(state, dir, "format", true, "a string").value();
+  const int64_t version = state_field<int64_t>(state, dir, "version", true, "an integer").value();
+  MOETP_CHECK(format == "moetp-native" && version == 1,
+              "{}: not a moetp native checkpoint of version 1 (format '{}', version {})", dir, format, version);
+  const int64_t step = state_field<int64_t>(state, dir, "step", true, "an integer").value();
+  MOETP_CHECK(step >= 0, "{}/trainer_state.json: field 'step' must be >= 0, got {}", dir, step);
+  const int64_t seed = state_field<int64_t>(state, dir, "seed", true, "an integer").value();
   MOETP_CHECK(seed == cfg_.train.seed,
               "{}: checkpoint was trained with train.seed = {}, this run has {} (the data order would change)", dir,
               seed, cfg_.train.seed);
@@ -307,18 +332,18 @@ void Trainer::load_checkpoint(const std::string& dir) {
   }
   for (const auto& [key, value] : {std::pair<const char*, int64_t>{"seq_len", cfg_.train.seq_len},
                                    {"global_batch_size", cfg_.train.global_batch_size}}) {
-    if (state.contains(key)) {
-      MOETP_CHECK(state.at(key).get<int64_t>() == value,
+    if (const auto saved = state_field<int64_t>(state, dir, key, false, "an integer")) {
+      MOETP_CHECK(*saved == value,
                   "{}: checkpoint was trained with train.{} = {}, this run has {} (the data order would change)", dir,
-                  key, state.at(key).get<int64_t>(), value);
+                  key, *saved, value);
     }
   }
-  if (state.contains("overlong")) {
-    MOETP_CHECK(state.at("overlong").get<std::string>() == option_name(cfg_.data.overlong),
+  if (const auto saved = state_field<std::string>(state, dir, "overlong", false, "a string")) {
+    MOETP_CHECK(*saved == option_name(cfg_.data.overlong),
                 "{}: checkpoint was trained with data.overlong = {}, this run has {} (the data order would change)",
-                dir, state.at("overlong").get<std::string>(), option_name(cfg_.data.overlong));
+                dir, *saved, option_name(cfg_.data.overlong));
   }
-  step_ = state.at("step").get<int64_t>();
+  step_ = step;
   add_side_files(io::hf_side_files(dir), true);
 }
 

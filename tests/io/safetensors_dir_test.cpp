@@ -115,6 +115,17 @@ TEST(SafetensorsDir, RejectsIndexNamingAMissingFile) {
                            {dir.path(kIndexFileName), "tensor 'w3'", kShard2, "does not exist"}));
 }
 
+// An index beside a single model.safetensors (one of them stale) is ambiguous: refused, even when
+// the single file alone would load.
+TEST(SafetensorsDir, RejectsASingleFileBesideAnIndex) {
+  ScratchDir dir;
+  const Sharded s(dir);
+  std::filesystem::remove(dir.path(kShard2));
+  write_safetensors(dir.path(kSingleFileName), {{"w1", s.w1}});
+  EXPECT_TRUE(contains_all(error_of([&] { SafetensorsDir::open(dir.str()); }),
+                           {dir.str(), kSingleFileName, kIndexFileName, "ambiguous"}));
+}
+
 TEST(SafetensorsDir, RejectsTensorMissingFromItsFile) {
   ScratchDir dir;
   Sharded s(dir);

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "comm/mesh.h"
 #include "config/model_config.h"
@@ -228,6 +229,19 @@ TEST(TrainerDataset, ErrorsNameTheValues) {
   config::TrainConfig no_valid = train_config(1, 1, ds);
   no_valid.train.eval_every = 5;
   testing::expect_error([&] { make(no_valid, tiny_model(0.01), w); }, {"train.eval_every = 5", "data.valid"});
+  // A bad field of a checkpoint's trainer_state.json is named with its file.
+  const std::string ckpt = dir.path("ckpt");
+  make(train_config(1, 1, ds), tiny_model(0.01), w)->save_checkpoint(ckpt);
+  const std::string state_path = ckpt + "/trainer_state.json";
+  nlohmann::json state = nlohmann::json::parse(std::ifstream(state_path));
+  state["step"] = "abc";
+  std::ofstream(state_path) << state.dump();
+  testing::expect_error([&] { make(train_config(1, 1, ds), tiny_model(0.01), w)->load_checkpoint(ckpt); },
+                        {state_path, "field 'step' must be an integer", "\"abc\""});
+  state.erase("step");
+  std::ofstream(state_path) << state.dump();
+  testing::expect_error([&] { make(train_config(1, 1, ds), tiny_model(0.01), w)->load_checkpoint(ckpt); },
+                        {state_path, "field 'step' is missing"});
 }
 
 }  // namespace
