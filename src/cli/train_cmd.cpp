@@ -4,6 +4,9 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
@@ -17,6 +20,7 @@
 #include "data/source.h"
 #include "io/checkpoint.h"
 #include "train/report.h"
+#include "train/stop.h"
 #include "train/trainer.h"
 
 namespace moetp::cli {
@@ -116,10 +120,21 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
     if (lead) metrics = std::make_unique<train::MetricsWriter>(cfg.run.dir + "/metrics.jsonl");
     std::vector<train::StepResult> history;
     const auto start = std::chrono::steady_clock::now();
+    train::install_stop_handlers();
+    // Test hook (tests/e2e/graceful_stop.sh): the last rank signals itself after this step.
+    const char* signal_at = std::getenv("MOETP_TEST_SIGNAL_AT_STEP");
+    int stopped_by = 0;  // the signal of an agreed stop request, on every rank
     while (trainer.current_step() < cfg.train.steps) {
       train::StepResult r = trainer.step();
-      const bool save = cfg.checkpoint.every > 0 &&
-                        (r.step % cfg.checkpoint.every == 0 || r.step == cfg.train.steps);
+      if (signal_at != nullptr && r.step == std::atoll(signal_at) && world.rank() == world.size() - 1) {
+        std::raise(SIGUSR1);
+      }
+      // Any rank's stop request stops all: agreed on after every step (one scalar all-reduce).
+      stopped_by = static_cast<int>(
+          world.all_reduce_scalar(static_cast<int64_t>(train::stop_signal()), comm::ReduceOp::kMax));
+      const bool save = (cfg.checkpoint.every > 0 &&
+                         (r.step % cfg.checkpoint.every == 0 || r.step == cfg.train.steps)) ||
+                        stopped_by != 0;
       if (save) {
         trainer.save_checkpoint(fmt::format("{}/step-{:08d}", ckpt_root, r.step));
         if (lead) io::prune_checkpoints(ckpt_root, cfg.checkpoint.keep);
@@ -128,7 +143,10 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
       if (cfg.train.eval_every > 0 && (r.step % cfg.train.eval_every == 0 || r.step == cfg.train.steps)) {
         ev = trainer.evaluate();
       }
-      if (!lead) continue;
+      if (!lead) {
+        if (stopped_by != 0) break;
+        continue;
+      }
       metrics->write(r);
       if (ev) metrics->write(*ev);
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -139,6 +157,21 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
       if (ev) std::printf("%s\n", train::eval_line(*ev).c_str());
       std::fflush(stdout);
       history.push_back(std::move(r));
+      if (stopped_by != 0) break;
+    }
+    if (stopped_by != 0 && trainer.current_step() < cfg.train.steps) {
+      if (lead) {
+        if (!history.empty()) {
+          train::write_loss_svg(cfg.run.dir + "/loss.svg", history);
+          train::write_expert_load_svg(cfg.run.dir + "/expert_load.svg", history);
+        }
+        std::printf("stopped by signal %d (%s) after step %lld of %d; checkpoint %s/step-%08lld; continue with "
+                    "--resume auto (exit status %d)\n",
+                    stopped_by, strsignal(stopped_by), static_cast<long long>(trainer.current_step()), cfg.train.steps,
+                    ckpt_root.c_str(), static_cast<long long>(trainer.current_step()), train::kExitStopped);
+        std::fflush(stdout);
+      }
+      return train::kExitStopped;
     }
     if (lead && !history.empty()) {
       train::write_loss_svg(cfg.run.dir + "/loss.svg", history);
