@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cli/tools_cmd.h"
+#include "git_info.h"
 #include "cli/train_cmd.h"
 #include "comm/mesh.h"
 #include "config/train_config.h"
@@ -37,9 +38,10 @@ namespace {
 std::string build_info() {
 #ifdef MOETP_HAVE_CUDA
   const int gpus = moetp::cuda::device_count();
-  return fmt::format("moetp {} (CUDA backend built for sm_90a; {} GPU(s) visible)", MOETP_VERSION, gpus);
+  return fmt::format("moetp {} (commit {}; backends: cpu, cuda built for sm_90a (Hopper), {} GPU(s) visible)",
+                     MOETP_VERSION, MOETP_GIT_COMMIT, gpus);
 #else
-  return fmt::format("moetp {} (CPU only: built without CUDA)", MOETP_VERSION);
+  return fmt::format("moetp {} (commit {}; backends: cpu; built without CUDA)", MOETP_VERSION, MOETP_GIT_COMMIT);
 #endif
 }
 
@@ -162,6 +164,7 @@ int main(int argc, char** argv) {
 
     CLI::App app{"moetp: Mixture-of-Experts training with expert parallel x expert tensor parallel"};
     app.require_subcommand(1);
+    app.set_version_flag("-V,--version", [] { return build_info(); }, "print the version, commit and backends");
     app.add_subcommand("version", "print the version and the build's backends");
     int ep = 1;
     int etp = 1;

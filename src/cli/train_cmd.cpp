@@ -25,6 +25,23 @@
 
 namespace moetp::cli {
 
+namespace {
+
+// A relative path that does not exist from the current directory is looked up in the installed
+// share folder (<prefix>/bin/moetp -> <prefix>/share/moetp/<path>), so that an installed moetp finds
+// its configs and demo corpus from anywhere. Unchanged when neither exists (the caller's error names it).
+std::string resolve_path(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (path.empty() || fs::exists(path) || fs::path(path).is_absolute()) return path;
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) return path;
+  const fs::path installed = exe.parent_path().parent_path() / "share" / "moetp" / path;
+  return fs::exists(installed) ? installed.string() : path;
+}
+
+}  // namespace
+
 int run_train(const TrainArgs& args, comm::Comm& world) {
   config::TrainConfig cfg;
   for (const std::string& f : args.config_files) config::apply_json_file(cfg, f);
@@ -39,6 +56,8 @@ int run_train(const TrainArgs& args, comm::Comm& world) {
     std::strftime(buf, sizeof(buf), "%Y%m%d-%H%M%S", std::localtime(&t));
     cfg.run.dir = std::string("runs/") + buf;
   }
+  cfg.model.config = resolve_path(cfg.model.config);
+  cfg.data.path = resolve_path(cfg.data.path);
   config::validate(cfg);
   const config::ModelConfig model_cfg = config::ModelConfig::load(cfg.model.config);
   config::validate_with_model(cfg, model_cfg, world.size());
